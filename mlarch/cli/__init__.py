@@ -1,0 +1,224 @@
+"""`mlarch`: a thin click shell. Each command parses, calls one library function, prints.
+
+Library errors become one-line messages: exit status 2 for usage errors, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import click
+
+from mlarch.cli.output import emit, output_options
+from mlarch.errors import MlarchError
+
+EPILOG = """\b
+Examples:
+  mlarch ingest --model ./tiny-llama --langs en,de --math 'data/{lang}/math.jsonl' --control 'data/{lang}/prose.txt'
+  mlarch compare --model llama --langs en,de
+  mlarch sql "SELECT lang, sum(n_selected) FROM set_sizes WHERE k = 0.01 GROUP BY lang"
+"""
+
+
+class Shell(click.Group):
+    """Prints every error as one line (`Error: ...`), never a traceback."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.Exit as exc:
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            click.echo(f"Error: {exc.format_message()}", err=True)
+            sys.exit(exc.exit_code)
+        except MlarchError as exc:
+            click.echo(f"Error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+        except (click.exceptions.Abort, KeyboardInterrupt):
+            click.echo("Aborted.", err=True)
+            sys.exit(130)
+        except Exception as exc:
+            if os.environ.get("MLARCH_DEBUG"):
+                raise
+            message = " ".join(str(exc).split()) or type(exc).__name__
+            click.echo(f"Error: unexpected {type(exc).__name__}: {message} (MLARCH_DEBUG=1 shows the traceback)", err=True)
+            sys.exit(1)
+
+
+def _archive(ctx: click.Context):
+    from mlarch.query.api import Archive
+
+    return Archive(ctx.obj["archive"])
+
+
+def _csv(kind):
+    def parse(ctx, param, value):
+        if value is None:
+            return None
+        parts = [p.strip() for p in value.split(",")]
+        if not value.strip() or any(not p for p in parts):
+            raise click.BadParameter(f"expected a comma-separated list, got {value!r}")
+        try:
+            return [kind(p) for p in parts]
+        except ValueError:
+            raise click.BadParameter(f"expected comma-separated {kind.__name__} values, got {value!r}") from None
+
+    return parse
+
+
+@click.group(cls=Shell, epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--archive", type=click.Path(file_okay=True, dir_okay=True), default=None,
+    help="Archive folder [default: $MLARCH_ARCHIVE, else ./mlarch-archive].",
+)
+@click.version_option(package_name="mlarch")
+@click.pass_context
+def cli(ctx, archive):
+    """mlarch: which parameters an LLM uses for math in each language, archived and queryable.
+
+    An archive is a folder holding catalog.duckdb (summary rows, provenance, SQL views)
+    and arrays.zarr/ (activation norms, weight magnitudes, selection codes).
+    """
+    ctx.obj = {"archive": archive}
+
+
+@cli.command(epilog="""\b
+Examples:
+  mlarch ingest --model ./my-model --langs en,de --math 'data/{lang}/math.jsonl' --control 'data/{lang}/prose.txt'
+  mlarch ingest --model Qwen/Qwen2.5-0.5B --revision main --langs en,bn --math 'gsm/{lang}.csv' \\
+      --control 'flores/{lang}.txt' --samples 500 --seeds 1,101,201
+  mlarch ingest --model ./gemma.gguf --name gemma-270m --langs en --math m/{lang}.jsonl --control c/{lang}.txt
+
+\b
+Data: a path template with {lang}: .jsonl (a 'text' field verbatim, else 'question' and
+'answer' as "Q: {question}\\nA: {answer}"), .csv with a header (same fields), or any other
+file with one item per line.""")
+@click.option("--model", "model_ref", required=True, help="Model folder, .gguf file, or hub id.")
+@click.option("--langs", required=True, callback=_csv(str), help="Comma-separated language codes, e.g. en,de,bn.")
+@click.option("--math", "math_spec", required=True, help="Math data: path template with {lang}.")
+@click.option("--control", "control_spec", required=True, help="Non-math control data: path template with {lang}.")
+@click.option("--name", default=None, help="Model name in the archive [default: from --model].")
+@click.option("--samples", type=int, default=500, show_default=True, help="Items drawn with replacement per language and role.")
+@click.option("--seeds", default="1", show_default=True, callback=_csv(int), help="Comma-separated sampling seeds.")
+@click.option("--top-k", "top_k", default="0.0001,0.001,0.01,0.025,0.05,0.1,0.15", show_default=True,
+              callback=_csv(float), help="Comma-separated fractions k in (0, 1).")
+@click.option("--batch-size", type=int, default=None, help="Samples per forward pass [default: 1 on CPU, 16 on CUDA].")
+@click.option("--max-length", type=int, default=512, show_default=True, help="Truncate texts to this many tokens.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
+              show_default=True, help="auto: float32 on CPU, bfloat16 on CUDA.")
+@click.option("--revision", default=None, help="Hub revision (branch, tag or commit).")
+@click.option("--force", is_flag=True, help="Rerun configurations that are already archived.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress output.")
+@click.pass_context
+def ingest(ctx, model_ref, langs, math_spec, control_spec, name, samples, seeds, top_k, batch_size,
+           max_length, device, dtype, revision, force, quiet):
+    """Score a model on math and control texts per language and archive the runs."""
+    from mlarch.cli.progress import RichReporter
+    from mlarch.ingest.pipeline import IngestConfig, ingest as run_ingest
+    from mlarch.store import layout
+
+    cfg = IngestConfig(
+        model=model_ref, langs=langs, math=math_spec, control=control_spec, name=name, samples=samples,
+        seeds=seeds, top_k=top_k, batch_size=batch_size, max_length=max_length, device=device,
+        dtype=dtype, revision=revision, force=force,
+    )
+    reporter = RichReporter(quiet=quiet)
+    result = run_ingest(layout.resolve(ctx.obj["archive"]), cfg, reporter)
+    if result.written:
+        click.echo(f"Archived {len(result.written)} run(s) of {result.model}: {', '.join(result.written)}")
+    else:
+        click.echo(f"Nothing to do: all {len(result.skipped)} run(s) of {result.model} are archived (--force reruns).")
+
+
+@cli.command(epilog="\b\nExamples:\n  mlarch runs\n  mlarch runs --model llama --format json")
+@click.option("--model", default=None, help="Only models whose name contains this (case-insensitive).")
+@output_options
+@click.pass_context
+def runs(ctx, model, fmt):
+    """List the runs: one row per scoring pass (model, language, role, seed)."""
+    emit(_archive(ctx).runs(model), fmt)
+
+
+@cli.command(epilog="\b\nExamples:\n  mlarch models\n  mlarch models --format markdown")
+@output_options
+@click.pass_context
+def models(ctx, fmt):
+    """List archived models with their languages, seeds and scored parameters."""
+    emit(_archive(ctx).models(), fmt)
+
+
+@cli.command(epilog="\b\nExamples:\n  mlarch show 3f2a9c1b7d4e\n  mlarch show 3f2a9c1b7d4e --format json")
+@click.argument("run_id")
+@output_options
+@click.pass_context
+def show(ctx, run_id, fmt):
+    """Show one run's full provenance as key/value rows."""
+    import polars as pl
+
+    run = _archive(ctx).run(run_id)
+    rows = []
+
+    def flatten(prefix, value):
+        if isinstance(value, dict):
+            for key, inner in value.items():
+                flatten(f"{prefix}.{key}" if prefix else key, inner)
+        elif isinstance(value, list) and len(value) > 20:
+            rows.append((prefix, f"[{len(value)} values] " + ",".join(map(str, value[:20])) + ",..."))
+        else:
+            rows.append((prefix, "" if value is None else ",".join(map(str, value)) if isinstance(value, list) else str(value)))
+
+    provenance = run.pop("provenance") or {}
+    flatten("", {k: v for k, v in run.items()})
+    flatten("", {k: v for k, v in provenance.items() if k not in run})
+    emit(pl.DataFrame(rows, schema=["key", "value"], orient="row"), fmt)
+
+
+@cli.command(epilog="""\b
+Examples:
+  mlarch compare --model llama --langs en,bn
+  mlarch compare --model llama --langs en,de,fr,hi --k 0.05 --by global
+  mlarch compare --model gemma --langs en,zh --by module --format csv""")
+@click.option("--model", "model_pattern", required=True, help="Substring of archived model names (case-insensitive).")
+@click.option("--langs", required=True, callback=_csv(str), help="Two or more languages; all pairs are compared.")
+@click.option("--k", type=float, default=None, help="Top-k fraction [default: 0.01 when archived, else the smallest].")
+@click.option("--seed", type=int, default=None, help="Sampling seed [default: the smallest archived].")
+@click.option("--by", type=click.Choice(["layer", "module", "global"]), default="layer", show_default=True)
+@output_options
+@click.pass_context
+def compare(ctx, model_pattern, langs, k, seed, by, fmt):
+    """Overlap of the languages' math-only parameter sets: sizes, intersection, union,
+    Jaccard vs chance, and parameters unique to each language among those compared."""
+    frame = _archive(ctx).compare(model_pattern, langs, k=k, seed=seed, by=by)
+    used_k, used_seed = frame["k"][0], frame["seed"][0]
+    notes = []
+    if k is None:
+        notes.append(f"k = {used_k} (default; pass --k to choose)")
+    if seed is None:
+        notes.append(f"seed = {used_seed} (pass --seed to choose)")
+    if notes and fmt in ("table", "markdown"):
+        click.echo("; ".join(notes), err=True)
+    emit(frame, fmt)
+
+
+@cli.command(epilog="""\b
+Examples:
+  mlarch sql "SELECT lang, sum(n_selected) AS n FROM set_sizes WHERE k = 0.01 GROUP BY lang"
+  mlarch sql "SELECT * FROM overlap_global WHERE lang_a = 'bn' OR lang_b = 'bn'" --format csv
+  mlarch sql --write "DELETE FROM runs WHERE status = 'FAILED'"
+
+\b
+Views: runs, run_samples, modules, set_sizes, overlap_by_module, overlap_by_layer,
+overlap_global, language_unique (and the tables models, selections, patterns, arrays).""")
+@click.argument("query")
+@click.option("--write", is_flag=True, help="Allow statements that change the archive.")
+@output_options
+@click.pass_context
+def sql(ctx, query, write, fmt):
+    """Run SQL against the archive's catalog (read-only unless --write)."""
+    emit(_archive(ctx).sql(query, write=write), fmt)
+
+
+def main() -> None:
+    cli(prog_name="mlarch")

@@ -1,0 +1,390 @@
+"""`ingest`: score a model on math and control texts per language and archive the results.
+
+Run lifecycle (MLflow style): a run row is inserted as RUNNING (a short write), the
+forward passes and array writes happen with no catalog connection open, then one
+transaction marks the run FINISHED together with every derived row. Readers never see
+half a run; an interrupted run leaves a RUNNING/FAILED row and orphan arrays, nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from mlarch.errors import MlarchError, UsageError
+from mlarch.ingest import provenance, selection, sources
+from mlarch.store import arrays, catalog, layout
+from mlarch.store.derive import RunRef, derive, levels_path, norms_path
+
+PAPER_KS = (0.0001, 0.001, 0.01, 0.025, 0.05, 0.1, 0.15)
+METHOD = {
+    "name": "mathneuro",
+    "version": 1,
+    "score": "|W[i,j]| * sum_s ||X_s[:, j]||_2 over real tokens (float32 product, float64 sums)",
+    "k_rule": "per matrix, floor(numel * k) with k read as the decimal given",
+    "tie_rule": "score descending, then lowest flat (row-major, out x in) index first",
+    "math_only": "top-k(math) and not top-k(control), same matrix and k",
+    "sampling": "numpy.random.default_rng(seed).integers(0, n_items, n_samples) (with replacement)",
+}
+ROLES = ("math", "control")
+_LANG = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,31}$")
+
+
+class Reporter:
+    """Progress sink; the CLI shows a progress bar, the API stays quiet by default."""
+
+    def message(self, text: str) -> None: ...
+
+    def start_pass(self, label: str, total: int) -> None: ...
+
+    def advance(self, samples: int, tokens: int) -> None: ...
+
+    def end_pass(self) -> None: ...
+
+
+@dataclass
+class IngestConfig:
+    model: str
+    langs: list[str]
+    math: str
+    control: str
+    name: str | None = None
+    samples: int = 500
+    seeds: list[int] = field(default_factory=lambda: [1])
+    top_k: list[float] = field(default_factory=lambda: list(PAPER_KS))
+    batch_size: int | None = None  # None: 1 on CPU, 16 on CUDA
+    max_length: int = 512
+    device: str = "auto"
+    dtype: str = "auto"
+    revision: str | None = None
+    force: bool = False
+    data_dir: str | None = None
+
+    def validate(self) -> None:
+        if not self.langs:
+            raise UsageError("no languages given: pass --langs, e.g. --langs en,de")
+        for lang in self.langs:
+            if not _LANG.match(lang):
+                raise UsageError(f"language code {lang!r} is not valid: use codes such as en, de, zh")
+        if len(set(self.langs)) != len(self.langs):
+            raise UsageError(f"languages repeat in {','.join(self.langs)}: list each once")
+        if not self.top_k:
+            raise UsageError("no top-k values given: pass --top-k, e.g. --top-k 0.01")
+        for k in self.top_k:
+            if not 0 < k < 1:
+                raise UsageError(f"top-k value {k} is outside (0, 1): use fractions such as 0.01 for 1%")
+        if len(set(self.top_k)) != len(self.top_k):
+            raise UsageError("top-k values repeat: list each once")
+        if self.samples <= 0:
+            raise UsageError(f"--samples must be positive, got {self.samples}")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds) or min(self.seeds) < 0:
+            raise UsageError("--seeds must be distinct non-negative integers, e.g. --seeds 1,101,201")
+        if self.batch_size is not None and self.batch_size <= 0:
+            raise UsageError(f"--batch-size must be positive, got {self.batch_size}")
+        if self.max_length <= 0:
+            raise UsageError(f"--max-length must be positive, got {self.max_length}")
+
+
+@dataclass
+class IngestResult:
+    model: str
+    written: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Pending:
+    run_id: str
+    lang: str
+    role: str
+    seed: int
+    group: str
+    indices: np.ndarray
+    records: list
+    n_tokens: int
+    n_truncated: int
+    provenance: dict
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+def _check_writable(root: Path) -> None:
+    """Fail before any work if the archive folder cannot be created or written."""
+    if root.exists():
+        layout.ensure_folder(root)
+        return
+    ancestor = root
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise MlarchError(
+            f"archive folder {root} cannot be created: {ancestor} is a file; "
+            "pass --archive DIR (or set MLARCH_ARCHIVE) to a writable folder"
+        )
+    layout.probe_writable(ancestor, root)
+
+
+def ingest(root: Path, cfg: IngestConfig, reporter: Reporter | None = None) -> IngestResult:
+    reporter = reporter or Reporter()
+    cfg.validate()
+    cfg.top_k = sorted(cfg.top_k)
+    from mlarch.ingest import loading  # torch + transformers: only now
+
+    data_dir = Path(cfg.data_dir) if cfg.data_dir else None
+    srcs = {"math": sources.resolve(cfg.math, data_dir), "control": sources.resolve(cfg.control, data_dir)}
+    items = {(lang, role): srcs[role].load(lang) for lang in cfg.langs for role in ROLES}
+    device = loading.resolve_device(cfg.device)
+    dtype = loading.resolve_dtype(cfg.dtype, device)
+    kind, _ = loading.classify(cfg.model)
+    name = cfg.name or loading.default_name(cfg.model)
+    _check_writable(root)
+    catalog_path = root / layout.CATALOG
+
+    units = []  # (seed, lang, role, digest)
+    for seed in cfg.seeds:
+        for lang in cfg.langs:
+            for role in ROLES:
+                identity = {
+                    "method": METHOD, "model": name, "source": cfg.model, "revision": cfg.revision,
+                    "dtype": dtype, "lang": lang, "role": role, "dataset": srcs[role].name,
+                    "data_files": items[(lang, role)].files, "seed": seed, "samples": cfg.samples,
+                    "max_length": cfg.max_length, "top_k": cfg.top_k,
+                }
+                units.append((seed, lang, role, provenance.digest_json(identity)))
+    existing = _finished_digests(catalog_path, name)
+    result = IngestResult(model=name)
+    todo = []
+    for unit in units:
+        if unit[3] in existing and not cfg.force:
+            result.skipped.append(existing[unit[3]])
+            reporter.message(
+                f"skip {unit[1]} {unit[2]} seed {unit[0]}: identical run {existing[unit[3]]} is archived "
+                "(--force reruns it)"
+            )
+        else:
+            todo.append(unit)
+    if not todo:
+        return result
+
+    reporter.message(f"loading {cfg.model} ({kind}, {dtype}, {device})")
+    loaded = loading.load(cfg.model, revision=cfg.revision, device=device, dtype=dtype)
+    from mlarch.ingest.scoring import run_pass, scored_modules
+
+    modules = scored_modules(loaded.model)
+    if not modules:
+        raise MlarchError(f"model {cfg.model} has no nn.Linear or Conv1D modules to score")
+    layout.ensure_folder(root)
+    catalog.ensure_schema(catalog_path)
+    model_row = _model_row(catalog_path, name)
+    if model_row is not None:
+        if model_row["weights_sha256"] != loaded.weights_sha256 or model_row["dtype"] != dtype:
+            raise MlarchError(
+                f"the archive's model {name!r} has other weights or dtype "
+                f"({model_row['weights_sha256'][:12]}, {model_row['dtype']}) than {cfg.model} "
+                f"({loaded.weights_sha256[:12]}, {dtype}): pass --name to archive it separately"
+            )
+    magnitudes = {m.name: m.magnitudes() for m in modules}
+    new_model = None
+    if model_row is None:
+        group = layout.model_group(name)
+        records = [arrays.write(root / layout.ARRAYS, f"{group}/magnitudes/{m}", mag) for m, mag in magnitudes.items()]
+        new_model = (group, records)
+
+    env = provenance.environment(device)
+    batch_size = cfg.batch_size or (16 if device.type == "cuda" else 1)
+    config = {**asdict(cfg), "name": name, "dtype": dtype, "device": str(device), "batch_size": batch_size}
+    for seed in cfg.seeds:
+        for lang in cfg.langs:
+            pending = []
+            for unit_seed, unit_lang, role, unit_digest in todo:
+                if (unit_seed, unit_lang) != (seed, lang):
+                    continue
+                pending.append(
+                    _score_run(
+                        root, cfg, name, lang, role, seed, unit_digest, srcs[role], items[(lang, role)],
+                        loaded, modules, magnitudes, batch_size, env, config, reporter, run_pass,
+                    )
+                )
+            if pending:
+                _commit(root, name, seed, loaded, modules, new_model, pending)
+                new_model = None
+                result.written.extend(p.run_id for p in pending)
+                reporter.message(f"archived {lang} seed {seed}: " + ", ".join(f"{p.role} {p.run_id}" for p in pending))
+    return result
+
+
+def _finished_digests(catalog_path: Path, model: str) -> dict[str, str]:
+    if not catalog_path.exists():
+        return {}
+    catalog.ensure_schema(catalog_path)
+    with catalog.reading(catalog_path) as con:
+        rows = con.execute(
+            "SELECT config_digest, run_id FROM runs WHERE model = ? AND status = 'FINISHED' AND in_use",
+            [model],
+        ).fetchall()
+    return dict(rows)
+
+
+def _model_row(catalog_path: Path, model: str) -> dict | None:
+    with catalog.reading(catalog_path) as con:
+        rows = con.execute("SELECT weights_sha256, dtype FROM models WHERE model = ?", [model]).fetchall()
+        row = rows[0] if rows else None
+    return None if row is None else {"weights_sha256": row[0], "dtype": row[1]}
+
+
+def _score_run(root, cfg, name, lang, role, seed, digest, source, loaded_items, loaded, modules,
+               magnitudes, batch_size, env, config, reporter, run_pass) -> _Pending:
+    run_id = layout.new_run_id()
+    group = layout.run_group(run_id)
+    started = _now()
+    catalog_path = root / layout.CATALOG
+    with catalog.writing(catalog_path) as con:
+        con.execute(
+            "INSERT INTO runs (run_id, model, lang, role, dataset, seed, n_samples, status, started_at, "
+            "k_values, config_digest, in_use, arrays_group) VALUES (?, ?, ?, ?, ?, ?, ?, 'RUNNING', ?, ?, ?, false, ?)",
+            [run_id, name, lang, role, source.name, seed, cfg.samples, started, cfg.top_k, digest, group],
+        )
+    try:
+        texts_all = loaded_items.texts
+        indices = np.random.default_rng(seed).integers(0, len(texts_all), size=cfg.samples)
+        texts = [texts_all[i] for i in indices]
+        reporter.start_pass(f"{lang} {role} seed {seed}", len(texts))
+        clock = time.perf_counter()
+        result = run_pass(
+            loaded.model, loaded.tokenizer, modules, texts, batch_size=batch_size,
+            max_length=cfg.max_length, device=loaded.device,
+            on_batch=reporter.advance,
+        )
+        reporter.end_pass()
+        records = []
+        store = root / layout.ARRAYS
+        for m in modules:
+            norms = result.norms[m.name]
+            levels = selection.level_codes(selection.scores(magnitudes[m.name], norms), cfg.top_k)
+            records.append(("norms", m.name, arrays.write(store, norms_path(group, m.name), norms)))
+            records.append(("levels", m.name, arrays.write(store, levels_path(group, m.name), levels)))
+        finished = _now()
+        prov = {
+            **env,
+            "run_id": run_id,
+            "started_at": started.isoformat(),
+            "finished_at": finished.isoformat(),
+            "duration_s": round(time.perf_counter() - clock, 3),
+            "forward_s": round(result.seconds, 3),
+            "n_tokens": result.n_tokens,
+            "n_truncated": result.n_truncated,
+            "config": config,
+            "config_digest": digest,
+            "method": METHOD,
+            "model": {
+                "name": name, "source": loaded.source, "source_kind": loaded.source_kind,
+                "revision": loaded.revision, "commit_sha": loaded.commit_sha,
+                "weights_sha256": loaded.weights_sha256, "weight_files": loaded.weight_files,
+                "architecture": loaded.architecture, "dtype": loaded.dtype,
+            },
+            "data": {
+                "lang": lang, "role": role, "dataset": source.name, "source": source.describe(),
+                "files": loaded_items.files, "templates": loaded_items.templates,
+                "n_items": len(texts_all),
+            },
+            "texts_sha256": provenance.texts_digest(texts),
+            "seed": seed,
+            "sample_indices": indices.tolist(),
+        }
+        return _Pending(run_id, lang, role, seed, group, indices, records, result.n_tokens, result.n_truncated, prov)
+    except BaseException:
+        _mark_failed(catalog_path, run_id)
+        raise
+
+
+def _mark_failed(catalog_path: Path, run_id: str) -> None:
+    try:
+        with catalog.writing(catalog_path) as con:
+            con.execute("UPDATE runs SET status = 'FAILED', finished_at = ? WHERE run_id = ?", [_now(), run_id])
+    except Exception:  # the original error matters more; gc cleans RUNNING rows later
+        pass
+
+
+def _commit(root: Path, name: str, seed: int, loaded, modules, new_model, pending: list[_Pending]) -> None:
+    """Fold finished runs into the catalog: one transaction, under the archive's commit lock."""
+    catalog_path = root / layout.CATALOG
+    with layout.commit_lock(root):
+        with catalog.reading(catalog_path) as con:
+            rows = con.execute(
+                "SELECT run_id, lang, role, arrays_group, k_values FROM runs "
+                "WHERE model = ? AND seed = ? AND in_use AND status = 'FINISHED'",
+                [name, seed],
+            ).fetchall()
+        current = {(r[1], r[2]): RunRef(r[0], r[1], r[2], r[3], tuple(r[4])) for r in rows}
+        for p in pending:
+            current[(p.lang, p.role)] = RunRef(p.run_id, p.lang, p.role, p.group, tuple(p.provenance["config"]["top_k"]))
+        selections, patterns = derive(root / layout.ARRAYS, name, seed, [m.name for m in modules], current)
+        with catalog.writing(catalog_path) as con:
+            if new_model is not None:
+                group, records = new_model
+                con.execute(
+                    "INSERT INTO models VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [name, loaded.source, loaded.source_kind, loaded.revision, loaded.commit_sha,
+                     loaded.weights_sha256, loaded.dtype, loaded.architecture, len(modules),
+                     sum(m.n_params for m in modules), group, _now()],
+                )
+                con.executemany(
+                    "INSERT INTO modules VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    [[name, m.name, m.layer, m.kind, m.n_rows, m.n_cols, m.n_params] for m in modules],
+                )
+                _insert_arrays(con, [(name, "magnitudes", m.name, r) for m, r in zip(modules, records)])
+            for p in pending:
+                con.execute(
+                    "UPDATE runs SET in_use = false WHERE model = ? AND lang = ? AND role = ? AND seed = ? AND in_use",
+                    [name, p.lang, p.role, p.seed],
+                )
+                con.execute(
+                    "UPDATE runs SET status = 'FINISHED', finished_at = ?, n_tokens = ?, n_truncated = ?, "
+                    "in_use = true, provenance = ? WHERE run_id = ?",
+                    [datetime.fromisoformat(p.provenance["finished_at"]), p.n_tokens, p.n_truncated,
+                     json.dumps(p.provenance), p.run_id],
+                )
+                samples = pl.DataFrame({
+                    "run_id": [p.run_id] * len(p.indices),
+                    "position": np.arange(len(p.indices), dtype=np.int32),
+                    "item_index": p.indices.astype(np.int64),
+                })
+                con.register("new_samples", samples.to_arrow())
+                con.execute("INSERT INTO run_samples SELECT * FROM new_samples")
+                con.unregister("new_samples")
+                _insert_arrays(con, [(p.run_id, kind, module, r) for kind, module, r in p.records])
+            con.execute("DELETE FROM selections WHERE model = ? AND seed = ?", [name, seed])
+            con.execute("DELETE FROM patterns WHERE model = ? AND seed = ?", [name, seed])
+            con.register("new_selections", selections.to_arrow())
+            con.execute("INSERT INTO selections SELECT * FROM new_selections")
+            con.register("new_patterns", patterns.to_arrow())
+            con.execute("INSERT INTO patterns SELECT * FROM new_patterns")
+
+
+def _insert_arrays(con, rows) -> None:
+    frame = pl.DataFrame(
+        {
+            "path": [r.path for _, _, _, r in rows],
+            "owner": [owner for owner, _, _, _ in rows],
+            "kind": [kind for _, kind, _, _ in rows],
+            "module": [module for _, _, module, _ in rows],
+            "dtype": [r.dtype for _, _, _, r in rows],
+            "shape": [list(r.shape) for _, _, _, r in rows],
+            "sha256": [r.sha256 for _, _, _, r in rows],
+            "nbytes": [r.nbytes for _, _, _, r in rows],
+        },
+        schema={"path": pl.Utf8, "owner": pl.Utf8, "kind": pl.Utf8, "module": pl.Utf8, "dtype": pl.Utf8,
+                "shape": pl.List(pl.Int64), "sha256": pl.Utf8, "nbytes": pl.Int64},
+    )
+    con.register("new_arrays", frame.to_arrow())
+    con.execute("INSERT INTO arrays SELECT * FROM new_arrays")
+    con.unregister("new_arrays")

@@ -1,0 +1,216 @@
+"""Activation norms for MathNeuro: one forward pass per batch, hooks on every scored module.
+
+For each scored module and each sample s, the hook adds ||X_s[:, j]||_2 (over the
+sample's real tokens only) to a float64 accumulator of length `in`. That vector is all
+a pass produces; the score |W| * norms is formed later, per matrix.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from mlarch.errors import MlarchError
+
+_LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)(?:\.|$)")
+
+
+def layer_of(name: str) -> int | None:
+    """Transformer block index in a module name (layers.N, h.N, blocks.N); None outside blocks."""
+    match = _LAYER.search(name)
+    return int(match.group(1)) if match else None
+
+
+@dataclass(frozen=True)
+class ScoredModule:
+    name: str
+    module: nn.Module
+    kind: str  # 'linear' | 'conv1d'
+    layer: int | None
+    n_rows: int  # out features
+    n_cols: int  # in features
+
+    @property
+    def n_params(self) -> int:
+        return self.n_rows * self.n_cols
+
+    def magnitudes(self) -> np.ndarray:
+        """|W| as float32, out x in (Conv1D stores in x out, so it is transposed)."""
+        weight = self.module.weight.detach()
+        if self.kind == "conv1d":
+            weight = weight.t()
+        return weight.abs().to(device="cpu", dtype=torch.float32).contiguous().numpy()
+
+
+def _conv1d_type():
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover - very old or very new transformers
+        return ()
+    return (Conv1D,)
+
+
+def output_head(model: nn.Module) -> tuple[nn.Module | None, bool]:
+    """The output head and whether its weight is tied to the input embedding."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if head is None or embed is None or getattr(head, "weight", None) is None:
+        return head, False
+    tied = head.weight is embed.weight or head.weight.data_ptr() == embed.weight.data_ptr()
+    return head, tied
+
+
+def scored_modules(model: nn.Module) -> list[ScoredModule]:
+    """Every nn.Linear and transformers Conv1D, minus `embed` parameters and a tied head."""
+    head, tied = output_head(model)
+    conv1d = _conv1d_type()
+    found = []
+    for name, module in model.named_modules():
+        if "embed" in name or (tied and module is head):
+            continue
+        if isinstance(module, nn.Linear):
+            rows, cols = module.weight.shape
+            found.append(ScoredModule(name, module, "linear", layer_of(name), rows, cols))
+        elif conv1d and isinstance(module, conv1d):
+            cols, rows = module.weight.shape
+            found.append(ScoredModule(name, module, "conv1d", layer_of(name), rows, cols))
+    return found
+
+
+class _StopForward(Exception):
+    """Raised at the output head: its inputs are all we need, its logits are not."""
+
+
+@dataclass
+class PassResult:
+    norms: dict[str, np.ndarray]  # module -> float32 vector of length n_cols
+    n_tokens: int
+    n_truncated: int
+    seconds: float
+
+
+def tokenize(tokenizer, texts: list[str], max_length: int) -> tuple[list[list[int]], int]:
+    """Token ids with the tokenizer's default special tokens, cut to max_length."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # silence "sequence longer than model max" warnings
+    ids = tokenizer(texts, add_special_tokens=True)["input_ids"]
+    long = [i for i, seq in enumerate(ids) if len(seq) > max_length]
+    if long:
+        cut = tokenizer([texts[i] for i in long], add_special_tokens=True, truncation=True, max_length=max_length)
+        for i, seq in zip(long, cut["input_ids"]):
+            ids[i] = seq
+    return [list(seq) for seq in ids], len(long)
+
+
+def length_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Sample indices grouped by token length so that batches carry little padding."""
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+class NormCollector:
+    """Forward pre-hooks that sum per-sample L2 norms of each scored module's input."""
+
+    def __init__(self, model: nn.Module, modules: list[ScoredModule], device: torch.device):
+        self.sums = {m.name: torch.zeros(m.n_cols, dtype=torch.float64, device=device) for m in modules}
+        self.mask: torch.Tensor | None = None
+        self.handles = []
+        head, _ = output_head(model)
+        scored = {id(m.module): m.name for m in modules}
+        for m in modules:
+            if m.module is not head:
+                self.handles.append(m.module.register_forward_pre_hook(self._hook(m.name), with_kwargs=True))
+        if head is not None:
+            self.handles.append(
+                head.register_forward_pre_hook(self._head_hook(scored.get(id(head))), with_kwargs=True)
+            )
+
+    def _accumulate(self, name: str, args, kwargs) -> None:
+        x = args[0] if args else next(iter(kwargs.values()))
+        mask = self.mask
+        if x.dim() != 3 or tuple(x.shape[:2]) != tuple(mask.shape):
+            raise MlarchError(
+                f"module {name} received an input of shape {tuple(x.shape)}; mlarch scores modules "
+                "whose input is (batch, tokens, features)"
+            )
+        xf = x.detach().to(torch.float32)
+        squares = torch.einsum("btf,bt->bf", xf * xf, mask)  # padding has mask 0
+        self.sums[name] += squares.sqrt().sum(dim=0, dtype=torch.float64)
+
+    def _hook(self, name: str) -> Callable:
+        def hook(module, args, kwargs):
+            self._accumulate(name, args, kwargs)
+
+        return hook
+
+    def _head_hook(self, name: str | None) -> Callable:
+        def hook(module, args, kwargs):
+            if name is not None:
+                self._accumulate(name, args, kwargs)
+            raise _StopForward
+
+        return hook
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+    def result(self) -> dict[str, np.ndarray]:
+        return {name: acc.cpu().numpy().astype(np.float32) for name, acc in self.sums.items()}
+
+
+def run_pass(
+    model: nn.Module,
+    tokenizer,
+    modules: list[ScoredModule],
+    texts: list[str],
+    *,
+    batch_size: int,
+    max_length: int,
+    device: torch.device,
+    on_batch: Callable[[int, int], None] = lambda samples, tokens: None,
+) -> PassResult:
+    """Sum of per-sample activation norms for every scored module over `texts`."""
+    started = time.perf_counter()
+    ids, n_truncated = tokenize(tokenizer, texts, max_length)
+    vocab = model.get_input_embeddings().weight.shape[0]
+    for i, seq in enumerate(ids):
+        if not seq:
+            raise MlarchError(f"text {i} tokenizes to nothing; remove empty items from the data")
+        if max(seq) >= vocab:
+            raise MlarchError(
+                f"the tokenizer produced id {max(seq)} but the model's embedding has {vocab} rows: "
+                "tokenizer and model do not match"
+            )
+    pad = tokenizer.pad_token_id
+    pad = pad if pad is not None and 0 <= pad < vocab else 0  # padded positions are masked out
+    collector = NormCollector(model, modules, device)
+    n_tokens = 0
+    try:
+        with torch.inference_mode():
+            for batch in length_batches([len(s) for s in ids], batch_size):
+                width = max(len(ids[i]) for i in batch)
+                input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
+                attention = torch.zeros((len(batch), width), dtype=torch.long)
+                for row, i in enumerate(batch):  # right padding keeps real positions 0..n-1
+                    input_ids[row, : len(ids[i])] = torch.tensor(ids[i])
+                    attention[row, : len(ids[i])] = 1
+                input_ids, attention = input_ids.to(device), attention.to(device)
+                collector.mask = attention.to(torch.float32)
+                try:
+                    model(input_ids=input_ids, attention_mask=attention, use_cache=False)
+                except _StopForward:
+                    pass
+                tokens = int(attention.sum())
+                n_tokens += tokens
+                on_batch(len(batch), tokens)
+    finally:
+        collector.remove()
+    return PassResult(collector.result(), n_tokens, n_truncated, time.perf_counter() - started)

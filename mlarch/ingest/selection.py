@@ -1,0 +1,73 @@
+"""Per-matrix top-k selection (numpy only; the query side re-thresholds with it too).
+
+Rule: for a matrix with n entries and fraction k, the selected set is the
+floor(n * k) largest scores, with k read as the decimal the user typed (so 0.07 of
+100 is exactly 7). Ties are broken by the lowest flat (row-major, out x in) index
+first. The sets for increasing k are then nested prefixes of one ordering, so one
+partition + one sort per matrix serves every k, and a single uint8 "level" per entry
+encodes all of them: level j + 1 means "first selected at ks[j]", 0 means "never".
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from math import floor
+from typing import Sequence
+
+import numpy as np
+
+
+def top_count(n: int, k: float) -> int:
+    """floor(n * k), exact for the decimal k as written (0.29 * 100 = 29, not 28)."""
+    return floor(Decimal(repr(float(k))) * n)
+
+
+def top_order(scores: np.ndarray, count: int) -> np.ndarray:
+    """Flat indices of the `count` largest scores: score descending, then index ascending."""
+    flat = scores.reshape(-1)
+    n = flat.size
+    if count <= 0:
+        return np.empty(0, dtype=np.int64)
+    if count >= n:
+        candidates = np.arange(n)
+    else:
+        # argpartition finds the threshold; entries equal to it are taken lowest index first
+        part = np.argpartition(flat, n - count)[n - count :]
+        threshold = flat[part].min()
+        above = np.flatnonzero(flat > threshold)
+        equal = np.flatnonzero(flat == threshold)[: count - above.size]
+        candidates = np.concatenate([above, equal])
+    order = np.lexsort((candidates, -flat[candidates]))
+    return candidates[order]
+
+
+def level_codes(scores: np.ndarray, ks: Sequence[float]) -> np.ndarray:
+    """uint8 array shaped like `scores`: 1 + index of the smallest k in `ks` (ascending)
+    whose top-k holds the entry, or 0."""
+    ks = list(ks)
+    if ks != sorted(ks) or len(ks) > 254:
+        raise ValueError("ks must be ascending and at most 254 values")
+    n = scores.size
+    counts = [top_count(n, k) for k in ks]
+    order = top_order(scores, max(counts, default=0))
+    levels = np.zeros(n, dtype=np.uint8)
+    start = 0
+    for j, count in enumerate(counts):
+        levels[order[start:count]] = j + 1
+        start = max(start, count)
+    return levels.reshape(scores.shape)
+
+
+def in_top(levels: np.ndarray, j: int) -> np.ndarray:
+    """Boolean mask of the top-ks[j] set from level codes."""
+    return (levels != 0) & (levels <= j + 1)
+
+
+def math_only(math_levels: np.ndarray, control_levels: np.ndarray, j: int) -> np.ndarray:
+    """Top-k on math and not top-k on control, same matrix, same k (ks[j])."""
+    return in_top(math_levels, j) & ~in_top(control_levels, j)
+
+
+def scores(magnitudes: np.ndarray, norms: np.ndarray) -> np.ndarray:
+    """score[i, j] = |W[i, j]| * norms[j], in float32 (the rank-1 structure of MathNeuro)."""
+    return magnitudes * norms.astype(np.float32, copy=False)[None, :]

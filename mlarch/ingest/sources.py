@@ -1,0 +1,155 @@
+"""Data sources: where a language's math or control texts come from.
+
+A source turns a language code into a list of texts in file order (item i of the
+list is item_index i in `run_samples`). Two kinds exist:
+
+* a path template containing ``{lang}`` (JSONL, CSV with a header, or plain text);
+* a named source from ``NAMED_SOURCES`` (public corpora; registered by name).
+
+Text template for records: a ``text`` field is used verbatim; otherwise ``question`` and
+``answer`` are formatted with ``QA_TEMPLATE`` (GSM8K style, question + worked solution).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Protocol
+
+from mlarch.errors import MlarchError, UsageError
+
+QA_TEMPLATE = "Q: {question}\nA: {answer}"
+TEXT_TEMPLATE = "{text}"
+
+
+@dataclass
+class LoadedItems:
+    """A language's items, formatted, with what is needed to reproduce them."""
+
+    texts: list[str]
+    templates: list[str]  # the templates used (one, unless a file mixes record shapes)
+    files: dict[str, str] = field(default_factory=dict)  # path -> sha256
+
+
+class DataSource(Protocol):
+    name: str  # recorded as the run's `dataset`
+
+    def load(self, lang: str) -> LoadedItems: ...
+
+    def describe(self) -> dict: ...
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _record_text(record: dict, where: str) -> tuple[str, str]:
+    text = record.get("text")
+    if isinstance(text, str) and text.strip():
+        return text, TEXT_TEMPLATE
+    question, answer = record.get("question"), record.get("answer")
+    if question not in (None, "") and answer not in (None, ""):
+        return QA_TEMPLATE.format(question=str(question).strip(), answer=str(answer).strip()), QA_TEMPLATE
+    raise MlarchError(
+        f"{where}: expected a non-empty 'text' field or 'question' and 'answer' fields; "
+        "fix the record or remove it"
+    )
+
+
+def parse_file(path: Path) -> tuple[list[str], list[str]]:
+    """Texts and templates from a .jsonl, .csv or plain-text file (one item per line)."""
+    try:
+        content = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise MlarchError(f"{path}: not UTF-8 text (byte {exc.start}); re-encode it as UTF-8") from None
+    except OSError as exc:
+        raise MlarchError(f"cannot read data file {path}: {exc.strerror or exc}") from None
+    suffix = path.suffix.lower()
+    texts: list[str] = []
+    templates: set[str] = set()
+    if suffix in {".jsonl", ".ndjson"}:
+        for lineno, line in enumerate(content.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise MlarchError(f"{path}, line {lineno}: invalid JSON ({exc.msg}); fix that line") from None
+            if not isinstance(record, dict):
+                raise MlarchError(f"{path}, line {lineno}: expected a JSON object per line")
+            text, template = _record_text(record, f"{path}, line {lineno}")
+            texts.append(text)
+            templates.add(template)
+    elif suffix == ".csv":
+        reader = csv.DictReader(io.StringIO(content))
+        fields = set(reader.fieldnames or [])
+        if "text" not in fields and not {"question", "answer"} <= fields:
+            raise MlarchError(
+                f"{path}, line 1: the CSV header needs a 'text' column or 'question' and 'answer' columns"
+            )
+        try:
+            for record in reader:
+                text, template = _record_text(record, f"{path}, line {reader.line_num}")
+                texts.append(text)
+                templates.add(template)
+        except csv.Error as exc:
+            raise MlarchError(f"{path}, line {reader.line_num}: malformed CSV ({exc})") from None
+    else:
+        for line in content.splitlines():
+            if line.strip():
+                texts.append(line)
+        templates.add(TEXT_TEMPLATE)
+    if not texts:
+        raise MlarchError(f"data file {path} has no items; add at least one")
+    return texts, sorted(templates)
+
+
+class TemplateFileSource:
+    """Files named by a path template such as ``data/{lang}/math.jsonl``."""
+
+    def __init__(self, spec: str):
+        if "{lang}" not in spec:
+            raise UsageError(f"data template {spec!r} must contain {{lang}}, e.g. data/{{lang}}.jsonl")
+        self.spec = spec
+        self.name = spec
+
+    def path(self, lang: str) -> Path:
+        return Path(self.spec.replace("{lang}", lang)).expanduser()
+
+    def load(self, lang: str) -> LoadedItems:
+        path = self.path(lang)
+        if not path.is_file():
+            raise MlarchError(
+                f"data file {path} for language {lang!r} does not exist "
+                f"(from template {self.spec!r}); create it or drop {lang!r} from --langs"
+            )
+        texts, templates = parse_file(path)
+        return LoadedItems(texts, templates, {str(path.resolve()): sha256_file(path)})
+
+    def describe(self) -> dict:
+        return {"kind": "template", "template": self.spec}
+
+
+# Named public corpora register here: name -> factory(data_dir) -> DataSource.
+NAMED_SOURCES: dict[str, Callable[[Path | None], DataSource]] = {}
+
+
+def resolve(spec: str, data_dir: Path | None = None) -> DataSource:
+    """A named source, or a path template containing {lang}."""
+    if spec in NAMED_SOURCES:
+        return NAMED_SOURCES[spec](data_dir)
+    if "{lang}" in spec:
+        return TemplateFileSource(spec)
+    known = ", ".join(sorted(NAMED_SOURCES)) or "none yet"
+    raise UsageError(
+        f"data source {spec!r} is neither a named source (known: {known}) "
+        "nor a path template containing {lang}, e.g. data/{lang}.jsonl"
+    )

@@ -1,0 +1,209 @@
+"""The Python API: `mlarch.open(path)` returns an Archive. The CLI is a thin shell over it.
+
+Importing this module stays light (DuckDB, polars, numpy): torch and transformers load
+only when `ingest` runs.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import polars as pl
+
+from mlarch.errors import MlarchError, UsageError
+from mlarch.query import compare as _compare
+from mlarch.store import catalog, layout
+
+# Statement types `sql` runs without --write (the connection is read-only as well).
+READ_STATEMENTS = {"SELECT", "EXPLAIN", "PRAGMA"}
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return " ".join(text.split("\n")[0].split()) if text else type(exc).__name__
+
+
+class Archive:
+    """An archive folder: catalog.duckdb (summary rows, provenance, views) + arrays.zarr/."""
+
+    def __init__(self, path=None):
+        self.root = layout.resolve(path)
+        if not (self.root / layout.CATALOG).exists():
+            layout.ensure_folder(self.root)  # first use creates it
+        catalog.ensure_schema(self.catalog_path)
+
+    def __repr__(self) -> str:
+        return f"Archive({str(self.root)!r})"
+
+    @property
+    def catalog_path(self) -> Path:
+        return self.root / layout.CATALOG
+
+    @property
+    def arrays_path(self) -> Path:
+        return self.root / layout.ARRAYS
+
+    # --- SQL -------------------------------------------------------------------------
+    def sql(self, query: str, params=None, *, write: bool = False) -> pl.DataFrame:
+        """Run SQL against the catalog's tables and views. Read-only unless write=True."""
+        try:
+            statements = duckdb.connect().extract_statements(query)
+        except duckdb.Error as exc:
+            raise MlarchError(f"SQL error: {_one_line(exc)}") from None
+        if not statements:
+            raise UsageError("no SQL statement given")
+        if not write:
+            for statement in statements:
+                kind = statement.type.name
+                if kind not in READ_STATEMENTS:
+                    raise UsageError(
+                        f"{kind} statements change the archive and are refused: pass --write "
+                        "(sql(..., write=True)) if you mean it"
+                    )
+        context = catalog.writing(self.catalog_path) if write else catalog.reading(self.catalog_path)
+        try:
+            with context as con:
+                for statement in statements[:-1]:
+                    con.execute(statement.query).fetchall()
+                return catalog.frame(con, statements[-1].query, params)
+        except duckdb.Error as exc:
+            raise MlarchError(f"SQL error: {_one_line(exc)}") from None
+
+    def _read(self, query: str, params=None) -> pl.DataFrame:
+        with catalog.reading(self.catalog_path) as con:
+            return catalog.frame(con, query, params)
+
+    # --- questions ---------------------------------------------------------------------
+    def compare(self, model: str, langs, k: float | None = None, seed: int | None = None,
+                by: str = "layer") -> pl.DataFrame:
+        """Overlap of the languages' math-only sets for every model matching `model`."""
+        if isinstance(langs, str):
+            langs = [x.strip() for x in langs.split(",") if x.strip()]
+        with catalog.reading(self.catalog_path) as con:
+            return _compare.compare(con, model, list(langs), k=k, seed=seed, by=by)
+
+    def runs(self, model: str | None = None) -> pl.DataFrame:
+        frame = self._read(
+            "SELECT run_id, model, lang, role, dataset, seed, n_samples, n_tokens, status, "
+            "started_at, finished_at FROM runs ORDER BY started_at, run_id"
+        )
+        if model:
+            frame = frame.filter(pl.col("model").str.to_lowercase().str.contains(model.lower(), literal=True))
+        return frame
+
+    def models(self) -> pl.DataFrame:
+        return self._read("""
+            SELECT m.model, m.architecture, m.dtype, m.n_modules, m.n_scored_params,
+                   coalesce(string_agg(DISTINCT r.lang, ',' ORDER BY r.lang), '') AS langs,
+                   coalesce(string_agg(DISTINCT r.seed::VARCHAR, ',' ORDER BY r.seed::VARCHAR), '') AS seeds,
+                   count(r.run_id) AS n_runs, m.source
+            FROM models m LEFT JOIN runs r ON r.model = m.model AND r.status = 'FINISHED' AND r.in_use
+            GROUP BY ALL ORDER BY m.model""")
+
+    def run(self, run_id: str) -> dict:
+        """The run's catalog row with its full provenance."""
+        with catalog.reading(self.catalog_path) as con:
+            rows = catalog.frame(con, "SELECT * FROM runs WHERE run_id = $id", {"id": run_id})
+            if rows.is_empty():
+                known = [r[0] for r in con.execute(
+                    "SELECT run_id FROM runs ORDER BY started_at DESC LIMIT 5").fetchall()]
+                hint = f"recent runs: {', '.join(known)}" if known else "the archive has no runs"
+                raise MlarchError(f"no run {run_id!r} in {self.root}; {hint} (see `mlarch runs`)")
+        row = rows.row(0, named=True)
+        row["provenance"] = json.loads(row["provenance"]) if row["provenance"] else None
+        return row
+
+    # --- arrays ------------------------------------------------------------------------
+    def _arrays(self):
+        from mlarch.store import arrays
+
+        return arrays
+
+    def _module_names(self, model: str) -> list[str]:
+        rows = self._read("SELECT module FROM modules WHERE model = ? ORDER BY module", [model])
+        return rows["module"].to_list()
+
+    def norms(self, run_id: str) -> dict[str, np.ndarray]:
+        """Activation-norm vector (float32, length n_cols) of every scored module of a run."""
+        from mlarch.store.derive import norms_path
+
+        run = self.run(run_id)
+        return {
+            m: self._arrays().read(self.arrays_path, norms_path(run["arrays_group"], m))
+            for m in self._module_names(run["model"])
+        }
+
+    def magnitudes(self, model: str, module: str) -> np.ndarray:
+        """|W| of one module as scored (float32, out x in)."""
+        rows = self._read("SELECT magnitudes_group FROM models WHERE model = ?", [model])
+        if rows.is_empty():
+            raise MlarchError(f"no model {model!r} in the archive (see `mlarch models`)")
+        self._check_module(model, module)
+        return self._arrays().read(self.arrays_path, f"{rows.item()}/magnitudes/{module}")
+
+    def _check_module(self, model: str, module: str) -> None:
+        if module not in self._module_names(model):
+            raise MlarchError(f"model {model!r} has no scored module {module!r} (see the modules view)")
+
+    def scores(self, run_id: str, module: str) -> np.ndarray:
+        """The full score array |W| * norms of one (run, module), float32, out x in."""
+        from mlarch.ingest.selection import scores
+        from mlarch.store.derive import norms_path
+
+        run = self.run(run_id)
+        self._check_module(run["model"], module)
+        norms = self._arrays().read(self.arrays_path, norms_path(run["arrays_group"], module))
+        return scores(self.magnitudes(run["model"], module), norms)
+
+    def top_k(self, run_id: str, module: str, k: float) -> np.ndarray:
+        """Boolean top-k mask of one (run, module) at any k in (0, 1), from the stored factors."""
+        from mlarch.ingest.selection import level_codes
+
+        if not 0 < k < 1:
+            raise UsageError(f"k = {k} is outside (0, 1)")
+        return level_codes(self.scores(run_id, module), [k]) == 1
+
+    def selection(self, model: str, lang: str, k: float, module: str, seed: int | None = None) -> np.ndarray:
+        """Boolean math-only mask (top-k math and not top-k control) of one module.
+
+        Uses the stored level codes where k was archived, else re-thresholds the stored
+        factors, so any k works without a GPU or the model."""
+        from mlarch.ingest.selection import in_top
+        from mlarch.store.derive import levels_path
+
+        query = ("SELECT role, run_id, arrays_group, k_values FROM runs WHERE model = ? AND lang = ? "
+                 "AND status = 'FINISHED' AND in_use" + (" AND seed = ?" if seed is not None else "") +
+                 " ORDER BY seed")
+        rows = self._read(query, [model, lang] + ([seed] if seed is not None else []))
+        runs = {}
+        for row in rows.iter_rows(named=True):
+            runs.setdefault(row["role"], row)
+        if set(runs) != {"math", "control"}:
+            raise MlarchError(f"model {model!r} has no math and control runs for {lang!r} (see `mlarch runs`)")
+        self._check_module(model, module)
+        masks = []
+        for role in ("math", "control"):
+            run = runs[role]
+            if k in run["k_values"]:
+                levels = self._arrays().read(self.arrays_path, levels_path(run["arrays_group"], module))
+                masks.append(in_top(levels, run["k_values"].index(k)))
+            else:
+                masks.append(self.top_k(run["run_id"], module, k))
+        return masks[0] & ~masks[1]
+
+    # --- ingest ------------------------------------------------------------------------
+    def ingest(self, model: str, langs, math: str, control: str, *, reporter=None, **options):
+        """Score `model` on each language's math and control texts and archive the runs.
+
+        Options mirror `mlarch ingest`: name, samples, seeds, top_k, batch_size, max_length,
+        device, dtype, revision, force, data_dir.
+        """
+        from mlarch.ingest.pipeline import IngestConfig, ingest
+
+        if isinstance(langs, str):
+            langs = [x.strip() for x in langs.split(",") if x.strip()]
+        cfg = IngestConfig(model=model, langs=list(langs), math=math, control=control, **options)
+        return ingest(self.root, cfg, reporter)

@@ -1,0 +1,145 @@
+"""`compare`: overlap of math-only sets between languages, per layer, module or globally.
+
+Counts come from the membership-pattern histogram, projected onto the compared
+languages, so "unique" here means selected for that language and none of the other
+compared languages (the `language_unique` view uses every archived language instead).
+"""
+
+from __future__ import annotations
+
+from itertools import combinations
+
+import polars as pl
+
+from mlarch.errors import MlarchError, UsageError
+
+DEFAULT_K = 0.01  # the paper's headline k
+BY = ("layer", "module", "global")
+
+_COUNTS = """
+    coalesce(sum(n) FILTER (WHERE list_contains(ls, lang_a)), 0)::BIGINT AS n_a,
+    coalesce(sum(n) FILTER (WHERE list_contains(ls, lang_b)), 0)::BIGINT AS n_b,
+    coalesce(sum(n) FILTER (WHERE list_contains(ls, lang_a) AND list_contains(ls, lang_b)), 0)::BIGINT AS n_intersection,
+    coalesce(sum(n) FILTER (WHERE list_contains(ls, lang_a) OR list_contains(ls, lang_b)), 0)::BIGINT AS n_union,
+    coalesce(sum(n) FILTER (WHERE ls = [lang_a]), 0)::BIGINT AS unique_a,
+    coalesce(sum(n) FILTER (WHERE ls = [lang_b]), 0)::BIGINT AS unique_b
+"""
+
+_BASE = """
+WITH q AS (
+    SELECT m.model, m.module, m.layer,
+           list_filter(p.langs, lambda x: list_contains($langs, x)) AS ls, p.n_params AS n
+    FROM modules m
+    LEFT JOIN patterns p ON p.model = m.model AND p.module = m.module AND p.k = $k AND p.seed = $seed
+    WHERE list_contains($models, m.model)
+), pairs AS (
+    SELECT unnest($pair_a) AS lang_a, unnest($pair_b) AS lang_b, generate_subscripts($pair_a, 1) AS pair_no
+)
+"""
+
+
+def _query(by: str) -> str:
+    if by == "layer":
+        scope = """
+          SELECT model, coalesce(layer::VARCHAR, 'none') AS layer, coalesce(layer, 1e9) AS o1, 0 AS o0,
+                 lang_a, lang_b, pair_no, {counts} FROM q CROSS JOIN pairs GROUP BY ALL
+          UNION ALL
+          SELECT model, 'all', 2e9, 1, lang_a, lang_b, pair_no, {counts} FROM q CROSS JOIN pairs GROUP BY ALL"""
+        cols = "model, layer"
+        order = "model, o0, o1, pair_no"
+    elif by == "module":
+        scope = """
+          SELECT model, module, layer::VARCHAR AS layer, 0 AS o0, lang_a, lang_b, pair_no, {counts}
+          FROM q CROSS JOIN pairs GROUP BY ALL
+          UNION ALL
+          SELECT model, 'all', NULL, 1, lang_a, lang_b, pair_no, {counts} FROM q CROSS JOIN pairs GROUP BY ALL"""
+        cols = "model, module, layer"
+        order = "model, o0, coalesce(try_cast(layer AS INTEGER), 1e9), module, pair_no"
+    else:
+        scope = """
+          SELECT model, lang_a, lang_b, pair_no, {counts} FROM q CROSS JOIN pairs GROUP BY ALL"""
+        cols = "model"
+        order = "model, pair_no"
+    return f"""{_BASE}
+SELECT {cols}, $k AS k, $seed AS seed, lang_a, lang_b, n_a, n_b, n_intersection, n_union,
+       CASE WHEN n_union > 0 THEN n_intersection / n_union END AS jaccard,
+       ($k * (1 - $k)) / (2 - $k * (1 - $k)) AS chance_jaccard,
+       unique_a, unique_b
+FROM ({scope.format(counts=_COUNTS)})
+ORDER BY {order}"""
+
+
+def match_models(con, pattern: str) -> list[str]:
+    """Archived model names containing `pattern` (case-insensitive)."""
+    names = [r[0] for r in con.execute("SELECT model FROM models ORDER BY model").fetchall()]
+    matched = [n for n in names if pattern.lower() in n.lower()]
+    if not matched:
+        if not names:
+            raise MlarchError("the archive holds no models yet: run `mlarch ingest` first")
+        raise MlarchError(f"no archived model matches {pattern!r}; archived models: {', '.join(names)}")
+    return matched
+
+
+def resolve_k_seed(con, models: list[str], k: float | None, seed: int | None) -> tuple[float, int]:
+    rows = con.execute(
+        "SELECT model, list(DISTINCT k ORDER BY k), list(DISTINCT seed ORDER BY seed) FROM selections "
+        "WHERE list_contains($m, model) GROUP BY model",
+        {"m": models},
+    ).fetchall()
+    have = {r[0]: (r[1], r[2]) for r in rows}
+    for model in models:
+        if model not in have:
+            raise MlarchError(
+                f"model {model!r} has no math-only sets yet: ingest both math and control runs for it"
+            )
+    common_k = sorted(set.intersection(*(set(v[0]) for v in have.values())))
+    common_seed = sorted(set.intersection(*(set(v[1]) for v in have.values())))
+    if k is None:
+        if not common_k:
+            raise MlarchError(f"models {', '.join(models)} share no k value: pass a narrower --model")
+        k = DEFAULT_K if DEFAULT_K in common_k else common_k[0]
+    elif k not in common_k:
+        raise MlarchError(
+            f"k = {k} is not archived for {', '.join(models)}; archived k: {', '.join(map(str, common_k)) or 'none'}"
+        )
+    if seed is None:
+        if not common_seed:
+            raise MlarchError(f"models {', '.join(models)} share no seed: pass --seed or a narrower --model")
+        seed = common_seed[0]
+    elif seed not in common_seed:
+        raise MlarchError(
+            f"seed {seed} is not archived for {', '.join(models)}; archived seeds: "
+            f"{', '.join(map(str, common_seed)) or 'none'}"
+        )
+    return k, seed
+
+
+def compare(con, model: str, langs: list[str], k: float | None = None, seed: int | None = None,
+            by: str = "layer") -> pl.DataFrame:
+    if by not in BY:
+        raise UsageError(f"--by must be one of {', '.join(BY)}, got {by!r}")
+    if len(langs) < 2:
+        raise UsageError("compare needs at least two languages, e.g. --langs en,de")
+    if len(set(langs)) != len(langs):
+        raise UsageError(f"languages repeat in {','.join(langs)}: list each once")
+    models = match_models(con, model)
+    k, seed = resolve_k_seed(con, models, k, seed)
+    for name in models:
+        have = [r[0] for r in con.execute(
+            "SELECT DISTINCT lang FROM selections WHERE model = ? AND k = ? AND seed = ? ORDER BY lang",
+            [name, k, seed],
+        ).fetchall()]
+        missing = [lang for lang in langs if lang not in have]
+        if missing:
+            raise MlarchError(
+                f"language {', '.join(missing)} is not archived for model {name!r} at k = {k}, seed {seed}; "
+                f"archived: {', '.join(have)}"
+            )
+    pairs = list(combinations(langs, 2))
+    params = {
+        "models": models, "langs": langs, "k": k, "seed": seed,
+        "pair_a": [a for a, _ in pairs], "pair_b": [b for _, b in pairs],
+    }
+    from mlarch.store.catalog import frame
+
+    return frame(con, _query(by), params)

@@ -1,0 +1,150 @@
+"""The DuckDB catalog: numbered migrations, short-lived connections, one writer at a time.
+
+DuckDB lets one process write a file, and a read-write connection blocks every other
+process from opening it. So nothing here keeps a connection: readers open read-only for
+one query, writers open read-write only for the final commit (MLflow-style lifecycle).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from contextlib import contextmanager
+from importlib import resources
+from pathlib import Path
+
+import duckdb
+
+from mlarch.errors import MlarchError
+
+_MIGRATION_NAME = re.compile(r"^(\d{4})_(\w+)\.sql$")
+_BUSY_WAIT_S = 30.0  # a commit takes well under a second; wait this long before giving up
+
+
+def migrations() -> list[tuple[int, str, str]]:
+    """(version, name, sql) for every migration shipped in mlarch/schemas/migrations."""
+    folder = resources.files("mlarch.schemas") / "migrations"
+    found = []
+    for entry in folder.iterdir():
+        match = _MIGRATION_NAME.match(entry.name)
+        if match:
+            found.append((int(match.group(1)), match.group(2), entry.read_text()))
+    return sorted(found)
+
+
+def latest_version() -> int:
+    return migrations()[-1][0]
+
+
+def _connect(path: Path, read_only: bool) -> duckdb.DuckDBPyConnection:
+    deadline = time.monotonic() + _BUSY_WAIT_S
+    while True:
+        try:
+            return duckdb.connect(str(path), read_only=read_only)
+        except duckdb.IOException as exc:
+            if "lock" not in str(exc).lower() or time.monotonic() > deadline:
+                raise MlarchError(
+                    f"cannot open catalog {path}: {_first_line(exc)}; "
+                    "another process may hold it for writing: retry when it has finished"
+                ) from None
+            time.sleep(0.1)
+        except duckdb.Error as exc:
+            raise MlarchError(
+                f"catalog {path} is not a readable DuckDB file ({_first_line(exc)}): "
+                "restore it from a copy or point --archive elsewhere"
+            ) from None
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def schema_version(con: duckdb.DuckDBPyConnection) -> int:
+    has_table = con.execute(
+        "SELECT count(*) FROM information_schema.tables WHERE table_name = 'schema_migrations'"
+    ).fetchall()[0][0]
+    if not has_table:
+        return 0
+    return con.execute("SELECT coalesce(max(version), 0) FROM schema_migrations").fetchall()[0][0]
+
+
+def ensure_schema(path: Path) -> int:
+    """Create the catalog or apply pending migrations; refuse a newer schema. Returns version."""
+    known = latest_version()
+    if path.exists():
+        con = _connect(path, read_only=True)
+        try:
+            current = schema_version(con)
+        finally:
+            con.close()
+        _check_not_newer(path, current, known)
+        if current == known:
+            return current
+    con = _connect(path, read_only=False)
+    try:
+        con.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations "
+            "(version INTEGER PRIMARY KEY, name VARCHAR NOT NULL, applied_at TIMESTAMP NOT NULL)"
+        )
+        current = schema_version(con)
+        _check_not_newer(path, current, known)
+        for version, name, sql in migrations():
+            if version <= current:
+                continue
+            con.execute("BEGIN TRANSACTION")
+            try:
+                con.execute(sql)
+                con.execute(
+                    "INSERT INTO schema_migrations VALUES (?, ?, now()::TIMESTAMP)", [version, name]
+                )
+                con.execute("COMMIT")
+            except Exception:
+                con.execute("ROLLBACK")
+                raise
+        return known
+    finally:
+        con.close()
+
+
+def _check_not_newer(path: Path, current: int, known: int) -> None:
+    if current > known:
+        raise MlarchError(
+            f"archive catalog {path} has schema version {current}, newer than this mlarch "
+            f"understands ({known}): upgrade mlarch (pip install -U mlarch)"
+        )
+
+
+@contextmanager
+def reading(path: Path):
+    """A read-only connection for one query, closed afterwards."""
+    con = _connect(path, read_only=True)
+    try:
+        yield con
+    finally:
+        con.close()
+
+
+@contextmanager
+def writing(path: Path):
+    """A read-write connection inside one transaction: all of it commits, or none."""
+    con = _connect(path, read_only=False)
+    try:
+        con.execute("BEGIN TRANSACTION")
+        try:
+            yield con
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+        con.execute("COMMIT")
+    finally:
+        con.close()
+
+
+def frame(con: duckdb.DuckDBPyConnection, query: str, params=None):
+    """Run one statement and return its rows as a polars DataFrame (empty if none)."""
+    import polars as pl
+
+    relation = con.sql(query, params=params)
+    if relation is None:
+        return pl.DataFrame()
+    return pl.from_arrow(relation.to_arrow_table())
