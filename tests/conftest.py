@@ -18,3 +18,26 @@ def model_dir(tmp_path_factory):
 def data(tmp_path_factory):
     math, control = write_data(tmp_path_factory.mktemp("data"))
     return {"math": math, "control": control}
+
+
+VIEW_KS = [0.01, 0.05, 0.25]
+
+
+@pytest.fixture(scope="session")
+def llama_archive(tmp_path_factory, model_dir, data):
+    """An archive with tiny-llama scored on en, de, bn (seed 1). Copy it before changing it."""
+    import mlarch
+
+    root = tmp_path_factory.mktemp("archive") / "arch"
+    mlarch.open(root).ingest(str(model_dir["llama"]), ["en", "de", "bn"], data["math"], data["control"],
+                             samples=6, top_k=VIEW_KS, device="cpu")
+    return root
+
+
+@pytest.fixture
+def archive_copy(llama_archive, tmp_path):
+    import shutil
+
+    target = tmp_path / "copy"
+    shutil.copytree(llama_archive, target)
+    return target

@@ -34,6 +34,10 @@ class Archive:
         if not (self.root / layout.CATALOG).exists():
             layout.ensure_folder(self.root)  # first use creates it
         catalog.ensure_schema(self.catalog_path)
+        # A finished run's arrays and a model's modules never change: cache their lookups
+        # (opening the catalog costs ~20 ms, and array access loops over modules).
+        self._module_cache: dict[str, list[str]] = {}
+        self._run_cache: dict[str, dict] = {}
 
     def __repr__(self) -> str:
         return f"Archive({str(self.root)!r})"
@@ -123,14 +127,28 @@ class Archive:
         return arrays
 
     def _module_names(self, model: str) -> list[str]:
-        rows = self._read("SELECT module FROM modules WHERE model = ? ORDER BY module", [model])
-        return rows["module"].to_list()
+        if model not in self._module_cache:
+            rows = self._read("SELECT module FROM modules WHERE model = ? ORDER BY module", [model])
+            self._module_cache[model] = rows["module"].to_list()
+        return self._module_cache[model]
+
+    def _run_arrays(self, run_id: str) -> dict:
+        """model, arrays_group and magnitudes_group of a finished run (cached)."""
+        if run_id not in self._run_cache:
+            rows = self._read(
+                "SELECT r.model, r.arrays_group, m.magnitudes_group FROM runs r JOIN models m USING (model) "
+                "WHERE r.run_id = ? AND r.status = 'FINISHED'", [run_id])
+            if rows.is_empty():
+                self.run(run_id)  # raises "no run ..." with hints for unknown ids
+                raise MlarchError(f"run {run_id} has not finished: it has no arrays to read")
+            self._run_cache[run_id] = rows.row(0, named=True)
+        return self._run_cache[run_id]
 
     def norms(self, run_id: str) -> dict[str, np.ndarray]:
         """Activation-norm vector (float32, length n_cols) of every scored module of a run."""
         from mlarch.store.derive import norms_path
 
-        run = self.run(run_id)
+        run = self._run_arrays(run_id)
         return {
             m: self._arrays().read(self.arrays_path, norms_path(run["arrays_group"], m))
             for m in self._module_names(run["model"])
@@ -138,11 +156,12 @@ class Archive:
 
     def magnitudes(self, model: str, module: str) -> np.ndarray:
         """|W| of one module as scored (float32, out x in)."""
-        rows = self._read("SELECT magnitudes_group FROM models WHERE model = ?", [model])
-        if rows.is_empty():
+        if not self._module_names(model):
             raise MlarchError(f"no model {model!r} in the archive (see `mlarch models`)")
         self._check_module(model, module)
-        return self._arrays().read(self.arrays_path, f"{rows.item()}/magnitudes/{module}")
+        from mlarch.store.layout import model_group
+
+        return self._arrays().read(self.arrays_path, f"{model_group(model)}/magnitudes/{module}")
 
     def _check_module(self, model: str, module: str) -> None:
         if module not in self._module_names(model):
@@ -153,10 +172,11 @@ class Archive:
         from mlarch.ingest.selection import scores
         from mlarch.store.derive import norms_path
 
-        run = self.run(run_id)
+        run = self._run_arrays(run_id)
         self._check_module(run["model"], module)
         norms = self._arrays().read(self.arrays_path, norms_path(run["arrays_group"], module))
-        return scores(self.magnitudes(run["model"], module), norms)
+        magnitudes = self._arrays().read(self.arrays_path, f"{run['magnitudes_group']}/magnitudes/{module}")
+        return scores(magnitudes, norms)
 
     def top_k(self, run_id: str, module: str, k: float) -> np.ndarray:
         """Boolean top-k mask of one (run, module) at any k in (0, 1), from the stored factors."""

@@ -1,0 +1,160 @@
+"""Ingest equals a slow, obvious reference: batch size 1, full forward passes (output head
+included), per-sample norms in float64, numpy scores and a stable argsort top-k."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.pytorch_utils import Conv1D
+
+import mlarch
+from mlarch.ingest.sources import parse_file
+from mlarch.store import arrays
+from mlarch.store.derive import levels_path
+
+KS = [0.01, 0.05, 0.25]
+LANGS = ["en", "de", "bn"]
+SAMPLES = 7
+MAX_LENGTH = 40  # some math items are longer: truncation is exercised
+
+EXPECTED_MODULES = {
+    "llama": {"lm_head"} | {f"model.layers.{i}.{p}" for i in range(2) for p in (
+        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+        "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")},
+    "qwen2": {f"model.layers.{i}.{p}" for i in range(2) for p in (
+        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+        "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")},
+    "gpt2": {f"transformer.h.{i}.{p}" for i in range(2) for p in (
+        "attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")},
+}
+
+
+def ingest(root, model_path, data, batch_size):
+    archive = mlarch.open(root)
+    archive.ingest(str(model_path), LANGS, data["math"], data["control"], samples=SAMPLES,
+                   seeds=[3], top_k=KS, batch_size=batch_size, max_length=MAX_LENGTH, device="cpu")
+    return archive
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2", "gpt2"])
+def case(request, model_dir, data, tmp_path_factory):
+    kind = request.param
+    one = ingest(tmp_path_factory.mktemp(f"{kind}-b1"), model_dir[kind], data, 1)
+    batched = ingest(tmp_path_factory.mktemp(f"{kind}-b4"), model_dir[kind], data, 4)
+    return kind, model_dir[kind], one, batched
+
+
+def reference_norms(model_path, texts):
+    """Sum over samples of ||X_s[:, j]||_2, one sample at a time, head computed as usual."""
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    inputs, weights, hooks = {}, {}, []
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Linear, Conv1D)):
+            w = module.weight.detach().double().numpy()
+            weights[name] = w.T if isinstance(module, Conv1D) else w
+            hooks.append(module.register_forward_hook(
+                lambda mod, args, out, name=name: inputs.__setitem__(name, args[0][0].double().numpy())))
+    norms = {name: np.zeros(w.shape[1]) for name, w in weights.items()}
+    with torch.no_grad():
+        for text in texts:
+            ids = tokenizer(text, return_tensors="pt", truncation=True, max_length=MAX_LENGTH)
+            model(input_ids=ids["input_ids"])
+            for name in norms:
+                norms[name] += np.sqrt((inputs[name] ** 2).sum(axis=0))
+    return norms, weights
+
+
+def reference_top(scores, k):
+    n = math.floor(round(scores.size * k, 9))
+    order = np.argsort(-scores.reshape(-1), kind="stable")[:n]
+    mask = np.zeros(scores.size, bool)
+    mask[order] = True
+    return mask.reshape(scores.shape)
+
+
+def drawn_texts(archive, run_id, template):
+    run = archive.run(run_id)
+    texts, _ = parse_file(__import__("pathlib").Path(template.replace("{lang}", run["lang"])))
+    idx = archive.sql(f"SELECT item_index FROM run_samples WHERE run_id = '{run_id}' ORDER BY position")
+    return [texts[i] for i in idx["item_index"]]
+
+
+def test_scored_modules_and_shapes(case):
+    kind, model_path, archive, _ = case
+    modules = archive.sql("SELECT * FROM modules ORDER BY module")
+    assert set(modules["module"]) == EXPECTED_MODULES[kind]
+    model = AutoModelForCausalLM.from_pretrained(model_path)
+    for row in modules.iter_rows(named=True):
+        weight = model.get_submodule(row["module"]).weight
+        out_in = weight.shape[::-1] if kind == "gpt2" else weight.shape
+        assert (row["n_rows"], row["n_cols"]) == tuple(out_in)
+        assert row["n_params"] == weight.numel()
+        expected_layer = None if row["module"] == "lm_head" else int(row["module"].split(".")[2])
+        assert row["layer"] == expected_layer
+
+
+def test_norms_scores_and_sets_match_reference(case, data):
+    kind, model_path, archive, _ = case
+    runs = archive.sql("SELECT run_id, lang, role FROM runs ORDER BY lang, role")
+    assert len(runs) == 2 * len(LANGS)
+    tops = {}
+    for run in runs.iter_rows(named=True):
+        template = data["math"] if run["role"] == "math" else data["control"]
+        norms, weights = reference_norms(model_path, drawn_texts(archive, run["run_id"], template))
+        stored = archive.norms(run["run_id"])
+        assert set(stored) == EXPECTED_MODULES[kind]
+        group = archive.run(run["run_id"])["arrays_group"]
+        for module in stored:
+            np.testing.assert_allclose(stored[module], norms[module], rtol=2e-5, atol=1e-6)
+            ref_scores = np.abs(weights[module]) * norms[module][None, :]
+            np.testing.assert_allclose(archive.scores(run["run_id"], module), ref_scores, rtol=5e-5, atol=1e-6)
+            levels = arrays.read(archive.arrays_path, levels_path(group, module))
+            for j, k in enumerate(KS):
+                ref = reference_top(ref_scores, k)
+                assert ref.sum() == math.floor(round(ref.size * k, 9))
+                np.testing.assert_array_equal((levels != 0) & (levels <= j + 1), ref, err_msg=f"{module} k={k}")
+                np.testing.assert_array_equal(archive.top_k(run["run_id"], module, k), ref)
+                tops[(run["lang"], run["role"], module, k)] = ref
+    sizes = archive.sql("SELECT * FROM set_sizes")
+    assert len(sizes) == len(LANGS) * len(KS) * len(EXPECTED_MODULES[kind])
+    for row in sizes.iter_rows(named=True):
+        key = (row["lang"], row["module"], row["k"])
+        math_top, control_top = tops[(key[0], "math", key[1], key[2])], tops[(key[0], "control", key[1], key[2])]
+        expected = math_top & ~control_top
+        assert row["n_math_top"] == math_top.sum() and row["n_control_top"] == control_top.sum()
+        assert row["n_selected"] == expected.sum()
+        np.testing.assert_array_equal(archive.selection(archive.models()["model"][0], row["lang"], row["k"], row["module"]), expected)
+
+
+def test_batched_ingest_equals_batch_one(case):
+    _, _, one, batched = case
+    a = one.sql("SELECT lang, role, run_id, n_tokens, arrays_group FROM runs ORDER BY lang, role")
+    b = batched.sql("SELECT lang, role, run_id, n_tokens, arrays_group FROM runs ORDER BY lang, role")
+    assert a["n_tokens"].to_list() == b["n_tokens"].to_list()
+    for ra, rb in zip(a.iter_rows(named=True), b.iter_rows(named=True)):
+        na, nb = one.norms(ra["run_id"]), batched.norms(rb["run_id"])
+        for module in na:
+            np.testing.assert_allclose(na[module], nb[module], rtol=1e-5, atol=1e-6)
+            la = arrays.read(one.arrays_path, levels_path(ra["arrays_group"], module))
+            lb = arrays.read(batched.arrays_path, levels_path(rb["arrays_group"], module))
+            np.testing.assert_array_equal(la, lb)
+    cols = "model, k, seed, lang, module, n_math_top, n_control_top, n_selected"
+    assert one.sql(f"SELECT {cols} FROM set_sizes ORDER BY ALL").equals(batched.sql(f"SELECT {cols} FROM set_sizes ORDER BY ALL"))
+    assert one.sql("SELECT * FROM overlap_by_layer ORDER BY ALL").equals(batched.sql("SELECT * FROM overlap_by_layer ORDER BY ALL"))
+
+
+def test_truncation_and_samples_recorded(case):
+    _, _, archive, _ = case
+    runs = archive.sql("SELECT run_id, n_samples, n_truncated FROM runs")
+    assert (runs["n_samples"] == SAMPLES).all()
+    assert runs["n_truncated"].sum() > 0  # the long math items were cut to MAX_LENGTH
+    for run_id in runs["run_id"]:
+        prov = archive.run(run_id)["provenance"]
+        indices = archive.sql(f"SELECT item_index FROM run_samples WHERE run_id = '{run_id}' ORDER BY position")
+        assert prov["sample_indices"] == indices["item_index"].to_list()
+        expected = np.random.default_rng(3).integers(0, prov["data"]["n_items"], size=SAMPLES).tolist()
+        assert prov["sample_indices"] == expected
