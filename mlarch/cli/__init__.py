@@ -171,7 +171,7 @@ def show(ctx, run_id, fmt):
 
     provenance = run.pop("provenance") or {}
     flatten("", {k: v for k, v in run.items()})
-    flatten("", {k: v for k, v in provenance.items() if k not in run})
+    flatten("", {k: v for k, v in provenance.items() if k not in run or isinstance(v, dict)})
     emit(pl.DataFrame(rows, schema=["key", "value"], orient="row"), fmt)
 
 
