@@ -96,8 +96,12 @@ Data: a path template with {lang}: .jsonl (a 'text' field verbatim, else 'questi
 file with one item per line.""")
 @click.option("--model", "model_ref", required=True, help="Model folder, .gguf file, or hub id.")
 @click.option("--langs", required=True, callback=_csv(str), help="Comma-separated language codes, e.g. en,de,bn.")
-@click.option("--math", "math_spec", required=True, help="Math data: path template with {lang}.")
-@click.option("--control", "control_spec", required=True, help="Non-math control data: path template with {lang}.")
+@click.option("--math", "math_spec", required=True,
+              help="Math data: a named source (mgsm, gsm8k, starter) or a path template with {lang}.")
+@click.option("--control", "control_spec", required=True,
+              help="Control data: a named source (flores, starter) or a path template with {lang}.")
+@click.option("--data-dir", type=click.Path(file_okay=False), default=None,
+              help="Read named sources' files from this folder (laid out like ../shared/data) instead of downloading.")
 @click.option("--name", default=None, help="Model name in the archive [default: from --model].")
 @click.option("--samples", type=int, default=500, show_default=True, help="Items drawn with replacement per language and role.")
 @click.option("--seeds", default="1", show_default=True, callback=_csv(int), help="Comma-separated sampling seeds.")
@@ -112,7 +116,7 @@ file with one item per line.""")
 @click.option("--force", is_flag=True, help="Rerun configurations that are already archived.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress output.")
 @click.pass_context
-def ingest(ctx, model_ref, langs, math_spec, control_spec, name, samples, seeds, top_k, batch_size,
+def ingest(ctx, model_ref, langs, math_spec, control_spec, data_dir, name, samples, seeds, top_k, batch_size,
            max_length, device, dtype, revision, force, quiet):
     """Score a model on math and control texts per language and archive the runs."""
     from mlarch.cli.progress import RichReporter
@@ -122,7 +126,7 @@ def ingest(ctx, model_ref, langs, math_spec, control_spec, name, samples, seeds,
     cfg = IngestConfig(
         model=model_ref, langs=langs, math=math_spec, control=control_spec, name=name, samples=samples,
         seeds=seeds, top_k=top_k, batch_size=batch_size, max_length=max_length, device=device,
-        dtype=dtype, revision=revision, force=force,
+        dtype=dtype, revision=revision, force=force, data_dir=data_dir,
     )
     reporter = RichReporter(quiet=quiet)
     result = run_ingest(layout.resolve(ctx.obj["archive"]), cfg, reporter)

@@ -141,7 +141,7 @@ def ingest(root: Path, cfg: IngestConfig, reporter: Reporter | None = None) -> I
 
     data_dir = Path(cfg.data_dir) if cfg.data_dir else None
     srcs = {"math": sources.resolve(cfg.math, data_dir), "control": sources.resolve(cfg.control, data_dir)}
-    items = {(lang, role): srcs[role].load(lang) for lang in cfg.langs for role in ROLES}
+    items = {(lang, role): srcs[role].load(lang, role) for lang in cfg.langs for role in ROLES}
     device = loading.resolve_device(cfg.device)
     dtype = loading.resolve_dtype(cfg.dtype, device)
     kind, _ = loading.classify(cfg.model)

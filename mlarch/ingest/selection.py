@@ -41,20 +41,55 @@ def top_order(scores: np.ndarray, count: int) -> np.ndarray:
     return candidates[order]
 
 
+def top_set(flat: np.ndarray, count: int) -> np.ndarray:
+    """Flat indices (ascending) of the top-`count` set, ties at the threshold lowest index first."""
+    n = flat.size
+    if count <= 0:
+        return np.empty(0, dtype=np.int64)
+    if count >= n:
+        return np.arange(n)
+    threshold = np.partition(flat, n - count)[n - count]
+    chosen = flat > threshold
+    need = count - int(np.count_nonzero(chosen))
+    if need:
+        chosen[np.flatnonzero(flat == threshold)[:need]] = True
+    return np.flatnonzero(chosen)
+
+
 def level_codes(scores: np.ndarray, ks: Sequence[float]) -> np.ndarray:
     """uint8 array shaped like `scores`: 1 + index of the smallest k in `ks` (ascending)
-    whose top-k holds the entry, or 0."""
+    whose top-k holds the entry, or 0.
+
+    One partition finds the largest set; the smaller sets' thresholds come from one
+    multi-pivot partition of its values, so no sort is needed."""
     ks = list(ks)
     if ks != sorted(ks) or len(ks) > 254:
         raise ValueError("ks must be ascending and at most 254 values")
-    n = scores.size
-    counts = [top_count(n, k) for k in ks]
-    order = top_order(scores, max(counts, default=0))
-    levels = np.zeros(n, dtype=np.uint8)
-    start = 0
-    for j, count in enumerate(counts):
-        levels[order[start:count]] = j + 1
-        start = max(start, count)
+    flat = scores.reshape(-1)
+    counts = [top_count(flat.size, k) for k in ks]
+    levels = np.zeros(flat.size, dtype=np.uint8)
+    candidates = top_set(flat, max(counts, default=0))  # ascending flat indices
+    m = candidates.size
+    if m == 0:
+        return levels.reshape(scores.shape)
+    values = flat[candidates]
+    pivots = sorted({m - c for c in counts if 0 < c < m})
+    ordered = np.partition(values, pivots) if pivots else values
+    sub = np.zeros(m, dtype=np.uint8)
+    for j in range(len(ks) - 1, -1, -1):  # largest k first; smaller sets overwrite with lower levels
+        count = counts[j]
+        if count == 0:
+            continue
+        if count == m:
+            sub[:] = j + 1
+            continue
+        threshold = ordered[m - count]
+        above = values > threshold
+        sub[above] = j + 1
+        need = count - int(above.sum())
+        if need:  # candidates are in ascending index order: the first `need` ties win
+            sub[np.flatnonzero(values == threshold)[:need]] = j + 1
+    levels[candidates] = sub
     return levels.reshape(scores.shape)
 
 

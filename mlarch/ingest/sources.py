@@ -38,7 +38,7 @@ class LoadedItems:
 class DataSource(Protocol):
     name: str  # recorded as the run's `dataset`
 
-    def load(self, lang: str) -> LoadedItems: ...
+    def load(self, lang: str, role: str) -> LoadedItems: ...
 
     def describe(self) -> dict: ...
 
@@ -124,7 +124,7 @@ class TemplateFileSource:
     def path(self, lang: str) -> Path:
         return Path(self.spec.replace("{lang}", lang)).expanduser()
 
-    def load(self, lang: str) -> LoadedItems:
+    def load(self, lang: str, role: str = "math") -> LoadedItems:
         path = self.path(lang)
         if not path.is_file():
             raise MlarchError(
@@ -144,6 +144,8 @@ NAMED_SOURCES: dict[str, Callable[[Path | None], DataSource]] = {}
 
 def resolve(spec: str, data_dir: Path | None = None) -> DataSource:
     """A named source, or a path template containing {lang}."""
+    import mlarch.ingest.corpora  # noqa: F401 - registers the named sources
+
     if spec in NAMED_SOURCES:
         return NAMED_SOURCES[spec](data_dir)
     if "{lang}" in spec:

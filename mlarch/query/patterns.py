@@ -16,9 +16,10 @@ def histogram(masks: Sequence[np.ndarray], langs: Sequence[str]) -> list[tuple[l
     if not masks:
         return []
     width = len(langs)
-    codes = np.zeros(masks[0].size, dtype=np.int64)
+    dtype = np.uint8 if width <= 8 else np.uint16 if width <= 16 else np.int64
+    codes = np.zeros(masks[0].size, dtype=dtype)
     for bit, mask in enumerate(masks):
-        codes |= mask.reshape(-1).astype(np.int64) << bit
+        codes |= mask.reshape(-1).astype(dtype) << dtype(bit)
     if width <= 16:
         counts = np.bincount(codes, minlength=1 << width)
         values = np.flatnonzero(counts)

@@ -9,9 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 
-from mlarch.ingest.selection import in_top, math_only
 from mlarch.query.patterns import histogram
 from mlarch.store import arrays
 
@@ -33,8 +33,24 @@ def norms_path(arrays_group: str, module: str) -> str:
     return f"{arrays_group}/norms/{module}"
 
 
+def _selected_bits(math_levels: np.ndarray, control_levels: np.ndarray, jm: list[int], jc: list[int]) -> np.ndarray:
+    """uint8 per parameter with bit t set when it is math-only at the t-th shared k.
+
+    A lookup table over (math level, control level) pairs does every k in one gather."""
+    table = np.zeros((256, 256), dtype=np.uint8)
+    levels = np.arange(256)
+    for t, (a, b) in enumerate(zip(jm, jc)):
+        in_math = (levels != 0) & (levels <= a + 1)
+        in_control = (levels != 0) & (levels <= b + 1)
+        table |= ((in_math[:, None] & ~in_control[None, :]).astype(np.uint8) << t)
+    return table[math_levels.reshape(-1), control_levels.reshape(-1)]
+
+
 def derive(root: Path, model: str, seed: int, modules: list[str], runs: dict[tuple[str, str], RunRef]):
-    """(selections, patterns) DataFrames for the languages that have both a math and a control run."""
+    """(selections, patterns) DataFrames for the languages that have both a math and a control run.
+
+    Per module: one uint8 of math-only bits per language (bit t: selected at the t-th k),
+    then pattern histograms over the parameters that any language selected at any k."""
     pairs = {
         lang: (runs[(lang, "math")], runs[(lang, "control")])
         for lang in sorted({lang for lang, _ in runs})
@@ -42,31 +58,38 @@ def derive(root: Path, model: str, seed: int, modules: list[str], runs: dict[tup
     }
     ks = sorted({k for m, c in pairs.values() for k in set(m.k_values) & set(c.k_values)})
     selection_rows, pattern_rows = [], []
-    for module in modules:
-        levels = {
-            lang: (arrays.read(root, levels_path(m.arrays_group, module)),
-                   arrays.read(root, levels_path(c.arrays_group, module)))
-            for lang, (m, c) in pairs.items()
-        }
-        for k in ks:
-            langs, masks = [], []
+    for chunk in range(0, len(ks), 8):  # 8 bits per uint8
+        chunk_ks = ks[chunk:chunk + 8]
+        for module in modules:
+            bits, langs_of = {}, {}
             for lang, (m, c) in pairs.items():
-                if k not in m.k_values or k not in c.k_values:
+                shared = [k for k in chunk_ks if k in m.k_values and k in c.k_values]
+                if not shared:
                     continue
-                math_levels, control_levels = levels[lang]
-                jm, jc = m.k_values.index(k), c.k_values.index(k)
-                if jm == jc:
-                    mask = math_only(math_levels, control_levels, jm)
-                else:
-                    mask = in_top(math_levels, jm) & ~in_top(control_levels, jc)
-                n_math, n_control = int(in_top(math_levels, jm).sum()), int(in_top(control_levels, jc).sum())
-                selection_rows.append(
-                    (model, k, seed, lang, module, n_math, n_control, int(mask.sum()), m.run_id, c.run_id)
-                )
-                langs.append(lang)
-                masks.append(mask)
-            for pattern, count in histogram(masks, langs):
-                pattern_rows.append((model, k, seed, module, pattern, count))
+                math_levels = arrays.read(root, levels_path(m.arrays_group, module)).reshape(-1)
+                control_levels = arrays.read(root, levels_path(c.arrays_group, module)).reshape(-1)
+                jm = [m.k_values.index(k) for k in shared]
+                jc = [c.k_values.index(k) for k in shared]
+                math_counts = np.cumsum(np.bincount(math_levels, minlength=256)[1:])
+                control_counts = np.cumsum(np.bincount(control_levels, minlength=256)[1:])
+                lang_bits = _selected_bits(math_levels, control_levels, jm, jc)
+                for t, k in enumerate(shared):
+                    langs_of.setdefault(k, []).append(lang)
+                    n_selected = int(np.count_nonzero(lang_bits & np.uint8(1 << t)))
+                    selection_rows.append((model, k, seed, lang, module, int(math_counts[jm[t]]),
+                                           int(control_counts[jc[t]]), n_selected, m.run_id, c.run_id))
+                bits[lang] = (lang_bits, {k: t for t, k in enumerate(shared)})
+            if not bits:
+                continue
+            support = np.zeros_like(next(iter(bits.values()))[0])
+            for lang_bits, _ in bits.values():
+                support |= lang_bits
+            where = np.flatnonzero(support)  # only these parameters belong to any pattern
+            compact = {lang: (lang_bits[where], index) for lang, (lang_bits, index) in bits.items()}
+            for k, langs in langs_of.items():
+                masks = [(compact[lang][0] >> compact[lang][1][k]) & 1 for lang in langs]
+                for pattern, count in histogram([mask.astype(bool) for mask in masks], langs):
+                    pattern_rows.append((model, k, seed, module, pattern, count))
     selections = pl.DataFrame(
         selection_rows,
         schema={
@@ -85,5 +108,3 @@ def derive(root: Path, model: str, seed: int, modules: list[str], runs: dict[tup
         orient="row",
     )
     return selections, patterns
-
-

