@@ -12,8 +12,6 @@ from transformers.pytorch_utils import Conv1D
 
 import mlarch
 from mlarch.ingest.sources import parse_file
-from mlarch.store import arrays
-from mlarch.store.derive import levels_path
 
 KS = [0.01, 0.05, 0.25]
 LANGS = ["en", "de", "bn"]
@@ -112,7 +110,7 @@ def test_norms_scores_and_sets_match_reference(case, data):
             np.testing.assert_allclose(stored[module], norms[module], rtol=2e-5, atol=1e-6)
             ref_scores = np.abs(weights[module]) * norms[module][None, :]
             np.testing.assert_allclose(archive.scores(run["run_id"], module), ref_scores, rtol=5e-5, atol=1e-6)
-            levels = arrays.read(archive.arrays_path, levels_path(group, module))
+            levels = archive.levels(run["run_id"], module)
             for j, k in enumerate(KS):
                 ref = reference_top(ref_scores, k)
                 assert ref.sum() == math.floor(round(ref.size * k, 9))
@@ -139,8 +137,8 @@ def test_batched_ingest_equals_batch_one(case):
         na, nb = one.norms(ra["run_id"]), batched.norms(rb["run_id"])
         for module in na:
             np.testing.assert_allclose(na[module], nb[module], rtol=1e-5, atol=1e-6)
-            la = arrays.read(one.arrays_path, levels_path(ra["arrays_group"], module))
-            lb = arrays.read(batched.arrays_path, levels_path(rb["arrays_group"], module))
+            la = one.levels(ra["run_id"], module)
+            lb = batched.levels(rb["run_id"], module)
             np.testing.assert_array_equal(la, lb)
     cols = "model, k, seed, lang, module, n_math_top, n_control_top, n_selected"
     assert one.sql(f"SELECT {cols} FROM set_sizes ORDER BY ALL").equals(batched.sql(f"SELECT {cols} FROM set_sizes ORDER BY ALL"))

@@ -6,8 +6,6 @@ import numpy as np
 import pytest
 
 import mlarch
-from mlarch.store import arrays
-from mlarch.store.derive import levels_path
 
 LANGS = ["bn", "de", "en"]
 KS = [0.01, 0.05, 0.25]
@@ -16,14 +14,14 @@ KS = [0.01, 0.05, 0.25]
 @pytest.fixture(scope="module")
 def brute(llama_archive):
     archive = mlarch.open(llama_archive)
-    runs = archive.sql("SELECT lang, role, arrays_group FROM runs WHERE in_use")
-    groups = {(r["lang"], r["role"]): r["arrays_group"] for r in runs.iter_rows(named=True)}
+    runs = archive.sql("SELECT lang, role, run_id FROM runs WHERE in_use")
+    ids = {(r["lang"], r["role"]): r["run_id"] for r in runs.iter_rows(named=True)}
     modules = archive.sql("SELECT module, layer FROM modules ORDER BY module")
     masks = {}
     for module in modules["module"]:
         for lang in LANGS:
-            m = arrays.read(archive.arrays_path, levels_path(groups[(lang, "math")], module))
-            c = arrays.read(archive.arrays_path, levels_path(groups[(lang, "control")], module))
+            m = archive.levels(ids[(lang, "math")], module)
+            c = archive.levels(ids[(lang, "control")], module)
             for j, k in enumerate(KS):
                 masks[(lang, k, module)] = ((m > 0) & (m <= j + 1)) & ~((c > 0) & (c <= j + 1))
     layers = dict(zip(modules["module"], modules["layer"]))

@@ -21,7 +21,8 @@ import polars as pl
 from mlarch.errors import MlarchError, UsageError
 from mlarch.ingest import provenance, selection, sources
 from mlarch.store import arrays, catalog, layout
-from mlarch.store.derive import RunRef, derive, levels_path, norms_path
+from mlarch.store import spans as span_layout
+from mlarch.store.derive import RunRef, derive, levels_path, magnitudes_path, norms_path
 
 PAPER_KS = (0.0001, 0.001, 0.01, 0.025, 0.05, 0.1, 0.15)
 METHOD = {
@@ -192,12 +193,15 @@ def ingest(root: Path, cfg: IngestConfig, reporter: Reporter | None = None) -> I
                 f"({model_row['weights_sha256'][:12]}, {model_row['dtype']}) than {cfg.model} "
                 f"({loaded.weights_sha256[:12]}, {dtype}): pass --name to archive it separately"
             )
-    magnitudes = {m.name: m.magnitudes() for m in modules}
+    spans = span_layout.layout([(m.name, m.layer, m.n_rows, m.n_cols) for m in modules])
+    magnitudes = np.empty(span_layout.total_params(spans), dtype=np.float32)
+    for m, span in zip(modules, spans):
+        magnitudes[span.params] = m.magnitudes().reshape(-1)
     new_model = None
     if model_row is None:
         group = layout.model_group(name)
-        records = [arrays.write(root / layout.ARRAYS, f"{group}/magnitudes/{m}", mag) for m, mag in magnitudes.items()]
-        new_model = (group, records)
+        record = arrays.write(root / layout.ARRAYS, magnitudes_path(group), magnitudes)
+        new_model = (group, record)
 
     env = provenance.environment(device)
     batch_size = cfg.batch_size or (16 if device.type == "cuda" else 1)
@@ -211,11 +215,11 @@ def ingest(root: Path, cfg: IngestConfig, reporter: Reporter | None = None) -> I
                 pending.append(
                     _score_run(
                         root, cfg, name, lang, role, seed, unit_digest, srcs[role], items[(lang, role)],
-                        loaded, modules, magnitudes, batch_size, env, config, reporter, run_pass,
+                        loaded, modules, spans, magnitudes, batch_size, env, config, reporter, run_pass,
                     )
                 )
             if pending:
-                _commit(root, name, seed, loaded, modules, new_model, pending)
+                _commit(root, name, seed, loaded, modules, spans, new_model, pending)
                 new_model = None
                 result.written.extend(p.run_id for p in pending)
                 reporter.message(f"archived {lang} seed {seed}: " + ", ".join(f"{p.role} {p.run_id}" for p in pending))
@@ -241,7 +245,7 @@ def _model_row(catalog_path: Path, model: str) -> dict | None:
     return None if row is None else {"weights_sha256": row[0], "dtype": row[1]}
 
 
-def _score_run(root, cfg, name, lang, role, seed, digest, source, loaded_items, loaded, modules,
+def _score_run(root, cfg, name, lang, role, seed, digest, source, loaded_items, loaded, modules, spans,
                magnitudes, batch_size, env, config, reporter, run_pass) -> _Pending:
     run_id = layout.new_run_id()
     group = layout.run_group(run_id)
@@ -265,13 +269,16 @@ def _score_run(root, cfg, name, lang, role, seed, digest, source, loaded_items, 
             on_batch=reporter.advance,
         )
         reporter.end_pass()
-        records = []
+        norms = np.empty(span_layout.total_norms(spans), dtype=np.float32)
+        levels = np.empty(span_layout.total_params(spans), dtype=np.uint8)
+        for span in spans:
+            module_norms = result.norms[span.module]
+            norms[span.norms] = module_norms
+            scores = selection.scores(magnitudes[span.params].reshape(span.n_rows, span.n_cols), module_norms)
+            levels[span.params] = selection.level_codes(scores, cfg.top_k).reshape(-1)
         store = root / layout.ARRAYS
-        for m in modules:
-            norms = result.norms[m.name]
-            levels = selection.level_codes(selection.scores(magnitudes[m.name], norms), cfg.top_k)
-            records.append(("norms", m.name, arrays.write(store, norms_path(group, m.name), norms)))
-            records.append(("levels", m.name, arrays.write(store, levels_path(group, m.name), levels)))
+        records = [("norms", arrays.write(store, norms_path(group), norms)),
+                   ("levels", arrays.write(store, levels_path(group), levels))]
         finished = _now()
         prov = {
             **env,
@@ -314,7 +321,7 @@ def _mark_failed(catalog_path: Path, run_id: str) -> None:
         pass
 
 
-def _commit(root: Path, name: str, seed: int, loaded, modules, new_model, pending: list[_Pending]) -> None:
+def _commit(root: Path, name: str, seed: int, loaded, modules, spans, new_model, pending: list[_Pending]) -> None:
     """Fold finished runs into the catalog: one transaction, under the archive's commit lock."""
     catalog_path = root / layout.CATALOG
     with layout.commit_lock(root):
@@ -327,10 +334,10 @@ def _commit(root: Path, name: str, seed: int, loaded, modules, new_model, pendin
         current = {(r[1], r[2]): RunRef(r[0], r[1], r[2], r[3], tuple(r[4])) for r in rows}
         for p in pending:
             current[(p.lang, p.role)] = RunRef(p.run_id, p.lang, p.role, p.group, tuple(p.provenance["config"]["top_k"]))
-        selections, patterns = derive(root / layout.ARRAYS, name, seed, [m.name for m in modules], current)
+        selections, patterns = derive(root / layout.ARRAYS, name, seed, spans, current)
         with catalog.writing(catalog_path) as con:
             if new_model is not None:
-                group, records = new_model
+                group, record = new_model
                 con.execute(
                     "INSERT INTO models VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     [name, loaded.source, loaded.source_kind, loaded.revision, loaded.commit_sha,
@@ -338,10 +345,11 @@ def _commit(root: Path, name: str, seed: int, loaded, modules, new_model, pendin
                      sum(m.n_params for m in modules), group, _now()],
                 )
                 con.executemany(
-                    "INSERT INTO modules VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    [[name, m.name, m.layer, m.kind, m.n_rows, m.n_cols, m.n_params] for m in modules],
+                    "INSERT INTO modules VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [[name, m.name, m.layer, m.kind, m.n_rows, m.n_cols, m.n_params, i, span.param_offset,
+                      span.norm_offset] for i, (m, span) in enumerate(zip(modules, spans))],
                 )
-                _insert_arrays(con, [(name, "magnitudes", m.name, r) for m, r in zip(modules, records)])
+                _insert_arrays(con, [(name, "magnitudes", record)])
             for p in pending:
                 con.execute(
                     "UPDATE runs SET in_use = false WHERE model = ? AND lang = ? AND role = ? AND seed = ? AND in_use",
@@ -361,7 +369,7 @@ def _commit(root: Path, name: str, seed: int, loaded, modules, new_model, pendin
                 con.register("new_samples", samples.to_arrow())
                 con.execute("INSERT INTO run_samples SELECT * FROM new_samples")
                 con.unregister("new_samples")
-                _insert_arrays(con, [(p.run_id, kind, module, r) for kind, module, r in p.records])
+                _insert_arrays(con, [(p.run_id, kind, r) for kind, r in p.records])
             con.execute("DELETE FROM selections WHERE model = ? AND seed = ?", [name, seed])
             con.execute("DELETE FROM patterns WHERE model = ? AND seed = ?", [name, seed])
             con.register("new_selections", selections.to_arrow())
@@ -371,20 +379,7 @@ def _commit(root: Path, name: str, seed: int, loaded, modules, new_model, pendin
 
 
 def _insert_arrays(con, rows) -> None:
-    frame = pl.DataFrame(
-        {
-            "path": [r.path for _, _, _, r in rows],
-            "owner": [owner for owner, _, _, _ in rows],
-            "kind": [kind for _, kind, _, _ in rows],
-            "module": [module for _, _, module, _ in rows],
-            "dtype": [r.dtype for _, _, _, r in rows],
-            "shape": [list(r.shape) for _, _, _, r in rows],
-            "sha256": [r.sha256 for _, _, _, r in rows],
-            "nbytes": [r.nbytes for _, _, _, r in rows],
-        },
-        schema={"path": pl.Utf8, "owner": pl.Utf8, "kind": pl.Utf8, "module": pl.Utf8, "dtype": pl.Utf8,
-                "shape": pl.List(pl.Int64), "sha256": pl.Utf8, "nbytes": pl.Int64},
+    con.executemany(
+        "INSERT INTO arrays VALUES (?, ?, ?, ?, ?, ?, ?)",
+        [[r.path, owner, kind, r.dtype, list(r.shape), r.sha256, r.nbytes] for owner, kind, r in rows],
     )
-    con.register("new_arrays", frame.to_arrow())
-    con.execute("INSERT INTO arrays SELECT * FROM new_arrays")
-    con.unregister("new_arrays")

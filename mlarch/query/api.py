@@ -36,7 +36,7 @@ class Archive:
         catalog.ensure_schema(self.catalog_path)
         # A finished run's arrays and a model's modules never change: cache their lookups
         # (opening the catalog costs ~20 ms, and array access loops over modules).
-        self._module_cache: dict[str, list[str]] = {}
+        self._module_cache: dict[str, dict] = {}
         self._run_cache: dict[str, dict] = {}
 
     def __repr__(self) -> str:
@@ -126,18 +126,29 @@ class Archive:
 
         return arrays
 
-    def _module_names(self, model: str) -> list[str]:
+    def _spans(self, model: str) -> dict:
+        """module -> Span (position in the concatenated arrays) for one model (cached)."""
         if model not in self._module_cache:
-            rows = self._read("SELECT module FROM modules WHERE model = ? ORDER BY module", [model])
-            self._module_cache[model] = rows["module"].to_list()
+            from mlarch.store.spans import read_spans
+
+            with catalog.reading(self.catalog_path) as con:
+                self._module_cache[model] = {s.module: s for s in read_spans(con, model)}
         return self._module_cache[model]
 
+    def _span(self, model: str, module: str):
+        spans = self._spans(model)
+        if not spans:
+            raise MlarchError(f"no model {model!r} in the archive (see `mlarch models`)")
+        if module not in spans:
+            raise MlarchError(f"model {model!r} has no scored module {module!r} (see the modules view)")
+        return spans[module]
+
     def _run_arrays(self, run_id: str) -> dict:
-        """model, arrays_group and magnitudes_group of a finished run (cached)."""
+        """model, arrays_group, k_values and magnitudes_group of a finished run (cached)."""
         if run_id not in self._run_cache:
             rows = self._read(
-                "SELECT r.model, r.arrays_group, m.magnitudes_group FROM runs r JOIN models m USING (model) "
-                "WHERE r.run_id = ? AND r.status = 'FINISHED'", [run_id])
+                "SELECT r.model, r.arrays_group, r.k_values, m.magnitudes_group FROM runs r "
+                "JOIN models m USING (model) WHERE r.run_id = ? AND r.status = 'FINISHED'", [run_id])
             if rows.is_empty():
                 self.run(run_id)  # raises "no run ..." with hints for unknown ids
                 raise MlarchError(f"run {run_id} has not finished: it has no arrays to read")
@@ -149,23 +160,29 @@ class Archive:
         from mlarch.store.derive import norms_path
 
         run = self._run_arrays(run_id)
-        return {
-            m: self._arrays().read(self.arrays_path, norms_path(run["arrays_group"], m))
-            for m in self._module_names(run["model"])
-        }
+        everything = self._arrays().read(self.arrays_path, norms_path(run["arrays_group"]))
+        return {m: everything[span.norms] for m, span in self._spans(run["model"]).items()}
 
     def magnitudes(self, model: str, module: str) -> np.ndarray:
         """|W| of one module as scored (float32, out x in)."""
-        if not self._module_names(model):
-            raise MlarchError(f"no model {model!r} in the archive (see `mlarch models`)")
-        self._check_module(model, module)
+        from mlarch.store.derive import magnitudes_path
         from mlarch.store.layout import model_group
 
-        return self._arrays().read(self.arrays_path, f"{model_group(model)}/magnitudes/{module}")
+        span = self._span(model, module)
+        flat = self._arrays().read(self.arrays_path, magnitudes_path(model_group(model)),
+                                   span.param_offset, span.param_offset + span.n_params)
+        return flat.reshape(span.n_rows, span.n_cols)
 
-    def _check_module(self, model: str, module: str) -> None:
-        if module not in self._module_names(model):
-            raise MlarchError(f"model {model!r} has no scored module {module!r} (see the modules view)")
+    def levels(self, run_id: str, module: str) -> np.ndarray:
+        """Stored level codes of one (run, module), uint8, out x in: j + 1 = first in the
+        top-k_values[j] set of that run, 0 = in none."""
+        from mlarch.store.derive import levels_path
+
+        run = self._run_arrays(run_id)
+        span = self._span(run["model"], module)
+        flat = self._arrays().read(self.arrays_path, levels_path(run["arrays_group"]),
+                                   span.param_offset, span.param_offset + span.n_params)
+        return flat.reshape(span.n_rows, span.n_cols)
 
     def scores(self, run_id: str, module: str) -> np.ndarray:
         """The full score array |W| * norms of one (run, module), float32, out x in."""
@@ -173,10 +190,10 @@ class Archive:
         from mlarch.store.derive import norms_path
 
         run = self._run_arrays(run_id)
-        self._check_module(run["model"], module)
-        norms = self._arrays().read(self.arrays_path, norms_path(run["arrays_group"], module))
-        magnitudes = self._arrays().read(self.arrays_path, f"{run['magnitudes_group']}/magnitudes/{module}")
-        return scores(magnitudes, norms)
+        span = self._span(run["model"], module)
+        norms = self._arrays().read(self.arrays_path, norms_path(run["arrays_group"]),
+                                    span.norm_offset, span.norm_offset + span.n_cols)
+        return scores(self.magnitudes(run["model"], module), norms)
 
     def top_k(self, run_id: str, module: str, k: float) -> np.ndarray:
         """Boolean top-k mask of one (run, module) at any k in (0, 1), from the stored factors."""
@@ -192,9 +209,8 @@ class Archive:
         Uses the stored level codes where k was archived, else re-thresholds the stored
         factors, so any k works without a GPU or the model."""
         from mlarch.ingest.selection import in_top
-        from mlarch.store.derive import levels_path
 
-        query = ("SELECT role, run_id, arrays_group, k_values FROM runs WHERE model = ? AND lang = ? "
+        query = ("SELECT role, run_id, k_values FROM runs WHERE model = ? AND lang = ? "
                  "AND status = 'FINISHED' AND in_use" + (" AND seed = ?" if seed is not None else "") +
                  " ORDER BY seed")
         rows = self._read(query, [model, lang] + ([seed] if seed is not None else []))
@@ -203,13 +219,11 @@ class Archive:
             runs.setdefault(row["role"], row)
         if set(runs) != {"math", "control"}:
             raise MlarchError(f"model {model!r} has no math and control runs for {lang!r} (see `mlarch runs`)")
-        self._check_module(model, module)
         masks = []
         for role in ("math", "control"):
             run = runs[role]
             if k in run["k_values"]:
-                levels = self._arrays().read(self.arrays_path, levels_path(run["arrays_group"], module))
-                masks.append(in_top(levels, run["k_values"].index(k)))
+                masks.append(in_top(self.levels(run["run_id"], module), run["k_values"].index(k)))
             else:
                 masks.append(self.top_k(run["run_id"], module, k))
         return masks[0] & ~masks[1]

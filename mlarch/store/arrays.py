@@ -32,7 +32,7 @@ def digest(data: np.ndarray) -> str:
     return h.hexdigest()
 
 
-def _chunks(shape: tuple[int, ...]) -> tuple[int, ...]:
+def chunks_for(shape: tuple[int, ...]) -> tuple[int, ...]:
     if len(shape) == 1:
         return (max(1, min(shape[0], _CHUNK_ELEMENTS)),)
     rows = max(1, min(shape[0], _CHUNK_ELEMENTS // max(1, shape[1])))
@@ -46,16 +46,18 @@ def write(root: Path, path: str, data: np.ndarray) -> ArrayRecord:
         store=str(root),
         name=path,
         data=data,
-        chunks=_chunks(data.shape),
+        chunks=chunks_for(data.shape),
         compressors=ZstdCodec(level=3, checksum=True),
         overwrite=True,
     )
     return ArrayRecord(path, data.dtype.str, tuple(data.shape), digest(data), data.nbytes)
 
 
-def read(root: Path, path: str) -> np.ndarray:
+def read(root: Path, path: str, start: int | None = None, stop: int | None = None) -> np.ndarray:
+    """The array at `path`, or elements [start, stop) of a 1-D array (only those chunks are read)."""
     try:
-        return zarr.open_array(store=str(root), path=path, mode="r")[...]
+        array = zarr.open_array(store=str(root), path=path, mode="r")
+        return array[...] if start is None and stop is None else array[start:stop]
     except (FileNotFoundError, KeyError) as exc:
         raise MlarchError(
             f"array {path} is missing from {root}: run `mlarch verify` to list damage"

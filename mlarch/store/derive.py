@@ -14,6 +14,7 @@ import polars as pl
 
 from mlarch.query.patterns import histogram
 from mlarch.store import arrays
+from mlarch.store.spans import Span, groups
 
 
 @dataclass(frozen=True)
@@ -25,12 +26,16 @@ class RunRef:
     k_values: tuple[float, ...]
 
 
-def levels_path(arrays_group: str, module: str) -> str:
-    return f"{arrays_group}/levels/{module}"
+def levels_path(arrays_group: str) -> str:
+    return f"{arrays_group}/levels"
 
 
-def norms_path(arrays_group: str, module: str) -> str:
-    return f"{arrays_group}/norms/{module}"
+def norms_path(arrays_group: str) -> str:
+    return f"{arrays_group}/norms"
+
+
+def magnitudes_path(model_group: str) -> str:
+    return f"{model_group}/magnitudes"
 
 
 def _selected_bits(math_levels: np.ndarray, control_levels: np.ndarray, jm: list[int], jc: list[int]) -> np.ndarray:
@@ -46,7 +51,38 @@ def _selected_bits(math_levels: np.ndarray, control_levels: np.ndarray, jm: list
     return table[math_levels.reshape(-1), control_levels.reshape(-1)]
 
 
-def derive(root: Path, model: str, seed: int, modules: list[str], runs: dict[tuple[str, str], RunRef]):
+def _module_rows(model, seed, module, chunk_ks, pairs, levels, selection_rows, pattern_rows) -> None:
+    bits, langs_of = {}, {}
+    for lang, (m, c) in pairs.items():
+        shared = [k for k in chunk_ks if k in m.k_values and k in c.k_values]
+        if not shared:
+            continue
+        math_levels, control_levels = levels[lang]
+        jm = [m.k_values.index(k) for k in shared]
+        jc = [c.k_values.index(k) for k in shared]
+        math_counts = np.cumsum(np.bincount(math_levels, minlength=256)[1:])
+        control_counts = np.cumsum(np.bincount(control_levels, minlength=256)[1:])
+        lang_bits = _selected_bits(math_levels, control_levels, jm, jc)
+        for t, k in enumerate(shared):
+            langs_of.setdefault(k, []).append(lang)
+            n_selected = int(np.count_nonzero(lang_bits & np.uint8(1 << t)))
+            selection_rows.append((model, k, seed, lang, module, int(math_counts[jm[t]]),
+                                   int(control_counts[jc[t]]), n_selected, m.run_id, c.run_id))
+        bits[lang] = (lang_bits, {k: t for t, k in enumerate(shared)})
+    if not bits:
+        return
+    support = np.zeros_like(next(iter(bits.values()))[0])
+    for lang_bits, _ in bits.values():
+        support |= lang_bits
+    where = np.flatnonzero(support)  # only these parameters belong to any pattern
+    compact = {lang: (lang_bits[where], index) for lang, (lang_bits, index) in bits.items()}
+    for k, langs in langs_of.items():
+        masks = [((compact[lang][0] >> compact[lang][1][k]) & 1).astype(bool) for lang in langs]
+        for pattern, count in histogram(masks, langs):
+            pattern_rows.append((model, k, seed, module, pattern, count))
+
+
+def derive(root: Path, model: str, seed: int, spans: list[Span], runs: dict[tuple[str, str], RunRef]):
     """(selections, patterns) DataFrames for the languages that have both a math and a control run.
 
     Per module: one uint8 of math-only bits per language (bit t: selected at the t-th k),
@@ -58,38 +94,19 @@ def derive(root: Path, model: str, seed: int, modules: list[str], runs: dict[tup
     }
     ks = sorted({k for m, c in pairs.values() for k in set(m.k_values) & set(c.k_values)})
     selection_rows, pattern_rows = [], []
-    for chunk in range(0, len(ks), 8):  # 8 bits per uint8
-        chunk_ks = ks[chunk:chunk + 8]
-        for module in modules:
-            bits, langs_of = {}, {}
-            for lang, (m, c) in pairs.items():
-                shared = [k for k in chunk_ks if k in m.k_values and k in c.k_values]
-                if not shared:
-                    continue
-                math_levels = arrays.read(root, levels_path(m.arrays_group, module)).reshape(-1)
-                control_levels = arrays.read(root, levels_path(c.arrays_group, module)).reshape(-1)
-                jm = [m.k_values.index(k) for k in shared]
-                jc = [c.k_values.index(k) for k in shared]
-                math_counts = np.cumsum(np.bincount(math_levels, minlength=256)[1:])
-                control_counts = np.cumsum(np.bincount(control_levels, minlength=256)[1:])
-                lang_bits = _selected_bits(math_levels, control_levels, jm, jc)
-                for t, k in enumerate(shared):
-                    langs_of.setdefault(k, []).append(lang)
-                    n_selected = int(np.count_nonzero(lang_bits & np.uint8(1 << t)))
-                    selection_rows.append((model, k, seed, lang, module, int(math_counts[jm[t]]),
-                                           int(control_counts[jc[t]]), n_selected, m.run_id, c.run_id))
-                bits[lang] = (lang_bits, {k: t for t, k in enumerate(shared)})
-            if not bits:
-                continue
-            support = np.zeros_like(next(iter(bits.values()))[0])
-            for lang_bits, _ in bits.values():
-                support |= lang_bits
-            where = np.flatnonzero(support)  # only these parameters belong to any pattern
-            compact = {lang: (lang_bits[where], index) for lang, (lang_bits, index) in bits.items()}
-            for k, langs in langs_of.items():
-                masks = [(compact[lang][0] >> compact[lang][1][k]) & 1 for lang in langs]
-                for pattern, count in histogram([mask.astype(bool) for mask in masks], langs):
-                    pattern_rows.append((model, k, seed, module, pattern, count))
+    for first in range(0, len(ks), 8):  # 8 k values per uint8 of bits
+        chunk_ks = ks[first:first + 8]
+        for group in groups(spans):  # one read per run covers many small modules
+            start, stop = group[0].param_offset, group[-1].param_offset + group[-1].n_params
+            block = {
+                lang: (arrays.read(root, levels_path(m.arrays_group), start, stop),
+                       arrays.read(root, levels_path(c.arrays_group), start, stop))
+                for lang, (m, c) in pairs.items()
+            }
+            for span in group:
+                part = slice(span.param_offset - start, span.param_offset - start + span.n_params)
+                levels = {lang: (math[part], control[part]) for lang, (math, control) in block.items()}
+                _module_rows(model, seed, span.module, chunk_ks, pairs, levels, selection_rows, pattern_rows)
     selections = pl.DataFrame(
         selection_rows,
         schema={

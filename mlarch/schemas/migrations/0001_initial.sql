@@ -12,7 +12,7 @@ CREATE TABLE models (
     architecture     VARCHAR,
     n_modules        INTEGER NOT NULL,
     n_scored_params  BIGINT NOT NULL,
-    magnitudes_group VARCHAR NOT NULL,     -- zarr group of |W| per module (float32)
+    magnitudes_group VARCHAR NOT NULL,     -- zarr group holding `magnitudes`: |W| of all modules, float32
     created_at       TIMESTAMP NOT NULL
 );
 
@@ -24,6 +24,9 @@ CREATE TABLE modules (
     n_rows   BIGINT NOT NULL,   -- out features (Conv1D weights are transposed to out x in)
     n_cols   BIGINT NOT NULL,   -- in features = length of the activation-norm vector
     n_params BIGINT NOT NULL,
+    position     INTEGER NOT NULL,  -- order in model.named_modules()
+    param_offset BIGINT NOT NULL,   -- start of this module in the per-parameter arrays (magnitudes, levels)
+    norm_offset  BIGINT NOT NULL,   -- start of this module in the per-run norms array
     PRIMARY KEY (model, module)
 );
 
@@ -43,7 +46,7 @@ CREATE TABLE runs (
     k_values      DOUBLE[] NOT NULL,  -- ascending; level code j+1 means "in top-k_values[j]"
     config_digest VARCHAR NOT NULL,   -- identical configurations share it (rerun detection)
     in_use        BOOLEAN NOT NULL DEFAULT false,  -- the run the derived tables use
-    arrays_group  VARCHAR NOT NULL,   -- zarr group holding norms/ and levels/
+    arrays_group  VARCHAR NOT NULL,   -- zarr group holding `norms` and `levels` (modules concatenated)
     provenance    JSON
 );
 
@@ -58,7 +61,6 @@ CREATE TABLE arrays (
     path    VARCHAR PRIMARY KEY,  -- inside arrays.zarr
     owner   VARCHAR NOT NULL,     -- run_id, or the model name for magnitudes
     kind    VARCHAR NOT NULL,     -- 'magnitudes' | 'norms' | 'levels'
-    module  VARCHAR NOT NULL,
     dtype   VARCHAR NOT NULL,
     shape   BIGINT[] NOT NULL,
     sha256  VARCHAR NOT NULL,     -- of the C-order array bytes
