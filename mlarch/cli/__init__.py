@@ -224,5 +224,70 @@ def sql(ctx, query, write, fmt):
     emit(_archive(ctx).sql(query, write=write), fmt)
 
 
+@cli.command(epilog="""\b
+Examples:
+  mlarch sources
+  mlarch sources --format markdown""")
+@output_options
+def sources(fmt):
+    """List the named data sources: languages, items, licence and upstream."""
+    import polars as pl
+
+    from mlarch.ingest.corpora import catalogue
+
+    emit(pl.DataFrame(catalogue()), fmt)
+
+
+@cli.command(epilog="""\b
+Examples:
+  mlarch demo
+  mlarch --archive demo-archive demo --langs en,de,hi --samples 8
+  mlarch demo --data-dir ../shared/data --samples 64""")
+@click.option("--langs", default="en,de,fr,hi,bn,zh", show_default=True, callback=_csv(str),
+              help="Languages to score.")
+@click.option("--samples", type=int, default=24, show_default=True, help="Items drawn per language and role.")
+@click.option("--data-dir", type=click.Path(file_okay=False), default=None,
+              help="Use the public corpora from this folder (gsm8k/mgsm + flores) instead of the starter set.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress output.")
+@click.pass_context
+def demo(ctx, langs, samples, data_dir, quiet):
+    """Run the whole analysis offline on a real model: Gemma-3-270M (from PyPI) on the
+    starter set, then print the overlaps and set sizes.
+
+    The first run converts the model once (about a minute) and scores it; later runs reuse
+    both and only print."""
+    import time
+
+    from mlarch.cli.progress import RichReporter
+    from mlarch.ingest import demo as demo_lib
+    from mlarch.ingest.pipeline import IngestConfig
+    from mlarch.query.api import Archive
+    from mlarch.store import layout
+
+    IngestConfig(model="-", langs=langs, math="-", control="-", samples=samples).validate()
+    started = time.perf_counter()
+    root = layout.resolve(ctx.obj["archive"])
+    result = demo_lib.run(root, langs=langs, samples=samples, data_dir=data_dir, reporter=RichReporter(quiet=quiet))
+    archive = Archive(root)
+    click.echo(f"\nArchive: {root.resolve()}  (model {result['model']}, {len(result['written'])} run(s) scored, "
+               f"{len(result['skipped'])} reused, {time.perf_counter() - started:.0f} s)")
+    click.echo("\nOverlap of the math-specific parameter sets, all layers pooled (k = 0.01, seed 1):")
+    emit(archive.compare(result["model"], langs, k=0.01, seed=1, by="global").drop("model", "k", "seed"), "table")
+    sizes = archive.sql(
+        "SELECT lang, sum(n_selected)::BIGINT AS n_selected, sum(n_params)::BIGINT AS n_params, "
+        "round(100 * sum(n_selected) / sum(n_params), 3) AS percent FROM set_sizes "
+        "WHERE model = $m AND k = 0.01 AND seed = 1 GROUP BY lang ORDER BY n_selected DESC",
+        {"m": result["model"]})
+    click.echo("\nMath-specific parameters per language (k = 0.01):")
+    emit(sizes, "table")
+    archive_flag = f"--archive {ctx.obj['archive']} " if ctx.obj["archive"] else ""
+    click.echo(f"""
+Explore further:
+  mlarch {archive_flag}compare --model {result['model']} --langs en,bn            # per layer
+  mlarch {archive_flag}compare --model {result['model']} --langs {','.join(langs)} --k 0.05 --by global
+  mlarch {archive_flag}sql "SELECT * FROM language_unique WHERE k = 0.01 AND layer IS NOT NULL ORDER BY n_unique DESC LIMIT 10"
+  mlarch {archive_flag}runs""")
+
+
 def main() -> None:
     cli(prog_name="mlarch")

@@ -19,7 +19,7 @@ class RichReporter:
 
     def message(self, text: str) -> None:
         if not self.quiet:
-            self.console.print(text, markup=False, highlight=False)
+            self.console.print(text, markup=False, highlight=False, soft_wrap=True)
 
     def start_pass(self, label: str, total: int) -> None:
         if self.quiet:

@@ -167,12 +167,13 @@ def ingest(root: Path, cfg: IngestConfig, reporter: Reporter | None = None) -> I
     for unit in units:
         if unit[3] in existing and not cfg.force:
             result.skipped.append(existing[unit[3]])
-            reporter.message(
-                f"skip {unit[1]} {unit[2]} seed {unit[0]}: identical run {existing[unit[3]]} is archived "
-                "(--force reruns it)"
-            )
         else:
             todo.append(unit)
+    if result.skipped:
+        reporter.message(
+            f"{len(result.skipped)} of {len(units)} run(s) of {name} are already archived with identical "
+            "settings; reusing them (--force reruns)"
+        )
     if not todo:
         return result
 

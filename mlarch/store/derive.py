@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from mlarch.ingest.selection import top_count
 from mlarch.query.patterns import histogram
 from mlarch.store import arrays
 from mlarch.store.spans import Span, groups
@@ -42,13 +43,16 @@ def _selected_bits(math_levels: np.ndarray, control_levels: np.ndarray, jm: list
     """uint8 per parameter with bit t set when it is math-only at the t-th shared k.
 
     A lookup table over (math level, control level) pairs does every k in one gather."""
-    table = np.zeros((256, 256), dtype=np.uint8)
-    levels = np.arange(256)
+    size = 8 if max(jm + jc) < 7 else 256  # levels fit in 3 bits for up to 7 k values
+    levels = np.arange(size)
+    table = np.zeros((size, size), dtype=np.uint8)
     for t, (a, b) in enumerate(zip(jm, jc)):
         in_math = (levels != 0) & (levels <= a + 1)
         in_control = (levels != 0) & (levels <= b + 1)
         table |= ((in_math[:, None] & ~in_control[None, :]).astype(np.uint8) << t)
-    return table[math_levels.reshape(-1), control_levels.reshape(-1)]
+    if size == 8:
+        return np.take(table.reshape(-1), (math_levels << np.uint8(3)) | control_levels)
+    return table[math_levels, control_levels]
 
 
 def _module_rows(model, seed, module, chunk_ks, pairs, levels, selection_rows, pattern_rows) -> None:
@@ -60,14 +64,13 @@ def _module_rows(model, seed, module, chunk_ks, pairs, levels, selection_rows, p
         math_levels, control_levels = levels[lang]
         jm = [m.k_values.index(k) for k in shared]
         jc = [c.k_values.index(k) for k in shared]
-        math_counts = np.cumsum(np.bincount(math_levels, minlength=256)[1:])
-        control_counts = np.cumsum(np.bincount(control_levels, minlength=256)[1:])
         lang_bits = _selected_bits(math_levels, control_levels, jm, jc)
         for t, k in enumerate(shared):
             langs_of.setdefault(k, []).append(lang)
             n_selected = int(np.count_nonzero(lang_bits & np.uint8(1 << t)))
-            selection_rows.append((model, k, seed, lang, module, int(math_counts[jm[t]]),
-                                   int(control_counts[jc[t]]), n_selected, m.run_id, c.run_id))
+            # level_codes selects exactly top_count(n, k) entries per matrix
+            n_top = top_count(math_levels.size, k)
+            selection_rows.append((model, k, seed, lang, module, n_top, n_top, n_selected, m.run_id, c.run_id))
         bits[lang] = (lang_bits, {k: t for t, k in enumerate(shared)})
     if not bits:
         return

@@ -66,3 +66,37 @@ def prepare(message=lambda text: None) -> Path:
     staging.rename(folder)  # a crash mid-save never leaves a folder that looks complete
     gguf.unlink(missing_ok=True)  # re-assembling takes under a second
     return folder
+
+
+DEMO_LANGS = ["en", "de", "fr", "hi", "bn", "zh"]
+DEMO_SAMPLES = 24
+# With --data-dir: math with worked solutions where the paper has them, else MGSM; FLORES control.
+CORPUS_MATH = {"en": "gsm8k", "de": "gsm8k", "hi": "gsm8k"}
+
+
+def run(root: Path, *, langs: list[str] | None = None, samples: int = DEMO_SAMPLES,
+        data_dir: str | None = None, seed: int = 1, reporter=None) -> dict:
+    """Ingest Gemma-3-270M on the starter set (or the corpora in data_dir) into `root`.
+
+    Returns {"model": archive name, "langs": [...], "written": [...], "skipped": [...]}."""
+    from mlarch.ingest.pipeline import IngestConfig, PAPER_KS, Reporter, ingest
+
+    reporter = reporter or Reporter()
+    langs = langs or list(DEMO_LANGS)
+    folder = prepare(reporter.message)
+    name = NAME if data_dir is None else f"{NAME}-corpora"
+    if data_dir is None:
+        plans = [("starter", "starter", langs)]
+    else:
+        math_for = {lang: CORPUS_MATH.get(lang, "mgsm") for lang in langs}
+        plans = [(source, "flores", [lang for lang in langs if math_for[lang] == source])
+                 for source in sorted(set(math_for.values()))]
+    written, skipped = [], []
+    for math, control, plan_langs in plans:
+        cfg = IngestConfig(model=str(folder), langs=plan_langs, math=math, control=control, name=name,
+                           samples=samples, seeds=[seed], top_k=list(PAPER_KS), device="cpu",
+                           dtype="float32", data_dir=data_dir)
+        result = ingest(root, cfg, reporter)
+        written += result.written
+        skipped += result.skipped
+    return {"model": name, "langs": langs, "written": written, "skipped": skipped}
