@@ -228,6 +228,14 @@ class Archive:
                 masks.append(self.top_k(run["run_id"], module, k))
         return masks[0] & ~masks[1]
 
+    # --- charts ------------------------------------------------------------------------
+    def chart(self, kind: str, **options):
+        """An altair.Chart of `kind` (sizes, overlap, heatmap, layers, upset) built from SQL
+        aggregates; options mirror `mlarch chart` (model, langs, k, seed, by)."""
+        from mlarch.charts import build
+
+        return build(self, kind, **options)
+
     # --- ingest ------------------------------------------------------------------------
     def ingest(self, model: str, langs, math: str, control: str, *, reporter=None, **options):
         """Score `model` on each language's math and control texts and archive the runs.
