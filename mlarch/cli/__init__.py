@@ -289,5 +289,63 @@ Explore further:
   mlarch {archive_flag}runs""")
 
 
+@cli.command(epilog="""\b
+Examples:
+  mlarch verify
+  mlarch verify 3f2a9c1b7d4e --format json""")
+@click.argument("run_ids", nargs=-1)
+@output_options
+@click.pass_context
+def verify(ctx, run_ids, fmt):
+    """Check the archive: every array against its recorded sha256, set sizes and pattern
+    counts against a recount from the stored masks, and no orphans. Exit status 1 if
+    anything fails; each bad object is named."""
+    import polars as pl
+
+    from mlarch.store.maintenance import verify as run_verify
+
+    archive = _archive(ctx)
+    checks = run_verify(archive.root, list(run_ids) or None)
+    frame = pl.DataFrame([{"check": c.check, "object": c.object, "status": "ok" if c.ok else "FAIL",
+                           "detail": c.detail} for c in checks],
+                         schema={"check": pl.Utf8, "object": pl.Utf8, "status": pl.Utf8, "detail": pl.Utf8})
+    emit(frame, fmt)
+    failed = [c for c in checks if not c.ok]
+    if failed:
+        raise MlarchError(f"{len(failed)} of {len(checks)} checks failed: " +
+                          ", ".join(sorted({c.object for c in failed}))[:300])
+
+
+@cli.command(epilog="\b\nExamples:\n  mlarch gc")
+@click.pass_context
+def gc(ctx):
+    """Remove leftovers of interrupted ingests (FAILED runs, RUNNING runs whose process
+    is gone, arrays no run or model owns) and say what was removed."""
+    from mlarch.store.maintenance import gc as run_gc
+
+    removed = run_gc(_archive(ctx).root)
+    for line in removed:
+        click.echo(f"removed {line}")
+    click.echo(f"{len(removed)} leftover(s) removed." if removed else "Nothing to remove.")
+
+
+@cli.command(epilog="""\b
+Examples:
+  mlarch rm 3f2a9c1b7d4e
+  mlarch rm --model tiny-llama""")
+@click.argument("run_ids", nargs=-1)
+@click.option("--model", default=None, help="Remove this model (exact name) with all its runs.")
+@click.pass_context
+def rm(ctx, run_ids, model):
+    """Remove runs, or a whole model, and everything derived from them. Overlap tables are
+    recomputed for what remains."""
+    from mlarch.store.maintenance import rm as run_rm
+
+    if bool(run_ids) == bool(model):
+        raise click.UsageError("give RUN_ID... or --model NAME (one of them)")
+    for line in run_rm(_archive(ctx).root, list(run_ids) or None, model):
+        click.echo(f"removed {line}")
+
+
 def main() -> None:
     cli(prog_name="mlarch")

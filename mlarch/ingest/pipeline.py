@@ -9,7 +9,9 @@ half a run; an interrupted run leaves a RUNNING/FAILED row and orphan arrays, no
 from __future__ import annotations
 
 import json
+import os
 import re
+import socket
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -22,7 +24,8 @@ from mlarch.errors import MlarchError, UsageError
 from mlarch.ingest import provenance, selection, sources
 from mlarch.store import arrays, catalog, layout
 from mlarch.store import spans as span_layout
-from mlarch.store.derive import RunRef, derive, levels_path, magnitudes_path, norms_path
+from mlarch.store.derive import (RunRef, current_runs, derive, levels_path, magnitudes_path, norms_path,
+                                 replace_derived)
 
 PAPER_KS = (0.0001, 0.001, 0.01, 0.025, 0.05, 0.1, 0.15)
 METHOD = {
@@ -255,8 +258,10 @@ def _score_run(root, cfg, name, lang, role, seed, digest, source, loaded_items, 
     with catalog.writing(catalog_path) as con:
         con.execute(
             "INSERT INTO runs (run_id, model, lang, role, dataset, seed, n_samples, status, started_at, "
-            "k_values, config_digest, in_use, arrays_group) VALUES (?, ?, ?, ?, ?, ?, ?, 'RUNNING', ?, ?, ?, false, ?)",
-            [run_id, name, lang, role, source.name, seed, cfg.samples, started, cfg.top_k, digest, group],
+            "k_values, config_digest, in_use, arrays_group, host, pid) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, 'RUNNING', ?, ?, ?, false, ?, ?, ?)",
+            [run_id, name, lang, role, source.name, seed, cfg.samples, started, cfg.top_k, digest, group,
+             socket.gethostname(), os.getpid()],
         )
     try:
         texts_all = loaded_items.texts
@@ -327,12 +332,7 @@ def _commit(root: Path, name: str, seed: int, loaded, modules, spans, new_model,
     catalog_path = root / layout.CATALOG
     with layout.commit_lock(root):
         with catalog.reading(catalog_path) as con:
-            rows = con.execute(
-                "SELECT run_id, lang, role, arrays_group, k_values FROM runs "
-                "WHERE model = ? AND seed = ? AND in_use AND status = 'FINISHED'",
-                [name, seed],
-            ).fetchall()
-        current = {(r[1], r[2]): RunRef(r[0], r[1], r[2], r[3], tuple(r[4])) for r in rows}
+            current = current_runs(con, name, seed)
         for p in pending:
             current[(p.lang, p.role)] = RunRef(p.run_id, p.lang, p.role, p.group, tuple(p.provenance["config"]["top_k"]))
         selections, patterns = derive(root / layout.ARRAYS, name, seed, spans, current)
@@ -371,12 +371,7 @@ def _commit(root: Path, name: str, seed: int, loaded, modules, spans, new_model,
                 con.execute("INSERT INTO run_samples SELECT * FROM new_samples")
                 con.unregister("new_samples")
                 _insert_arrays(con, [(p.run_id, kind, r) for kind, r in p.records])
-            con.execute("DELETE FROM selections WHERE model = ? AND seed = ?", [name, seed])
-            con.execute("DELETE FROM patterns WHERE model = ? AND seed = ?", [name, seed])
-            con.register("new_selections", selections.to_arrow())
-            con.execute("INSERT INTO selections SELECT * FROM new_selections")
-            con.register("new_patterns", patterns.to_arrow())
-            con.execute("INSERT INTO patterns SELECT * FROM new_patterns")
+            replace_derived(con, name, seed, selections, patterns)
 
 
 def _insert_arrays(con, rows) -> None:

@@ -128,3 +128,23 @@ def derive(root: Path, model: str, seed: int, spans: list[Span], runs: dict[tupl
         orient="row",
     )
     return selections, patterns
+
+
+def current_runs(con, model: str, seed: int) -> dict[tuple[str, str], RunRef]:
+    """The in-use finished run of each (lang, role) of one model and seed."""
+    rows = con.execute(
+        "SELECT run_id, lang, role, arrays_group, k_values FROM runs "
+        "WHERE model = ? AND seed = ? AND in_use AND status = 'FINISHED'", [model, seed]).fetchall()
+    return {(r[1], r[2]): RunRef(r[0], r[1], r[2], r[3], tuple(r[4])) for r in rows}
+
+
+def replace_derived(con, model: str, seed: int, selections: pl.DataFrame, patterns: pl.DataFrame) -> None:
+    """Swap one (model, seed)'s derived rows inside the caller's transaction."""
+    con.execute("DELETE FROM selections WHERE model = ? AND seed = ?", [model, seed])
+    con.execute("DELETE FROM patterns WHERE model = ? AND seed = ?", [model, seed])
+    con.register("new_selections", selections.to_arrow())
+    con.execute("INSERT INTO selections SELECT * FROM new_selections")
+    con.unregister("new_selections")
+    con.register("new_patterns", patterns.to_arrow())
+    con.execute("INSERT INTO patterns SELECT * FROM new_patterns")
+    con.unregister("new_patterns")

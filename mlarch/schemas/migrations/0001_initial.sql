@@ -47,6 +47,8 @@ CREATE TABLE runs (
     config_digest VARCHAR NOT NULL,   -- identical configurations share it (rerun detection)
     in_use        BOOLEAN NOT NULL DEFAULT false,  -- the run the derived tables use
     arrays_group  VARCHAR NOT NULL,   -- zarr group holding `norms` and `levels` (modules concatenated)
+    host          VARCHAR,            -- where a RUNNING run's process lives (gc spares live ones)
+    pid           INTEGER,
     provenance    JSON
 );
 

@@ -1,0 +1,200 @@
+"""Keeping an archive trustworthy: verify it, collect leftovers of interrupted ingests,
+remove runs or models (and keep the derived tables true for what remains)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+from mlarch.errors import MlarchError
+from mlarch.store import arrays, catalog, layout
+from mlarch.store.derive import RunRef, current_runs, derive, replace_derived
+from mlarch.store.spans import read_spans
+
+
+@dataclass
+class Check:
+    check: str
+    object: str
+    ok: bool
+    detail: str = ""
+
+
+def _alive(host: str | None, pid: int | None) -> bool:
+    """Whether a RUNNING run's process still runs (unknowable on another host: assume yes)."""
+    if host != socket.gethostname():
+        return True
+    if pid is None:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _groups(root: Path, kind: str) -> set[str]:
+    folder = root / layout.ARRAYS / kind
+    if not folder.is_dir():
+        return set()
+    return {f"{kind}/{entry.name}" for entry in os.scandir(folder) if entry.is_dir()}
+
+
+def verify(root: Path, run_ids: list[str] | None = None) -> list[Check]:
+    """Digests, catalog-vs-array recounts and orphans. Every check is one row."""
+    store = root / layout.ARRAYS
+    checks: list[Check] = []
+    with catalog.reading(root / layout.CATALOG) as con:
+        runs = con.execute(
+            "SELECT run_id, model, seed, status, arrays_group, host, pid FROM runs ORDER BY started_at").fetchall()
+        known = {r[0] for r in runs}
+        missing = [rid for rid in run_ids or [] if rid not in known]
+        if missing:
+            raise MlarchError(f"no run {', '.join(missing)} in {root} (see `mlarch runs`)")
+        chosen = [r for r in runs if run_ids is None or r[0] in run_ids]
+        models = {r[1] for r in chosen}
+        owners = {r[0] for r in chosen if r[3] == "FINISHED"} | models
+        records = con.execute("SELECT path, owner, kind, sha256 FROM arrays ORDER BY path").fetchall()
+        model_groups = dict(con.execute("SELECT model, magnitudes_group FROM models").fetchall())
+        pairs = sorted({(r[1], r[2]) for r in chosen if r[3] == "FINISHED"})
+        derived = {}
+        for model, seed in pairs:
+            current = current_runs(con, model, seed)
+            spans = read_spans(con, model)
+            stored_sel = con.execute(
+                "SELECT model, k, seed, lang, module, n_math_top, n_control_top, n_selected, math_run_id, "
+                "control_run_id FROM selections WHERE model = ? AND seed = ? ORDER BY ALL", [model, seed]).fetchall()
+            stored_pat = con.execute(
+                "SELECT model, k, seed, module, langs, n_params FROM patterns WHERE model = ? AND seed = ? "
+                "ORDER BY ALL", [model, seed]).fetchall()
+            derived[(model, seed)] = (current, spans, stored_sel, stored_pat)
+    with_arrays = {r[1] for r in records}
+    for run_id, model, seed, status, group, host, pid in chosen:
+        if status == "FINISHED" and run_id not in with_arrays:
+            checks.append(Check("run has arrays", run_id, False, "no arrays recorded: remove it with `mlarch rm`"))
+        elif status != "FINISHED" and not (status == "RUNNING" and _alive(host, pid)):
+            checks.append(Check("no leftovers", run_id, False, f"{status} run of an interrupted ingest: run `mlarch gc`"))
+    for path, owner, kind, sha in records:
+        if owner not in owners:
+            continue
+        try:
+            actual = arrays.digest(arrays.read(store, path))
+        except Exception as exc:  # missing node, corrupt chunk, failed codec checksum
+            checks.append(Check("array digest", path, False, f"unreadable: {' '.join(str(exc).split())[:160]}"))
+            continue
+        checks.append(Check("array digest", path, actual == sha,
+                            "" if actual == sha else f"sha256 {actual[:16]}..., recorded {sha[:16]}..."))
+    for (model, seed), (current, spans, stored_sel, stored_pat) in derived.items():
+        try:
+            selections, patterns = derive(store, model, seed, spans, current)
+        except Exception as exc:
+            checks.append(Check("set_sizes recount", f"{model} seed {seed}", False,
+                                f"cannot recount: {' '.join(str(exc).split())[:160]}"))
+            continue
+        recount_sel = sorted(selections.rows())
+        recount_pat = sorted((m, k, s, mod, list(langs), n) for m, k, s, mod, langs, n in patterns.rows())
+        checks.append(Check("set_sizes recount", f"{model} seed {seed}", recount_sel == sorted(stored_sel),
+                            f"{len(recount_sel)} rows" if recount_sel == sorted(stored_sel)
+                            else "stored counts differ from the popcounts of the stored masks"))
+        same = recount_pat == sorted((m, k, s, mod, list(langs), n) for m, k, s, mod, langs, n in stored_pat)
+        checks.append(Check("patterns recount", f"{model} seed {seed}", same,
+                            f"{len(recount_pat)} rows" if same else "stored pattern counts differ from a recount"))
+    if run_ids is None:
+        live = {r[4] for r in runs if r[3] == "FINISHED" or (r[3] == "RUNNING" and _alive(r[5], r[6]))}
+        for group in sorted(_groups(root, "runs") - live):
+            checks.append(Check("no orphan arrays", group, False, "no finished run owns it: run `mlarch gc`"))
+        expected_models = set(model_groups.values()) | {layout.model_group(r[1]) for r in runs
+                                                        if r[3] == "RUNNING" and _alive(r[5], r[6])}
+        for group in sorted(_groups(root, "models") - expected_models):
+            checks.append(Check("no orphan arrays", group, False, "no archived model owns it: run `mlarch gc`"))
+        checks.append(Check("runs checked", str(len(chosen)), True, f"{len(records)} arrays recorded"))
+    return checks
+
+
+def gc(root: Path) -> list[str]:
+    """Remove leftovers of interrupted ingests; returns what was removed."""
+    removed: list[str] = []
+    path = root / layout.CATALOG
+    with layout.commit_lock(root):
+        with catalog.reading(path) as con:
+            runs = con.execute("SELECT run_id, model, status, arrays_group, host, pid FROM runs").fetchall()
+            model_groups = dict(con.execute("SELECT model, magnitudes_group FROM models").fetchall())
+        dead = [r for r in runs if r[2] == "FAILED" or (r[2] == "RUNNING" and not _alive(r[4], r[5]))]
+        if dead:
+            with catalog.writing(path) as con:
+                for run_id, *_ in dead:
+                    con.execute("DELETE FROM run_samples WHERE run_id = ?", [run_id])
+                    con.execute("DELETE FROM arrays WHERE owner = ?", [run_id])
+                    con.execute("DELETE FROM runs WHERE run_id = ?", [run_id])
+            removed += [f"run {r[0]} ({r[1]}, {r[2]})" for r in dead]
+        dead_ids = {r[0] for r in dead}
+        live_runs = [r for r in runs if r[0] not in dead_ids]
+        keep_runs = {r[3] for r in live_runs}
+        keep_models = set(model_groups.values()) | {layout.model_group(r[1]) for r in live_runs if r[2] == "RUNNING"}
+        for group in sorted((_groups(root, "runs") - keep_runs) | (_groups(root, "models") - keep_models)):
+            shutil.rmtree(root / layout.ARRAYS / group, ignore_errors=True)
+            removed.append(f"arrays {group}")
+    return removed
+
+
+def rm(root: Path, run_ids: list[str] | None = None, model: str | None = None) -> list[str]:
+    """Remove runs (or a whole model) and everything derived from them; derived tables are
+    recomputed for what remains, promoting the newest earlier run where one was replaced."""
+    path = root / layout.CATALOG
+    with layout.commit_lock(root):
+        with catalog.reading(path) as con:
+            runs = con.execute(
+                "SELECT run_id, model, lang, role, seed, status, in_use, arrays_group, finished_at FROM runs").fetchall()
+            models = {r[0] for r in con.execute("SELECT model FROM models").fetchall()}
+            if model is not None:
+                if model not in models:
+                    raise MlarchError(f"no model {model!r} in the archive; archived: {', '.join(sorted(models)) or 'none'}")
+                doomed = [r for r in runs if r[1] == model]
+            else:
+                unknown = [rid for rid in run_ids or [] if rid not in {r[0] for r in runs}]
+                if unknown or not run_ids:
+                    raise MlarchError(f"no run {', '.join(unknown) or '(none given)'} in {root} (see `mlarch runs`)")
+                doomed = [r for r in runs if r[0] in run_ids]
+            doomed_ids = {r[0] for r in doomed}
+            refresh = {}
+            for m, seed in sorted({(r[1], r[4]) for r in doomed if r[1] != model}):
+                current = {key: ref for key, ref in current_runs(con, m, seed).items() if ref.run_id not in doomed_ids}
+                promoted = []
+                for lang, role in {(r[2], r[3]) for r in doomed if (r[1], r[4]) == (m, seed) and r[6]}:
+                    earlier = [r for r in runs if (r[1], r[2], r[3], r[4]) == (m, lang, role, seed)
+                               and r[5] == "FINISHED" and r[0] not in doomed_ids]
+                    if earlier:
+                        best = max(earlier, key=lambda r: r[8])
+                        k_values = con.execute("SELECT k_values FROM runs WHERE run_id = ?", [best[0]]).fetchall()[0][0]
+                        current[(lang, role)] = RunRef(best[0], lang, role, best[7], tuple(k_values))
+                        promoted.append(best[0])
+                refresh[(m, seed)] = (current, read_spans(con, m), promoted)
+        derived = {key: derive(root / layout.ARRAYS, key[0], key[1], spans, current)
+                   for key, (current, spans, _) in refresh.items()}
+        with catalog.writing(path) as con:
+            for run_id in doomed_ids:
+                con.execute("DELETE FROM run_samples WHERE run_id = ?", [run_id])
+                con.execute("DELETE FROM arrays WHERE owner = ?", [run_id])
+                con.execute("DELETE FROM runs WHERE run_id = ?", [run_id])
+            for (m, seed), (selections, patterns) in derived.items():
+                for run_id in refresh[(m, seed)][2]:
+                    con.execute("UPDATE runs SET in_use = true WHERE run_id = ?", [run_id])
+                replace_derived(con, m, seed, selections, patterns)
+            if model is not None:
+                for table in ("selections", "patterns", "modules", "models"):
+                    con.execute(f"DELETE FROM {table} WHERE model = ?", [model])
+                con.execute("DELETE FROM arrays WHERE owner = ?", [model])
+        # arrays go after the commit: a crash here leaves orphans for gc, never dangling rows
+        for r in doomed:
+            shutil.rmtree(root / layout.ARRAYS / r[7], ignore_errors=True)
+        if model is not None:
+            shutil.rmtree(root / layout.ARRAYS / layout.model_group(model), ignore_errors=True)
+    removed = [f"run {r[0]} ({r[1]} {r[2]} {r[3]} seed {r[4]})" for r in doomed]
+    if model is not None:
+        removed.append(f"model {model}")
+    return removed

@@ -1,0 +1,88 @@
+"""verify, gc and rm: integrity checks, leftovers of interrupted ingests, removal."""
+
+import socket
+
+import duckdb
+import numpy as np
+import zarr
+from click.testing import CliRunner
+
+import mlarch
+from mlarch.cli import cli
+
+
+def run(archive, *args):
+    return CliRunner().invoke(cli, ["--archive", str(archive), *args])
+
+
+def test_verify_clean_archive(archive_copy):
+    result = run(archive_copy, "verify", "--format", "json")
+    assert result.exit_code == 0, result.output
+    assert '"status": "FAIL"' not in result.stdout
+    assert '"check": "patterns recount"' in result.stdout and '"check": "array digest"' in result.stdout
+
+
+def test_verify_names_tampered_and_corrupt_arrays(archive_copy):
+    archive = mlarch.open(archive_copy)
+    path = archive.sql("SELECT path FROM arrays WHERE kind = 'levels' ORDER BY path LIMIT 1").item()
+    array = zarr.open_array(str(archive.arrays_path), path=path, mode="r+")
+    values = array[:]
+    values[np.argmax(values == 0)] = 1  # one more parameter "selected"
+    array[:] = values
+    result = run(archive_copy, "verify")
+    assert result.exit_code == 1
+    assert f"{path}" in result.stderr and "checks failed" in result.stderr
+    assert "set_sizes recount" in result.stdout and "FAIL" in result.stdout
+    norms = next((archive.arrays_path / path.replace("levels", "norms") / "c").iterdir())
+    raw = bytearray(norms.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    norms.write_bytes(bytes(raw))
+    result = run(archive_copy, "verify")
+    assert result.exit_code == 1 and "unreadable" in result.stdout
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_gc_removes_interrupted_ingest_leftovers(archive_copy):
+    con = duckdb.connect(str(archive_copy / "catalog.duckdb"))
+    con.execute("INSERT INTO runs (run_id, model, lang, role, dataset, seed, n_samples, status, started_at, k_values, "
+                "config_digest, arrays_group, host, pid) VALUES ('deadbeef0000', 'tiny-llama', 'fr', 'math', 'x', 1, 4, "
+                "'RUNNING', now()::TIMESTAMP, [0.01], 'd', 'runs/deadbeef0000', ?, 999999999)", [socket.gethostname()])
+    con.close()
+    (archive_copy / "arrays.zarr" / "runs" / "deadbeef0000").mkdir()
+    (archive_copy / "arrays.zarr" / "runs" / "orphan000000").mkdir()
+    before = mlarch.open(archive_copy).sql("SELECT * FROM overlap_global ORDER BY ALL")
+    assert run(archive_copy, "verify").exit_code == 1
+    result = run(archive_copy, "gc")
+    assert result.exit_code == 0, result.output
+    assert "removed run deadbeef0000" in result.stdout and "removed arrays runs/orphan000000" in result.stdout
+    assert run(archive_copy, "verify").exit_code == 0
+    assert mlarch.open(archive_copy).sql("SELECT * FROM overlap_global ORDER BY ALL").equals(before)
+    assert run(archive_copy, "gc").stdout.strip() == "Nothing to remove."
+
+
+def test_rm_language_keeps_overlaps_true(archive_copy):
+    archive = mlarch.open(archive_copy)
+    keep = "SELECT * FROM overlap_global WHERE lang_a <> 'bn' AND lang_b <> 'bn' ORDER BY ALL"
+    expected = archive.sql(keep)
+    sizes = archive.sql("SELECT * FROM set_sizes WHERE lang <> 'bn' ORDER BY ALL")
+    bn_runs = archive.sql("SELECT run_id FROM runs WHERE lang = 'bn'")["run_id"].to_list()
+    result = run(archive_copy, "rm", *bn_runs)
+    assert result.exit_code == 0, result.output
+    assert archive.sql("SELECT DISTINCT lang FROM set_sizes ORDER BY lang")["lang"].to_list() == ["de", "en"]
+    assert archive.sql("SELECT * FROM overlap_global ORDER BY ALL").equals(expected)
+    assert archive.sql("SELECT * FROM set_sizes ORDER BY ALL").equals(sizes)
+    assert archive.sql("SELECT count(*) FROM language_unique WHERE lang = 'bn'").item() == 0
+    assert not any((archive_copy / "arrays.zarr" / "runs" / rid).exists() for rid in bn_runs)
+    assert run(archive_copy, "verify").exit_code == 0
+
+
+def test_rm_model_and_bad_ids(archive_copy):
+    assert run(archive_copy, "rm", "nosuchrun").exit_code == 1
+    assert run(archive_copy, "rm").exit_code == 2
+    result = run(archive_copy, "rm", "--model", "tiny-llama")
+    assert result.exit_code == 0 and "removed model tiny-llama" in result.stdout
+    archive = mlarch.open(archive_copy)
+    for table in ("runs", "models", "modules", "selections", "patterns", "arrays", "run_samples"):
+        assert archive.sql(f"SELECT count(*) FROM {table}").item() == 0, table
+    assert [p for p in (archive_copy / "arrays.zarr" / "runs").iterdir() if p.is_dir()] == []
+    assert run(archive_copy, "verify").exit_code == 0
