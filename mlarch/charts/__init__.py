@@ -1,0 +1,138 @@
+"""Paper-ready charts from an archive's SQL aggregates (Altair + vl-convert, offline).
+
+    chart = mlarch.charts.build(archive, "overlap", model="gemma", langs=["en", "de", "hi"])
+    mlarch.charts.save(chart, "overlap.pdf")   # .svg .png .pdf .html .json
+
+Importing this module is light: altair and vl_convert load when a chart is built or saved.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+from mlarch.errors import MlarchError, UsageError
+
+KINDS = ("sizes", "overlap", "heatmap", "layers", "upset")
+BY = ("global", "layer")
+FORMATS = ("svg", "png", "pdf", "html", "json")
+PNG_SCALE = 2  # PNG pixels per chart px (≈ 200 dpi at the chart's nominal size)
+FONT = "DejaVu Sans"
+
+
+def check_kind(kind: str) -> str:
+    if kind not in KINDS:
+        raise UsageError(f"unknown chart kind {kind!r}: choose one of {', '.join(KINDS)}")
+    return kind
+
+
+def check_format(path) -> str:
+    """The output format from the file's suffix; UsageError for anything else."""
+    suffix = Path(path).suffix.lower().lstrip(".")
+    if suffix not in FORMATS:
+        got = f"suffix .{suffix}" if suffix else "no suffix"
+        raise UsageError(f"cannot tell the chart format of {str(path)!r} ({got}): "
+                         f"end the file name in .{', .'.join(FORMATS)}")
+    return suffix
+
+
+def build(archive, kind: str, model: str | None = None, langs=None, k=None, seed: int | None = None,
+          by: str = "global"):
+    """An Altair chart of `kind` for the models matching `model`.
+
+    langs: codes (list or "en,de"), default all archived; k: one value (a list for the
+    k-axis charts `sizes` and `heatmap --by global`), default as in `mlarch compare`
+    (0.01 if archived; every archived k on a k axis); seed: default the smallest archived.
+    """
+    from mlarch.charts import data, kinds
+
+    check_kind(kind)
+    if by not in BY:
+        raise UsageError(f"--by must be one of {', '.join(BY)}, got {by!r}")
+    if by == "layer" and kind in ("sizes", "upset"):
+        raise UsageError(f"--by layer does not apply to {kind}: use it with heatmap "
+                         "(overlap and layers are per layer already)")
+    archive = _open(archive)
+    multi_k = kind == "sizes" or (kind == "heatmap" and by == "global")
+    min_langs = {"overlap": 2, "heatmap": 2, "upset": 3}.get(kind, 1)
+    scope = data.resolve(archive, model, langs, k, seed, multi_k=multi_k, min_langs=min_langs, kind=kind)
+    if kind == "heatmap":
+        chart = kinds.heatmap(archive, scope, by=by)
+    else:
+        chart = getattr(kinds, kind)(archive, scope)
+    return style(chart)
+
+
+def _open(archive):
+    from mlarch.query.api import Archive
+    from mlarch.store import layout
+
+    if isinstance(archive, Archive):
+        return archive
+    root = layout.resolve(archive)
+    if not (root / layout.CATALOG).exists():
+        raise MlarchError(f"no archive at {root} (no {layout.CATALOG}): pass the folder `mlarch ingest` wrote")
+    return Archive(root)
+
+
+def style(chart):
+    """The shared look: readable fonts, white background, no view border on heatmaps."""
+    return (chart.configure(font=FONT, background="white", padding=12)
+            .configure_title(fontSize=15, subtitleFontSize=11, subtitleColor="#444444", subtitlePadding=4)
+            .configure_axis(labelFontSize=11, titleFontSize=12, titleFontWeight="normal", labelColor="#222222",
+                            gridColor="#E6E6E6")
+            .configure_legend(labelFontSize=11, titleFontSize=12, titleFontWeight="normal")
+            .configure_header(labelFontSize=12, titleFontSize=12)
+            .configure_view(stroke="#BBBBBB"))
+
+
+def render(chart, fmt: str) -> bytes:
+    """The chart in one format (svg, png, pdf, html, json) as bytes, rendered offline."""
+    if fmt == "json":
+        return (chart.to_json(indent=2) + "\n").encode()
+    if fmt == "html":
+        return chart.to_html(inline=True).encode()  # vega, vega-lite and vega-embed embedded
+    import vl_convert as vlc
+    from altair.utils._importers import vl_version_for_vl_convert
+
+    spec, version = chart.to_dict(), vl_version_for_vl_convert()
+    if fmt == "svg":
+        return vlc.vegalite_to_svg(spec, vl_version=version).encode()
+    if fmt == "png":
+        return vlc.vegalite_to_png(spec, vl_version=version, scale=PNG_SCALE)
+    if fmt == "pdf":
+        return vlc.vegalite_to_pdf(spec, vl_version=version)
+    raise UsageError(f"unknown chart format {fmt!r}: choose one of {', '.join(FORMATS)}")
+
+
+def write_atomic(path, payload: bytes) -> Path:
+    """Write via a temporary file in the same folder, then rename: never a partial file."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.is_dir():
+            raise IsADirectoryError(21, "Is a directory")
+        tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # umask applies, unlike mkstemp
+    except OSError as exc:
+        raise MlarchError(f"cannot write {path} ({exc.strerror or exc}): choose a writable -o path") from None
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(payload)
+        os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise MlarchError(f"cannot write {path} ({exc.strerror or exc}): choose a writable -o path") from None
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def save(chart, path) -> Path:
+    """Render `chart` in the format of `path`'s suffix and write it atomically."""
+    return write_atomic(path, render(chart, check_format(path)))
+
+
+__all__ = ["BY", "FORMATS", "KINDS", "build", "render", "save", "style"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 import click
 
@@ -345,6 +346,50 @@ def rm(ctx, run_ids, model):
         raise click.UsageError("give RUN_ID... or --model NAME (one of them)")
     for line in run_rm(_archive(ctx).root, list(run_ids) or None, model):
         click.echo(f"removed {line}")
+
+
+@cli.command("export-bundle", epilog="""\b
+Examples:
+  mlarch export-bundle 3f2a9c1b7d4e 9a8b7c6d5e4f -o llama-en.tar
+  mlarch export-bundle --model llama-3.2-1b -o llama.tar""")
+@click.argument("run_ids", nargs=-1)
+@click.option("--model", default=None, help="Export every finished run of this model (exact name).")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="The .tar file to write.")
+@click.pass_context
+def export_bundle(ctx, run_ids, model, output):
+    """Write runs with their arrays, catalog rows and a manifest of digests to a tar file."""
+    from mlarch.store.bundle import export_bundle as run_export
+
+    if bool(run_ids) == bool(model):
+        raise click.UsageError("give RUN_ID... or --model NAME (one of them)")
+    info = run_export(_archive(ctx).root, Path(output), list(run_ids) or None, model)
+    click.echo(f"Wrote {output}: {info['runs']} run(s) of {', '.join(info['models'])}, {info['arrays']} arrays, "
+               f"{info['bytes']:,} bytes")
+
+
+@cli.command("import-bundle", epilog="\b\nExamples:\n  mlarch --archive laptop-archive import-bundle llama.tar")
+@click.argument("bundle", type=click.Path(dir_okay=False))
+@click.pass_context
+def import_bundle(ctx, bundle):
+    """Merge a bundle into the archive, verifying every digest; runs already present are skipped."""
+    from mlarch.store import layout
+    from mlarch.store.bundle import import_bundle as run_import
+
+    info = run_import(layout.resolve(ctx.obj["archive"]), Path(bundle))
+    click.echo(f"Imported {len(info['imported'])} run(s), skipped {len(info['skipped'])} already present"
+               + (f"; new model(s): {', '.join(info['models'])}" if info["models"] else ""))
+
+
+@cli.command(epilog="\b\nExamples:\n  mlarch export --format parquet exported/")
+@click.argument("folder", type=click.Path(file_okay=False))
+@click.option("--format", "fmt", type=click.Choice(["parquet"]), default="parquet", show_default=True)
+@click.pass_context
+def export(ctx, folder, fmt):
+    """Write every catalog table and view as Parquet, for DuckDB, polars or Spark."""
+    from mlarch.store.bundle import export_parquet
+
+    written = export_parquet(_archive(ctx).root, Path(folder))
+    click.echo(f"Wrote {len(written)} Parquet files to {folder}")
 
 
 def main() -> None:

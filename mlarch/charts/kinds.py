@@ -1,0 +1,267 @@
+"""One builder per chart kind: SQL aggregates (charts.data) -> an Altair chart.
+
+Each builder gets the archive and a resolved Scope and returns an unconfigured chart;
+`charts.build` adds the shared look (fonts, sizes, white background)."""
+
+from __future__ import annotations
+
+from itertools import combinations
+
+from . import colors, data
+
+WIDTH, HEIGHT = 440, 260  # one panel, in px (before the PNG scale factor)
+FACET_COLUMNS = 3
+
+
+def _alt():
+    import altair as alt
+
+    return alt
+
+
+def fmt_k(k: float) -> str:
+    return f"{k:g}"
+
+
+def _where(scope: data.Scope, *, k: bool = True) -> str:
+    parts = [scope.models[0] if len(scope.models) == 1 else f"{len(scope.models)} models"]
+    if k:
+        parts.append(f"k = {fmt_k(scope.k)}")
+    parts.append(f"seed {scope.seed}")
+    return " · ".join(parts)
+
+
+def _title(text: str, *subtitle: str):
+    alt = _alt()
+    return alt.TitleParams(text, subtitle=[s for s in subtitle if s], anchor="start", offset=10)
+
+
+def _outside_note(archive, scope: data.Scope) -> str:
+    outside = data.outside_modules(archive, scope)
+    return f"Not shown: modules outside transformer blocks ({', '.join(outside)})." if outside else ""
+
+
+def _lang_encodings(langs):
+    alt = _alt()
+    legend = alt.Legend(title="language", symbolStrokeWidth=2)
+    return (alt.Color("lang:N", scale=alt.Scale(domain=langs, range=[colors.color(x) for x in langs]), legend=legend),
+            alt.Shape("lang:N", scale=alt.Scale(domain=langs, range=[colors.shape(x) for x in langs]), legend=legend))
+
+
+def _pair_encodings(pairs):
+    alt = _alt()
+    labels = [data.pair_label(a, b) for a, b in pairs]
+    legend = alt.Legend(title="language pair", symbolStrokeWidth=2)
+    return (alt.Color("pair:N", scale=alt.Scale(domain=labels, range=[colors.pair_color(i) for i in range(len(labels))]),
+                      legend=legend),
+            alt.Shape("pair:N", scale=alt.Scale(domain=labels, range=[colors.pair_shape(i) for i in range(len(labels))]),
+                      legend=legend))
+
+
+def _layer_axis(layers):
+    alt = _alt()
+    top = max(layers) if layers else 0
+    step = 1 if top < 24 else 2 if top < 48 else 4
+    return alt.X("layer:Q", title="transformer block (layer index)",
+                 scale=alt.Scale(domain=[0, top], nice=False, padding=8),
+                 axis=alt.Axis(values=list(range(0, top + 1, step)), format="d", grid=False))
+
+
+def _facet(chart, scope: data.Scope, *, columns: int = FACET_COLUMNS):
+    """Several models: one panel each, shared scales (Vega-Lite's default for facets)."""
+    if len(scope.models) == 1:
+        return chart
+    alt = _alt()
+    return chart.facet(facet=alt.Facet("model:N", title=None, sort=scope.models,
+                                       header=alt.Header(labelFontSize=12, labelFontWeight="bold")),
+                       columns=min(columns, len(scope.models)))
+
+
+def _lines(frame, x, y, tooltip, color, shape):
+    alt = _alt()
+    base = alt.Chart(frame).encode(x=x, y=y, color=color)
+    line = base.mark_line(strokeWidth=2)
+    points = base.mark_point(filled=True, size=55, opacity=1).encode(shape=shape, tooltip=tooltip)
+    return alt.layer(line, points).properties(width=WIDTH, height=HEIGHT)
+
+
+def _count_scale(values):
+    alt = _alt()
+    positive = all(v > 0 for v in values)
+    return alt.Scale(type="log" if positive else "symlog")
+
+
+def sizes(archive, scope: data.Scope):
+    alt = _alt()
+    frame = data.sizes(archive, scope)
+    color, shape = _lang_encodings(scope.langs)
+    x = alt.X("k:Q", title="top-k fraction k (log scale)", scale=alt.Scale(type="log", nice=False, padding=12),
+              axis=alt.Axis(values=scope.ks, format="~g", labelAngle=-40, grid=False))
+    y = alt.Y("n_selected:Q", title="math-specific parameters (log scale)",
+              scale=_count_scale(frame["n_selected"].to_list()), axis=alt.Axis(format="~s"))
+    tooltip = [alt.Tooltip("model:N"), alt.Tooltip("lang:N", title="language"), alt.Tooltip("k:Q", format="~g"),
+               alt.Tooltip("n_selected:Q", title="math-specific", format=","),
+               alt.Tooltip("percent:Q", title="% of scored", format=".3f")]
+    chart = _facet(_lines(frame, x, y, tooltip, color, shape), scope)
+    return chart.properties(title=_title(
+        "Math-specific parameters vs top-k",
+        f"{_where(scope, k=False)} · top-k on math text and not top-k on control text, summed over all scored matrices"))
+
+
+def layers(archive, scope: data.Scope):
+    alt = _alt()
+    frame = data.layers(archive, scope)
+    color, shape = _lang_encodings(scope.langs)
+    y = alt.Y("n_selected:Q", title="math-specific parameters", scale=alt.Scale(zero=True),
+              axis=alt.Axis(format="~s"))
+    tooltip = [alt.Tooltip("model:N"), alt.Tooltip("lang:N", title="language"), alt.Tooltip("layer:Q"),
+               alt.Tooltip("n_selected:Q", title="math-specific", format=","),
+               alt.Tooltip("percent:Q", title="% of layer", format=".3f")]
+    chart = _facet(_lines(frame, _layer_axis(frame["layer"].to_list()), y, tooltip, color, shape), scope)
+    return chart.properties(title=_title("Math-specific parameters per layer", _where(scope),
+                                         _outside_note(archive, scope)))
+
+
+def overlap(archive, scope: data.Scope):
+    alt = _alt()
+    frame = data.overlap_layers(archive, scope).filter(data.pl.col("layer").is_not_null())
+    color, shape = _pair_encodings(scope.pairs)
+    y = alt.Y("jaccard:Q", title="Jaccard index of math-specific sets", scale=alt.Scale(zero=True))
+    tooltip = [alt.Tooltip("model:N"), alt.Tooltip("pair:N", title="pair"), alt.Tooltip("layer:Q"),
+               alt.Tooltip("jaccard:Q", format=".3f"), alt.Tooltip("n_intersection:Q", title="intersection", format=","),
+               alt.Tooltip("n_union:Q", title="union", format=","),
+               alt.Tooltip("chance_jaccard:Q", title="chance", format=".4f")]
+    x = _layer_axis(frame["layer"].to_list())
+    base = alt.Chart(frame)
+    line = base.mark_line(strokeWidth=2).encode(x=x, y=y, color=color)
+    points = base.mark_point(filled=True, size=55, opacity=1).encode(x=x, y=y, color=color, shape=shape,
+                                                                       tooltip=tooltip)
+    rule = base.mark_rule(color=colors.CHANCE_COLOR, strokeDash=[6, 4], strokeWidth=1.5).encode(
+        y=alt.Y("max(chance_jaccard):Q"))
+    text = base.mark_text(align="right", baseline="bottom", dx=-2, dy=-3, color=colors.CHANCE_COLOR,
+                          fontSize=11).encode(x=alt.X("max(layer):Q"), y=alt.Y("max(chance_jaccard):Q"),
+                                              text=alt.value(f"chance = {data.chance(scope.k):.4f}"))
+    chart = alt.layer(rule, line, points, text).properties(width=WIDTH, height=HEIGHT)
+    return _facet(chart, scope).properties(title=_title(
+        "Overlap of math-specific parameters per layer", _where(scope),
+        "Dashed: chance Jaccard of two random top-k sets, p/(2−p) with p = k(1−k).",
+        _outside_note(archive, scope)))
+
+
+def heatmap(archive, scope: data.Scope, by: str = "global"):
+    alt = _alt()
+    if by == "layer":
+        frame = data.overlap_layers(archive, scope)
+        outside = data.outside_modules(archive, scope)
+        other = outside[0] if len(outside) == 1 else "outside blocks"
+        frame = frame.with_columns(column=data.pl.col("layer").cast(data.pl.String).fill_null(other))
+        columns = [str(x) for x in sorted({x for x in frame["layer"].to_list() if x is not None})]
+        columns += [other] if frame["layer"].null_count() else []
+        x_title = "transformer block (layer index)"
+    else:
+        frame = data.overlap_global(archive, scope)
+        frame = frame.with_columns(column=data.pl.col("k").map_elements(fmt_k, return_dtype=data.pl.String))
+        columns = [fmt_k(k) for k in scope.ks]
+        x_title = "top-k fraction k"
+    cells = frame.select("model", "column", data.pl.col("pair").alias("row"), "jaccard", "n_intersection",
+                         "n_union")
+    chance_rows = cells.select("model", "column").unique(maintain_order=True)
+    chance_k = {fmt_k(k): k for k in scope.ks}
+    chance_rows = chance_rows.with_columns(
+        row=data.pl.lit("chance"),
+        jaccard=data.pl.col("column").map_elements(
+            lambda c: data.chance(chance_k.get(c, scope.k)), return_dtype=data.pl.Float64),
+        n_intersection=data.pl.lit(None, data.pl.Int64), n_union=data.pl.lit(None, data.pl.Int64))
+    cells = data.pl.concat([cells, chance_rows.select(cells.columns)], how="vertical_relaxed")
+    rows = [data.pair_label(a, b) for a, b in scope.pairs] + ["chance"]
+    top = max([v for v in cells["jaccard"].to_list() if v is not None] + [1e-9])
+    step = 52 if by == "global" else 40
+    base = alt.Chart(cells).encode(
+        x=alt.X("column:O", title=x_title, sort=columns, axis=alt.Axis(labelAngle=0, ticks=False, domain=False)),
+        y=alt.Y("row:O", title="language pair", sort=rows, axis=alt.Axis(ticks=False, domain=False)))
+    rect = base.mark_rect(stroke="white", strokeWidth=1).encode(
+        color=alt.Color("jaccard:Q", title="Jaccard", scale=alt.Scale(scheme="blues", domain=[0, top]),
+                        legend=alt.Legend(format=".2f", gradientLength=max(80, 24 * len(rows)))),
+        tooltip=[alt.Tooltip("model:N"), alt.Tooltip("row:N", title="pair"), alt.Tooltip("column:N", title=x_title),
+                 alt.Tooltip("jaccard:Q", format=".3f"), alt.Tooltip("n_intersection:Q", format=","),
+                 alt.Tooltip("n_union:Q", format=",")])
+    text = base.mark_text(fontSize=10 if by == "global" else 9).encode(
+        text=alt.Text("jaccard:Q", format=".3f"),
+        color=alt.condition(f"datum.jaccard > {0.55 * top}", alt.value("white"), alt.value("black")))
+    chart = alt.layer(rect, text).properties(width=alt.Step(step), height=alt.Step(24))
+    if len(scope.models) > 1:
+        chart = chart.facet(row=alt.Row("model:N", title=None, sort=scope.models,
+                                        header=alt.Header(labelFontSize=12, labelFontWeight="bold",
+                                                          labelAngle=0, labelAlign="left")))
+    if by == "layer":
+        what, where = "per layer", _where(scope)
+    else:
+        what, where = "by top-k, all layers pooled", _where(scope, k=False)
+    return chart.properties(title=_title(
+        f"Jaccard overlap of math-specific parameters {what}", where,
+        "Last row: chance Jaccard of two random top-k sets, p/(2−p) with p = k(1−k)."))
+
+
+def _patterns(frame, langs):
+    """(members in display order, count) per pattern: non-empty ones, plus 'all' and
+    each language alone even when empty; sorted by size, then fewer members first."""
+    counts = {tuple(sorted(row["langs"], key=langs.index)): row["n_params"] for row in frame.iter_rows(named=True)}
+    for members in [tuple(langs)] + [(x,) for x in langs]:
+        counts.setdefault(members, 0)
+    order = {m: i for i, m in enumerate(c for r in range(1, len(langs) + 1) for c in combinations(langs, r))}
+    return sorted(counts.items(), key=lambda item: (-item[1], len(item[0]), order[item[0]]))
+
+
+def upset(archive, scope: data.Scope):
+    alt = _alt()
+    frame = data.patterns(archive, scope)
+    per_model = {m: _patterns(frame.filter(data.pl.col("model") == m), scope.langs) for m in scope.models}
+    top = max([n for items in per_model.values() for _, n in items] + [1])
+    blocks = [_upset_block(alt, model, items, scope, top) for model, items in per_model.items()]
+    chart = blocks[0] if len(blocks) == 1 else alt.hconcat(*blocks, spacing=30)
+    return chart.properties(title=_title(
+        "Math-specific parameters shared across languages (UpSet)", _where(scope),
+        f"Bars: parameters selected by exactly the marked languages among {', '.join(scope.langs)};"
+        " row labels give each language's whole set."))
+
+
+def _upset_block(alt, model, items, scope, top):
+    langs = scope.langs
+    totals = {x: sum(n for members, n in items if x in members) for x in langs}
+    labels = {x: f"{x} ({totals[x]:,})" for x in langs}
+    ids = [f"p{i:03d}" for i in range(len(items))]
+    bars, dots = [], []
+    for pid, (members, n) in zip(ids, items):
+        name = " ∩ ".join(members) if len(members) > 1 else f"{members[0]} only"
+        bars.append({"model": model, "pattern": pid, "name": name, "langs": list(members), "n_params": n,
+                     "size": len(members), "fill": colors.color(members[0]) if len(members) == 1 else colors.NEUTRAL})
+        for x in langs:
+            dots.append({"model": model, "pattern": pid, "name": name, "lang": x, "label": labels[x],
+                         "member": x in members,
+                         "fill": colors.color(x) if x in members else colors.ABSENT})
+    step = max(18, min(34, 640 // max(1, len(items))))
+    x = alt.X("pattern:O", sort=ids, axis=None, scale=alt.Scale(paddingInner=0.25))
+    bar_base = alt.Chart(alt.Data(values=bars)).encode(x=x)
+    bar = bar_base.mark_bar().encode(
+        y=alt.Y("n_params:Q", title="parameters in pattern", scale=alt.Scale(domain=[0, top]),
+                axis=alt.Axis(format="~s")),
+        color=alt.Color("fill:N", scale=None),
+        tooltip=[alt.Tooltip("name:N", title="pattern"), alt.Tooltip("n_params:Q", title="parameters", format=",")])
+    count = bar_base.mark_text(baseline="bottom", dy=-2, fontSize=9, angle=0 if step >= 30 else 270,
+                               align="center" if step >= 30 else "left",
+                               dx=0 if step >= 30 else 2).encode(
+        y=alt.Y("n_params:Q"), text=alt.Text("n_params:Q", format="~s" if step < 30 else ","))
+    top_chart = alt.layer(bar, count).properties(width=alt.Step(step), height=200)
+    y = alt.Y("label:N", title=None, sort=[labels[x] for x in langs], axis=alt.Axis(ticks=False, domain=False))
+    dot_base = alt.Chart(alt.Data(values=dots)).encode(x=x, y=y)
+    link = dot_base.transform_filter("datum.member").mark_line(color=colors.NEUTRAL, strokeWidth=2).encode(
+        detail="pattern:N")
+    dot = dot_base.mark_circle(size=110, opacity=1).encode(
+        color=alt.Color("fill:N", scale=None),
+        tooltip=[alt.Tooltip("name:N", title="pattern"), alt.Tooltip("lang:N", title="language"),
+                 alt.Tooltip("member:N", title="in pattern")])
+    matrix = alt.layer(link, dot).properties(width=alt.Step(step), height=alt.Step(22))
+    block = alt.vconcat(top_chart, matrix, spacing=4).resolve_scale(x="shared")
+    if len(scope.models) > 1:
+        block = block.properties(title=alt.TitleParams(model, fontSize=12, anchor="middle"))
+    return block

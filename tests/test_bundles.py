@@ -1,0 +1,90 @@
+"""Portable bundles (export, import, tamper detection) and Parquet export."""
+
+import hashlib
+import io
+import json
+import tarfile
+
+import polars as pl
+from click.testing import CliRunner
+
+import mlarch
+from mlarch.cli import cli
+
+
+def run(archive, *args):
+    return CliRunner().invoke(cli, ["--archive", str(archive), *args])
+
+
+def tree_digest(root):
+    h = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        h.update(str(path.relative_to(root)).encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def test_bundle_round_trip_into_empty_and_existing_archive(llama_archive, tmp_path):
+    source = mlarch.open(llama_archive)
+    bundle = tmp_path / "llama.tar"
+    result = run(llama_archive, "export-bundle", "--model", "tiny-llama", "-o", str(bundle))
+    assert result.exit_code == 0, result.output
+    target = tmp_path / "laptop"
+    assert run(target, "import-bundle", str(bundle)).stdout.startswith("Imported 6 run(s), skipped 0")
+    copy = mlarch.open(target)
+    for query in ("SELECT * FROM overlap_by_layer ORDER BY ALL", "SELECT * FROM set_sizes ORDER BY ALL",
+                  "SELECT * FROM language_unique ORDER BY ALL",
+                  "SELECT run_id, provenance FROM runs ORDER BY run_id"):
+        assert copy.sql(query).equals(source.sql(query)), query
+    run_id = source.sql("SELECT run_id FROM runs LIMIT 1").item()
+    assert (copy.scores(run_id, "lm_head") == source.scores(run_id, "lm_head")).all()
+    assert run(target, "import-bundle", str(bundle)).stdout.startswith("Imported 0 run(s), skipped 6")
+    assert run(target, "verify").exit_code == 0
+
+
+def test_partial_bundle_extends_comparisons(llama_archive, tmp_path):
+    source = mlarch.open(llama_archive)
+    ids = source.sql("SELECT run_id FROM runs WHERE lang IN ('en', 'de')")["run_id"].to_list()
+    bundle = tmp_path / "two.tar"
+    assert run(llama_archive, "export-bundle", *ids, "-o", str(bundle)).exit_code == 0
+    target = tmp_path / "t"
+    assert run(target, "import-bundle", str(bundle)).exit_code == 0
+    assert mlarch.open(target).sql("SELECT DISTINCT lang FROM set_sizes ORDER BY lang")["lang"].to_list() == ["de", "en"]
+    expected = source.sql("SELECT * FROM overlap_global WHERE lang_a = 'de' AND lang_b = 'en' ORDER BY ALL")
+    assert mlarch.open(target).sql("SELECT * FROM overlap_global ORDER BY ALL").equals(expected)
+
+
+def test_tampered_bundle_is_refused_and_archive_unchanged(llama_archive, tmp_path):
+    bundle = tmp_path / "b.tar"
+    assert run(llama_archive, "export-bundle", "--model", "tiny-llama", "-o", str(bundle)).exit_code == 0
+    tampered = tmp_path / "tampered.tar"
+    with tarfile.open(bundle) as src, tarfile.open(tampered, "w") as dst:
+        for member in src.getmembers():
+            data = src.extractfile(member).read() if member.isfile() else None
+            if member.name == "manifest.json":
+                manifest = json.loads(data)
+                rows = manifest["tables"]["arrays"]["rows"]
+                rows[0][manifest["tables"]["arrays"]["columns"].index("sha256")] = "0" * 64
+                data = json.dumps(manifest).encode()
+                member.size = len(data)
+            dst.addfile(member, io.BytesIO(data) if data is not None else None)
+    target = tmp_path / "t"
+    assert run(target, "import-bundle", str(bundle)).exit_code == 0  # a first, honest import
+    before = tree_digest(target)
+    result = run(tmp_path / "fresh", "import-bundle", str(tampered))
+    assert result.exit_code == 1
+    assert "the bundle was altered; refusing all of it" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    result = run(target, "import-bundle", str(tampered))
+    assert result.exit_code == 1 and tree_digest(target) == before
+    assert run(target, "import-bundle", str(tmp_path / "missing.tar")).exit_code == 1
+
+
+def test_parquet_export(llama_archive, tmp_path):
+    result = run(llama_archive, "export", str(tmp_path / "pq"))
+    assert result.exit_code == 0, result.output
+    overlap = pl.read_parquet(tmp_path / "pq" / "overlap_global.parquet").sort(["k", "lang_a", "lang_b"])
+    expected = mlarch.open(llama_archive).sql("SELECT * FROM overlap_global ORDER BY k, lang_a, lang_b")
+    assert overlap.equals(expected)
+    assert {p.stem for p in (tmp_path / "pq").iterdir()} >= {"runs", "run_samples", "modules", "set_sizes",
+                                                             "overlap_by_layer", "language_unique", "patterns"}
