@@ -5,12 +5,14 @@ Each builder gets the archive and a resolved Scope and returns an unconfigured c
 
 from __future__ import annotations
 
+import math
 from itertools import combinations
 
 from . import colors, data
 
 WIDTH, HEIGHT = 440, 260  # one panel, in px (before the PNG scale factor)
 FACET_COLUMNS = 3
+BAR_HEIGHT = 200  # UpSet bars
 
 
 def _alt():
@@ -85,10 +87,28 @@ def _lines(frame, x, y, tooltip, color, shape):
     return alt.layer(line, points).properties(width=WIDTH, height=HEIGHT)
 
 
-def _count_scale(values):
+SI_LABEL = "datum.value == 0 ? '0' : format(datum.value, '~s')"  # 0 rather than "0k"
+
+
+def _log_ticks(values) -> list[float]:
+    """1, 2, 5 x 10^n covering the values (a readable log axis)."""
+    low, high = min(values), max(values)
+    ticks, base = [], 10 ** math.floor(math.log10(low))
+    while base <= high * 10:
+        ticks += [base * m for m in (1, 2, 5)]
+        base *= 10
+    inside = [t for t in ticks if low / 2 <= t <= high * 2]
+    return inside or ticks
+
+
+def _count_y(values, title):
+    """Counts over orders of magnitude: log scale (symlog if a count is 0)."""
     alt = _alt()
-    positive = all(v > 0 for v in values)
-    return alt.Scale(type="log" if positive else "symlog")
+    if values and all(v > 0 for v in values):
+        return alt.Y("n_selected:Q", title=f"{title} (log scale)", scale=alt.Scale(type="log"),
+                     axis=alt.Axis(values=_log_ticks(values), labelExpr=SI_LABEL))
+    return alt.Y("n_selected:Q", title=f"{title} (symlog scale)", scale=alt.Scale(type="symlog"),
+                 axis=alt.Axis(labelExpr=SI_LABEL))
 
 
 def sizes(archive, scope: data.Scope):
@@ -96,9 +116,8 @@ def sizes(archive, scope: data.Scope):
     frame = data.sizes(archive, scope)
     color, shape = _lang_encodings(scope.langs)
     x = alt.X("k:Q", title="top-k fraction k (log scale)", scale=alt.Scale(type="log", nice=False, padding=12),
-              axis=alt.Axis(values=scope.ks, format="~g", labelAngle=-40, grid=False))
-    y = alt.Y("n_selected:Q", title="math-specific parameters (log scale)",
-              scale=_count_scale(frame["n_selected"].to_list()), axis=alt.Axis(format="~s"))
+              axis=alt.Axis(values=scope.ks, format="~g", labelAngle=-45, labelOverlap=False, grid=False))
+    y = _count_y(frame["n_selected"].to_list(), "math-specific parameters")
     tooltip = [alt.Tooltip("model:N"), alt.Tooltip("lang:N", title="language"), alt.Tooltip("k:Q", format="~g"),
                alt.Tooltip("n_selected:Q", title="math-specific", format=","),
                alt.Tooltip("percent:Q", title="% of scored", format=".3f")]
@@ -113,7 +132,7 @@ def layers(archive, scope: data.Scope):
     frame = data.layers(archive, scope)
     color, shape = _lang_encodings(scope.langs)
     y = alt.Y("n_selected:Q", title="math-specific parameters", scale=alt.Scale(zero=True),
-              axis=alt.Axis(format="~s"))
+              axis=alt.Axis(labelExpr=SI_LABEL))
     tooltip = [alt.Tooltip("model:N"), alt.Tooltip("lang:N", title="language"), alt.Tooltip("layer:Q"),
                alt.Tooltip("n_selected:Q", title="math-specific", format=","),
                alt.Tooltip("percent:Q", title="% of layer", format=".3f")]
@@ -242,16 +261,18 @@ def _upset_block(alt, model, items, scope, top):
     step = max(18, min(34, 640 // max(1, len(items))))
     x = alt.X("pattern:O", sort=ids, axis=None, scale=alt.Scale(paddingInner=0.25))
     bar_base = alt.Chart(alt.Data(values=bars)).encode(x=x)
+    widest = max(len(f"{n:,}") for _, n in items) * 6.2  # px of a 9-pt count label
+    rotate = step < 22
+    headroom = BAR_HEIGHT / max(BAR_HEIGHT / 2, BAR_HEIGHT - widest - 8) if rotate else 1.12  # room for counts
     bar = bar_base.mark_bar().encode(
-        y=alt.Y("n_params:Q", title="parameters in pattern", scale=alt.Scale(domain=[0, top]),
-                axis=alt.Axis(format="~s")),
+        y=alt.Y("n_params:Q", title="parameters in pattern", scale=alt.Scale(domain=[0, top * headroom], nice=False),
+                axis=alt.Axis(labelExpr=SI_LABEL, tickCount=5)),
         color=alt.Color("fill:N", scale=None),
         tooltip=[alt.Tooltip("name:N", title="pattern"), alt.Tooltip("n_params:Q", title="parameters", format=",")])
-    count = bar_base.mark_text(baseline="bottom", dy=-2, fontSize=9, angle=0 if step >= 30 else 270,
-                               align="center" if step >= 30 else "left",
-                               dx=0 if step >= 30 else 2).encode(
-        y=alt.Y("n_params:Q"), text=alt.Text("n_params:Q", format="~s" if step < 30 else ","))
-    top_chart = alt.layer(bar, count).properties(width=alt.Step(step), height=200)
+    count = bar_base.mark_text(baseline="middle" if rotate else "bottom", fontSize=9, angle=270 if rotate else 0,
+                               align="left" if rotate else "center", dx=0, dy=-3).encode(
+        y=alt.Y("n_params:Q"), text=alt.Text("n_params:Q", format="," if rotate or widest < step else ".3~s"))
+    top_chart = alt.layer(bar, count).properties(width=alt.Step(step), height=BAR_HEIGHT)
     y = alt.Y("label:N", title=None, sort=[labels[x] for x in langs], axis=alt.Axis(ticks=False, domain=False))
     dot_base = alt.Chart(alt.Data(values=dots)).encode(x=x, y=y)
     link = dot_base.transform_filter("datum.member").mark_line(color=colors.NEUTRAL, strokeWidth=2).encode(

@@ -1,0 +1,3 @@
+from mlarch.cli import main
+
+main()

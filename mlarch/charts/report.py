@@ -1,0 +1,176 @@
+"""`mlarch report`: every chart (SVG + PNG) and one self-contained index.html with the
+key tables and the provenance of the runs used, for a paper's supplement."""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+
+import polars as pl
+
+from mlarch.errors import MlarchError
+
+from . import build, data, render, write_atomic
+from .kinds import fmt_k
+
+
+def _figures(scope: data.Scope, model: str):
+    """(file stem, kind, options, caption) of every chart the languages allow."""
+    common = {"model": model, "langs": scope.langs, "seed": scope.seed}
+    one_k = {**common, "k": scope.k}
+    n = len(scope.langs)
+    figures = [("sizes", "sizes", common, "Math-specific parameters vs top-k, one line per language.")]
+    if n >= 2:
+        figures += [
+            ("heatmap", "heatmap", common, "Global Jaccard overlap per language pair and k, with the chance row."),
+            ("overlap", "overlap", one_k, "Jaccard overlap per layer, one line per language pair; dashed: chance."),
+            ("heatmap-layer", "heatmap", {**one_k, "by": "layer"}, "Jaccard overlap per language pair and layer."),
+        ]
+    figures.append(("layers", "layers", one_k, "Math-specific parameters per layer, one line per language."))
+    if n >= 3:
+        figures.append(("upset", "upset", one_k, "Sizes of every intersection pattern of the languages (UpSet)."))
+    return figures
+
+
+def _table(frame: pl.DataFrame, caption: str, numeric_from: int = 0) -> str:
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in frame.columns)
+    rows = []
+    for row in frame.iter_rows():
+        cells = []
+        for i, value in enumerate(row):
+            cls = ' class="num"' if i >= numeric_from and isinstance(value, (int, float)) else ""
+            cells.append(f"<td{cls}>{html.escape(_cell(value))}</td>")
+        rows.append("<tr>" + "".join(cells) + "</tr>")
+    return (f"<table><caption>{html.escape(caption)}</caption><thead><tr>{head}</tr></thead>"
+            f"<tbody>{''.join(rows)}</tbody></table>")
+
+
+def _cell(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):  # Jaccard: 3 decimals; tiny chance levels keep 4 significant digits
+        return f"{value:.4g}" if 0 < abs(value) < 0.001 else f"{value:.3f}"
+    if isinstance(value, datetime):
+        return value.isoformat(sep=" ", timespec="seconds")
+    return str(value)
+
+
+def sizes_table(archive, scope: data.Scope) -> pl.DataFrame:
+    """model, language, scored parameters, then the math-specific count at each k."""
+    frame = data.sizes(archive, scope)
+    rows = []
+    for model in scope.models:
+        for lang in scope.langs:
+            part = frame.filter((pl.col("model") == model) & (pl.col("lang") == lang))
+            row = {"model": model, "language": lang,
+                   "scored parameters": int(part["n_params"].max()) if part.height else None}
+            counts = dict(zip(part["k"].to_list(), part["n_selected"].to_list()))
+            row.update({f"k = {fmt_k(k)}": counts.get(k) for k in scope.ks})
+            rows.append(row)
+    return pl.DataFrame(rows)
+
+
+def jaccard_table(archive, scope: data.Scope) -> pl.DataFrame:
+    """model, pair, then the global Jaccard at each k; a last 'chance' row per model."""
+    frame = data.overlap_global(archive, scope)
+    rows = []
+    for model in scope.models:
+        for a, b in scope.pairs:
+            part = frame.filter((pl.col("model") == model) & (pl.col("lang_a") == a) & (pl.col("lang_b") == b))
+            values = dict(zip(part["k"].to_list(), part["jaccard"].to_list()))
+            rows.append({"model": model, "pair": data.pair_label(a, b),
+                         **{f"k = {fmt_k(k)}": values.get(k) for k in scope.ks}})
+        rows.append({"model": model, "pair": "chance", **{f"k = {fmt_k(k)}": data.chance(k) for k in scope.ks}})
+    return pl.DataFrame(rows)
+
+
+def provenance_table(archive, scope: data.Scope) -> pl.DataFrame:
+    """One row per run behind the derived rows, with versions from runs.provenance."""
+    rows = []
+    for run in data.runs_used(archive, scope).iter_rows(named=True):
+        prov = json.loads(run.pop("provenance") or "{}")
+        git = prov.get("git") or {}
+        commit = (git.get("commit") or "")[:12] + (" (dirty)" if git.get("dirty") else "")
+        rows.append({**{k: run[k] for k in ("run_id", "model", "lang", "role", "dataset", "seed", "n_samples",
+                                            "n_tokens")},
+                     "finished_at": run["finished_at"], "mlarch": prov.get("mlarch"), "git commit": commit or None,
+                     "torch": prov.get("torch"), "transformers": prov.get("transformers"),
+                     "device": prov.get("device"),
+                     "weights sha256": ((prov.get("model") or {}).get("weights_sha256") or "")[:16] or None})
+    return pl.DataFrame(rows)
+
+
+CSS = """
+body { font-family: "DejaVu Sans", Helvetica, Arial, sans-serif; margin: 2em auto; max-width: 1200px;
+       color: #222; line-height: 1.4; padding: 0 1em; }
+h1 { font-size: 1.6em; margin-bottom: 0.2em; } h2 { margin-top: 2em; border-bottom: 1px solid #ddd; }
+.meta { color: #555; } code { background: #f4f4f4; padding: 0 0.25em; }
+figure { margin: 1.5em 0; } figure img { max-width: 100%; height: auto; border: 1px solid #eee; }
+figcaption { color: #444; font-size: 0.95em; }
+table { border-collapse: collapse; margin: 1em 0; font-size: 0.9em; }
+caption { text-align: left; font-weight: bold; padding-bottom: 0.4em; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; } th { background: #f4f4f4; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
+"""
+
+
+def _page(title: str, meta: list[str], figures: list[tuple[str, str, bytes]], tables: list[str]) -> str:
+    parts = [f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>",
+             f"<style>{CSS}</style></head><body>", f"<h1>{html.escape(title)}</h1>"]
+    parts += [f'<p class="meta">{line}</p>' for line in meta]
+    parts.append("<h2>Charts</h2>")
+    for stem, caption, svg in figures:
+        uri = "data:image/svg+xml;base64," + base64.b64encode(svg).decode()
+        parts.append(f'<figure id="{stem}"><img src="{uri}" alt="{html.escape(caption)}">'
+                     f'<figcaption>{html.escape(caption)} Files: <a href="{stem}.svg">{stem}.svg</a>, '
+                     f'<a href="{stem}.png">{stem}.png</a>.</figcaption></figure>')
+    parts.append("<h2>Tables</h2>")
+    parts += tables
+    parts.append("</body></html>\n")
+    return "\n".join(parts)
+
+
+def write_report(archive, out_dir, model: str, langs=None, k: float | None = None, seed: int | None = None) -> Path:
+    """Render everything in memory, then write DIR/<chart>.svg|.png and DIR/index.html."""
+    from mlarch import __version__
+    from mlarch.charts import _open
+
+    archive = _open(archive)
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise MlarchError(f"cannot write the report into {out}: it is a file, not a folder; choose another -o")
+    scope_k = data.resolve(archive, model, langs, k, seed, kind="report")
+    scope = data.resolve(archive, model, scope_k.langs, None, scope_k.seed, multi_k=True, kind="report")
+    files: dict[str, bytes] = {}
+    shown = []
+    for stem, kind, options, caption in _figures(scope_k, model):
+        chart = build(archive, kind, **options)
+        files[f"{stem}.svg"] = render(chart, "svg")
+        files[f"{stem}.png"] = render(chart, "png")
+        shown.append((stem, caption, files[f"{stem}.svg"]))
+    tables = [_table(sizes_table(archive, scope), f"Math-specific parameters per language and k (seed {scope.seed}).")]
+    if len(scope.langs) >= 2:
+        tables.append(_table(jaccard_table(archive, scope),
+                             f"Jaccard overlap per language pair and k, all layers pooled (seed {scope.seed}); "
+                             "chance = p/(2−p), p = k(1−k)."))
+    tables.append(_table(provenance_table(archive, scope), "Runs used (math and control per language)."))
+    title = f"mlarch report: {', '.join(scope.models)}"
+    when = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    meta = [f"Languages {html.escape(', '.join(scope.langs))} · k = {fmt_k(scope_k.k)} for the per-layer charts, "
+            f"every archived k ({html.escape(', '.join(fmt_k(x) for x in scope.ks))}) on k axes · "
+            f"seed {scope.seed}.",
+            f"Archive <code>{html.escape(str(archive.root.resolve()))}</code> · mlarch {html.escape(__version__)} · "
+            f"generated {when}. Reproduce: <code>mlarch --archive {html.escape(str(archive.root))} report "
+            f"--model {html.escape(model)} --langs {html.escape(','.join(scope.langs))} --k {fmt_k(scope_k.k)} "
+            f"--seed {scope.seed} -o DIR</code>"]
+    files["index.html"] = _page(title, meta, shown, tables).encode()
+    for name, payload in files.items():
+        write_atomic(out / name, payload)
+    return out / "index.html"

@@ -1,0 +1,88 @@
+"""`mlarch chart` and `mlarch report`: paper-ready figures from an archive (offline)."""
+
+from __future__ import annotations
+
+import click
+
+
+# mlarch.cli imports this module to register the commands: reach its helpers at call time.
+def _archive(ctx):
+    from mlarch.cli import _archive as archive
+
+    return archive(ctx)
+
+
+def _csv(kind):
+    def parse(ctx, param, value):
+        from mlarch.cli import _csv as csv
+
+        return csv(kind)(ctx, param, value)
+
+    return parse
+
+
+@click.command(epilog="""\b
+Examples:
+  mlarch chart overlap --model gemma --langs en,de,hi -o overlap.png
+  mlarch chart sizes --model gemma -o sizes.pdf
+  mlarch chart heatmap --model gemma --langs en,de,hi,zh --by layer --k 0.05 -o heatmap.svg
+  mlarch chart upset --model llama --langs en,de,bn -o upset.html
+  mlarch chart layers --model gemma --langs en,bn -o layers.json
+
+\b
+The format follows the file's suffix: .svg .png (2x) .pdf .html (self-contained, works
+offline) .json (the Vega-Lite spec). Several models matching --model give one panel each.""")
+@click.argument("kind")
+@click.option("--model", "model_pattern", required=True, help="Substring of archived model names (case-insensitive).")
+@click.option("--langs", callback=_csv(str), default=None,
+              help="Comma-separated languages in legend order [default: all archived for the model].")
+@click.option("--k", "k_values", callback=_csv(float), default=None,
+              help="Top-k fraction [default: 0.01 when archived]; sizes and heatmap --by global take a list "
+                   "[default: every archived k].")
+@click.option("--seed", type=int, default=None, help="Sampling seed [default: the smallest archived].")
+@click.option("--by", type=click.Choice(["global", "layer"]), default="global", show_default=True,
+              help="heatmap columns: k values (global) or layers at one k.")
+@click.option("-o", "--output", required=True, help="Output file: .svg, .png, .pdf, .html or .json.")
+@click.pass_context
+def chart(ctx, kind, model_pattern, langs, k_values, seed, by, output):
+    """Draw one chart of KIND for the models matching --model and write it to a file.
+
+    \b
+    KIND is one of:
+      sizes    math-specific parameter count vs top-k (log-log), one line per language
+      overlap  Jaccard per layer, one line per language pair, chance level dashed
+      heatmap  Jaccard per pair and k (--by global) or per pair and layer (--by layer)
+      layers   math-specific parameter count per layer, one line per language
+      upset    sizes of every intersection pattern of 3+ languages (UpSet plot)
+    """
+    from mlarch import charts
+
+    charts.check_kind(kind)
+    charts.check_format(output)
+    figure = charts.build(_archive(ctx), kind, model=model_pattern, langs=langs, k=k_values, seed=seed, by=by)
+    path = charts.save(figure, output)
+    click.echo(f"Wrote {path} ({kind})")
+
+
+@click.command(epilog="""\b
+Examples:
+  mlarch report --model gemma -o supplement/
+  mlarch report --model llama --langs en,de,bn --k 0.05 -o report-llama
+
+\b
+DIR gets <kind>.svg and <kind>.png for every chart (upset needs 3+ languages) and
+index.html: the charts inline plus set sizes, global Jaccard per pair and k, and the
+provenance of the runs used (self-contained, works offline).""")
+@click.option("--model", "model_pattern", required=True, help="Substring of archived model names (case-insensitive).")
+@click.option("-o", "--output", "out_dir", required=True, help="Folder to write (created if missing).")
+@click.option("--langs", callback=_csv(str), default=None, help="Languages [default: all archived for the model].")
+@click.option("--k", type=float, default=None, help="k of the per-layer charts [default: 0.01 when archived].")
+@click.option("--seed", type=int, default=None, help="Sampling seed [default: the smallest archived].")
+@click.pass_context
+def report(ctx, model_pattern, out_dir, langs, k, seed):
+    """Write every chart (SVG and PNG) and an index.html with the key tables, for a
+    paper's supplement."""
+    from mlarch.charts.report import write_report
+
+    index = write_report(_archive(ctx), out_dir, model=model_pattern, langs=langs, k=k, seed=seed)
+    click.echo(f"Wrote {index}")
