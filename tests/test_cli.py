@@ -169,6 +169,45 @@ BAD_INPUTS = [
     ("sql unknown table", lambda m, d, t: ["sql", "SELECT * FROM nowhere"], 1, "SQL error: Catalog Error"),
     ("unknown run", lambda m, d, t: ["show", "feedbeef"], 1, "no run 'feedbeef'"),
     ("unknown device", lambda m, d, t: ingest_args(m, d, "en") + ["--device", "tpu"], 2, "'tpu' is not one of"),
+    ("unknown dtype", lambda m, d, t: ingest_args(m, d, "en") + ["--dtype", "float8"], 2, "'float8' is not one of"),
+    ("samples not a number", lambda m, d, t: ingest_args(m, d, "en") + ["--samples", "many"], 2, "is not a valid integer"),
+    ("max length zero", lambda m, d, t: ingest_args(m, d, "en") + ["--max-length", "0"], 2, "--max-length must be positive"),
+    ("negative seed", lambda m, d, t: ingest_args(m, d, "en") + ["--seeds", "-1"], 2, "--seeds must be distinct"),
+    ("duplicate seeds", lambda m, d, t: ingest_args(m, d, "en") + ["--seeds", "1,1"], 2, "--seeds must be distinct"),
+    ("duplicate k", lambda m, d, t: ingest_args(m, d, "en") + ["--top-k", "0.01,0.01"], 2, "top-k values repeat"),
+    ("empty languages", lambda m, d, t: ingest_args(m, d, ","), 2, "expected a comma-separated list"),
+    ("bad language code", lambda m, d, t: ingest_args(m, d, "e n"), 2, "language code 'e n' is not valid"),
+    ("model is a plain file", lambda m, d, t: ["ingest", "--model", str(t / "en-empty.txt"), "--langs", "en",
+                                                "--math", d["math"], "--control", d["control"]], 2, "is a file but not a .gguf"),
+    ("model folder without config", lambda m, d, t: ["ingest", "--model", str(t), "--langs", "en", "--math", d["math"],
+                                                      "--control", d["control"]], 1, "has no config.json or weight files"),
+    ("unknown named source language", lambda m, d, t: ingest_args(m, {**d, "math": "gsm8k"}, "bn"), 1,
+     "data source 'gsm8k' has no language 'bn'; it has: en, de, hi"),
+    ("compare bad grouping", lambda m, d, t: ["compare", "--model", "llama", "--langs", "en,de", "--by", "head"], 2,
+     "'head' is not one of"),
+    ("compare seed not archived", lambda m, d, t: ["compare", "--model", "llama", "--langs", "en,de", "--seed", "7"], 1,
+     "seed 7 is not archived"),
+    ("compare duplicate languages", lambda m, d, t: ["compare", "--model", "llama", "--langs", "en,en"], 2,
+     "languages repeat"),
+    ("compare k not a number", lambda m, d, t: ["compare", "--model", "llama", "--langs", "en,de", "--k", "1%"], 2,
+     "is not a valid float"),
+    ("sql empty", lambda m, d, t: ["sql", "  "], 2, "no SQL statement given"),
+    ("sql attach", lambda m, d, t: ["sql", f"ATTACH '{t / 'x.db'}' AS x"], 2, "ATTACH statements change the archive"),
+    ("sql copy to file", lambda m, d, t: ["sql", f"COPY runs TO '{t / 'x.csv'}'"], 2, "COPY statements change"),
+    ("sql insert after select", lambda m, d, t: ["sql", "SELECT 1; DELETE FROM models"], 2, "DELETE statements"),
+    ("show without run id", lambda m, d, t: ["show"], 2, "Missing argument 'RUN_ID'"),
+    ("unknown format", lambda m, d, t: ["runs", "--format", "xml"], 2, "'xml' is not one of"),
+    ("unknown command", lambda m, d, t: ["plot"], 2, "No such command 'plot'"),
+    ("verify unknown run", lambda m, d, t: ["verify", "feedbeef"], 1, "no run feedbeef"),
+    ("rm unknown run", lambda m, d, t: ["rm", "feedbeef"], 1, "no run feedbeef"),
+    ("rm unknown model", lambda m, d, t: ["rm", "--model", "gpt-9"], 1, "no model 'gpt-9' in the archive"),
+    ("rm run and model", lambda m, d, t: ["rm", "feedbeef", "--model", "tiny-llama"], 2, "one of them"),
+    ("export unknown run", lambda m, d, t: ["export-bundle", "feedbeef", "-o", str(t / "b.tar")], 1, "no finished run feedbeef"),
+    ("export bad suffix", lambda m, d, t: ["export-bundle", "--model", "tiny-llama", "-o", str(t / "b.zip")], 1,
+     "must end in .tar"),
+    ("import missing bundle", lambda m, d, t: ["import-bundle", str(t / "nope.tar")], 1, "does not exist"),
+    ("import not a bundle", lambda m, d, t: ["import-bundle", str(t / "en.jsonl")], 1, "is not a readable mlarch bundle"),
+    ("parquet into a file", lambda m, d, t: ["export", str(t / "en.jsonl")], 2, "is a file"),
 ]
 
 
@@ -184,6 +223,25 @@ def test_bad_input(archive_copy, model_dir, data, tmp_path, name, args, code, me
     assert lines[-1].startswith("Error: ") and sum(line.startswith("Error") for line in lines) == 1, result.stderr
     assert "Traceback" not in result.output
     assert tree_digest(archive_copy) == before
+
+
+def test_corrupted_catalog_and_missing_chunk(archive_copy):
+    (archive_copy / "catalog.duckdb").write_bytes(b"this is not a database" * 100)
+    for args in (["runs"], ["sql", "SELECT 1"], ["compare", "--model", "x", "--langs", "en,de"], ["verify"]):
+        result = run(archive_copy, *args)
+        assert result.exit_code == 1, (args, result.output)
+        assert result.stderr.startswith("Error: ") and len(result.stderr.strip().splitlines()) == 1
+        assert "Traceback" not in result.output
+
+
+def test_missing_zarr_chunk_is_named(archive_copy):
+    archive = mlarch.open(archive_copy)
+    run_id, path = archive.sql("SELECT owner, path FROM arrays WHERE kind = 'levels' ORDER BY path LIMIT 1").row(0)
+    for chunk in (archive.arrays_path / path / "c").iterdir():
+        chunk.unlink()
+    result = run(archive_copy, "verify", run_id)
+    assert result.exit_code == 1 and path in result.stderr
+    assert "FAIL" in result.stdout
 
 
 def test_unwritable_archive_folder(model_dir, data, tmp_path):

@@ -109,6 +109,9 @@ def render(chart, fmt: str) -> bytes:
 def write_atomic(path, payload: bytes) -> Path:
     """Write via a temporary file in the same folder, then rename: never a partial file."""
     path = Path(path)
+    blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise MlarchError(f"cannot write {path}: {blocker} is a file, not a folder; choose another -o path")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.is_dir():

@@ -11,6 +11,7 @@ from itertools import combinations
 from . import colors, data
 
 WIDTH, HEIGHT = 440, 260  # one panel, in px (before the PNG scale factor)
+TALL = 340  # log-log sizes: more room per decade
 FACET_COLUMNS = 3
 BAR_HEIGHT = 200  # UpSet bars
 
@@ -40,7 +41,8 @@ def _title(text: str, *subtitle: str):
 
 def _outside_note(archive, scope: data.Scope) -> str:
     outside = data.outside_modules(archive, scope)
-    return f"Not shown: modules outside transformer blocks ({', '.join(outside)})." if outside else ""
+    return (f"Not shown: modules outside transformer blocks ({', '.join(outside)}); heatmap --by layer includes them."
+            if outside else "")
 
 
 def _lang_encodings(langs):
@@ -97,16 +99,20 @@ def _log_ticks(values) -> list[float]:
     while base <= high * 10:
         ticks += [base * m for m in (1, 2, 5)]
         base *= 10
-    inside = [t for t in ticks if low / 2 <= t <= high * 2]
-    return inside or ticks
+    return [t for t in ticks if low / 2.5 <= t <= high * 2.5]
 
 
 def _count_y(values, title):
     """Counts over orders of magnitude: log scale (symlog if a count is 0)."""
     alt = _alt()
-    if values and all(v > 0 for v in values):
-        return alt.Y("n_selected:Q", title=f"{title} (log scale)", scale=alt.Scale(type="log"),
-                     axis=alt.Axis(values=_log_ticks(values), labelExpr=SI_LABEL))
+    if values and all(v > 0 for v in values):  # a tight domain keeps close lines apart
+        ticks = _log_ticks([min(values) / 1.1, max(values) * 1.1])
+        low = max(t for t in ticks if t <= min(values) / 1.1)  # end on a labelled tick
+        high = min(t for t in ticks if t >= max(values) * 1.1)
+        ticks = [t for t in ticks if low <= t <= high]
+        return alt.Y("n_selected:Q", title=f"{title} (log scale)",
+                     scale=alt.Scale(type="log", domain=[low, high], nice=False),
+                     axis=alt.Axis(values=ticks, labelExpr=SI_LABEL))
     return alt.Y("n_selected:Q", title=f"{title} (symlog scale)", scale=alt.Scale(type="symlog"),
                  axis=alt.Axis(labelExpr=SI_LABEL))
 
@@ -121,7 +127,7 @@ def sizes(archive, scope: data.Scope):
     tooltip = [alt.Tooltip("model:N"), alt.Tooltip("lang:N", title="language"), alt.Tooltip("k:Q", format="~g"),
                alt.Tooltip("n_selected:Q", title="math-specific", format=","),
                alt.Tooltip("percent:Q", title="% of scored", format=".3f")]
-    chart = _facet(_lines(frame, x, y, tooltip, color, shape), scope)
+    chart = _facet(_lines(frame, x, y, tooltip, color, shape).properties(height=TALL), scope)
     return chart.properties(title=_title(
         "Math-specific parameters vs top-k",
         f"{_where(scope, k=False)} · top-k on math text and not top-k on control text, summed over all scored matrices"))
@@ -131,14 +137,15 @@ def layers(archive, scope: data.Scope):
     alt = _alt()
     frame = data.layers(archive, scope)
     color, shape = _lang_encodings(scope.langs)
-    y = alt.Y("n_selected:Q", title="math-specific parameters", scale=alt.Scale(zero=True),
+    y = alt.Y("n_selected:Q", title="math-specific parameters in block", scale=alt.Scale(zero=True),
               axis=alt.Axis(labelExpr=SI_LABEL))
     tooltip = [alt.Tooltip("model:N"), alt.Tooltip("lang:N", title="language"), alt.Tooltip("layer:Q"),
                alt.Tooltip("n_selected:Q", title="math-specific", format=","),
                alt.Tooltip("percent:Q", title="% of layer", format=".3f")]
     chart = _facet(_lines(frame, _layer_axis(frame["layer"].to_list()), y, tooltip, color, shape), scope)
-    return chart.properties(title=_title("Math-specific parameters per layer", _where(scope),
-                                         _outside_note(archive, scope)))
+    return chart.properties(title=_title(
+        "Math-specific parameters per layer", f"{_where(scope)} · summed over each block's scored matrices",
+        _outside_note(archive, scope)))
 
 
 def overlap(archive, scope: data.Scope):
@@ -206,7 +213,7 @@ def heatmap(archive, scope: data.Scope, by: str = "global"):
                  alt.Tooltip("n_union:Q", format=",")])
     text = base.mark_text(fontSize=10 if by == "global" else 9).encode(
         text=alt.Text("jaccard:Q", format=".3f"),
-        color=alt.condition(f"datum.jaccard > {0.55 * top}", alt.value("white"), alt.value("black")))
+        color=alt.condition(f"datum.jaccard > {0.72 * top}", alt.value("white"), alt.value("black")))  # best contrast on "blues"
     chart = alt.layer(rect, text).properties(width=alt.Step(step), height=alt.Step(24))
     if len(scope.models) > 1:
         chart = chart.facet(row=alt.Row("model:N", title=None, sort=scope.models,

@@ -31,10 +31,10 @@ class Shell(click.Group):
         except click.exceptions.Exit as exc:
             sys.exit(exc.exit_code)
         except click.ClickException as exc:
-            click.echo(f"Error: {exc.format_message()}", err=True)
+            click.echo(f"Error: {_one_line(exc.format_message())}", err=True)
             sys.exit(exc.exit_code)
         except MlarchError as exc:
-            click.echo(f"Error: {exc}", err=True)
+            click.echo(f"Error: {_one_line(str(exc))}", err=True)
             sys.exit(exc.exit_code)
         except (click.exceptions.Abort, KeyboardInterrupt):
             click.echo("Aborted.", err=True)
@@ -45,6 +45,10 @@ class Shell(click.Group):
             message = " ".join(str(exc).split()) or type(exc).__name__
             click.echo(f"Error: unexpected {type(exc).__name__}: {message} (MLARCH_DEBUG=1 shows the traceback)", err=True)
             sys.exit(1)
+
+
+def _one_line(message: str) -> str:
+    return " ".join(message.split())
 
 
 def _archive(ctx: click.Context):
