@@ -86,3 +86,26 @@ def test_rm_model_and_bad_ids(archive_copy):
         assert archive.sql(f"SELECT count(*) FROM {table}").item() == 0, table
     assert [p for p in (archive_copy / "arrays.zarr" / "runs").iterdir() if p.is_dir()] == []
     assert run(archive_copy, "verify").exit_code == 0
+
+
+def test_verify_recompute_reproduces_a_run(archive_copy):
+    run_id = mlarch.open(archive_copy).sql("SELECT run_id FROM runs WHERE role = 'control' LIMIT 1").item()
+    result = run(archive_copy, "verify", "--recompute", run_id, "--format", "json")
+    assert result.exit_code == 0, result.output
+    rows = {row["metric"]: row["value"] for row in __import__("json").loads(result.stdout)}
+    assert rows["max relative norm difference"] == "0"
+    assert [v for m, v in rows.items() if m.startswith("Jaccard")] == ["1.000000"] * 3
+
+
+def test_verify_recompute_refuses_changed_data(archive_copy, tmp_path):
+    archive = mlarch.open(archive_copy)
+    run_id = archive.sql("SELECT run_id FROM runs WHERE role = 'math' LIMIT 1").item()
+    (path,) = archive.run(run_id)["provenance"]["data"]["files"]
+    original = open(path, "rb").read()
+    try:
+        with open(path, "ab") as handle:
+            handle.write(b'{"text": "an extra line"}\n')
+        result = run(archive_copy, "verify", "--recompute", run_id)
+        assert result.exit_code == 1 and "changed since the run" in result.stderr
+    finally:
+        open(path, "wb").write(original)

@@ -18,7 +18,17 @@ KINDS = ("sizes", "overlap", "heatmap", "layers", "upset")
 BY = ("global", "layer")
 FORMATS = ("svg", "png", "pdf", "html", "json")
 PNG_SCALE = 2  # PNG pixels per chart px (≈ 200 dpi at the chart's nominal size)
-FONT = "DejaVu Sans"
+FONT = "Liberation Sans, Arial, Helvetica, sans-serif"  # bundled with vl-convert: same look everywhere
+
+
+def require(module: str):
+    """Import altair or vl_convert, or say how to install them (they are the chart extras)."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise MlarchError(f"charts need {module}: pip install 'altair>=5.4' 'vl-convert-python>=1.7'") from None
 
 
 def check_kind(kind: str) -> str:
@@ -91,9 +101,9 @@ def render(chart, fmt: str) -> bytes:
     """The chart in one format (svg, png, pdf, html, json) as bytes, rendered offline."""
     if fmt == "json":
         return (chart.to_json(indent=2) + "\n").encode()
+    vlc = require("vl_convert")
     if fmt == "html":
         return chart.to_html(inline=True).encode()  # vega, vega-lite and vega-embed embedded
-    import vl_convert as vlc
     from altair.utils._importers import vl_version_for_vl_convert
 
     spec, version = chart.to_dict(), vl_version_for_vl_convert()

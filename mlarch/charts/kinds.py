@@ -17,9 +17,9 @@ BAR_HEIGHT = 200  # UpSet bars
 
 
 def _alt():
-    import altair as alt
+    from mlarch.charts import require
 
-    return alt
+    return require("altair")
 
 
 def fmt_k(k: float) -> str:

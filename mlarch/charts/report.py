@@ -108,7 +108,7 @@ def provenance_table(archive, scope: data.Scope) -> pl.DataFrame:
 
 
 CSS = """
-body { font-family: "DejaVu Sans", Helvetica, Arial, sans-serif; margin: 2em auto; max-width: 1200px;
+body { font-family: "Liberation Sans", Arial, Helvetica, sans-serif; margin: 2em auto; max-width: 1200px;
        color: #222; line-height: 1.4; padding: 0 1em; }
 h1 { font-size: 1.6em; margin-bottom: 0.2em; } h2 { margin-top: 2em; border-bottom: 1px solid #ddd; }
 .meta { color: #555; } code { background: #f4f4f4; padding: 0 0.25em; }

@@ -143,13 +143,16 @@ def ingest(root: Path, cfg: IngestConfig, reporter: Reporter | None = None) -> I
     cfg.top_k = sorted(cfg.top_k)
     from mlarch.ingest import loading  # torch + transformers: only now
 
-    data_dir = Path(cfg.data_dir) if cfg.data_dir else None
+    data_dir = Path(cfg.data_dir).expanduser().resolve() if cfg.data_dir else None
+    cfg.data_dir = str(data_dir) if data_dir else None  # recorded absolute, for verify --recompute
     srcs = {"math": sources.resolve(cfg.math, data_dir), "control": sources.resolve(cfg.control, data_dir)}
     items = {(lang, role): srcs[role].load(lang, role) for lang in cfg.langs for role in ROLES}
     device = loading.resolve_device(cfg.device)
     dtype = loading.resolve_dtype(cfg.dtype, device)
-    kind, _ = loading.classify(cfg.model)
+    kind, local = loading.classify(cfg.model)
     name = cfg.name or loading.default_name(cfg.model)
+    if local is not None:  # recorded absolute, so provenance and rerun detection do not depend on the cwd
+        cfg.model = str(local.resolve())
     _check_writable(root)
     catalog_path = root / layout.CATALOG
 
