@@ -120,3 +120,42 @@ def test_two_ingests_at_once(base, model_dir, data, tmp_path):
     archive = mlarch.open(root)
     assert archive.sql("SELECT DISTINCT lang FROM set_sizes ORDER BY lang")["lang"].to_list() == ["bn", "de", "en"]
     assert not [c for c in verify(root) if not c.ok]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_and_sigterm(base, model_dir, data, tmp_path, sig):
+    only_en, phase = base
+    root = tmp_path / "interrupted"
+    shutil.copytree(only_en, root)
+    before = snapshot(root)
+    proc = start(ingest_command(root, model_dir, data, "de,bn"))
+    loaded = wait_for_loading(proc)
+    time.sleep(max(0.0, loaded + phase * 0.4 - time.monotonic()))
+    proc.send_signal(sig)
+    assert proc.wait(timeout=60) != 0
+    after = snapshot(root)
+    assert after[0].equals(before[0]) and after[1].equals(before[1])
+    gc(root)
+    assert not [c for c in verify(root) if not c.ok]
+
+
+def test_exception_inside_the_model(base, model_dir, data, tmp_path, monkeypatch):
+    only_en, _ = base
+    root = tmp_path / "broken"
+    shutil.copytree(only_en, root)
+    before = snapshot(root)
+    from transformers.models.llama import modeling_llama
+
+    def explode(self, *args, **kwargs):
+        raise RuntimeError("boom inside the model")
+
+    monkeypatch.setattr(modeling_llama.LlamaMLP, "forward", explode)
+    with pytest.raises(RuntimeError, match="boom"):
+        mlarch.open(root).ingest(str(model_dir["llama"]), ["de"], data["math"], data["control"], samples=6,
+                                 top_k=[0.01, 0.05, 0.25], device="cpu")
+    archive = mlarch.open(root)
+    assert archive.sql("SELECT status FROM runs WHERE lang = 'de'")["status"].to_list() == ["FAILED"]
+    after = snapshot(root)
+    assert after[0].equals(before[0]) and after[1].equals(before[1])
+    assert any(line.endswith("(tiny-llama, FAILED)") for line in gc(root))
+    assert not [c for c in verify(root) if not c.ok]

@@ -8,6 +8,8 @@ from __future__ import annotations
 import math
 from itertools import combinations
 
+import polars as pl
+
 from . import colors, data
 
 WIDTH, HEIGHT = 440, 260  # one panel, in px (before the PNG scale factor)
@@ -41,8 +43,9 @@ def _title(text: str, *subtitle: str):
 
 def _outside_note(archive, scope: data.Scope) -> str:
     outside = data.outside_modules(archive, scope)
-    return (f"Not shown: modules outside transformer blocks ({', '.join(outside)}); heatmap --by layer includes them."
-            if outside else "")
+    if not outside:
+        return ""
+    return f"Not shown: modules outside transformer blocks ({', '.join(outside)}); heatmap --by layer includes them."
 
 
 def _lang_encodings(langs):
@@ -150,7 +153,7 @@ def layers(archive, scope: data.Scope):
 
 def overlap(archive, scope: data.Scope):
     alt = _alt()
-    frame = data.overlap_layers(archive, scope).filter(data.pl.col("layer").is_not_null())
+    frame = data.overlap_layers(archive, scope).filter(pl.col("layer").is_not_null())
     color, shape = _pair_encodings(scope.pairs)
     y = alt.Y("jaccard:Q", title="Jaccard index of math-specific sets", scale=alt.Scale(zero=True))
     tooltip = [alt.Tooltip("model:N"), alt.Tooltip("pair:N", title="pair"), alt.Tooltip("layer:Q"),
@@ -180,25 +183,25 @@ def heatmap(archive, scope: data.Scope, by: str = "global"):
         frame = data.overlap_layers(archive, scope)
         outside = data.outside_modules(archive, scope)
         other = outside[0] if len(outside) == 1 else "outside blocks"
-        frame = frame.with_columns(column=data.pl.col("layer").cast(data.pl.String).fill_null(other))
+        frame = frame.with_columns(column=pl.col("layer").cast(pl.String).fill_null(other))
         columns = [str(x) for x in sorted({x for x in frame["layer"].to_list() if x is not None})]
         columns += [other] if frame["layer"].null_count() else []
         x_title = "transformer block (layer index)"
     else:
         frame = data.overlap_global(archive, scope)
-        frame = frame.with_columns(column=data.pl.col("k").map_elements(fmt_k, return_dtype=data.pl.String))
+        frame = frame.with_columns(column=pl.col("k").map_elements(fmt_k, return_dtype=pl.String))
         columns = [fmt_k(k) for k in scope.ks]
         x_title = "top-k fraction k"
-    cells = frame.select("model", "column", data.pl.col("pair").alias("row"), "jaccard", "n_intersection",
+    cells = frame.select("model", "column", pl.col("pair").alias("row"), "jaccard", "n_intersection",
                          "n_union")
     chance_rows = cells.select("model", "column").unique(maintain_order=True)
-    chance_k = {fmt_k(k): k for k in scope.ks}
+    chance_of = {fmt_k(k): data.chance(k) for k in scope.ks}  # by column: k, or the one k per layer
     chance_rows = chance_rows.with_columns(
-        row=data.pl.lit("chance"),
-        jaccard=data.pl.col("column").map_elements(
-            lambda c: data.chance(chance_k.get(c, scope.k)), return_dtype=data.pl.Float64),
-        n_intersection=data.pl.lit(None, data.pl.Int64), n_union=data.pl.lit(None, data.pl.Int64))
-    cells = data.pl.concat([cells, chance_rows.select(cells.columns)], how="vertical_relaxed")
+        row=pl.lit("chance"),
+        jaccard=pl.col("column").map_elements(
+            lambda c: chance_of[c] if by == "global" else data.chance(scope.k), return_dtype=pl.Float64),
+        n_intersection=pl.lit(None, pl.Int64), n_union=pl.lit(None, pl.Int64))
+    cells = pl.concat([cells, chance_rows.select(cells.columns)], how="vertical_relaxed")
     rows = [data.pair_label(a, b) for a, b in scope.pairs] + ["chance"]
     top = max([v for v in cells["jaccard"].to_list() if v is not None] + [1e-9])
     step = 52 if by == "global" else 40
@@ -213,7 +216,8 @@ def heatmap(archive, scope: data.Scope, by: str = "global"):
                  alt.Tooltip("n_union:Q", format=",")])
     text = base.mark_text(fontSize=10 if by == "global" else 9).encode(
         text=alt.Text("jaccard:Q", format=".3f"),
-        color=alt.condition(f"datum.jaccard > {0.72 * top}", alt.value("white"), alt.value("black")))  # best contrast on "blues"
+        # white text where it contrasts better with the "blues" cell than black does
+        color=alt.condition(f"datum.jaccard > {0.72 * top}", alt.value("white"), alt.value("black")))
     chart = alt.layer(rect, text).properties(width=alt.Step(step), height=alt.Step(24))
     if len(scope.models) > 1:
         chart = chart.facet(row=alt.Row("model:N", title=None, sort=scope.models,
@@ -241,7 +245,7 @@ def _patterns(frame, langs):
 def upset(archive, scope: data.Scope):
     alt = _alt()
     frame = data.patterns(archive, scope)
-    per_model = {m: _patterns(frame.filter(data.pl.col("model") == m), scope.langs) for m in scope.models}
+    per_model = {m: _patterns(frame.filter(pl.col("model") == m), scope.langs) for m in scope.models}
     top = max([n for items in per_model.values() for _, n in items] + [1])
     blocks = [_upset_block(alt, model, items, scope, top) for model, items in per_model.items()]
     chart = blocks[0] if len(blocks) == 1 else alt.hconcat(*blocks, spacing=30)
