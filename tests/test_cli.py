@@ -271,3 +271,19 @@ print("HEAVY", heavy)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "HEAVY []" in out.stdout
+
+
+def test_provenance_matches_the_shipped_json_schema(llama_archive):
+    import json as _json
+    from importlib import resources
+
+    import jsonschema
+
+    schema = _json.loads((resources.files("mlarch.schemas") / "run_provenance.schema.json").read_text())
+    archive = mlarch.open(llama_archive)
+    for run_id in archive.sql("SELECT run_id FROM runs")["run_id"]:
+        jsonschema.validate(archive.run(run_id)["provenance"], schema)
+    broken = archive.run(run_id)["provenance"]
+    del broken["texts_sha256"]
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(broken, schema)
