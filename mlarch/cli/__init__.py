@@ -11,6 +11,8 @@ from pathlib import Path
 
 import click
 
+from mlarch.cli.common import archive_of as _archive
+from mlarch.cli.common import csv_list as _csv
 from mlarch.cli.output import emit, output_options
 from mlarch.errors import MlarchError
 
@@ -49,27 +51,6 @@ class Shell(click.Group):
 
 def _one_line(message: str) -> str:
     return " ".join(message.split())
-
-
-def _archive(ctx: click.Context):
-    from mlarch.query.api import Archive
-
-    return Archive(ctx.obj["archive"])
-
-
-def _csv(kind):
-    def parse(ctx, param, value):
-        if value is None:
-            return None
-        parts = [p.strip() for p in value.split(",")]
-        if not value.strip() or any(not p for p in parts):
-            raise click.BadParameter(f"expected a comma-separated list, got {value!r}")
-        try:
-            return [kind(p) for p in parts]
-        except ValueError:
-            raise click.BadParameter(f"expected comma-separated {kind.__name__} values, got {value!r}") from None
-
-    return parse
 
 
 @click.group(cls=Shell, epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
@@ -412,6 +393,12 @@ def export(ctx, folder, fmt):
 
     written = export_parquet(_archive(ctx).root, Path(folder))
     click.echo(f"Wrote {len(written)} Parquet files to {folder}")
+
+
+from mlarch.cli.charts import chart, report  # noqa: E402 - defined in their own module
+
+cli.add_command(chart)
+cli.add_command(report)
 
 
 def main() -> None:

@@ -5,20 +5,8 @@ from __future__ import annotations
 import click
 
 
-# mlarch.cli imports this module to register the commands: reach its helpers at call time.
-def _archive(ctx):
-    from mlarch.cli import _archive as archive
-
-    return archive(ctx)
-
-
-def _csv(kind):
-    def parse(ctx, param, value):
-        from mlarch.cli import _csv as csv
-
-        return csv(kind)(ctx, param, value)
-
-    return parse
+from mlarch.cli.common import archive_of as _archive
+from mlarch.cli.common import csv_list as _csv
 
 
 @click.command(epilog="""\b

@@ -1,0 +1,342 @@
+"""Shared helpers for the benchmarks in bench/: arguments, repeated timing, tables, JSON.
+
+Every benchmark script does
+
+    from _common import Bench
+    bench = Bench("name", __doc__)          # parses --quick / --repeats, sets torch threads
+    ...
+    bench.row("metric", ours, baseline, target=..., unit="s")
+    bench.finish(details={...})           # prints the table, writes bench/results/name.json
+
+Ratios are always against a baseline measured in the same process run. The machine is
+noisy (2 shared cores), so variants are run interleaved (round-robin, the order rotated
+each round) and medians are reported; `paired_ratio` also gives the median of the
+per-round ratios, which is robust to slow drifts in machine load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+RESULTS = BENCH / "results"
+for _p in (str(ROOT), str(ROOT / "tests")):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+
+THREADS = 2
+
+
+def set_threads(n: int = THREADS) -> None:
+    """torch.set_num_threads(n) (the query benchmarks never import torch and skip this)."""
+    import torch
+
+    torch.set_num_threads(n)
+
+
+def median(values) -> float:
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else float("nan")
+
+
+@contextmanager
+def timer(sink: list | dict, key: str | None = None):
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        elapsed = time.perf_counter() - start
+        if isinstance(sink, dict):
+            sink[key] = sink.get(key, 0.0) + elapsed
+        else:
+            sink.append(elapsed)
+
+
+def interleave(variants: dict[str, Callable[[], object]], repeats: int, warmup: int = 0,
+               log: Callable[[str], None] | None = None) -> dict[str, list[float]]:
+    """Run each variant `repeats` times, round-robin with the order rotated every round.
+
+    Returns name -> list of wall times (seconds). `warmup` untimed rounds come first."""
+    names = list(variants)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(warmup + repeats):
+        shift = r % len(names)
+        order = names[shift:] + names[:shift]
+        for name in order:
+            start = time.perf_counter()
+            variants[name]()
+            elapsed = time.perf_counter() - start
+            if r >= warmup:
+                times[name].append(elapsed)
+            if log:
+                log(f"  round {r + 1 - warmup if r >= warmup else 'warm-up'}: {name} {elapsed:.3f} s")
+    return times
+
+
+def paired_ratio(ours: list[float], baseline: list[float]) -> float:
+    """Median of per-round ratios ours[i] / baseline[i]."""
+    return median([a / b for a, b in zip(ours, baseline) if b])
+
+
+def machine_info() -> dict:
+    info = {
+        "cpu_count": os.cpu_count(),
+        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "threads": THREADS,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "device": "cpu",
+        "loadavg_start": list(os.getloadavg()),
+    }
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu_model"] = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        mem = Path("/proc/meminfo").read_text().splitlines()[0].split()
+        info["mem_total_gib"] = round(int(mem[1]) / 2**20, 1)
+    except (OSError, IndexError, ValueError):
+        pass
+    for module in ("torch", "numpy", "zarr", "duckdb", "polars", "transformers"):
+        try:
+            from importlib.metadata import version
+
+            info[f"{module}_version"] = version(module)
+        except Exception:  # noqa: BLE001 - informational only
+            info[f"{module}_version"] = None
+    if "torch" in sys.modules:
+        import torch
+
+        info["torch_threads"] = torch.get_num_threads()
+        info["cuda_available"] = bool(torch.cuda.is_available())
+    return info
+
+
+@dataclass
+class Row:
+    metric: str
+    ours: float
+    baseline: float | None
+    ratio: float | None
+    target: str
+    passed: bool | None
+    unit: str = "s"
+    note: str = ""
+    samples_ours: list = field(default_factory=list)
+    samples_baseline: list = field(default_factory=list)
+
+
+class Bench:
+    def __init__(self, name: str, doc: str | None = None, *, quick_repeats: int = 1, repeats: int = 3,
+                 torch_threads: bool = True, extra_args: Callable[[argparse.ArgumentParser], None] | None = None):
+        parser = argparse.ArgumentParser(description=(doc or name).strip().splitlines()[0])
+        parser.add_argument("--quick", action="store_true", help="~30 s smoke run (smaller sizes, 1 repeat)")
+        parser.add_argument("--repeats", type=int, default=None,
+                            help=f"timed repeats per variant (default {repeats}, --quick {quick_repeats})")
+        parser.add_argument("--no-write", action="store_true", help="do not write bench/results/NAME.json")
+        if extra_args:
+            extra_args(parser)
+        self.args = parser.parse_args()
+        self.name = name
+        self.quick = self.args.quick
+        self.repeats = self.args.repeats or (quick_repeats if self.quick else repeats)
+        self.rows: list[Row] = []
+        self.started = time.time()
+        self.clock = time.perf_counter()
+        if torch_threads:
+            set_threads()
+        self.machine = machine_info()
+
+    def log(self, text: str) -> None:
+        print(f"[{time.perf_counter() - self.clock:7.1f}s] {text}", flush=True)
+
+    def row(self, metric: str, ours: float, baseline: float | None = None, *, ratio: float | None = None,
+            target: str = "", passed: bool | None = None, unit: str = "s", note: str = "",
+            samples_ours=(), samples_baseline=()) -> Row:
+        if ratio is None and baseline:
+            ratio = ours / baseline
+        row = Row(metric, ours, baseline, ratio, target, passed, unit, note,
+                  list(samples_ours), list(samples_baseline))
+        self.rows.append(row)
+        return row
+
+    def table(self) -> str:
+        def fmt(v, unit=""):
+            if v is None:
+                return "-"
+            if isinstance(v, float):
+                if v != v:
+                    return "nan"
+                text = f"{v:.4g}" if abs(v) < 1e5 else f"{v:.3e}"
+            else:
+                text = str(v)
+            return f"{text} {unit}".strip()
+
+        header = ("metric", "ours", "baseline", "ratio", "target", "pass")
+        lines = [(r.metric, fmt(r.ours, r.unit), fmt(r.baseline, r.unit), fmt(r.ratio, "x") if r.ratio is not None
+                  else "-", r.target or "-", "-" if r.passed is None else ("PASS" if r.passed else "FAIL"))
+                 for r in self.rows]
+        widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h) for i, h in enumerate(header)]
+        out = ["  ".join(h.ljust(w) for h, w in zip(header, widths)),
+               "  ".join("-" * w for w in widths)]
+        out += ["  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in lines]
+        notes = [f"  * {r.metric}: {r.note}" for r in self.rows if r.note]
+        return "\n".join(out + (["notes:"] + notes if notes else []))
+
+    def finish(self, details: dict | None = None) -> dict:
+        self.machine["loadavg_end"] = list(os.getloadavg())
+        if "torch" in sys.modules and "torch_threads" not in self.machine:
+            import torch
+
+            self.machine["torch_threads"] = torch.get_num_threads()
+            self.machine["cuda_available"] = bool(torch.cuda.is_available())
+        result = {
+            "benchmark": self.name,
+            "quick": self.quick,
+            "repeats": self.repeats,
+            "argv": sys.argv[1:],
+            "started_at": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(self.started)),
+            "duration_s": round(time.perf_counter() - self.clock, 2),
+            "machine": self.machine,
+            "rows": [asdict(r) for r in self.rows],
+            "details": details or {},
+        }
+        print()
+        print(f"== {self.name}{' (quick)' if self.quick else ''}: {result['duration_s']} s, "
+              f"load average {self.machine['loadavg_start'][0]:.1f} -> {self.machine['loadavg_end'][0]:.1f} ==")
+        print(self.table())
+        if not self.args.no_write:
+            RESULTS.mkdir(parents=True, exist_ok=True)
+            suffix = "-quick" if self.quick else ""
+            path = RESULTS / f"{self.name}{suffix}.json"
+            path.write_text(json.dumps(result, indent=2, default=_jsonable) + "\n")
+            print(f"wrote {path.relative_to(ROOT)}")
+        return result
+
+
+def _jsonable(value):
+    try:
+        import numpy as np
+
+        if isinstance(value, np.generic):
+            return value.item()
+        if isinstance(value, np.ndarray):
+            return value.tolist()
+    except ImportError:
+        pass
+    if isinstance(value, Path):
+        return str(value)
+    return str(value)
+
+
+# --- shared model / data helpers -------------------------------------------------------
+
+def gemma_folder() -> Path:
+    """Folder of the demo's Gemma-3-270M transformers model (converted on first use)."""
+    from mlarch.ingest import demo
+
+    return demo.prepare()
+
+
+def load_model(folder: Path | str):
+    """mlarch's own loader (float32, cpu): LoadedModel with .model, .tokenizer."""
+    import torch
+
+    from mlarch.ingest import loading
+
+    return loading.load(str(folder), revision=None, device=torch.device("cpu"), dtype="float32")
+
+
+def starter_texts(lang: str, role: str) -> list[str]:
+    from mlarch.ingest import sources
+
+    return sources.resolve("starter").load(lang, role).texts
+
+
+def drawn(texts: list[str], samples: int, seed: int = 1) -> list[str]:
+    """The texts `ingest` draws: default_rng(seed).integers(0, n_items, samples), with replacement."""
+    import numpy as np
+
+    indices = np.random.default_rng(seed).integers(0, len(texts), size=samples)
+    return [texts[i] for i in indices]
+
+
+def bare_forward(model, tokenizer, texts: list[str], *, base: bool, batch_size: int = 1,
+                 max_length: int = 512) -> int:
+    """The forward passes of `run_pass` without hooks: same tokenization, batches and padding.
+
+    base=True calls the base model (model.model: no output head), as the scoring pass stops at
+    the head's input; base=False runs the full causal LM including the logits."""
+    import torch
+
+    from mlarch.ingest.scoring import length_batches, tokenize
+
+    ids, _ = tokenize(tokenizer, texts, max_length)
+    vocab = model.get_input_embeddings().weight.shape[0]
+    pad = tokenizer.pad_token_id
+    pad = pad if pad is not None and 0 <= pad < vocab else 0
+    target = base_model(model) if base else model
+    n_tokens = 0
+    with torch.inference_mode():
+        for batch in length_batches([len(s) for s in ids], batch_size):
+            width = max(len(ids[i]) for i in batch)
+            input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
+            attention = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, i in enumerate(batch):
+                input_ids[row, : len(ids[i])] = torch.tensor(ids[i])
+                attention[row, : len(ids[i])] = 1
+            target(input_ids=input_ids, attention_mask=attention, use_cache=False)
+            n_tokens += int(attention.sum())
+    return n_tokens
+
+
+def base_model(model):
+    """The decoder stack without the output head (model.model / model.transformer)."""
+    prefix = getattr(model, "base_model_prefix", None)
+    if prefix and hasattr(model, prefix):
+        return getattr(model, prefix)
+    for name in ("model", "transformer"):
+        if hasattr(model, name):
+            return getattr(model, name)
+    raise ValueError(f"cannot find the base model of {type(model).__name__}")
+
+
+def peak_rss_mib() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+
+
+def dir_bytes(path: Path) -> int:
+    """Apparent size (sum of file sizes) of everything under `path`."""
+    total = 0
+    for folder, _, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.path.getsize(os.path.join(folder, name))
+            except OSError:
+                pass
+    return total
+
+
+def du_bytes(path: Path) -> int:
+    """Disk usage in bytes as `du -s -B1` reports it (allocated blocks)."""
+    import subprocess
+
+    out = subprocess.run(["du", "-s", "-B1", str(path)], capture_output=True, text=True, check=True).stdout
+    return int(out.split()[0])

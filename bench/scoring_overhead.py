@@ -1,0 +1,127 @@
+"""Scoring overhead: `run_pass` (hooks on every scored module, norms accumulated) vs bare forward.
+
+Same model (Gemma-3-270M, float32, cpu), same texts (the first N English starter math
+items), same tokenization, batches (batch size 1, the CPU default) and padding.
+
+The scoring pass stops at the output head's input (the head is tied to the embedding in
+Gemma, so it is not scored and its logits are never computed). Two baselines:
+
+* base  - the base model (model.model, no head): the fair baseline for the cost of the
+          hooks, and the one the target (<= 1.10x) uses;
+* full  - the full causal LM including the 262k-vocabulary logits (informational: the
+          scoring pass is *cheaper* than this because it skips the head).
+
+A diagnostic variant registers the same number of no-op forward pre-hooks on the base
+model, separating Python hook dispatch from the norm arithmetic, and one instrumented
+scoring pass reports the time spent inside the hooks.
+
+    .venv/bin/python bench/scoring_overhead.py [--quick] [--texts 16] [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import time
+
+from _common import Bench, bare_forward, base_model, gemma_folder, load_model, median, paired_ratio, starter_texts
+
+TARGET = 1.10
+
+
+def main() -> None:
+    bench = Bench("scoring_overhead", __doc__, repeats=5, quick_repeats=1, extra_args=lambda p: (
+        p.add_argument("--texts", type=int, default=None, help="number of starter texts (default 16, --quick 4)"),
+        p.add_argument("--batch-size", type=int, default=1),
+        p.add_argument("--lang", default="en"),
+    ))
+    import torch
+
+    from mlarch.ingest import scoring
+    from mlarch.ingest.scoring import NormCollector, run_pass, scored_modules
+
+    n_texts = bench.args.texts or (4 if bench.quick else 16)
+    texts = starter_texts(bench.args.lang, "math")[:n_texts]
+    folder = gemma_folder()
+    clock = time.perf_counter()
+    loaded = load_model(folder)
+    bench.log(f"loaded {folder.name} in {time.perf_counter() - clock:.1f} s")
+    model, tokenizer = loaded.model, loaded.tokenizer
+    modules = scored_modules(model)
+    cpu = torch.device("cpu")
+    bs = bench.args.batch_size
+
+    def scoring_pass():
+        return run_pass(model, tokenizer, modules, texts, batch_size=bs, max_length=512, device=cpu)
+
+    def noop_hooks_base():
+        def hook(module, args, kwargs):
+            return None
+
+        handles = [m.module.register_forward_pre_hook(hook, with_kwargs=True) for m in modules]
+        try:
+            bare_forward(model, tokenizer, texts, base=True, batch_size=bs)
+        finally:
+            for h in handles:
+                h.remove()
+
+    variants = {
+        "scoring (run_pass)": scoring_pass,
+        "bare base model": lambda: bare_forward(model, tokenizer, texts, base=True, batch_size=bs),
+        "bare full model": lambda: bare_forward(model, tokenizer, texts, base=False, batch_size=bs),
+        "base + no-op hooks": noop_hooks_base,
+    }
+    # warm-up: one short pass of each (first calls allocate and tune kernels)
+    short = texts[:2]
+    run_pass(model, tokenizer, modules, short, batch_size=bs, max_length=512, device=cpu)
+    bare_forward(model, tokenizer, short, base=True, batch_size=bs)
+    bare_forward(model, tokenizer, short, base=False, batch_size=bs)
+    bench.log(f"timing {len(variants)} variants x {bench.repeats} rounds over {n_texts} texts")
+    from _common import interleave
+
+    times = interleave(variants, bench.repeats, log=bench.log)
+
+    # one instrumented scoring pass: time spent inside the hooks' accumulate
+    inside = {"s": 0.0, "calls": 0}
+    original = NormCollector._accumulate
+
+    def timed(self, name, args, kwargs):
+        start = time.perf_counter()
+        try:
+            return original(self, name, args, kwargs)
+        finally:
+            inside["s"] += time.perf_counter() - start
+            inside["calls"] += 1
+
+    NormCollector._accumulate = timed
+    try:
+        clock = time.perf_counter()
+        result = scoring_pass()
+        instrumented = time.perf_counter() - clock
+    finally:
+        NormCollector._accumulate = original
+
+    ours = times["scoring (run_pass)"]
+    base = times["bare base model"]
+    full = times["bare full model"]
+    noop = times["base + no-op hooks"]
+    ratio_base = paired_ratio(ours, base)
+    bench.row("scoring pass vs bare base model (target)", median(ours), median(base), ratio=ratio_base,
+              target=f"<= {TARGET:.2f}x", passed=ratio_base <= TARGET, samples_ours=ours, samples_baseline=base,
+              note=f"median of per-round ratios; ratio of medians {median(ours) / median(base):.3f}x")
+    bench.row("scoring pass vs bare full model (with head)", median(ours), median(full),
+              ratio=paired_ratio(ours, full), target="info", samples_ours=ours, samples_baseline=full)
+    bench.row("no-op hooks on base vs bare base model", median(noop), median(base),
+              ratio=paired_ratio(noop, base), target="info", samples_ours=noop, samples_baseline=base)
+    bench.row("time inside hooks (norm arithmetic), share of pass", inside["s"], instrumented,
+              ratio=inside["s"] / instrumented, target="info",
+              note=f"{inside['calls']} hook calls, {1e6 * inside['s'] / max(1, inside['calls']):.0f} us each; "
+                   "one instrumented pass")
+    bench.finish(details={
+        "model": folder.name, "n_scored_modules": len(modules), "n_texts": n_texts, "batch_size": bs,
+        "n_tokens": result.n_tokens, "hook_seconds": inside["s"], "hook_calls": inside["calls"],
+        "instrumented_pass_s": instrumented, "times": times,
+        "target_baseline": "bare base model (model.model, no head), median of per-round ratios",
+    })
+
+
+if __name__ == "__main__":
+    main()

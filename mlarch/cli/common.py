@@ -1,0 +1,26 @@
+"""Helpers shared by the CLI modules."""
+
+from __future__ import annotations
+
+import click
+
+
+def archive_of(ctx: click.Context):
+    from mlarch.query.api import Archive
+
+    return Archive(ctx.obj["archive"])
+
+
+def csv_list(kind):
+    def parse(ctx, param, value):
+        if value is None:
+            return None
+        parts = [p.strip() for p in value.split(",")]
+        if not value.strip() or any(not p for p in parts):
+            raise click.BadParameter(f"expected a comma-separated list, got {value!r}")
+        try:
+            return [kind(p) for p in parts]
+        except ValueError:
+            raise click.BadParameter(f"expected comma-separated {kind.__name__} values, got {value!r}") from None
+
+    return parse
