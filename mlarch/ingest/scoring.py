@@ -141,7 +141,9 @@ class NormCollector:
                 "whose input is (batch, tokens, features)"
             )
         xf = x.detach().to(torch.float32)
-        squares = torch.einsum("btf,bt->bf", xf * xf, mask)  # padding has mask 0
+        # sum over real tokens of x^2 as one batched matmul (padding has mask 0): faster
+        # than einsum or a strided vector_norm for these shapes
+        squares = torch.bmm(mask[:, None, :], xf * xf).squeeze(1)
         self.sums[name] += squares.sqrt().sum(dim=0, dtype=torch.float64)
 
     def _hook(self, name: str) -> Callable:
