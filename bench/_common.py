@@ -96,7 +96,7 @@ def others_cores(before, after) -> float:
     return max(0.0, ((after[0] - before[0]) - (after[1] - before[1])) / wall)
 
 
-def wait_for_quiet(max_wait: float, log: Callable[[str], None] | None = None, probe: float = 1.0) -> float:
+def wait_for_quiet(max_wait: float, log: Callable[[str], None] | None = None, probe: float = 0.5) -> float:
     """Sleep until other processes use < CONTENDED_CORES for `probe` seconds, at most `max_wait`.
 
     Returns the seconds waited."""
@@ -161,6 +161,7 @@ def interleave(variants: dict[str, Callable[[], object]], repeats: int, warmup: 
     names = list(variants)
     times: dict[str, list[float]] = {n: [] for n in names}
     contended: dict[str, list[int]] = {n: [] for n in names}
+    values: dict[str, list] = {n: [] for n in names}
     for r in range(warmup + repeats):
         shift = r % len(names)
         order = names[shift:] + names[:shift]
@@ -168,7 +169,8 @@ def interleave(variants: dict[str, Callable[[], object]], repeats: int, warmup: 
             if r < warmup:
                 variants[name]()
                 continue
-            elapsed, others, _ = quiet.measure(variants[name], log)
+            elapsed, others, value = quiet.measure(variants[name], log)
+            values[name].append(value)
             if others >= CONTENDED_CORES:
                 contended[name].append(len(times[name]))
             times[name].append(elapsed)
@@ -177,10 +179,13 @@ def interleave(variants: dict[str, Callable[[], object]], repeats: int, warmup: 
                 log(f"  round {r + 1 - warmup}: {name} {elapsed:.3f} s{flag}")
     LAST_CONTENDED.clear()
     LAST_CONTENDED.update(contended)
+    LAST_VALUES.clear()
+    LAST_VALUES.update(values)
     return times
 
 
-LAST_CONTENDED: dict[str, list[int]] = {}
+LAST_CONTENDED: dict[str, list[int]] = {}  # variant -> indices of contended measurements
+LAST_VALUES: dict[str, list] = {}  # variant -> return value of each kept measurement
 
 
 def clean(values: list[float], bad) -> list[float]:

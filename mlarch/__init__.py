@@ -1,11 +1,6 @@
 """mlarch: a reproducible result archive for mechanistic analyses of LLMs."""
 
-from importlib.metadata import PackageNotFoundError, version as _version
-
-try:
-    __version__ = _version("mlarch")
-except PackageNotFoundError:  # running from a source tree that was never installed
-    __version__ = "0.0.0+unknown"
+__version__ = "0.1.0"  # the single source: pyproject.toml reads it (importlib.metadata costs ~30 ms)
 
 
 def open(path=None):  # noqa: A001 - mirrors sqlite_utils.Database / zarr.open

@@ -33,7 +33,8 @@ class Archive:
         self.root = layout.resolve(path)
         if not (self.root / layout.CATALOG).exists():
             layout.ensure_folder(self.root)  # first use creates it
-        catalog.ensure_schema(self.catalog_path)
+            catalog.ensure_schema(self.catalog_path)
+        # an existing catalog's schema version is checked by its first read
         # A finished run's arrays and a model's modules never change: cache their lookups
         # (opening the catalog costs ~20 ms, and array access loops over modules).
         self._module_cache: dict[str, dict] = {}

@@ -7,6 +7,7 @@ one query, writers open read-write only for the final commit (MLflow-style lifec
 
 from __future__ import annotations
 
+import functools
 import re
 import time
 from contextlib import contextmanager
@@ -21,6 +22,7 @@ _MIGRATION_NAME = re.compile(r"^(\d{4})_(\w+)\.sql$")
 _BUSY_WAIT_S = 30.0  # a commit takes well under a second; wait this long before giving up
 
 
+@functools.lru_cache(maxsize=1)
 def migrations() -> list[tuple[int, str, str]]:
     """(version, name, sql) for every migration shipped in mlarch/schemas/migrations."""
     folder = resources.files("mlarch.schemas") / "migrations"
@@ -114,11 +116,24 @@ def _check_not_newer(path: Path, current: int, known: int) -> None:
         )
 
 
+_CHECKED: set[str] = set()  # catalogs whose schema this process has already checked
+
+
 @contextmanager
 def reading(path: Path):
-    """A read-only connection for one query, closed afterwards."""
+    """A read-only connection for one query, closed afterwards. The first one per catalog
+    and process also checks the schema version (and migrates an older catalog)."""
     con = _connect(path, read_only=True)
     try:
+        key = str(path)
+        if key not in _CHECKED:
+            current = schema_version(con)
+            _check_not_newer(path, current, latest_version())
+            if current < latest_version():
+                con.close()
+                ensure_schema(path)
+                con = _connect(path, read_only=True)
+            _CHECKED.add(key)
         yield con
     finally:
         con.close()
@@ -140,11 +155,58 @@ def writing(path: Path):
         con.close()
 
 
-def frame(con: duckdb.DuckDBPyConnection, query: str, params=None):
-    """Run one statement and return its rows as a polars DataFrame (empty if none)."""
+_INTEGER = {"TINYINT", "SMALLINT", "INTEGER", "BIGINT", "HUGEINT", "UTINYINT", "USMALLINT", "UINTEGER",
+            "UBIGINT"}
+
+
+def _dtype(duck: str):
+    """polars dtype for a DuckDB column type (None: let polars infer)."""
     import polars as pl
 
-    relation = con.sql(query, params=params)
-    if relation is None:
+    if duck.endswith("[]"):
+        inner = _dtype(duck[:-2])
+        return pl.List(inner) if inner is not None else None
+    if duck in _INTEGER:
+        return pl.Int64
+    if duck in {"DOUBLE", "FLOAT"} or duck.startswith("DECIMAL"):
+        return pl.Float64
+    if duck in {"VARCHAR", "JSON", "UUID"}:
+        return pl.Utf8
+    if duck == "BOOLEAN":
+        return pl.Boolean
+    if duck == "TIMESTAMP":
+        return pl.Datetime("us")
+    if duck == "DATE":
+        return pl.Date
+    return None
+
+
+def _plain(value):
+    from decimal import Decimal
+
+    if isinstance(value, Decimal):  # HUGEINT sums and DECIMALs
+        return int(value) if value == value.to_integral_value() else float(value)
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
+def frame(con: duckdb.DuckDBPyConnection, query: str, params=None):
+    """Run one statement and return its rows as a polars DataFrame (empty if none).
+
+    Rows go through Python rather than Arrow: catalog results are small, and skipping the
+    pyarrow round trip saves ~0.25 s of a CLI call's start-up."""
+    import polars as pl
+
+    result = con.execute(query, params)
+    if result.description is None:
         return pl.DataFrame()
-    return pl.from_arrow(relation.to_arrow_table())
+    columns = [(d[0], str(d[1])) for d in result.description]
+    rows = [[_plain(v) for v in row] for row in result.fetchall()]
+    schema = {}
+    for name, duck in columns:
+        schema[name] = _dtype(duck)
+    if all(dtype is not None for dtype in schema.values()):
+        return pl.DataFrame(rows, schema=schema, orient="row")
+    frame = pl.DataFrame(rows, schema=[name for name, _ in columns], orient="row", infer_schema_length=None)
+    return frame.with_columns(pl.col(name).cast(dtype) for name, dtype in schema.items() if dtype is not None)
