@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from mlarch.ingest.selection import in_top, level_codes, math_only, top_count, top_order
+from mlarch.ingest.selection import in_top, level_codes, math_only, top_count
 from mlarch.query.patterns import histogram
 
 
@@ -15,18 +15,21 @@ def test_top_count_reads_k_as_typed():
 
 
 def test_ties_broken_by_lowest_flat_index():
-    scores = np.array([[1.0, 3.0, 3.0], [3.0, 2.0, 3.0]], dtype=np.float32)
-    assert top_order(scores, 2).tolist() == [1, 2]
-    assert top_order(scores, 3).tolist() == [1, 2, 3]
-    assert top_order(scores, 5).tolist() == [1, 2, 3, 5, 4]
+    scores = np.array([[1.0, 3.0, 3.0, 3.0, 2.0], [3.0, 2.0, 0.5, 3.0, 1.5]], dtype=np.float32)
+    # order: 3.0 at 1, 2, 3, 5, 8; then 2.0 at 4, 6; then 1.5 at 9; 1.0 at 0; 0.5 at 7
+    levels = level_codes(scores, [0.1, 0.2, 0.4, 0.6, 0.7])
+    assert levels.reshape(-1).tolist() == [0, 1, 2, 3, 4, 3, 5, 0, 4, 0]
 
 
-@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("seed", range(12))
 def test_level_codes_match_stable_argsort(seed):
     rng = np.random.default_rng(seed)
-    # few distinct values: many ties, as with dequantised 4-bit weights
-    scores = rng.integers(0, 7, size=(37, 23)).astype(np.float32)
-    ks = [0.01, 0.05, 0.1, 0.5, 0.9]
+    shape = (int(rng.integers(1, 60)), int(rng.integers(1, 70)))
+    if seed % 2:  # few distinct values: many ties, as with dequantised 4-bit weights
+        scores = rng.integers(0, int(rng.integers(1, 8)), size=shape).astype(np.float32)
+    else:
+        scores = rng.random(shape).astype(np.float32)
+    ks = sorted(rng.choice([0.01, 0.05, 0.1, 0.3, 0.5, 0.9, 0.99], size=int(rng.integers(1, 6)), replace=False))
     levels = level_codes(scores, ks)
     order = np.argsort(-scores.reshape(-1), kind="stable")
     for j, k in enumerate(ks):

@@ -22,75 +22,54 @@ def top_count(n: int, k: float) -> int:
     return floor(Decimal(repr(float(k))) * n)
 
 
-def top_order(scores: np.ndarray, count: int) -> np.ndarray:
-    """Flat indices of the `count` largest scores: score descending, then index ascending."""
-    flat = scores.reshape(-1)
-    n = flat.size
-    if count <= 0:
-        return np.empty(0, dtype=np.int64)
-    if count >= n:
-        candidates = np.arange(n)
-    else:
-        # argpartition finds the threshold; entries equal to it are taken lowest index first
-        part = np.argpartition(flat, n - count)[n - count :]
-        threshold = flat[part].min()
-        above = np.flatnonzero(flat > threshold)
-        equal = np.flatnonzero(flat == threshold)[: count - above.size]
-        candidates = np.concatenate([above, equal])
-    order = np.lexsort((candidates, -flat[candidates]))
-    return candidates[order]
-
-
-def top_set(flat: np.ndarray, count: int) -> np.ndarray:
-    """Flat indices (ascending) of the top-`count` set, ties at the threshold lowest index first."""
-    n = flat.size
-    if count <= 0:
-        return np.empty(0, dtype=np.int64)
-    if count >= n:
-        return np.arange(n)
-    threshold = np.partition(flat, n - count)[n - count]
-    chosen = flat > threshold
-    need = count - int(np.count_nonzero(chosen))
-    if need:
-        chosen[np.flatnonzero(flat == threshold)[:need]] = True
-    return np.flatnonzero(chosen)
-
-
 def level_codes(scores: np.ndarray, ks: Sequence[float]) -> np.ndarray:
     """uint8 array shaped like `scores`: 1 + index of the smallest k in `ks` (ascending)
     whose top-k holds the entry, or 0.
 
-    One partition finds the largest set; the smaller sets' thresholds come from one
-    multi-pivot partition of its values, so no sort is needed."""
+    One partition of the matrix finds the largest set's values; partitions of ever smaller
+    arrays find the other thresholds; entries strictly above a threshold get their level
+    by counting, and entries equal to one are ranked by index (the tie rule)."""
     ks = list(ks)
     if ks != sorted(ks) or len(ks) > 254:
         raise ValueError("ks must be ascending and at most 254 values")
     flat = scores.reshape(-1)
-    counts = [top_count(flat.size, k) for k in ks]
-    levels = np.zeros(flat.size, dtype=np.uint8)
-    candidates = top_set(flat, max(counts, default=0))  # ascending flat indices
-    m = candidates.size
-    if m == 0:
+    n = flat.size
+    counts = [top_count(n, k) for k in ks]
+    levels = np.zeros(n, dtype=np.uint8)
+    largest = max(counts, default=0)
+    if largest == 0:
         return levels.reshape(scores.shape)
-    values = flat[candidates]
-    pivots = sorted({m - c for c in counts if 0 < c < m})
-    ordered = np.partition(values, pivots) if pivots else values
-    sub = np.zeros(m, dtype=np.uint8)
-    for j in range(len(ks) - 1, -1, -1):  # largest k first; smaller sets overwrite with lower levels
-        count = counts[j]
-        if count == 0:
-            continue
-        if count == m:
-            sub[:] = j + 1
-            continue
-        threshold = ordered[m - count]
-        above = values > threshold
-        sub[above] = j + 1
-        need = count - int(above.sum())
-        if need:  # candidates are in ascending index order: the first `need` ties win
-            sub[np.flatnonzero(values == threshold)[:need]] = j + 1
+    if largest >= n:
+        candidates, values = np.arange(n), flat
+    else:
+        part = np.partition(flat, n - largest)
+        candidates = np.flatnonzero(flat >= part[n - largest])  # ascending; may hold extra ties
+        values = flat[candidates]
+    thresholds = _thresholds(values if largest >= n else part[n - largest:], counts)
+    # thresholds fall as k grows, so x > t_j exactly for j >= j*: level j* + 1 = K + 1 - #{j: x > t_j}
+    above = np.zeros(values.size, dtype=np.uint8)
+    for t in thresholds.values():
+        above += values > t
+    sub = np.where(above > 0, np.uint8(len(ks) + 1) - above, np.uint8(0)).astype(np.uint8)
+    ranked = np.array(counts)
+    for t in sorted(set(thresholds.values())):  # entries equal to a threshold: rank, then place
+        tied = np.flatnonzero(values == t)
+        ranks = np.count_nonzero(values > t) + np.arange(tied.size)
+        sub[tied] = np.where(ranks < largest, np.searchsorted(ranked, ranks, side="right") + 1, 0)
     levels[candidates] = sub
     return levels.reshape(scores.shape)
+
+
+def _thresholds(top_values: np.ndarray, counts: list[int]) -> dict[int, float]:
+    """{j: the counts[j]-th largest value} from the `max(counts)` largest values."""
+    thresholds, current = {}, top_values
+    for j in sorted(range(len(counts)), key=lambda j: -counts[j]):
+        if counts[j] == 0:
+            continue
+        if counts[j] < current.size:
+            current = np.partition(current, current.size - counts[j])[current.size - counts[j]:]
+        thresholds[j] = current.min()
+    return thresholds
 
 
 def in_top(levels: np.ndarray, j: int) -> np.ndarray:
