@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -97,8 +99,34 @@ def _fetch_from_hub(ref: str, revision: str | None) -> tuple[Path, str | None]:
     return folder, folder.name  # snapshot folders are named by commit sha
 
 
+def _cached_sha256(path: Path) -> str:
+    """sha256 of a weight file, remembered by (path, size, mtime, inode) in the user cache:
+    hashing a 1 GB checkpoint costs seconds on every ingest otherwise."""
+    from mlarch.ingest.demo import cache_dir
+
+    stat = path.stat()
+    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ino}"
+    store = cache_dir() / "weight-digests.json"
+    try:
+        known = json.loads(store.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if key in known:
+        return known[key]
+    digest = sha256_file(path)
+    known[key] = digest
+    try:
+        store.parent.mkdir(parents=True, exist_ok=True)
+        staging = store.with_name(f"{store.name}.{os.getpid()}")
+        staging.write_text(json.dumps(known))
+        staging.replace(store)
+    except OSError:  # a read-only cache only costs time
+        pass
+    return digest
+
+
 def weights_digest(files: list[Path]) -> tuple[str, dict[str, str]]:
-    per_file = {f.name: sha256_file(f) for f in sorted(files)}
+    per_file = {f.name: _cached_sha256(f) for f in sorted(files)}
     h = hashlib.sha256("".join(f"{name}:{sha}\n" for name, sha in per_file.items()).encode())
     return h.hexdigest(), per_file
 
