@@ -115,6 +115,7 @@ class _Pending:
     n_tokens: int
     n_truncated: int
     provenance: dict
+    levels: np.ndarray  # kept in memory for the commit's derive
 
 
 def _now() -> datetime:
@@ -316,7 +317,8 @@ def _score_run(root, cfg, name, lang, role, seed, digest, source, loaded_items, 
             "seed": seed,
             "sample_indices": indices.tolist(),
         }
-        return _Pending(run_id, lang, role, seed, group, indices, records, result.n_tokens, result.n_truncated, prov)
+        return _Pending(run_id, lang, role, seed, group, indices, records, result.n_tokens, result.n_truncated, prov,
+                        levels)
     except BaseException:
         _mark_failed(catalog_path, run_id)
         raise
@@ -338,7 +340,8 @@ def _commit(root: Path, name: str, seed: int, loaded, modules, spans, new_model,
             current = current_runs(con, name, seed)
         for p in pending:
             current[(p.lang, p.role)] = RunRef(p.run_id, p.lang, p.role, p.group, tuple(p.provenance["config"]["top_k"]))
-        selections, patterns = derive(root / layout.ARRAYS, name, seed, spans, current)
+        selections, patterns = derive(root / layout.ARRAYS, name, seed, spans, current,
+                                      preloaded={p.group: p.levels for p in pending})
         with catalog.writing(catalog_path) as con:
             if new_model is not None:
                 group, record = new_model

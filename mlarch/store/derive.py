@@ -85,11 +85,21 @@ def _module_rows(model, seed, module, chunk_ks, pairs, levels, selection_rows, p
             pattern_rows.append((model, k, seed, module, pattern, count))
 
 
-def derive(root: Path, model: str, seed: int, spans: list[Span], runs: dict[tuple[str, str], RunRef]):
+def derive(root: Path, model: str, seed: int, spans: list[Span], runs: dict[tuple[str, str], RunRef],
+           preloaded: dict[str, np.ndarray] | None = None):
     """(selections, patterns) DataFrames for the languages that have both a math and a control run.
 
     Per module: one uint8 of math-only bits per language (bit t: selected at the t-th k),
-    then pattern histograms over the parameters that any language selected at any k."""
+    then pattern histograms over the parameters that any language selected at any k.
+    `preloaded` maps an arrays_group to its level codes already in memory (a run being
+    committed), which are then not read back from zarr."""
+    preloaded = preloaded or {}
+
+    def levels(group: str, start: int, stop: int) -> np.ndarray:
+        if group in preloaded:
+            return preloaded[group][start:stop]
+        return arrays.read(root, levels_path(group), start, stop)
+
     pairs = {
         lang: (runs[(lang, "math")], runs[(lang, "control")])
         for lang in sorted({lang for lang, _ in runs})
@@ -101,11 +111,8 @@ def derive(root: Path, model: str, seed: int, spans: list[Span], runs: dict[tupl
         chunk_ks = ks[first:first + 8]
         for group in groups(spans):  # one read per run covers many small modules
             start, stop = group[0].param_offset, group[-1].param_offset + group[-1].n_params
-            block = {
-                lang: (arrays.read(root, levels_path(m.arrays_group), start, stop),
-                       arrays.read(root, levels_path(c.arrays_group), start, stop))
-                for lang, (m, c) in pairs.items()
-            }
+            block = {lang: (levels(m.arrays_group, start, stop), levels(c.arrays_group, start, stop))
+                     for lang, (m, c) in pairs.items()}
             for span in group:
                 part = slice(span.param_offset - start, span.param_offset - start + span.n_params)
                 levels = {lang: (math[part], control[part]) for lang, (math, control) in block.items()}
