@@ -42,17 +42,19 @@ def magnitudes_path(model_group: str) -> str:
 def _selected_bits(math_levels: np.ndarray, control_levels: np.ndarray, jm: list[int], jc: list[int]) -> np.ndarray:
     """uint8 per parameter with bit t set when it is math-only at the t-th shared k.
 
-    A lookup table over (math level, control level) pairs does every k in one gather."""
-    size = 8 if max(jm + jc) < 7 else 256  # levels fit in 3 bits for up to 7 k values
-    levels = np.arange(size)
-    table = np.zeros((size, size), dtype=np.uint8)
+    In-place uint8 comparisons, no index arrays: level - 1 wraps 0 ("never") to 255, so
+    `level - 1 <= j` means "in the top-ks[j] set"."""
+    math1 = math_levels - np.uint8(1)
+    control1 = control_levels - np.uint8(1)
+    out = np.zeros_like(math_levels)
     for t, (a, b) in enumerate(zip(jm, jc)):
-        in_math = (levels != 0) & (levels <= a + 1)
-        in_control = (levels != 0) & (levels <= b + 1)
-        table |= ((in_math[:, None] & ~in_control[None, :]).astype(np.uint8) << t)
-    if size == 8:
-        return np.take(table.reshape(-1), (math_levels << np.uint8(3)) | control_levels)
-    return table[math_levels, control_levels]
+        bit = np.less_equal(math1, np.uint8(a))
+        bit &= np.greater(control1, np.uint8(b))
+        bits = bit.view(np.uint8)
+        if t:
+            bits <<= np.uint8(t)
+        out |= bits
+    return out
 
 
 def _module_rows(model, seed, module, chunk_ks, pairs, levels, selection_rows, pattern_rows) -> None:
