@@ -117,3 +117,18 @@ def test_compare_by_module_and_global_agree(brute):
     assert summed == glob["n_intersection"].item() == by_module.filter(by_module["module"] == "all")["n_intersection"].item()
     view = archive.sql("SELECT n_intersection, n_union FROM overlap_global WHERE k = 0.01 AND lang_a = 'de' AND lang_b = 'en'")
     assert (glob["n_intersection"].item(), glob["n_union"].item()) == view.row(0)
+
+
+def test_derive_in_many_small_reads_equals_one(llama_archive, monkeypatch):
+    """Modules are read in groups; a group per module must give the same rows."""
+    from mlarch.store import catalog, derive
+    from mlarch.store.spans import read_spans
+
+    archive = mlarch.open(llama_archive)
+    with catalog.reading(archive.catalog_path) as con:
+        runs, spans = derive.current_runs(con, "tiny-llama", 1), read_spans(con, "tiny-llama")
+    whole = derive.derive(archive.arrays_path, "tiny-llama", 1, spans, runs)
+    monkeypatch.setattr(derive, "GROUP_BUDGET", 1)
+    pieces = derive.derive(archive.arrays_path, "tiny-llama", 1, spans, runs)
+    assert whole[0].equals(pieces[0]) and whole[1].equals(pieces[1])
+    assert len(whole[0]) == len(archive.sql("SELECT * FROM selections"))

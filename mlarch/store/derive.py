@@ -18,6 +18,9 @@ from mlarch.store import arrays
 from mlarch.store.spans import Span, groups
 
 
+GROUP_BUDGET = 1 << 24  # parameters per read: whole chunks, bounded memory
+
+
 @dataclass(frozen=True)
 class RunRef:
     run_id: str
@@ -97,7 +100,7 @@ def derive(root: Path, model: str, seed: int, spans: list[Span], runs: dict[tupl
     committed), which are then not read back from zarr."""
     preloaded = preloaded or {}
 
-    def levels(group: str, start: int, stop: int) -> np.ndarray:
+    def read_levels(group: str, start: int, stop: int) -> np.ndarray:
         if group in preloaded:
             return preloaded[group][start:stop]
         return arrays.read(root, levels_path(group), start, stop)
@@ -111,9 +114,9 @@ def derive(root: Path, model: str, seed: int, spans: list[Span], runs: dict[tupl
     selection_rows, pattern_rows = [], []
     for first in range(0, len(ks), 8):  # 8 k values per uint8 of bits
         chunk_ks = ks[first:first + 8]
-        for group in groups(spans):  # one read per run covers many small modules
+        for group in groups(spans, GROUP_BUDGET):  # one read per run covers many small modules
             start, stop = group[0].param_offset, group[-1].param_offset + group[-1].n_params
-            block = {lang: (levels(m.arrays_group, start, stop), levels(c.arrays_group, start, stop))
+            block = {lang: (read_levels(m.arrays_group, start, stop), read_levels(c.arrays_group, start, stop))
                      for lang, (m, c) in pairs.items()}
             for span in group:
                 part = slice(span.param_offset - start, span.param_offset - start + span.n_params)
