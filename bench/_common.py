@@ -235,6 +235,7 @@ def machine_info() -> dict:
         info["mem_total_gib"] = round(int(mem[1]) / 2**20, 1)
     except (OSError, IndexError, ValueError):
         pass
+    info.update(source_fingerprint())
     for module in ("torch", "numpy", "zarr", "duckdb", "polars", "transformers"):
         try:
             from importlib.metadata import version
@@ -248,6 +249,25 @@ def machine_info() -> dict:
         info["torch_threads"] = torch.get_num_threads()
         info["cuda_available"] = bool(torch.cuda.is_available())
     return info
+
+
+def source_fingerprint() -> dict:
+    """sha256 over mlarch/**/*.py (path + bytes) and the newest file: the code these numbers are for
+    (others edit mlarch/ while benchmarks run; compare fingerprints before comparing results)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    newest, newest_name = 0.0, None
+    for path in sorted((ROOT / "mlarch").rglob("*.py")):
+        rel = str(path.relative_to(ROOT))
+        h.update(rel.encode())
+        h.update(path.read_bytes())
+        mtime = path.stat().st_mtime
+        if mtime > newest:
+            newest, newest_name = mtime, rel
+    return {"mlarch_source_sha256": h.hexdigest()[:16],
+            "mlarch_newest_file": newest_name,
+            "mlarch_newest_mtime": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(newest)) + "Z"}
 
 
 @dataclass
@@ -278,6 +298,8 @@ class Bench:
         self.name = name
         self.quick = self.args.quick
         self.repeats = self.args.repeats or (quick_repeats if self.quick else repeats)
+        if self.quick:  # a smoke run should not wait minutes for a quiet machine
+            QUIET.budget = 30.0
         self.rows: list[Row] = []
         self.started = time.time()
         self.clock = time.perf_counter()
@@ -323,6 +345,11 @@ class Bench:
 
     def finish(self, details: dict | None = None) -> dict:
         self.machine["loadavg_end"] = list(os.getloadavg())
+        end = source_fingerprint()
+        if end["mlarch_source_sha256"] != self.machine.get("mlarch_source_sha256"):
+            self.machine["mlarch_source_changed_during_run"] = end
+            print(f"WARNING: mlarch/ changed while this benchmark ran (newest {end['mlarch_newest_file']} "
+                  f"{end['mlarch_newest_mtime']}): the numbers may mix two versions")
         if "torch" in sys.modules and "torch_threads" not in self.machine:
             import torch
 
@@ -341,7 +368,9 @@ class Bench:
             "details": details or {},
         }
         print()
-        print(f"== {self.name}{' (quick)' if self.quick else ''}: {result['duration_s']} s, "
+        print(f"== {self.name}{' (quick)' if self.quick else ''}: {result['duration_s']} s, mlarch source "
+              f"{self.machine.get('mlarch_source_sha256')} (newest {self.machine.get('mlarch_newest_file')} "
+              f"{self.machine.get('mlarch_newest_mtime')}), "
               f"load average {self.machine['loadavg_start'][0]:.1f} -> {self.machine['loadavg_end'][0]:.1f}; "
               f"contention: {QUIET.summary()} ==")
         print(self.table())
