@@ -287,3 +287,14 @@ def test_provenance_matches_the_shipped_json_schema(llama_archive):
     del broken["texts_sha256"]
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(broken, schema)
+
+
+def test_model_without_scorable_modules(archive_copy, model_dir, data, monkeypatch):
+    from mlarch.ingest import scoring
+
+    monkeypatch.setattr(scoring, "scored_modules", lambda model: [])  # as for a model with no Linear layers
+    before = tree_digest(archive_copy)
+    result = run(archive_copy, *ingest_args(model_dir, data, "en", "--force"))
+    assert result.exit_code == 1
+    assert result.stderr.strip().endswith("has no nn.Linear or Conv1D modules to score")
+    assert tree_digest(archive_copy) == before

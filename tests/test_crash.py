@@ -159,3 +159,31 @@ def test_exception_inside_the_model(base, model_dir, data, tmp_path, monkeypatch
     assert after[0].equals(before[0]) and after[1].equals(before[1])
     assert any(line.endswith("(tiny-llama, FAILED)") for line in gc(root))
     assert not [c for c in verify(root) if not c.ok]
+
+
+def test_full_disk_while_writing_arrays(base, model_dir, data, tmp_path, monkeypatch):
+    only_en, _ = base
+    root = tmp_path / "full"
+    shutil.copytree(only_en, root)
+    before = snapshot(root)
+    from mlarch.store import arrays
+
+    real_write = arrays.write
+
+    def full_disk(store, path, data_):
+        if path.endswith("/levels"):
+            raise OSError(28, "No space left on device")
+        return real_write(store, path, data_)
+
+    monkeypatch.setattr(arrays, "write", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        mlarch.open(root).ingest(str(model_dir["llama"]), ["de"], data["math"], data["control"], samples=6,
+                                 top_k=[0.01, 0.05, 0.25], device="cpu")
+    after = snapshot(root)
+    assert after[0].equals(before[0]) and after[1].equals(before[1])
+    gc(root)
+    assert not [c for c in verify(root) if not c.ok]
+    monkeypatch.setattr(arrays, "write", real_write)
+    mlarch.open(root).ingest(str(model_dir["llama"]), ["de"], data["math"], data["control"], samples=6,
+                             top_k=[0.01, 0.05, 0.25], device="cpu")
+    assert not [c for c in verify(root) if not c.ok]
