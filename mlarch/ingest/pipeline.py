@@ -287,7 +287,7 @@ def _score_run(root, cfg, name, lang, role, seed, digest, source, loaded_items, 
             scores = selection.scores(magnitudes[span.params].reshape(span.n_rows, span.n_cols), module_norms)
             levels[span.params] = selection.level_codes(scores, cfg.top_k).reshape(-1)
         store = root / layout.ARRAYS
-        records = [("norms", arrays.write(store, norms_path(group), norms)),
+        records = [("norms", arrays.write(store, norms_path(group), norms, compress=False)),
                    ("levels", arrays.write(store, levels_path(group), levels))]
         finished = _now()
         prov = {
