@@ -170,10 +170,10 @@ def test_full_disk_while_writing_arrays(base, model_dir, data, tmp_path, monkeyp
 
     real_write = arrays.write
 
-    def full_disk(store, path, data_):
+    def full_disk(store, path, data_, **options):
         if path.endswith("/levels"):
             raise OSError(28, "No space left on device")
-        return real_write(store, path, data_)
+        return real_write(store, path, data_, **options)
 
     monkeypatch.setattr(arrays, "write", full_disk)
     with pytest.raises(OSError, match="No space left"):
