@@ -203,12 +203,16 @@ def main() -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    d = [x["seconds"] for x in results["derive"]]
-    rd = [x["seconds"] for x in results["read"]]
+    busy = lambda x: x["others_cores"] >= 0.3  # noqa: E731 - contended measurement
+    rounds = list(zip(results["derive"], results["read"]))
+    clean_rounds = [(a, b) for a, b in rounds if not busy(a) and not busy(b)] or rounds
+    d = [a["seconds"] for a, _ in clean_rounds]
+    rd = [b["seconds"] for _, b in clean_rounds]
     ratio = median([a / b for a, b in zip(d, rd)])
     bench.row(f"derive vs reading the level arrays once ({n_params / 1e9:.2f} B params, {bench.args.langs} langs)",
               median(d), median(rd), ratio=ratio, target=f"<= {TARGET_RATIO:.0f}x", passed=ratio <= TARGET_RATIO,
-              note="median of per-round ratios; page cache warm for both")
+              note=f"median of per-round ratios over {len(clean_rounds)} of {len(rounds)} rounds "
+                   f"({'uncontended' if clean_rounds is not rounds else 'all contended: noisy'}); page cache warm for both")
     rss = max(x["peak_rss_mib"] for x in results["derive"])
     bench.row("derive peak RSS (subprocess, incl. imports)", rss / 1024, max(x["peak_rss_mib"] for x in results["read"]) / 1024,
               unit="GiB", target=f"< {TARGET_RSS_GIB:.0f} GiB", passed=rss / 1024 < TARGET_RSS_GIB,

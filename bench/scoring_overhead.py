@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import time
 
+import _common
 from _common import (QUIET, Bench, bad_rounds, bare_forward, clean_times, gemma_folder, interleave, load_model, median,
                      paired_ratio, starter_texts)
 
@@ -36,7 +37,6 @@ def main() -> None:
     ))
     import torch
 
-    from mlarch.ingest import scoring
     from mlarch.ingest.scoring import NormCollector, run_pass, scored_modules
 
     n_texts = bench.args.texts or (4 if bench.quick else 16)
@@ -119,7 +119,7 @@ def main() -> None:
     times = interleave(variants, bench.repeats, log=bench.log)
 
     # instrumented passes: time spent inside the hooks (mlarch's, then the prototype's)
-    contended = {k: list(v) for k, v in __import__("_common").LAST_CONTENDED.items()}
+    contended = {k: list(v) for k, v in _common.LAST_CONTENDED.items()}
     kept = clean_times(times)
     inside = {"s": 0.0, "calls": 0}
 
