@@ -35,37 +35,9 @@ SEEDS = [1, 2, 3]
 
 def build_models(folder: Path, layers: int) -> list[Path]:
     """tiny-llama (untied head), tiny-qwen2 (tied head), tiny-gpt2 (Conv1D), `layers` deep."""
-    import torch
-    from fixtures import VOCAB, build_tokenizer
-    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen2Config
+    from fixtures import build_model
 
-    paths = []
-    for kind in ("llama", "qwen2", "gpt2"):
-        torch.manual_seed({"llama": 1, "qwen2": 2, "gpt2": 3}[kind])
-        tokenizer = build_tokenizer(with_pad=kind != "gpt2", with_bos=kind == "llama")
-        ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
-               "pad_token_id": tokenizer.pad_token_id}
-        if kind == "llama":
-            config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
-                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                                 tie_word_embeddings=False, **ids)
-        elif kind == "qwen2":
-            config = Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
-                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                                 tie_word_embeddings=True, **ids)
-        else:
-            config = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=max(1, (2 * layers) // 3), n_head=4,
-                                n_positions=256, **ids)
-        model = AutoModelForCausalLM.from_config(config)
-        with torch.no_grad():
-            for _, param in model.named_parameters():
-                if param.dim() == 1:
-                    param.add_(0.1 * torch.randn_like(param))
-        path = folder / f"tiny-{kind}"
-        model.save_pretrained(path)
-        tokenizer.save_pretrained(path)
-        paths.append(path)
-    return paths
+    return [build_model(kind, folder, layers) for kind in ("llama", "qwen2", "gpt2")]
 
 
 def build_archive(root: Path, work: Path, layers: int, samples: int, log) -> None:

@@ -15,7 +15,7 @@ them (`arrays.read` per span group per run), discarding the data. Both run in fr
 subprocesses, timed inside (imports excluded), with peak RSS from getrusage.
 Targets: derive <= 3x the read, peak RSS < 4 GiB. The data folder is removed at the end.
 
-    .venv/bin/python bench/scale.py [--quick] [--layers 16] [--repeats 3] [--prototype]
+    .venv/bin/python bench/scale.py [--quick] [--layers 16] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -84,30 +84,6 @@ def write_runs(store: Path, n_params: int, refs, ks: tuple[float, ...], log) -> 
         log(f"  wrote {ref.arrays_group}/levels ({n_params / 1e6:.0f} M) in {time.perf_counter() - clock:.1f} s")
 
 
-def selected_bits_prototype(math_levels, control_levels, jm, jc):
-    """A suggested replacement for mlarch.store.derive._selected_bits (same output).
-
-    np.take with uint8 indices converts them to int64 first (8 bytes per parameter) and
-    then gathers; comparisons on uint8 need neither: level - 1 wraps 0 ("never") to 255,
-    so `(level - 1) <= j` is "in the top-ks[j] set"."""
-    import numpy as np
-
-    out = None
-    m1 = math_levels - np.uint8(1)
-    c1 = control_levels - np.uint8(1)
-    for t, (a, b) in enumerate(zip(jm, jc)):
-        bit = np.less_equal(m1, np.uint8(a))
-        bit &= np.greater(c1, np.uint8(b))
-        bit = bit.view(np.uint8)
-        if t:
-            bit <<= np.uint8(t)
-        if out is None:
-            out = bit
-        else:
-            out |= bit
-    return out if out is not None else np.zeros_like(math_levels)
-
-
 def child(mode: str, store: Path, layers: int, langs: int, ks: tuple[float, ...]) -> None:
     """Runs in a fresh process: derive or read once, print timings and peak RSS as JSON."""
     import hashlib
@@ -117,9 +93,6 @@ def child(mode: str, store: Path, layers: int, langs: int, ks: tuple[float, ...]
     from mlarch.store import derive as derive_module
     from mlarch.store.derive import derive, levels_path
     from mlarch.store.spans import groups, layout
-
-    if mode == "derive-prototype":
-        derive_module._selected_bits = selected_bits_prototype
 
     rss_start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     spans = layout(module_list(layers))
@@ -157,8 +130,6 @@ def main() -> None:
         p.add_argument("--langs", type=int, default=4),
         p.add_argument("--ks", default="0.01", help="k values stored per run (default 0.01)"),
         p.add_argument("--dir", default=None, help="where to write the synthetic archive (default: a temp folder)"),
-        p.add_argument("--prototype", action="store_true",
-                       help="also time derive with the bench's _selected_bits prototype (uint8 compares, no np.take)"),
     ))
     layers = bench.args.layers or (2 if bench.quick else 16)
     ks = tuple(sorted(float(k) for k in bench.args.ks.split(",")))
@@ -179,7 +150,7 @@ def main() -> None:
         write_runs(store, n_params, refs, ks, bench.log)
         on_disk = sum(f.stat().st_size for f in store.rglob("*") if f.is_file())
         bench.log(f"wrote {len(refs)} runs in {time.perf_counter() - clock:.1f} s: {on_disk / 2**20:.1f} MiB on disk")
-        results = {"derive": [], "read": [], "derive-prototype": []}
+        results = {"derive": [], "read": []}
 
         def spawn(mode):
             argv = [sys.executable, __file__, "--child", mode, str(store), str(layers), str(bench.args.langs),
@@ -192,8 +163,6 @@ def main() -> None:
         spawn("read")  # warm the page cache once (both then read from memory)
         for r in range(bench.repeats):
             modes = ["derive", "read"] if r % 2 == 0 else ["read", "derive"]
-            if bench.args.prototype:
-                modes.append("derive-prototype")
             for mode in modes:
                 _, others, value = QUIET.measure(lambda: spawn(mode), bench.log)
                 value["others_cores"] = others
@@ -217,13 +186,6 @@ def main() -> None:
     bench.row("derive peak RSS (subprocess, incl. imports)", rss / 1024, max(x["peak_rss_mib"] for x in results["read"]) / 1024,
               unit="GiB", target=f"< {TARGET_RSS_GIB:.0f} GiB", passed=rss / 1024 < TARGET_RSS_GIB,
               note=f"baseline column: the read's peak RSS; RSS after imports {results['derive'][0]['rss_after_imports_mib']:.0f} MiB")
-    if results["derive-prototype"]:
-        dp = [x["seconds"] for x in results["derive-prototype"]]
-        same = {x["digest"] for x in results["derive-prototype"]} == {x["digest"] for x in results["derive"]}
-        pr = median(dp) / median(rd)
-        bench.row("derive with suggested _selected_bits (bench prototype) vs read", median(dp), median(rd), ratio=pr,
-                  target=f"<= {TARGET_RATIO:.0f}x", passed=pr <= TARGET_RATIO and same,
-                  note=f"not mlarch code: selected_bits_prototype in this file, patched in; identical rows: {same}")
     bench.row("throughput: derive (M params/s)", n_params / median(d) / 1e6, n_params / median(rd) / 1e6,
               ratio=median(rd) / median(d), unit="", target="info")
     bench.finish(details={
