@@ -1,21 +1,24 @@
 """The Python API: `mlarch.open(path)` returns an Archive. The CLI is a thin shell over it.
 
-Importing this module stays light (DuckDB, polars, numpy): torch and transformers load
-only when `ingest` runs.
+Importing this module stays light (DuckDB, polars): numpy loads with the array methods,
+torch and transformers only when `ingest` runs.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import duckdb
-import numpy as np
 import polars as pl
 
 from mlarch.errors import MlarchError, UsageError
 from mlarch.query import compare as _compare
 from mlarch.store import catalog, layout
+
+if TYPE_CHECKING:  # annotations only: numpy costs ~50 ms of every query command's start-up
+    import numpy as np
 
 # Statement types `sql` runs without --write (the connection is read-only as well).
 READ_STATEMENTS = {"SELECT", "EXPLAIN", "PRAGMA"}
