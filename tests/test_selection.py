@@ -46,3 +46,39 @@ def test_math_only_and_histogram():
     a = np.array([1, 1, 0, 0], bool)
     b = np.array([1, 0, 1, 0], bool)
     assert sorted(histogram([a, b], ["de", "en"])) == [(["de"], 1), (["de", "en"], 1), (["en"], 1)]
+
+
+def _argsort_levels(scores, ks):
+    """Slow reference: level codes from one stable sort (score descending, lowest index first)."""
+    order = np.argsort(-scores.reshape(-1), kind="stable")
+    levels = np.zeros(scores.size, np.uint8)
+    for j in reversed(range(len(ks))):
+        levels[order[: top_count(scores.size, ks[j])]] = j + 1
+    return levels.reshape(scores.shape)
+
+
+PAPER_KS = [0.0001, 0.001, 0.01, 0.025, 0.05, 0.1, 0.15]
+
+
+@pytest.mark.parametrize("distinct", [None, 3, 40])
+def test_large_matrices_take_the_sampled_path_exactly(distinct):
+    # >= 4 * 2**14 entries: the candidates come from a sampled bound, not a full partition
+    rng = np.random.default_rng(7)
+    shape = (400, 333)
+    if distinct is None:
+        scores = (rng.lognormal(size=shape) * rng.lognormal(size=shape[1])).astype(np.float32)
+    else:  # crowded ties at the thresholds, as dequantised weights give
+        scores = (rng.integers(0, distinct, size=shape) * rng.integers(1, 3, size=shape[1])).astype(np.float32)
+    np.testing.assert_array_equal(level_codes(scores, PAPER_KS), _argsort_levels(scores, PAPER_KS))
+
+
+def test_sampled_bound_that_misses_falls_back_to_an_exact_partition():
+    from mlarch.ingest import selection
+
+    n = 300 * 300
+    scores = np.zeros(n, np.float32)
+    positions = (np.arange(selection._SAMPLE, dtype=np.int64) * 2654435761) % n  # the sample's places
+    scores[positions] = 10.0  # the sample sees only large values: its bound admits too few entries
+    scores += np.linspace(0, 1, n, dtype=np.float32)
+    scores = scores.reshape(300, 300)
+    np.testing.assert_array_equal(level_codes(scores, PAPER_KS), _argsort_levels(scores, PAPER_KS))

@@ -26,9 +26,11 @@ def level_codes(scores: np.ndarray, ks: Sequence[float]) -> np.ndarray:
     """uint8 array shaped like `scores`: 1 + index of the smallest k in `ks` (ascending)
     whose top-k holds the entry, or 0.
 
-    One partition of the matrix finds the largest set's values; partitions of ever smaller
-    arrays find the other thresholds; entries strictly above a threshold get their level
-    by counting, and entries equal to one are ranked by index (the tie rule)."""
+    A sample gives a value just below the largest set's threshold, so one compare finds a
+    small superset of that set (the candidates); in-place partitions of their values find
+    every threshold exactly; one compare per k counts the thresholds an entry clears.
+    Entries equal to a threshold are ranked by index (the tie rule) only when there are
+    more of them than the set has room for."""
     ks = list(ks)
     if ks != sorted(ks) or len(ks) > 254:
         raise ValueError("ks must be ascending and at most 254 values")
@@ -39,20 +41,22 @@ def level_codes(scores: np.ndarray, ks: Sequence[float]) -> np.ndarray:
     largest = max(counts, default=0)
     if largest == 0:
         return levels.reshape(scores.shape)
-    if largest >= n:
-        candidates, values = np.arange(n), flat
-    else:
-        part = np.partition(flat, n - largest)
-        candidates = np.flatnonzero(flat >= part[n - largest])  # ascending; may hold extra ties
-        values = flat[candidates]
-    thresholds = _thresholds(values if largest >= n else part[n - largest:], counts)
-    # thresholds fall as k grows, so x > t_j exactly for j >= j*: level j* + 1 = K + 1 - #{j: x > t_j}
-    above = np.zeros(values.size, dtype=np.uint8)
-    for t in thresholds.values():
-        above += values > t
-    sub = np.where(above > 0, np.uint8(len(ks) + 1) - above, np.uint8(0)).astype(np.uint8)
+    candidates = _candidates(flat, largest)  # ascending flat indices of a superset of the largest set
+    values = flat[candidates]
+    thresholds = _thresholds(values.copy(), counts)
+    # an entry is in top-ks[j] iff it is above t_j (ties aside); thresholds fall as k grows,
+    # so an entry clearing b of them first enters at level K + 1 - b (b = 0: never)
+    cleared = np.zeros(values.size, dtype=np.uint8)
+    crowded = []  # thresholds with more entries equal to them than places left
+    for j, t in thresholds.items():
+        at_least = values >= t
+        cleared += at_least
+        if np.count_nonzero(at_least) > counts[j]:
+            crowded.append(t)
+    sub = np.subtract(np.uint8(len(ks) + 1), cleared, dtype=np.uint8)
+    sub[cleared == 0] = 0
     ranked = np.array(counts)
-    for t in sorted(set(thresholds.values())):  # entries equal to a threshold: rank, then place
+    for t in sorted(set(crowded)):  # rank the entries equal to t by index, then place them
         tied = np.flatnonzero(values == t)
         ranks = np.count_nonzero(values > t) + np.arange(tied.size)
         sub[tied] = np.where(ranks < largest, np.searchsorted(ranked, ranks, side="right") + 1, 0)
@@ -60,15 +64,44 @@ def level_codes(scores: np.ndarray, ks: Sequence[float]) -> np.ndarray:
     return levels.reshape(scores.shape)
 
 
-def _thresholds(top_values: np.ndarray, counts: list[int]) -> dict[int, float]:
-    """{j: the counts[j]-th largest value} from the `max(counts)` largest values."""
-    thresholds, current = {}, top_values
+_SAMPLE = 1 << 14
+
+
+def _candidates(flat: np.ndarray, count: int) -> np.ndarray:
+    """Ascending indices of at least the `count` largest entries (all ties included), and
+    few others: the bound comes from a fixed, spread-out sample, with a margin of about
+    four standard deviations; if it misses, one exact partition finds the bound."""
+    n = flat.size
+    bound = None
+    if n >= 4 * _SAMPLE and count < n:
+        positions = (np.arange(_SAMPLE, dtype=np.int64) * 2654435761) % n  # multiplicative hashing: spread over rows and columns
+        sample = flat[positions]
+        expected = count * _SAMPLE / n
+        above = int(expected + 4 * np.sqrt(expected) + 16)
+        if above < _SAMPLE:
+            bound = np.partition(sample, _SAMPLE - 1 - above)[_SAMPLE - 1 - above]
+    if bound is not None:
+        candidates = np.flatnonzero(flat >= bound)
+        if candidates.size >= count:
+            return candidates
+    if count >= n:
+        return np.arange(n)
+    return np.flatnonzero(flat >= np.partition(flat, n - count)[n - count])
+
+
+def _thresholds(values: np.ndarray, counts: list[int]) -> dict[int, float]:
+    """{j: the counts[j]-th largest of `values`} for every non-zero count; partitions
+    `values` in place, on ever smaller views (the sets are nested)."""
+    thresholds, view = {}, values
     for j in sorted(range(len(counts)), key=lambda j: -counts[j]):
         if counts[j] == 0:
             continue
-        if counts[j] < current.size:
-            current = np.partition(current, current.size - counts[j])[current.size - counts[j]:]
-        thresholds[j] = current.min()
+        if counts[j] < view.size:
+            view.partition(view.size - counts[j])
+            view = view[view.size - counts[j]:]
+            thresholds[j] = view[0]  # the partition put the view's smallest value first
+        else:
+            thresholds[j] = view.min()
     return thresholds
 
 
