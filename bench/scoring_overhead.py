@@ -13,7 +13,9 @@ Gemma, so it is not scored and its logits are never computed). Two baselines:
 
 A diagnostic variant registers the same number of no-op forward pre-hooks on the base
 model, separating Python hook dispatch from the norm arithmetic, and one instrumented
-scoring pass reports the time spent inside the hooks.
+scoring pass reports the time spent inside the hooks (modules fed the same input
+tensor, q/k/v and gate/up, reuse the first one's norms: 72 norm computations per
+forward in Gemma-3 instead of 126).
 
     .venv/bin/python bench/scoring_overhead.py [--quick] [--texts 16] [--repeats 7]
 """
@@ -66,46 +68,8 @@ def main() -> None:
 
     mlarch_accumulate = NormCollector._accumulate
 
-    def make_dedup(original):
-        """Suggested change (bench prototype, not mlarch code): modules fed the same input
-        tensor (q/k/v, gate/up) reuse the previous hook's per-sample norms instead of
-        recomputing them: 72 instead of 126 norm computations per forward in Gemma-3."""
-        last = {"x": None, "mask": None, "value": None}
-
-        def accumulate(self, name, args, kwargs):
-            x = args[0] if args else next(iter(kwargs.values()))
-            if x is last["x"] and self.mask is last["mask"]:
-                self.sums[name] += last["value"]
-                return
-            real = self.sums[name]  # run mlarch's own arithmetic into zeros to get this sample's vector
-            self.sums[name] = torch.zeros_like(real)
-            try:
-                original(self, name, args, kwargs)
-                value = self.sums[name]
-            finally:
-                self.sums[name] = real
-            real += value
-            last.update(x=x, mask=self.mask, value=value)
-
-        return accumulate
-
-    def dedup_scoring_pass():
-        NormCollector._accumulate = make_dedup(mlarch_accumulate)
-        try:
-            return scoring_pass()
-        finally:
-            NormCollector._accumulate = mlarch_accumulate
-
-    # the prototype must give the same norms as run_pass
-    reference_norms = scoring_pass().norms
-    prototype_norms = dedup_scoring_pass().norms
-    import numpy as np
-
-    dedup_identical = all(np.array_equal(reference_norms[k], prototype_norms[k]) for k in reference_norms)
-
     variants = {
         "scoring (run_pass)": scoring_pass,
-        "scoring, shared-input dedup (prototype)": dedup_scoring_pass,
         "bare base model": lambda: bare_forward(model, tokenizer, texts, base=True, batch_size=bs),
         "bare full model": lambda: bare_forward(model, tokenizer, texts, base=False, batch_size=bs),
         "base + no-op hooks": noop_hooks_base,
@@ -118,7 +82,7 @@ def main() -> None:
     bench.log(f"timing {len(variants)} variants x {bench.repeats} rounds over {n_texts} texts")
     times = interleave(variants, bench.repeats, log=bench.log)
 
-    # instrumented passes: time spent inside the hooks (mlarch's, then the prototype's)
+    # instrumented passes: time spent inside the hooks
     contended = {k: list(v) for k, v in _common.LAST_CONTENDED.items()}
     kept = clean_times(times)
     inside = {"s": 0.0, "calls": 0}
@@ -135,7 +99,7 @@ def main() -> None:
         return timed
 
     hooks = {}
-    for label, accumulate in (("mlarch", mlarch_accumulate), ("dedup prototype", make_dedup(mlarch_accumulate))):
+    for label, accumulate in (("mlarch", mlarch_accumulate),):
         NormCollector._accumulate = timed_by(accumulate)
         try:
             runs = []
@@ -157,11 +121,6 @@ def main() -> None:
                    f"ratio of medians {median(ours) / median(base):.3f}x; min/min {min(times[s]) / min(times[b]):.3f}x")
     bench.row("scoring pass vs bare full model (with head)", median(ours), median(full),
               ratio=paired_ratio(times[s], times[f], bad_rounds(s, f)), target="info")
-    d = "scoring, shared-input dedup (prototype)"
-    bench.row("suggested: hooks reuse norms of a shared input (bench prototype) vs base", median(kept[d]), median(base),
-              ratio=paired_ratio(times[d], times[b], bad_rounds(d, b)), target=f"<= {TARGET:.2f}x",
-              passed=paired_ratio(times[d], times[b], bad_rounds(d, b)) <= TARGET and dedup_identical,
-              note=f"not mlarch code; identical norms: {dedup_identical}")
     bench.row("no-op hooks on base vs bare base model", median(noop), median(base),
               ratio=paired_ratio(times[n], times[b], bad_rounds(n, b)), target="info")
     for label, h in hooks.items():
@@ -175,7 +134,6 @@ def main() -> None:
         "model": folder.name, "n_scored_modules": len(modules), "n_texts": n_texts, "batch_size": bs,
         "n_tokens": result.n_tokens, "instrumented_hooks": hooks, "times": times, "contended_indices": contended,
         "target_baseline": "bare base model (model.model, no head), median of per-round ratios",
-        "dedup_prototype_identical_norms": dedup_identical,
     })
 
 

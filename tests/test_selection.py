@@ -82,3 +82,22 @@ def test_sampled_bound_that_misses_falls_back_to_an_exact_partition():
     scores += np.linspace(0, 1, n, dtype=np.float32)
     scores = scores.reshape(300, 300)
     np.testing.assert_array_equal(level_codes(scores, PAPER_KS), _argsort_levels(scores, PAPER_KS))
+
+
+@pytest.mark.parametrize("jm, jc", [
+    (list(range(7)), list(range(7))),  # the paper's 7 k: the run-of-bits path
+    (list(range(8, 16)), list(range(8, 16))),  # a second byte of k values
+    ([0, 2, 5], [1, 2, 4]),  # runs with different k lists: the per-k path
+])
+def test_math_only_bits_equal_the_set_algebra(jm, jc):
+    from mlarch.store.derive import _selected_bits
+
+    rng = np.random.default_rng(len(jm) + jm[0])
+    n, top = 50_000, max(jm + jc) + 1
+    math_levels = np.where(rng.random(n) < 0.3, rng.integers(1, top + 1, n), 0).astype(np.uint8)
+    control_levels = np.where(rng.random(n) < 0.3, rng.integers(1, top + 1, n), 0).astype(np.uint8)
+    bits = _selected_bits(math_levels, control_levels, jm, jc)
+    expected = np.zeros(n, np.uint8)
+    for t, (a, b) in enumerate(zip(jm, jc)):
+        expected |= (in_top(math_levels, a) & ~in_top(control_levels, b)).astype(np.uint8) << t
+    np.testing.assert_array_equal(bits, expected)

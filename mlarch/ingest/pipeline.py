@@ -13,6 +13,7 @@ import os
 import re
 import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -38,6 +39,8 @@ METHOD = {
     "sampling": "numpy.random.default_rng(seed).integers(0, n_items, n_samples) (with replacement)",
 }
 ROLES = ("math", "control")
+# one module's scores and candidates per thread: a few threads keep memory bounded on 8B models
+_SELECT_THREADS = max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
 _LANG = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,31}$")
 
 
@@ -280,12 +283,9 @@ def _score_run(root, cfg, name, lang, role, seed, digest, source, loaded_items, 
         )
         reporter.end_pass()
         norms = np.empty(span_layout.total_norms(spans), dtype=np.float32)
-        levels = np.empty(span_layout.total_params(spans), dtype=np.uint8)
         for span in spans:
-            module_norms = result.norms[span.module]
-            norms[span.norms] = module_norms
-            scores = selection.scores(magnitudes[span.params].reshape(span.n_rows, span.n_cols), module_norms)
-            levels[span.params] = selection.level_codes(scores, cfg.top_k).reshape(-1)
+            norms[span.norms] = result.norms[span.module]
+        levels = _select(spans, magnitudes, norms, cfg.top_k)
         store = root / layout.ARRAYS
         records = [("norms", arrays.write(store, norms_path(group), norms, compress=False)),
                    ("levels", arrays.write(store, levels_path(group), levels))]
@@ -322,6 +322,20 @@ def _score_run(root, cfg, name, lang, role, seed, digest, source, loaded_items, 
     except BaseException:
         _mark_failed(catalog_path, run_id)
         raise
+
+
+def _select(spans, magnitudes: np.ndarray, norms: np.ndarray, ks: list[float]) -> np.ndarray:
+    """Level codes of every module, modules spread over a few threads (numpy releases the
+    GIL in the partitions and compares; torch's threads are idle between passes)."""
+    levels = np.empty(magnitudes.size, dtype=np.uint8)
+
+    def one(span) -> None:
+        scores = selection.scores(magnitudes[span.params].reshape(span.n_rows, span.n_cols), norms[span.norms])
+        levels[span.params] = selection.level_codes(scores, ks).reshape(-1)
+
+    with ThreadPoolExecutor(_SELECT_THREADS) as pool:  # largest first: the pool ends together
+        list(pool.map(one, sorted(spans, key=lambda span: -span.n_params)))  # re-raises a worker's error
+    return levels
 
 
 def _mark_failed(catalog_path: Path, run_id: str) -> None:

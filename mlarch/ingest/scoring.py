@@ -121,6 +121,8 @@ class NormCollector:
     def __init__(self, model: nn.Module, modules: list[ScoredModule], device: torch.device):
         self.sums = {m.name: torch.zeros(m.n_cols, dtype=torch.float64, device=device) for m in modules}
         self.mask: torch.Tensor | None = None
+        self._last_input: torch.Tensor | None = None  # held, so its identity cannot be reused
+        self._last_norms: torch.Tensor | None = None
         self.handles = []
         head, _ = output_head(model)
         scored = {id(m.module): m.name for m in modules}
@@ -134,17 +136,26 @@ class NormCollector:
 
     def _accumulate(self, name: str, args, kwargs) -> None:
         x = args[0] if args else next(iter(kwargs.values()))
+        if x is self._last_input:  # q/k/v (gate/up) receive the same tensor: same norms
+            self.sums[name].add_(self._last_norms)
+            return
         mask = self.mask
         if x.dim() != 3 or tuple(x.shape[:2]) != tuple(mask.shape):
             raise MlarchError(
                 f"module {name} received an input of shape {tuple(x.shape)}; mlarch scores modules "
                 "whose input is (batch, tokens, features)"
             )
-        xf = x.detach().to(torch.float32)
+        xf = x.detach() if x.dtype == torch.float32 else x.detach().to(torch.float32)
         # sum over real tokens of x^2 as one batched matmul (padding has mask 0): faster
         # than einsum or a strided vector_norm for these shapes
-        squares = torch.bmm(mask[:, None, :], xf * xf).squeeze(1)
-        self.sums[name] += squares.sqrt().sum(dim=0, dtype=torch.float64)
+        norms = torch.bmm(mask[:, None, :], xf * xf).sqrt_()
+        # per-sample float32 norms, summed in float64 (add_ promotes; no extra kernel at batch 1)
+        norms = norms.view(-1) if norms.shape[0] == 1 else norms.squeeze(1).sum(dim=0, dtype=torch.float64)
+        self.sums[name].add_(norms)
+        self._last_input, self._last_norms = x, norms
+
+    def start_batch(self, mask: torch.Tensor) -> None:
+        self.mask, self._last_input, self._last_norms = mask, None, None
 
     def _hook(self, name: str) -> Callable:
         def hook(module, args, kwargs):
@@ -205,7 +216,7 @@ def run_pass(
                     input_ids[row, : len(ids[i])] = torch.tensor(ids[i])
                     attention[row, : len(ids[i])] = 1
                 input_ids, attention = input_ids.to(device), attention.to(device)
-                collector.mask = attention.to(torch.float32)
+                collector.start_batch(attention.to(torch.float32))
                 try:
                     model(input_ids=input_ids, attention_mask=attention, use_cache=False)
                 except _StopForward:

@@ -45,8 +45,10 @@ def magnitudes_path(model_group: str) -> str:
 def _selected_bits(math_levels: np.ndarray, control_levels: np.ndarray, jm: list[int], jc: list[int]) -> np.ndarray:
     """uint8 per parameter with bit t set when it is math-only at the t-th shared k.
 
-    In-place uint8 comparisons, no index arrays: level - 1 wraps 0 ("never") to 255, so
+    In-place uint8 arithmetic, no index arrays: level - 1 wraps 0 ("never") to 255, so
     `level - 1 <= j` means "in the top-ks[j] set"."""
+    if jm == jc and jm == list(range(jm[0], jm[0] + len(jm))):
+        return _selected_range(math_levels, control_levels, jm[0], len(jm))
     math1 = math_levels - np.uint8(1)
     control1 = control_levels - np.uint8(1)
     out = np.zeros_like(math_levels)
@@ -58,6 +60,27 @@ def _selected_bits(math_levels: np.ndarray, control_levels: np.ndarray, jm: list
             bits <<= np.uint8(t)
         out |= bits
     return out
+
+
+def _selected_range(math_levels: np.ndarray, control_levels: np.ndarray, first: int, width: int) -> np.ndarray:
+    """_selected_bits when both runs share the k indices first .. first + width - 1 (the usual
+    case): the sets nest, so a parameter is math-only exactly from its math level to just
+    before its control level, a run of bits (1 << c) - (1 << m) built in 9 passes, not 4 per k."""
+    start = math_levels - np.uint8(1)  # t from which it is in the math set (255: never)
+    np.maximum(start, np.uint8(first), out=start)
+    start -= np.uint8(first)
+    stop = control_levels - np.uint8(1)  # t from which it is in the control set
+    np.maximum(stop, np.uint8(first), out=stop)
+    stop -= np.uint8(first)
+    np.minimum(stop, np.uint8(8), out=stop)
+    bits = np.left_shift(np.uint8(1), stop)  # shifts by >= 8 give 0, and 0 - 1 = 255: all bits
+    bits -= np.uint8(1)
+    below = np.left_shift(np.uint8(1), start)
+    below -= np.uint8(1)
+    np.invert(below, out=below)
+    bits &= below
+    bits &= np.uint8((1 << width) - 1)
+    return bits
 
 
 def _module_rows(model, seed, module, chunk_ks, pairs, levels, selection_rows, pattern_rows) -> None:
@@ -76,8 +99,10 @@ def _module_rows(model, seed, module, chunk_ks, pairs, levels, selection_rows, p
             # level_codes selects exactly top_count(n, k) entries per matrix
             n_top = top_count(math_levels.size, k)
             selection_rows.append((model, k, seed, lang, module, n_top, n_top, n_selected, m.run_id, c.run_id))
+            if len(pairs) == 1 and n_selected:  # one language: its only pattern is itself
+                pattern_rows.append((model, k, seed, module, [lang], n_selected))
         bits[lang] = (lang_bits, {k: t for t, k in enumerate(shared)})
-    if not bits:
+    if len(pairs) == 1 or not bits:
         return
     support = np.zeros_like(next(iter(bits.values()))[0])
     for lang_bits, _ in bits.values():
