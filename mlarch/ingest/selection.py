@@ -16,6 +16,8 @@ from typing import Sequence
 
 import numpy as np
 
+from mlarch import parallel
+
 
 def top_count(n: int, k: float) -> int:
     """floor(n * k), exact for the decimal k as written (0.29 * 100 = 29, not 28)."""
@@ -113,6 +115,20 @@ def in_top(levels: np.ndarray, j: int) -> np.ndarray:
 def math_only(math_levels: np.ndarray, control_levels: np.ndarray, j: int) -> np.ndarray:
     """Top-k on math and not top-k on control, same matrix, same k (ks[j])."""
     return in_top(math_levels, j) & ~in_top(control_levels, j)
+
+
+def model_levels(spans, magnitudes: np.ndarray, norms: np.ndarray, ks: Sequence[float]) -> np.ndarray:
+    """Level codes of every module of a model, from its concatenated |W| and norms (laid
+    out by `spans`), modules spread over a few threads, largest first so they end together."""
+    levels = np.empty(magnitudes.size, dtype=np.uint8)
+
+    def one(span) -> None:
+        module_scores = scores(magnitudes[span.params].reshape(span.n_rows, span.n_cols), norms[span.norms])
+        levels[span.params] = level_codes(module_scores, ks).reshape(-1)
+
+    with parallel.pool() as pool:
+        list(pool.map(one, sorted(spans, key=lambda span: -span.n_params)))  # re-raises a worker's error
+    return levels
 
 
 def scores(magnitudes: np.ndarray, norms: np.ndarray) -> np.ndarray:

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from mlarch import parallel
 from mlarch.ingest.selection import top_count
 from mlarch.query.patterns import histogram
 from mlarch.store import arrays
@@ -136,17 +137,25 @@ def derive(root: Path, model: str, seed: int, spans: list[Span], runs: dict[tupl
         if (lang, "math") in runs and (lang, "control") in runs
     }
     ks = sorted({k for m, c in pairs.values() for k in set(m.k_values) & set(c.k_values)})
+
+    def rows_of(chunk_ks: list[float], group: list[Span]) -> tuple[list, list]:
+        start, stop = group[0].param_offset, group[-1].param_offset + group[-1].n_params
+        block = {lang: (read_levels(m.arrays_group, start, stop), read_levels(c.arrays_group, start, stop))
+                 for lang, (m, c) in pairs.items()}
+        selection_rows, pattern_rows = [], []
+        for span in group:
+            part = slice(span.param_offset - start, span.param_offset - start + span.n_params)
+            levels = {lang: (math[part], control[part]) for lang, (math, control) in block.items()}
+            _module_rows(model, seed, span.module, chunk_ks, pairs, levels, selection_rows, pattern_rows)
+        return selection_rows, pattern_rows
+
+    # 8 k values per uint8 of bits; one read per run covers many small modules
+    work = [(ks[first:first + 8], group) for first in range(0, len(ks), 8) for group in groups(spans, GROUP_BUDGET)]
     selection_rows, pattern_rows = [], []
-    for first in range(0, len(ks), 8):  # 8 k values per uint8 of bits
-        chunk_ks = ks[first:first + 8]
-        for group in groups(spans, GROUP_BUDGET):  # one read per run covers many small modules
-            start, stop = group[0].param_offset, group[-1].param_offset + group[-1].n_params
-            block = {lang: (read_levels(m.arrays_group, start, stop), read_levels(c.arrays_group, start, stop))
-                     for lang, (m, c) in pairs.items()}
-            for span in group:
-                part = slice(span.param_offset - start, span.param_offset - start + span.n_params)
-                levels = {lang: (math[part], control[part]) for lang, (math, control) in block.items()}
-                _module_rows(model, seed, span.module, chunk_ks, pairs, levels, selection_rows, pattern_rows)
+    with parallel.pool() as pool:
+        for selections, patterns in pool.map(lambda item: rows_of(*item), work):  # in order
+            selection_rows.extend(selections)
+            pattern_rows.extend(patterns)
     selections = pl.DataFrame(
         selection_rows,
         schema={
