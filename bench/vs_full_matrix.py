@@ -4,11 +4,13 @@ Reference: batch size 1; after every sample, for every scored module, add |W| * 
 into a full-size float32 score matrix (`acc += absW * norm_s`, |W| precomputed once),
 then top-k per matrix. A "tuned" reference does the same accumulation in place with
 `acc.addcmul_(absW, norm_s)` (no temporary): a stronger baseline, reported for honesty.
-Both references select with mlarch's own `level_codes` (the same tie rule), so any
-difference in the selected sets comes from the scores, not from the selection code.
+Both references select with mlarch's own `level_codes` (the same tie rule), over modules
+in the same thread pool as mlarch (`mlarch.parallel.pool`), so any difference in the
+selected sets comes from the scores, and any difference in time from the score work.
 
 Ours: the hooks add each sample's norm vector into a float64 accumulator (length `in`);
-after the pass, score = |W| * norms once in float32 and `level_codes` at the 7 k values.
+after the pass, `selection.model_levels`: score = |W| * norms once per module in float32
+and `level_codes` at the 7 k values, modules over a thread pool (what ingest runs).
 
 (a) Score work alone - everything except the forward passes - at 16, 64 and 256
     samples. Per-sample norm vectors are captured once per distinct starter item
@@ -48,7 +50,9 @@ def main() -> None:
 
     from mlarch.ingest.pipeline import PAPER_KS
     from mlarch.ingest.scoring import length_batches, output_head, run_pass, scored_modules, tokenize
-    from mlarch.ingest.selection import level_codes, scores
+    from mlarch import parallel
+    from mlarch.ingest.selection import level_codes, model_levels, scores
+    from mlarch.store.spans import layout
 
     quick = bench.quick
     sizes = [int(x) for x in (bench.args.sizes or ("4,16" if quick else "16,64,256")).split(",")]
@@ -64,6 +68,17 @@ def main() -> None:
     mags = {m.name: m.magnitudes() for m in modules}  # per model, once: not part of either timing
     abs_w = {name: torch.from_numpy(mags[name]) for name in names}
     n_params = sum(m.n_params for m in modules)
+    spans = layout([(m.name, m.layer, m.n_rows, m.n_cols) for m in modules])
+    mags_flat = np.concatenate([mags[name].reshape(-1) for name in names])
+
+    def by_module(levels):
+        return {span.module: levels[span.params].reshape(span.n_rows, span.n_cols) for span in spans}
+
+    def select_each(matrices):
+        """The references' selection: level_codes per module in mlarch's pool, largest first."""
+        order = sorted(names, key=lambda name: -matrices[name].size)
+        with parallel.pool() as pool:
+            return dict(zip(order, pool.map(lambda name: level_codes(matrices[name], ks), order)))
     bench.log(f"loaded {folder.name}: {len(modules)} scored modules, {n_params / 1e6:.1f} M parameters "
               f"({time.perf_counter() - clock:.1f} s)")
 
@@ -81,7 +96,8 @@ def main() -> None:
             norms_s = item_norms[s]
             for name in names:
                 sums[name] += norms_s[name]
-        return {name: level_codes(scores(mags[name], sums[name].astype(np.float32)), ks) for name in names}
+        norms = np.concatenate([sums[name] for name in names]).astype(np.float32)
+        return by_module(model_levels(spans, mags_flat, norms, ks))
 
     def reference(idx, tuned=False):
         acc = {name: torch.zeros(mags[name].shape, dtype=torch.float32) for name in names}
@@ -92,7 +108,7 @@ def main() -> None:
                     acc[name].addcmul_(abs_w[name], norms_s[name][None, :])
                 else:
                     acc[name] += abs_w[name] * norms_s[name][None, :]
-        return {name: level_codes(acc[name].numpy(), ks) for name in names}
+        return select_each({name: acc[name].numpy() for name in names})
 
     def explain(report, idx):
         """For each differing mask: both methods' scores of the swapped entries and the k threshold."""
@@ -201,7 +217,8 @@ def main() -> None:
 
         def ours_e2e():
             result = run_pass(model, tokenizer, modules, texts, batch_size=1, max_length=512, device=cpu)
-            return {name: level_codes(scores(mags[name], result.norms[name]), ks) for name in names}
+            norms = np.concatenate([result.norms[name] for name in names])
+            return by_module(model_levels(spans, mags_flat, norms, ks))
 
         def reference_e2e(tuned=False):
             acc = {name: torch.zeros(mags[name].shape, dtype=torch.float32) for name in names}
@@ -237,7 +254,7 @@ def main() -> None:
             finally:
                 for h in handles:
                     h.remove()
-            return {name: level_codes(acc[name].numpy(), ks) for name in names}
+            return select_each({name: acc[name].numpy() for name in names})
 
         ours_e2e()  # warm-up (short passes would not warm the same shapes)
         bench.log(f"(b) end to end on {e2e_n} samples, {bench.repeats} rounds")
@@ -265,7 +282,7 @@ def main() -> None:
         "sweep": {str(n): v for n, v in sweep.items()}, "slope_s_per_sample": slope,
         "agreement": {str(n): v for n, v in agreement.items()}, "end_to_end": e2e,
         "reference_definition": "acc += absW * norm_s per sample per module (float32, |W| precomputed); "
-                                "tuned: acc.addcmul_(absW, norm_s); selection: level_codes",
+                                "tuned: acc.addcmul_(absW, norm_s); selection: level_codes in mlarch's thread pool",
     })
 
 
