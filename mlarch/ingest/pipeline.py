@@ -193,7 +193,8 @@ def ingest(root: Path, cfg: IngestConfig, reporter: Reporter | None = None) -> I
     if not modules:
         raise MlarchError(f"model {cfg.model} has no nn.Linear or Conv1D modules to score")
     layout.ensure_folder(root)
-    catalog.ensure_schema(catalog_path)
+    if not catalog_path.exists():  # an existing catalog's schema is checked by its first reading
+        catalog.ensure_schema(catalog_path)
     model_row = _model_row(catalog_path, name)
     if model_row is not None:
         if model_row["weights_sha256"] != loaded.weights_sha256 or model_row["dtype"] != dtype:
@@ -205,7 +206,7 @@ def ingest(root: Path, cfg: IngestConfig, reporter: Reporter | None = None) -> I
     spans = span_layout.layout([(m.name, m.layer, m.n_rows, m.n_cols) for m in modules])
     magnitudes = np.empty(span_layout.total_params(spans), dtype=np.float32)
     for m, span in zip(modules, spans):
-        magnitudes[span.params] = m.magnitudes().reshape(-1)
+        m.magnitudes(out=magnitudes[span.params])
     env = provenance.environment(device)
     batch_size = cfg.batch_size or (16 if device.type == "cuda" else 1)
     config = {**asdict(cfg), "name": name, "dtype": dtype, "device": str(device), "batch_size": batch_size}
@@ -219,32 +220,35 @@ def ingest(root: Path, cfg: IngestConfig, reporter: Reporter | None = None) -> I
                                                   magnitudes))
         for seed in cfg.seeds:
             for lang in cfg.langs:
-                futures = []
-                for unit_seed, unit_lang, role, unit_digest in todo:
-                    if (unit_seed, unit_lang) != (seed, lang):
-                        continue
-                    futures.append(
+                units_here = [(role, digest) for s_, l_, role, digest in todo if (s_, l_) == (seed, lang)]
+                if not units_here:
+                    continue
+                run_ids = _begin_runs(catalog_path, name, lang, seed, cfg, srcs, units_here)
+                try:
+                    futures = [
                         _score_run(
-                            root, cfg, name, lang, role, seed, unit_digest, srcs[role], items[(lang, role)],
+                            root, cfg, name, lang, role, seed, run_id, digest, srcs[role], items[(lang, role)],
                             loaded, modules, spans, magnitudes, batch_size, env, config, reporter, run_pass,
                             background,
                         )
-                    )
-                if futures:
+                        for run_id, (role, digest) in zip(run_ids, units_here)
+                    ]
                     pending = [future.result() for future in futures]
                     model_arrays = None if new_model is None else (new_model[0], new_model[1].result())
                     _commit(root, name, seed, loaded, modules, spans, model_arrays, pending)
-                    new_model = None
-                    result.written.extend(p.run_id for p in pending)
-                    reporter.message(
-                        f"archived {lang} seed {seed}: " + ", ".join(f"{p.role} {p.run_id}" for p in pending))
+                except BaseException:
+                    _mark_failed(catalog_path, run_ids)  # those not committed
+                    raise
+                new_model = None
+                result.written.extend(p.run_id for p in pending)
+                reporter.message(
+                    f"archived {lang} seed {seed}: " + ", ".join(f"{p.role} {p.run_id}" for p in pending))
     return result
 
 
 def _finished_digests(catalog_path: Path, model: str) -> dict[str, str]:
     if not catalog_path.exists():
         return {}
-    catalog.ensure_schema(catalog_path)
     with catalog.reading(catalog_path) as con:
         rows = con.execute(
             "SELECT config_digest, run_id FROM runs WHERE model = ? AND status = 'FINISHED' AND in_use",
@@ -260,50 +264,48 @@ def _model_row(catalog_path: Path, model: str) -> dict | None:
     return None if row is None else {"weights_sha256": row[0], "dtype": row[1]}
 
 
-def _score_run(root, cfg, name, lang, role, seed, digest, source, loaded_items, loaded, modules, spans,
+def _begin_runs(catalog_path: Path, name: str, lang: str, seed: int, cfg: IngestConfig, srcs,
+                units: list[tuple[str, str]]) -> list[str]:
+    """Insert RUNNING rows for one language and seed (math, control) in one short write."""
+    run_ids = [layout.new_run_id() for _ in units]
+    with catalog.writing(catalog_path) as con:
+        for run_id, (role, digest) in zip(run_ids, units):
+            con.execute(
+                "INSERT INTO runs (run_id, model, lang, role, dataset, seed, n_samples, status, started_at, "
+                "k_values, config_digest, in_use, arrays_group, host, pid) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, 'RUNNING', ?, ?, ?, false, ?, ?, ?)",
+                [run_id, name, lang, role, srcs[role].name, seed, cfg.samples, _now(), cfg.top_k, digest,
+                 layout.run_group(run_id), socket.gethostname(), os.getpid()],
+            )
+    return run_ids
+
+
+def _score_run(root, cfg, name, lang, role, seed, run_id, digest, source, loaded_items, loaded, modules, spans,
                magnitudes, batch_size, env, config, reporter, run_pass, background) -> Future:
-    """Insert the RUNNING row and run the forward pass here; select and write in `background`.
-    The returned future gives the run, ready to commit."""
-    run_id = layout.new_run_id()
+    """Run the forward pass here; select and write in `background`. The returned future
+    gives the run, ready to commit."""
     group = layout.run_group(run_id)
     started = _now()
-    catalog_path = root / layout.CATALOG
-    with catalog.writing(catalog_path) as con:
-        con.execute(
-            "INSERT INTO runs (run_id, model, lang, role, dataset, seed, n_samples, status, started_at, "
-            "k_values, config_digest, in_use, arrays_group, host, pid) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, 'RUNNING', ?, ?, ?, false, ?, ?, ?)",
-            [run_id, name, lang, role, source.name, seed, cfg.samples, started, cfg.top_k, digest, group,
-             socket.gethostname(), os.getpid()],
-        )
-    try:
-        texts_all = loaded_items.texts
-        indices = np.random.default_rng(seed).integers(0, len(texts_all), size=cfg.samples)
-        texts = [texts_all[i] for i in indices]
-        reporter.start_pass(f"{lang} {role} seed {seed}", len(texts))
-        clock = time.perf_counter()
-        result = run_pass(
-            loaded.model, loaded.tokenizer, modules, texts, batch_size=batch_size,
-            max_length=cfg.max_length, device=loaded.device,
-            on_batch=reporter.advance,
-        )
-        reporter.end_pass()
-    except BaseException:
-        _mark_failed(catalog_path, run_id)
-        raise
+    texts_all = loaded_items.texts
+    indices = np.random.default_rng(seed).integers(0, len(texts_all), size=cfg.samples)
+    texts = [texts_all[i] for i in indices]
+    reporter.start_pass(f"{lang} {role} seed {seed}", len(texts))
+    clock = time.perf_counter()
+    result = run_pass(
+        loaded.model, loaded.tokenizer, modules, texts, batch_size=batch_size,
+        max_length=cfg.max_length, device=loaded.device,
+        on_batch=reporter.advance,
+    )
+    reporter.end_pass()
 
     def finish() -> _Pending:
-        try:
-            norms = np.empty(span_layout.total_norms(spans), dtype=np.float32)
-            for span in spans:
-                norms[span.norms] = result.norms[span.module]
-            levels = selection.model_levels(spans, magnitudes, norms, cfg.top_k)
-            store = root / layout.ARRAYS
-            records = [("norms", arrays.write(store, norms_path(group), norms, compress=False)),
-                       ("levels", arrays.write(store, levels_path(group), levels))]
-        except BaseException:
-            _mark_failed(catalog_path, run_id)
-            raise
+        norms = np.empty(span_layout.total_norms(spans), dtype=np.float32)
+        for span in spans:
+            norms[span.norms] = result.norms[span.module]
+        levels = selection.model_levels(spans, magnitudes, norms, cfg.top_k)
+        store = root / layout.ARRAYS
+        records = [("norms", arrays.write(store, norms_path(group), norms, compress=False)),
+                   ("levels", arrays.write(store, levels_path(group), levels))]
         prov = {
             **env,
             "run_id": run_id,
@@ -337,11 +339,14 @@ def _score_run(root, cfg, name, lang, role, seed, digest, source, loaded_items, 
     return background.submit(finish)
 
 
-def _mark_failed(catalog_path: Path, run_id: str) -> None:
+def _mark_failed(catalog_path: Path, run_ids: list[str]) -> None:
+    """Mark the runs that are still RUNNING as FAILED (best effort: gc cleans up otherwise)."""
     try:
         with catalog.writing(catalog_path) as con:
-            con.execute("UPDATE runs SET status = 'FAILED', finished_at = ? WHERE run_id = ?", [_now(), run_id])
-    except Exception:  # the original error matters more; gc cleans RUNNING rows later
+            for run_id in run_ids:
+                con.execute("UPDATE runs SET status = 'FAILED', finished_at = ? WHERE run_id = ? AND status = 'RUNNING'",
+                            [_now(), run_id])
+    except Exception:  # the original error matters more
         pass
 
 
@@ -382,9 +387,10 @@ def _commit(root: Path, name: str, seed: int, loaded, modules, spans, new_model,
                     [name, p.lang, p.role, p.seed],
                 )
                 con.execute(
-                    "UPDATE runs SET status = 'FINISHED', finished_at = ?, n_tokens = ?, n_truncated = ?, "
-                    "in_use = true, provenance = ? WHERE run_id = ?",
-                    [datetime.fromisoformat(p.provenance["finished_at"]), p.n_tokens, p.n_truncated,
+                    "UPDATE runs SET status = 'FINISHED', started_at = ?, finished_at = ?, n_tokens = ?, "
+                    "n_truncated = ?, in_use = true, provenance = ? WHERE run_id = ?",
+                    [datetime.fromisoformat(p.provenance["started_at"]),
+                     datetime.fromisoformat(p.provenance["finished_at"]), p.n_tokens, p.n_truncated,
                      json.dumps(p.provenance), p.run_id],
                 )
                 samples = pl.DataFrame({

@@ -40,12 +40,20 @@ class ScoredModule:
     def n_params(self) -> int:
         return self.n_rows * self.n_cols
 
-    def magnitudes(self) -> np.ndarray:
-        """|W| as float32, out x in (Conv1D stores in x out, so it is transposed)."""
+    def magnitudes(self, out: np.ndarray | None = None) -> np.ndarray:
+        """|W| as float32, out x in (Conv1D stores in x out, so it is transposed); written
+        into `out` (n_params float32, e.g. a slice of the model's array) when given."""
         weight = self.module.weight.detach()
         if self.kind == "conv1d":
             weight = weight.t()
-        return weight.abs().to(device="cpu", dtype=torch.float32).contiguous().numpy()
+        if out is None:
+            return weight.abs().to(device="cpu", dtype=torch.float32).contiguous().numpy()
+        target = torch.from_numpy(out).view(self.n_rows, self.n_cols)
+        if weight.dtype == torch.float32 and weight.device.type == "cpu":
+            torch.abs(weight, out=target)  # one pass, no temporary
+        else:
+            target.copy_(weight.abs())
+        return out
 
 
 def _conv1d_type():
