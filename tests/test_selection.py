@@ -77,7 +77,7 @@ def test_sampled_bound_that_misses_falls_back_to_an_exact_partition():
 
     n = 300 * 300
     scores = np.zeros(n, np.float32)
-    positions = (np.arange(selection._SAMPLE, dtype=np.int64) * 2654435761) % n  # the sample's places
+    positions = np.arange(0, n, selection.sample_step(n, 300))[: selection._SAMPLE]  # the sample's places
     scores[positions] = 10.0  # the sample sees only large values: its bound admits too few entries
     scores += np.linspace(0, 1, n, dtype=np.float32)
     scores = scores.reshape(300, 300)
