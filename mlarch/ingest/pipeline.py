@@ -205,19 +205,23 @@ def ingest(root: Path, cfg: IngestConfig, reporter: Reporter | None = None) -> I
             )
     spans = span_layout.layout([(m.name, m.layer, m.n_rows, m.n_cols) for m in modules])
     magnitudes = np.empty(span_layout.total_params(spans), dtype=np.float32)
-    for m, span in zip(modules, spans):
-        m.magnitudes(out=magnitudes[span.params])
+    new_group = layout.model_group(name) if model_row is None else None
+
+    def prepare_magnitudes() -> arrays.ArrayRecord | None:
+        for m, span in zip(modules, spans):
+            m.magnitudes(out=magnitudes[span.params])
+        if new_group is None:
+            return None
+        return arrays.write(root / layout.ARRAYS, magnitudes_path(new_group), magnitudes)
+
     env = provenance.environment(device)
     batch_size = cfg.batch_size or (16 if device.type == "cuda" else 1)
     config = {**asdict(cfg), "name": name, "dtype": dtype, "device": str(device), "batch_size": batch_size}
-    # array work (selection, compression, digests) runs in one background thread while the
-    # next forward pass runs: on a GPU the CPU is otherwise idle during the passes
+    # array work (|W|, selection, compression, digests) runs in one background thread, in
+    # order, while the forward passes run: on a GPU the CPU is otherwise idle meanwhile
     with ThreadPoolExecutor(1) as background:
-        new_model = None
-        if model_row is None:
-            group = layout.model_group(name)
-            new_model = (group, background.submit(arrays.write, root / layout.ARRAYS, magnitudes_path(group),
-                                                  magnitudes))
+        magnitudes_ready = background.submit(prepare_magnitudes)  # before any run's selection
+        new_model = None if new_group is None else (new_group, magnitudes_ready)
         for seed in cfg.seeds:
             for lang in cfg.langs:
                 units_here = [(role, digest) for s_, l_, role, digest in todo if (s_, l_) == (seed, lang)]
@@ -228,8 +232,8 @@ def ingest(root: Path, cfg: IngestConfig, reporter: Reporter | None = None) -> I
                     futures = [
                         _score_run(
                             root, cfg, name, lang, role, seed, run_id, digest, srcs[role], items[(lang, role)],
-                            loaded, modules, spans, magnitudes, batch_size, env, config, reporter, run_pass,
-                            background,
+                            loaded, modules, spans, magnitudes, magnitudes_ready, batch_size, env, config,
+                            reporter, run_pass, background,
                         )
                         for run_id, (role, digest) in zip(run_ids, units_here)
                     ]
@@ -281,7 +285,7 @@ def _begin_runs(catalog_path: Path, name: str, lang: str, seed: int, cfg: Ingest
 
 
 def _score_run(root, cfg, name, lang, role, seed, run_id, digest, source, loaded_items, loaded, modules, spans,
-               magnitudes, batch_size, env, config, reporter, run_pass, background) -> Future:
+               magnitudes, magnitudes_ready, batch_size, env, config, reporter, run_pass, background) -> Future:
     """Run the forward pass here; select and write in `background`. The returned future
     gives the run, ready to commit."""
     group = layout.run_group(run_id)
@@ -299,6 +303,7 @@ def _score_run(root, cfg, name, lang, role, seed, run_id, digest, source, loaded
     reporter.end_pass()
 
     def finish() -> _Pending:
+        magnitudes_ready.result()  # done (the queue runs in order); re-raises its error
         norms = np.empty(span_layout.total_norms(spans), dtype=np.float32)
         for span in spans:
             norms[span.norms] = result.norms[span.module]
