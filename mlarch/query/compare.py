@@ -80,20 +80,35 @@ def match_models(con, pattern: str) -> list[str]:
     return matched
 
 
-def resolve_k_seed(con, models: list[str], k: float | None, seed: int | None) -> tuple[float, int]:
+def derived_sets(con, models: list[str]) -> dict[str, dict[tuple[int, str], set[float]]]:
+    """For each model, the (seed, lang) that have math-only sets and their k values.
+
+    Read from `runs` (a few rows), not from `selections` (one row per module): derive pairs
+    the in-use finished math and control runs of each language and seed, at their shared k."""
     rows = con.execute(
-        "SELECT model, list(DISTINCT k ORDER BY k), list(DISTINCT seed ORDER BY seed) FROM selections "
-        "WHERE list_contains($m, model) GROUP BY model",
-        {"m": models},
-    ).fetchall()
-    have = {r[0]: (r[1], r[2]) for r in rows}
+        "SELECT model, seed, lang, role, k_values FROM runs "
+        "WHERE status = 'FINISHED' AND in_use AND list_contains($m, model)", {"m": models}).fetchall()
+    roles: dict[tuple[str, int, str], dict[str, set[float]]] = {}
+    for model, seed, lang, role, ks in rows:
+        roles.setdefault((model, seed, lang), {})[role] = set(ks)
+    sets: dict[str, dict[tuple[int, str], set[float]]] = {m: {} for m in models}
+    for (model, seed, lang), by_role in roles.items():
+        shared = by_role.get("math", set()) & by_role.get("control", set())
+        if shared:
+            sets[model][(seed, lang)] = shared
+    return sets
+
+
+def resolve_k_seed(con, models: list[str], k: float | None, seed: int | None,
+                   sets: dict | None = None) -> tuple[float, int]:
+    sets = derived_sets(con, models) if sets is None else sets
     for model in models:
-        if model not in have:
+        if not sets[model]:
             raise MlarchError(
                 f"model {model!r} has no math-only sets yet: ingest both math and control runs for it"
             )
-    common_k = sorted(set.intersection(*(set(v[0]) for v in have.values())))
-    common_seed = sorted(set.intersection(*(set(v[1]) for v in have.values())))
+    common_k = sorted(set.intersection(*(set().union(*s.values()) for s in sets.values())))
+    common_seed = sorted(set.intersection(*({seed_ for seed_, _ in s} for s in sets.values())))
     if k is None:
         if not common_k:
             raise MlarchError(f"models {', '.join(models)} share no k value: pass a narrower --model")
@@ -123,12 +138,10 @@ def compare(con, model: str, langs: list[str], k: float | None = None, seed: int
     if len(set(langs)) != len(langs):
         raise UsageError(f"languages repeat in {','.join(langs)}: list each once")
     models = match_models(con, model)
-    k, seed = resolve_k_seed(con, models, k, seed)
+    sets = derived_sets(con, models)
+    k, seed = resolve_k_seed(con, models, k, seed, sets)
     for name in models:
-        have = [r[0] for r in con.execute(
-            "SELECT DISTINCT lang FROM selections WHERE model = ? AND k = ? AND seed = ? ORDER BY lang",
-            [name, k, seed],
-        ).fetchall()]
+        have = sorted(lang for (seed_, lang), ks in sets[name].items() if seed_ == seed and k in ks)
         missing = [lang for lang in langs if lang not in have]
         if missing:
             raise MlarchError(
