@@ -292,6 +292,7 @@ class Bench:
         parser.add_argument("--repeats", type=int, default=None,
                             help=f"timed repeats per variant (default {repeats}, --quick {quick_repeats})")
         parser.add_argument("--no-write", action="store_true", help="do not write bench/results/NAME.json")
+        parser.add_argument("--tag", default=None, help="write bench/results/NAME-TAG.json (a second setting)")
         if extra_args:
             extra_args(parser)
         self.args = parser.parse_args()
@@ -376,7 +377,7 @@ class Bench:
         print(self.table())
         if not self.args.no_write:
             RESULTS.mkdir(parents=True, exist_ok=True)
-            suffix = "-quick" if self.quick else ""
+            suffix = ("-quick" if self.quick else "") + (f"-{self.args.tag}" if self.args.tag else "")
             path = RESULTS / f"{self.name}{suffix}.json"
             path.write_text(json.dumps(result, indent=2, default=_jsonable) + "\n")
             print(f"wrote {path.relative_to(ROOT)}")

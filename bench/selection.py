@@ -8,8 +8,9 @@ threshold, n - floor(0.15 n)), i.e. the least work any exact top-k needs. Report
 scored parameters per second; target: ours takes <= 2x the baseline's time.
 
 A traced run attributes level_codes' time to its source lines (whatever the current code
-is), to show where the extra time goes. `level_codes_prototype` below is an alternative
-written for this benchmark (checked to give identical output), timed for comparison.
+is), to show where the extra time goes. mlarch runs `level_codes` over modules in a thread
+pool (`selection.model_levels`), so the pool is timed too, against the same
+single-threaded baseline (numpy has no parallel partition).
 
     .venv/bin/python bench/selection.py [--quick] [--repeats 5]
 """
@@ -75,58 +76,6 @@ def line_profile(functions, run) -> list[tuple[str, int, float, str]]:
     return sorted(rows, key=lambda r: -r[2])
 
 
-def level_codes_prototype(scores: np.ndarray, ks) -> np.ndarray:
-    """A suggested rewrite of level_codes (same output, checked on every module), for comparison only.
-
-    Differences from mlarch's level_codes:
-    * the thresholds of the smaller k come from nested in-place partitions of shrinking
-      views of the already partitioned copy (15% -> 10% -> 5% ...), instead of one
-      multi-kth np.partition of the gathered candidates (several times slower than even a
-      full sort here);
-    * levels are counted with one vectorised compare per k (how many thresholds are >=
-      the value) instead of per-k boolean-mask assignments; only entries equal to a
-      threshold go through the tie rule (lowest flat index first)."""
-    from mlarch.ingest.selection import level_codes, top_count
-
-    flat = scores.reshape(-1)
-    n = flat.size
-    counts = [top_count(n, k) for k in ks]
-    levels = np.zeros(n, dtype=np.uint8)
-    cmax = max(counts, default=0)
-    if cmax <= 0:
-        return levels.reshape(scores.shape)
-    if cmax >= n:
-        return level_codes(scores, ks)
-    part = np.partition(flat, n - cmax)
-    top = part[n - cmax:]  # view: the cmax largest values, unordered
-    lowest = part[n - cmax]
-    thresholds = [np.inf] * len(ks)
-    view, size = top, cmax
-    for j in range(len(ks) - 1, -1, -1):  # counts shrink with k: partition ever smaller views in place
-        c = counts[j]
-        if c == 0:
-            continue
-        if c < size:
-            view.partition(size - c)
-            view, size = view[size - c:], c
-        thresholds[j] = view[0]
-    candidates = np.flatnonzero(flat >= lowest)  # ascending flat indices (may hold extra ties)
-    values = flat[candidates]
-    above = np.zeros(values.size, dtype=np.uint8)
-    for t in thresholds:  # number of thresholds >= value = level - 1 for strictly-above entries
-        above += values <= t
-    sub = np.where(above < len(ks), above + np.uint8(1), np.uint8(0)).astype(np.uint8)
-    for j in range(len(ks) - 1, -1, -1):  # entries equal to a threshold: lowest index first
-        if counts[j] == 0:
-            continue
-        t = thresholds[j]
-        need = counts[j] - int(np.count_nonzero(top > t))  # every entry > t lies in `top`
-        if need:
-            sub[np.flatnonzero(values == t)[:need]] = j + 1
-    levels[candidates] = sub
-    return levels.reshape(scores.shape)
-
-
 def main() -> None:
     bench = Bench("selection", __doc__, repeats=5, quick_repeats=1, extra_args=lambda p: (
         p.add_argument("--norm-texts", type=int, default=None, help="texts for the real norms (default 4, --quick 1)"),
@@ -160,12 +109,6 @@ def main() -> None:
         for s, k in zip(mats, kth):
             np.partition(s.reshape(-1), k)
 
-    def prototype():
-        for s in mats:
-            level_codes_prototype(s, ks)
-
-    prototype_identical = all(np.array_equal(level_codes(s, ks), level_codes_prototype(s, ks)) for s in mats)
-    bench.log(f"prototype output identical to level_codes on all {len(mats)} modules: {prototype_identical}")
     ours()  # warm-up
     from concurrent.futures import ThreadPoolExecutor
 
@@ -174,7 +117,7 @@ def main() -> None:
     def ours_threads():  # numpy releases the GIL in partition, compares and nonzero
         list(pool.map(lambda s: level_codes(s, ks), sorted(mats, key=lambda s: -s.size)))
 
-    times = interleave({"level_codes (7 k)": ours, "np.partition (1 kth)": baseline, "prototype": prototype,
+    times = interleave({"level_codes (7 k)": ours, "np.partition (1 kth)": baseline,
                         "level_codes, 2 threads": ours_threads}, bench.repeats, log=bench.log)
     kept = clean_times(times)
     from mlarch.ingest import selection as selection_module
@@ -190,14 +133,11 @@ def main() -> None:
               target=f"<= {TARGET:.0f}x", passed=ratio <= TARGET,
               note="median of per-round time ratios")
     bench.row("throughput (M params/s)", n_params / o / 1e6, n_params / b / 1e6, ratio=b / o, target="info", unit="")
-    pr = paired_ratio(times["prototype"], times["np.partition (1 kth)"], bad_rounds("prototype", "np.partition (1 kth)"))
     tr = paired_ratio(times["level_codes, 2 threads"], times["np.partition (1 kth)"],
                       bad_rounds("level_codes, 2 threads", "np.partition (1 kth)"))
     bench.row("level_codes over modules in a 2-thread pool / np.partition (1 thread)",
               median(kept["level_codes, 2 threads"]), b, ratio=tr, target="info",
-              note="wall time; ingest's selection runs between passes, when torch's threads are idle")
-    bench.row("bench prototype rewrite / np.partition", median(kept["prototype"]), b, ratio=pr, target="info",
-              note=f"not mlarch code: level_codes_prototype in this file; identical output: {prototype_identical}")
+              note="wall time; what ingest runs (selection.model_levels), in a background thread")
     ties = sum(int(np.count_nonzero(s.reshape(-1) == np.partition(s.reshape(-1), k)[k])) for s, k in
                zip(mats[:16], kth[:16]))
     total = sum(r[2] for r in lines)
@@ -210,7 +150,7 @@ def main() -> None:
         "norm_texts": n_texts, "line_profile": [
             {"file": Path(f).name, "line": ln, "seconds": sec, "source": text} for f, ln, sec, text in lines[:30]],
         "times": times,
-        "entries_equal_to_threshold_first16": ties, "prototype_identical": prototype_identical,
+        "entries_equal_to_threshold_first16": ties,
     })
 
 
