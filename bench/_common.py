@@ -293,6 +293,11 @@ class Bench:
                             help=f"timed repeats per variant (default {repeats}, --quick {quick_repeats})")
         parser.add_argument("--no-write", action="store_true", help="do not write bench/results/NAME.json")
         parser.add_argument("--tag", default=None, help="write bench/results/NAME-TAG.json (a second setting)")
+        parser.add_argument("--device", default="cpu", help="cpu (default) or cuda: where the model runs")
+        parser.add_argument("--model", default="gemma", choices=sorted(MODELS),
+                            help="gemma: the demo's Gemma-3-270M (default); smollm-random: a SmolLM2-135M-shaped "
+                                 "Llama with random weights built from its config (no download: for a GPU machine "
+                                 "without network)")
         if extra_args:
             extra_args(parser)
         self.args = parser.parse_args()
@@ -307,6 +312,12 @@ class Bench:
         if torch_threads:
             set_threads()
         self.machine = machine_info()
+        self.machine["device"] = self.args.device
+        self.machine["model"] = self.args.model
+        if self.args.device.startswith("cuda"):
+            import torch
+
+            self.machine["device_name"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
 
     def log(self, text: str) -> None:
         print(f"[{time.perf_counter() - self.clock:7.1f}s] {text}", flush=True)
@@ -408,13 +419,58 @@ def gemma_folder() -> Path:
     return demo.prepare()
 
 
-def load_model(folder: Path | str):
-    """mlarch's own loader (float32, cpu): LoadedModel with .model, .tokenizer."""
+def smollm_random_folder() -> Path:
+    """A Llama with SmolLM2-135M's shape (30 blocks, hidden 576, 9 heads / 3 kv, MLP 1536;
+    ~106 M scored parameters) and random weights, with the tests' byte-level tokenizer
+    (small vocabulary, untied head). Built once from its config: no download, a few seconds."""
+    from mlarch.ingest.demo import cache_dir
+
+    folder = cache_dir() / "bench" / "smollm-random"
+    if (folder / "config.json").exists():
+        return folder
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from fixtures import VOCAB, build_tokenizer
+
+    torch.manual_seed(0)
+    tokenizer = build_tokenizer(with_pad=True, with_bos=True)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,
+                         tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    model = AutoModelForCausalLM.from_config(config)
+    partial = folder.with_name(folder.name + ".partial")
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    partial.rename(folder)
+    return folder
+
+
+MODELS = {"gemma": gemma_folder, "smollm-random": smollm_random_folder}
+
+
+def model_folder(bench: "Bench") -> Path:
+    return MODELS[bench.args.model]()
+
+
+def load_model(folder: Path | str, device: str = "cpu"):
+    """mlarch's own loader, with ingest's dtype for the device (float32 on cpu, bfloat16 on
+    cuda): LoadedModel with .model, .tokenizer."""
     import torch
 
     from mlarch.ingest import loading
 
-    return loading.load(str(folder), revision=None, device=torch.device("cpu"), dtype="float32")
+    target = torch.device(device)
+    return loading.load(str(folder), revision=None, device=target, dtype=loading.resolve_dtype("auto", target))
+
+
+def synchronize(device) -> None:
+    """Wait for queued GPU work, so that a timer stops when the work is done."""
+    import torch
+
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
 
 
 def starter_texts(lang: str, role: str) -> list[str]:
@@ -442,6 +498,7 @@ def bare_forward(model, tokenizer, texts: list[str], *, base: bool, batch_size: 
     from mlarch.ingest.scoring import length_batches, tokenize
 
     ids, _ = tokenize(tokenizer, texts, max_length)
+    device = model.get_input_embeddings().weight.device
     vocab = model.get_input_embeddings().weight.shape[0]
     pad = tokenizer.pad_token_id
     pad = pad if pad is not None and 0 <= pad < vocab else 0
@@ -455,8 +512,9 @@ def bare_forward(model, tokenizer, texts: list[str], *, base: bool, batch_size: 
             for row, i in enumerate(batch):
                 input_ids[row, : len(ids[i])] = torch.tensor(ids[i])
                 attention[row, : len(ids[i])] = 1
-            target(input_ids=input_ids, attention_mask=attention, use_cache=False)
+            target(input_ids=input_ids.to(device), attention_mask=attention.to(device), use_cache=False)
             n_tokens += int(attention.sum())
+    synchronize(device)
     return n_tokens
 
 

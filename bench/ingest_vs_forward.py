@@ -31,7 +31,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import _common
-from _common import Bench, bad_rounds, bare_forward, drawn, gemma_folder, interleave, load_model, median, starter_texts
+from _common import Bench, bad_rounds, bare_forward, drawn, interleave, load_model, median, model_folder, starter_texts
 
 TARGET = 1.5
 
@@ -144,12 +144,13 @@ def main() -> None:
 
     samples = bench.args.samples or (2 if bench.quick else 24)
     lang = bench.args.lang
-    folder = gemma_folder()
+    folder = model_folder(bench)
     clock = time.perf_counter()
-    loaded = load_model(folder)  # for the baseline forward passes only
+    loaded = load_model(folder, bench.args.device)  # for the baseline forward passes only
     bench.log(f"baseline model loaded in {time.perf_counter() - clock:.1f} s")
     texts = {role: drawn(starter_texts(lang, role), samples, seed=1) for role in ("math", "control")}
     model, tokenizer = loaded.model, loaded.tokenizer
+    batch_size = 16 if bench.args.device.startswith("cuda") else 1  # ingest's default batch size per device
     work = Path(tempfile.mkdtemp(prefix="bench-ingest-"))
     counter = [0]
 
@@ -159,7 +160,7 @@ def main() -> None:
         with instrumented() as timers:
             clock = time.perf_counter()
             written = mlarch.open(root).ingest(str(folder), [lang], "starter", "starter", samples=samples,
-                                               device="cpu").written
+                                               device=bench.args.device).written
             ended = time.perf_counter()
         shutil.rmtree(root, ignore_errors=True)
         return {"total": ended - clock, "timers": dict(timers.totals), "calls": dict(timers.calls),
@@ -167,11 +168,11 @@ def main() -> None:
 
     def forward_base():
         for role in ("math", "control"):
-            bare_forward(model, tokenizer, texts[role], base=True)
+            bare_forward(model, tokenizer, texts[role], base=True, batch_size=batch_size)
 
     def forward_full():
         for role in ("math", "control"):
-            bare_forward(model, tokenizer, texts[role], base=False)
+            bare_forward(model, tokenizer, texts[role], base=False, batch_size=batch_size)
 
     bare_forward(model, tokenizer, texts["math"][:1], base=True)  # warm-up
     try:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import time
 
 import _common
-from _common import (QUIET, Bench, bad_rounds, bare_forward, clean_times, gemma_folder, interleave, load_model, median,
+from _common import (QUIET, Bench, bad_rounds, bare_forward, clean_times, drawn, interleave, load_model, median, model_folder,
                      paired_ratio, starter_texts)
 
 TARGET = 1.10
@@ -34,7 +34,7 @@ TARGET = 1.10
 def main() -> None:
     bench = Bench("scoring_overhead", __doc__, repeats=7, quick_repeats=1, extra_args=lambda p: (
         p.add_argument("--texts", type=int, default=None, help="number of starter texts (default 16, --quick 4)"),
-        p.add_argument("--batch-size", type=int, default=1),
+        p.add_argument("--batch-size", type=int, default=None, help="default 1 on cpu, 16 on cuda (ingest's defaults)"),
         p.add_argument("--lang", default="en"),
     ))
     import torch
@@ -42,18 +42,19 @@ def main() -> None:
     from mlarch.ingest.scoring import NormCollector, run_pass, scored_modules
 
     n_texts = bench.args.texts or (4 if bench.quick else 16)
-    texts = starter_texts(bench.args.lang, "math")[:n_texts]
-    folder = gemma_folder()
+    pool = starter_texts(bench.args.lang, "math")  # 24 items; more are drawn with replacement, as ingest does
+    texts = pool[:n_texts] if n_texts <= len(pool) else drawn(pool, n_texts)
+    folder = model_folder(bench)
     clock = time.perf_counter()
-    loaded = load_model(folder)
+    loaded = load_model(folder, bench.args.device)
     bench.log(f"loaded {folder.name} in {time.perf_counter() - clock:.1f} s")
     model, tokenizer = loaded.model, loaded.tokenizer
     modules = scored_modules(model)
-    cpu = torch.device("cpu")
-    bs = bench.args.batch_size
+    device = torch.device(bench.args.device)
+    bs = bench.args.batch_size or (16 if device.type == "cuda" else 1)
 
     def scoring_pass():
-        return run_pass(model, tokenizer, modules, texts, batch_size=bs, max_length=512, device=cpu)
+        return run_pass(model, tokenizer, modules, texts, batch_size=bs, max_length=512, device=device)
 
     def noop_hooks_base():
         def hook(module, args, kwargs):
@@ -76,7 +77,7 @@ def main() -> None:
     }
     # warm-up: one short pass of each (first calls allocate and tune kernels)
     short = texts[:2]
-    run_pass(model, tokenizer, modules, short, batch_size=bs, max_length=512, device=cpu)
+    run_pass(model, tokenizer, modules, short, batch_size=bs, max_length=512, device=device)
     bare_forward(model, tokenizer, short, base=True, batch_size=bs)
     bare_forward(model, tokenizer, short, base=False, batch_size=bs)
     bench.log(f"timing {len(variants)} variants x {bench.repeats} rounds over {n_texts} texts")

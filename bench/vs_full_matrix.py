@@ -20,6 +20,10 @@ and `level_codes` at the 7 k values, modules over a thread pool (what ingest run
     Gemma-3-270M (100 M scored parameters) at every size.
 (b) End to end on 16 samples: `run_pass` + selection vs a reference pass with its own
     hooks (per-sample `vector_norm` over tokens) + full-matrix accumulation + selection.
+    Ours runs as ingest does (batch 1 on CPU, 16 on CUDA); the reference is per sample.
+
+`--device cuda` runs the passes and the reference's accumulation on the GPU (selection
+stays on the CPU, as in ingest); `--model smollm-random` needs no download.
 
 Selected sets: level codes of ours and of the references are compared as masks at each
 of the 7 k values for every module.
@@ -34,7 +38,7 @@ import time
 import numpy as np
 
 import _common
-from _common import (QUIET, Bench, bad_rounds, clean_times, drawn, gemma_folder, interleave, load_model, median,
+from _common import (QUIET, Bench, bad_rounds, clean_times, drawn, interleave, load_model, median, model_folder,
                      paired_ratio, starter_texts)
 
 TARGET = 50.0
@@ -58,15 +62,15 @@ def main() -> None:
     sizes = [int(x) for x in (bench.args.sizes or ("4,16" if quick else "16,64,256")).split(",")]
     e2e_n = bench.args.e2e_samples or (3 if quick else 16)
     ks = list(PAPER_KS)
-    cpu = torch.device("cpu")
-    folder = gemma_folder()
+    device = torch.device(bench.args.device)  # passes and the reference's accumulation run here
+    folder = model_folder(bench)
     clock = time.perf_counter()
-    loaded = load_model(folder)
+    loaded = load_model(folder, bench.args.device)
     model, tokenizer = loaded.model, loaded.tokenizer
     modules = scored_modules(model)
     names = [m.name for m in modules]
     mags = {m.name: m.magnitudes() for m in modules}  # per model, once: not part of either timing
-    abs_w = {name: torch.from_numpy(mags[name]) for name in names}
+    abs_w = {name: torch.from_numpy(mags[name]).to(device) for name in names}
     n_params = sum(m.n_params for m in modules)
     spans = layout([(m.name, m.layer, m.n_rows, m.n_cols) for m in modules])
     mags_flat = np.concatenate([mags[name].reshape(-1) for name in names])
@@ -86,8 +90,8 @@ def main() -> None:
     clock = time.perf_counter()
     item_norms = []  # per distinct item: {module: float32 norm vector of that one sample}
     for text in items:
-        item_norms.append(run_pass(model, tokenizer, modules, [text], batch_size=1, max_length=512, device=cpu).norms)
-    item_norms_t = [{k: torch.from_numpy(v) for k, v in d.items()} for d in item_norms]
+        item_norms.append(run_pass(model, tokenizer, modules, [text], batch_size=1, max_length=512, device=device).norms)
+    item_norms_t = [{k: torch.from_numpy(v).to(device) for k, v in d.items()} for d in item_norms]
     bench.log(f"captured per-sample norms of {len(items)} items in {time.perf_counter() - clock:.1f} s")
 
     def ours(idx):
@@ -100,7 +104,7 @@ def main() -> None:
         return by_module(model_levels(spans, mags_flat, norms, ks))
 
     def reference(idx, tuned=False):
-        acc = {name: torch.zeros(mags[name].shape, dtype=torch.float32) for name in names}
+        acc = {name: torch.zeros(mags[name].shape, dtype=torch.float32, device=device) for name in names}
         for s in idx:
             norms_s = item_norms_t[s]
             for name in names:
@@ -108,7 +112,7 @@ def main() -> None:
                     acc[name].addcmul_(abs_w[name], norms_s[name][None, :])
                 else:
                     acc[name] += abs_w[name] * norms_s[name][None, :]
-        return select_each({name: acc[name].numpy() for name in names})
+        return select_each({name: acc[name].cpu().numpy() for name in names})
 
     def explain(report, idx):
         """For each differing mask: both methods' scores of the swapped entries and the k threshold."""
@@ -118,12 +122,12 @@ def main() -> None:
         for w in report["largest_differences"]:
             name, j = w["module"], w["j"]
             sums = np.zeros(mags[name].shape[1], dtype=np.float64)
-            acc = torch.zeros(mags[name].shape, dtype=torch.float32)
+            acc = torch.zeros(mags[name].shape, dtype=torch.float32, device=device)
             for s_ in idx:
                 sums += item_norms[s_][name]
                 acc += abs_w[name] * item_norms_t[s_][name][None, :]
             ours_scores = scores(mags[name], sums.astype(np.float32)).reshape(-1)
-            ref_scores = acc.numpy().reshape(-1)
+            ref_scores = acc.cpu().numpy().reshape(-1)
             exact = (mags[name].astype(np.float64) * sums[None, :]).reshape(-1)  # float64 truth
             ours_only = [i for i in w["flat_indices"] if ours_levels_of(name, i, j)]
             ref_only = [i for i in w["flat_indices"] if not ours_levels_of(name, i, j)]
@@ -211,17 +215,18 @@ def main() -> None:
     if not bench.args.skip_e2e:
         texts = drawn(starter_texts("en", "math"), e2e_n, seed=1)
         head, _ = output_head(model)
+        e2e_batch = 16 if device.type == "cuda" else 1  # ours as ingest runs it; the reference is per sample
 
         class Stop(Exception):
             pass
 
         def ours_e2e():
-            result = run_pass(model, tokenizer, modules, texts, batch_size=1, max_length=512, device=cpu)
+            result = run_pass(model, tokenizer, modules, texts, batch_size=e2e_batch, max_length=512, device=device)
             norms = np.concatenate([result.norms[name] for name in names])
             return by_module(model_levels(spans, mags_flat, norms, ks))
 
         def reference_e2e(tuned=False):
-            acc = {name: torch.zeros(mags[name].shape, dtype=torch.float32) for name in names}
+            acc = {name: torch.zeros(mags[name].shape, dtype=torch.float32, device=device) for name in names}
             current = {}
             handles = []
 
@@ -241,7 +246,7 @@ def main() -> None:
                 ids, _ = tokenize(tokenizer, texts, 512)
                 with torch.inference_mode():
                     for batch in length_batches([len(s) for s in ids], 1):
-                        x = torch.tensor([ids[batch[0]]])
+                        x = torch.tensor([ids[batch[0]]], device=device)
                         try:
                             model(input_ids=x, attention_mask=torch.ones_like(x), use_cache=False)
                         except Stop:
@@ -254,7 +259,7 @@ def main() -> None:
             finally:
                 for h in handles:
                     h.remove()
-            return select_each({name: acc[name].numpy() for name in names})
+            return select_each({name: acc[name].cpu().numpy() for name in names})
 
         ours_e2e()  # warm-up (short passes would not warm the same shapes)
         bench.log(f"(b) end to end on {e2e_n} samples, {bench.repeats} rounds")
