@@ -286,18 +286,20 @@ class Row:
 
 class Bench:
     def __init__(self, name: str, doc: str | None = None, *, quick_repeats: int = 1, repeats: int = 3,
-                 torch_threads: bool = True, extra_args: Callable[[argparse.ArgumentParser], None] | None = None):
+                 torch_threads: bool = True, extra_args: Callable[[argparse.ArgumentParser], None] | None = None,
+                 device_args: bool = False):
         parser = argparse.ArgumentParser(description=(doc or name).strip().splitlines()[0])
         parser.add_argument("--quick", action="store_true", help="~30 s smoke run (smaller sizes, 1 repeat)")
         parser.add_argument("--repeats", type=int, default=None,
                             help=f"timed repeats per variant (default {repeats}, --quick {quick_repeats})")
         parser.add_argument("--no-write", action="store_true", help="do not write bench/results/NAME.json")
         parser.add_argument("--tag", default=None, help="write bench/results/NAME-TAG.json (a second setting)")
-        parser.add_argument("--device", default="cpu", help="cpu (default) or cuda: where the model runs")
-        parser.add_argument("--model", default="gemma", choices=sorted(MODELS),
-                            help="gemma: the demo's Gemma-3-270M (default); smollm-random: a SmolLM2-135M-shaped "
-                                 "Llama with random weights built from its config (no download: for a GPU machine "
-                                 "without network)")
+        if device_args:  # the benchmarks that run a model on a chosen device
+            parser.add_argument("--device", default="cpu", help="cpu (default) or cuda: where the model runs")
+            parser.add_argument("--model", default="gemma", choices=sorted(MODELS),
+                                help="gemma: the demo's Gemma-3-270M (default); smollm-random: a SmolLM2-135M-shaped "
+                                     "Llama with random weights built from its config (no download: for a GPU "
+                                     "machine without network)")
         if extra_args:
             extra_args(parser)
         self.args = parser.parse_args()
@@ -312,9 +314,9 @@ class Bench:
         if torch_threads:
             set_threads()
         self.machine = machine_info()
-        self.machine["device"] = self.args.device
-        self.machine["model"] = self.args.model
-        if self.args.device.startswith("cuda"):
+        self.machine["device"] = getattr(self.args, "device", "cpu")
+        self.machine["model"] = getattr(self.args, "model", "gemma")
+        if self.machine["device"].startswith("cuda"):
             import torch
 
             self.machine["device_name"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None

@@ -135,7 +135,7 @@ def breakdown(t: dict[str, float], spans: dict[str, list], started: float, ended
 
 
 def main() -> None:
-    bench = Bench("ingest_vs_forward", __doc__, repeats=3, quick_repeats=1, extra_args=lambda p: (
+    bench = Bench("ingest_vs_forward", __doc__, repeats=3, quick_repeats=1, device_args=True, extra_args=lambda p: (
         p.add_argument("--samples", type=int, default=None, help="samples per run (default 24 = the demo's, --quick 2)"),
         p.add_argument("--lang", default="en"),
     ))

@@ -25,14 +25,14 @@ from __future__ import annotations
 import time
 
 import _common
-from _common import (QUIET, Bench, bad_rounds, bare_forward, clean_times, drawn, interleave, load_model, median, model_folder,
-                     paired_ratio, starter_texts)
+from _common import (QUIET, Bench, bad_rounds, bare_forward, clean_times, drawn, interleave, load_model, median,
+                     model_folder, paired_ratio, starter_texts)
 
 TARGET = 1.10
 
 
 def main() -> None:
-    bench = Bench("scoring_overhead", __doc__, repeats=7, quick_repeats=1, extra_args=lambda p: (
+    bench = Bench("scoring_overhead", __doc__, repeats=7, quick_repeats=1, device_args=True, extra_args=lambda p: (
         p.add_argument("--texts", type=int, default=None, help="number of starter texts (default 16, --quick 4)"),
         p.add_argument("--batch-size", type=int, default=None, help="default 1 on cpu, 16 on cuda (ingest's defaults)"),
         p.add_argument("--lang", default="en"),

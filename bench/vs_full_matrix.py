@@ -45,7 +45,7 @@ TARGET = 50.0
 
 
 def main() -> None:
-    bench = Bench("vs_full_matrix", __doc__, repeats=3, quick_repeats=1, extra_args=lambda p: (
+    bench = Bench("vs_full_matrix", __doc__, repeats=3, quick_repeats=1, device_args=True, extra_args=lambda p: (
         p.add_argument("--sizes", default=None, help="sample counts for (a) (default 16,64,256; --quick 4,16)"),
         p.add_argument("--e2e-samples", type=int, default=None, help="samples for (b) (default 16, --quick 3)"),
         p.add_argument("--skip-e2e", action="store_true"),
