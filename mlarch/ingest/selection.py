@@ -47,8 +47,9 @@ def level_codes(scores: np.ndarray, ks: Sequence[float]) -> np.ndarray:
     candidates = _candidates(flat, largest, cols)  # ascending flat indices of a superset of the largest set
     values = np.take(flat, candidates)
     thresholds = _thresholds(values.copy(), counts)  # lowest threshold (largest k) first
-    # an entry is in top-ks[j] iff it is above t_j (ties aside); thresholds fall as k grows,
-    # so an entry clearing b of them first enters at level K + 1 - b (b = 0: never)
+    # an entry is in top-ks[j] iff it is >= t_j, unless more entries equal t_j than the set
+    # has room for (then the tie rule decides, below); thresholds fall as k grows, so an
+    # entry clearing b of them first enters at level K + 1 - b (b = 0: never)
     cleared = np.zeros(values.size, dtype=np.uint8)
     crowded = []  # thresholds with more entries equal to them than places left
     inside = None  # clears the lowest threshold: in some set at all
