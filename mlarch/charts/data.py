@@ -10,7 +10,7 @@ from itertools import combinations
 import polars as pl
 
 from mlarch.errors import MlarchError, UsageError
-from mlarch.query.compare import match_models, resolve_k_seed
+from mlarch.query.compare import derived_sets, match_models, resolve_k_seed
 from mlarch.store import catalog
 
 from .colors import LANGUAGE_COLORS
@@ -82,23 +82,21 @@ def resolve(archive, model: str, langs=None, k=None, seed: int | None = None, *,
         raise UsageError(f"k must be in (0, 1), got {','.join(map(str, ks))}")
     with catalog.reading(archive.catalog_path) as con:
         models = match_models(con, str(model))
-        first_k, seed_used = resolve_k_seed(con, models, ks[0] if ks else None, seed)
+        sets = derived_sets(con, models)  # one read of `runs` answers every check below
+        first_k, seed_used = resolve_k_seed(con, models, ks[0] if ks else None, seed, sets)
         if multi_k:
             for extra in (ks or [])[1:]:
-                resolve_k_seed(con, models, extra, seed_used)  # raises for unarchived k
+                resolve_k_seed(con, models, extra, seed_used, sets)  # raises for unarchived k
             if not ks:
-                rows = con.execute(
-                    "SELECT model, list(DISTINCT k ORDER BY k) FROM selections WHERE list_contains($m, model) "
-                    "AND seed = $s GROUP BY model", {"m": models, "s": seed_used}).fetchall()
-                ks = sorted(set.intersection(*(set(r[1]) for r in rows)))
+                ks = sorted(set.intersection(*(
+                    set().union(*(k_values for (s, _), k_values in sets[name].items() if s == seed_used))
+                    for name in models)))
             ks = sorted(set(ks))
         else:
             ks = [first_k]
-        have = {}
-        for name in models:
-            have[name] = [r[0] for r in con.execute(
-                "SELECT DISTINCT lang FROM selections WHERE model = ? AND seed = ? AND list_contains(?, k) "
-                "ORDER BY lang", [name, seed_used, ks]).fetchall()]
+        have = {name: sorted(lang for (s, lang), k_values in sets[name].items()
+                             if s == seed_used and k_values & set(ks))
+                for name in models}
     if langs is None:
         common = set.intersection(*(set(v) for v in have.values()))
         if not common:

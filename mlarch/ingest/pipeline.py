@@ -221,7 +221,6 @@ def ingest(root: Path, cfg: IngestConfig, reporter: Reporter | None = None) -> I
     # order, while the forward passes run: on a GPU the CPU is otherwise idle meanwhile
     with ThreadPoolExecutor(1) as background:
         magnitudes_ready = background.submit(prepare_magnitudes)  # before any run's selection
-        new_model = None if new_group is None else (new_group, magnitudes_ready)
         for seed in cfg.seeds:
             for lang in cfg.langs:
                 units_here = [(role, digest) for s_, l_, role, digest in todo if (s_, l_) == (seed, lang)]
@@ -238,12 +237,12 @@ def ingest(root: Path, cfg: IngestConfig, reporter: Reporter | None = None) -> I
                         for run_id, (role, digest) in zip(run_ids, units_here)
                     ]
                     pending = [future.result() for future in futures]
-                    model_arrays = None if new_model is None else (new_model[0], new_model[1].result())
-                    _commit(root, name, seed, loaded, modules, spans, model_arrays, pending)
+                    new_model = None if new_group is None else (new_group, magnitudes_ready.result())
+                    _commit(root, name, seed, loaded, modules, spans, new_model, pending)
                 except BaseException:
                     _mark_failed(catalog_path, run_ids)  # those not committed
                     raise
-                new_model = None
+                new_group = None  # the model's rows went in with the first commit
                 result.written.extend(p.run_id for p in pending)
                 reporter.message(
                     f"archived {lang} seed {seed}: " + ", ".join(f"{p.role} {p.run_id}" for p in pending))

@@ -101,6 +101,8 @@ def derived_sets(con, models: list[str]) -> dict[str, dict[tuple[int, str], set[
 
 def resolve_k_seed(con, models: list[str], k: float | None, seed: int | None,
                    sets: dict | None = None) -> tuple[float, int]:
+    """The k and seed to show (the given ones, checked, or the defaults); `sets` from
+    `derived_sets` saves reading them again."""
     sets = derived_sets(con, models) if sets is None else sets
     for model in models:
         if not sets[model]:
