@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
 import time
@@ -424,29 +425,20 @@ def gemma_folder() -> Path:
 def smollm_random_folder() -> Path:
     """A Llama with SmolLM2-135M's shape (30 blocks, hidden 576, 9 heads / 3 kv, MLP 1536;
     ~106 M scored parameters) and random weights, with the tests' byte-level tokenizer
-    (small vocabulary, untied head). Built once from its config: no download, a few seconds."""
+    (small vocabulary, untied head). Built once by the tests' `build_model`: no download."""
+    from fixtures import build_model
+
     from mlarch.ingest.demo import cache_dir
 
     folder = cache_dir() / "bench" / "smollm-random"
-    if (folder / "config.json").exists():
-        return folder
-    import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    from fixtures import VOCAB, build_tokenizer
-
-    torch.manual_seed(0)
-    tokenizer = build_tokenizer(with_pad=True, with_bos=True)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                         num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,
-                         tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    model = AutoModelForCausalLM.from_config(config)
-    partial = folder.with_name(folder.name + ".partial")
-    model.save_pretrained(partial)
-    tokenizer.save_pretrained(partial)
-    partial.rename(folder)
-    return folder
+    if not (folder / "tiny-llama" / "config.json").exists():
+        partial = folder.with_name(folder.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        build_model("llama", partial, layers=30, hidden_size=576, intermediate_size=1536, num_attention_heads=9,
+                    num_key_value_heads=3, max_position_embeddings=2048)
+        shutil.rmtree(folder, ignore_errors=True)
+        partial.rename(folder)
+    return folder / "tiny-llama"
 
 
 MODELS = {"gemma": gemma_folder, "smollm-random": smollm_random_folder}

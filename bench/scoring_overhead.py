@@ -99,19 +99,17 @@ def main() -> None:
 
         return timed
 
-    hooks = {}
-    for label, accumulate in (("mlarch", mlarch_accumulate),):
-        NormCollector._accumulate = timed_by(accumulate)
-        try:
-            runs = []
-            for _ in range(1 if bench.quick else 3):
-                inside.update(s=0.0, calls=0)
-                seconds, others, result = QUIET.measure(scoring_pass, bench.log)
-                runs.append((inside["s"] / seconds, seconds, inside["s"], inside["calls"]))
-        finally:
-            NormCollector._accumulate = mlarch_accumulate
-        share, instrumented, hook_s, calls = sorted(runs)[len(runs) // 2]  # the median share
-        hooks[label] = {"share": share, "pass_s": instrumented, "hook_s": hook_s, "calls": calls, "runs": runs}
+    NormCollector._accumulate = timed_by(mlarch_accumulate)
+    try:
+        runs = []
+        for _ in range(1 if bench.quick else 3):
+            inside.update(s=0.0, calls=0)
+            seconds, others, result = QUIET.measure(scoring_pass, bench.log)
+            runs.append((inside["s"] / seconds, seconds, inside["s"], inside["calls"]))
+    finally:
+        NormCollector._accumulate = mlarch_accumulate
+    share, instrumented, hook_s, calls = sorted(runs)[len(runs) // 2]  # the median share
+    hooks = {"share": share, "pass_s": instrumented, "hook_s": hook_s, "calls": calls, "runs": runs}
 
     s, b, f, n = "scoring (run_pass)", "bare base model", "bare full model", "base + no-op hooks"
     ours, base, full, noop = kept[s], kept[b], kept[f], kept[n]
@@ -124,13 +122,11 @@ def main() -> None:
               ratio=paired_ratio(times[s], times[f], bad_rounds(s, f)), target="info")
     bench.row("no-op hooks on base vs bare base model", median(noop), median(base),
               ratio=paired_ratio(times[n], times[b], bad_rounds(n, b)), target="info")
-    for label, h in hooks.items():
-        bench.row(f"time inside hooks ({label}), share of pass", h["hook_s"], h["pass_s"], ratio=h["share"],
-                  target="info", note=f"{h['calls']} hook calls, {1e6 * h['hook_s'] / max(1, h['calls']):.0f} us each; "
-                                      "median of instrumented passes")
-        bench.row(f"overhead implied by time inside hooks ({label}): pass / (pass - hooks)", h["pass_s"],
-                  h["pass_s"] - h["hook_s"], ratio=1 / (1 - h["share"]), target="info",
-                  note="much less noisy than wall-clock ratios: both numbers come from the same pass")
+    bench.row("time inside hooks, share of pass", hook_s, instrumented, ratio=share, target="info",
+              note=f"{calls} hook calls, {1e6 * hook_s / max(1, calls):.0f} us each; median of instrumented passes")
+    bench.row("overhead implied by time inside hooks: pass / (pass - hooks)", instrumented, instrumented - hook_s,
+              ratio=1 / (1 - share), target="info",
+              note="much less noisy than wall-clock ratios: both numbers come from the same pass")
     bench.finish(details={
         "model": folder.name, "n_scored_modules": len(modules), "n_texts": n_texts, "batch_size": bs,
         "n_tokens": result.n_tokens, "instrumented_hooks": hooks, "times": times, "contended_indices": contended,

@@ -89,8 +89,9 @@ def build_tokenizer(with_pad: bool, with_bos: bool):
     return PreTrainedTokenizerFast(tokenizer_object=tok, **kwargs)
 
 
-def build_model(kind: str, folder: Path, layers: int = 2) -> Path:
-    """Save a tiny random model of `kind` ('llama' | 'qwen2' | 'gpt2'), `layers` blocks deep, with its tokenizer."""
+def build_model(kind: str, folder: Path, layers: int = 2, **sizes) -> Path:
+    """Save a tiny random model of `kind` ('llama' | 'qwen2' | 'gpt2'), `layers` blocks deep, with its tokenizer.
+    `sizes` override config fields (e.g. hidden_size=576) for a bigger model of the same kind."""
     from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen2Config
 
     torch.manual_seed({"llama": 1, "qwen2": 2, "gpt2": 3}[kind])
@@ -98,17 +99,18 @@ def build_model(kind: str, folder: Path, layers: int = 2) -> Path:
     ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
            "pad_token_id": tokenizer.pad_token_id}
     if kind == "llama":  # untied lm_head: scored
-        config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
-                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                             tie_word_embeddings=False, **ids)
+        make, fields = LlamaConfig, dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48,
+                                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                                         max_position_embeddings=256, tie_word_embeddings=False, **ids)
     elif kind == "qwen2":  # lm_head tied to the embedding: not scored
-        config = Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
-                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                             tie_word_embeddings=True, **ids)
+        make, fields = Qwen2Config, dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48,
+                                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                                         max_position_embeddings=256, tie_word_embeddings=True, **ids)
     elif kind == "gpt2":  # Conv1D modules, learned positions, no pad token
-        config = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=layers, n_head=4, n_positions=256, **ids)
+        make, fields = GPT2Config, dict(vocab_size=VOCAB, n_embd=32, n_layer=layers, n_head=4, n_positions=256, **ids)
     else:
         raise ValueError(kind)
+    config = make(**{**fields, **sizes})
     model = AutoModelForCausalLM.from_config(config)
     with torch.no_grad():  # random init leaves norms' weights at 1: perturb so every module matters
         for name, param in model.named_parameters():
