@@ -39,7 +39,7 @@ class Archive:
             catalog.ensure_schema(self.catalog_path)
         # an existing catalog's schema version is checked by its first read
         # A finished run's arrays and a model's modules never change: cache their lookups
-        # (opening the catalog costs ~20 ms, and array access loops over modules).
+        # (every read attaches the catalog, and array access loops over modules).
         self._module_cache: dict[str, dict] = {}
         self._run_cache: dict[str, dict] = {}
 
@@ -58,7 +58,7 @@ class Archive:
     def sql(self, query: str, params=None, *, write: bool = False) -> pl.DataFrame:
         """Run SQL against the catalog's tables and views. Read-only unless write=True."""
         try:
-            statements = duckdb.connect().extract_statements(query)
+            statements = catalog.statements(query)
         except duckdb.Error as exc:
             raise MlarchError(f"SQL error: {_one_line(exc)}") from None
         if not statements:

@@ -1,14 +1,19 @@
 """The DuckDB catalog: numbered migrations, short-lived connections, one writer at a time.
 
 DuckDB lets one process write a file, and a read-write connection blocks every other
-process from opening it. So nothing here keeps a connection: readers open read-only for
-one query, writers open read-write only for the final commit (MLflow-style lifecycle).
+process from opening it. So nothing here keeps a catalog open: readers attach it read-only
+for one query, writers open it read-write only for the final commit (MLflow-style
+lifecycle). Readers share one in-memory DuckDB per process and ATTACH the file to it:
+~2 ms a read instead of ~20 ms for a new DuckDB instance per connection.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
+import os
 import re
+import threading
 import time
 from contextlib import contextmanager
 from importlib import resources
@@ -39,22 +44,35 @@ def latest_version() -> int:
 
 
 def _connect(path: Path, read_only: bool) -> duckdb.DuckDBPyConnection:
+    return _opening(path, lambda: duckdb.connect(str(path), read_only=read_only))
+
+
+def _opening(path: Path, open_it):
+    """open_it(), retried while another process holds the catalog's lock; clear errors."""
     deadline = time.monotonic() + _BUSY_WAIT_S
     while True:
         try:
-            return duckdb.connect(str(path), read_only=read_only)
+            return open_it()
         except duckdb.IOException as exc:
-            if "lock" not in str(exc).lower() or time.monotonic() > deadline:
+            if "lock" not in str(exc).lower():  # not a valid file, permissions, ...
+                raise MlarchError(
+                    f"cannot open catalog {path}: {_first_line(exc)}: check the file, or point --archive elsewhere"
+                ) from None
+            if time.monotonic() > deadline:
                 raise MlarchError(
                     f"cannot open catalog {path}: {_first_line(exc)}; "
                     "another process may hold it for writing: retry when it has finished"
                 ) from None
             time.sleep(0.1)
         except duckdb.Error as exc:
-            raise MlarchError(
-                f"catalog {path} is not a readable DuckDB file ({_first_line(exc)}): "
-                "restore it from a copy or point --archive elsewhere"
-            ) from None
+            raise _unreadable(path, exc) from None
+
+
+def _unreadable(path: Path, exc: BaseException) -> MlarchError:
+    return MlarchError(
+        f"catalog {path} is not a readable DuckDB file ({_first_line(exc)}): "
+        "restore it from a copy or point --archive elsewhere"
+    )
 
 
 def _first_line(exc: BaseException) -> str:
@@ -62,8 +80,9 @@ def _first_line(exc: BaseException) -> str:
 
 
 def schema_version(con: duckdb.DuckDBPyConnection) -> int:
-    has_table = con.execute(
-        "SELECT count(*) FROM information_schema.tables WHERE table_name = 'schema_migrations'"
+    has_table = con.execute(  # in this connection's database only (readers see several)
+        "SELECT count(*) FROM duckdb_tables() "
+        "WHERE table_name = 'schema_migrations' AND database_name = current_database()"
     ).fetchall()[0][0]
     if not has_table:
         return 0
@@ -119,24 +138,101 @@ def _check_not_newer(path: Path, current: int, known: int) -> None:
 _CHECKED: set[str] = set()  # catalogs whose schema this process has already checked
 
 
+class _Readers:
+    """One in-memory DuckDB per process (re-made after a fork); a catalog is attached to it
+    read-only while at least one reader uses it, then detached, which releases the file
+    lock so that writers in other processes are never blocked for long."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.host: duckdb.DuckDBPyConnection | None = None
+        self.pid: int | None = None
+        self.attached: dict[str, list] = {}  # resolved path -> [alias, readers]
+        self.aliases = itertools.count(1)
+
+    def cursor(self) -> duckdb.DuckDBPyConnection:
+        """A connection of its own (thread-safe) to the shared instance."""
+        with self.lock:
+            if self.host is None or self.pid != os.getpid():
+                self.host, self.pid, self.attached = duckdb.connect(), os.getpid(), {}
+            return self.host.cursor()
+
+    def attach(self, path: Path) -> str:
+        key = str(path.resolve())
+        cursor = self.cursor()
+        try:
+            with self.lock:
+                entry = self.attached.get(key)
+                if entry is None:
+                    alias = f"catalog_{next(self.aliases)}"
+                    quoted = key.replace("'", "''")
+                    _opening(path, lambda: cursor.execute(f"ATTACH '{quoted}' AS {alias} (READ_ONLY)"))
+                    entry = self.attached[key] = [alias, 0]
+                entry[1] += 1
+                return entry[0]
+        finally:
+            cursor.close()
+
+    def detach(self, path: Path) -> None:
+        key = str(path.resolve())
+        with self.lock:
+            entry = self.attached.get(key)
+            if entry is None:  # the process forked since: nothing of ours is attached
+                return
+            entry[1] -= 1
+            if entry[1] == 0:
+                del self.attached[key]
+                self.host.execute(f"DETACH {entry[0]}")
+
+
+_READERS = _Readers()
+
+
+def statements(query: str):
+    """The SQL statements in `query`, parsed by DuckDB (no catalog needed)."""
+    cursor = _READERS.cursor()
+    try:
+        return cursor.extract_statements(query)
+    finally:
+        cursor.close()
+
+
 @contextmanager
 def reading(path: Path):
-    """A read-only connection for one query, closed afterwards. The first one per catalog
-    and process also checks the schema version (and migrates an older catalog)."""
-    con = _connect(path, read_only=True)
-    try:
-        key = str(path)
+    """A read-only connection to the catalog for one use, closed (and the file detached)
+    afterwards. The first one per catalog and process also checks the schema version (and
+    migrates an older catalog)."""
+    path = Path(path)
+    if not path.exists():  # ATTACH would say less
+        raise MlarchError(f"no catalog at {path}: check --archive (or MLARCH_ARCHIVE)")
+    key = str(path)
+    with _attached(path) as con:
         if key not in _CHECKED:
             current = schema_version(con)
             _check_not_newer(path, current, latest_version())
-            if current < latest_version():
-                con.close()
-                ensure_schema(path)
-                con = _connect(path, read_only=True)
-            _CHECKED.add(key)
+            if current == latest_version():
+                _CHECKED.add(key)
+        if key in _CHECKED:
+            yield con
+            return
+    ensure_schema(path)  # an older catalog: migrate it (read-write), then read
+    _CHECKED.add(key)
+    with _attached(path) as con:
         yield con
+
+
+@contextmanager
+def _attached(path: Path):
+    alias = _READERS.attach(path)
+    try:
+        con = _READERS.cursor()
+        try:
+            con.execute(f"USE {alias}")
+            yield con
+        finally:
+            con.close()
     finally:
-        con.close()
+        _READERS.detach(path)
 
 
 @contextmanager
