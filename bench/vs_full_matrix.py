@@ -162,7 +162,7 @@ def main() -> None:
         kept = clean_times(times)
         values = dict(_common.LAST_VALUES)
         extra = []
-        for _ in range(max(0, 5 - len(kept["ours"])) if not quick else 0):  # ours is cheap: 5 samples
+        for _ in range(max(0, 9 - len(kept["ours"])) if not quick else 0):  # ours is cheap: 9 samples (it is noisy)
             seconds, others, _ = QUIET.measure(lambda: ours(idx), bench.log)
             if others < _common.CONTENDED_CORES:
                 extra.append(seconds)

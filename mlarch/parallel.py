@@ -4,7 +4,7 @@ operations, and blosc and hashlib release it too, so threads use every core."""
 from __future__ import annotations
 
 import os
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 
 def cores() -> int:
@@ -16,3 +16,28 @@ def pool(limit: int = 4) -> ThreadPoolExecutor:
     """Up to `limit` threads (one per core): each holds one module's or one range's
     temporaries, so a few threads keep memory bounded on large models."""
     return ThreadPoolExecutor(max(1, min(limit, cores())))
+
+
+class Inline:
+    """The executor interface, each task run at once in the caller's thread: its error is
+    kept in the future (as a worker thread's would be); an interrupt is not."""
+
+    def submit(self, fn, /, *args, **kwargs) -> Future:
+        future = Future()
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except Exception as exc:  # noqa: BLE001 - raised by future.result(), as with a thread
+            future.set_exception(exc)
+        return future
+
+    def __enter__(self) -> "Inline":
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        return False
+
+
+def background(overlap: bool) -> ThreadPoolExecutor | Inline:
+    """One worker thread that runs tasks in order beside the caller, or Inline where
+    overlapping would only compete for the caller's cores."""
+    return ThreadPoolExecutor(1) if overlap else Inline()
