@@ -294,8 +294,8 @@ def _begin_runs(catalog_path: Path, name: str, lang: str, seed: int, cfg: Ingest
 
 def _score_run(root, cfg, name, lang, role, seed, run_id, digest, source, loaded_items, loaded, modules, spans,
                magnitudes, magnitudes_ready, batch_size, env, config, reporter, run_pass, background) -> Future:
-    """Run the forward pass here; select and write in `background`. The returned future
-    gives the run, ready to commit."""
+    """Run the forward pass here; select and write in `background` (a thread beside the next
+    pass, or inline: see `overlaps`). The returned future gives the run, ready to commit."""
     group = layout.run_group(run_id)
     started = _now()
     texts_all = loaded_items.texts
