@@ -221,6 +221,8 @@ def ingest(root: Path, cfg: IngestConfig, reporter: Reporter | None = None) -> I
     # array work (|W|, selection, compression, digests) runs in order, in one background
     # thread while the next forward pass runs where the passes leave the CPU idle
     with parallel.background(overlap=overlaps(device)) as background:
+        reporter.message(f"|W| of {magnitudes.size:,} scored parameters" + (
+            ": extracting and archiving" if new_group is not None else ": extracting"))
         magnitudes_ready = background.submit(prepare_magnitudes)  # before any run's selection
         for seed in cfg.seeds:
             for lang in cfg.langs:
