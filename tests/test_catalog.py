@@ -104,3 +104,66 @@ def test_a_reader_migrates_an_older_catalog_first(tmp_path):
         assert catalog.schema_version(con) == catalog.latest_version()
         assert con.execute("SELECT count(*) FROM notes").fetchall() == [(0,)]
     assert catalog._READERS.attached == {}
+
+
+def test_reads_are_named_after_the_file(tmp_path):
+    first, second = tmp_path / "a" / "catalog.duckdb", tmp_path / "b" / "catalog.duckdb"
+    for path in (first, second):
+        path.parent.mkdir()
+        catalog.ensure_schema(path)
+    with catalog.reading(first) as a, catalog.reading(second) as b:
+        assert a.execute("SELECT current_database()").fetchall() == [("catalog",)]
+        assert b.execute("SELECT current_database()").fetchall() == [("catalog_2",)]
+        assert a.execute("SELECT count(*) FROM catalog.main.runs").fetchall() == [(0,)]
+
+
+def test_a_writer_in_another_thread_waits_for_readers(catalog_path):
+    import threading
+
+    inside, release = threading.Event(), threading.Event()
+
+    def reader():
+        with catalog.reading(catalog_path) as con:
+            con.execute("SELECT count(*) FROM runs").fetchall()
+            inside.set()
+            release.wait(10)
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    assert inside.wait(10)
+    threading.Timer(0.3, release.set).start()
+    with catalog.writing(catalog_path) as con:  # waits until the reader has detached
+        con.execute("CREATE TABLE written (x INTEGER)")
+    thread.join(10)
+    assert catalog._READERS.attached == {}
+    with catalog.reading(catalog_path) as con:
+        assert con.execute("SELECT count(*) FROM written").fetchall() == [(0,)]
+
+
+FORKED_READERS = """
+import multiprocessing, sys
+from pathlib import Path
+from mlarch.store import catalog
+
+path = Path(sys.argv[1])
+
+def count(_):
+    with catalog.reading(path) as con:
+        return con.execute("SELECT count(*) FROM runs").fetchall()[0][0]
+
+if __name__ == "__main__":
+    count(0)  # the parent has a DuckDB instance now
+    with multiprocessing.get_context("fork").Pool(2) as pool:
+        print(pool.map_async(count, range(4), chunksize=1).get(timeout=30), count(0), flush=True)
+"""
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork")
+def test_forked_workers_read_after_the_parent_did(catalog_path, tmp_path):
+    script = tmp_path / "forked_readers.py"
+    script.write_text(FORKED_READERS)
+    # a child that inherits (and closes) the parent's DuckDB instance hangs: time out instead
+    done = subprocess.run([sys.executable, str(script), str(catalog_path)], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[0, 0, 0, 0] 0"

@@ -9,6 +9,7 @@ lifecycle). Readers share one in-memory DuckDB per process and ATTACH the file t
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import itertools
 import os
@@ -53,6 +54,14 @@ def _opening(path: Path, open_it):
     while True:
         try:
             return open_it()
+        except (duckdb.ConnectionException, duckdb.ResourceInUseException) as exc:
+            # this process has the file open another way (a reader in another thread)
+            if time.monotonic() > deadline:
+                raise MlarchError(
+                    f"cannot open catalog {path}: {_first_line(exc)}; another thread of this process "
+                    "is using it: retry when it has finished"
+                ) from None
+            time.sleep(0.05)
         except duckdb.IOException as exc:
             if "lock" not in str(exc).lower():  # not a valid file, permissions, ...
                 raise MlarchError(
@@ -139,53 +148,123 @@ _CHECKED: set[str] = set()  # catalogs whose schema this process has already che
 
 
 class _Readers:
-    """One in-memory DuckDB per process (re-made after a fork); a catalog is attached to it
-    read-only while at least one reader uses it, then detached, which releases the file
-    lock so that writers in other processes are never blocked for long."""
+    """One in-memory DuckDB per process; a catalog is attached to it read-only while at
+    least one reader uses it, then detached, which releases the file lock so that writers
+    in other processes are never blocked for long. The lock guards only bookkeeping: an
+    ATTACH that waits for another process's writer blocks no other reader."""
 
     def __init__(self):
         self.lock = threading.Lock()
         self.host: duckdb.DuckDBPyConnection | None = None
-        self.pid: int | None = None
-        self.attached: dict[str, list] = {}  # resolved path -> [alias, readers]
-        self.aliases = itertools.count(1)
+        self.users = 0  # cursors handed out and not closed yet
+        self.attached: dict[str, _Attachment] = {}  # resolved path -> attachment
+        self.leaked: list = []
 
     def cursor(self) -> duckdb.DuckDBPyConnection:
-        """A connection of its own (thread-safe) to the shared instance."""
+        """A connection of its own (thread-safe) to the shared instance; release() it."""
         with self.lock:
-            if self.host is None or self.pid != os.getpid():
-                self.host, self.pid, self.attached = duckdb.connect(), os.getpid(), {}
+            if self.host is None:
+                self.host = duckdb.connect()
+            self.users += 1
             return self.host.cursor()
 
-    def attach(self, path: Path) -> str:
-        key = str(path.resolve())
-        cursor = self.cursor()
-        try:
+    def release(self, cursor: duckdb.DuckDBPyConnection) -> None:
+        cursor.close()
+        with self.lock:
+            self.users = max(0, self.users - 1)  # a cursor from before a fork counts for nothing
+
+    def attach(self, key: str, path: Path) -> str:
+        """Alias of the catalog at `key` (resolved `path`), attached for one more reader."""
+        while True:
             with self.lock:
                 entry = self.attached.get(key)
-                if entry is None:
-                    alias = f"catalog_{next(self.aliases)}"
-                    quoted = key.replace("'", "''")
-                    _opening(path, lambda: cursor.execute(f"ATTACH '{quoted}' AS {alias} (READ_ONLY)"))
-                    entry = self.attached[key] = [alias, 0]
-                entry[1] += 1
-                return entry[0]
+                if entry is None:  # this thread attaches it; others wait for the outcome
+                    names = {e.alias for e in self.attached.values()}
+                    alias = next(a for a in itertools.chain([path.stem], (f"{path.stem}_{n}" for n in
+                                 itertools.count(2))) if a not in names and a not in _RESERVED)
+                    entry = self.attached[key] = _Attachment(alias)
+                    break
+                if entry.ready.is_set():
+                    entry.readers += 1
+                    return entry.alias
+            entry.ready.wait()  # then look again: attached, or that attempt failed
+        cursor = self.cursor()
+        try:
+            quoted = key.replace("'", "''")
+            _opening(path, lambda: cursor.execute(f"ATTACH '{quoted}' AS {_name(entry.alias)} (READ_ONLY)"))
+        except BaseException:
+            with self.lock:
+                del self.attached[key]
+            entry.ready.set()
+            raise
         finally:
-            cursor.close()
+            self.release(cursor)
+        with self.lock:
+            entry.readers += 1
+            entry.ready.set()
+        return entry.alias
 
-    def detach(self, path: Path) -> None:
-        key = str(path.resolve())
+    def detach(self, key: str) -> None:
         with self.lock:
             entry = self.attached.get(key)
-            if entry is None:  # the process forked since: nothing of ours is attached
+            if entry is None:  # attached before a fork, by the parent
                 return
-            entry[1] -= 1
-            if entry[1] == 0:
+            entry.readers -= 1
+            if entry.readers == 0:
                 del self.attached[key]
-                self.host.execute(f"DETACH {entry[0]}")
+                self.host.execute(f"DETACH {_name(entry.alias)}")
+
+    def before_fork(self) -> None:
+        """Fork with no DuckDB instance where possible: a child cannot use or even close
+        the parent's (its threads are gone), so only a new one serves the child."""
+        self.lock.acquire()
+        if self.host is not None and self.users == 0 and not self.attached:
+            self.host.close()
+            self.host = None
+
+    def after_fork_in_parent(self) -> None:
+        self.lock.release()
+
+    def after_fork_in_child(self) -> None:
+        if self.host is not None:  # readers were busy in another thread: never touch it
+            ctypes.pythonapi.Py_IncRef(ctypes.py_object(self.host))  # not even at exit
+            self.leaked.append(self.host)
+        self.lock = threading.Lock()
+        self.host, self.users, self.attached = None, 0, {}
+
+
+class _Attachment:
+    def __init__(self, alias: str):
+        self.alias, self.readers, self.ready = alias, 0, threading.Event()
+
+
+_RESERVED = {"memory", "system", "temp", "main"}
+
+
+def _name(alias: str) -> str:
+    return '"' + alias.replace('"', '""') + '"'
 
 
 _READERS = _Readers()
+_SCHEMA_LOCKS: dict[str, threading.Lock] = {}  # per catalog: one thread checks (and migrates) its schema
+_SCHEMA_LOCKS_LOCK = threading.Lock()
+
+
+def _schema_lock(key: str) -> threading.Lock:
+    with _SCHEMA_LOCKS_LOCK:
+        return _SCHEMA_LOCKS.setdefault(key, threading.Lock())
+
+
+def _after_fork_in_child() -> None:
+    global _SCHEMA_LOCKS_LOCK
+    _READERS.after_fork_in_child()
+    _SCHEMA_LOCKS_LOCK = threading.Lock()  # another thread may have held one at the fork
+    _SCHEMA_LOCKS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(before=_READERS.before_fork, after_in_parent=_READERS.after_fork_in_parent,
+                        after_in_child=_after_fork_in_child)
 
 
 def statements(query: str):
@@ -194,7 +273,7 @@ def statements(query: str):
     try:
         return cursor.extract_statements(query)
     finally:
-        cursor.close()
+        _READERS.release(cursor)
 
 
 @contextmanager
@@ -205,34 +284,32 @@ def reading(path: Path):
     path = Path(path)
     if not path.exists():  # ATTACH would say less
         raise MlarchError(f"no catalog at {path}: check --archive (or MLARCH_ARCHIVE)")
-    key = str(path)
-    with _attached(path) as con:
-        if key not in _CHECKED:
-            current = schema_version(con)
-            _check_not_newer(path, current, latest_version())
-            if current == latest_version():
+    key = str(path.resolve())
+    if key not in _CHECKED:
+        with _schema_lock(key):
+            if key not in _CHECKED:
+                with _attached(key, path) as con:
+                    current = schema_version(con)
+                _check_not_newer(path, current, latest_version())
+                if current < latest_version():
+                    ensure_schema(path)  # migrate (read-write) with nothing of ours attached
                 _CHECKED.add(key)
-        if key in _CHECKED:
-            yield con
-            return
-    ensure_schema(path)  # an older catalog: migrate it (read-write), then read
-    _CHECKED.add(key)
-    with _attached(path) as con:
+    with _attached(key, path) as con:
         yield con
 
 
 @contextmanager
-def _attached(path: Path):
-    alias = _READERS.attach(path)
+def _attached(key: str, path: Path):
+    alias = _READERS.attach(key, path)
     try:
         con = _READERS.cursor()
         try:
-            con.execute(f"USE {alias}")
+            con.execute(f"USE {_name(alias)}")
             yield con
         finally:
-            con.close()
+            _READERS.release(con)
     finally:
-        _READERS.detach(path)
+        _READERS.detach(key)
 
 
 @contextmanager
