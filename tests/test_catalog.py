@@ -167,3 +167,25 @@ def test_forked_workers_read_after_the_parent_did(catalog_path, tmp_path):
                           timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "[0, 0, 0, 0] 0"
+
+
+def test_threads_reading_an_older_catalog_at_once_migrate_it_once(tmp_path):
+    import threading
+
+    import duckdb
+
+    for trial in range(5):
+        path = tmp_path / f"t{trial}" / "catalog.duckdb"
+        path.parent.mkdir()
+        con = duckdb.connect(str(path))  # schema version 0
+        con.execute("CREATE TABLE notes (x INTEGER)")
+        con.close()
+        start = threading.Barrier(4)
+
+        def first_read(_):
+            start.wait(10)
+            return count_runs(path)
+
+        with ThreadPoolExecutor(4) as pool:
+            assert list(pool.map(first_read, range(4))) == [0, 0, 0, 0]
+        assert catalog._READERS.attached == {}

@@ -9,14 +9,13 @@ lifecycle). Readers share one in-memory DuckDB per process and ATTACH the file t
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import itertools
 import os
 import re
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from importlib import resources
 from pathlib import Path
 
@@ -227,6 +226,8 @@ class _Readers:
 
     def after_fork_in_child(self) -> None:
         if self.host is not None:  # readers were busy in another thread: never touch it
+            import ctypes  # here only: ~3 ms of every CLI call's start-up otherwise
+
             ctypes.pythonapi.Py_IncRef(ctypes.py_object(self.host))  # not even at exit
             self.leaked.append(self.host)
         self.lock = threading.Lock()
@@ -285,16 +286,22 @@ def reading(path: Path):
     if not path.exists():  # ATTACH would say less
         raise MlarchError(f"no catalog at {path}: check --archive (or MLARCH_ARCHIVE)")
     key = str(path.resolve())
-    if key not in _CHECKED:
-        with _schema_lock(key):
-            if key not in _CHECKED:
-                with _attached(key, path) as con:
-                    current = schema_version(con)
-                _check_not_newer(path, current, latest_version())
-                if current < latest_version():
-                    ensure_schema(path)  # migrate (read-write) with nothing of ours attached
-                _CHECKED.add(key)
-    with _attached(key, path) as con:
+    with ExitStack() as stack:
+        con = None
+        if key not in _CHECKED:
+            # waited for with nothing of ours attached: a migration needs the file to itself
+            with _schema_lock(key):
+                if key not in _CHECKED:
+                    with _attached(key, path) as check:
+                        current = schema_version(check)
+                        _check_not_newer(path, current, latest_version())
+                        if current == latest_version():  # keep the attachment: no second ATTACH
+                            con = stack.enter_context(_attached(key, path))
+                    if current < latest_version():
+                        ensure_schema(path)  # migrate (read-write)
+                    _CHECKED.add(key)
+        if con is None:
+            con = stack.enter_context(_attached(key, path))
         yield con
 
 
