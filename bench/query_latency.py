@@ -12,7 +12,7 @@ Subprocess wall times (`python -m mlarch --archive A ...`, the same interpreter)
 `Archive.compare` on an open Archive, median of repeated calls; target <= 50 ms. A
 `-X importtime` run lists what the CLI imports beyond duckdb + polars.
 
-    .venv/bin/python bench/query_latency.py [--quick] [--archive DIR (reuse/keep)] [--repeats 7]
+    .venv/bin/python bench/query_latency.py [--quick] [--archive DIR (reuse/keep)] [--repeats 15]
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def build_archive(root: Path, work: Path, layers: int, samples: int, log) -> Non
 
 
 def main() -> None:
-    bench = Bench("query_latency", __doc__, repeats=7, quick_repeats=2, extra_args=lambda p: (
+    bench = Bench("query_latency", __doc__, repeats=15, quick_repeats=2, extra_args=lambda p: (
         p.add_argument("--archive", default=None, help="reuse this archive if it exists, else build and keep it there"),
         p.add_argument("--layers", type=int, default=None, help="transformer blocks of the tiny models (default 18, --quick 4)"),
         p.add_argument("--samples", type=int, default=None, help="samples per role when building (default 4, --quick 2)"),
