@@ -54,26 +54,20 @@ def _opening(path: Path, open_it):
         try:
             return open_it()
         except (duckdb.ConnectionException, duckdb.ResourceInUseException) as exc:
-            # this process has the file open another way (a reader in another thread)
-            if time.monotonic() > deadline:
-                raise MlarchError(
-                    f"cannot open catalog {path}: {_first_line(exc)}; another thread of this process "
-                    "is using it: retry when it has finished"
-                ) from None
-            time.sleep(0.05)
+            busy = exc, "another thread of this process is using it"  # e.g. a reader while we write
         except duckdb.IOException as exc:
             if "lock" not in str(exc).lower():  # not a valid file, permissions, ...
                 raise MlarchError(
                     f"cannot open catalog {path}: {_first_line(exc)}: check the file, or point --archive elsewhere"
                 ) from None
-            if time.monotonic() > deadline:
-                raise MlarchError(
-                    f"cannot open catalog {path}: {_first_line(exc)}; "
-                    "another process may hold it for writing: retry when it has finished"
-                ) from None
-            time.sleep(0.1)
+            busy = exc, "another process may hold it for writing"
         except duckdb.Error as exc:
             raise _unreadable(path, exc) from None
+        if time.monotonic() > deadline:
+            raise MlarchError(
+                f"cannot open catalog {path}: {_first_line(busy[0])}; {busy[1]}: retry when it has finished"
+            ) from None
+        time.sleep(0.05)
 
 
 def _unreadable(path: Path, exc: BaseException) -> MlarchError:
