@@ -83,10 +83,10 @@ def resolve(archive, model: str, langs=None, k=None, seed: int | None = None, *,
     with catalog.reading(archive.catalog_path) as con:
         models = match_models(con, str(model))
         sets = derived_sets(con, models)  # one read of `runs` answers every check below
-        first_k, seed_used = resolve_k_seed(con, models, ks[0] if ks else None, seed, sets)
+        first_k, seed_used = resolve_k_seed(sets, ks[0] if ks else None, seed)
         if multi_k:
             for extra in (ks or [])[1:]:
-                resolve_k_seed(con, models, extra, seed_used, sets)  # raises for unarchived k
+                resolve_k_seed(sets, extra, seed_used)  # raises for unarchived k
             if not ks:
                 ks = sorted(set.intersection(*(
                     set().union(*(k_values for (s, _), k_values in sets[name].items() if s == seed_used))

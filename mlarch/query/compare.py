@@ -99,11 +99,11 @@ def derived_sets(con, models: list[str]) -> dict[str, dict[tuple[int, str], set[
     return sets
 
 
-def resolve_k_seed(con, models: list[str], k: float | None, seed: int | None,
-                   sets: dict | None = None) -> tuple[float, int]:
-    """The k and seed to show (the given ones, checked, or the defaults); `sets` from
-    `derived_sets` saves reading them again."""
-    sets = derived_sets(con, models) if sets is None else sets
+def resolve_k_seed(sets: dict[str, dict[tuple[int, str], set[float]]], k: float | None,
+                   seed: int | None) -> tuple[float, int]:
+    """The k and seed to show (the given ones, checked, or the defaults), for the models
+    and sets that `derived_sets` read."""
+    models = list(sets)
     for model in models:
         if not sets[model]:
             raise MlarchError(
@@ -141,7 +141,7 @@ def compare(con, model: str, langs: list[str], k: float | None = None, seed: int
         raise UsageError(f"languages repeat in {','.join(langs)}: list each once")
     models = match_models(con, model)
     sets = derived_sets(con, models)
-    k, seed = resolve_k_seed(con, models, k, seed, sets)
+    k, seed = resolve_k_seed(sets, k, seed)
     for name in models:
         have = sorted(lang for (seed_, lang), ks in sets[name].items() if seed_ == seed and k in ks)
         missing = [lang for lang in langs if lang not in have]

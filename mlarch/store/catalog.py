@@ -151,7 +151,6 @@ class _Readers:
         self.host: duckdb.DuckDBPyConnection | None = None
         self.users = 0  # cursors handed out and not closed yet
         self.attached: dict[str, _Attachment] = {}  # resolved path -> attachment
-        self.leaked: list = []
 
     def cursor(self) -> duckdb.DuckDBPyConnection:
         """A connection of its own (thread-safe) to the shared instance; release() it."""
@@ -222,8 +221,7 @@ class _Readers:
         if self.host is not None:  # readers were busy in another thread: never touch it
             import ctypes  # here only: ~3 ms of every CLI call's start-up otherwise
 
-            ctypes.pythonapi.Py_IncRef(ctypes.py_object(self.host))  # not even at exit
-            self.leaked.append(self.host)
+            ctypes.pythonapi.Py_IncRef(ctypes.py_object(self.host))  # never freed, not even at exit
         self.lock = threading.Lock()
         self.host, self.users, self.attached = None, 0, {}
 
