@@ -45,7 +45,7 @@ def main() -> None:
         p.add_argument("--langs", default="en,de", help="first language, then each additional one"),
     ))
     import mlarch
-    from mlarch.store import arrays, catalog, layout
+    from mlarch.store import catalog, layout
     from mlarch.store.spans import read_spans
 
     samples = bench.args.samples or (2 if bench.quick else 24)
@@ -73,7 +73,7 @@ def main() -> None:
         per_run = []
         for row in runs.iter_rows(named=True):
             group = store / row["arrays_group"]
-            levels = arrays.read(store, f"{row['arrays_group']}/levels")
+            levels = np.concatenate([archive.levels(row["run_id"], s.module).ravel() for s in spans])
             h = entropy_bits(levels)
             h_modules = sum(entropy_bits(levels[s.params]) * s.n_params for s in spans) / n_params
             del levels

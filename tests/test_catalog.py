@@ -88,22 +88,68 @@ def test_unreadable_or_missing_catalog(tmp_path):
     with pytest.raises(MlarchError, match="cannot open catalog .*not a valid DuckDB"):
         count_runs(bad)
     assert bad.read_bytes() == b"not duckdb" * 1000
-    with pytest.raises(MlarchError, match="no catalog at"):
+    with pytest.raises(MlarchError, match="no mlarch archive at .*missing: check --archive"):
         count_runs(tmp_path / "missing" / "catalog.duckdb")
+    with pytest.raises(MlarchError, match="no mlarch archive at .*missing"):  # nor does a writer create it
+        with catalog.writing(tmp_path / "missing" / "catalog.duckdb"):
+            pass
+    assert not (tmp_path / "missing").exists()
 
 
 def test_a_reader_migrates_an_older_catalog_first(tmp_path):
     import duckdb
 
     path = tmp_path / "catalog.duckdb"
-    con = duckdb.connect(str(path))  # schema version 0: a DuckDB file without mlarch's tables
-    con.execute("CREATE TABLE notes (x INTEGER)")
+    con = duckdb.connect(str(path))  # schema version 0: what an interrupted first ensure_schema leaves
+    con.execute("CREATE TABLE schema_migrations "
+                "(version INTEGER PRIMARY KEY, name VARCHAR NOT NULL, applied_at TIMESTAMP NOT NULL)")
     con.close()
     assert count_runs(path) == 0  # migrated to the latest schema, then read
     with catalog.reading(path) as con:
         assert catalog.schema_version(con) == catalog.latest_version()
-        assert con.execute("SELECT count(*) FROM notes").fetchall() == [(0,)]
     assert catalog._READERS.attached == {}
+
+
+FOREIGN = [
+    ("tables, no schema_migrations", ["CREATE TABLE notes (x INTEGER)", "INSERT INTO notes VALUES (7)"],
+     "it holds notes but no schema_migrations table"),
+    ("another tool's schema_migrations", ["CREATE TABLE schema_migrations (version VARCHAR PRIMARY KEY)",
+                                          "INSERT INTO schema_migrations VALUES ('20240101')"],
+     "its schema_migrations table has columns version VARCHAR, not mlarch's"),
+    ("rows that are not ours", ["CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, name VARCHAR NOT NULL, "
+                                "applied_at TIMESTAMP NOT NULL)",
+                                "INSERT INTO schema_migrations VALUES (1, 'create_users', now()::TIMESTAMP)",
+                                "CREATE TABLE users (id INTEGER)"],
+     "its schema_migrations lists version 1 as 'create_users', not mlarch's 'initial'"),
+    ("our empty schema_migrations beside other tables",
+     ["CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, name VARCHAR NOT NULL, "
+      "applied_at TIMESTAMP NOT NULL)", "CREATE TABLE users (id INTEGER)"],
+     "it holds users but no applied mlarch migration"),
+]
+
+
+@pytest.mark.parametrize("name,setup,why", FOREIGN, ids=[f[0] for f in FOREIGN])
+def test_a_foreign_duckdb_file_is_refused_untouched(tmp_path, name, setup, why):
+    import duckdb
+
+    from mlarch.query.api import Archive
+
+    path = tmp_path / "catalog.duckdb"
+    con = duckdb.connect(str(path))
+    for statement in setup:
+        con.execute(statement)
+    con.close()
+    before = path.read_bytes()
+    attempts = [lambda: count_runs(path), lambda: catalog.ensure_schema(path),
+                lambda: Archive(tmp_path).sql("SELECT 1"), lambda: Archive(tmp_path).runs()]
+    for attempt in attempts:
+        with pytest.raises(MlarchError) as refused:
+            attempt()
+        assert str(refused.value) == (f"{path} is not an mlarch catalog ({why}): "
+                                      "point --archive at an mlarch archive folder")
+        assert path.read_bytes() == before
+    assert catalog._READERS.attached == {}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["catalog.duckdb"]  # no WAL, no arrays.zarr
 
 
 def test_reads_are_named_after_the_file(tmp_path):
@@ -177,13 +223,17 @@ def test_threads_reading_an_older_catalog_at_once_migrate_it_once(tmp_path):
     for trial in range(5):
         path = tmp_path / f"t{trial}" / "catalog.duckdb"
         path.parent.mkdir()
-        con = duckdb.connect(str(path))  # schema version 0
-        con.execute("CREATE TABLE notes (x INTEGER)")
+        con = duckdb.connect(str(path))  # schema version 0 (an interrupted first ensure_schema)
+        con.execute("CREATE TABLE schema_migrations "
+                    "(version INTEGER PRIMARY KEY, name VARCHAR NOT NULL, applied_at TIMESTAMP NOT NULL)")
         con.close()
         start = threading.Barrier(4)
 
-        def first_read(_):
+        def first_read(n):
             start.wait(10)
+            if n % 2:  # the sandbox of `mlarch sql` checks (and migrates) the schema the same way
+                with catalog.sandboxed(path) as con:
+                    return con.execute("SELECT count(*) FROM runs").fetchall()[0][0]
             return count_runs(path)
 
         with ThreadPoolExecutor(4) as pool:

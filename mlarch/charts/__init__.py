@@ -82,7 +82,9 @@ def _open(archive):
         return archive
     root = layout.resolve(archive)
     if not (root / layout.CATALOG).exists():
-        raise MlarchError(f"no archive at {root} (no {layout.CATALOG}): pass the folder `mlarch ingest` wrote")
+        from mlarch.store.catalog import missing_archive
+
+        raise missing_archive(root)
     return Archive(root)
 
 

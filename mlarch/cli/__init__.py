@@ -5,6 +5,7 @@ Library errors become one-line messages: exit status 2 for usage errors, 1 other
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from pathlib import Path
@@ -44,13 +45,55 @@ class Shell(click.Group):
         except Exception as exc:
             if os.environ.get("MLARCH_DEBUG"):
                 raise
-            message = " ".join(str(exc).split()) or type(exc).__name__
-            click.echo(f"Error: unexpected {type(exc).__name__}: {message} (MLARCH_DEBUG=1 shows the traceback)", err=True)
+            message = _environment_error(exc)
+            if message is None:
+                message = " ".join(str(exc).split()) or type(exc).__name__
+                message = f"unexpected {type(exc).__name__}: {message} (MLARCH_DEBUG=1 shows the traceback)"
+            click.echo(f"Error: {_one_line(message)}", err=True)  # a file name may hold a newline
             sys.exit(1)
 
 
 def _one_line(message: str) -> str:
     return " ".join(message.split())
+
+
+# What to do about a file system that refuses (errno -> fix; the file may be in the
+# archive or an output path), and DuckDB's wording -> errno where it gives none.
+_ELSEWHERE = "or choose another --archive or output path"
+_FIXES = {errno.ENOSPC: f"free some space there, {_ELSEWHERE}",
+          errno.EDQUOT: f"free some space (disk quota), {_ELSEWHERE}",
+          errno.EROFS: "choose a writable --archive or output path",
+          errno.EACCES: f"check the permissions, {_ELSEWHERE}",
+          errno.EPERM: f"check the permissions, {_ELSEWHERE}",
+          errno.ENOENT: "check the path"}
+_OTHER_FIX = f"check the file system and the path, {_ELSEWHERE}"
+_DUCKDB_WORDING = {"no space left": errno.ENOSPC, "quota exceeded": errno.EDQUOT, "read-only file system": errno.EROFS,
+                   "permission denied": errno.EACCES}
+
+
+def _environment_error(exc: Exception) -> str | None:
+    """`<strerror>: <file>: <fix>` for an OSError (full disk, read-only mount, permissions)
+    or a DuckDB IO error that escaped the library, else None."""
+    if isinstance(exc, OSError):
+        problem = exc.strerror or _one_line(str(exc)) or type(exc).__name__
+        files = [str(f) for f in (exc.filename, exc.filename2) if f is not None]
+        return ": ".join([problem, *([" -> ".join(files)] if files else []), _FIXES.get(exc.errno, _OTHER_FIX)])
+    duckdb = sys.modules.get("duckdb")  # not imported: no DuckDB error can have escaped
+    if duckdb is None or not isinstance(exc, duckdb.IOException):
+        return None
+    problem, code = _one_line(str(exc)) or type(exc).__name__, None
+    if "{" in problem:  # some IO errors carry JSON: {"exception_message": ..., "errno": "28"}
+        import json
+
+        try:
+            detail = json.loads(problem[problem.index("{"):problem.rindex("}") + 1])
+            problem = f"IO Error: {_one_line(str(detail['exception_message']))}"
+            code = int(detail.get("errno", "")) if str(detail.get("errno", "")).isdigit() else None
+        except (ValueError, KeyError, TypeError):
+            pass
+    if code is None:
+        code = next((c for words, c in _DUCKDB_WORDING.items() if words in problem.lower()), None)
+    return f"{problem}: {_FIXES.get(code, _OTHER_FIX)}"
 
 
 @click.group(cls=Shell, epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
@@ -202,11 +245,17 @@ Examples:
 Views: runs, run_samples, modules, set_sizes, overlap_by_module, overlap_by_layer,
 overlap_global, language_unique (and the tables models, selections, patterns, arrays).""")
 @click.argument("query")
-@click.option("--write", is_flag=True, help="Allow statements that change the archive.")
+@click.option("--write", is_flag=True,
+              help="Allow statements that change the archive or reach beyond it (one transaction).")
 @output_options
 @click.pass_context
 def sql(ctx, query, write, fmt):
-    """Run SQL against the archive's catalog (read-only unless --write)."""
+    """Run SQL against the archive's catalog (read-only unless --write).
+
+    Without --write only SELECT, EXPLAIN of a SELECT and read-only PRAGMAs run, on a
+    connection that reads the catalog and nothing else: no other files (read_csv,
+    COPY, ATTACH), no extensions, no settings. To query other files, pass --write or
+    use DuckDB directly."""
     emit(_archive(ctx).sql(query, write=write), fmt)
 
 
@@ -323,8 +372,9 @@ def verify(ctx, run_ids, recompute_id, device, fmt):
 @cli.command(epilog="\b\nExamples:\n  mlarch gc")
 @click.pass_context
 def gc(ctx):
-    """Remove leftovers of interrupted ingests (FAILED runs, RUNNING runs whose process
-    is gone, arrays no run or model owns) and say what was removed."""
+    """Remove leftovers of interrupted ingests and imports (FAILED runs, RUNNING runs whose
+    process is gone, arrays no run or model owns, staging folders of a killed import-bundle)
+    and say what was removed."""
     from mlarch.store.maintenance import gc as run_gc
 
     removed = run_gc(_archive(ctx).root)

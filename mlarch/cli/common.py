@@ -6,9 +6,15 @@ import click
 
 
 def archive_of(ctx: click.Context):
+    """The archive of --archive for a command that reads one: a path without a catalog is
+    an error (a typo must not create an empty archive, nor a lock file in a stray folder)."""
     from mlarch.query.api import Archive
+    from mlarch.store import catalog
 
-    return Archive(ctx.obj["archive"])
+    archive = Archive(ctx.obj["archive"])
+    if not archive.catalog_path.exists():
+        raise catalog.missing_archive(archive.root)
+    return archive
 
 
 def csv_list(kind):

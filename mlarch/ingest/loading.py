@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -155,15 +156,36 @@ def load(ref: str, *, revision: str | None, device: torch.device, dtype: str) ->
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     logging.getLogger("transformers").setLevel(logging.ERROR)
+    from safetensors import SafetensorError
+
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(folder), **extra)
-        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=_DTYPES[dtype], **extra)
+        # The loading report, not the (silenced) warning, says whether every weight came from the
+        # checkpoint. ignore_mismatched_sizes turns transformers' bare "see the above report"
+        # RuntimeError into report entries, refused below like missing weights.
+        model, report = AutoModelForCausalLM.from_pretrained(
+            str(folder), dtype=_DTYPES[dtype], output_loading_info=True, ignore_mismatched_sizes=True, **extra)
     except ImportError as exc:
         hint = " (pip install 'mlarch[gguf]')" if kind == "gguf" else ""
         raise MlarchError(f"cannot load {ref}: a library is missing: {exc}{hint}") from None
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    except (SafetensorError, pickle.UnpicklingError, OSError, ValueError, KeyError, IndexError, RuntimeError) as exc:
+        reason = _first_line(exc)
+        damaged = _damaged_file(kind, weight_files)
+        if damaged is not None:
+            path, why = damaged
+            if path.suffix == ".bin":  # a pickle: may also hold objects that are not tensors (code)
+                raise MlarchError(
+                    f"weight file {path} is damaged or holds more than tensors ({why}): restore it from the "
+                    "original checkpoint, download the model again or use its .safetensors weights") from None
+            raise MlarchError(
+                f"weight file {path} is damaged or truncated ({why}): restore it from the original "
+                "checkpoint or download the model again") from None
+        if isinstance(exc, (SafetensorError, pickle.UnpicklingError)):  # a weight file, though no probe caught it
+            raise MlarchError(
+                f"the weight files of {ref} cannot be read ({reason}): restore them from the original "
+                "checkpoint or download the model again") from None
         raise MlarchError(f"cannot load model {ref}: {reason}") from None
+    check_complete(ref, kind, report)
     model.to(device)
     model.eval()
     sha, per_file = weights_digest(weight_files)
@@ -180,3 +202,92 @@ def load(ref: str, *, revision: str | None, device: torch.device, dtype: str) ->
         dtype=dtype,
         device=device,
     )
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _damaged_file(kind: str, weight_files: list[Path]) -> tuple[Path, str] | None:
+    """The first weight file transformers would read that fails a cheap structural probe, with why."""
+    if kind == "gguf":
+        candidates = weight_files
+    else:  # the files transformers reads (not training_args.bin, adapters...), .safetensors first
+        candidates = ([f for f in weight_files if f.suffix == ".safetensors" and f.name.startswith("model")]
+                      or [f for f in weight_files if f.suffix == ".bin" and f.name.startswith("pytorch_model")])
+    for path in sorted(candidates):
+        try:
+            _probe(path)
+        except ImportError:  # no reader for this format: cannot tell
+            continue
+        except Exception as exc:  # any failure to parse a file is what we are looking for
+            return path, _probe_reason(exc)
+    return None
+
+
+_TORCH_BOILERPLATE = ("Weights only load failed", "Please file an issue", "Check the documentation")
+
+
+def _probe_reason(exc: BaseException) -> str:
+    """The informative part of a reader's error, short: torch wraps it in advice that does not
+    apply here (mlarch never unpickles a weight file with weights_only=False)."""
+    if isinstance(exc, pickle.UnpicklingError):
+        parts = [" ".join(p.split()) for p in str(exc).split("\n\n")]
+        parts = [p for p in parts if p and not p.startswith(_TORCH_BOILERPLATE)]
+        reason = f"not plain tensors: {parts[0]}" if parts else "not plain tensors"
+    else:
+        reason = re.sub(r"\s*\(Could this error message be improved\?.*", "", _first_line(exc))
+    return reason if len(reason) <= 200 else reason[:200] + "..."
+
+
+def _probe(path: Path) -> None:
+    """Parse a weight file's structure without reading its tensors' data."""
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt"):  # checks the header and that it covers the file
+            pass
+    elif path.suffix == ".gguf":
+        from gguf import GGUFReader
+
+        GGUFReader(path)
+    else:  # weights_only: the file is not trusted; meta: shapes only, no data read
+        torch.load(path, map_location="meta", weights_only=True)
+
+
+def check_complete(ref: str, kind: str, report: dict) -> None:
+    """Refuse a model whose checkpoint does not hold exactly the weights its config describes:
+    transformers would initialise the missing ones randomly and they would be scored as real.
+    Heads tied to the embedding are not reported by transformers, so they pass."""
+    missing = sorted(report.get("missing_keys") or ())
+    unexpected = sorted(report.get("unexpected_keys") or ())
+    mismatched = sorted(report.get("mismatched_keys") or ())
+    errors = list(report.get("error_msgs") or ())
+    if not (missing or unexpected or mismatched or errors):
+        return
+    what = {"folder": "model folder", "gguf": "GGUF file", "hub": "hub model"}[kind]
+    parts = [f"{len(missing)} weight{'s' if len(missing) != 1 else ''} missing{_names(missing)}",
+             f"{len(unexpected)} unexpected{_names(unexpected)}"]
+    if mismatched:
+        shapes = [f"{key} {_shape(ckpt)} in the checkpoint, {_shape(model)} in the config"
+                  for key, ckpt, model in mismatched]
+        parts.append(f"{len(mismatched)} of another shape{_names(shapes)}")
+    if errors:
+        parts.append(f"{len(errors)} load error{'s' if len(errors) != 1 else ''}{_names(errors)}")
+    raise MlarchError(
+        f"{what} {ref} does not match its config: {', '.join(parts)}: "
+        "restore the checkpoint's weight files or pass the complete model"
+    )
+
+
+def _names(items: list[str], shown: int = 3) -> str:
+    """' (a, b, c, ...)' with names from the checkpoint made printable and short: they are untrusted."""
+    if not items:
+        return ""
+    clean = [(s if s.isprintable() else ascii(s))[:120] for s in map(str, items[:shown])]
+    return f" ({', '.join(clean)}{', ...' if len(items) > shown else ''})"
+
+
+def _shape(shape) -> str:
+    return "x".join(str(int(n)) for n in shape) or "scalar"

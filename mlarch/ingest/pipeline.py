@@ -24,7 +24,7 @@ import polars as pl
 from mlarch import parallel
 from mlarch.errors import MlarchError, UsageError
 from mlarch.ingest import provenance, selection, sources
-from mlarch.store import arrays, catalog, layout
+from mlarch.store import arrays, catalog, layout, records
 from mlarch.store import spans as span_layout
 from mlarch.store.derive import (RunRef, current_runs, derive, levels_path, magnitudes_path, norms_path,
                                  replace_derived)
@@ -74,28 +74,87 @@ class IngestConfig:
     data_dir: str | None = None
 
     def validate(self) -> None:
+        """Refuse bad values before any work (the model is not loaded yet, the archive untouched)."""
+        import math
+        import numbers
+
         if not self.langs:
             raise UsageError("no languages given: pass --langs, e.g. --langs en,de")
         for lang in self.langs:
-            if not _LANG.match(lang):
+            if not isinstance(lang, str) or not _LANG.match(lang):
                 raise UsageError(f"language code {lang!r} is not valid: use codes such as en, de, zh")
         if len(set(self.langs)) != len(self.langs):
             raise UsageError(f"languages repeat in {','.join(self.langs)}: list each once")
         if not self.top_k:
             raise UsageError("no top-k values given: pass --top-k, e.g. --top-k 0.01")
         for k in self.top_k:
+            if isinstance(k, bool) or not isinstance(k, numbers.Real):
+                raise UsageError(f"top-k value {k!r} is not a number: use fractions such as 0.01 for 1%")
+            if math.isnan(k):
+                raise UsageError("a top-k value is not a number (nan): use fractions such as 0.01 for 1%")
             if not 0 < k < 1:
                 raise UsageError(f"top-k value {k} is outside (0, 1): use fractions such as 0.01 for 1%")
+        self.top_k = [float(k) for k in self.top_k]
         if len(set(self.top_k)) != len(self.top_k):
             raise UsageError("top-k values repeat: list each once")
-        if self.samples <= 0:
-            raise UsageError(f"--samples must be positive, got {self.samples}")
-        if not self.seeds or len(set(self.seeds)) != len(self.seeds) or min(self.seeds) < 0:
-            raise UsageError("--seeds must be distinct non-negative integers, e.g. --seeds 1,101,201")
-        if self.batch_size is not None and self.batch_size <= 0:
-            raise UsageError(f"--batch-size must be positive, got {self.batch_size}")
-        if self.max_length <= 0:
-            raise UsageError(f"--max-length must be positive, got {self.max_length}")
+        self.samples = _bounded_int("--samples", self.samples, MAX_SAMPLES,
+                                    "draw from 1 to 1,000,000 items per language and role, e.g. --samples 500")
+        seeds_fix = "--seeds must be distinct integers from 0 to 2**63-1 (stored as BIGINT), e.g. --seeds 1,101,201"
+        if not self.seeds:
+            raise UsageError(f"no seeds given: {seeds_fix}")
+        for seed in self.seeds:
+            if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed <= MAX_SEED:
+                raise UsageError(f"seed {seed!r} is not valid: {seeds_fix}")
+        self.seeds = [int(seed) for seed in self.seeds]
+        if len(set(self.seeds)) != len(self.seeds):
+            raise UsageError(f"seeds repeat in {','.join(map(str, self.seeds))}: {seeds_fix}")
+        if self.batch_size is not None:
+            self.batch_size = _bounded_int("--batch-size", self.batch_size, MAX_BATCH_SIZE,
+                                           "use from 1 to 65,536 samples per pass, e.g. --batch-size 16")
+        self.max_length = _bounded_int("--max-length", self.max_length, MAX_LENGTH,
+                                       "truncate texts to 1 to 1,048,576 tokens, e.g. --max-length 512")
+        if self.name is not None:
+            check_name(self.name, "--name")
+
+
+# Upper bounds on values that size allocations or are stored as BIGINT: refused up front
+# rather than failing after the forward passes (an overflow) or on allocation (MemoryError).
+MAX_SEED = 2**63 - 1
+MAX_SAMPLES = 1_000_000
+MAX_LENGTH = 1_048_576
+MAX_BATCH_SIZE = 65_536
+MAX_NAME = 128
+
+
+def _bounded_int(flag: str, value, high: int, fix: str) -> int:
+    """`value` as an int from 1 to `high`, else a UsageError ending in `fix`."""
+    import numbers
+
+    # bool is an int to Python, and numpy integers are not ints: accept exactly the integers
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise UsageError(f"{flag} takes integers, got {value!r}: {fix}")
+    if value < 1:
+        raise UsageError(f"{flag} must be positive, got {value}: {fix}")
+    if value > high:
+        raise UsageError(f"{flag} must be at most {high:,}, got {value:,}: {fix}")
+    return int(value)
+
+
+def check_name(name, source: str) -> None:
+    """A model name is a short, printable label: it is shown in tables, stored in the catalog
+    and part of folder names. `source` says where it came from, for the message."""
+    fix = "pass --name with a short name such as llama-3-8b"
+    if not isinstance(name, str):
+        raise UsageError(f"model name {name!r} ({source}) is not text: {fix}")
+    shown = repr(name if len(name) <= 40 else name[:40] + "...")
+    if not name:
+        raise UsageError(f"the model name ({source}) is empty: {fix}")
+    if len(name) > MAX_NAME:
+        raise UsageError(f"model name {shown} ({source}) has {len(name):,} characters, over {MAX_NAME}: {fix}")
+    if not name.isprintable():  # newlines, tabs, escapes, zero-width and direction marks
+        raise UsageError(f"model name {shown} ({source}) contains control or invisible characters: {fix}")
+    if name != name.strip():
+        raise UsageError(f"model name {shown} ({source}) starts or ends with whitespace: {fix}")
 
 
 @dataclass
@@ -153,7 +212,8 @@ def ingest(root: Path, cfg: IngestConfig, reporter: Reporter | None = None) -> I
     device = loading.resolve_device(cfg.device)
     dtype = loading.resolve_dtype(cfg.dtype, device)
     kind, local = loading.classify(cfg.model)
-    name = cfg.name or loading.default_name(cfg.model)
+    name = cfg.name if cfg.name is not None else loading.default_name(cfg.model)
+    check_name(name, "--name" if cfg.name is not None else "derived from --model")
     if local is not None:  # recorded absolute, so provenance and rerun detection do not depend on the cwd
         cfg.model = str(local.resolve())
     _check_writable(root)
@@ -206,14 +266,10 @@ def ingest(root: Path, cfg: IngestConfig, reporter: Reporter | None = None) -> I
             )
     spans = span_layout.layout([(m.name, m.layer, m.n_rows, m.n_cols) for m in modules])
     magnitudes = np.empty(span_layout.total_params(spans), dtype=np.float32)
-    new_group = layout.model_group(name) if model_row is None else None
 
-    def prepare_magnitudes() -> arrays.ArrayRecord | None:
+    def prepare_magnitudes() -> None:
         for m, span in zip(modules, spans):
             m.magnitudes(out=magnitudes[span.params])
-        if new_group is None:
-            return None
-        return arrays.write(root / layout.ARRAYS, magnitudes_path(new_group), magnitudes)
 
     env = provenance.environment(device)
     batch_size = cfg.batch_size or (16 if device.type == "cuda" else 1)
@@ -222,7 +278,7 @@ def ingest(root: Path, cfg: IngestConfig, reporter: Reporter | None = None) -> I
     # thread while the next forward pass runs where the passes leave the CPU idle
     with parallel.background(overlap=overlaps(device)) as background:
         reporter.message(f"|W| of {magnitudes.size:,} scored parameters" + (
-            ": extracting and archiving" if new_group is not None else ": extracting"))
+            ": extracting (archived with the first commit)" if model_row is None else ": extracting"))
         magnitudes_ready = background.submit(prepare_magnitudes)  # before any run's selection
         for seed in cfg.seeds:
             for lang in cfg.langs:
@@ -240,12 +296,10 @@ def ingest(root: Path, cfg: IngestConfig, reporter: Reporter | None = None) -> I
                         for run_id, (role, digest) in zip(run_ids, units_here)
                     ]
                     pending = [future.result() for future in futures]
-                    new_model = None if new_group is None else (new_group, magnitudes_ready.result())
-                    _commit(root, name, seed, loaded, modules, spans, new_model, pending)
+                    _commit(root, name, seed, loaded, modules, spans, magnitudes, pending)
                 except BaseException:
                     _mark_failed(catalog_path, run_ids)  # those not committed
                     raise
-                new_group = None  # the model's rows went in with the first commit
                 result.written.extend(p.run_id for p in pending)
                 reporter.message(
                     f"archived {lang} seed {seed}: " + ", ".join(f"{p.role} {p.run_id}" for p in pending))
@@ -365,21 +419,40 @@ def _mark_failed(catalog_path: Path, run_ids: list[str]) -> None:
         pass
 
 
-def _commit(root: Path, name: str, seed: int, loaded, modules, spans, new_model, pending: list[_Pending]) -> None:
-    """Fold finished runs into the catalog: one transaction, under the archive's commit lock."""
+def _commit(root: Path, name: str, seed: int, loaded, modules, spans, magnitudes: np.ndarray,
+            pending: list[_Pending]) -> None:
+    """Fold finished runs into the catalog: one transaction, under the archive's commit lock.
+
+    The model's rows and |W| array go in with the first commit that finds the model missing,
+    decided under the lock: two ingests of a new model at once both complete, the second
+    reusing what the first archived (same weights) or refusing (other weights)."""
     catalog_path = root / layout.CATALOG
     with layout.commit_lock(root):
+        model_row = _model_row(catalog_path, name)
+        new_model = None
+        if model_row is None:
+            group = layout.model_group(name)
+            new_model = (group, arrays.write(root / layout.ARRAYS, magnitudes_path(group), magnitudes))
+        elif model_row["weights_sha256"] != loaded.weights_sha256 or model_row["dtype"] != loaded.dtype:
+            raise MlarchError(
+                f"another ingest archived model {name!r} with other weights or dtype "
+                f"({model_row['weights_sha256'][:12]}, {model_row['dtype']}) while this one ran: "
+                "pass --name to archive this model separately")
         with catalog.reading(catalog_path) as con:
             current = current_runs(con, name, seed)
         for p in pending:
-            current[(p.lang, p.role)] = RunRef(p.run_id, p.lang, p.role, p.group, tuple(p.provenance["config"]["top_k"]))
+            levels = dict(p.records)["levels"]
+            current[(p.lang, p.role)] = RunRef(p.run_id, p.lang, p.role, p.group,
+                                               tuple(p.provenance["config"]["top_k"]), levels)
         selections, patterns = derive(root / layout.ARRAYS, name, seed, spans, current,
                                       preloaded={p.group: p.levels for p in pending})
         with catalog.writing(catalog_path) as con:
             if new_model is not None:
                 group, record = new_model
                 con.execute(
-                    "INSERT INTO models VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "INSERT INTO models (model, source, source_kind, revision, commit_sha, weights_sha256, dtype, "
+                    "architecture, n_modules, n_scored_params, magnitudes_group, created_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     [name, loaded.source, loaded.source_kind, loaded.revision, loaded.commit_sha,
                      loaded.weights_sha256, loaded.dtype, loaded.architecture, len(modules),
                      sum(m.n_params for m in modules), group, _now()],
@@ -396,6 +469,8 @@ def _commit(root: Path, name: str, seed: int, loaded, modules, spans, new_model,
                 con.execute("INSERT INTO modules SELECT * FROM new_modules")
                 con.unregister("new_modules")
                 _insert_arrays(con, [(name, "magnitudes", record)])
+                con.execute("UPDATE models SET record_sha256 = ? WHERE model = ?",
+                            [records.model_digest_in(con, name), name])
             for p in pending:
                 con.execute(
                     "UPDATE runs SET in_use = false WHERE model = ? AND lang = ? AND role = ? AND seed = ? AND in_use",
@@ -417,11 +492,15 @@ def _commit(root: Path, name: str, seed: int, loaded, modules, spans, new_model,
                 con.execute("INSERT INTO run_samples SELECT * FROM new_samples")
                 con.unregister("new_samples")
                 _insert_arrays(con, [(p.run_id, kind, r) for kind, r in p.records])
+                con.execute("UPDATE runs SET record_sha256 = ? WHERE run_id = ?",
+                            [records.run_digest_in(con, p.run_id), p.run_id])
             replace_derived(con, name, seed, selections, patterns)
 
 
 def _insert_arrays(con, rows) -> None:
     con.executemany(
-        "INSERT INTO arrays VALUES (?, ?, ?, ?, ?, ?, ?)",
-        [[r.path, owner, kind, r.dtype, list(r.shape), r.sha256, r.nbytes] for owner, kind, r in rows],
+        "INSERT INTO arrays (path, owner, kind, dtype, shape, sha256, nbytes, meta_sha256, chunk_sha256) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [[r.path, owner, kind, r.dtype, list(r.shape), r.sha256, r.nbytes, r.meta_sha256,
+          list(r.chunk_sha256) if r.chunk_sha256 is not None else None] for owner, kind, r in rows],
     )

@@ -7,6 +7,7 @@ torch and transformers only when `ingest` runs.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,8 +21,105 @@ from mlarch.store import catalog, layout
 if TYPE_CHECKING:  # annotations only: numpy costs ~50 ms of every query command's start-up
     import numpy as np
 
-# Statement types `sql` runs without --write (the connection is read-only as well).
+# Statement types `sql` runs without --write: EXPLAIN only when the statement it wraps
+# passes too, PRAGMA only one of READ_PRAGMAS (`PRAGMA x = y` parses as SET: refused).
+# The connection is the read-only catalog.sandboxed() one as well, for whatever this misses.
 READ_STATEMENTS = {"SELECT", "EXPLAIN", "PRAGMA"}
+READ_PRAGMAS = {"table_info", "show", "show_tables", "show_tables_expanded", "database_list", "database_size",
+                "storage_info", "version", "platform", "functions", "collations"}
+_WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _gap_end(text: str, pos: int) -> int:
+    """Where the whitespace and comments from `pos` end (block comments nest, as in DuckDB)."""
+    while pos < len(text):
+        if text[pos].isspace():
+            pos += 1
+        elif text.startswith("--", pos):
+            newline = text.find("\n", pos)
+            pos = len(text) if newline < 0 else newline + 1
+        elif text.startswith("/*", pos):
+            depth, pos = 1, pos + 2
+            while depth and pos < len(text):
+                if text.startswith("/*", pos):
+                    depth, pos = depth + 1, pos + 2
+                elif text.startswith("*/", pos):
+                    depth, pos = depth - 1, pos + 2
+                else:
+                    pos += 1
+        else:
+            break
+    return pos
+
+
+def _word_at(text: str, pos: int) -> tuple[str, int]:
+    """The keyword after whitespace and comments from `pos` (lower case, '' if none), and
+    where it ends (where the gap ends, if none)."""
+    pos = _gap_end(text, pos)
+    word = _WORD.match(text, pos)
+    return (word.group().lower(), word.end()) if word else ("", pos)
+
+
+def _group_end(text: str, pos: int) -> int | None:
+    """End of the parenthesised group at `pos` (quotes respected), None if unbalanced."""
+    depth, quote = 0, None
+    for i in range(pos, len(text)):
+        ch = text[i]
+        if quote:
+            quote = None if ch == quote else quote  # a doubled quote closes and reopens: same result
+        elif ch in "'\"":
+            quote = ch
+        elif ch == "(":
+            depth += 1
+        elif ch == ")":
+            depth -= 1
+            if depth == 0:
+                return i + 1
+    return None
+
+
+def _refusal(statement, parse, depth: int = 0) -> str | None:
+    """Why `sql` without --write refuses a parsed statement (None: it only reads)."""
+    try:
+        kind = statement.type.name
+    except ValueError:  # a type this duckdb's Python API cannot even name (e.g. UPDATE EXTENSIONS)
+        return "statements of a kind mlarch cannot check"
+    text = statement.query
+    first, end = _word_at(text, 0)
+    if kind not in READ_STATEMENTS:  # named as the user wrote it too: INSTALL is a LOAD, TRUNCATE a DELETE
+        also = f" ({first.upper()} ...)" if first and first != kind.lower() else ""
+        return f"{kind} statements{also} change the archive or reach beyond it"
+    if kind == "PRAGMA":  # IMPORT DATABASE parses as a PRAGMA too
+        name = _word_at(text, end)[0] if first == "pragma" else ""
+        if name not in READ_PRAGMAS:
+            shown = f"PRAGMA {name}" if name else f"{first.upper() or 'this statement'} ..."
+            return f"{shown} is not a read-only pragma ({', '.join(sorted(READ_PRAGMAS))})"
+    if kind == "EXPLAIN":  # EXPLAIN ANALYZE runs what it wraps: check that instead
+        if first != "explain":  # something this scan misreads: no guessing
+            return "EXPLAIN of a statement mlarch cannot check"
+        pos = end
+        starts = [pos]
+        word, end = _word_at(text, pos)
+        if word in ("analyze", "analyse"):
+            starts.append(end)
+        for start in list(starts):  # options: EXPLAIN [ANALYZE] (FORMAT json) ...
+            opening = _gap_end(text, start)
+            if text.startswith("(", opening) and (end := _group_end(text, opening)) is not None:
+                starts.append(end)
+        # every reading of the text that parses must pass, and one must parse: fail closed
+        inner = []
+        for start in starts:
+            try:
+                inner.extend(parse(text[start:]))
+            except (duckdb.Error, ValueError):
+                continue
+        if not inner or depth > 2:
+            return "EXPLAIN of a statement mlarch cannot check"
+        for wrapped in inner:
+            why = _refusal(wrapped, parse, depth + 1)
+            if why:
+                return f"EXPLAIN runs what it wraps, and {why}"
+    return None
 
 
 def _one_line(exc: BaseException) -> str:
@@ -29,19 +127,25 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(text.split("\n")[0].split()) if text else type(exc).__name__
 
 
+def _run(con, statements, params) -> pl.DataFrame:
+    for statement in statements[:-1]:
+        con.execute(statement.query).fetchall()
+    return catalog.frame(con, statements[-1].query, params)
+
+
 class Archive:
     """An archive folder: catalog.duckdb (summary rows, provenance, views) + arrays.zarr/."""
 
     def __init__(self, path=None):
+        # Creates nothing: reads of a path without a catalog fail (a typo must not leave an
+        # empty archive behind); ingest and import-bundle create the folder and catalog.
+        # A catalog's schema version is checked by its first read.
         self.root = layout.resolve(path)
-        if not (self.root / layout.CATALOG).exists():
-            layout.ensure_folder(self.root)  # first use creates it
-            catalog.ensure_schema(self.catalog_path)
-        # an existing catalog's schema version is checked by its first read
         # A finished run's arrays and a model's modules never change: cache their lookups
         # (every read attaches the catalog, and array access loops over modules).
         self._module_cache: dict[str, dict] = {}
         self._run_cache: dict[str, dict] = {}
+        self._record_cache: dict[tuple[str, str], object] = {}
 
     def __repr__(self) -> str:
         return f"Archive({str(self.root)!r})"
@@ -56,29 +160,51 @@ class Archive:
 
     # --- SQL -------------------------------------------------------------------------
     def sql(self, query: str, params=None, *, write: bool = False) -> pl.DataFrame:
-        """Run SQL against the catalog's tables and views. Read-only unless write=True."""
+        """Run SQL against the catalog's tables and views.
+
+        Read-only unless write=True, in two layers: only SELECT, EXPLAIN of such (EXPLAIN
+        ANALYZE runs what it wraps) and read-only PRAGMAs (READ_PRAGMAS) pass; and they run
+        on a connection of their own that reaches no file but the catalog, loads no
+        extension and cannot be reconfigured (catalog.SANDBOX). So without write=True,
+        read_csv / read_parquet / glob of other files are refused too: use write=True
+        (`mlarch sql --write`), which runs anything in one read-write transaction, or DuckDB
+        directly. Both modes fail on a path that holds no archive, creating nothing."""
+        if not write:
+            return self._sql_read(query, params)
         try:
             statements = catalog.statements(query)
-        except duckdb.Error as exc:
+        except (duckdb.Error, ValueError) as exc:
             raise MlarchError(f"SQL error: {_one_line(exc)}") from None
         if not statements:
             raise UsageError("no SQL statement given")
-        if not write:
-            for statement in statements:
-                kind = statement.type.name
-                if kind not in READ_STATEMENTS:
-                    raise UsageError(
-                        f"{kind} statements change the archive and are refused: pass --write "
-                        "(sql(..., write=True)) if you mean it"
-                    )
-        context = catalog.writing(self.catalog_path) if write else catalog.reading(self.catalog_path)
         try:
-            with context as con:
-                for statement in statements[:-1]:
-                    con.execute(statement.query).fetchall()
-                return catalog.frame(con, statements[-1].query, params)
+            with catalog.writing(self.catalog_path) as con:
+                return _run(con, statements, params)
         except duckdb.Error as exc:
             raise MlarchError(f"SQL error: {_one_line(exc)}") from None
+
+    def _sql_read(self, query: str, params) -> pl.DataFrame:
+        # parsed on the sandbox itself: a second DuckDB instance just to parse costs ~as much
+        with catalog.sandboxed(self.catalog_path) as con:
+            try:
+                statements = con.extract_statements(query)
+            except (duckdb.Error, ValueError) as exc:
+                raise MlarchError(f"SQL error: {_one_line(exc)}") from None
+            if not statements:
+                raise UsageError("no SQL statement given")
+            for statement in statements:
+                why = _refusal(statement, con.extract_statements)
+                if why:
+                    raise UsageError(f"{why}: refused without --write (pass --write, or sql(..., write=True), "
+                                     "if you mean it)")
+            try:
+                return _run(con, statements, params)
+            except duckdb.PermissionException as exc:
+                raise MlarchError(
+                    f"SQL error: {_one_line(exc)}: without --write `mlarch sql` reads the catalog and nothing "
+                    "else; pass --write, or use DuckDB directly, to read other files") from None
+            except duckdb.Error as exc:
+                raise MlarchError(f"SQL error: {_one_line(exc)}") from None
 
     def _read(self, query: str, params=None) -> pl.DataFrame:
         with catalog.reading(self.catalog_path) as con:
@@ -159,43 +285,48 @@ class Archive:
             self._run_cache[run_id] = rows.row(0, named=True)
         return self._run_cache[run_id]
 
+    def _record(self, owner: str, kind: str):
+        """The catalog's record of one array (cached): every read is checked against it."""
+        key = (owner, kind)
+        if key not in self._record_cache:
+            from mlarch.store.arrays import RECORD_COLUMNS, ArrayRecord
+
+            rows = self._read(f"SELECT {RECORD_COLUMNS} FROM arrays WHERE owner = ? AND kind = ?", [owner, kind])
+            if rows.is_empty():
+                raise MlarchError(f"the catalog records no {kind} array for {owner!r}: run `mlarch verify`, then "
+                                  "remove the damaged run or model with `mlarch rm` and re-ingest it")
+            self._record_cache[key] = ArrayRecord.from_row(rows.row(0, named=True))
+        return self._record_cache[key]
+
     def norms(self, run_id: str) -> dict[str, np.ndarray]:
         """Activation-norm vector (float32, length n_cols) of every scored module of a run."""
-        from mlarch.store.derive import norms_path
-
         run = self._run_arrays(run_id)
-        everything = self._arrays().read(self.arrays_path, norms_path(run["arrays_group"]))
+        everything = self._arrays().read(self.arrays_path, self._record(run_id, "norms"))
         return {m: everything[span.norms] for m, span in self._spans(run["model"]).items()}
 
     def magnitudes(self, model: str, module: str) -> np.ndarray:
         """|W| of one module as scored (float32, out x in)."""
-        from mlarch.store.derive import magnitudes_path
-        from mlarch.store.layout import model_group
-
         span = self._span(model, module)
-        flat = self._arrays().read(self.arrays_path, magnitudes_path(model_group(model)),
+        flat = self._arrays().read(self.arrays_path, self._record(model, "magnitudes"),
                                    span.param_offset, span.param_offset + span.n_params)
         return flat.reshape(span.n_rows, span.n_cols)
 
     def levels(self, run_id: str, module: str) -> np.ndarray:
         """Stored level codes of one (run, module), uint8, out x in: j + 1 = first in the
         top-k_values[j] set of that run, 0 = in none."""
-        from mlarch.store.derive import levels_path
-
         run = self._run_arrays(run_id)
         span = self._span(run["model"], module)
-        flat = self._arrays().read(self.arrays_path, levels_path(run["arrays_group"]),
+        flat = self._arrays().read(self.arrays_path, self._record(run_id, "levels"),
                                    span.param_offset, span.param_offset + span.n_params)
         return flat.reshape(span.n_rows, span.n_cols)
 
     def scores(self, run_id: str, module: str) -> np.ndarray:
         """The full score array |W| * norms of one (run, module), float32, out x in."""
         from mlarch.ingest.selection import scores
-        from mlarch.store.derive import norms_path
 
         run = self._run_arrays(run_id)
         span = self._span(run["model"], module)
-        norms = self._arrays().read(self.arrays_path, norms_path(run["arrays_group"]),
+        norms = self._arrays().read(self.arrays_path, self._record(run_id, "norms"),
                                     span.norm_offset, span.norm_offset + span.n_cols)
         return scores(self.magnitudes(run["model"], module), norms)
 

@@ -91,20 +91,89 @@ def schema_version(con: duckdb.DuckDBPyConnection) -> int:
     return con.execute("SELECT coalesce(max(version), 0) FROM schema_migrations").fetchall()[0][0]
 
 
+_MIGRATIONS_COLUMNS = [("version", "INTEGER"), ("name", "VARCHAR"), ("applied_at", "TIMESTAMP")]
+
+
+def checked_version(con: duckdb.DuckDBPyConnection, path: Path) -> int:
+    """The schema version of the catalog `con` uses, after making sure that the file is an
+    mlarch catalog (an empty DuckDB file counts as one at version 0) of a schema this mlarch
+    understands: a foreign DuckDB file must never be migrated in place."""
+    names = [row[0] for row in con.execute(
+        "SELECT CASE WHEN schema_name = 'main' THEN table_name ELSE schema_name || '.' || table_name END "
+        "FROM duckdb_tables() WHERE database_name = current_database() UNION ALL "
+        "SELECT CASE WHEN schema_name = 'main' THEN view_name ELSE schema_name || '.' || view_name END "
+        "FROM duckdb_views() WHERE database_name = current_database() AND NOT internal ORDER BY 1").fetchall()]
+    if "schema_migrations" not in names:
+        if names:
+            raise _foreign(path, f"it holds {_few(names)} but no schema_migrations table")
+        return 0
+    columns = con.execute(
+        "SELECT column_name, data_type FROM duckdb_columns() WHERE database_name = current_database() "
+        "AND schema_name = 'main' AND table_name = 'schema_migrations' ORDER BY column_index").fetchall()
+    if [tuple(c) for c in columns] != _MIGRATIONS_COLUMNS:
+        raise _foreign(path, "its schema_migrations table has columns "
+                             f"{_few([f'{n} {t}' for n, t in columns])}, not mlarch's")
+    ours = {version: name for version, name, _ in migrations()}
+    applied = con.execute("SELECT version, name FROM schema_migrations ORDER BY version").fetchall()
+    for version, name in applied:
+        if version > latest_version():
+            continue  # a newer mlarch's: refused below as newer
+        if ours.get(version) != name:
+            expected = f"mlarch's {ours[version]!r}" if version in ours else "no mlarch migration"
+            raise _foreign(path, f"its schema_migrations lists version {version} as {str(name)[:40]!r}, "
+                                 f"not {expected}")
+    current = applied[-1][0] if applied else 0
+    if current == 0 and len(names) > 1:  # ours creates its tables in the same transaction as the first row
+        raise _foreign(path, f"it holds {_few([n for n in names if n != 'schema_migrations'])} "
+                             "but no applied mlarch migration")
+    _check_not_newer(path, current, latest_version())
+    return current
+
+
+def _foreign(path: Path, why: str) -> MlarchError:
+    return MlarchError(f"{path} is not an mlarch catalog ({why}): point --archive at an mlarch archive folder")
+
+
+def _few(names: list[str]) -> str:
+    """A few names read from a foreign file, printable and short."""
+    shown = ", ".join("".join(c if c.isprintable() else "?" for c in str(n)[:40]) for n in names[:5])
+    return shown + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+
+
+def missing_archive(root: Path) -> MlarchError:
+    """The error for a path that holds no archive (reading one never creates it)."""
+    hint = " (that is a file: pass the folder that holds catalog.duckdb)" if root.is_file() else ""
+    return MlarchError(
+        f"no mlarch archive at {root}{hint}: check --archive (or MLARCH_ARCHIVE); "
+        "`mlarch ingest` or `mlarch import-bundle` creates one"
+    )
+
+
+def _seal_records(con) -> None:
+    from mlarch.store import records  # only when migrating an old catalog
+
+    records.seal(con)
+
+
+# Python steps of migrations, run right after that version's SQL.
+_AFTER_SQL = {2: _seal_records}
+
+
 def ensure_schema(path: Path) -> int:
-    """Create the catalog or apply pending migrations; refuse a newer schema. Returns version."""
+    """Create the catalog or apply pending migrations; refuse a newer schema or a DuckDB file
+    that is not an mlarch catalog (left untouched). Returns the version."""
     known = latest_version()
     if path.exists():
         con = _connect(path, read_only=True)
         try:
-            current = schema_version(con)
+            current = checked_version(con, path)
         finally:
             con.close()
-        _check_not_newer(path, current, known)
         if current == known:
             return current
     con = _connect(path, read_only=False)
     try:
+        checked_version(con, path)  # again: the file may have changed since the read-only look
         con.execute(
             "CREATE TABLE IF NOT EXISTS schema_migrations "
             "(version INTEGER PRIMARY KEY, name VARCHAR NOT NULL, applied_at TIMESTAMP NOT NULL)"
@@ -117,6 +186,8 @@ def ensure_schema(path: Path) -> int:
             con.execute("BEGIN TRANSACTION")
             try:
                 con.execute(sql)
+                if version in _AFTER_SQL:  # a step SQL cannot express, in the same transaction
+                    _AFTER_SQL[version](con)
                 con.execute(
                     "INSERT INTO schema_migrations VALUES (?, ?, now()::TIMESTAMP)", [version, name]
                 )
@@ -274,9 +345,7 @@ def reading(path: Path):
     """A read-only connection to the catalog for one use, closed (and the file detached)
     afterwards. The first one per catalog and process also checks the schema version (and
     migrates an older catalog)."""
-    path = Path(path)
-    if not path.exists():  # ATTACH would say less
-        raise MlarchError(f"no catalog at {path}: check --archive (or MLARCH_ARCHIVE)")
+    path = _existing(path)
     key = str(path.resolve())
     with ExitStack() as stack:
         con = None
@@ -285,8 +354,7 @@ def reading(path: Path):
             with _schema_lock(key):
                 if key not in _CHECKED:
                     with _attached(key, path) as check:
-                        current = schema_version(check)
-                        _check_not_newer(path, current, latest_version())
+                        current = checked_version(check, path)
                         if current == latest_version():  # keep the attachment: no second ATTACH
                             con = stack.enter_context(_attached(key, path))
                     if current < latest_version():
@@ -311,9 +379,62 @@ def _attached(key: str, path: Path):
         _READERS.detach(key)
 
 
+def _existing(path) -> Path:
+    path = Path(path)
+    if not path.exists():  # ATTACH would say less, and a connection would create the file
+        raise missing_archive(path.parent)
+    return path
+
+
+# The sandbox of SQL a user typed (`mlarch sql` without --write): no file but the catalog
+# (read_csv, COPY ... TO, ATTACH, EXPORT), no extension installed or loaded (no network),
+# and no SET / PRAGMA that could undo this or write a profile. Statement checks in
+# mlarch.query.api come first; this holds whatever they miss.
+SANDBOX = {"enable_external_access": False, "autoinstall_known_extensions": False,
+           "autoload_known_extensions": False, "lock_configuration": True}
+
+
+def _open_sandboxed(path: Path) -> duckdb.DuckDBPyConnection:
+    return _opening(path, lambda: duckdb.connect(str(path), read_only=True, config=dict(SANDBOX)))
+
+
+@contextmanager
+def sandboxed(path: Path):
+    """A read-only connection of its own to the catalog that can reach nothing else (SANDBOX),
+    closed afterwards; checks (and migrates) the schema like reading(). Its DuckDB instance
+    costs about what the shared reader's first use does, so a CLI call pays nothing extra;
+    repeated calls in one process pay it each time (tens of ms, vs ~2 ms for an ATTACH)."""
+    path = _existing(path)
+    key = str(path.resolve())
+    if key in _CHECKED:
+        con = _open_sandboxed(path)
+    else:
+        with _schema_lock(key):  # opened under the lock: a migration elsewhere needs the file to itself
+            con = _open_sandboxed(path)
+            if key not in _CHECKED:
+                try:
+                    current = checked_version(con, path)
+                    if current < latest_version():
+                        con.close()
+                        ensure_schema(path)
+                        con = _open_sandboxed(path)
+                except BaseException:
+                    con.close()
+                    raise
+                _CHECKED.add(key)
+    try:
+        yield con
+    finally:
+        con.close()
+
+
 @contextmanager
 def writing(path: Path):
     """A read-write connection inside one transaction: all of it commits, or none."""
+    path = _existing(path)  # never creates a catalog: ensure_schema() does
+    if str(path.resolve()) not in _CHECKED:  # never writes to a foreign or newer catalog
+        with reading(path):
+            pass
     con = _connect(path, read_only=False)
     try:
         con.execute("BEGIN TRANSACTION")

@@ -13,9 +13,11 @@ import numpy as np
 import polars as pl
 
 from mlarch import parallel
+from mlarch.errors import MlarchError
 from mlarch.ingest.selection import top_count
 from mlarch.query.patterns import histogram
 from mlarch.store import arrays
+from mlarch.store.arrays import ArrayRecord
 from mlarch.store.spans import Span, groups
 
 
@@ -29,6 +31,7 @@ class RunRef:
     role: str
     arrays_group: str
     k_values: tuple[float, ...]
+    levels: ArrayRecord | None = None  # the catalog's record of its level codes (None: not yet committed)
 
 
 def levels_path(arrays_group: str) -> str:
@@ -84,7 +87,14 @@ def _selected_range(math_levels: np.ndarray, control_levels: np.ndarray, first: 
     return bits
 
 
-def _module_rows(model, seed, module, chunk_ks, pairs, levels, selection_rows, pattern_rows) -> None:
+def _in_top_counts(levels: np.ndarray, js: list[int]) -> list[int]:
+    """How many entries the stored codes put in the top-k_values[j] set, for each j."""
+    shifted = levels - np.uint8(1)  # 0 ("in no set") wraps to 255
+    return [int(np.count_nonzero(shifted <= np.uint8(j))) for j in js]
+
+
+def _module_rows(model, seed, module, chunk_ks, pairs, levels, selection_rows, pattern_rows,
+                 count_tops: bool = False) -> None:
     bits, langs_of = {}, {}
     for lang, (m, c) in pairs.items():
         shared = [k for k in chunk_ks if k in m.k_values and k in c.k_values]
@@ -94,12 +104,15 @@ def _module_rows(model, seed, module, chunk_ks, pairs, levels, selection_rows, p
         jm = [m.k_values.index(k) for k in shared]
         jc = [c.k_values.index(k) for k in shared]
         lang_bits = _selected_bits(math_levels, control_levels, jm, jc)
+        if count_tops:  # as stored (verify); otherwise as level_codes guarantees
+            math_tops, control_tops = _in_top_counts(math_levels, jm), _in_top_counts(control_levels, jc)
+        else:
+            math_tops = control_tops = [top_count(math_levels.size, k) for k in shared]
         for t, k in enumerate(shared):
             langs_of.setdefault(k, []).append(lang)
             n_selected = int(np.count_nonzero(lang_bits & np.uint8(1 << t)))
-            # level_codes selects exactly top_count(n, k) entries per matrix
-            n_top = top_count(math_levels.size, k)
-            selection_rows.append((model, k, seed, lang, module, n_top, n_top, n_selected, m.run_id, c.run_id))
+            selection_rows.append((model, k, seed, lang, module, math_tops[t], control_tops[t], n_selected,
+                                   m.run_id, c.run_id))
             if len(pairs) == 1 and n_selected:  # one language: its only pattern is itself
                 pattern_rows.append((model, k, seed, module, [lang], n_selected))
         bits[lang] = (lang_bits, {k: t for t, k in enumerate(shared)})
@@ -117,19 +130,22 @@ def _module_rows(model, seed, module, chunk_ks, pairs, levels, selection_rows, p
 
 
 def derive(root: Path, model: str, seed: int, spans: list[Span], runs: dict[tuple[str, str], RunRef],
-           preloaded: dict[str, np.ndarray] | None = None):
+           preloaded: dict[str, np.ndarray] | None = None, count_tops: bool = False):
     """(selections, patterns) DataFrames for the languages that have both a math and a control run.
 
     Per module: one uint8 of math-only bits per language (bit t: selected at the t-th k),
     then pattern histograms over the parameters that any language selected at any k.
     `preloaded` maps an arrays_group to its level codes already in memory (a run being
-    committed), which are then not read back from zarr."""
+    committed), which are then not read back from zarr. Every other read is checked against
+    the run's array record (arrays.read); an array recorded before chunk digests existed is
+    checked whole (its sha256) first. count_tops counts n_math_top / n_control_top in the
+    stored codes (what `verify` compares) instead of taking the count level_codes guarantees."""
     preloaded = preloaded or {}
 
-    def read_levels(group: str, start: int, stop: int) -> np.ndarray:
-        if group in preloaded:
-            return preloaded[group][start:stop]
-        return arrays.read(root, levels_path(group), start, stop)
+    def read_levels(ref: RunRef, start: int, stop: int) -> np.ndarray:
+        if ref.arrays_group in preloaded:
+            return preloaded[ref.arrays_group][start:stop]
+        return arrays.read(root, ref.levels, start, stop)
 
     pairs = {
         lang: (runs[(lang, "math")], runs[(lang, "control")])
@@ -137,16 +153,26 @@ def derive(root: Path, model: str, seed: int, spans: list[Span], runs: dict[tupl
         if (lang, "math") in runs and (lang, "control") in runs
     }
     ks = sorted({k for m, c in pairs.values() for k in set(m.k_values) & set(c.k_values)})
+    for m, c in pairs.values():
+        for ref in (m, c):
+            if ref.arrays_group in preloaded:
+                continue
+            if ref.levels is None:
+                raise MlarchError(f"run {ref.run_id} has no levels array recorded in the catalog: "
+                                  "run `mlarch verify`, then remove the run with `mlarch rm` and re-ingest it")
+            if ref.levels.chunk_sha256 is None and arrays.check(root, ref.levels) != ref.levels.sha256:
+                raise arrays.ArrayDamaged(f"array {ref.levels.path} does not match its recorded sha256: "
+                                          "run `mlarch verify`, then restore the archive from a copy or re-ingest")
 
     def rows_of(chunk_ks: list[float], group: list[Span]) -> tuple[list, list]:
         start, stop = group[0].param_offset, group[-1].param_offset + group[-1].n_params
-        block = {lang: (read_levels(m.arrays_group, start, stop), read_levels(c.arrays_group, start, stop))
+        block = {lang: (read_levels(m, start, stop), read_levels(c, start, stop))
                  for lang, (m, c) in pairs.items()}
         selection_rows, pattern_rows = [], []
         for span in group:
             part = slice(span.param_offset - start, span.param_offset - start + span.n_params)
             levels = {lang: (math[part], control[part]) for lang, (math, control) in block.items()}
-            _module_rows(model, seed, span.module, chunk_ks, pairs, levels, selection_rows, pattern_rows)
+            _module_rows(model, seed, span.module, chunk_ks, pairs, levels, selection_rows, pattern_rows, count_tops)
         return selection_rows, pattern_rows
 
     # 8 k values per uint8 of bits; one read per run covers many small modules
@@ -179,9 +205,21 @@ def derive(root: Path, model: str, seed: int, spans: list[Span], runs: dict[tupl
 def current_runs(con, model: str, seed: int) -> dict[tuple[str, str], RunRef]:
     """The in-use finished run of each (lang, role) of one model and seed."""
     rows = con.execute(
-        "SELECT run_id, lang, role, arrays_group, k_values FROM runs "
-        "WHERE model = ? AND seed = ? AND in_use AND status = 'FINISHED'", [model, seed]).fetchall()
-    return {(r[1], r[2]): RunRef(r[0], r[1], r[2], r[3], tuple(r[4])) for r in rows}
+        "SELECT run_id FROM runs WHERE model = ? AND seed = ? AND in_use AND status = 'FINISHED'",
+        [model, seed]).fetchall()
+    refs = (run_ref(con, r[0]) for r in rows)
+    return {(ref.lang, ref.role): ref for ref in refs}
+
+
+def run_ref(con, run_id: str) -> RunRef:
+    """A finished run with the record of its levels array (None if the catalog lacks it)."""
+    r = con.execute("SELECT run_id, lang, role, arrays_group, k_values FROM runs WHERE run_id = ?",
+                    [run_id]).fetchall()[0]
+    result = con.execute(f"SELECT {arrays.RECORD_COLUMNS} FROM arrays WHERE owner = ? AND kind = 'levels'", [run_id])
+    names = [d[0] for d in result.description]
+    found = result.fetchall()
+    levels = ArrayRecord.from_row(dict(zip(names, found[0]))) if found else None
+    return RunRef(r[0], r[1], r[2], r[3], tuple(r[4]), levels)
 
 
 def replace_derived(con, model: str, seed: int, selections: pl.DataFrame, patterns: pl.DataFrame) -> None:

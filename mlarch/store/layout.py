@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import os
 import re
+import socket
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
@@ -59,6 +61,61 @@ def run_group(run_id: str) -> str:
 
 def new_run_id() -> str:
     return uuid.uuid4().hex[:12]
+
+
+# Paths read from a catalog row or a bundle are hostile: mlarch reads, writes and removes
+# only the groups it would have made itself, and never through a symbolic link.
+RUN_ID = re.compile(r"[0-9a-f]{12}")  # what new_run_id makes
+RUN_ARRAYS = ("norms", "levels")  # array names inside a run's group
+MODEL_ARRAYS = ("magnitudes",)  # inside a model's group
+
+
+class UnsafePath(MlarchError):
+    """A group or array path that is not where mlarch puts arrays; callers add the fix."""
+
+
+def run_arrays_group(run_id) -> str:
+    """run_group(run_id), for a run id of the form mlarch makes (nothing else can reach a path)."""
+    if not isinstance(run_id, str) or not RUN_ID.fullmatch(run_id):
+        raise UnsafePath(f"run id {str(run_id)[:80]!r} is not 12 lowercase hex digits")
+    return run_group(run_id)
+
+
+def array_path(group: str, name: str) -> str:
+    """Where array `name` (norms, levels, magnitudes) of a group lies inside arrays.zarr."""
+    return f"{group}/{name}"
+
+
+def checked_group(root: Path, group, expected: str) -> Path:
+    """The folder of `group` (a group, or an array path inside one) in root/arrays.zarr,
+    once it is exactly `expected` and no symbolic link below arrays.zarr leads elsewhere."""
+    if group != expected:
+        raise UnsafePath(f"arrays path {str(group)[:120]!r} is not the expected {expected!r}")
+    base = (root / ARRAYS).resolve()
+    target = base.joinpath(*expected.split("/"))
+    if target.resolve() != target:  # a link anywhere below arrays.zarr, even one pointing inside
+        raise UnsafePath(f"arrays path {expected!r} leads through a symbolic link (to {target.resolve()})")
+    return target
+
+
+STAGING_PREFIX = ".import-"
+_STAGING = re.compile(r"\.import-([0-9a-f]{8})-([1-9][0-9]{0,9})-[0-9a-f]{8}")
+
+
+def host_tag() -> str:
+    """A short digest of this host's name (staging folder names carry it, not the name)."""
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def staging_name() -> str:
+    """`.import-<host>-<pid>-<random>`: gc can tell whether the importing process is gone."""
+    return f"{STAGING_PREFIX}{host_tag()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def staging_owner(name: str) -> tuple[str, int] | None:
+    """(host tag, pid) of a staging folder's importer; None for a name without them."""
+    match = _STAGING.fullmatch(name)
+    return (match.group(1), int(match.group(2))) if match else None
 
 
 def slug(text: str) -> str:

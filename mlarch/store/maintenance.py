@@ -6,12 +6,13 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from mlarch.errors import MlarchError
-from mlarch.store import arrays, catalog, layout
-from mlarch.store.derive import RunRef, current_runs, derive, replace_derived
+from mlarch.store import arrays, catalog, layout, records as run_records
+from mlarch.store.derive import current_runs, derive, replace_derived, run_ref, top_count
 from mlarch.store.spans import read_spans
 
 
@@ -59,8 +60,21 @@ def verify(root: Path, run_ids: list[str] | None = None) -> list[Check]:
         chosen = [r for r in runs if run_ids is None or r[0] in run_ids]
         models = {r[1] for r in chosen}
         owners = {r[0] for r in chosen if r[3] == "FINISHED"} | models
-        records = con.execute("SELECT path, owner, kind, sha256 FROM arrays ORDER BY path").fetchall()
+        result = con.execute(f"SELECT owner, {arrays.RECORD_COLUMNS} FROM arrays ORDER BY path")
+        names = [d[0] for d in result.description]
+        records = [(row[0], arrays.ArrayRecord.from_row(dict(zip(names, row)))) for row in result.fetchall()]
         model_groups = dict(con.execute("SELECT model, magnitudes_group FROM models").fetchall())
+        # content digests of the records, recomputed from the rows as they are now
+        sealed = []
+        for run_id, _, _, status, *_ in chosen:
+            if status == "FINISHED":
+                stored = con.execute("SELECT record_sha256 FROM runs WHERE run_id = ?", [run_id]).fetchall()[0][0]
+                sealed.append(("run", run_id, stored, run_records.run_digest_in(con, run_id)))
+        for model in sorted(models & set(model_groups)):
+            stored = con.execute("SELECT record_sha256 FROM models WHERE model = ?", [model]).fetchall()[0][0]
+            sealed.append(("model", model, stored, run_records.model_digest_in(con, model)))
+        n_params = dict(((m, mod), n) for m, mod, n in con.execute(
+            "SELECT model, module, n_params FROM modules").fetchall())
         pairs = sorted({(r[1], r[2]) for r in chosen if r[3] == "FINISHED"})
         derived = {}
         for model, seed in pairs:
@@ -73,30 +87,42 @@ def verify(root: Path, run_ids: list[str] | None = None) -> list[Check]:
                 "SELECT model, k, seed, module, langs, n_params FROM patterns WHERE model = ? AND seed = ? "
                 "ORDER BY ALL", [model, seed]).fetchall()
             derived[(model, seed)] = (current, spans, stored_sel, stored_pat)
-    with_arrays = {r[1] for r in records}
+    with_arrays = {owner for owner, _ in records}
     for run_id, model, seed, status, group, host, pid in chosen:
         if status == "FINISHED" and run_id not in with_arrays:
             checks.append(Check("run has arrays", run_id, False, "no arrays recorded: remove it with `mlarch rm`"))
         elif status != "FINISHED" and not (status == "RUNNING" and _alive(host, pid)):
             checks.append(Check("no leftovers", run_id, False, f"{status} run of an interrupted ingest: run `mlarch gc`"))
-    for path, owner, kind, sha in records:
+    for kind, name, stored, actual in sealed:
+        ok = stored is not None and stored == actual
+        checks.append(Check("record digest", f"{kind} {name}", ok, "" if ok else (
+            "no record digest stored" if stored is None else
+            f"the catalog row, provenance, samples or array records changed since the {kind} was archived "
+            f"(sha256 {actual[:16]}..., recorded {stored[:16]}...)")))
+    for owner, record in records:
         if owner not in owners:
             continue
-        try:
-            actual = arrays.digest(arrays.read(store, path))
-        except Exception as exc:  # missing node, corrupt chunk, failed codec checksum
-            checks.append(Check("array digest", path, False, f"unreadable: {' '.join(str(exc).split())[:160]}"))
+        try:  # streamed (memory bounded); every chunk and the zarr.json checked on the way
+            actual = arrays.check(store, record)
+        except Exception as exc:  # missing node or chunk, edited metadata, failed checksum
+            checks.append(Check("array digest", record.path, False, f"unreadable: {' '.join(str(exc).split())[:200]}"))
             continue
-        checks.append(Check("array digest", path, actual == sha,
-                            "" if actual == sha else f"sha256 {actual[:16]}..., recorded {sha[:16]}..."))
+        ok = actual == record.sha256
+        checks.append(Check("array digest", record.path, ok,
+                            "" if ok else f"sha256 {actual[:16]}..., recorded {record.sha256[:16]}..."))
     for (model, seed), (current, spans, stored_sel, stored_pat) in derived.items():
         try:
-            selections, patterns = derive(store, model, seed, spans, current)
+            selections, patterns = derive(store, model, seed, spans, current, count_tops=True)
         except Exception as exc:
             checks.append(Check("set_sizes recount", f"{model} seed {seed}", False,
                                 f"cannot recount: {' '.join(str(exc).split())[:160]}"))
             continue
         recount_sel = sorted(selections.rows())
+        wrong_size = [f"{r[3]} {r[4]} k={r[1]}" for r in recount_sel  # (model, k, seed, lang, module, n_math_top, ...)
+                      if {r[5], r[6]} != {top_count(n_params[(model, r[4])], r[1])}]
+        checks.append(Check("top-k sizes", f"{model} seed {seed}", not wrong_size,
+                            f"{len(recount_sel)} module sets of floor(numel * k) entries" if not wrong_size else
+                            f"stored level codes give a top-k set of the wrong size: {', '.join(wrong_size[:3])}"))
         recount_pat = sorted((m, k, s, mod, list(langs), n) for m, k, s, mod, langs, n in patterns.rows())
         checks.append(Check("set_sizes recount", f"{model} seed {seed}", recount_sel == sorted(stored_sel),
                             f"{len(recount_sel)} rows" if recount_sel == sorted(stored_sel)
@@ -112,19 +138,33 @@ def verify(root: Path, run_ids: list[str] | None = None) -> list[Check]:
                                                         if r[3] == "RUNNING" and _alive(r[5], r[6])}
         for group in sorted(_groups(root, "models") - expected_models):
             checks.append(Check("no orphan arrays", group, False, "no archived model owns it: run `mlarch gc`"))
+        for folder in leftover_staging(root):
+            checks.append(Check("no leftovers", folder, False,
+                                "staging folder of an interrupted import-bundle: run `mlarch gc`"))
         checks.append(Check("runs checked", str(len(chosen)), True, f"{len(records)} arrays recorded"))
     return checks
 
 
 def gc(root: Path) -> list[str]:
-    """Remove leftovers of interrupted ingests; returns what was removed."""
+    """Remove leftovers of interrupted ingests and imports; returns what was removed."""
     removed: list[str] = []
     path = root / layout.CATALOG
     with layout.commit_lock(root):
         with catalog.reading(path) as con:
             runs = con.execute("SELECT run_id, model, status, arrays_group, host, pid FROM runs").fetchall()
             model_groups = dict(con.execute("SELECT model, magnitudes_group FROM models").fetchall())
+        for r in runs:  # an edited row stops gc before anything is removed
+            _owned_folder(root, "run", r[0], r[3])
+        for name, group in model_groups.items():
+            _owned_folder(root, "model", name, group)
         dead = [r for r in runs if r[2] == "FAILED" or (r[2] == "RUNNING" and not _alive(r[4], r[5]))]
+        dead_ids = {r[0] for r in dead}
+        live_runs = [r for r in runs if r[0] not in dead_ids]
+        keep_runs = {r[3] for r in live_runs}
+        keep_models = set(model_groups.values()) | {layout.model_group(r[1]) for r in live_runs if r[2] == "RUNNING"}
+        doomed = sorted((_groups(root, "runs") - keep_runs) | (_groups(root, "models") - keep_models))
+        folders = [_listed_folder(root, group) for group in doomed]
+        staging = leftover_staging(root)
         if dead:
             with catalog.writing(path) as con:
                 for run_id, *_ in dead:
@@ -132,13 +172,12 @@ def gc(root: Path) -> list[str]:
                     con.execute("DELETE FROM arrays WHERE owner = ?", [run_id])
                     con.execute("DELETE FROM runs WHERE run_id = ?", [run_id])
             removed += [f"run {r[0]} ({r[1]}, {r[2]})" for r in dead]
-        dead_ids = {r[0] for r in dead}
-        live_runs = [r for r in runs if r[0] not in dead_ids]
-        keep_runs = {r[3] for r in live_runs}
-        keep_models = set(model_groups.values()) | {layout.model_group(r[1]) for r in live_runs if r[2] == "RUNNING"}
-        for group in sorted((_groups(root, "runs") - keep_runs) | (_groups(root, "models") - keep_models)):
-            shutil.rmtree(root / layout.ARRAYS / group, ignore_errors=True)
+        for group, folder in zip(doomed, folders):
+            shutil.rmtree(folder, ignore_errors=True)
             removed.append(f"arrays {group}")
+        for name in staging:
+            shutil.rmtree(root / name, ignore_errors=True)
+            removed.append(f"staging folder {name} of an interrupted import-bundle")
     return removed
 
 
@@ -150,7 +189,7 @@ def rm(root: Path, run_ids: list[str] | None = None, model: str | None = None) -
         with catalog.reading(path) as con:
             runs = con.execute(
                 "SELECT run_id, model, lang, role, seed, status, in_use, arrays_group, finished_at FROM runs").fetchall()
-            models = {r[0] for r in con.execute("SELECT model FROM models").fetchall()}
+            models = dict(con.execute("SELECT model, magnitudes_group FROM models").fetchall())
             if model is not None:
                 if model not in models:
                     raise MlarchError(f"no model {model!r} in the archive; archived: {', '.join(sorted(models)) or 'none'}")
@@ -161,6 +200,12 @@ def rm(root: Path, run_ids: list[str] | None = None, model: str | None = None) -
                     raise MlarchError(f"no run {', '.join(unknown) or '(none given)'} in {root} (see `mlarch runs`)")
                 doomed = [r for r in runs if r[0] in run_ids]
             doomed_ids = {r[0] for r in doomed}
+            # every row's group is the one mlarch made before anything is removed (an edited
+            # row must not point rm elsewhere); derive reads the others' arrays
+            owned = {r[0]: _owned_folder(root, "run", r[0], r[7]) for r in runs}
+            folders = [owned[r[0]] for r in doomed]
+            if model is not None:
+                folders.append(_owned_folder(root, "model", model, models[model]))
             refresh = {}
             for m, seed in sorted({(r[1], r[4]) for r in doomed if r[1] != model}):
                 current = {key: ref for key, ref in current_runs(con, m, seed).items() if ref.run_id not in doomed_ids}
@@ -170,8 +215,7 @@ def rm(root: Path, run_ids: list[str] | None = None, model: str | None = None) -
                                and r[5] == "FINISHED" and r[0] not in doomed_ids]
                     if earlier:
                         best = max(earlier, key=lambda r: r[8])
-                        k_values = con.execute("SELECT k_values FROM runs WHERE run_id = ?", [best[0]]).fetchall()[0][0]
-                        current[(lang, role)] = RunRef(best[0], lang, role, best[7], tuple(k_values))
+                        current[(lang, role)] = run_ref(con, best[0])  # with its levels record: reads are checked
                         promoted.append(best[0])
                 refresh[(m, seed)] = (current, read_spans(con, m), promoted)
         derived = {key: derive(root / layout.ARRAYS, key[0], key[1], spans, current)
@@ -190,11 +234,58 @@ def rm(root: Path, run_ids: list[str] | None = None, model: str | None = None) -
                     con.execute(f"DELETE FROM {table} WHERE model = ?", [model])
                 con.execute("DELETE FROM arrays WHERE owner = ?", [model])
         # arrays go after the commit: a crash here leaves orphans for gc, never dangling rows
-        for r in doomed:
-            shutil.rmtree(root / layout.ARRAYS / r[7], ignore_errors=True)
-        if model is not None:
-            shutil.rmtree(root / layout.ARRAYS / layout.model_group(model), ignore_errors=True)
+        for folder in folders:
+            shutil.rmtree(folder, ignore_errors=True)
     removed = [f"run {r[0]} ({r[1]} {r[2]} {r[3]} seed {r[4]})" for r in doomed]
     if model is not None:
         removed.append(f"model {model}")
     return removed
+
+
+def _owned_folder(root: Path, kind: str, name: str, group) -> Path:
+    """The folder of a run's arrays_group or a model's magnitudes_group, once the catalog row
+    names exactly the group mlarch made for it (and no symbolic link leads elsewhere)."""
+    try:
+        expected = layout.run_arrays_group(name) if kind == "run" else layout.model_group(name)
+        if group != expected:
+            layout.checked_group(root, group, expected)  # raises, naming both
+    except layout.UnsafePath as exc:
+        raise MlarchError(f"{kind} {name}: {exc}: the catalog row was edited; set it back (`mlarch sql --write`) "
+                          "or restore the catalog from a copy; nothing was removed") from None
+    return _listed_folder(root, expected)
+
+
+def _listed_folder(root: Path, group: str) -> Path:
+    """The folder of a group found in arrays.zarr, unless it is (or lies behind) a symbolic link."""
+    try:
+        return layout.checked_group(root, group, group)
+    except layout.UnsafePath as exc:
+        raise MlarchError(f"{exc}: mlarch follows no link inside arrays.zarr (link arrays.zarr itself instead); "
+                          "nothing was removed") from None
+
+
+_LEGACY_STAGING_AGE_S = 3600  # staging of an older mlarch (random name, no owner); imports take seconds
+
+
+def leftover_staging(root: Path) -> list[str]:
+    """Names of `.import-*` staging folders in `root` whose import-bundle process is gone
+    (killed, or its machine rebooted): `gc` removes them, `verify` reports them."""
+    try:
+        entries = list(os.scandir(root))
+    except OSError:
+        return []
+    found = []
+    for entry in entries:
+        if not entry.name.startswith(layout.STAGING_PREFIX) or not entry.is_dir(follow_symlinks=False):
+            continue
+        owner = layout.staging_owner(entry.name)
+        if owner is None:  # no owner in the name: judge by age
+            try:
+                if time.time() - entry.stat(follow_symlinks=False).st_mtime < _LEGACY_STAGING_AGE_S:
+                    continue
+            except OSError:  # gone meanwhile
+                continue
+        elif _alive(socket.gethostname() if owner[0] == layout.host_tag() else None, owner[1]):
+            continue  # still importing, or on another host sharing this folder (unknowable)
+        found.append(entry.name)
+    return sorted(found)

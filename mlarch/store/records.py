@@ -1,0 +1,99 @@
+"""Content-addressed records: a sha256 over the canonical form of a finished run (its catalog
+row, provenance, drawn items and array digests) and of a model (its row, modules and
+magnitudes array). Stored with the row at commit; `verify` and `import-bundle` recompute it.
+
+It protects against damage and careless edits (a changed n_samples, a drawn item index,
+swapped language labels): any edit of a covered field changes the digest. It does not stop
+a forger, who can recompute the digest after editing (there is no secret key)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import date, datetime
+from decimal import Decimal
+
+RUN_FIELDS = ("run_id", "model", "lang", "role", "dataset", "seed", "n_samples", "n_tokens", "n_truncated",
+              "k_values", "config_digest", "arrays_group", "started_at", "finished_at", "provenance")
+MODEL_FIELDS = ("model", "source", "source_kind", "revision", "commit_sha", "weights_sha256", "dtype",
+                "architecture", "n_modules", "n_scored_params", "magnitudes_group", "created_at")
+MODULE_FIELDS = ("module", "layer", "kind", "n_rows", "n_cols", "n_params", "position", "param_offset",
+                 "norm_offset")
+ARRAY_FIELDS = ("path", "owner", "kind", "dtype", "shape", "sha256", "nbytes", "meta_sha256", "chunk_sha256")
+
+
+def _canonical(value):
+    if isinstance(value, (datetime, date)):
+        return value.isoformat()
+    if isinstance(value, Decimal):
+        return int(value) if value == value.to_integral_value() else float(value)
+    if isinstance(value, (list, tuple)):
+        return [_canonical(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _canonical(v) for k, v in value.items()}
+    return value
+
+
+def _digest(kind: str, body: dict) -> str:
+    text = json.dumps({"record": kind, **_canonical(body)}, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _pick(row: dict, fields) -> dict:
+    return {f: row.get(f) for f in fields}
+
+
+def _arrays(rows) -> list[dict]:
+    return sorted((_pick(r, ARRAY_FIELDS) for r in rows), key=lambda r: r["path"])
+
+
+def run_digest(run: dict, item_indices: list[int], array_rows) -> str:
+    """Digest of a run from its `runs` row (dict), its drawn item indices in drawn order and
+    its `arrays` rows. The provenance may be JSON text (as DuckDB returns it) or a dict."""
+    body = _pick(run, RUN_FIELDS)
+    if isinstance(body["provenance"], str):
+        body["provenance"] = json.loads(body["provenance"])
+    body["samples"] = [int(i) for i in item_indices]
+    body["arrays"] = _arrays(array_rows)
+    return _digest("mlarch-run-1", body)
+
+
+def model_digest(model: dict, module_rows, array_rows) -> str:
+    body = _pick(model, MODEL_FIELDS)
+    body["modules"] = sorted((_pick(m, MODULE_FIELDS) for m in module_rows), key=lambda m: m["position"])
+    body["arrays"] = _arrays(array_rows)
+    return _digest("mlarch-model-1", body)
+
+
+def _dicts(con, query: str, params) -> list[dict]:
+    result = con.execute(query, params)
+    names = [d[0] for d in result.description]
+    return [dict(zip(names, row)) for row in result.fetchall()]
+
+
+def run_digest_in(con, run_id: str) -> str | None:
+    """Digest of a run as the catalog behind `con` holds it (None: no such run)."""
+    runs = _dicts(con, "SELECT * FROM runs WHERE run_id = ?", [run_id])
+    if not runs:
+        return None
+    samples = [r[0] for r in con.execute(
+        "SELECT item_index FROM run_samples WHERE run_id = ? ORDER BY position", [run_id]).fetchall()]
+    return run_digest(runs[0], samples, _dicts(con, "SELECT * FROM arrays WHERE owner = ?", [run_id]))
+
+
+def model_digest_in(con, model: str) -> str | None:
+    rows = _dicts(con, "SELECT * FROM models WHERE model = ?", [model])
+    if not rows:
+        return None
+    return model_digest(rows[0], _dicts(con, "SELECT * FROM modules WHERE model = ?", [model]),
+                        _dicts(con, "SELECT * FROM arrays WHERE owner = ?", [model]))
+
+
+def seal(con) -> None:
+    """Store record digests for every finished run and every model that lacks one (rows
+    archived before schema version 2), inside the caller's transaction."""
+    for (run_id,) in con.execute(
+            "SELECT run_id FROM runs WHERE status = 'FINISHED' AND record_sha256 IS NULL").fetchall():
+        con.execute("UPDATE runs SET record_sha256 = ? WHERE run_id = ?", [run_digest_in(con, run_id), run_id])
+    for (model,) in con.execute("SELECT model FROM models WHERE record_sha256 IS NULL").fetchall():
+        con.execute("UPDATE models SET record_sha256 = ? WHERE model = ?", [model_digest_in(con, model), model])

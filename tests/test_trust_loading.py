@@ -1,0 +1,217 @@
+"""Trust at ingest: checkpoints that do not match their config, damaged weight files and
+bad values are refused with one `Error:` line before any scoring or archive write."""
+
+import re
+import shutil
+import zipfile
+from pathlib import Path
+
+import duckdb
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file, save_file
+
+import mlarch
+from fixtures import build_model
+from mlarch.cli import cli
+from mlarch.errors import MlarchError, UsageError
+from mlarch.ingest import loading
+from mlarch.ingest.pipeline import IngestConfig
+
+
+@pytest.fixture(scope="module")
+def pristine_llama(tmp_path_factory):
+    return build_model("llama", tmp_path_factory.mktemp("pristine"))
+
+
+@pytest.fixture
+def llama_copy(pristine_llama, tmp_path):
+    return Path(shutil.copytree(pristine_llama, tmp_path / "tiny-llama"))
+
+
+def rewrite(folder: Path, edit) -> dict:
+    weights = load_file(folder / "model.safetensors")
+    edit(weights)
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    return weights
+
+
+def ingest(tmp_path, data, model, *extra):
+    archive = tmp_path / "arch"
+    result = CliRunner().invoke(cli, ["--archive", str(archive), "ingest", "--model", str(model), "--langs", "en",
+                                      "--math", data["math"], "--control", data["control"], "--samples", "2",
+                                      "--top-k", "0.05", "--device", "cpu", "--quiet", *extra])
+    return result, archive
+
+
+def one_error(result, code: int) -> str:
+    assert result.exit_code == code, result.output
+    assert isinstance(result.exception, SystemExit) and "Traceback" not in result.output, result.exception
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
+    assert not lines[0].startswith("Error: unexpected "), lines[0]  # not the CLI's catch-all
+    return lines[0]
+
+
+def archived_runs(archive: Path) -> int:
+    catalog = archive / "catalog.duckdb"
+    if not catalog.exists():
+        return 0
+    with duckdb.connect(str(catalog), read_only=True) as con:
+        return con.execute("SELECT count(*) FROM runs").fetchone()[0]
+
+
+# --- checkpoints that do not match their config ----------------------------------------------------
+
+def test_missing_weights_refused_before_scoring(llama_copy, data, tmp_path):
+    removed = sorted(k for k in rewrite(llama_copy, lambda w: None) if k.startswith("model.layers.1.mlp."))
+    kept = rewrite(llama_copy, lambda w: [w.pop(k) for k in removed])
+    assert len(removed) == 3 and not set(removed) & set(kept)
+    result, archive = ingest(tmp_path, data, llama_copy)
+    line = one_error(result, 1)
+    assert f"model folder {llama_copy} does not match its config: 3 weights missing (" in line
+    assert removed[0] in line and "0 unexpected" in line and "restore the checkpoint's weight files" in line
+    assert archived_runs(archive) == 0
+
+
+def test_unexpected_and_reshaped_weights_refused(llama_copy, data, tmp_path):
+    rewrite(llama_copy, lambda w: w.update({"model.layers.1.mlp.extra.weight": torch.zeros(3)}))
+    line = one_error(ingest(tmp_path, data, llama_copy)[0], 1)
+    assert "0 weights missing, 1 unexpected (model.layers.1.mlp.extra.weight)" in line
+    rewrite(llama_copy, lambda w: (w.pop("model.layers.1.mlp.extra.weight"),
+                                   w.update({"model.layers.0.mlp.up_proj.weight": torch.zeros(5, 32)})))
+    result, archive = ingest(tmp_path, data, llama_copy)
+    line = one_error(result, 1)
+    assert "1 of another shape (model.layers.0.mlp.up_proj.weight 5x32 in the checkpoint, 48x32 in the config)" in line
+    assert archived_runs(archive) == 0
+
+
+def test_tied_head_and_conv1d_fixtures_still_load(model_dir):
+    qwen = loading.load(str(model_dir["qwen2"]), revision=None, device=torch.device("cpu"), dtype="float32")
+    stored = load_file(model_dir["qwen2"] / "model.safetensors")
+    assert "lm_head.weight" not in stored  # the case: the head is not in the checkpoint, only tied
+    assert qwen.model.lm_head.weight.data_ptr() == qwen.model.model.embed_tokens.weight.data_ptr()
+    gpt2 = loading.load(str(model_dir["gpt2"]), revision=None, device=torch.device("cpu"), dtype="float32")
+    assert gpt2.architecture == "GPT2LMHeadModel"
+    # the same report with one weight missing is refused
+    with pytest.raises(MlarchError, match="1 weight missing"):
+        loading.check_complete("x", "folder", {"missing_keys": {"model.norm.weight"}})
+
+
+# --- damaged weight files -------------------------------------------------------------------------
+
+def _truncate(folder):
+    data = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
+    return "model.safetensors"
+
+
+def _garble_header(folder):
+    data = bytearray((folder / "model.safetensors").read_bytes())
+    data[8:40] = b"x" * 32
+    (folder / "model.safetensors").write_bytes(bytes(data))
+    return "model.safetensors"
+
+
+def _garbage_bin(folder):  # torch.load(weights_only=True) raises UnpicklingError
+    (folder / "model.safetensors").unlink()
+    (folder / "pytorch_model.bin").write_bytes(b"not a checkpoint " * 64)
+    return "pytorch_model.bin"
+
+
+def _broken_zip_bin(folder):  # torch.load raises RuntimeError from its zip reader
+    (folder / "model.safetensors").unlink()
+    with zipfile.ZipFile(folder / "pytorch_model.bin", "w") as archive:
+        archive.writestr("archive/data.pkl", b"garbage")
+    return "pytorch_model.bin"
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (print, ("unpickled code ran",))
+
+
+def _code_bin(folder):  # a pickle that carries a callable, not only tensors
+    (folder / "model.safetensors").unlink()
+    torch.save({"model.embed_tokens.weight": torch.zeros(2), "x": _RunsCode()}, folder / "pytorch_model.bin")
+    return "pytorch_model.bin"
+
+
+@pytest.mark.parametrize("damage", [_truncate, _garble_header, _garbage_bin, _broken_zip_bin, _code_bin])
+def test_damaged_weight_file_named(llama_copy, data, tmp_path, damage):
+    broken = damage(llama_copy)
+    result, archive = ingest(tmp_path, data, llama_copy)
+    line = one_error(result, 1)
+    if broken.endswith(".bin"):
+        assert line.startswith(f"Error: weight file {llama_copy / broken} is damaged or holds more than tensors (")
+        assert line.endswith(": restore it from the original checkpoint, download the model again or use its "
+                             ".safetensors weights")
+    else:
+        assert line.startswith(f"Error: weight file {llama_copy / broken} is damaged or truncated (")
+        assert line.endswith(": restore it from the original checkpoint or download the model again")
+    assert "weights_only" not in line  # not torch's advice to unpickle it unsafely
+    assert "unpickled code ran" not in result.output
+    assert not archive.exists()
+
+
+# --- bad values, refused before any work ----------------------------------------------------------
+
+BAD_VALUES = [
+    (["--seeds", "9223372036854775808"],
+     "seed 9223372036854775808 is not valid: --seeds must be distinct integers from 0 to 2**63-1"),
+    (["--seeds", "1,9223372036854775808"], "seed 9223372036854775808 is not valid"),
+    (["--samples", "1000000000000"], "--samples must be at most 1,000,000, got 1,000,000,000,000"),
+    (["--max-length", "1048577"], "--max-length must be at most 1,048,576, got 1,048,577"),
+    (["--batch-size", "65537"], "--batch-size must be at most 65,536, got 65,537"),
+    (["--name", "x" * 5000], "has 5,000 characters, over 128"),
+    (["--name", "two\nlines"], "control or invisible characters"),
+    (["--name", "tab\there"], "control or invisible characters"),
+    (["--name", "red\x1b[31m"], "control or invisible characters"),
+    (["--name", "zero\u200bwidth"], "control or invisible characters"),
+    (["--name", " padded"], "starts or ends with whitespace"),
+    (["--name", "padded "], "starts or ends with whitespace"),
+    (["--name", ""], "the model name (--name) is empty"),
+    (["--top-k", "nan"], "not a number (nan)"),
+    (["--top-k", "0.01,nan"], "not a number (nan)"),
+]
+
+
+@pytest.mark.parametrize("extra,message", BAD_VALUES, ids=lambda v: repr(v)[:40] if isinstance(v, list) else None)
+def test_bad_value_refused_before_work(model_dir, data, tmp_path, extra, message):
+    result, archive = ingest(tmp_path, data, model_dir["llama"], *extra)
+    line = one_error(result, 2)
+    assert message in line and line.count(":") >= 2  # <problem>: <fix>
+    assert not archive.exists()
+
+
+@pytest.mark.parametrize("folder_name,message", [
+    ("tiny\nllama", "control or invisible characters"),
+    ("m" * 200, "has 200 characters, over 128"),
+])
+def test_default_name_from_model_folder_checked(model_dir, data, tmp_path, folder_name, message):
+    model = tmp_path / folder_name
+    model.symlink_to(model_dir["llama"], target_is_directory=True)
+    result, archive = ingest(tmp_path, data, model)
+    line = one_error(result, 2)
+    assert message in line and "(derived from --model)" in line and "pass --name" in line
+    assert not archive.exists()
+
+
+def test_api_refuses_bad_seed_before_work(model_dir, data, tmp_path):
+    archive = tmp_path / "arch"
+    for seeds in ([2**63], [1.5], [True]):  # too large, not an integer, an int to Python but not a seed
+        message = f"seed {seeds[0]!r} is not valid"
+        with pytest.raises(UsageError, match=re.escape(message)):
+            mlarch.open(archive).ingest(str(model_dir["llama"]), ["en"], data["math"], data["control"],
+                                        seeds=seeds, samples=2, device="cpu")
+    assert not archive.exists()
+
+
+def test_bounds_are_inclusive_and_numpy_integers_accepted():
+    import numpy as np
+
+    cfg = IngestConfig(model="m", langs=["en"], math="-", control="-", seeds=[0, 2**63 - 1, np.int64(7)],
+                       samples=1_000_000, batch_size=65_536, max_length=1_048_576, name="n" * 128)
+    cfg.validate()
+    assert cfg.seeds == [0, 2**63 - 1, 7] and all(type(s) is int for s in cfg.seeds)
