@@ -416,3 +416,22 @@ def test_edited_run_records_in_a_bundle_are_refused(bundles, target, case):
     good = rewrite(bundles.all, target.tmp / "plain.tar", reseal=False)
     assert run(target.root, "import-bundle", str(good)).exit_code == 0
     assert run(target.root, "verify").exit_code == 0
+
+
+def test_format_1_bundle_without_digests_is_refused(bundles, target):
+    """A forger's shortcut: claim the old format (no record digests) and relabel runs."""
+    def edit(manifest):
+        manifest["version"] = 1
+        for name in ("runs", "models", "arrays"):
+            t = table(manifest, name)
+            for column in ("record_sha256", "meta_sha256", "chunk_sha256"):
+                if column in t["columns"]:
+                    at = t["columns"].index(column)
+                    t["columns"].pop(at)
+                    for row in t["rows"]:
+                        row.pop(at)
+        assert _set(manifest, "runs", "lang", lambda r: r["lang"] in ("de", "bn"),
+                    lambda r: "bn" if r["lang"] == "de" else "de") == 4
+    bad = rewrite(bundles.all, target.tmp / "v1.tar", edit=edit, reseal=False)
+    refused(run(target.root, "import-bundle", str(bad)), "format version 1", "export the bundle again")
+    target.unchanged()

@@ -16,6 +16,7 @@ from click.testing import CliRunner
 
 import mlarch
 from mlarch.cli import cli
+from mlarch.errors import MlarchError
 from mlarch.store.arrays import ArrayDamaged
 
 HERE = Path(__file__).parent
@@ -260,3 +261,68 @@ def test_rm_of_a_rerun_promotes_the_earlier_run_through_checked_reads(model_dir,
     assert promoted.drop("math_run_id", "control_run_id").equals(first.drop("math_run_id", "control_run_id"))
     assert set(promoted["math_run_id"]) == set(first["math_run_id"])
     assert run(root, "verify").exit_code == 0
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_weights_are_refused_before_any_run(model_dir, tmp_path, data, bad):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "model"
+    shutil.copytree(model_dir["llama"], folder)
+    tensors = load_file(folder / "model.safetensors")
+    name = "model.layers.1.mlp.up_proj.weight"
+    tensors[name][3, 5] = bad
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    assert not torch.isfinite(load_file(folder / "model.safetensors")[name]).all()
+    result = run(tmp_path / "arch", "ingest", "--model", str(folder), "--langs", "en", "--math", data["math"],
+                 "--control", data["control"], "--samples", "2", "--device", "cpu", "-q")
+    _assert_loud(result, "inf or NaN weights", "model.layers.1.mlp.up_proj")
+    assert not (tmp_path / "arch" / "catalog.duckdb").exists()  # refused before any run row
+
+
+def test_local_edits_verify_catches(archive_copy, model_dir, data):
+    """Edits that no digest covers: which run is in use, derived rows of no run, a view."""
+    archive = mlarch.open(archive_copy)
+    assert run(archive_copy, "verify").exit_code == 0
+    en = _en_math(archive)["run_id"]
+    _edit(archive_copy, "UPDATE runs SET in_use = false WHERE run_id = ?", [en])
+    _assert_loud(run(archive_copy, "verify"), "runs in use")
+    _edit(archive_copy, "UPDATE runs SET in_use = true WHERE run_id = ?", [en])
+    _edit(archive_copy, "INSERT INTO selections SELECT model, k, 7, lang, module, n_math_top, n_control_top, "
+                        "n_selected + 5, math_run_id, control_run_id FROM selections")
+    _assert_loud(run(archive_copy, "verify"), "derived rows")
+    _edit(archive_copy, "DELETE FROM selections WHERE seed = 7")
+    _edit(archive_copy, "CREATE OR REPLACE VIEW set_sizes AS SELECT s.model, s.k, s.seed, s.lang, s.module, m.layer, "
+                        "m.n_params, s.n_math_top, s.n_control_top, 2 * s.n_selected AS n_selected, s.math_run_id, "
+                        "s.control_run_id FROM selections s JOIN modules m ON m.model = s.model AND m.module = s.module")
+    _assert_loud(run(archive_copy, "verify"), "catalog schema")
+
+
+def test_selection_never_pairs_runs_of_two_seeds(archive_copy, model_dir, data):
+    archive = mlarch.open(archive_copy)
+    module = _module(archive)
+    archive.ingest(str(model_dir["llama"]), ["en"], data["math"], data["control"], samples=4, seeds=[2],
+                   top_k=[0.01, 0.05, 0.25], device="cpu")
+    control_1 = archive.sql("SELECT run_id FROM runs WHERE lang = 'en' AND role = 'control' AND seed = 1").item()
+    assert run(archive_copy, "rm", control_1).exit_code == 0
+    # seed 1 has no complete pair any more: the default seed is 2, math and control of seed 2
+    chosen = archive.selection("tiny-llama", "en", 0.05, module)
+    assert np.array_equal(chosen, archive.selection("tiny-llama", "en", 0.05, module, seed=2))
+    math_2 = archive.sql("SELECT run_id FROM runs WHERE lang = 'en' AND role = 'math' AND seed = 2").item()
+    control_2 = archive.sql("SELECT run_id FROM runs WHERE lang = 'en' AND role = 'control' AND seed = 2").item()
+    from mlarch.ingest.selection import in_top
+
+    by_hand = in_top(archive.levels(math_2, module), 1) & ~in_top(archive.levels(control_2, module), 1)
+    assert np.array_equal(chosen, by_hand) and chosen.any()
+    with pytest.raises(MlarchError, match="at seed 1"):
+        archive.selection("tiny-llama", "en", 0.05, module, seed=1)
+
+
+def test_commit_lock_is_never_followed_through_a_link(archive_copy, tmp_path):
+    outside = tmp_path / "outside-lock"
+    lock = archive_copy / ".commit.lock"
+    lock.unlink(missing_ok=True)
+    lock.symlink_to(outside)
+    _assert_loud(run(archive_copy, "gc"), "commit lock")
+    assert not outside.exists()

@@ -53,7 +53,11 @@ def prepare(message=lambda text: None) -> Path:
     package.assemble(gguf, overwrite=True)
     message("converting the GGUF to a transformers folder (once; about a minute on 2 CPU cores)")
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    model, report = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32,
+                                                         output_loading_info=True)
+    from mlarch.ingest.loading import check_complete
+
+    check_complete(str(gguf), "gguf", report)  # never convert random-initialised weights
     # save_pretrained refuses a GGUF-quantised model: the weights are already dequantised
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config

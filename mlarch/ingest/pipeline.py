@@ -253,6 +253,7 @@ def ingest(root: Path, cfg: IngestConfig, reporter: Reporter | None = None) -> I
     modules = scored_modules(loaded.model)
     if not modules:
         raise MlarchError(f"model {cfg.model} has no nn.Linear or Conv1D modules to score")
+    _check_finite(cfg.model, modules)
     layout.ensure_folder(root)
     if not catalog_path.exists():  # an existing catalog's schema is checked by its first reading
         catalog.ensure_schema(catalog_path)
@@ -304,6 +305,22 @@ def ingest(root: Path, cfg: IngestConfig, reporter: Reporter | None = None) -> I
                 reporter.message(
                     f"archived {lang} seed {seed}: " + ", ".join(f"{p.role} {p.run_id}" for p in pending))
     return result
+
+
+def _check_finite(ref: str, modules) -> None:
+    """Refuse weights that are inf or NaN before any run row is written: their scores have
+    no top-k (selection would fail after the forward passes, or rank garbage)."""
+    import torch
+
+    def finite(weight) -> bool:  # min and max carry any NaN or inf, with no temporary (~0.05 s / 100 M)
+        low, high = torch.aminmax(weight)
+        return bool(torch.isfinite(low) & torch.isfinite(high))
+
+    with torch.no_grad():
+        bad = [m.name for m in modules if not finite(m.module.weight.detach())]
+    if bad:
+        raise MlarchError(f"model {ref} has inf or NaN weights in {len(bad)} scored module(s) ({', '.join(bad[:3])}"
+                          f"{', ...' if len(bad) > 3 else ''}): the checkpoint is damaged; restore its weight files")
 
 
 def overlaps(device) -> bool:
@@ -371,6 +388,10 @@ def _score_run(root, cfg, name, lang, role, seed, run_id, digest, source, loaded
         norms = np.empty(span_layout.total_norms(spans), dtype=np.float32)
         for span in spans:
             norms[span.norms] = result.norms[span.module]
+        if not np.isfinite(norms).all():  # no top-k of inf or NaN scores means anything
+            bad = next(s.module for s in spans if not np.isfinite(norms[s.norms]).all())
+            raise MlarchError(f"the activations entering {bad} overflowed to inf or NaN on {lang} {role} texts "
+                              f"(dtype {loaded.dtype}): ingest in --dtype float32, or with a smaller --max-length")
         levels = selection.model_levels(spans, magnitudes, norms, cfg.top_k)
         store = root / layout.ARRAYS
         records = [("norms", arrays.write(store, norms_path(group), norms, compress=False)),

@@ -123,6 +123,40 @@ def length_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
+@dataclass(frozen=True)
+class Batch:
+    input_ids: torch.Tensor  # (rows, width) long, on the CPU, right-padded
+    attention: torch.Tensor  # (rows, width) long: 1 on real tokens, 0 on padding
+
+
+def batches(tokenizer, texts: list[str], *, batch_size: int, max_length: int, vocab: int) -> tuple[list[Batch], int]:
+    """The forward passes' inputs for `texts` and how many texts were cut to max_length.
+
+    The one place that tokenizes, checks and batches texts: `run_pass` forwards these and
+    the benchmarks' bare-forward baseline forwards the very same batches."""
+    ids, n_truncated = tokenize(tokenizer, texts, max_length)
+    for i, seq in enumerate(ids):
+        if not seq:
+            raise MlarchError(f"text {i} tokenizes to nothing; remove empty items from the data")
+        if max(seq) >= vocab:
+            raise MlarchError(
+                f"the tokenizer produced id {max(seq)} but the model's embedding has {vocab} rows: "
+                "tokenizer and model do not match"
+            )
+    pad = tokenizer.pad_token_id
+    pad = pad if pad is not None and 0 <= pad < vocab else 0  # padded positions are masked out
+    out = []
+    for batch in length_batches([len(s) for s in ids], batch_size):
+        width = max(len(ids[i]) for i in batch)
+        input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        attention = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, i in enumerate(batch):  # right padding keeps real positions 0..n-1
+            input_ids[row, : len(ids[i])] = torch.tensor(ids[i])
+            attention[row, : len(ids[i])] = 1
+        out.append(Batch(input_ids, attention))
+    return out, n_truncated
+
+
 class NormCollector:
     """Forward pre-hooks that sum per-sample L2 norms of each scored module's input."""
 
@@ -200,30 +234,14 @@ def run_pass(
 ) -> PassResult:
     """Sum of per-sample activation norms for every scored module over `texts`."""
     started = time.perf_counter()
-    ids, n_truncated = tokenize(tokenizer, texts, max_length)
     vocab = model.get_input_embeddings().weight.shape[0]
-    for i, seq in enumerate(ids):
-        if not seq:
-            raise MlarchError(f"text {i} tokenizes to nothing; remove empty items from the data")
-        if max(seq) >= vocab:
-            raise MlarchError(
-                f"the tokenizer produced id {max(seq)} but the model's embedding has {vocab} rows: "
-                "tokenizer and model do not match"
-            )
-    pad = tokenizer.pad_token_id
-    pad = pad if pad is not None and 0 <= pad < vocab else 0  # padded positions are masked out
+    inputs, n_truncated = batches(tokenizer, texts, batch_size=batch_size, max_length=max_length, vocab=vocab)
     collector = NormCollector(model, modules, device)
     n_tokens = 0
     try:
         with torch.inference_mode():
-            for batch in length_batches([len(s) for s in ids], batch_size):
-                width = max(len(ids[i]) for i in batch)
-                input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
-                attention = torch.zeros((len(batch), width), dtype=torch.long)
-                for row, i in enumerate(batch):  # right padding keeps real positions 0..n-1
-                    input_ids[row, : len(ids[i])] = torch.tensor(ids[i])
-                    attention[row, : len(ids[i])] = 1
-                input_ids, attention = input_ids.to(device), attention.to(device)
+            for batch in inputs:
+                input_ids, attention = batch.input_ids.to(device), batch.attention.to(device)
                 collector.start_batch(attention.to(torch.float32))
                 try:
                     model(input_ids=input_ids, attention_mask=attention, use_cache=False)
@@ -231,7 +249,7 @@ def run_pass(
                     pass
                 tokens = int(attention.sum())
                 n_tokens += tokens
-                on_batch(len(batch), tokens)
+                on_batch(len(input_ids), tokens)
     finally:
         collector.remove()
     return PassResult(collector.result(), n_tokens, n_truncated, time.perf_counter() - started)

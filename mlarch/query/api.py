@@ -345,15 +345,22 @@ class Archive:
         factors, so any k works without a GPU or the model."""
         from mlarch.ingest.selection import in_top
 
-        query = ("SELECT role, run_id, k_values FROM runs WHERE model = ? AND lang = ? "
-                 "AND status = 'FINISHED' AND in_use" + (" AND seed = ?" if seed is not None else "") +
-                 " ORDER BY seed")
-        rows = self._read(query, [model, lang] + ([seed] if seed is not None else []))
+        # the pair of runs the derived tables used: one seed, both roles (never a math run of
+        # one seed against a control run of another)
+        pairs = self._read(
+            "SELECT DISTINCT s.seed, s.math_run_id, s.control_run_id FROM selections s "
+            "WHERE s.model = ? AND s.lang = ?" + (" AND s.seed = ?" if seed is not None else "") +
+            " ORDER BY s.seed", [model, lang] + ([seed] if seed is not None else []))
+        if pairs.is_empty():
+            where = f" at seed {seed}" if seed is not None else ""
+            raise MlarchError(f"model {model!r} has no math and control runs for {lang!r}{where} (see `mlarch runs`)")
+        first = pairs.filter(pairs["seed"] == pairs["seed"][0])
+        if first.height != 1:
+            raise MlarchError(f"the derived tables of {model!r}, {lang!r} name more than one pair of runs at seed "
+                              f"{pairs['seed'][0]}: run `mlarch verify`")
         runs = {}
-        for row in rows.iter_rows(named=True):
-            runs.setdefault(row["role"], row)
-        if set(runs) != {"math", "control"}:
-            raise MlarchError(f"model {model!r} has no math and control runs for {lang!r} (see `mlarch runs`)")
+        for role, run_id in (("math", first["math_run_id"][0]), ("control", first["control_run_id"][0])):
+            runs[role] = {"run_id": run_id, "k_values": list(self._run_arrays(run_id)["k_values"])}
         masks = []
         for role in ("math", "control"):
             run = runs[role]

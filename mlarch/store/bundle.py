@@ -367,6 +367,10 @@ def _tables(manifest, bundle: Path, schema: dict[str, list[str]]) -> dict[str, l
     if not isinstance(manifest.get("version"), int) or manifest["version"] > VERSION:
         raise MlarchError(f"bundle {bundle} has format version {str(manifest.get('version'))[:20]}, newer than this "
                           f"mlarch reads ({VERSION}): upgrade mlarch (pip install -U mlarch)")
+    if manifest["version"] < 2:  # sealing its rows here would vouch for whatever they now say
+        raise MlarchError(f"bundle {bundle} has format version {manifest['version']} (mlarch 0.1), whose rows carry no "
+                          "record digests, so an edit cannot be told from the original: open the source archive with "
+                          "this mlarch (it upgrades in place) and export the bundle again")
     given = manifest.get("tables")
     if not isinstance(given, dict):
         raise _Bad("its manifest has no tables")
@@ -396,11 +400,10 @@ def _tables(manifest, bundle: Path, schema: dict[str, list[str]]) -> dict[str, l
                 raise _Bad(f"a row of its {name} table does not match the columns")
             rows.append({c: _restore(v) for c, v in zip(columns, row)})
         tables[name] = rows
-    if manifest["version"] >= 2:  # an exporter that writes digests: a row without one was edited
-        for name, key in (("runs", "run_id"), ("models", "model")):
-            bare = [row.get(key) for row in tables[name] if not isinstance(row.get("record_sha256"), str)]
-            if bare:
-                raise _Bad(f"its {name} row {str(bare[0])[:80]!r} has no record digest (the manifest was edited)")
+    for name, key in (("runs", "run_id"), ("models", "model")):  # version 2 writes them: a row without one was edited
+        bare = [row.get(key) for row in tables[name] if not isinstance(row.get("record_sha256"), str)]
+        if bare:
+            raise _Bad(f"its {name} row {str(bare[0])[:80]!r} has no record digest (the manifest was edited)")
     return tables
 
 
@@ -531,26 +534,16 @@ def _insert(con, tables: dict, schema: dict[str, list[str]], new_runs: list[dict
                    else row[c] for c in columns] for row in rows]
         con.executemany(f"INSERT INTO {name} ({', '.join(_quoted(c) for c in columns)}) "
                         f"VALUES ({', '.join('?' * len(columns))})", values)
-    if "record_sha256" in schema["runs"]:  # rows from an older bundle: vouch for them as imported
-        for run_id in sorted(run_ids):
-            con.execute("UPDATE runs SET record_sha256 = ? WHERE run_id = ? AND record_sha256 IS NULL",
-                        [records.run_digest_in(con, run_id), run_id])
-    if "record_sha256" in schema["models"]:
-        for model in sorted(model_names):
-            con.execute("UPDATE models SET record_sha256 = ? WHERE model = ? AND record_sha256 IS NULL",
-                        [records.model_digest_in(con, model), model])
 
 
 def _check_record_digests(tables: dict, schema: dict[str, list[str]], new_runs: list[dict],
                           new_models: list[dict], bundle: Path) -> None:
-    """A record digest in the bundle must match its rows (an edited manifest is refused before
-    any array is placed); rows without one come from an older mlarch and are sealed on insert."""
+    """Every record digest in the bundle must match its rows (checked before any array is
+    placed); _tables has refused rows without one."""
     by_owner: dict[str, list[dict]] = {}
     for record in tables["arrays"]:
         by_owner.setdefault(record["owner"], []).append(record)
     for run in new_runs:
-        if run.get("record_sha256") is None:
-            continue
         samples = sorted((s for s in tables["run_samples"] if s["run_id"] == run["run_id"]),
                          key=lambda s: s["position"])  # integers (checked)
         try:
@@ -561,8 +554,6 @@ def _check_record_digests(tables: dict, schema: dict[str, list[str]], new_runs: 
             raise MlarchError(f"bundle {bundle}: run {run['run_id']}'s rows differ from its record digest: the bundle "
                               "was altered; refusing all of it")
     for model in new_models:
-        if model.get("record_sha256") is None:
-            continue
         modules = [m for m in tables["modules"] if m["model"] == model["model"]]
         try:
             actual = records.model_digest(model, modules, by_owner.get(model["model"], []))

@@ -43,6 +43,41 @@ def latest_version() -> int:
     return migrations()[-1][0]
 
 
+_SHAPE = """
+    SELECT 'table ' || table_name || ': ' || string_agg(column_name || ' ' || data_type, ', ' ORDER BY column_index)
+    FROM duckdb_columns() WHERE database_name = current_database() AND schema_name = 'main'
+      AND table_name IN (SELECT table_name FROM duckdb_tables() WHERE database_name = current_database())
+    GROUP BY table_name
+    UNION ALL
+    SELECT 'view ' || view_name || ': ' || sql FROM duckdb_views()
+    WHERE database_name = current_database() AND schema_name = 'main' AND NOT internal
+"""
+
+
+@functools.lru_cache(maxsize=1)
+def _reference_shape() -> frozenset[str]:
+    """Tables (columns, types) and view definitions exactly as the migrations create them."""
+    con = duckdb.connect()
+    try:
+        con.execute("CREATE TABLE schema_migrations "
+                    "(version INTEGER PRIMARY KEY, name VARCHAR NOT NULL, applied_at TIMESTAMP NOT NULL)")
+        for _, _, sql in migrations():
+            con.execute(sql)
+        return frozenset(r[0] for r in con.execute(_SHAPE).fetchall())
+    finally:
+        con.close()
+
+
+def schema_drift(con: duckdb.DuckDBPyConnection) -> list[str]:
+    """How the catalog's tables and views differ from the migrations' (a view rewritten with
+    `sql --write` would change every number read through it): empty when they do not."""
+    actual = frozenset(r[0] for r in con.execute(_SHAPE).fetchall())
+    reference = _reference_shape()
+    return ([f"{item.split(':')[0]} altered or added" for item in sorted(actual - reference)] +
+            [f"{item.split(':')[0]} missing or altered" for item in sorted(reference - actual)
+             if item.split(":")[0] not in {a.split(":")[0] for a in actual}])
+
+
 def _connect(path: Path, read_only: bool) -> duckdb.DuckDBPyConnection:
     return _opening(path, lambda: duckdb.connect(str(path), read_only=read_only))
 
@@ -192,8 +227,13 @@ def ensure_schema(path: Path) -> int:
                     "INSERT INTO schema_migrations VALUES (?, ?, now()::TIMESTAMP)", [version, name]
                 )
                 con.execute("COMMIT")
-            except Exception:
+            except Exception as exc:
                 con.execute("ROLLBACK")
+                if isinstance(exc, duckdb.Error):  # e.g. schema_migrations edited to forget a migration
+                    raise MlarchError(
+                        f"cannot migrate catalog {path} to schema version {version} ({_first_line(exc)}): its "
+                        "schema_migrations table does not match its tables; restore the catalog from a copy"
+                    ) from None
                 raise
         return known
     finally:

@@ -137,8 +137,8 @@ def derive(root: Path, model: str, seed: int, spans: list[Span], runs: dict[tupl
     then pattern histograms over the parameters that any language selected at any k.
     `preloaded` maps an arrays_group to its level codes already in memory (a run being
     committed), which are then not read back from zarr. Every other read is checked against
-    the run's array record (arrays.read); an array recorded before chunk digests existed is
-    checked whole (its sha256) first. count_tops counts n_math_top / n_control_top in the
+    the run's array record (arrays.read: an array recorded before chunk digests existed is
+    checked whole first). count_tops counts n_math_top / n_control_top in the
     stored codes (what `verify` compares) instead of taking the count level_codes guarantees."""
     preloaded = preloaded or {}
 
@@ -160,9 +160,6 @@ def derive(root: Path, model: str, seed: int, spans: list[Span], runs: dict[tupl
             if ref.levels is None:
                 raise MlarchError(f"run {ref.run_id} has no levels array recorded in the catalog: "
                                   "run `mlarch verify`, then remove the run with `mlarch rm` and re-ingest it")
-            if ref.levels.chunk_sha256 is None and arrays.check(root, ref.levels) != ref.levels.sha256:
-                raise arrays.ArrayDamaged(f"array {ref.levels.path} does not match its recorded sha256: "
-                                          "run `mlarch verify`, then restore the archive from a copy or re-ingest")
 
     def rows_of(chunk_ks: list[float], group: list[Span]) -> tuple[list, list]:
         start, stop = group[0].param_offset, group[-1].param_offset + group[-1].n_params

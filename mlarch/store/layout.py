@@ -125,9 +125,16 @@ def slug(text: str) -> str:
 @contextmanager
 def commit_lock(root: Path):
     """One committer at a time per archive (across processes); others wait their turn."""
-    with open(root / LOCK, "a+") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+    try:  # never through a link: a planted one would make every commit create a file elsewhere
+        fd = os.open(root / LOCK, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    except OSError as exc:
+        raise MlarchError(f"cannot open the commit lock {root / LOCK} ({exc.strerror or exc}): mlarch makes it a "
+                          "plain file; remove whatever is there") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
         try:
             yield
         finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)

@@ -75,6 +75,22 @@ def verify(root: Path, run_ids: list[str] | None = None) -> list[Check]:
             sealed.append(("model", model, stored, run_records.model_digest_in(con, model)))
         n_params = dict(((m, mod), n) for m, mod, n in con.execute(
             "SELECT model, module, n_params FROM modules").fetchall())
+        # the run each (model, lang, role, seed) uses: exactly one, the newest finished one
+        in_use_problems = con.execute("""
+            SELECT model, lang, role, seed,
+                   count(*) FILTER (WHERE in_use AND status = 'FINISHED') AS n_in_use,
+                   count(*) FILTER (WHERE in_use AND status <> 'FINISHED') AS n_unfinished,
+                   max(finished_at) FILTER (WHERE status = 'FINISHED') AS newest,
+                   max(finished_at) FILTER (WHERE in_use AND status = 'FINISHED') AS used
+            FROM runs GROUP BY ALL
+            HAVING n_unfinished > 0 OR (newest IS NOT NULL AND (n_in_use <> 1 OR used < newest))
+            ORDER BY ALL""").fetchall()
+        # derived rows of a (model, seed) with no finished run to derive them from
+        stray = con.execute("""
+            SELECT DISTINCT model, seed FROM (SELECT model, seed FROM selections UNION ALL
+                                              SELECT model, seed FROM patterns)
+            EXCEPT SELECT model, seed FROM runs WHERE status = 'FINISHED' AND in_use ORDER BY ALL""").fetchall()
+        drift = catalog.schema_drift(con)
         pairs = sorted({(r[1], r[2]) for r in chosen if r[3] == "FINISHED"})
         derived = {}
         for model, seed in pairs:
@@ -93,6 +109,18 @@ def verify(root: Path, run_ids: list[str] | None = None) -> list[Check]:
             checks.append(Check("run has arrays", run_id, False, "no arrays recorded: remove it with `mlarch rm`"))
         elif status != "FINISHED" and not (status == "RUNNING" and _alive(host, pid)):
             checks.append(Check("no leftovers", run_id, False, f"{status} run of an interrupted ingest: run `mlarch gc`"))
+    if run_ids is None:
+        checks.append(Check("catalog schema", "tables and views", not drift,
+                            "as the migrations made them" if not drift else
+                            f"differs from mlarch's: {'; '.join(drift[:3])}"))
+        for model, lang, role, seed, n_in_use, n_unfinished, *_ in in_use_problems:
+            checks.append(Check("runs in use", f"{model} {lang} {role} seed {seed}", False,
+                                f"{n_in_use} finished run(s) in use, {n_unfinished} unfinished: exactly one, the newest "
+                                "finished run, must be in use: remove the extra runs with `mlarch rm`"))
+        for model, seed in stray:
+            checks.append(Check("derived rows", f"{model} seed {seed}", False,
+                                "selections/patterns rows with no finished run of that model and seed: "
+                                "restore the catalog from a copy"))
     for kind, name, stored, actual in sealed:
         ok = stored is not None and stored == actual
         checks.append(Check("record digest", f"{kind} {name}", ok, "" if ok else (
