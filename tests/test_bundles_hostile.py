@@ -21,6 +21,7 @@ from click.testing import CliRunner
 import mlarch
 from mlarch.cli import cli
 from mlarch.store import bundle as bundle_mod
+from mlarch.store import bundle_checks
 from mlarch.store import layout
 from mlarch.store.maintenance import leftover_staging
 
@@ -112,7 +113,7 @@ def rewrite(src: Path, dst: Path, edit=None, rename=None, extra=(), drop=(), res
 def _reseal(manifest: dict) -> None:
     from mlarch.store import records
 
-    tables = {name: [dict(zip(t["columns"], map(bundle_mod._restore, row))) for row in t["rows"]]
+    tables = {name: [dict(zip(t["columns"], map(bundle_checks.restore, row))) for row in t["rows"]]
               for name, t in manifest["tables"].items()}
     runs = manifest["tables"]["runs"]
     if "record_sha256" not in runs["columns"]:
