@@ -1,7 +1,13 @@
 """Ingest equals a slow, obvious reference: batch size 1, full forward passes (output head
-included), per-sample norms in float64, numpy scores and a stable argsort top-k."""
+included), per-sample norms in float64, numpy scores and a stable argsort top-k.
 
+The data is ragged (texts of 1 to 40+ tokens), so the batched ingest really pads: padding
+counted in the norms, left padding (gpt2's learned positions) or one norm per batch instead
+of per sample all change the batched norms."""
+
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,10 +19,16 @@ from transformers.pytorch_utils import Conv1D
 import mlarch
 from mlarch.ingest.sources import parse_file
 
+from fixtures import LANGS as DATA_LANGS, math_items, prose_items
+
 KS = [0.01, 0.05, 0.25]
 LANGS = ["en", "de", "bn"]
 SAMPLES = 7
-MAX_LENGTH = 40  # some math items are longer: truncation is exercised
+MAX_LENGTH = 40  # some items are longer: truncation is exercised
+# words kept of item i: lengths from 1-2 tokens to well past MAX_LENGTH, all different, so a
+# batch of the length-sorted samples pads unless it holds one item repeated
+MATH_WORDS = [2, 5, 8, 11, 14, 17, 20, 23, 26, 30]
+CONTROL_WORDS = [1, 3, 5, 7, 9, 11, 14, 17]
 
 EXPECTED_MODULES = {
     "llama": {"lm_head"} | {f"model.layers.{i}.{p}" for i in range(2) for p in (
@@ -30,6 +42,22 @@ EXPECTED_MODULES = {
 }
 
 
+@pytest.fixture(scope="module")
+def ragged(tmp_path_factory):
+    """Math and control files whose items are cut to different numbers of words."""
+    folder = tmp_path_factory.mktemp("ragged")
+    (folder / "math").mkdir()
+    (folder / "control").mkdir()
+    for lang in DATA_LANGS:
+        with open(folder / "math" / f"{lang}.jsonl", "w", encoding="utf-8") as handle:
+            for words, item in zip(MATH_WORDS, math_items(lang, len(MATH_WORDS))):
+                text = " ".join(f"Q: {item['question']} A: {item['answer']}".split()[:words])
+                handle.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
+        lines = [" ".join(text.split()[:words]) for words, text in zip(CONTROL_WORDS, prose_items(lang))]
+        (folder / "control" / f"{lang}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return {"math": str(folder / "math" / "{lang}.jsonl"), "control": str(folder / "control" / "{lang}.txt")}
+
+
 def ingest(root, model_path, data, batch_size):
     archive = mlarch.open(root)
     archive.ingest(str(model_path), LANGS, data["math"], data["control"], samples=SAMPLES,
@@ -38,21 +66,26 @@ def ingest(root, model_path, data, batch_size):
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen2", "gpt2"])
-def case(request, model_dir, data, tmp_path_factory):
+def case(request, model_dir, ragged, tmp_path_factory):
     """Batch size 1 as on a CPU (selection and writes in between the passes); batch size 4
-    with them in a background thread beside the next pass, as on a GPU."""
-    from mlarch.ingest import pipeline
+    with them in a background thread beside the next pass, as on a GPU. The attention masks
+    of the batched passes are recorded: (batch width, real tokens per row) per batch."""
+    from mlarch.ingest import pipeline, scoring
 
     kind = request.param
-    one = ingest(tmp_path_factory.mktemp(f"{kind}-b1"), model_dir[kind], data, 1)
+    one = ingest(tmp_path_factory.mktemp(f"{kind}-b1"), model_dir[kind], ragged, 1)
+    masks = []
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(pipeline, "overlaps", lambda device: True)
         spy = []
         patch.setattr(pipeline.parallel, "background", lambda overlap, real=pipeline.parallel.background: (
             spy.append(overlap), real(overlap))[1])
-        batched = ingest(tmp_path_factory.mktemp(f"{kind}-b4"), model_dir[kind], data, 4)
+        real_start = scoring.NormCollector.start_batch
+        patch.setattr(scoring.NormCollector, "start_batch", lambda self, mask: (
+            masks.append((mask.shape[1], mask.sum(dim=1).to(torch.long).tolist())), real_start(self, mask))[1])
+        batched = ingest(tmp_path_factory.mktemp(f"{kind}-b4"), model_dir[kind], ragged, 4)
     assert spy == [True]
-    return kind, model_dir[kind], one, batched
+    return kind, model_dir[kind], one, batched, masks
 
 
 def reference_norms(model_path, texts):
@@ -86,13 +119,13 @@ def reference_top(scores, k):
 
 def drawn_texts(archive, run_id, template):
     run = archive.run(run_id)
-    texts, _ = parse_file(__import__("pathlib").Path(template.replace("{lang}", run["lang"])))
+    texts, _ = parse_file(Path(template.replace("{lang}", run["lang"])))
     idx = archive.sql(f"SELECT item_index FROM run_samples WHERE run_id = '{run_id}' ORDER BY position")
     return [texts[i] for i in idx["item_index"]]
 
 
 def test_scored_modules_and_shapes(case):
-    kind, model_path, archive, _ = case
+    kind, model_path, archive, *_ = case
     modules = archive.sql("SELECT * FROM modules ORDER BY module")
     assert set(modules["module"]) == EXPECTED_MODULES[kind]
     model = AutoModelForCausalLM.from_pretrained(model_path)
@@ -105,13 +138,13 @@ def test_scored_modules_and_shapes(case):
         assert row["layer"] == expected_layer
 
 
-def test_norms_scores_and_sets_match_reference(case, data):
-    kind, model_path, archive, _ = case
+def test_norms_scores_and_sets_match_reference(case, ragged):
+    kind, model_path, archive, *_ = case
     runs = archive.sql("SELECT run_id, lang, role FROM runs ORDER BY lang, role")
     assert len(runs) == 2 * len(LANGS)
     tops = {}
     for run in runs.iter_rows(named=True):
-        template = data["math"] if run["role"] == "math" else data["control"]
+        template = ragged["math"] if run["role"] == "math" else ragged["control"]
         norms, weights = reference_norms(model_path, drawn_texts(archive, run["run_id"], template))
         stored = archive.norms(run["run_id"])
         assert set(stored) == EXPECTED_MODULES[kind]
@@ -137,8 +170,22 @@ def test_norms_scores_and_sets_match_reference(case, data):
         np.testing.assert_array_equal(archive.selection(archive.models()["model"][0], row["lang"], row["k"], row["module"]), expected)
 
 
+def test_batched_passes_really_padded(case):
+    """Without padding, the batched comparison below cannot see how padding is treated."""
+    _, _, _, batched, masks = case
+    assert len(masks) == 2 * len(LANGS) * math.ceil(SAMPLES / 4)
+    assert all(max(rows) == width and 0 < min(rows) for width, rows in masks)  # right-sized, no empty row
+    padded = [(width, rows) for width, rows in masks if min(rows) < width]
+    pad_tokens = sum(width * len(rows) - sum(rows) for width, rows in padded)
+    assert len(padded) >= len(LANGS) and pad_tokens >= 50, masks
+    print(f"\n{case[0]}: {len(padded)} of {len(masks)} batches padded, {pad_tokens} padding tokens; "
+          f"(width, real tokens per row): {padded}")
+    # the masks' real tokens are the runs' tokens: each sample was counted once, unpadded
+    assert sum(sum(rows) for _, rows in masks) == batched.sql("SELECT sum(n_tokens) AS n FROM runs")["n"][0]
+
+
 def test_batched_ingest_equals_batch_one(case):
-    _, _, one, batched = case
+    _, _, one, batched, _ = case
     a = one.sql("SELECT lang, role, run_id, n_tokens, arrays_group FROM runs ORDER BY lang, role")
     b = batched.sql("SELECT lang, role, run_id, n_tokens, arrays_group FROM runs ORDER BY lang, role")
     assert a["n_tokens"].to_list() == b["n_tokens"].to_list()
@@ -155,7 +202,7 @@ def test_batched_ingest_equals_batch_one(case):
 
 
 def test_truncation_and_samples_recorded(case):
-    _, _, archive, _ = case
+    _, _, archive, *_ = case
     runs = archive.sql("SELECT run_id, n_samples, n_truncated FROM runs")
     assert (runs["n_samples"] == SAMPLES).all()
     assert runs["n_truncated"].sum() > 0  # the long math items were cut to MAX_LENGTH

@@ -1,7 +1,11 @@
 """Top-k selection: floor(n*k) per matrix, ties by lowest flat index, nested level codes."""
 
+from fractions import Fraction
+from math import floor
+
 import numpy as np
 import pytest
+import torch
 
 from mlarch.ingest.selection import in_top, level_codes, math_only, top_count
 from mlarch.query.patterns import histogram
@@ -101,3 +105,62 @@ def test_math_only_bits_equal_the_set_algebra(jm, jc):
     for t, (a, b) in enumerate(zip(jm, jc)):
         expected |= (in_top(math_levels, a) & ~in_top(control_levels, b)).astype(np.uint8) << t
     np.testing.assert_array_equal(bits, expected)
+
+
+ARCHIVED_KS = [0.01, 0.05, 0.25]
+
+
+@pytest.fixture(scope="module")
+def tied_archive(tmp_path_factory):
+    """en scored with a tiny llama whose weights are rounded to multiples of 0.01, as
+    dequantised weights are: equal |W| in a column give equal scores, so ties cross the
+    top-k thresholds."""
+    import mlarch
+    from fixtures import build_model, write_data
+    from transformers import AutoModelForCausalLM
+
+    folder = tmp_path_factory.mktemp("tied")
+    path = build_model("llama", folder)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() == 2:
+                param.copy_(torch.round(param * 100) / 100)
+    model.save_pretrained(path)
+    math_data, control = write_data(folder / "data")
+    archive = mlarch.open(folder / "archive")
+    archive.ingest(str(path), ["en"], math_data, control, samples=4, top_k=ARCHIVED_KS, device="cpu")
+    return archive
+
+
+def brute_top(magnitudes, norms, k):
+    """floor(numel * k) largest float32 scores |W| * norms; equal scores by lowest flat index."""
+    flat = (magnitudes * norms[None, :]).reshape(-1)
+    assert flat.dtype == np.float32
+    count = floor(Fraction(str(k)) * flat.size)
+    order = np.lexsort((np.arange(flat.size), -flat))  # score descending, then index ascending
+    mask = np.zeros(flat.size, bool)
+    mask[order[:count]] = True
+    return mask.reshape(magnitudes.shape), flat[order[count - 1]] == flat[order[count]] if 0 < count < flat.size else False
+
+
+def test_selection_at_any_k_equals_a_brute_force_from_the_stored_factors(tied_archive):
+    archive = tied_archive
+    model = archive.models()["model"][0]
+    runs = {r["role"]: r for r in archive.sql("SELECT role, run_id, k_values FROM runs").iter_rows(named=True)}
+    assert runs["math"]["k_values"] == runs["control"]["k_values"] == ARCHIVED_KS
+    norms = {role: archive.norms(run["run_id"]) for role, run in runs.items()}
+    straddled = set()
+    # 0.02 and 0.1 lie between archived values, 0.003 below and 0.3, 0.5 above them; 0.05 is
+    # archived (read from the level codes) and must agree as well
+    for k in [0.003, 0.02, 0.05, 0.1, 0.3, 0.5]:
+        for module in archive.sql("SELECT module FROM modules ORDER BY position")["module"]:
+            magnitudes = archive.magnitudes(model, module)
+            math_top, tie_math = brute_top(magnitudes, norms["math"][module], k)
+            control_top, tie_control = brute_top(magnitudes, norms["control"][module], k)
+            if k not in ARCHIVED_KS and (tie_math or tie_control):
+                straddled.add((module, k))
+            np.testing.assert_array_equal(archive.selection(model, "en", k, module), math_top & ~control_top,
+                                          err_msg=f"{module} k={k}")
+    # the tie rule was needed: equal scores on both sides of a re-thresholded cut
+    assert len(straddled) >= 10, straddled
