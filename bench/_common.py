@@ -483,30 +483,24 @@ def drawn(texts: list[str], samples: int, seed: int = 1) -> list[str]:
 
 def bare_forward(model, tokenizer, texts: list[str], *, base: bool, batch_size: int = 1,
                  max_length: int = 512) -> int:
-    """The forward passes of `run_pass` without hooks: same tokenization, batches and padding.
+    """The forward passes of `run_pass` without hooks: the very batches it forwards
+    (`scoring.batches`: same tokenization, length grouping and padding).
 
     base=True calls the base model (model.model: no output head), as the scoring pass stops at
     the head's input; base=False runs the full causal LM including the logits."""
     import torch
 
-    from mlarch.ingest.scoring import length_batches, tokenize
+    from mlarch.ingest.scoring import batches
 
-    ids, _ = tokenize(tokenizer, texts, max_length)
     device = model.get_input_embeddings().weight.device
     vocab = model.get_input_embeddings().weight.shape[0]
-    pad = tokenizer.pad_token_id
-    pad = pad if pad is not None and 0 <= pad < vocab else 0
+    inputs, _ = batches(tokenizer, texts, batch_size=batch_size, max_length=max_length, vocab=vocab)
     target = base_model(model) if base else model
     n_tokens = 0
     with torch.inference_mode():
-        for batch in length_batches([len(s) for s in ids], batch_size):
-            width = max(len(ids[i]) for i in batch)
-            input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
-            attention = torch.zeros((len(batch), width), dtype=torch.long)
-            for row, i in enumerate(batch):
-                input_ids[row, : len(ids[i])] = torch.tensor(ids[i])
-                attention[row, : len(ids[i])] = 1
-            target(input_ids=input_ids.to(device), attention_mask=attention.to(device), use_cache=False)
+        for batch in inputs:
+            attention = batch.attention.to(device)
+            target(input_ids=batch.input_ids.to(device), attention_mask=attention, use_cache=False)
             n_tokens += int(attention.sum())
     synchronize(device)
     return n_tokens

@@ -1,18 +1,20 @@
 """Scale: set-pattern computation (`mlarch.store.derive.derive`) for a synthetic 1-B-parameter model.
 
-Synthetic level codes, written as zarr exactly in the archive layout (one 1-D uint8
-array per run at arrays.zarr/runs/<run_id>/levels, zstd level 3 with checksums, 4 Mi-
-element chunks, as `mlarch.store.arrays.write` writes them), for a Llama-3.2-1B-like
-module list: 16 blocks of q 2048x2048, k/v 512x2048, o 2048x2048, gate/up 8192x2048,
+Synthetic level codes, written by the archive's own array writer
+(`mlarch.store.arrays.write`: its chunks, codecs and checksums, whatever they are now) at
+the archive's paths (one 1-D uint8 array per run at arrays.zarr/runs/<run_id>/levels,
+`derive.levels_path`), for a Llama-3.2-1B-like module list: 16 blocks of q 2048x2048, k/v 512x2048, o 2048x2048, gate/up 8192x2048,
 down 2048x8192 = 973 M scored parameters (--quick: 2 blocks, 122 M). 4 languages x
 (math, control) = 8 runs, one k value (0.01): each parameter is in a run's top-k with
 probability 0.01, independently (math and control sets then overlap only by chance,
 a pessimistic case: real math-only sets are smaller).
 
-Ours: `derive(arrays_root, model, seed, spans, runs)` -> selection + pattern rows.
+Ours: `derive(arrays_root, model, seed, spans, runs)` -> selection + pattern rows, the
+runs carrying the records `arrays.write` returned (as the catalog would hand them over).
 Baseline: reading the same level arrays once, range by range exactly as derive reads
-them (`arrays.read` per span group per run), discarding the data. Both run in fresh
-subprocesses, timed inside (imports excluded), with peak RSS from getrusage.
+them (`arrays.read` per span group per run, with the same records), discarding the data.
+Both run in fresh subprocesses, timed inside (imports excluded), with each one's own peak
+RSS (VmHWM).
 Targets: derive <= 3x the read, peak RSS < 4 GiB. The data folder is removed at the end.
 
     .venv/bin/python bench/scale.py [--quick] [--layers 16] [--repeats 3]
@@ -44,25 +46,43 @@ def module_list(layers: int) -> list[tuple[str, int, int, int]]:
     return [(f"model.layers.{i}.{name}", i, rows, cols) for i in range(layers) for name, rows, cols in shapes]
 
 
-def run_refs(langs: int, ks: tuple[float, ...]):
+def run_refs(langs: int, ks: tuple[float, ...], records: dict | None = None):
+    """The runs as the catalog hands them to derive; `records` (arrays_group -> the record
+    `arrays.write` returned, as a dict) gives each its levels record, as a committed run has."""
+    import dataclasses
+
+    from mlarch.store.arrays import ArrayRecord
     from mlarch.store.derive import RunRef
 
+    takes_record = "levels" in {f.name for f in dataclasses.fields(RunRef)}
     refs = {}
     for i in range(langs):
         lang = f"l{i}"
         for role in ("math", "control"):
             run_id = f"{lang}{role[0]}{'0' * 9}"[:12]
-            refs[(lang, role)] = RunRef(run_id, lang, role, f"runs/{run_id}", ks)
+            group = f"runs/{run_id}"
+            extra = {}
+            if takes_record and records:
+                extra["levels"] = ArrayRecord(**{key: tuple(v) if isinstance(v, list) else v
+                                                 for key, v in records[group].items()})
+            refs[(lang, role)] = RunRef(run_id, lang, role, group, ks, **extra)
     return refs
 
 
-def write_runs(store: Path, n_params: int, refs, ks: tuple[float, ...], log) -> None:
-    """Random level codes: P(level = j + 1) = ks[j] - ks[j - 1], written chunk by chunk."""
-    import numpy as np
-    import zarr
-    from zarr.codecs import ZstdCodec
+def records_file(store: Path) -> Path:
+    return store.parent / "records.json"
 
-    from mlarch.store.arrays import chunks_for
+
+def write_runs(store: Path, n_params: int, refs, ks: tuple[float, ...], log) -> dict:
+    """Random level codes, P(level = j + 1) = ks[j] - ks[j - 1], written as ingest writes a
+    run's levels: one `arrays.write` of the whole array (~1 GiB in memory at 973 M).
+    Returns each run's record (what the catalog would hold), as dicts."""
+    import dataclasses
+
+    import numpy as np
+
+    from mlarch.store import arrays
+    from mlarch.store.derive import levels_path
 
     scale = 1 << 16
     edges = np.round(np.array(ks) * scale).astype(np.int64)  # cumulative thresholds on a uint16 draw
@@ -71,32 +91,46 @@ def write_runs(store: Path, n_params: int, refs, ks: tuple[float, ...], log) -> 
     for j, edge in enumerate(edges):
         table[start:edge] = j + 1
         start = edge
-    chunk = chunks_for((n_params,))[0]
+    step = 1 << 24  # draw in pieces: a whole uint16 draw would double the memory
+    levels = np.empty(n_params, dtype=np.uint8)
+    records = {}
     for r, ref in enumerate(refs.values()):
         clock = time.perf_counter()
         rng = np.random.default_rng(1000 + r)
-        array = zarr.create_array(store=str(store), name=f"{ref.arrays_group}/levels", shape=(n_params,),
-                                  dtype="uint8", chunks=(chunk,), compressors=ZstdCodec(level=3, checksum=True),
-                                  overwrite=True)
-        for offset in range(0, n_params, chunk):
-            size = min(chunk, n_params - offset)
-            array[offset:offset + size] = table[rng.integers(0, scale, size=size, dtype=np.uint16)]
-        log(f"  wrote {ref.arrays_group}/levels ({n_params / 1e6:.0f} M) in {time.perf_counter() - clock:.1f} s")
+        for offset in range(0, n_params, step):
+            size = min(step, n_params - offset)
+            np.take(table, rng.integers(0, scale, size=size, dtype=np.uint16), out=levels[offset:offset + size])
+        record = arrays.write(store, levels_path(ref.arrays_group), levels)
+        records[ref.arrays_group] = dataclasses.asdict(record)
+        log(f"  wrote {record.path} ({n_params / 1e6:.0f} M) in {time.perf_counter() - clock:.1f} s")
+    return records
+
+
+def peak_rss_mib() -> float:
+    """This process's own peak RSS: VmHWM, not getrusage's ru_maxrss, which a child started
+    by vfork inherits from the parent (whose peak includes the ~1 GiB array it wrote)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def child(mode: str, store: Path, layers: int, langs: int, ks: tuple[float, ...]) -> None:
     """Runs in a fresh process: derive or read once, print timings and peak RSS as JSON."""
     import hashlib
-    import resource
-
     from mlarch.store import arrays
     from mlarch.store import derive as derive_module
     from mlarch.store.derive import derive, levels_path
     from mlarch.store.spans import groups, layout
 
-    rss_start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rss_start = peak_rss_mib()
     spans = layout(module_list(layers))
-    refs = run_refs(langs, ks)
+    refs = run_refs(langs, ks, json.loads(records_file(store).read_text()))
     out = {"mode": mode, "rss_after_imports_mib": rss_start}
     clock = time.perf_counter()
     if mode.startswith("derive"):
@@ -113,10 +147,12 @@ def child(mode: str, store: Path, layers: int, langs: int, ks: tuple[float, ...]
         for group in (groups(spans, budget) if budget else groups(spans)):
             start, stop = group[0].param_offset, group[-1].param_offset + group[-1].n_params
             for ref in refs.values():
-                total += arrays.read(store, levels_path(ref.arrays_group), start, stop).size
+                # through the run's record where arrays.read takes one (every chunk read is checked)
+                where = getattr(ref, "levels", None) or levels_path(ref.arrays_group)
+                total += arrays.read(store, where, start, stop).size
         out["bytes_read"] = total
         out["seconds"] = time.perf_counter() - clock
-    out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out["peak_rss_mib"] = peak_rss_mib()
     print(json.dumps(out))
 
 
@@ -147,7 +183,7 @@ def main() -> None:
     store = work / "arrays.zarr"
     try:
         clock = time.perf_counter()
-        write_runs(store, n_params, refs, ks, bench.log)
+        records_file(store).write_text(json.dumps(write_runs(store, n_params, refs, ks, bench.log)))
         on_disk = sum(f.stat().st_size for f in store.rglob("*") if f.is_file())
         bench.log(f"wrote {len(refs)} runs in {time.perf_counter() - clock:.1f} s: {on_disk / 2**20:.1f} MiB on disk")
         results = {"derive": [], "read": []}

@@ -2,8 +2,10 @@
 
 Reference: batch size 1; after every sample, for every scored module, add |W| * norm_s
 into a full-size float32 score matrix (`acc += absW * norm_s`, |W| precomputed once),
-then top-k per matrix. A "tuned" reference does the same accumulation in place with
-`acc.addcmul_(absW, norm_s)` (no temporary): a stronger baseline, reported for honesty.
+then top-k per matrix. The tuned reference does the same accumulation in place with
+`acc.addcmul_(absW, norm_s)` (no temporary, ~40% faster): the stronger baseline, so it
+is the headline and the one the >= 50x target is judged against; the plain one is
+reported beside it.
 Both references select with mlarch's own `level_codes` (the same tie rule), over modules
 in the same thread pool as mlarch (`mlarch.parallel.pool`), so any difference in the
 selected sets comes from the scores, and any difference in time from the score work.
@@ -12,23 +14,25 @@ Ours: the hooks add each sample's norm vector into a float64 accumulator (length
 after the pass, `selection.model_levels`: score = |W| * norms once per module in float32
 and `level_codes` at the 7 k values, modules over a thread pool (what ingest runs).
 
-(a) Score work alone - everything except the forward passes - at 16, 64 and 256
-    samples. Per-sample norm vectors are captured once per distinct starter item
+(a) Score work alone - everything except the forward passes - at 16, 64, 256 (the
+    target's size) and 500 samples (the paper's, and the CLI's default). Per-sample norm vectors are captured once per distinct starter item
     (English math, 24 items; ingest draws samples with replacement from them), then both
     methods are replayed from them. The norm computation inside the hooks (shared by both
     methods) is part of the forward-pass cost measured by scoring_overhead.py. Model:
     Gemma-3-270M (100 M scored parameters) at every size.
 (b) End to end on 16 samples: `run_pass` + selection vs a reference pass with its own
     hooks (per-sample `vector_norm` over tokens) + full-matrix accumulation + selection.
-    Ours runs as ingest does (batch 1 on CPU, 16 on CUDA); the reference is per sample.
+    Ours runs as ingest does (batch 1 on CPU, 16 on CUDA); the reference is per sample
+    (the same token ids: both take their batches from `scoring.batches`).
 
 `--device cuda` runs the passes and the reference's accumulation on the GPU (selection
 stays on the CPU, as in ingest); `--model smollm-random` needs no download.
 
 Selected sets: level codes of ours and of the references are compared as masks at each
-of the 7 k values for every module.
+of the 7 k values for every module. The script ends with one `verdict:` line per
+target size saying whether the target was met against the tuned reference.
 
-    .venv/bin/python bench/vs_full_matrix.py [--quick] [--sizes 16,64,256] [--e2e-samples 16]
+    .venv/bin/python bench/vs_full_matrix.py [--quick] [--sizes 16,64,256,500] [--e2e-samples 16]
 """
 
 from __future__ import annotations
@@ -42,24 +46,28 @@ from _common import (QUIET, Bench, bad_rounds, clean_times, drawn, interleave, l
                      paired_ratio, starter_texts)
 
 TARGET = 50.0
+TARGET_SAMPLES = 256  # where the >= 50x target is set
+PAPER_SAMPLES = 500  # MathNeuro's (and the CLI's default) samples per run
 
 
 def main() -> None:
     bench = Bench("vs_full_matrix", __doc__, repeats=3, quick_repeats=1, device_args=True, extra_args=lambda p: (
-        p.add_argument("--sizes", default=None, help="sample counts for (a) (default 16,64,256; --quick 4,16)"),
+        p.add_argument("--sizes", default=None, help="sample counts for (a) (default 16,64,256,500; --quick 4,16)"),
         p.add_argument("--e2e-samples", type=int, default=None, help="samples for (b) (default 16, --quick 3)"),
         p.add_argument("--skip-e2e", action="store_true"),
     ))
     import torch
 
     from mlarch.ingest.pipeline import PAPER_KS
-    from mlarch.ingest.scoring import length_batches, output_head, run_pass, scored_modules, tokenize
+    from mlarch.ingest.scoring import batches, output_head, run_pass, scored_modules
     from mlarch import parallel
     from mlarch.ingest.selection import level_codes, model_levels, scores
     from mlarch.store.spans import layout
 
     quick = bench.quick
-    sizes = [int(x) for x in (bench.args.sizes or ("4,16" if quick else "16,64,256")).split(",")]
+    if not quick:  # references of 10-40 s per call: the default 240 s of waiting ran out under load
+        QUIET.budget = 600.0
+    sizes = [int(x) for x in (bench.args.sizes or ("4,16" if quick else "16,64,256,500")).split(",")]
     e2e_n = bench.args.e2e_samples or (3 if quick else 16)
     ks = list(PAPER_KS)
     device = torch.device(bench.args.device)  # passes and the reference's accumulation run here
@@ -114,20 +122,26 @@ def main() -> None:
                     acc[name] += abs_w[name] * norms_s[name][None, :]
         return select_each({name: acc[name].cpu().numpy() for name in names})
 
-    def explain(report, idx):
+    def explain(report, idx, tuned):
         """For each differing mask: both methods' scores of the swapped entries and the k threshold."""
         from mlarch.ingest.selection import top_count
 
         gaps, consistent = [], []
+        cache = {}  # module -> (float64 norm sums, the reference's float32 scores)
         for w in report["largest_differences"]:
             name, j = w["module"], w["j"]
-            sums = np.zeros(mags[name].shape[1], dtype=np.float64)
-            acc = torch.zeros(mags[name].shape, dtype=torch.float32, device=device)
-            for s_ in idx:
-                sums += item_norms[s_][name]
-                acc += abs_w[name] * item_norms_t[s_][name][None, :]
+            if name not in cache:
+                sums = np.zeros(mags[name].shape[1], dtype=np.float64)
+                acc = torch.zeros(mags[name].shape, dtype=torch.float32, device=device)
+                for s_ in idx:
+                    sums += item_norms[s_][name]
+                    if tuned:
+                        acc.addcmul_(abs_w[name], item_norms_t[s_][name][None, :])
+                    else:
+                        acc += abs_w[name] * item_norms_t[s_][name][None, :]
+                cache[name] = (sums, acc.cpu().numpy().reshape(-1))
+            sums, ref_scores = cache[name]
             ours_scores = scores(mags[name], sums.astype(np.float32)).reshape(-1)
-            ref_scores = acc.cpu().numpy().reshape(-1)
             exact = (mags[name].astype(np.float64) * sums[None, :]).reshape(-1)  # float64 truth
             ours_only = [i for i in w["flat_indices"] if ours_levels_of(name, i, j)]
             ref_only = [i for i in w["flat_indices"] if not ours_levels_of(name, i, j)]
@@ -166,44 +180,66 @@ def main() -> None:
             seconds, others, _ = QUIET.measure(lambda: ours(idx), bench.log)
             if others < _common.CONTENDED_CORES:
                 extra.append(seconds)
-        ours_t = kept["ours"] + extra
+        # a variant whose every interleaved measurement was contended keeps them (nothing better),
+        # and says so in its row and the verdict
+        dirty = {name for name in times if len(_common.LAST_CONTENDED.get(name, [])) == len(times[name])}
+        if "ours" in dirty and extra:
+            dirty.discard("ours")
+            ours_t = extra
+        else:
+            ours_t = kept["ours"] + extra
         sweep[n] = {"ours": ours_t, "reference": kept["reference"], "tuned reference": kept["tuned reference"],
-                    "all": times, "contended": dict(_common.LAST_CONTENDED)}
+                    "all": times, "contended": dict(_common.LAST_CONTENDED), "only_contended": sorted(dirty)}
         agreement[n] = {"reference": compare_levels(values["ours"][-1], values["reference"][-1], ks),
                         "tuned reference": compare_levels(values["ours"][-1], values["tuned reference"][-1], ks)}
         current_ours[0] = values["ours"][-1]
-        explain(agreement[n]["reference"], idx)
+        explain(agreement[n]["tuned reference"], idx, tuned=True)
         bench.log(f"  ours {median(ours_t):.2f} s, reference {median(kept['reference']):.2f} s, "
                   f"tuned {median(kept['tuned reference']):.2f} s; identical masks "
                   f"{agreement[n]['reference']['fraction_identical_masks']:.4f} / "
                   f"{agreement[n]['tuned reference']['fraction_identical_masks']:.4f}")
         del values
 
+    verdicts = []
     for n in sizes:
         o, r, t = median(sweep[n]["ours"]), median(sweep[n]["reference"]), median(sweep[n]["tuned reference"])
-        is_target = n == max(sizes)
-        bench.row(f"(a) score work, {n} samples: reference / ours", o, r, ratio=r / o,
-                  target=f">= {TARGET:.0f}x" if is_target and n >= 256 else "info",
-                  passed=(r / o >= TARGET) if is_target and n >= 256 else None,
-                  note="ratio = speed-up (reference time / our time)" if n == sizes[0] else "")
-        bench.row(f"(a) score work, {n} samples: tuned reference / ours", o, t, ratio=t / o, target="info")
+        # the headline is the stronger (in-place addcmul_) reference; the target is set at TARGET_SAMPLES
+        is_target = n == TARGET_SAMPLES
+        dirty = sweep[n]["only_contended"]
+        warn = f"UNRELIABLE: {', '.join(dirty)} measured only while other processes used the cores" if dirty else ""
+        first = ("ratio = speed-up (reference time / our time); reference: acc.addcmul_(absW, norm_s) per sample"
+                 if n == sizes[0] else "")
+        bench.row(f"(a) score work, {n} samples: tuned in-place reference / ours", o, t, ratio=t / o,
+                  target=f">= {TARGET:.0f}x" if is_target else ("info (paper's size)" if n == PAPER_SAMPLES else "info"),
+                  passed=(t / o >= TARGET) if is_target else None, note="; ".join(x for x in (first, warn) if x))
+        bench.row(f"(a) score work, {n} samples: plain reference (acc += absW * norm_s) / ours", o, r, ratio=r / o,
+                  target="info", note=warn)
+        if is_target or n == PAPER_SAMPLES:
+            verdicts.append(f"{n} samples: {t / o:.1f}x faster than the tuned in-place reference "
+                            + (f"(target >= {TARGET:.0f}x: {'met' if t / o >= TARGET else 'MISSED'})" if is_target
+                               else "(no target at this size)") + f"; {r / o:.1f}x vs the plain reference"
+                            + (f" - {warn}" if warn else ""))
     lo, hi = min(sizes), max(sizes)
     slope = {key: (median(sweep[hi][key]) - median(sweep[lo][key])) / (hi - lo)
              for key in ("ours", "reference", "tuned reference")}
-    bench.row("(a) marginal cost per sample: reference / ours", slope["ours"], slope["reference"],
-              ratio=slope["reference"] / slope["ours"] if slope["ours"] > 0 else float("inf"), target="info",
-              unit="s/sample", note=f"ours {1e3 * slope['ours']:.2f} ms/sample (flat), reference "
-                                    f"{1e3 * slope['reference']:.0f} ms/sample, tuned {1e3 * slope['tuned reference']:.0f} ms/sample")
-    frac = min(a["reference"]["fraction_identical_masks"] for a in agreement.values())
-    frac_entries = min(a["reference"]["fraction_identical_entries"] for a in agreement.values())
-    gap = max(a["reference"].get("max_rel_gap_of_differing_entries", 0.0) for a in agreement.values())
-    unexplained = sum(max(0, a["reference"].get("unexplained_masks", 0)) for a in agreement.values())
-    consistent = "; ".join(f"{n}: {a['reference'].get('ours_consistent_with_float64_order')}" for n, a in agreement.items())
-    bench.row("selected sets identical to the reference (fraction of module x k masks)", frac, 1.0, ratio=frac,
-              target="~1.0", unit="", note="min over sample counts; see details.agreement for the differing parameters")
-    worst_n = min(agreement, key=lambda n: agreement[n]["reference"]["fraction_identical_entries"])
-    w = agreement[worst_n]["reference"]
-    bench.row("selected entries identical to the reference (fraction)", frac_entries, 1.0, ratio=frac_entries,
+    bench.row("(a) marginal cost per sample: tuned reference / ours", slope["ours"], slope["tuned reference"],
+              ratio=slope["tuned reference"] / slope["ours"] if slope["ours"] > 0 else float("inf"), target="info",
+              unit="s/sample", note=f"ours {1e3 * slope['ours']:.2f} ms/sample (replaying the hooks' float64 adds), tuned reference "
+                                    f"{1e3 * slope['tuned reference']:.0f} ms/sample, plain reference "
+                                    f"{1e3 * slope['reference']:.0f} ms/sample")
+    headline = "tuned reference"
+    frac = min(a[headline]["fraction_identical_masks"] for a in agreement.values())
+    frac_entries = min(a[headline]["fraction_identical_entries"] for a in agreement.values())
+    gap = max(a[headline].get("max_rel_gap_of_differing_entries", 0.0) for a in agreement.values())
+    unexplained = sum(max(0, a[headline].get("unexplained_masks", 0)) for a in agreement.values())
+    consistent = "; ".join(f"{n}: {a[headline].get('ours_consistent_with_float64_order')}" for n, a in agreement.items())
+    plain_frac = min(a["reference"]["fraction_identical_masks"] for a in agreement.values())
+    bench.row("selected sets identical to the tuned reference (fraction of module x k masks)", frac, 1.0, ratio=frac,
+              target="~1.0", unit="", note=f"min over sample counts (plain reference: {plain_frac:.4f}); see "
+                                           "details.agreement for the differing parameters")
+    worst_n = min(agreement, key=lambda n: agreement[n][headline]["fraction_identical_entries"])
+    w = agreement[worst_n][headline]
+    bench.row("selected entries identical to the tuned reference (fraction)", frac_entries, 1.0, ratio=frac_entries,
               target="~1.0", unit="", note=f"{w['differing_params']} of {w['selected_params']} selected "
                                            f"(parameter, k) entries differ at {worst_n} samples")
     bench.row("largest relative score gap to the k threshold among differing entries", gap, None, unit="",
@@ -243,12 +279,13 @@ def main() -> None:
             if head is not None and all(m.module is not head for m in modules):
                 handles.append(head.register_forward_pre_hook(stop))
             try:
-                ids, _ = tokenize(tokenizer, texts, 512)
+                vocab = model.get_input_embeddings().weight.shape[0]
+                inputs, _ = batches(tokenizer, texts, batch_size=1, max_length=512, vocab=vocab)
                 with torch.inference_mode():
-                    for batch in length_batches([len(s) for s in ids], 1):
-                        x = torch.tensor([ids[batch[0]]], device=device)
+                    for batch in inputs:  # batch 1: no padding, so the hooks' norms cover the sample's tokens
+                        x = batch.input_ids.to(device)
                         try:
-                            model(input_ids=x, attention_mask=torch.ones_like(x), use_cache=False)
+                            model(input_ids=x, attention_mask=batch.attention.to(device), use_cache=False)
                         except Stop:
                             pass
                         for name in names:
@@ -269,12 +306,13 @@ def main() -> None:
         values = dict(_common.LAST_VALUES)
         e2e = {"samples": e2e_n, "all": times, "contended": dict(_common.LAST_CONTENDED),
                "agreement": {"reference": compare_levels(values["ours"][-1], values["reference"][-1], ks)}}
-        bench.row(f"(b) end to end, {e2e_n} samples: reference / ours", median(kept["ours"]), median(kept["reference"]),
-                  ratio=paired_ratio(times["reference"], times["ours"], bad_rounds("reference", "ours")),
-                  target="report", note="forward passes included; model load excluded")
-        bench.row(f"(b) end to end, {e2e_n} samples: tuned reference / ours", median(kept["ours"]),
+        bench.row(f"(b) end to end, {e2e_n} samples: tuned in-place reference / ours", median(kept["ours"]),
                   median(kept["tuned reference"]),
                   ratio=paired_ratio(times["tuned reference"], times["ours"], bad_rounds("tuned reference", "ours")),
+                  target="report", note="forward passes included; model load excluded")
+        bench.row(f"(b) end to end, {e2e_n} samples: plain reference / ours", median(kept["ours"]),
+                  median(kept["reference"]),
+                  ratio=paired_ratio(times["reference"], times["ours"], bad_rounds("reference", "ours")),
                   target="report")
         a = e2e["agreement"]["reference"]
         bench.row("(b) selected sets identical (reference pass's own norms)", a["fraction_identical_masks"], 1.0,
@@ -282,6 +320,7 @@ def main() -> None:
                   note=f"{a['differing_params']} of {a['selected_params']} selected parameter-k entries differ")
 
     bench.finish(details={
+        "verdict": verdicts,
         "model": folder.name, "n_scored_modules": len(modules), "n_scored_params": n_params, "k_values": ks,
         "distinct_items": len(items), "sizes": sizes,
         "sweep": {str(n): v for n, v in sweep.items()}, "slope_s_per_sample": slope,
@@ -289,6 +328,8 @@ def main() -> None:
         "reference_definition": "acc += absW * norm_s per sample per module (float32, |W| precomputed); "
                                 "tuned: acc.addcmul_(absW, norm_s); selection: level_codes in mlarch's thread pool",
     })
+    for line in verdicts:  # said plainly, last, so a missed target is not lost in the table
+        print(f"verdict: {line}")
 
 
 def compare_levels(ours: dict, ref: dict, ks) -> dict:
