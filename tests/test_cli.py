@@ -298,3 +298,16 @@ def test_model_without_scorable_modules(archive_copy, model_dir, data, monkeypat
     assert result.exit_code == 1
     assert result.stderr.strip().endswith("has no nn.Linear or Conv1D modules to score")
     assert tree_digest(archive_copy) == before
+
+
+def test_store_and_query_never_import_ingest():
+    import subprocess
+    import sys
+
+    code = ("import sys, importlib, pkgutil, mlarch.store, mlarch.query\n"
+            "for pkg in (mlarch.store, mlarch.query):\n"
+            "    for m in pkgutil.iter_modules(pkg.__path__):\n"
+            "        importlib.import_module(f'{pkg.__name__}.{m.name}')\n"
+            "print(sorted(n for n in sys.modules if n.startswith('mlarch.ingest')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import mlarch
-from mlarch.ingest.selection import in_top
+from mlarch.selection import in_top
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none here)")]

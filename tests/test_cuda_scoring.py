@@ -14,7 +14,7 @@ import torch
 
 from mlarch.ingest import loading
 from mlarch.ingest.scoring import run_pass, scored_modules
-from mlarch.ingest.selection import in_top, level_codes, scores
+from mlarch.selection import in_top, level_codes, scores
 
 KS = [0.01, 0.05, 0.25]
 TEXTS = [f"Question {i}: what is {i} + {2 * i}? Answer: {i} + {2 * i} = {3 * i}. Check {i * 7} apples." * (1 + i % 3)

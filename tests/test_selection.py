@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from mlarch.ingest.selection import in_top, level_codes, math_only, top_count
+from mlarch.selection import in_top, level_codes, math_only, top_count
 from mlarch.query.patterns import histogram
 
 
@@ -77,7 +77,7 @@ def test_large_matrices_take_the_sampled_path_exactly(distinct):
 
 
 def test_sampled_bound_that_misses_falls_back_to_an_exact_partition():
-    from mlarch.ingest import selection
+    from mlarch import selection
 
     n = 300 * 300
     scores = np.zeros(n, np.float32)

@@ -147,7 +147,8 @@ def test_edited_model_record_fails_verify(archive_copy):
 def test_topk_set_of_the_wrong_size_fails_verify(archive_copy, model_dir, data, monkeypatch, tmp_path):
     """A selection bug that keeps one entry too many in a top-k set: the digests agree (they
     were taken of the wrong codes) but verify counts the sets in the stored codes."""
-    from mlarch.ingest import pipeline, selection
+    from mlarch import selection
+    from mlarch.ingest import pipeline
 
     real = selection.model_levels
 
@@ -311,7 +312,7 @@ def test_selection_never_pairs_runs_of_two_seeds(archive_copy, model_dir, data):
     assert np.array_equal(chosen, archive.selection("tiny-llama", "en", 0.05, module, seed=2))
     math_2 = archive.sql("SELECT run_id FROM runs WHERE lang = 'en' AND role = 'math' AND seed = 2").item()
     control_2 = archive.sql("SELECT run_id FROM runs WHERE lang = 'en' AND role = 'control' AND seed = 2").item()
-    from mlarch.ingest.selection import in_top
+    from mlarch.selection import in_top
 
     by_hand = in_top(archive.levels(math_2, module), 1) & ~in_top(archive.levels(control_2, module), 1)
     assert np.array_equal(chosen, by_hand) and chosen.any()

@@ -23,7 +23,8 @@ import polars as pl
 
 from mlarch import parallel
 from mlarch.errors import MlarchError, UsageError
-from mlarch.ingest import provenance, selection, sources
+from mlarch import selection
+from mlarch.ingest import provenance, sources
 from mlarch.store import arrays, catalog, layout, records
 from mlarch.store import spans as span_layout
 from mlarch.store.derive import (RunRef, current_runs, derive, levels_path, magnitudes_path, norms_path,

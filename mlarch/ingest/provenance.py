@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
 import socket
 import subprocess
@@ -59,6 +60,9 @@ def environment(device) -> dict:
         "numpy": _version("numpy"),
         "device": str(device),
         "device_name": device_name,
+        # what moves float32 rounding in the forward pass, hence near-tied selections
+        "torch_threads": torch.get_num_threads(),
+        "mkl_cbwr": os.environ.get("MKL_CBWR"),
         "host": socket.gethostname(),
         "platform": platform.platform(),
     }

@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 
 from mlarch.errors import MlarchError
-from mlarch.ingest import loading, provenance, selection, sources
+from mlarch import selection
+from mlarch.ingest import loading, provenance, sources
 from mlarch.ingest.scoring import run_pass, scored_modules
 
 

@@ -322,7 +322,7 @@ class Archive:
 
     def scores(self, run_id: str, module: str) -> np.ndarray:
         """The full score array |W| * norms of one (run, module), float32, out x in."""
-        from mlarch.ingest.selection import scores
+        from mlarch.selection import scores
 
         run = self._run_arrays(run_id)
         span = self._span(run["model"], module)
@@ -332,7 +332,7 @@ class Archive:
 
     def top_k(self, run_id: str, module: str, k: float) -> np.ndarray:
         """Boolean top-k mask of one (run, module) at any k in (0, 1), from the stored factors."""
-        from mlarch.ingest.selection import level_codes
+        from mlarch.selection import level_codes
 
         if not 0 < k < 1:
             raise UsageError(f"k = {k} is outside (0, 1)")
@@ -343,7 +343,7 @@ class Archive:
 
         Uses the stored level codes where k was archived, else re-thresholds the stored
         factors, so any k works without a GPU or the model."""
-        from mlarch.ingest.selection import in_top
+        from mlarch.selection import in_top
 
         # the pair of runs the derived tables used: one seed, both roles (never a math run of
         # one seed against a control run of another)

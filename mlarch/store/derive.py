@@ -14,7 +14,7 @@ import polars as pl
 
 from mlarch import parallel
 from mlarch.errors import MlarchError
-from mlarch.ingest.selection import top_count
+from mlarch.selection import top_count
 from mlarch.query.patterns import histogram
 from mlarch.store import arrays
 from mlarch.store.arrays import ArrayRecord
