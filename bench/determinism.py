@@ -102,7 +102,7 @@ def main() -> None:
         p.add_argument("--seed", type=int, default=1),
     ))
     from mlarch.ingest.pipeline import PAPER_KS
-    from mlarch.ingest.selection import in_top, math_only, model_levels, top_count
+    from mlarch.selection import in_top, math_only, model_levels, top_count
 
     args = bench.args
     langs = (args.langs or ("en" if bench.quick else "en,hi")).split(",")

@@ -83,7 +83,8 @@ class Timers:
 
 @contextmanager
 def instrumented():
-    from mlarch.ingest import loading, pipeline, scoring, selection
+    from mlarch import selection
+    from mlarch.ingest import loading, pipeline, scoring
     from mlarch.store import arrays
 
     timers = Timers()

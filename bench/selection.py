@@ -85,7 +85,7 @@ def main() -> None:
 
     from mlarch.ingest.pipeline import PAPER_KS
     from mlarch.ingest.scoring import run_pass, scored_modules
-    from mlarch.ingest.selection import level_codes, scores, top_count
+    from mlarch.selection import level_codes, scores, top_count
 
     ks = list(PAPER_KS)
     folder = gemma_folder()
@@ -127,7 +127,7 @@ def main() -> None:
     times = interleave({one: ours, base: baseline, ours_p: ours_pool, base_p: baseline_pool},
                        bench.repeats, log=bench.log)
     kept = clean_times(times)
-    from mlarch.ingest import selection as selection_module
+    from mlarch import selection as selection_module
 
     traced = [f for f in vars(selection_module).values()
               if callable(f) and getattr(f, "__module__", None) == selection_module.__name__ and hasattr(f, "__code__")]

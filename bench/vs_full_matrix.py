@@ -61,7 +61,7 @@ def main() -> None:
     from mlarch.ingest.pipeline import PAPER_KS
     from mlarch.ingest.scoring import batches, output_head, run_pass, scored_modules
     from mlarch import parallel
-    from mlarch.ingest.selection import level_codes, model_levels, scores
+    from mlarch.selection import level_codes, model_levels, scores
     from mlarch.store.spans import layout
 
     quick = bench.quick
@@ -124,7 +124,7 @@ def main() -> None:
 
     def explain(report, idx, tuned):
         """For each differing mask: both methods' scores of the swapped entries and the k threshold."""
-        from mlarch.ingest.selection import top_count
+        from mlarch.selection import top_count
 
         gaps, consistent = [], []
         cache = {}  # module -> (float64 norm sums, the reference's float32 scores)
@@ -334,7 +334,7 @@ def main() -> None:
 
 def compare_levels(ours: dict, ref: dict, ks) -> dict:
     """Mask agreement at every k for every module, and what the differing entries look like."""
-    from mlarch.ingest.selection import in_top
+    from mlarch.selection import in_top
 
     masks = identical = differing = selected = 0
     worst = []
