@@ -298,6 +298,14 @@ def test_local_edits_verify_catches(archive_copy, model_dir, data):
                         "m.n_params, s.n_math_top, s.n_control_top, 2 * s.n_selected AS n_selected, s.math_run_id, "
                         "s.control_run_id FROM selections s JOIN modules m ON m.model = s.model AND m.module = s.module")
     _assert_loud(run(archive_copy, "verify"), "catalog schema")
+    _edit(archive_copy, "DROP VIEW set_sizes")
+    _edit(archive_copy, "CREATE VIEW set_sizes AS SELECT s.model, s.k, s.seed, s.lang, s.module, m.layer, m.n_params, "
+                        "s.n_math_top, s.n_control_top, s.n_selected, s.math_run_id, s.control_run_id "
+                        "FROM selections s JOIN modules m ON m.model = s.model AND m.module = s.module")
+    assert run(archive_copy, "verify").exit_code == 0  # the migration's own text again
+    # a macro shadowing a function the views call turns every Jaccard into 1.0
+    _edit(archive_copy, "CREATE MACRO list_contains(a, b) AS true")
+    _assert_loud(run(archive_copy, "verify"), "catalog schema", "list_contains")
 
 
 def test_selection_never_pairs_runs_of_two_seeds(archive_copy, model_dir, data):
@@ -327,3 +335,24 @@ def test_commit_lock_is_never_followed_through_a_link(archive_copy, tmp_path):
     lock.symlink_to(outside)
     _assert_loud(run(archive_copy, "gc"), "commit lock")
     assert not outside.exists()
+
+
+def test_a_run_overtaken_by_a_newer_one_is_archived_but_not_used(model_dir, data, tmp_path, monkeypatch):
+    """Two ingests of one language at once: the one whose runs finished first may commit
+    last. The newest finished run stays in use, as import-bundle and verify have it."""
+    from datetime import datetime
+
+    from mlarch.ingest import pipeline
+
+    root = tmp_path / "arch"
+    archive = mlarch.open(root)
+    options = dict(samples=3, top_k=[0.05, 0.25], device="cpu")
+    archive.ingest(str(model_dir["llama"]), ["en"], data["math"], data["control"], **options)
+    before = archive.sql("SELECT * FROM set_sizes ORDER BY ALL")
+    monkeypatch.setattr(pipeline, "_now", lambda: datetime(2001, 1, 1))  # finished before the archived runs
+    archive.ingest(str(model_dir["llama"]), ["en"], data["math"], data["control"], force=True, samples=4,
+                   top_k=[0.05, 0.25], device="cpu")
+    assert archive.sql("SELECT count(*) FROM runs WHERE status = 'FINISHED'").item() == 4
+    assert archive.sql("SELECT count(*) FROM runs WHERE in_use AND n_samples = 3").item() == 2
+    assert archive.sql("SELECT * FROM set_sizes ORDER BY ALL").equals(before)
+    assert run(root, "verify").exit_code == 0

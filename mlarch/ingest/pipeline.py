@@ -462,10 +462,18 @@ def _commit(root: Path, name: str, seed: int, loaded, modules, spans, magnitudes
                 "pass --name to archive this model separately")
         with catalog.reading(catalog_path) as con:
             current = current_runs(con, name, seed)
+            newest = {(lang, role): at for lang, role, at in con.execute(
+                "SELECT lang, role, max(finished_at) FROM runs WHERE model = ? AND seed = ? AND status = 'FINISHED' "
+                "GROUP BY ALL", [name, seed]).fetchall()}
+        # the run in use is the newest finished one (as import-bundle and verify have it): a run
+        # that another ingest overtook while this one ran is archived, but not used
+        in_use = {p.run_id: (p.lang, p.role) not in newest
+                  or datetime.fromisoformat(p.provenance["finished_at"]) >= newest[(p.lang, p.role)] for p in pending}
         for p in pending:
-            levels = dict(p.records)["levels"]
-            current[(p.lang, p.role)] = RunRef(p.run_id, p.lang, p.role, p.group,
-                                               tuple(p.provenance["config"]["top_k"]), levels)
+            if in_use[p.run_id]:
+                levels = dict(p.records)["levels"]
+                current[(p.lang, p.role)] = RunRef(p.run_id, p.lang, p.role, p.group,
+                                                   tuple(p.provenance["config"]["top_k"]), levels)
         selections, patterns = derive(root / layout.ARRAYS, name, seed, spans, current,
                                       preloaded={p.group: p.levels for p in pending})
         with catalog.writing(catalog_path) as con:
@@ -494,16 +502,17 @@ def _commit(root: Path, name: str, seed: int, loaded, modules, spans, magnitudes
                 con.execute("UPDATE models SET record_sha256 = ? WHERE model = ?",
                             [records.model_digest_in(con, name), name])
             for p in pending:
-                con.execute(
-                    "UPDATE runs SET in_use = false WHERE model = ? AND lang = ? AND role = ? AND seed = ? AND in_use",
-                    [name, p.lang, p.role, p.seed],
-                )
+                if in_use[p.run_id]:
+                    con.execute(
+                        "UPDATE runs SET in_use = false WHERE model = ? AND lang = ? AND role = ? AND seed = ? AND in_use",
+                        [name, p.lang, p.role, p.seed],
+                    )
                 con.execute(
                     "UPDATE runs SET status = 'FINISHED', started_at = ?, finished_at = ?, n_tokens = ?, "
-                    "n_truncated = ?, in_use = true, provenance = ? WHERE run_id = ?",
+                    "n_truncated = ?, in_use = ?, provenance = ? WHERE run_id = ?",
                     [datetime.fromisoformat(p.provenance["started_at"]),
                      datetime.fromisoformat(p.provenance["finished_at"]), p.n_tokens, p.n_truncated,
-                     json.dumps(p.provenance), p.run_id],
+                     in_use[p.run_id], json.dumps(p.provenance), p.run_id],
                 )
                 samples = pl.DataFrame({
                     "run_id": [p.run_id] * len(p.indices),

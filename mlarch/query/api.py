@@ -353,6 +353,12 @@ class Archive:
             " ORDER BY s.seed", [model, lang] + ([seed] if seed is not None else []))
         if pairs.is_empty():
             where = f" at seed {seed}" if seed is not None else ""
+            roles = self._read("SELECT DISTINCT role FROM runs WHERE model = ? AND lang = ? AND in_use AND status = "
+                               "'FINISHED'" + (" AND seed = ?" if seed is not None else ""),
+                               [model, lang] + ([seed] if seed is not None else []))
+            if roles.height == 2:  # both archived, but derive found no k in common
+                raise MlarchError(f"the math and control runs of {model!r}, {lang!r}{where} share no k value, so no "
+                                  "math-only set was derived from them: ingest both roles with the same --top-k")
             raise MlarchError(f"model {model!r} has no math and control runs for {lang!r}{where} (see `mlarch runs`)")
         first = pairs.filter(pairs["seed"] == pairs["seed"][0])
         if first.height != 1:

@@ -51,6 +51,15 @@ _SHAPE = """
     UNION ALL
     SELECT 'view ' || view_name || ': ' || sql FROM duckdb_views()
     WHERE database_name = current_database() AND schema_name = 'main' AND NOT internal
+    UNION ALL  -- a macro may shadow a function the views call (list_contains -> true)
+    SELECT 'function ' || function_name || ': ' || coalesce(macro_definition, function_type) FROM duckdb_functions()
+    WHERE database_name = current_database() AND NOT internal
+    UNION ALL
+    SELECT 'schema ' || schema_name FROM duckdb_schemas() WHERE database_name = current_database() AND NOT internal
+    UNION ALL
+    SELECT 'sequence ' || sequence_name FROM duckdb_sequences() WHERE database_name = current_database()
+    UNION ALL
+    SELECT 'type ' || type_name FROM duckdb_types() WHERE database_name = current_database() AND NOT internal
 """
 
 
