@@ -127,6 +127,17 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(text.split("\n")[0].split()) if text else type(exc).__name__
 
 
+def _parsed(extract, query: str) -> list:
+    """The statements of `query` (extract: a DuckDB connection's extract_statements)."""
+    try:
+        statements = extract(query)
+    except (duckdb.Error, ValueError) as exc:
+        raise MlarchError(f"SQL error: {_one_line(exc)}") from None
+    if not statements:
+        raise UsageError("no SQL statement given")
+    return statements
+
+
 def _run(con, statements, params) -> pl.DataFrame:
     for statement in statements[:-1]:
         con.execute(statement.query).fetchall()
@@ -171,12 +182,7 @@ class Archive:
         directly. Both modes fail on a path that holds no archive, creating nothing."""
         if not write:
             return self._sql_read(query, params)
-        try:
-            statements = catalog.statements(query)
-        except (duckdb.Error, ValueError) as exc:
-            raise MlarchError(f"SQL error: {_one_line(exc)}") from None
-        if not statements:
-            raise UsageError("no SQL statement given")
+        statements = _parsed(catalog.statements, query)
         try:
             with catalog.writing(self.catalog_path) as con:
                 return _run(con, statements, params)
@@ -186,12 +192,7 @@ class Archive:
     def _sql_read(self, query: str, params) -> pl.DataFrame:
         # parsed on the sandbox itself: a second DuckDB instance just to parse costs ~as much
         with catalog.sandboxed(self.catalog_path) as con:
-            try:
-                statements = con.extract_statements(query)
-            except (duckdb.Error, ValueError) as exc:
-                raise MlarchError(f"SQL error: {_one_line(exc)}") from None
-            if not statements:
-                raise UsageError("no SQL statement given")
+            statements = _parsed(con.extract_statements, query)
             for statement in statements:
                 why = _refusal(statement, con.extract_statements)
                 if why:
@@ -274,10 +275,10 @@ class Archive:
         return spans[module]
 
     def _run_arrays(self, run_id: str) -> dict:
-        """model, arrays_group, k_values and magnitudes_group of a finished run (cached)."""
+        """model and k_values of a finished run of an archived model (cached)."""
         if run_id not in self._run_cache:
             rows = self._read(
-                "SELECT r.model, r.arrays_group, r.k_values, m.magnitudes_group FROM runs r "
+                "SELECT r.model, r.k_values FROM runs r "
                 "JOIN models m USING (model) WHERE r.run_id = ? AND r.status = 'FINISHED'", [run_id])
             if rows.is_empty():
                 self.run(run_id)  # raises "no run ..." with hints for unknown ids
@@ -364,16 +365,11 @@ class Archive:
         if first.height != 1:
             raise MlarchError(f"the derived tables of {model!r}, {lang!r} name more than one pair of runs at seed "
                               f"{pairs['seed'][0]}: run `mlarch verify`")
-        runs = {}
-        for role, run_id in (("math", first["math_run_id"][0]), ("control", first["control_run_id"][0])):
-            runs[role] = {"run_id": run_id, "k_values": list(self._run_arrays(run_id)["k_values"])}
         masks = []
-        for role in ("math", "control"):
-            run = runs[role]
-            if k in run["k_values"]:
-                masks.append(in_top(self.levels(run["run_id"], module), run["k_values"].index(k)))
-            else:
-                masks.append(self.top_k(run["run_id"], module, k))
+        for run_id in (first["math_run_id"][0], first["control_run_id"][0]):
+            k_values = list(self._run_arrays(run_id)["k_values"])
+            masks.append(in_top(self.levels(run_id, module), k_values.index(k)) if k in k_values
+                         else self.top_k(run_id, module, k))
         return masks[0] & ~masks[1]
 
     # --- charts ------------------------------------------------------------------------

@@ -533,6 +533,13 @@ def _plain(value):
     return value
 
 
+def dicts(con: duckdb.DuckDBPyConnection, query: str, params=None) -> list[dict]:
+    """Rows of one statement as {column: value} dicts, values as DuckDB returns them."""
+    result = con.execute(query, params)
+    names = [d[0] for d in result.description]
+    return [dict(zip(names, row)) for row in result.fetchall()]
+
+
 def frame(con: duckdb.DuckDBPyConnection, query: str, params=None):
     """Run one statement and return its rows as a polars DataFrame (empty if none).
 

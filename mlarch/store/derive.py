@@ -16,8 +16,9 @@ from mlarch import parallel
 from mlarch.errors import MlarchError
 from mlarch.selection import top_count
 from mlarch.query.patterns import histogram
-from mlarch.store import arrays
+from mlarch.store import arrays, layout
 from mlarch.store.arrays import ArrayRecord
+from mlarch.store.catalog import dicts
 from mlarch.store.spans import Span, groups
 
 
@@ -35,15 +36,15 @@ class RunRef:
 
 
 def levels_path(arrays_group: str) -> str:
-    return f"{arrays_group}/levels"
+    return layout.array_path(arrays_group, "levels")
 
 
 def norms_path(arrays_group: str) -> str:
-    return f"{arrays_group}/norms"
+    return layout.array_path(arrays_group, "norms")
 
 
 def magnitudes_path(model_group: str) -> str:
-    return f"{model_group}/magnitudes"
+    return layout.array_path(model_group, "magnitudes")
 
 
 def _selected_bits(math_levels: np.ndarray, control_levels: np.ndarray, jm: list[int], jc: list[int]) -> np.ndarray:
@@ -212,10 +213,8 @@ def run_ref(con, run_id: str) -> RunRef:
     """A finished run with the record of its levels array (None if the catalog lacks it)."""
     r = con.execute("SELECT run_id, lang, role, arrays_group, k_values FROM runs WHERE run_id = ?",
                     [run_id]).fetchall()[0]
-    result = con.execute(f"SELECT {arrays.RECORD_COLUMNS} FROM arrays WHERE owner = ? AND kind = 'levels'", [run_id])
-    names = [d[0] for d in result.description]
-    found = result.fetchall()
-    levels = ArrayRecord.from_row(dict(zip(names, found[0]))) if found else None
+    found = dicts(con, f"SELECT {arrays.RECORD_COLUMNS} FROM arrays WHERE owner = ? AND kind = 'levels'", [run_id])
+    levels = ArrayRecord.from_row(found[0]) if found else None
     return RunRef(r[0], r[1], r[2], r[3], tuple(r[4]), levels)
 
 

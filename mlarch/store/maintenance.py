@@ -60,19 +60,16 @@ def verify(root: Path, run_ids: list[str] | None = None) -> list[Check]:
         chosen = [r for r in runs if run_ids is None or r[0] in run_ids]
         models = {r[1] for r in chosen}
         owners = {r[0] for r in chosen if r[3] == "FINISHED"} | models
-        result = con.execute(f"SELECT owner, {arrays.RECORD_COLUMNS} FROM arrays ORDER BY path")
-        names = [d[0] for d in result.description]
-        records = [(row[0], arrays.ArrayRecord.from_row(dict(zip(names, row)))) for row in result.fetchall()]
+        records = [(row["owner"], arrays.ArrayRecord.from_row(row)) for row in catalog.dicts(
+            con, f"SELECT owner, {arrays.RECORD_COLUMNS} FROM arrays ORDER BY path")]
         model_groups = dict(con.execute("SELECT model, magnitudes_group FROM models").fetchall())
         # content digests of the records, recomputed from the rows as they are now
-        sealed = []
-        for run_id, _, _, status, *_ in chosen:
-            if status == "FINISHED":
-                stored = con.execute("SELECT record_sha256 FROM runs WHERE run_id = ?", [run_id]).fetchall()[0][0]
-                sealed.append(("run", run_id, stored, run_records.run_digest_in(con, run_id)))
-        for model in sorted(models & set(model_groups)):
-            stored = con.execute("SELECT record_sha256 FROM models WHERE model = ?", [model]).fetchall()[0][0]
-            sealed.append(("model", model, stored, run_records.model_digest_in(con, model)))
+        run_seals = dict(con.execute("SELECT run_id, record_sha256 FROM runs").fetchall())
+        model_seals = dict(con.execute("SELECT model, record_sha256 FROM models").fetchall())
+        sealed = [("run", r[0], run_seals[r[0]], run_records.run_digest_in(con, r[0]))
+                  for r in chosen if r[3] == "FINISHED"]
+        sealed += [("model", model, model_seals[model], run_records.model_digest_in(con, model))
+                   for model in sorted(models & set(model_groups))]
         n_params = dict(((m, mod), n) for m, mod, n in con.execute(
             "SELECT model, module, n_params FROM modules").fetchall())
         # the run each (model, lang, role, seed) uses: exactly one, the newest finished one

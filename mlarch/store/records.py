@@ -13,6 +13,8 @@ import json
 from datetime import date, datetime
 from decimal import Decimal
 
+from mlarch.store.catalog import dicts
+
 RUN_FIELDS = ("run_id", "model", "lang", "role", "dataset", "seed", "n_samples", "n_tokens", "n_truncated",
               "k_values", "config_digest", "arrays_group", "started_at", "finished_at", "provenance")
 MODEL_FIELDS = ("model", "source", "source_kind", "revision", "commit_sha", "weights_sha256", "dtype",
@@ -65,28 +67,22 @@ def model_digest(model: dict, module_rows, array_rows) -> str:
     return _digest("mlarch-model-1", body)
 
 
-def _dicts(con, query: str, params) -> list[dict]:
-    result = con.execute(query, params)
-    names = [d[0] for d in result.description]
-    return [dict(zip(names, row)) for row in result.fetchall()]
-
-
 def run_digest_in(con, run_id: str) -> str | None:
     """Digest of a run as the catalog behind `con` holds it (None: no such run)."""
-    runs = _dicts(con, "SELECT * FROM runs WHERE run_id = ?", [run_id])
+    runs = dicts(con, "SELECT * FROM runs WHERE run_id = ?", [run_id])
     if not runs:
         return None
     samples = [r[0] for r in con.execute(
         "SELECT item_index FROM run_samples WHERE run_id = ? ORDER BY position", [run_id]).fetchall()]
-    return run_digest(runs[0], samples, _dicts(con, "SELECT * FROM arrays WHERE owner = ?", [run_id]))
+    return run_digest(runs[0], samples, dicts(con, "SELECT * FROM arrays WHERE owner = ?", [run_id]))
 
 
 def model_digest_in(con, model: str) -> str | None:
-    rows = _dicts(con, "SELECT * FROM models WHERE model = ?", [model])
+    rows = dicts(con, "SELECT * FROM models WHERE model = ?", [model])
     if not rows:
         return None
-    return model_digest(rows[0], _dicts(con, "SELECT * FROM modules WHERE model = ?", [model]),
-                        _dicts(con, "SELECT * FROM arrays WHERE owner = ?", [model]))
+    return model_digest(rows[0], dicts(con, "SELECT * FROM modules WHERE model = ?", [model]),
+                        dicts(con, "SELECT * FROM arrays WHERE owner = ?", [model]))
 
 
 def seal(con) -> None:
