@@ -2,6 +2,7 @@
 
     chart = mlarch.charts.build(archive, "overlap", model="gemma", langs=["en", "de", "hi"])
     mlarch.charts.save(chart, "overlap.pdf")   # .svg .png .pdf .html .json
+    effects = mlarch.charts.build(archive, "interventions", model="gemma", task="nll", intervention="prune")
 
 Importing this module is light: altair and vl_convert load when a chart is built or saved.
 """
@@ -14,7 +15,8 @@ from pathlib import Path
 
 from mlarch.errors import MlarchError, UsageError
 
-KINDS = ("sizes", "overlap", "heatmap", "layers", "upset")
+KINDS = ("sizes", "overlap", "heatmap", "layers", "upset", "interventions")
+EVAL_OPTIONS = ("task", "intervention", "dataset")  # interventions only
 BY = ("global", "layer")
 FORMATS = ("svg", "png", "pdf", "html", "json")
 PNG_SCALE = 2  # PNG pixels per chart px (≈ 200 dpi at the chart's nominal size)
@@ -48,18 +50,37 @@ def check_format(path) -> str:
 
 
 def build(archive, kind: str, model: str | None = None, langs=None, k=None, seed: int | None = None,
-          by: str = "global"):
+          by: str = "global", *, task: str | None = None, intervention: str | None = None,
+          dataset: str | None = None):
     """An Altair chart of `kind` for the models matching `model`.
 
     langs: codes (list or "en,de"), default all archived; k: one value (a list for the
     k-axis charts `sizes` and `heatmap --by global`), default as in `mlarch compare`
     (0.01 if archived; every archived k on a k axis); seed: default the smallest archived.
+
+    `interventions` (evaluations of `mlarch eval`) also takes task ('nll' | 'accuracy',
+    default nll if evaluated), intervention ('prune' by default; 'scale', 'fraction',
+    'random'; a factor as in 'scale=0.5') and dataset (the evaluated data set, 'name' or
+    'name:role'; default the only one); langs are the evaluated languages, k the heatmap's
+    (default 0.01 if evaluated, else the smallest), seed the smallest evaluated.
     """
     from mlarch.charts import data, kinds
 
     check_kind(kind)
     if by not in BY:
         raise UsageError(f"--by must be one of {', '.join(BY)}, got {by!r}")
+    given = [name for name, value in zip(EVAL_OPTIONS, (task, intervention, dataset)) if value is not None]
+    if kind == "interventions":
+        if by != "global":
+            raise UsageError("--by layer does not apply to interventions: leave it out")
+        archive = _open(archive)
+        scope = data.resolve_evaluations(archive, model, langs, k, seed, task=task, intervention=intervention,
+                                         dataset=dataset)
+        return style(kinds.interventions(archive, scope))
+    if given:
+        options = ", ".join(f"--{name}" for name in given)
+        raise UsageError(f"{options} appl{'ies' if len(given) == 1 else 'y'} only to the interventions chart, "
+                         f"not to {kind}: leave {'it' if len(given) == 1 else 'them'} out")
     if by == "layer" and kind in ("sizes", "upset"):
         raise UsageError(f"--by layer does not apply to {kind}: use it with heatmap "
                          "(overlap and layers are per layer already)")

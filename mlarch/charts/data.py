@@ -211,3 +211,287 @@ def runs_used(archive, scope: Scope) -> pl.DataFrame:
         SELECT r.run_id, r.model, r.lang, r.role, r.dataset, r.seed, r.n_samples, r.n_tokens, r.finished_at,
                r.provenance
         FROM runs r JOIN used USING (run_id) ORDER BY r.model, list_position($langs, r.lang), r.role DESC""", scope.params())
+
+
+# --- evaluations with interventions (`mlarch eval`) -------------------------------------------
+TASKS = ("nll", "accuracy")
+INTERVENTIONS = ("prune", "scale", "fraction", "random")  # 'none' is the baseline of each
+DEFAULT_INTERVENTION = "prune"
+NULL = "random"  # the null of 'prune': a random set of the same size as the language's set
+DEFAULT_EVAL_K = 0.01
+
+
+@dataclass(frozen=True)
+class EvalScope:
+    """What the interventions chart shows: one task, data set, intervention (and factor),
+    seed and k; evaluated languages (columns, lines) and changed sets (heatmap rows)."""
+
+    models: list[str]
+    langs: list[str]  # evaluated languages, in display order
+    targets: list[str]  # languages whose math-only set was changed (heatmap rows)
+    task: str
+    intervention: str
+    factor: float | None  # scale factor or pruned fraction; None for prune and random
+    dataset: str
+    role: str
+    seed: int
+    k: float  # the heatmap's k
+    ks: list[float]  # every k of the lines panel
+    null: bool  # show the random null (prune only)
+
+    def params(self, **extra) -> dict:
+        return {"models": self.models, "langs": self.langs, "task": self.task, "intervention": self.intervention,
+                "factor": self.factor, "dataset": self.dataset, "role": self.role, "seed": self.seed, "k": self.k,
+                "null": NULL if self.null else None, **extra}
+
+
+def _intervention(value) -> tuple[str | None, float | None]:
+    """'prune', or 'scale=0.5' (a kind with its factor) -> (kind, factor)."""
+    if value is None:
+        return None, None
+    text = str(value).strip()
+    kind, _, factor = text.partition("=")
+    kind = kind.strip().lower()
+    if kind not in INTERVENTIONS:
+        hint = " ('none' is the baseline every cell is compared with)" if kind == "none" else ""
+        raise UsageError(f"unknown intervention {text!r}{hint}: choose one of {', '.join(INTERVENTIONS)} "
+                         "(a factor as in scale=0.5)")
+    if not factor.strip():
+        if "=" in text:
+            raise UsageError(f"intervention {text!r} has no factor after '=': e.g. --intervention {kind}=0.5")
+        return kind, None
+    if kind in ("prune", NULL):
+        raise UsageError(f"{kind} takes no factor, got {text!r}: pass --intervention {kind}")
+    try:
+        return kind, float(factor)
+    except ValueError:
+        raise UsageError(f"the factor of {text!r} is not a number: e.g. --intervention {kind}=0.5") from None
+
+
+def _task(value) -> str | None:
+    if value is None:
+        return None
+    task = str(value).strip().lower()
+    if task not in TASKS:
+        raise UsageError(f"unknown task {value!r}: choose one of {', '.join(TASKS)}")
+    return task
+
+
+def _dataset(value) -> tuple[str | None, str | None]:
+    """'gsm8k' or 'gsm8k:math' (with the role) -> (dataset, role)."""
+    if value is None:
+        return None, None
+    text = str(value).strip()
+    if not text:
+        raise UsageError("--dataset is empty: name the evaluated data set, e.g. --dataset mgsm")
+    name, sep, role = text.rpartition(":")
+    if sep and role in ("math", "control") and name:
+        return name, role
+    return text, None
+
+
+def _fmt(values) -> str:
+    return ", ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values) or "none"
+
+
+def _data_label(dataset: str, role: str) -> str:
+    return f"{dataset}:{role}"
+
+
+def resolve_evaluations(archive, model: str, langs=None, k=None, seed: int | None = None, task=None,
+                        intervention=None, dataset=None, *, kind: str = "interventions") -> EvalScope:
+    """Match models that have evaluations with interventions, then pick task, intervention,
+    data set, seed and k (the given ones, checked, or the defaults) and the languages."""
+    if not model or not str(model).strip():
+        raise UsageError("--model is required: a substring of archived model names, e.g. --model gemma")
+    langs, ks = _langs(langs), _ks(k)
+    if ks and len(ks) > 1:
+        raise UsageError(f"{kind} shows one k, got {len(ks)} ({','.join(map(str, ks))}): pass a single --k")
+    if ks and any(not 0 < x < 1 for x in ks):
+        raise UsageError(f"k must be in (0, 1), got {','.join(map(str, ks))}")
+    task, (chosen, factor), (data_name, data_role) = _task(task), _intervention(intervention), _dataset(dataset)
+    with catalog.reading(archive.catalog_path) as con:
+        models = match_models(con, str(model))
+        rows = catalog.dicts(con, """
+            SELECT model, task, dataset, role, intervention, factor, seed, k, target_lang, lang
+            FROM intervention_effects WHERE list_contains($models, model)
+            GROUP BY ALL""", {"models": models})
+    eval_hint = "run `mlarch eval --intervene prune:en@0.01 ...` first"
+    lacking = [m for m in models if not any(r["model"] == m for r in rows)]
+    if lacking:
+        others = [m for m in models if m not in lacking]
+        if not others:
+            raise MlarchError(f"no evaluations with interventions in the archive for model "
+                              f"{', '.join(lacking)}: {eval_hint}")
+        raise MlarchError(f"no evaluations with interventions in the archive for model {', '.join(lacking)} "
+                          f"({', '.join(others)} has some): pass a narrower --model, or {eval_hint}")
+    who = models[0] if len(models) == 1 else ", ".join(models)
+
+    def common(values_of) -> list:
+        """Values present for every model, sorted."""
+        return sorted(set.intersection(*({values_of(r) for r in rows if r["model"] == m} for m in models)),
+                      key=lambda v: (v is None, v))
+
+    # task: nll if evaluated, else accuracy
+    tasks = common(lambda r: r["task"])
+    if task is None:
+        if not tasks:
+            raise MlarchError(f"models {who} share no evaluated task: pass a narrower --model")
+        task = "nll" if "nll" in tasks else tasks[0]
+    elif task not in tasks:
+        raise MlarchError(f"no {task} evaluations with interventions for model {who}; evaluated tasks: "
+                          f"{_fmt(tasks)}: pass --task {tasks[0] if tasks else 'nll'}, or {eval_hint}")
+    rows = [r for r in rows if r["task"] == task]
+    # intervention: prune if evaluated, else the first kind found
+    kinds = [x for x in INTERVENTIONS if x in common(lambda r: r["intervention"])]
+    if chosen is None:
+        if not kinds:
+            raise MlarchError(f"models {who} share no intervention in their {task} evaluations: "
+                              "pass a narrower --model")
+        chosen = DEFAULT_INTERVENTION if DEFAULT_INTERVENTION in kinds else kinds[0]
+    elif chosen not in kinds:
+        raise MlarchError(f"no {chosen} evaluations ({task}) for model {who}; evaluated interventions: "
+                          f"{_fmt(kinds)}: pass e.g. --intervention {kinds[0] if kinds else 'prune'}")
+    null_rows = [r for r in rows if r["intervention"] == NULL] if chosen == "prune" else []
+    rows = [r for r in rows if r["intervention"] == chosen]
+    # factor of scale / fraction
+    factors = common(lambda r: r["factor"])
+    if chosen in ("scale", "fraction"):
+        if factor is None:
+            if len(factors) > 1:
+                raise UsageError(f"{chosen} evaluations of {who} ({task}) use several factors ({_fmt(factors)}): "
+                                 f"pick one, e.g. --intervention {chosen}={factors[0]:g}")
+            factor = factors[0] if factors else None
+        elif factor not in factors:
+            raise MlarchError(f"no {chosen} evaluations with factor {factor:g} ({task}) for model {who}; "
+                              f"factors: {_fmt(factors)}")
+        rows = [r for r in rows if r["factor"] == factor]
+    # data set and role
+    pairs = common(lambda r: (r["dataset"], r["role"]))
+    if data_name is not None:
+        picked = [p for p in pairs if p[0] == data_name and data_role in (None, p[1])]
+        if not picked:
+            raise MlarchError(f"no {chosen} evaluations ({task}) of model {who} on data set {dataset!r}; "
+                              f"evaluated: {_fmt(_data_label(*p) for p in pairs)}")
+        pairs = picked
+    if len(pairs) != 1:
+        if not pairs:
+            raise MlarchError(f"models {who} share no evaluated data set ({task}, {chosen}): pass a narrower --model")
+        raise UsageError(f"{chosen} evaluations of {who} ({task}) use several data sets "
+                         f"({_fmt(_data_label(*p) for p in pairs)}): pick one, e.g. "
+                         f"--dataset {_data_label(*pairs[0])}")
+    data_name, data_role = pairs[0]
+    rows = [r for r in rows if (r["dataset"], r["role"]) == (data_name, data_role)]
+    null_rows = [r for r in null_rows if (r["dataset"], r["role"]) == (data_name, data_role)]
+    where = f"{task}, {_data_label(data_name, data_role)}"
+    # seed: the smallest evaluated
+    seeds = common(lambda r: r["seed"])
+    if seed is None:
+        if not seeds:
+            raise MlarchError(f"models {who} share no seed in their {chosen} evaluations ({where}): "
+                              "pass --seed or a narrower --model")
+        seed = seeds[0]
+    elif seed not in seeds:
+        raise MlarchError(f"no {chosen} evaluations at seed {seed} ({where}) for model {who}; "
+                          f"evaluated seeds: {_fmt(seeds)}")
+    rows = [r for r in rows if r["seed"] == seed]
+    null_rows = [r for r in null_rows if r["seed"] == seed]
+    where += f", seed {seed}"
+    # k: 0.01 if evaluated, else the smallest
+    k_values = common(lambda r: r["k"])
+    if not ks:
+        if not k_values:
+            raise MlarchError(f"models {who} share no k in their {chosen} evaluations ({where}): "
+                              "pass a narrower --model")
+        k = DEFAULT_EVAL_K if DEFAULT_EVAL_K in k_values else k_values[0]
+    else:
+        k = ks[0]
+        if k not in k_values:
+            raise MlarchError(f"no {chosen} evaluations at k = {k:g} ({where}) for model {who}; "
+                              f"evaluated k: {_fmt(k_values)}")
+    at_k = [r for r in rows if r["k"] == k]
+    # evaluated languages (columns and lines) and changed sets (rows)
+    have = {m: {r["lang"] for r in at_k if r["model"] == m} for m in models}
+    if langs is None:
+        shared = set.intersection(*have.values())
+        if not shared:
+            raise MlarchError(f"models {who} share no evaluated language at k = {k:g} ({where}): "
+                              "pass a narrower --model")
+        langs = _canonical(shared)
+    for name in models:
+        missing = [x for x in langs if x not in have[name]]
+        if missing:
+            raise MlarchError(f"language {', '.join(missing)} was not evaluated with {chosen} at k = {k:g} "
+                              f"({where}) for model {name!r}; evaluated: {_fmt(_canonical(have[name]))}")
+    targets = _canonical({r["target_lang"] for r in at_k if r["lang"] in langs and r["target_lang"] is not None})
+    ks_shown = sorted({r["k"] for r in rows + null_rows if r["lang"] in langs and r["target_lang"] == r["lang"]
+                       and r["k"] is not None})
+    null = any(r["k"] == k and r["lang"] in langs for r in null_rows)
+    return EvalScope(models, list(langs), targets, task, chosen, factor, data_name, data_role, seed, k,
+                     ks_shown or [k], null)
+
+
+_EVAL_SCOPE = ("list_contains($models, e.model) AND e.task = $task AND e.dataset = $dataset AND e.role = $role "
+               "AND e.seed = $seed AND list_contains($langs, e.lang)")
+_NEWEST = "QUALIFY row_number() OVER (PARTITION BY {keys} ORDER BY c.finished_at DESC, e.eval_id DESC) = 1"
+
+
+def intervention_cells(archive, scope: EvalScope) -> pl.DataFrame:
+    """The cross-lingual matrix at one k: each (changed set, evaluated language) against its
+    baseline, plus the random null of each language's set when the chart shows it. Of
+    several configurations of one cell (e.g. other item counts) the newest counts."""
+    keys = "e.model, e.intervention, e.target_lang, e.lang"
+    return _frame(archive, f"""
+        SELECT e.model, e.intervention, e.target_lang, e.lang, e.k, e.factor, e.n_set, e.n_params_changed,
+               e.n_items, e.baseline, e.value, e.delta, e.relative_change, e.baseline_stderr, e.stderr,
+               e.eval_id, e.baseline_eval_id
+        FROM intervention_effects e JOIN evaluations_current c USING (eval_id)
+        WHERE {_EVAL_SCOPE} AND e.k = $k
+          AND ((e.intervention = $intervention AND e.factor IS NOT DISTINCT FROM $factor)
+               OR (e.intervention = $null))
+        {_NEWEST.format(keys=keys)}
+        ORDER BY e.model, e.intervention, e.target_lang, e.lang""", scope.params())
+
+
+def intervention_lines(archive, scope: EvalScope) -> pl.DataFrame:
+    """Each evaluated language with its own math-only set changed, at every k (and the
+    random null), next to its baseline; the newest configuration per point."""
+    keys = "e.model, e.intervention, e.lang, e.k"
+    return _frame(archive, f"""
+        SELECT e.model, e.lang, e.intervention, e.k, e.value, e.stderr, e.baseline, e.baseline_stderr,
+               e.relative_change, e.n_params_changed, c.finished_at
+        FROM intervention_effects e JOIN evaluations_current c USING (eval_id)
+        WHERE {_EVAL_SCOPE} AND e.target_lang = e.lang
+          AND ((e.intervention = $intervention AND e.factor IS NOT DISTINCT FROM $factor)
+               OR (e.intervention = $null))
+        {_NEWEST.format(keys=keys)}
+        ORDER BY e.model, e.lang, e.intervention, e.k""", scope.params())
+
+
+def evaluated_models(archive, models: list[str]) -> list[str]:
+    """Those of `models` with at least one finished evaluation with an intervention."""
+    frame = _frame(archive, "SELECT DISTINCT model FROM intervention_effects WHERE list_contains($models, model) "
+                            "ORDER BY model", {"models": models})
+    return frame["model"].to_list() if frame.height else []
+
+
+def evaluation_groups(archive, models: list[str]) -> pl.DataFrame:
+    """(task, dataset, role, intervention, factor) combinations with interventions: how many
+    of the models have each, and their seeds, k values and evaluated languages."""
+    return _frame(archive, """
+        SELECT task, dataset, role, intervention, factor, count(DISTINCT model) AS n_models,
+               list_sort(list(DISTINCT seed)) AS seeds, list_sort(list(DISTINCT k)) AS ks,
+               list_sort(list(DISTINCT lang)) AS langs
+        FROM intervention_effects WHERE list_contains($models, model)
+        GROUP BY task, dataset, role, intervention, factor
+        ORDER BY task DESC, dataset, role, intervention, factor NULLS FIRST""", {"models": models})
+
+
+def effects(archive, models: list[str]) -> pl.DataFrame:
+    """Every intervened evaluation of the models next to its baseline (intervention_effects)."""
+    return _frame(archive, """
+        SELECT model, task, dataset, role, seed, intervention, factor, target_lang, lang, k, baseline, value,
+               relative_change, n_params_changed
+        FROM intervention_effects WHERE list_contains($models, model)
+        ORDER BY model, list_position(['nll', 'accuracy'], task), dataset, role, seed, list_position(['prune', 'random', 'scale', 'fraction'],
+                 intervention), factor NULLS FIRST, k, target_lang, lang""", {"models": models})

@@ -297,3 +297,154 @@ def _upset_block(alt, model, items, scope, top):
     if len(scope.models) > 1:
         block = block.properties(title=alt.TitleParams(model, fontSize=12, anchor="middle"))
     return block
+
+
+# --- interventions (`mlarch eval`) ----------------------------------------------------------
+LINES_WIDTH, LINES_HEIGHT = 360, 260
+TASK_LABELS = {"nll": "NLL (nats per token)", "accuracy": "accuracy"}
+TASK_NAMES = {"nll": "NLL", "accuracy": "accuracy"}
+BASELINE_SERIES = "baseline (no intervention)"
+NULL_SERIES = "random set of the same size"
+DASHES = {"own": [1, 0], "null": [6, 4], "baseline": [2, 3]}
+VERBS = {"prune": "Pruning", "scale": "Scaling", "fraction": "Partly pruning", "random": "Pruning random"}
+
+
+def null_row(lang: str) -> str:
+    """Heatmap row label of the random null of `lang`'s set."""
+    return f"{data.NULL}:{lang}"
+
+
+def _what(scope: data.EvalScope) -> str:
+    """The intervention in words, e.g. 'pruned' or 'scaled ×0.5'."""
+    if scope.intervention == "scale":
+        return f"scaled ×{scope.factor:g}" if scope.factor is not None else "scaled"
+    if scope.intervention == "fraction":
+        return f"{scope.factor:g} of it pruned" if scope.factor is not None else "partly pruned"
+    if scope.intervention == data.NULL:
+        return "a random set of its size pruned"
+    return "pruned"
+
+
+def _intervention_label(scope: data.EvalScope) -> str:
+    return scope.intervention if scope.factor is None else f"{scope.intervention} {scope.factor:g}"
+
+
+def _eval_where(scope: data.EvalScope, *, k: bool = True) -> str:
+    parts = [scope.models[0] if len(scope.models) == 1 else f"{len(scope.models)} models",
+             f"{TASK_NAMES[scope.task]} on {scope.dataset} ({scope.role} texts)",
+             f"{_intervention_label(scope)}" + (f" at k = {fmt_k(scope.k)}" if k else ""),
+             f"seed {scope.seed}"]
+    return " · ".join(parts)
+
+
+def own_series(scope: data.EvalScope) -> str:
+    return f"own math-only set {_what(scope)}"
+
+
+def interventions(archive, scope: data.EvalScope):
+    """Left: relative change vs baseline per (changed set, evaluated language) at one k, with
+    the random null rows; right: each language's value vs k with its own set changed."""
+    alt = _alt()
+    heat = _intervention_heatmap(alt, archive, scope)
+    lines = _intervention_lines(alt, archive, scope)
+    chart = alt.hconcat(heat, lines, spacing=40).resolve_scale(color="independent", shape="independent",
+                                                              strokeDash="independent")
+    task = TASK_NAMES[scope.task]
+    notes = [f"Left: relative change of {task} vs the same model without intervention, "
+             f"(value − baseline) / |baseline|; row: whose math-only set was {_what(scope)}, "
+             "column: evaluated language."]
+    if scope.null:
+        notes.append(f"Rows {null_row('<lang>')}: a random set of the size of <lang>'s set pruned instead (the null).")
+    notes.append(f"Right: {task} vs k with each language's own set {_what(scope)}"
+                 + ("; dashed: the random null" if scope.null else "") + "; dotted: the baseline.")
+    return chart.properties(title=_title(f"{VERBS[scope.intervention]} math-only parameters: effect on {task} "
+                                         "across languages", _eval_where(scope), *notes))
+
+
+def _intervention_heatmap(alt, archive, scope: data.EvalScope):
+    frame = data.intervention_cells(archive, scope)
+    is_null = (pl.col("intervention") == data.NULL) & pl.lit(scope.intervention != data.NULL)
+    cells = frame.with_columns(row=pl.when(is_null).then(pl.lit(data.NULL + ":") + pl.col("target_lang"))
+                               .otherwise(pl.col("target_lang")))
+    rows = list(scope.targets)
+    if scope.null:
+        present = set(cells.filter(pl.col("intervention") == data.NULL)["target_lang"].to_list())
+        rows += [null_row(x) for x in data._canonical(present)]
+    changes = [abs(v) for v in cells["relative_change"].to_list() if v is not None and math.isfinite(v)]
+    top = max(changes + [1e-6])
+    base = alt.Chart(cells).encode(
+        x=alt.X("lang:O", title="evaluated language", sort=scope.langs,
+                axis=alt.Axis(labelAngle=0, ticks=False, domain=False, orient="top")),
+        y=alt.Y("row:O", title="changed set (target language)", sort=rows, axis=alt.Axis(ticks=False, domain=False)))
+    # red = worse in both tasks: NLL rises, accuracy falls
+    scale = alt.Scale(scheme="redblue", domain=[-top, top], domainMid=0, reverse=scope.task == "nll")
+    rect = base.mark_rect(stroke="white", strokeWidth=1).encode(
+        color=alt.Color("relative_change:Q", title="relative change", scale=scale,
+                        legend=alt.Legend(format="+.0%", gradientLength=max(80, 24 * len(rows)))),
+        tooltip=[alt.Tooltip("model:N"), alt.Tooltip("row:N", title="changed set"),
+                 alt.Tooltip("lang:N", title="evaluated language"),
+                 alt.Tooltip("baseline:Q", format=".4f"), alt.Tooltip("value:Q", format=".4f"),
+                 alt.Tooltip("delta:Q", format="+.4f"), alt.Tooltip("relative_change:Q", title="relative change",
+                                                                    format="+.2%"),
+                 alt.Tooltip("n_params_changed:Q", title="parameters changed", format=","),
+                 alt.Tooltip("n_items:Q", title="items", format=",")])
+    text = base.transform_filter("isValid(datum.relative_change)").mark_text(fontSize=10).encode(
+        text=alt.Text("relative_change:Q", format="+.1%"),
+        color=alt.condition(f"abs(datum.relative_change) > {0.6 * top}", alt.value("white"), alt.value("black")))
+    chart = alt.layer(rect, text).properties(width=alt.Step(56), height=alt.Step(24))
+    if len(scope.models) > 1:
+        chart = chart.facet(row=alt.Row("model:N", title=None, sort=scope.models,
+                                        header=alt.Header(labelFontSize=12, labelFontWeight="bold",
+                                                          labelAngle=0, labelAlign="left")))
+    return chart.properties(title=alt.TitleParams(
+        f"Relative change of {TASK_NAMES[scope.task]} at k = {fmt_k(scope.k)}", fontSize=12, anchor="start"))
+
+
+def _intervention_lines(alt, archive, scope: data.EvalScope):
+    frame = data.intervention_lines(archive, scope)
+    own = own_series(scope)
+    series = pl.when(pl.col("intervention") == data.NULL).then(pl.lit(NULL_SERIES)).otherwise(pl.lit(own))
+    if scope.intervention == data.NULL:  # random chosen as the kind: its rows are the own series
+        series = pl.lit(own)
+    points = frame.with_columns(series=series)
+    baselines = (frame.sort("finished_at").group_by("model", "lang", maintain_order=True)
+                 .agg(pl.col("baseline").last().alias("value"))  # of the newest point, if they differ
+                 .with_columns(series=pl.lit(BASELINE_SERIES), intervention=pl.lit("none"))
+                 .select("model", "lang", "series", "intervention", "value"))
+    domain = [own] + ([NULL_SERIES] if scope.null else []) + [BASELINE_SERIES]
+    dashes = {own: DASHES["own"], NULL_SERIES: DASHES["null"], BASELINE_SERIES: DASHES["baseline"]}
+    dash = alt.StrokeDash("series:N", title="line", scale=alt.Scale(domain=domain, range=[dashes[d] for d in domain]),
+                          legend=alt.Legend(symbolStrokeWidth=2, symbolType="stroke", symbolSize=500,
+                                            labelLimit=260))
+    color, shape = _lang_encodings(scope.langs)
+    ks = scope.ks
+    x = alt.X("k:Q", title="top-k fraction k (log scale)", scale=alt.Scale(type="log", nice=False, padding=12),
+              axis=alt.Axis(values=ks, format="~g", labelAngle=-45, labelOverlap=False, grid=False))
+    accuracy = scope.task == "accuracy"
+    y = alt.Y("value:Q", title=TASK_LABELS[scope.task], scale=alt.Scale(zero=False, padding=12),
+              axis=alt.Axis(format=".0%" if accuracy else "~g"))
+    tooltip = [alt.Tooltip("model:N"), alt.Tooltip("lang:N", title="language"), alt.Tooltip("series:N", title="line"),
+               alt.Tooltip("k:Q", format="~g"), alt.Tooltip("value:Q", format=".4f"),
+               alt.Tooltip("baseline:Q", format=".4f"),
+               alt.Tooltip("relative_change:Q", title="relative change", format="+.2%"),
+               alt.Tooltip("n_params_changed:Q", title="parameters changed", format=",")]
+    # one data set for all layers (facets need it): the points, then one baseline row per language
+    frame = pl.concat([points.select("model", "lang", "series", "intervention", "k", "value", "baseline",
+                                     "relative_change", "n_params_changed"), baselines], how="diagonal_relaxed")
+    base = alt.Chart(frame).encode(x=x, y=y, color=color)
+    curves = base.transform_filter(alt.FieldOneOfPredicate(field="series", oneOf=[own, NULL_SERIES]))
+    line = curves.mark_line(strokeWidth=2).encode(strokeDash=dash, detail="series:N")
+    dots = curves.mark_point(filled=True, size=50, opacity=1).encode(shape=shape, tooltip=tooltip)
+    rule = alt.Chart(frame).transform_filter(alt.FieldEqualPredicate(field="series", equal=BASELINE_SERIES)) \
+        .mark_rule(strokeWidth=1.5, opacity=0.9).encode(
+            y=alt.Y("value:Q"), color=color, strokeDash=dash,
+            tooltip=[alt.Tooltip("model:N"), alt.Tooltip("lang:N", title="language"),
+                     alt.Tooltip("value:Q", title="baseline", format=".4f")])
+    chart = alt.layer(rule, line, dots).properties(width=LINES_WIDTH, height=LINES_HEIGHT)
+    if len(scope.models) > 1:
+        chart = chart.facet(row=alt.Row("model:N", title=None, sort=scope.models,
+                                        header=alt.Header(labelFontSize=12, labelFontWeight="bold",
+                                                          labelAngle=0, labelAlign="left")))
+    return chart.properties(title=alt.TitleParams(
+        f"{TASK_LABELS[scope.task][0].upper()}{TASK_LABELS[scope.task][1:]} vs k, each language's own set "
+        f"{_what(scope)}", fontSize=12, anchor="start"))

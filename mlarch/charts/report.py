@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+import re
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -33,6 +34,80 @@ def _figures(scope: data.Scope, model: str):
     if n >= 3:
         figures.append(("upset", "upset", one_k, "Sizes of every intersection pattern of the languages (UpSet)."))
     return figures
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower() or "data"
+
+
+def intervention_figures(archive, models: list[str], model: str, scope: data.Scope):
+    """(file stem, kind, options, caption) of the interventions charts: one per evaluated
+    task and data set (prune if evaluated, else the first kind; its smallest factor), for the
+    report's languages, k and seed where evaluated. None when the models have no evaluations
+    with interventions, or when some matched models have none (a narrower --model shows them)."""
+    evaluated = data.evaluated_models(archive, models)
+    if not evaluated or len(evaluated) != len(models):
+        return []
+    groups = data.evaluation_groups(archive, models).filter(pl.col("n_models") == len(models))
+    kinds_found = set(groups["intervention"].to_list())
+    kind = next((x for x in data.INTERVENTIONS if x in kinds_found), None)
+    if kind is None:
+        return []
+    chosen = {}
+    for row in groups.filter(pl.col("intervention") == kind).iter_rows(named=True):
+        chosen.setdefault((row["task"], row["dataset"], row["role"]), row)  # smallest factor first
+    tasks = {task for task, _, _ in chosen}
+    datasets = {(dataset, role) for _, dataset, role in chosen}
+    figures = []
+    for (task, dataset, role), row in chosen.items():
+        langs = [x for x in scope.langs if x in row["langs"]]
+        if not langs:
+            continue
+        stem = "-".join(["interventions"] + ([task] if len(tasks) > 1 else [])
+                        + ([_slug(f"{dataset}-{role}")] if len(datasets) > 1 else []))
+        options = {"model": model, "langs": langs, "task": task, "dataset": f"{dataset}:{role}",
+                   "intervention": kind if row["factor"] is None else f"{kind}={row['factor']:g}",
+                   "k": scope.k if scope.k in row["ks"] else None,
+                   "seed": scope.seed if scope.seed in row["seeds"] else None}
+        name = "NLL" if task == "nll" else task
+        caption = (f"Relative change of {name} on {dataset} ({role}) vs the baseline, per changed math-only set "
+                   f"(rows) and evaluated language (columns){', with the random null' if kind == 'prune' else ''};"
+                   f" {name} vs k for each language's own set ({kind}; dashed: random null, dotted: baseline).")
+        figures.append((stem, "interventions", options, caption))
+    return figures
+
+
+def effects_table(archive, models: list[str]) -> pl.DataFrame:
+    """intervention_effects of the models: the columns that vary (model, task, data set,
+    seed, factor) first, then target_lang, lang, intervention, k, baseline, value, the
+    relative change in percent and the parameters changed."""
+    frame = data.effects(archive, models)
+    if frame.height == 0:
+        return frame
+    frame = frame.with_columns(dataset=pl.col("dataset") + ":" + pl.col("role"),
+                               relative_change=pl.col("relative_change") * 100,
+                               k=pl.col("k").map_elements(fmt_k, return_dtype=pl.String))
+    varying = [c for c in ("model", "task", "dataset", "seed", "factor") if frame[c].n_unique() > 1]
+    columns = varying + ["target_lang", "lang", "intervention", "k", "baseline", "value", "relative_change",
+                         "n_params_changed"]
+    return frame.select(columns).rename({"relative_change": "relative_change (%)"})
+
+
+def _effects_caption(archive, models: list[str], frame: pl.DataFrame) -> str:
+    shown = set(frame.columns)
+    full = data.effects(archive, models)
+    fixed = []
+    for column, label in (("model", "model"), ("task", "task"), ("dataset", "data"), ("seed", "seed"),
+                          ("factor", "factor")):
+        if column not in shown:
+            value = full[column][0]
+            if column == "dataset":
+                value = f"{value}:{full['role'][0]}"
+            if value is not None:
+                fixed.append(f"{label} {value:g}" if isinstance(value, float) else f"{label} {value}")
+    return ("Effects of interventions on math-only parameters: each evaluation next to its baseline without "
+            "intervention; relative change = (value − baseline) / |baseline|, in percent"
+            + (f" ({', '.join(fixed)})" if fixed else "") + ".")
 
 
 def _table(frame: pl.DataFrame, caption: str, numeric_from: int = 0) -> str:
@@ -150,7 +225,8 @@ def write_report(archive, out_dir, model: str, langs=None, k: float | None = Non
     scope = data.resolve(archive, model, scope_k.langs, None, scope_k.seed, multi_k=True, kind="report")
     files: dict[str, bytes] = {}
     shown = []
-    for stem, kind, options, caption in _figures(scope_k, model):
+    figures_eval = intervention_figures(archive, scope.models, model, scope_k)
+    for stem, kind, options, caption in _figures(scope_k, model) + figures_eval:
         chart = build(archive, kind, **options)
         files[f"{stem}.svg"] = render(chart, "svg")
         files[f"{stem}.png"] = render(chart, "png")
@@ -160,6 +236,10 @@ def write_report(archive, out_dir, model: str, langs=None, k: float | None = Non
         tables.append(_table(jaccard_table(archive, scope),
                              f"Jaccard overlap per language pair and k, all layers pooled (seed {scope.seed}); "
                              "chance = p/(2−p), p = k(1−k)."))
+    evaluated = data.evaluated_models(archive, scope.models)
+    if evaluated:  # archives without evaluations get exactly the report they always got
+        effects = effects_table(archive, evaluated)
+        tables.append(_table(effects, _effects_caption(archive, evaluated, effects)))
     tables.append(_table(provenance_table(archive, scope), "Runs used (math and control per language)."))
     title = f"mlarch report: {', '.join(scope.models)}"
     when = datetime.now(timezone.utc).isoformat(timespec="seconds")

@@ -143,10 +143,13 @@ file with one item per line.""")
               show_default=True, help="auto: float32 on CPU, bfloat16 on CUDA.")
 @click.option("--revision", default=None, help="Hub revision (branch, tag or commit).")
 @click.option("--force", is_flag=True, help="Rerun configurations that are already archived.")
+@click.option("--only-correct", "only_correct", default=None, callback=_csv(str), metavar="EVAL_IDS",
+              help="Draw math items only from those these accuracy evaluations (one per language, "
+                   "`mlarch eval --task accuracy`) scored correct, as the paper filters GSM8K.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress output.")
 @click.pass_context
 def ingest(ctx, model_ref, langs, math_spec, control_spec, data_dir, name, samples, seeds, top_k, batch_size,
-           max_length, device, dtype, revision, force, quiet):
+           max_length, device, dtype, revision, force, only_correct, quiet):
     """Score a model on math and control texts per language and archive the runs."""
     from mlarch.cli.progress import RichReporter
     from mlarch.ingest.pipeline import IngestConfig, ingest as run_ingest
@@ -155,7 +158,7 @@ def ingest(ctx, model_ref, langs, math_spec, control_spec, data_dir, name, sampl
     cfg = IngestConfig(
         model=model_ref, langs=langs, math=math_spec, control=control_spec, name=name, samples=samples,
         seeds=seeds, top_k=top_k, batch_size=batch_size, max_length=max_length, device=device,
-        dtype=dtype, revision=revision, force=force, data_dir=data_dir,
+        dtype=dtype, revision=revision, force=force, data_dir=data_dir, only_correct=only_correct,
     )
     reporter = RichReporter(quiet=quiet)
     result = run_ingest(layout.resolve(ctx.obj["archive"]), cfg, reporter)
@@ -283,9 +286,11 @@ Examples:
 @click.option("--samples", type=int, default=24, show_default=True, help="Items drawn per language and role.")
 @click.option("--data-dir", type=click.Path(file_okay=False), default=None,
               help="Use the public corpora from this folder (gsm8k/mgsm + flores) instead of the starter set.")
+@click.option("--interventions", "with_interventions", is_flag=True,
+              help="Also prune each language's set at k = 0.01 (and a random null) and print the held-out NLL matrix.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress output.")
 @click.pass_context
-def demo(ctx, langs, samples, data_dir, quiet):
+def demo(ctx, langs, samples, data_dir, with_interventions, quiet):
     """Run the whole analysis offline on a real model: Gemma-3-270M (from PyPI) on the
     starter set, then print the overlaps and set sizes.
 
@@ -318,6 +323,8 @@ def demo(ctx, langs, samples, data_dir, quiet):
     click.echo("\nReproducible bit for bit with the same files, seed, batch size and machine; another batch size, "
                "CPU or GPU changes float32 rounding, which can swap a few near-tied parameters (measured on this "
                "model: at most 7 of 10 M top-k entries; see bench/determinism.py).")
+    if with_interventions:
+        _demo_interventions(root, archive, langs, data_dir, quiet)
     archive_flag = f"--archive {ctx.obj['archive']} " if ctx.obj["archive"] else ""
     click.echo(f"""
 Explore further:
@@ -325,6 +332,38 @@ Explore further:
   mlarch {archive_flag}compare --model {result['model']} --langs {','.join(langs)} --k 0.05 --by global
   mlarch {archive_flag}sql "SELECT * FROM language_unique WHERE k = 0.01 AND layer IS NOT NULL ORDER BY n_unique DESC LIMIT 10"
   mlarch {archive_flag}runs""")
+
+
+def _demo_interventions(root, archive, langs, data_dir, quiet) -> None:
+    import time
+
+    import polars as pl
+
+    from mlarch.cli.progress import RichReporter
+    from mlarch.ingest import demo as demo_lib
+
+    started = time.perf_counter()
+    result = demo_lib.interventions(root, langs=langs, data_dir=data_dir, reporter=RichReporter(quiet=quiet))
+    click.echo(f"\nInterventions: {len(result['written'])} evaluation(s) run, {len(result['reused'])} reused "
+               f"({time.perf_counter() - started:.0f} s)")
+    effects = archive.sql(
+        "SELECT role, intervention, target_lang, lang, relative_change FROM intervention_effects "
+        "WHERE model = $m AND task = 'nll' AND k = $k AND seed = 1 AND list_contains($ids, eval_id)",
+        {"m": result["model"], "k": demo_lib.DEMO_K, "ids": result["written"] + result["reused"]})
+    for role in ("math", "control"):
+        for kind in ("prune", "random"):
+            part = effects.filter((pl.col("role") == role) & (pl.col("intervention") == kind))
+            if part.is_empty():
+                continue
+            matrix = (part.with_columns((pl.col("relative_change") * 100).round(1).alias("pct"))
+                      .pivot(on="lang", index="target_lang", values="pct")
+                      .select("target_lang", *[lang for lang in langs if lang in part["lang"].to_list()]))
+            order = {lang: i for i, lang in enumerate(langs)}
+            matrix = matrix.sort(pl.col("target_lang").replace_strict(order, default=len(order)))
+            what = "its math-only set" if kind == "prune" else "as many random parameters per matrix"
+            click.echo(f"\nHeld-out {role} NLL change (%) when pruning {what} (k = {demo_lib.DEMO_K}); "
+                       "rows: pruned language, columns: evaluated language:")
+            emit(matrix.rename({"target_lang": "pruned"}), "table")
 
 
 @cli.command(epilog="""\b
@@ -449,9 +488,12 @@ def export(ctx, folder, fmt):
 
 
 from mlarch.cli.charts import chart, report  # noqa: E402 - defined in their own module
+from mlarch.cli.evaluate import evals, evaluate  # noqa: E402
 
 cli.add_command(chart)
 cli.add_command(report)
+cli.add_command(evaluate)
+cli.add_command(evals)
 
 
 def main() -> None:

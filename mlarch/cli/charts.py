@@ -16,10 +16,18 @@ Examples:
   mlarch chart heatmap --model gemma --langs en,de,hi,zh --by layer --k 0.05 -o heatmap.svg
   mlarch chart upset --model llama --langs en,de,bn -o upset.html
   mlarch chart layers --model gemma --langs en,bn -o layers.json
+  mlarch chart interventions --model gemma --task nll --intervention prune --k 0.01 -o effects.pdf
+  mlarch chart interventions --model gemma --task accuracy --dataset mgsm --langs en,de,bn -o acc.png
 
 \b
 The format follows the file's suffix: .svg .png (2x) .pdf .html (self-contained, works
-offline) .json (the Vega-Lite spec). Several models matching --model give one panel each.""")
+offline) .json (the Vega-Lite spec). Several models matching --model give one panel each.
+
+\b
+interventions draws the evaluations of `mlarch eval`: a heatmap of the relative change
+of NLL or accuracy vs the baseline (rows: whose math-only set was changed, columns: the
+evaluated language; random:<lang> rows: the random null) and the value vs k with each
+language's own set changed (dashed: random null). --langs are the evaluated languages.""")
 @click.argument("kind")
 @click.option("--model", "model_pattern", required=True, help="Substring of archived model names (case-insensitive).")
 @click.option("--langs", callback=_csv(str), default=None,
@@ -30,9 +38,16 @@ offline) .json (the Vega-Lite spec). Several models matching --model give one pa
 @click.option("--seed", type=int, default=None, help="Sampling seed [default: the smallest archived].")
 @click.option("--by", type=click.Choice(["global", "layer"]), default="global", show_default=True,
               help="heatmap columns: k values (global) or layers at one k.")
+@click.option("--task", default=None,
+              help="interventions: nll or accuracy [default: nll when evaluated, else accuracy].")
+@click.option("--intervention", default=None,
+              help="interventions: prune, scale, fraction or random; a factor as in scale=0.5 "
+                   "[default: prune when evaluated].")
+@click.option("--dataset", default=None,
+              help="interventions: evaluated data set, NAME or NAME:ROLE [default: the only one].")
 @click.option("-o", "--output", required=True, help="Output file: .svg, .png, .pdf, .html or .json.")
 @click.pass_context
-def chart(ctx, kind, model_pattern, langs, k_values, seed, by, output):
+def chart(ctx, kind, model_pattern, langs, k_values, seed, by, task, intervention, dataset, output):
     """Draw one chart of KIND for the models matching --model and write it to a file.
 
     \b
@@ -42,12 +57,16 @@ def chart(ctx, kind, model_pattern, langs, k_values, seed, by, output):
       heatmap  Jaccard per pair and k (--by global) or per pair and layer (--by layer)
       layers   math-specific parameter count per layer, one line per language
       upset    sizes of every intersection pattern of 3+ languages (UpSet plot)
+      interventions
+               evaluations of `mlarch eval`: relative change of NLL or accuracy
+               per changed set and evaluated language, and the value vs k
     """
     from mlarch import charts
 
     charts.check_kind(kind)
     charts.check_format(output)
-    figure = charts.build(_archive(ctx), kind, model=model_pattern, langs=langs, k=k_values, seed=seed, by=by)
+    figure = charts.build(_archive(ctx), kind, model=model_pattern, langs=langs, k=k_values, seed=seed, by=by,
+                          task=task, intervention=intervention, dataset=dataset)
     path = charts.save(figure, output)
     click.echo(f"Wrote {path} ({kind})")
 
@@ -60,7 +79,9 @@ Examples:
 \b
 DIR gets <kind>.svg and <kind>.png for every chart (upset needs 3+ languages) and
 index.html: the charts inline plus set sizes, global Jaccard per pair and k, and the
-provenance of the runs used (self-contained, works offline).""")
+provenance of the runs used (self-contained, works offline). When the archive holds
+finished evaluations with interventions (`mlarch eval`) for the model, it adds the
+interventions chart(s) and a table of their effects vs the baselines.""")
 @click.option("--model", "model_pattern", required=True, help="Substring of archived model names (case-insensitive).")
 @click.option("-o", "--output", "out_dir", required=True, help="Folder to write (created if missing).")
 @click.option("--langs", callback=_csv(str), default=None, help="Languages [default: all archived for the model].")

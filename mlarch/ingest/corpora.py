@@ -88,6 +88,7 @@ class NamedSource:
     data_dir: Path | None = None
     notes: str = ""
     files: dict[str, list[RemoteFile]] = field(default_factory=dict)
+    train_from: dict[str, int] = field(default_factory=dict)  # lang -> first item of the training split
 
     def languages(self) -> list[str]:
         return list(self.counts)
@@ -101,15 +102,24 @@ class NamedSource:
     def load(self, lang: str, role: str = "math") -> LoadedItems:
         self.check_lang(lang)
         paths = [fetch(f, self.data_dir) for f in self.files[lang]]
-        texts = self.parse(lang, paths)
+        pairs = self.parse_pairs(lang, paths)
+        texts = self.parse(lang, paths) if pairs is None else [self.text(q, a) for q, a in pairs]
         if len(texts) != self.counts[lang]:
             raise MlarchError(
                 f"data source {self.name!r} gave {len(texts)} items for {lang!r}, expected {self.counts[lang]}"
             )
-        return LoadedItems(texts, [self.template], {f.local: f.sha256 for f in self.files[lang]})
+        return LoadedItems(texts, [self.template], {f.local: f.sha256 for f in self.files[lang]}, pairs,
+                           self.train_from.get(lang))
 
     def parse(self, lang: str, paths: list[Path]) -> list[str]:  # pragma: no cover - overridden
         raise NotImplementedError
+
+    def parse_pairs(self, lang: str, paths: list[Path]) -> list[tuple[str, str]] | None:
+        """(question, answer) per item for question-answer sources, None for plain texts."""
+        return None
+
+    def text(self, question: str, answer: str) -> str:
+        return QA_TEMPLATE.format(question=question, answer=answer)
 
     def describe(self) -> dict:
         return {"kind": "named", "name": self.name, "licence": self.licence, "upstream": self.upstream,
@@ -134,16 +144,16 @@ MGSM_SHA = {
 
 
 class Mgsm(NamedSource):
-    def parse(self, lang, paths):
-        texts = []
+    def parse_pairs(self, lang, paths):
+        pairs = []
         for lineno, line in enumerate(paths[0].read_text(encoding="utf-8").splitlines(), start=1):
             if not line.strip():
                 continue
             question, sep, answer = line.rpartition("\t")
             if not sep:
                 raise MlarchError(f"{paths[0]}, line {lineno}: expected question TAB answer")
-            texts.append(QA_TEMPLATE.format(question=question.strip(), answer=answer.strip()))
-        return texts
+            pairs.append((question.strip(), answer.strip()))
+        return pairs
 
 
 def mgsm(data_dir):
@@ -166,14 +176,18 @@ PAPER_UPSTREAM = Upstream("luisavictor/math-across-languages", "e3960d649c7d81bb
 _CALCULATOR = re.compile(r"<<[^<>]*>>")
 
 
+def gsm8k_answer(answer: str) -> str:
+    """A worked solution with GSM8K's calculator annotations (<<a*b=c>>) removed."""
+    return re.sub(r"[ \t]+", " ", _CALCULATOR.sub("", answer)).strip()
+
+
 def gsm8k_text(question: str, answer: str) -> str:
-    """Q/A template with GSM8K's calculator annotations (<<a*b=c>>) removed."""
-    answer = re.sub(r"[ \t]+", " ", _CALCULATOR.sub("", answer))
-    return QA_TEMPLATE.format(question=question.strip(), answer=answer.strip())
+    """Q/A template with GSM8K's calculator annotations removed."""
+    return QA_TEMPLATE.format(question=question.strip(), answer=gsm8k_answer(answer))
 
 
 class Gsm8k(NamedSource):
-    def parse(self, lang, paths):
+    def parse_pairs(self, lang, paths):
         texts = []
         for path in paths:
             content = path.read_text(encoding="utf-8")
@@ -184,10 +198,10 @@ class Gsm8k(NamedSource):
                             record = json.loads(line)
                         except json.JSONDecodeError as exc:
                             raise MlarchError(f"{path}, line {lineno}: invalid JSON ({exc.msg})") from None
-                        texts.append(gsm8k_text(record["question"], record["answer"]))
+                        texts.append((record["question"].strip(), gsm8k_answer(record["answer"])))
             else:
                 for record in csv.DictReader(io.StringIO(content)):
-                    texts.append(gsm8k_text(record["question"], record["answer"]))
+                    texts.append((record["question"].strip(), gsm8k_answer(record["answer"])))
         return texts
 
 
@@ -197,7 +211,7 @@ def gsm8k(data_dir):
         upstream=(f"github.com/{GSM8K_UPSTREAM.repo}@{GSM8K_UPSTREAM.commit[:12]}; "
                   f"de/hi: github.com/{PAPER_UPSTREAM.repo}@{PAPER_UPSTREAM.commit[:12]}"),
         template=QA_TEMPLATE + "   (worked solution, calculator notes <<...>> removed, ends '#### N')",
-        counts={"en": 1319 + 7473, "de": 1319, "hi": 1319}, data_dir=data_dir,
+        counts={"en": 1319 + 7473, "de": 1319, "hi": 1319}, data_dir=data_dir, train_from={"en": 1319},
         notes="en items: test (0-1318, parallel to de and hi) then train; de/hi: NLLB-200 3.3B translations "
               "of the test set by the authors of arXiv 2606.18453",
         files={
@@ -276,12 +290,12 @@ class Starter(NamedSource):
         self.check_lang(lang)
         folder = "math" if role == "math" else "control"
         resource = resources.files("mlarch.starter") / folder / f"{lang}.jsonl"
-        from mlarch.ingest.sources import parse_file
+        from mlarch.ingest.sources import parse_records
 
         with resources.as_file(resource) as path:
-            texts, templates = parse_file(path)
+            texts, templates, pairs = parse_records(path)
             digest = sha256_file(path)
-        return LoadedItems(texts, templates, {f"mlarch/starter/{folder}/{lang}.jsonl": digest})
+        return LoadedItems(texts, templates, {f"mlarch/starter/{folder}/{lang}.jsonl": digest}, pairs)
 
 
 def starter(data_dir):

@@ -104,3 +104,33 @@ def run(root: Path, *, langs: list[str] | None = None, samples: int = DEMO_SAMPL
         written += result.written
         skipped += result.skipped
     return {"model": name, "langs": langs, "written": written, "skipped": skipped}
+
+
+DEMO_K = 0.01
+
+
+def interventions(root: Path, *, langs: list[str], data_dir: str | None = None, seed: int = 1,
+                  reporter=None) -> dict:
+    """The held-out NLL matrix: each language's math-only set at k = 0.01 pruned in turn, and
+    as many random parameters per matrix (the null), evaluated on the held-out math and
+    control items of every language. Returns {"model": ..., "written": [...], "reused": [...]}."""
+    from mlarch.evaluation.pipeline import EvalConfig, evaluate
+
+    folder = prepare((reporter.message if reporter else lambda text: None))
+    name = NAME if data_dir is None else f"{NAME}-corpora"
+    specs = [f"{kind}:{lang}@{DEMO_K}" for lang in langs for kind in ("prune", "random")]
+    written, reused = [], []
+    if data_dir is None:
+        plans = [("starter", role, langs) for role in ("math", "control")]
+    else:
+        math_for = {lang: CORPUS_MATH.get(lang, "mgsm") for lang in langs}
+        plans = [(source, "math", [lang for lang in langs if math_for[lang] == source])
+                 for source in sorted(set(math_for.values()))] + [("flores", "control", langs)]
+    for data, role, plan_langs in plans:
+        cfg = EvalConfig(model=str(folder), name=name, langs=plan_langs, task="nll", data=data, role=role,
+                         interventions=specs, seed=seed, limit=None if data_dir is None else 16, device="cpu",
+                         dtype="float32", data_dir=data_dir)
+        result = evaluate(root, cfg, reporter)
+        written += result.written
+        reused += result.reused
+    return {"model": name, "written": written, "reused": reused}

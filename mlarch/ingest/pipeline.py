@@ -73,6 +73,9 @@ class IngestConfig:
     revision: str | None = None
     force: bool = False
     data_dir: str | None = None
+    # accuracy evaluations (eval_ids, one per language): math items are drawn only from the
+    # items each scored correct (the paper filters GSM8K to items the model solves)
+    only_correct: list[str] | None = None
 
     def validate(self) -> None:
         """Refuse bad values before any work (the model is not loaded yet, the archive untouched)."""
@@ -116,6 +119,11 @@ class IngestConfig:
                                        "truncate texts to 1 to 1,048,576 tokens, e.g. --max-length 512")
         if self.name is not None:
             check_name(self.name, "--name")
+        if self.only_correct is not None:
+            if not self.only_correct or any(not isinstance(e, str) or not e for e in self.only_correct):
+                raise UsageError("--only-correct takes eval ids, one per language: see `mlarch evals`")
+            if len(set(self.only_correct)) != len(self.only_correct):
+                raise UsageError("eval ids repeat in --only-correct: list each once")
 
 
 # Upper bounds on values that size allocations or are stored as BIGINT: refused up front
@@ -220,6 +228,7 @@ def ingest(root: Path, cfg: IngestConfig, reporter: Reporter | None = None) -> I
     _check_writable(root)
     catalog_path = root / layout.CATALOG
 
+    pools = _correct_pools(catalog_path, cfg, name, srcs["math"].name, items) if cfg.only_correct else {}
     units = []  # (seed, lang, role, digest)
     for seed in cfg.seeds:
         for lang in cfg.langs:
@@ -230,6 +239,8 @@ def ingest(root: Path, cfg: IngestConfig, reporter: Reporter | None = None) -> I
                     "data_files": items[(lang, role)].files, "seed": seed, "samples": cfg.samples,
                     "max_length": cfg.max_length, "top_k": cfg.top_k,
                 }
+                if (lang, role) in pools:  # absent otherwise: earlier archives' digests stay valid
+                    identity["only_correct"] = pools[(lang, role)]["record"]
                 units.append((seed, lang, role, provenance.digest_json(identity)))
     existing = _finished_digests(catalog_path, name)
     result = IngestResult(model=name)
@@ -293,7 +304,7 @@ def ingest(root: Path, cfg: IngestConfig, reporter: Reporter | None = None) -> I
                         _score_run(
                             root, cfg, name, lang, role, seed, run_id, digest, srcs[role], items[(lang, role)],
                             loaded, modules, spans, magnitudes, magnitudes_ready, batch_size, env, config,
-                            reporter, run_pass, background,
+                            reporter, run_pass, background, pools.get((lang, role)),
                         )
                         for run_id, (role, digest) in zip(run_ids, units_here)
                     ]
@@ -306,6 +317,50 @@ def ingest(root: Path, cfg: IngestConfig, reporter: Reporter | None = None) -> I
                 reporter.message(
                     f"archived {lang} seed {seed}: " + ", ".join(f"{p.role} {p.run_id}" for p in pending))
     return result
+
+
+def _correct_pools(catalog_path: Path, cfg: IngestConfig, name: str, dataset: str, items) -> dict:
+    """{(lang, 'math'): {"items": item indices scored correct, "record": what identifies them}}
+    from the accuracy evaluations named by --only-correct, one per language, checked first."""
+    if not catalog_path.exists():
+        raise catalog.missing_archive(catalog_path.parent)
+    with catalog.reading(catalog_path) as con:
+        rows = catalog.dicts(con, "SELECT eval_id, model, task, dataset, role, lang, status, record_sha256, provenance "
+                                  "FROM evaluations WHERE list_contains(?, eval_id)", [cfg.only_correct])
+        found = {r["eval_id"]: r for r in rows}
+        missing = [e for e in cfg.only_correct if e not in found]
+        if missing:
+            raise UsageError(f"no evaluation {', '.join(missing)} in the archive: pass eval ids from `mlarch evals`")
+        pools, by_lang = {}, {}
+        for eval_id in cfg.only_correct:
+            r = found[eval_id]
+            problem = ("has not finished" if r["status"] != "FINISHED" else
+                       f"is a {r['task']} evaluation, not accuracy" if r["task"] != "accuracy" else
+                       f"evaluated model {r['model']!r}, not {name!r}" if r["model"] != name else
+                       f"evaluated {r['dataset']!r} ({r['role']}), not the math data {dataset!r}"
+                       if (r["dataset"], r["role"]) != (dataset, "math") else
+                       f"evaluated {r['lang']!r}, which is not in --langs" if r["lang"] not in cfg.langs else
+                       f"repeats language {r['lang']!r}" if r["lang"] in by_lang else None)
+            if problem:
+                raise UsageError(f"evaluation {eval_id} {problem}: --only-correct takes one finished accuracy "
+                                 "evaluation of this model on the --math data per language")
+            files = (json.loads(r["provenance"] or "{}").get("data") or {}).get("files")
+            if files != items[(r["lang"], "math")].files:
+                raise MlarchError(f"evaluation {eval_id} read other data files than {dataset!r} ({r['lang']}) has now: "
+                                  "its item numbers do not apply; restore those files or evaluate again")
+            by_lang[r["lang"]] = eval_id
+            correct = [i for (i,) in con.execute("SELECT item_index FROM evaluation_items WHERE eval_id = ? AND correct "
+                                                 "ORDER BY item_index", [eval_id]).fetchall()]
+            if not correct:
+                raise UsageError(f"evaluation {eval_id} ({r['lang']}) scored no item correct: nothing to draw from; "
+                                 "drop --only-correct for that language or evaluate more items")
+            pools[(r["lang"], "math")] = {"items": correct,
+                                          "record": {"eval_id": eval_id, "record_sha256": r["record_sha256"]}}
+    uncovered = [lang for lang in cfg.langs if lang not in by_lang]
+    if uncovered:
+        raise UsageError(f"--only-correct names no evaluation for {', '.join(uncovered)}: pass one accuracy "
+                         "evaluation per language in --langs")
+    return pools
 
 
 def _check_finite(ref: str, modules) -> None:
@@ -367,13 +422,18 @@ def _begin_runs(catalog_path: Path, name: str, lang: str, seed: int, cfg: Ingest
 
 
 def _score_run(root, cfg, name, lang, role, seed, run_id, digest, source, loaded_items, loaded, modules, spans,
-               magnitudes, magnitudes_ready, batch_size, env, config, reporter, run_pass, background) -> Future:
+               magnitudes, magnitudes_ready, batch_size, env, config, reporter, run_pass, background,
+               pool=None) -> Future:
     """Run the forward pass here; select and write in `background` (a thread beside the next
     pass, or inline: see `overlaps`). The returned future gives the run, ready to commit."""
     group = layout.run_group(run_id)
     started = _now()
     texts_all = loaded_items.texts
-    indices = np.random.default_rng(seed).integers(0, len(texts_all), size=cfg.samples)
+    if pool is None:
+        indices = np.random.default_rng(seed).integers(0, len(texts_all), size=cfg.samples)
+    else:  # the same draw, over the pool of items an evaluation scored correct
+        allowed = np.asarray(pool["items"], dtype=np.int64)
+        indices = allowed[np.random.default_rng(seed).integers(0, len(allowed), size=cfg.samples)]
     texts = [texts_all[i] for i in indices]
     reporter.start_pass(f"{lang} {role} seed {seed}", len(texts))
     clock = time.perf_counter()
@@ -424,6 +484,8 @@ def _score_run(root, cfg, name, lang, role, seed, run_id, digest, source, loaded
             "seed": seed,
             "sample_indices": indices.tolist(),
         }
+        if pool is not None:
+            prov["only_correct"] = {**pool["record"], "n_items": len(pool["items"])}
         return _Pending(run_id, lang, role, seed, group, indices, records, result.n_tokens, result.n_truncated, prov,
                         levels)
 

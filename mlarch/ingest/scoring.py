@@ -127,6 +127,7 @@ def length_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
 class Batch:
     input_ids: torch.Tensor  # (rows, width) long, on the CPU, right-padded
     attention: torch.Tensor  # (rows, width) long: 1 on real tokens, 0 on padding
+    items: tuple[int, ...] = ()  # index in `texts` of each row
 
 
 def batches(tokenizer, texts: list[str], *, batch_size: int, max_length: int, vocab: int) -> tuple[list[Batch], int]:
@@ -153,7 +154,7 @@ def batches(tokenizer, texts: list[str], *, batch_size: int, max_length: int, vo
         for row, i in enumerate(batch):  # right padding keeps real positions 0..n-1
             input_ids[row, : len(ids[i])] = torch.tensor(ids[i])
             attention[row, : len(ids[i])] = 1
-        out.append(Batch(input_ids, attention))
+        out.append(Batch(input_ids, attention, tuple(batch)))
     return out, n_truncated
 
 

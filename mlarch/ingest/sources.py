@@ -33,6 +33,12 @@ class LoadedItems:
     texts: list[str]
     templates: list[str]  # the templates used (one, unless a file mixes record shapes)
     files: dict[str, str] = field(default_factory=dict)  # path -> sha256
+    # (question, answer) of every item, where every item has both (accuracy needs them:
+    # the question for the prompt, the answer for the reference number); else None
+    pairs: list[tuple[str, str]] | None = None
+    # index of the first item of the source's training split (GSM8K en: test, then train),
+    # where n-shot exemplars come from; None: the source has no training split
+    train_from: int | None = None
 
 
 class DataSource(Protocol):
@@ -64,8 +70,21 @@ def _record_text(record: dict, where: str) -> tuple[str, str]:
     )
 
 
+def _pair(record: dict) -> tuple[str, str] | None:
+    question, answer = record.get("question"), record.get("answer")
+    if question in (None, "") or answer in (None, ""):
+        return None
+    return str(question).strip(), str(answer).strip()
+
+
 def parse_file(path: Path) -> tuple[list[str], list[str]]:
     """Texts and templates from a .jsonl, .csv or plain-text file (one item per line)."""
+    texts, templates, _ = parse_records(path)
+    return texts, templates
+
+
+def parse_records(path: Path) -> tuple[list[str], list[str], list[tuple[str, str]] | None]:
+    """Texts, templates and, where every record has them, (question, answer) pairs."""
     try:
         content = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -75,6 +94,7 @@ def parse_file(path: Path) -> tuple[list[str], list[str]]:
     suffix = path.suffix.lower()
     texts: list[str] = []
     templates: set[str] = set()
+    pairs: list[tuple[str, str] | None] = []
     if suffix in {".jsonl", ".ndjson"}:
         for lineno, line in enumerate(content.splitlines(), start=1):
             if not line.strip():
@@ -88,6 +108,7 @@ def parse_file(path: Path) -> tuple[list[str], list[str]]:
             text, template = _record_text(record, f"{path}, line {lineno}")
             texts.append(text)
             templates.add(template)
+            pairs.append(_pair(record))
     elif suffix == ".csv":
         reader = csv.DictReader(io.StringIO(content))
         fields = set(reader.fieldnames or [])
@@ -100,16 +121,18 @@ def parse_file(path: Path) -> tuple[list[str], list[str]]:
                 text, template = _record_text(record, f"{path}, line {reader.line_num}")
                 texts.append(text)
                 templates.add(template)
+                pairs.append(_pair(record))
         except csv.Error as exc:
             raise MlarchError(f"{path}, line {reader.line_num}: malformed CSV ({exc})") from None
     else:
         for line in content.splitlines():
             if line.strip():
                 texts.append(line)
+                pairs.append(None)
         templates.add(TEXT_TEMPLATE)
     if not texts:
         raise MlarchError(f"data file {path} has no items; add at least one")
-    return texts, sorted(templates)
+    return texts, sorted(templates), (None if None in pairs else pairs)
 
 
 class TemplateFileSource:
@@ -131,8 +154,8 @@ class TemplateFileSource:
                 f"data file {path} for language {lang!r} does not exist "
                 f"(from template {self.spec!r}); create it or drop {lang!r} from --langs"
             )
-        texts, templates = parse_file(path)
-        return LoadedItems(texts, templates, {str(path.resolve()): sha256_file(path)})
+        texts, templates, pairs = parse_records(path)
+        return LoadedItems(texts, templates, {str(path.resolve()): sha256_file(path)}, pairs)
 
     def describe(self) -> dict:
         return {"kind": "template", "template": self.spec}

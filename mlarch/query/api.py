@@ -372,10 +372,45 @@ class Archive:
                          else self.top_k(run_id, module, k))
         return masks[0] & ~masks[1]
 
+    # --- evaluations -------------------------------------------------------------------
+    def evaluations(self, model: str | None = None, *, eval_ids=None) -> pl.DataFrame:
+        """Finished evaluations (the newest of each configuration), optionally only those of
+        models whose name contains `model`, or only `eval_ids`."""
+        frame = self._read(
+            "SELECT eval_id, model, task, dataset, role, lang, intervention, target_lang, k, seed, factor, n_set, "
+            "n_params_changed, n_items, n_tokens, value, stderr, finished_at FROM evaluations_current "
+            "ORDER BY model, task, dataset, lang, intervention <> 'none', target_lang, k, factor, eval_id")
+        if model:
+            frame = frame.filter(pl.col("model").str.to_lowercase().str.contains(model.lower(), literal=True))
+        if eval_ids is not None:
+            frame = frame.filter(pl.col("eval_id").is_in(list(eval_ids)))
+        return frame
+
+    def evaluation_items(self, eval_id: str) -> pl.DataFrame:
+        """Per-item results of one evaluation (NLL per item, or completion and correctness)."""
+        return self._read("SELECT * FROM evaluation_items WHERE eval_id = ? ORDER BY position", [eval_id])
+
+    def evaluate(self, model: str, langs, task: str, data: str, *, interventions=(), reporter=None, **options):
+        """Evaluate `model` per language (task 'nll' or 'accuracy') on `data`, with each of
+        `interventions` (specs such as 'prune:en@0.01') and a baseline, and archive the
+        results. Options mirror `mlarch eval`: name, role, seed, limit, all_items, shots,
+        chat, batch_size, max_length, max_new_tokens, device, dtype, revision, force, data_dir.
+        Returns an EvalResult (written and reused eval_ids)."""
+        from mlarch.evaluation.pipeline import EvalConfig, evaluate
+
+        if isinstance(langs, str):
+            langs = [x.strip() for x in langs.split(",") if x.strip()]
+        if isinstance(interventions, str):
+            interventions = [interventions]
+        cfg = EvalConfig(model=model, langs=list(langs), task=task, data=data, interventions=list(interventions),
+                         **options)
+        return evaluate(self.root, cfg, reporter)
+
     # --- charts ------------------------------------------------------------------------
     def chart(self, kind: str, **options):
-        """An altair.Chart of `kind` (sizes, overlap, heatmap, layers, upset) built from SQL
-        aggregates; options mirror `mlarch chart` (model, langs, k, seed, by)."""
+        """An altair.Chart of `kind` (sizes, overlap, heatmap, layers, upset, interventions)
+        built from SQL aggregates; options mirror `mlarch chart` (model, langs, k, seed, by;
+        for interventions also task, intervention, dataset)."""
         from mlarch.charts import build
 
         return build(self, kind, **options)

@@ -70,6 +70,11 @@ def verify(root: Path, run_ids: list[str] | None = None) -> list[Check]:
                   for r in chosen if r[3] == "FINISHED"]
         sealed += [("model", model, model_seals[model], run_records.model_digest_in(con, model))
                    for model in sorted(models & set(model_groups))]
+        evals = con.execute("SELECT eval_id, model, status, host, pid, record_sha256, n_items FROM evaluations "
+                            "ORDER BY created_at, eval_id").fetchall() if run_ids is None else []
+        item_counts = dict(con.execute("SELECT eval_id, count(*) FROM evaluation_items GROUP BY ALL").fetchall())
+        sealed += [("evaluation", e[0], e[5], run_records.evaluation_digest_in(con, e[0]))
+                   for e in evals if e[2] == "FINISHED"]
         n_params = dict(((m, mod), n) for m, mod, n in con.execute(
             "SELECT model, module, n_params FROM modules").fetchall())
         # the run each (model, lang, role, seed) uses: exactly one, the newest finished one
@@ -106,6 +111,14 @@ def verify(root: Path, run_ids: list[str] | None = None) -> list[Check]:
             checks.append(Check("run has arrays", run_id, False, "no arrays recorded: remove it with `mlarch rm`"))
         elif status != "FINISHED" and not (status == "RUNNING" and _alive(host, pid)):
             checks.append(Check("no leftovers", run_id, False, f"{status} run of an interrupted ingest: run `mlarch gc`"))
+    for eval_id, model, status, host, pid, _, n_items in evals:
+        if status == "FINISHED" and item_counts.get(eval_id, 0) != n_items:
+            checks.append(Check("evaluation items", eval_id, False,
+                                f"{item_counts.get(eval_id, 0)} item rows for n_items = {n_items}: restore the "
+                                "catalog from a copy, or remove the evaluation (`mlarch sql --write`) and rerun it"))
+        elif status != "FINISHED" and not (status == "RUNNING" and _alive(host, pid)):
+            checks.append(Check("no leftovers", f"evaluation {eval_id}", False,
+                                f"{status} evaluation of an interrupted eval: run `mlarch gc`"))
     if run_ids is None:
         checks.append(Check("catalog schema", "tables and views", not drift,
                             "as the migrations made them" if not drift else
@@ -178,6 +191,9 @@ def gc(root: Path) -> list[str]:
         with catalog.reading(path) as con:
             runs = con.execute("SELECT run_id, model, status, arrays_group, host, pid FROM runs").fetchall()
             model_groups = dict(con.execute("SELECT model, magnitudes_group FROM models").fetchall())
+            evals = con.execute("SELECT eval_id, model, status, host, pid FROM evaluations "
+                                "WHERE status <> 'FINISHED'").fetchall()
+        dead_evals = [e for e in evals if e[2] != "RUNNING" or not _alive(e[3], e[4])]
         for r in runs:  # an edited row stops gc before anything is removed
             _owned_folder(root, "run", r[0], r[3])
         for name, group in model_groups.items():
@@ -190,13 +206,17 @@ def gc(root: Path) -> list[str]:
         doomed = sorted((_groups(root, "runs") - keep_runs) | (_groups(root, "models") - keep_models))
         folders = [_listed_folder(root, group) for group in doomed]
         staging = leftover_staging(root)
-        if dead:
+        if dead or dead_evals:
             with catalog.writing(path) as con:
                 for run_id, *_ in dead:
                     con.execute("DELETE FROM run_samples WHERE run_id = ?", [run_id])
                     con.execute("DELETE FROM arrays WHERE owner = ?", [run_id])
                     con.execute("DELETE FROM runs WHERE run_id = ?", [run_id])
+                for eval_id, *_ in dead_evals:
+                    con.execute("DELETE FROM evaluation_items WHERE eval_id = ?", [eval_id])
+                    con.execute("DELETE FROM evaluations WHERE eval_id = ?", [eval_id])
             removed += [f"run {r[0]} ({r[1]}, {r[2]})" for r in dead]
+            removed += [f"evaluation {e[0]} ({e[1]}, {e[2]})" for e in dead_evals]
         for group, folder in zip(doomed, folders):
             shutil.rmtree(folder, ignore_errors=True)
             removed.append(f"arrays {group}")
@@ -255,7 +275,10 @@ def rm(root: Path, run_ids: list[str] | None = None, model: str | None = None) -
                     con.execute("UPDATE runs SET in_use = true WHERE run_id = ?", [run_id])
                 replace_derived(con, m, seed, selections, patterns)
             if model is not None:
-                for table in ("selections", "patterns", "modules", "models"):
+                # evaluations measured those weights (and intervened on their sets): they go too
+                con.execute("DELETE FROM evaluation_items WHERE eval_id IN "
+                            "(SELECT eval_id FROM evaluations WHERE model = ?)", [model])
+                for table in ("evaluations", "selections", "patterns", "modules", "models"):
                     con.execute(f"DELETE FROM {table} WHERE model = ?", [model])
                 con.execute("DELETE FROM arrays WHERE owner = ?", [model])
         # arrays go after the commit: a crash here leaves orphans for gc, never dangling rows

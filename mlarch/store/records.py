@@ -21,6 +21,11 @@ MODEL_FIELDS = ("model", "source", "source_kind", "revision", "commit_sha", "wei
                 "architecture", "n_modules", "n_scored_params", "magnitudes_group", "created_at")
 MODULE_FIELDS = ("module", "layer", "kind", "n_rows", "n_cols", "n_params", "position", "param_offset",
                  "norm_offset")
+EVAL_FIELDS = ("eval_id", "model", "task", "dataset", "role", "lang", "intervention", "target_lang", "k", "seed",
+               "factor", "n_set", "n_params_changed", "n_items", "n_tokens", "value", "stderr", "created_at",
+               "finished_at", "config_digest", "baseline_key", "provenance")
+EVAL_ITEM_FIELDS = ("position", "item_index", "n_tokens", "nll", "prompt_sha256", "completion", "extracted",
+                    "reference", "correct")
 ARRAY_FIELDS = ("path", "owner", "kind", "dtype", "shape", "sha256", "nbytes", "meta_sha256", "chunk_sha256")
 
 
@@ -65,6 +70,22 @@ def model_digest(model: dict, module_rows, array_rows) -> str:
     body["modules"] = sorted((_pick(m, MODULE_FIELDS) for m in module_rows), key=lambda m: m["position"])
     body["arrays"] = _arrays(array_rows)
     return _digest("mlarch-model-1", body)
+
+
+def evaluation_digest(row: dict, items) -> str:
+    """Digest of a finished evaluation from its `evaluations` row and its item rows."""
+    body = _pick(row, EVAL_FIELDS)
+    if isinstance(body["provenance"], str):
+        body["provenance"] = json.loads(body["provenance"])
+    body["items"] = sorted((_pick(i, EVAL_ITEM_FIELDS) for i in items), key=lambda i: i["position"])
+    return _digest("mlarch-evaluation-1", body)
+
+
+def evaluation_digest_in(con, eval_id: str) -> str | None:
+    rows = dicts(con, "SELECT * FROM evaluations WHERE eval_id = ?", [eval_id])
+    if not rows:
+        return None
+    return evaluation_digest(rows[0], dicts(con, "SELECT * FROM evaluation_items WHERE eval_id = ?", [eval_id]))
 
 
 def run_digest_in(con, run_id: str) -> str | None:

@@ -1,0 +1,95 @@
+"""`mlarch eval` and `mlarch evals`: evaluations with and without interventions."""
+
+from __future__ import annotations
+
+import click
+
+from mlarch.cli.common import archive_of as _archive
+from mlarch.cli.common import csv_list as _csv
+from mlarch.cli.output import emit, output_options
+
+
+@click.command("eval", epilog="""\b
+Examples:
+  mlarch eval --model gemma-3-270m --langs en,de --task nll --data starter
+  mlarch eval --model gemma-3-270m --langs en,de,fr,hi,bn,zh --task nll --data starter \\
+      --intervene prune:en@0.01 --intervene random:en@0.01 --intervene scale:en@0.01:1.01
+  mlarch eval --model ./llama --name llama-3.2-1b --langs en,de,hi --task accuracy --data gsm8k \\
+      --data-dir ../shared/data --limit 200 --shots 8 --intervene prune:hi@0.01
+  mlarch sql "SELECT target_lang, lang, relative_change FROM intervention_effects WHERE k = 0.01"
+
+\b
+Interventions (repeatable; the baseline without one is always evaluated, or reused):
+  prune:LANG@K        set LANG's math-only set at k to 0
+  scale:LANG@K:F      multiply it by F (the paper: 1.01)
+  random:LANG@K       prune as many uniformly random entries per matrix (the null)
+  fraction:LANG@K:F   prune a random fraction F of the set
+The sets are read from the archive at --seed (any k: archived or re-thresholded); the
+model must be the archived one (same weights). Each intervention is undone exactly
+before the next, so a grid loads the model once.
+
+\b
+Items: the data's items in file order, minus those the archived run of the model drew
+for that language, role and seed (held out) and minus the n-shot exemplars, then the
+first --limit. --all-items evaluates every item, drawn or not.""")
+@click.option("--model", "model_ref", required=True, help="Model folder, .gguf file, or hub id (as for ingest).")
+@click.option("--name", default=None, help="Model name in the archive [default: from --model].")
+@click.option("--langs", required=True, callback=_csv(str), help="Comma-separated languages to evaluate.")
+@click.option("--task", type=click.Choice(["nll", "accuracy"]), required=True,
+              help="nll: held-out negative log-likelihood per token; accuracy: greedy answers vs references.")
+@click.option("--data", "data_spec", required=True,
+              help="A named source (mgsm, gsm8k, flores, starter) or a path template with {lang}, read as ingest reads it.")
+@click.option("--role", type=click.Choice(["math", "control"]), default="math", show_default=True,
+              help="Which texts of the data (and whose drawn items are held out).")
+@click.option("--intervene", "interventions", multiple=True, metavar="SPEC",
+              help="prune:LANG@K, scale:LANG@K:F, random:LANG@K or fraction:LANG@K:F (repeatable).")
+@click.option("--seed", type=int, default=1, show_default=True, help="Seed of the archived sets and held-out items.")
+@click.option("--limit", type=int, default=None, help="Evaluate the first N held-out items [default: all].")
+@click.option("--all-items", is_flag=True, help="Evaluate every item of the data, drawn by ingest or not.")
+@click.option("--shots", type=int, default=8, show_default=True, help="accuracy: exemplars in each prompt.")
+@click.option("--chat", is_flag=True, help="accuracy: build prompts with the tokenizer's chat template.")
+@click.option("--data-dir", type=click.Path(file_okay=False), default=None,
+              help="Read named sources' files from this folder (laid out like ../shared/data).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
+              show_default=True, help="auto: float32 on CPU, bfloat16 on CUDA.")
+@click.option("--batch-size", type=int, default=None,
+              help="Items per pass [default: 1 (nll) or 8 (accuracy) on CPU, 16 on CUDA].")
+@click.option("--max-length", type=int, default=512, show_default=True,
+              help="nll: cut texts to this many tokens (as ingest); accuracy: longest prompt allowed.")
+@click.option("--max-new-tokens", type=int, default=256, show_default=True, help="accuracy: tokens generated at most.")
+@click.option("--revision", default=None, help="Hub revision (branch, tag or commit).")
+@click.option("--force", is_flag=True, help="Rerun evaluations that are already archived.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress output.")
+@click.pass_context
+def evaluate(ctx, model_ref, name, langs, task, data_spec, role, interventions, seed, limit, all_items, shots, chat,
+             data_dir, device, dtype, batch_size, max_length, max_new_tokens, revision, force, quiet):
+    """Evaluate a model per language, with and without interventions on its math-only sets."""
+    from mlarch.cli.progress import RichReporter
+    from mlarch.evaluation.pipeline import EvalConfig, evaluate as run_eval
+    from mlarch.store import layout
+
+    cfg = EvalConfig(model=model_ref, name=name, langs=langs, task=task, data=data_spec, role=role,
+                     interventions=list(interventions), seed=seed, limit=limit, all_items=all_items, shots=shots,
+                     chat=chat, data_dir=data_dir, device=device, dtype=dtype, batch_size=batch_size,
+                     max_length=max_length, max_new_tokens=max_new_tokens, revision=revision, force=force)
+    result = run_eval(layout.resolve(ctx.obj["archive"]), cfg, RichReporter(quiet=quiet))
+    ids = result.written + result.reused
+    click.echo(f"Archived {len(result.written)} evaluation(s) of {result.model}, reused {len(result.reused)}.")
+    if ids:
+        from mlarch.query.api import Archive
+
+        emit(Archive(ctx.obj["archive"]).evaluations(eval_ids=ids), "table")
+
+
+@click.command("evals", epilog="""\b
+Examples:
+  mlarch evals
+  mlarch evals --model gemma --format csv
+  mlarch sql "SELECT * FROM intervention_effects ORDER BY target_lang, lang\"""")
+@click.option("--model", default=None, help="Only models whose name contains this (case-insensitive).")
+@output_options
+@click.pass_context
+def evals(ctx, model, fmt):
+    """List finished evaluations: task, data, language, intervention, value (newest per configuration)."""
+    emit(_archive(ctx).evaluations(model), fmt)

@@ -1,0 +1,1 @@
+"""Evaluations of archived models, with and without interventions on their math-only sets."""

@@ -1,0 +1,528 @@
+"""`eval`: measure a model per language (held-out NLL or accuracy), with and without
+interventions on the archived math-only sets, and archive every evaluation.
+
+The model loads once. Interventions are planned from the archive before it loads (a bad
+language or k fails before any forward pass), applied in place, evaluated on every
+language, and undone exactly. Each evaluation follows the runs' lifecycle: a RUNNING row,
+then one transaction that writes its items and marks it FINISHED (or FAILED; `gc` removes
+leftovers). An evaluation whose configuration is archived already is reused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import socket
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import polars as pl
+
+from mlarch.errors import MlarchError, UsageError
+from mlarch.evaluation import interventions as iv
+from mlarch.ingest import provenance, sources
+from mlarch.selection import top_count
+from mlarch.ingest.pipeline import (MAX_BATCH_SIZE, MAX_LENGTH, MAX_SEED, ROLES, Reporter, _bounded_int,
+                                    _check_writable, check_name, _LANG)
+from mlarch.store import catalog, layout, records
+
+TASKS = ("nll", "accuracy")
+MAX_SHOTS = 64
+MAX_NEW_TOKENS = 8192
+MAX_ITEMS = 1_000_000
+METHOD = {
+    "name": "mlarch-eval",
+    "version": 1,
+    "nll": "sum over items of -log p(token | prefix), every token after the first, float32 log-softmax, "
+           "float64 sums; value = total / number of those tokens; texts built and tokenized as ingest does",
+    "nll_stderr": "ratio estimator over items: sqrt(sum((s_i - value n_i)^2) / (m (m - 1) mean(n)^2))",
+    "accuracy": "greedy decoding; answer = number after the last '####', else after the last 'answer is', "
+                "else the last number; thousands separators removed; exact decimal comparison",
+    "accuracy_stderr": "sqrt(p (1 - p) / m)",
+    "items": "file order, minus the items the archived run of (model, lang, role, seed) drew from the same "
+             "data (held out) and minus the n-shot exemplars; then the first --limit",
+    "exemplars": "the first --shots items of the training split where the source has one, else of the file",
+}
+
+
+@dataclass
+class EvalConfig:
+    model: str
+    langs: list[str]
+    task: str
+    data: str
+    name: str | None = None
+    role: str = "math"
+    interventions: list[str] = field(default_factory=list)
+    seed: int = 1
+    limit: int | None = None
+    all_items: bool = False
+    shots: int = 8
+    chat: bool = False
+    batch_size: int | None = None  # None: 1 on CPU (nll), 8 on CPU (accuracy), 16 on CUDA
+    max_length: int = 512
+    max_new_tokens: int = 256
+    device: str = "auto"
+    dtype: str = "auto"
+    revision: str | None = None
+    force: bool = False
+    data_dir: str | None = None
+
+    def validate(self) -> list[iv.Intervention]:
+        """Refuse bad values before any work; returns the parsed interventions."""
+        import numbers
+
+        if self.task not in TASKS:
+            raise UsageError(f"unknown task {self.task!r}: choose --task nll or --task accuracy")
+        if self.role not in ROLES:
+            raise UsageError(f"unknown role {self.role!r}: choose --role math or --role control")
+        if not self.langs:
+            raise UsageError("no languages given: pass --langs, e.g. --langs en,de")
+        for lang in self.langs:
+            if not isinstance(lang, str) or not _LANG.match(lang):
+                raise UsageError(f"language code {lang!r} is not valid: use codes such as en, de, zh")
+        if len(set(self.langs)) != len(self.langs):
+            raise UsageError(f"languages repeat in {','.join(self.langs)}: list each once")
+        parsed = [iv.parse(spec) for spec in self.interventions]
+        labels = [p.label for p in parsed]
+        if len(set(labels)) != len(labels):
+            raise UsageError(f"interventions repeat ({', '.join(sorted({x for x in labels if labels.count(x) > 1}))}): "
+                             "list each once")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral) or not 0 <= self.seed <= MAX_SEED:
+            raise UsageError(f"seed {self.seed!r} is not valid: --seed takes an integer from 0 to 2**63-1, e.g. 1")
+        self.seed = int(self.seed)
+        if self.limit is not None:
+            if self.all_items:
+                raise UsageError("--limit and --all-items exclude each other: pass one")
+            self.limit = _bounded_int("--limit", self.limit, MAX_ITEMS, "evaluate from 1 to 1,000,000 items, e.g. --limit 64")
+        if isinstance(self.shots, bool) or not isinstance(self.shots, numbers.Integral) or not 0 <= self.shots <= MAX_SHOTS:
+            raise UsageError(f"--shots must be an integer from 0 to {MAX_SHOTS}, got {self.shots!r}: e.g. --shots 8")
+        self.shots = int(self.shots)
+        if self.batch_size is not None:
+            self.batch_size = _bounded_int("--batch-size", self.batch_size, MAX_BATCH_SIZE,
+                                           "use from 1 to 65,536 items per pass, e.g. --batch-size 8")
+        self.max_length = _bounded_int("--max-length", self.max_length, MAX_LENGTH,
+                                       "use from 1 to 1,048,576 tokens, e.g. --max-length 512")
+        self.max_new_tokens = _bounded_int("--max-new-tokens", self.max_new_tokens, MAX_NEW_TOKENS,
+                                           "generate from 1 to 8,192 tokens, e.g. --max-new-tokens 256")
+        if self.chat and self.task != "accuracy":
+            raise UsageError("--chat applies to --task accuracy (NLL scores the texts as ingest builds them): drop --chat")
+        if self.name is not None:
+            check_name(self.name, "--name")
+        return parsed
+
+
+@dataclass
+class EvalResult:
+    model: str
+    written: list[str] = field(default_factory=list)
+    reused: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Items:
+    """What one language is evaluated on."""
+
+    lang: str
+    indices: list[int]  # item indices, file order
+    texts: list[str]  # nll: the texts; accuracy: the prompts
+    references: list[str | None]  # accuracy
+    exemplars: list[int]
+    held_out_run: str | None
+    loaded: sources.LoadedItems
+
+
+@dataclass
+class _Unit:
+    lang: str
+    intervention: iv.Intervention | None
+    config_digest: str
+    baseline_key: str
+    identity: dict
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+def _sha(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def evaluate(root: Path, cfg: EvalConfig, reporter: Reporter | None = None) -> EvalResult:
+    reporter = reporter or Reporter()
+    planned = cfg.validate()
+    from mlarch.ingest import loading  # torch + transformers: only now
+
+    data_dir = Path(cfg.data_dir).expanduser().resolve() if cfg.data_dir else None
+    cfg.data_dir = str(data_dir) if data_dir else None
+    source = sources.resolve(cfg.data, data_dir)
+    loaded_items = {lang: source.load(lang, cfg.role) for lang in cfg.langs}
+    if cfg.task == "accuracy":
+        for lang, items in loaded_items.items():
+            if items.pairs is None:
+                raise UsageError(f"data {source.name!r} ({lang}, {cfg.role}) has no question and answer per item: "
+                                 "--task accuracy needs them (use --task nll, or data with question/answer fields)")
+    device = loading.resolve_device(cfg.device)
+    dtype = loading.resolve_dtype(cfg.dtype, device)
+    kind, local = loading.classify(cfg.model)
+    name = cfg.name if cfg.name is not None else loading.default_name(cfg.model)
+    check_name(name, "--name" if cfg.name is not None else "derived from --model")
+    if local is not None:
+        cfg.model = str(local.resolve())
+    catalog_path = root / layout.CATALOG
+    has_catalog = catalog_path.exists()
+    if planned and not has_catalog:
+        raise catalog.missing_archive(root)
+    _check_writable(root)
+
+    archive = _archive(root) if has_catalog else None
+    model_row = _model_row(archive, name) if archive else None
+    if planned and model_row is None:
+        raise UsageError(f"no model {name!r} in the archive at {root}: interventions change its archived math-only "
+                          "sets, so ingest it first (mlarch ingest) or pass --name with an archived model")
+    # every set's runs before the model loads: a language without runs fails in seconds; the
+    # plans (masks read from the archive) are made one at a time, before each is applied,
+    # so a grid never holds more than one (plus _PLANS) in memory
+    pair_runs: dict[str, dict] = {}
+    module_list = _modules(archive, name) if planned else []
+    for intervention in planned:
+        if not any(top_count(rows * cols, intervention.k) for _, rows, cols in module_list):
+            raise UsageError(f"k = {intervention.k} selects no parameter in any matrix of {name!r} (floor(numel * k) "
+                             f"is 0 everywhere) in {intervention.label!r}: use a larger k")
+        pair_runs[intervention.label] = _set_runs(archive, name, intervention.lang, cfg.seed)
+    items = {lang: _select_items(archive, name, cfg, source, lang, loaded_items[lang]) for lang in cfg.langs}
+
+    batch_size = cfg.batch_size or (16 if device.type == "cuda" else (8 if cfg.task == "accuracy" else 1))
+    units = _units(cfg, name, dtype, source, items, planned, pair_runs)
+    done = _finished(archive, [u.config_digest for u in units]) if archive and not cfg.force else {}
+    result = EvalResult(model=name)
+    todo = []
+    for unit in units:
+        if unit.config_digest in done:
+            result.reused.append(done[unit.config_digest])
+        else:
+            todo.append(unit)
+    if result.reused:
+        reporter.message(f"{len(result.reused)} of {len(units)} evaluation(s) are archived with identical settings; "
+                         "reusing them (--force reruns)")
+    if not todo:
+        return result
+
+    reporter.message(f"loading {cfg.model} ({kind}, {dtype}, {device})")
+    loaded = loading.load(cfg.model, revision=cfg.revision, device=device, dtype=dtype)
+    from mlarch.ingest.scoring import scored_modules
+
+    if model_row is not None and model_row["weights_sha256"] != loaded.weights_sha256:
+        raise UsageError(
+            f"the archive's model {name!r} has other weights ({model_row['weights_sha256'][:12]}) than {cfg.model} "
+            f"({loaded.weights_sha256[:12]}): its math-only sets belong to those weights; load the model that was "
+            "ingested, or pass --name to evaluate this one separately")
+    modules = scored_modules(loaded.model)
+    if planned:
+        iv.check_modules(_modules(archive, name), modules)
+    if cfg.task == "accuracy":
+        from mlarch.evaluation.tasks import build_prompt
+
+        for lang_items in items.values():
+            pairs = lang_items.loaded.pairs
+            shots = [pairs[i] for i in lang_items.exemplars]
+            lang_items.texts = [build_prompt(shots, pairs[i][0], chat=cfg.chat, tokenizer=loaded.tokenizer)
+                                for i in lang_items.indices]
+    layout.ensure_folder(root)
+    if not has_catalog:
+        catalog.ensure_schema(catalog_path)
+    env = provenance.environment(device)
+    settings = {**asdict(cfg), "name": name, "dtype": dtype, "device": str(device), "batch_size": batch_size}
+    model_info = {"name": name, "source": loaded.source, "source_kind": loaded.source_kind,
+                  "revision": loaded.revision, "commit_sha": loaded.commit_sha,
+                  "weights_sha256": loaded.weights_sha256, "architecture": loaded.architecture,
+                  "dtype": loaded.dtype}
+    # intervention-major: apply once, evaluate every language, undo
+    order = [None] + planned
+    for intervention in order:
+        label = intervention.label if intervention else None
+        group = [u for u in todo if (u.intervention.label if u.intervention else None) == label]
+        if not group:
+            continue
+        plan = None if intervention is None else _plan(archive, name, intervention, cfg.seed, module_list,
+                                                       pair_runs[label], reporter)
+        with iv.applied(modules, plan) if plan is not None else _nothing():
+            for unit in group:
+                eval_id = _begin(catalog_path, name, cfg, unit, source, plan)
+                try:
+                    outcome = _run_task(cfg, loaded, items[unit.lang], batch_size, reporter, unit)
+                    prov = {**env, "eval_id": eval_id, "method": METHOD, "config": settings,
+                            "config_digest": unit.config_digest, "identity": unit.identity, "model": model_info,
+                            "data": _data_record(source, items[unit.lang]), **outcome["provenance"]}
+                    if plan is not None:
+                        prov["intervention"] = {"spec": label, "rule": iv.RANDOM_RULE, "set_runs": pair_runs[label],
+                                                "n_set": plan.n_set, "n_changed": plan.n_changed}
+                    _commit(catalog_path, eval_id, outcome, prov)
+                except BaseException:
+                    _mark_failed(catalog_path, eval_id)
+                    raise
+                result.written.append(eval_id)
+                shown = f"{outcome['value']:.4f}"
+                reporter.message(f"archived {cfg.task} {unit.lang} "
+                                 f"{'(' + label + ')' if label else '(no intervention)'}: {shown} [{eval_id}]")
+    return result
+
+
+class _nothing:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _archive(root: Path):
+    from mlarch.query.api import Archive
+
+    return Archive(root)
+
+
+def _model_row(archive, name: str) -> dict | None:
+    rows = archive._read("SELECT weights_sha256, dtype FROM models WHERE model = ?", [name])
+    return rows.row(0, named=True) if rows.height else None
+
+
+def _modules(archive, name: str) -> list[tuple[str, int, int]]:
+    rows = archive._read("SELECT module, n_rows, n_cols FROM modules WHERE model = ? ORDER BY position", [name])
+    return [(r[0], int(r[1]), int(r[2])) for r in rows.iter_rows()]
+
+
+# Plans of this process, keyed by what decides them (the sets' runs and their record
+# digests): a second grid over the same sets (another role or task) skips reading the masks.
+_PLANS: dict[tuple, iv.Plan] = {}
+_MAX_PLANNED = 1 << 25  # entries (int64) kept in all: 256 MiB
+
+
+def _plan(archive, name: str, intervention: iv.Intervention, seed: int, modules, runs: dict, reporter) -> iv.Plan:
+    key = (str(archive.catalog_path.resolve()), name, intervention.label, seed, tuple(modules),
+           tuple(sorted(runs.items())))
+    if key in _PLANS:
+        return _PLANS[key]
+    reporter.message(f"planning {intervention.label} from the archive")
+    made = iv.plan(archive, name, intervention, seed, modules)
+    while _PLANS and sum(p.n_changed for p in _PLANS.values()) + made.n_changed > _MAX_PLANNED:
+        _PLANS.pop(next(iter(_PLANS)))  # oldest first
+    if made.n_changed <= _MAX_PLANNED:
+        _PLANS[key] = made
+    return made
+
+
+def _set_runs(archive, name: str, lang: str, seed: int) -> dict:
+    """The math and control runs whose sets an intervention on `lang` uses (as Archive.selection)."""
+    rows = archive._read(
+        "SELECT DISTINCT s.math_run_id, s.control_run_id, m.record_sha256 AS math_record, "
+        "c.record_sha256 AS control_record FROM selections s JOIN runs m ON m.run_id = s.math_run_id "
+        "JOIN runs c ON c.run_id = s.control_run_id WHERE s.model = ? AND s.lang = ? AND s.seed = ?",
+        [name, lang, seed])
+    if rows.height == 0:
+        raise UsageError(f"model {name!r} has no archived math and control runs for {lang!r} at seed {seed}, so no "
+                         f"math-only set to intervene on: ingest {lang} with --seeds {seed} first (see `mlarch runs`)")
+    if rows.height != 1:
+        raise MlarchError(f"the derived tables of {name!r}, {lang!r} name more than one pair of runs at seed {seed}: "
+                          "run `mlarch verify`")
+    return rows.row(0, named=True)
+
+
+def _select_items(archive, name: str, cfg: EvalConfig, source, lang: str, loaded: sources.LoadedItems) -> _Items:
+    n = len(loaded.texts)
+    exemplars: list[int] = []
+    if cfg.task == "accuracy" and cfg.shots:
+        start = loaded.train_from if loaded.train_from is not None else 0
+        exemplars = list(range(start, min(start + cfg.shots, n)))
+        if len(exemplars) < cfg.shots:
+            raise UsageError(f"data {source.name!r} ({lang}) has {len(exemplars)} items for {cfg.shots} exemplars: "
+                             "pass a smaller --shots")
+    excluded = set(exemplars)
+    held_out_run = None
+    if not cfg.all_items and archive is not None:
+        runs = archive._read(
+            "SELECT run_id, dataset, provenance FROM runs WHERE model = ? AND lang = ? AND role = ? AND seed = ? "
+            "AND status = 'FINISHED' AND in_use", [name, lang, cfg.role, cfg.seed])
+        for run in runs.iter_rows(named=True):
+            if run["dataset"] != source.name:
+                continue
+            files = (json.loads(run["provenance"] or "{}").get("data") or {}).get("files")
+            if files != loaded.files:
+                raise MlarchError(
+                    f"the data files of {source.name!r} ({lang}) differ from those run {run['run_id']} drew its "
+                    "items from, so its drawn items cannot be held out: restore those files, or pass --all-items")
+            drawn = archive._read("SELECT DISTINCT item_index FROM run_samples WHERE run_id = ?", [run["run_id"]])
+            excluded.update(int(i) for i in drawn["item_index"])
+            held_out_run = run["run_id"]
+    indices = [i for i in range(n) if i not in excluded]
+    if cfg.limit is not None:
+        indices = indices[: cfg.limit]
+    if not indices:
+        why = f" (run {held_out_run} drew every item)" if held_out_run else ""
+        raise UsageError(f"no item of {source.name!r} ({lang}, {cfg.role}) is left to evaluate{why}: "
+                         "pass --all-items, or data with more items")
+    references: list[str | None] = []
+    if cfg.task == "accuracy":
+        from mlarch.evaluation import answers
+
+        for i in indices:
+            ref = answers.reference(loaded.pairs[i][1])
+            if ref is None:
+                raise MlarchError(f"item {i} of {source.name!r} ({lang}) has no number in its answer: accuracy "
+                                  "compares numbers; fix or remove that item")
+            references.append(ref)
+    texts = [loaded.texts[i] for i in indices] if cfg.task == "nll" else []
+    return _Items(lang, indices, texts, references, exemplars, held_out_run, loaded)
+
+
+def _units(cfg, name, dtype, source, items, planned, pair_runs) -> list[_Unit]:
+    units = []
+    for lang in cfg.langs:
+        it = items[lang]
+        base = {
+            "method": METHOD, "model": name, "source": cfg.model, "revision": cfg.revision, "dtype": dtype,
+            "task": cfg.task, "dataset": source.name, "role": cfg.role, "data_files": it.loaded.files,
+            "lang": lang, "seed": cfg.seed, "items": it.indices, "max_length": cfg.max_length,
+        }
+        if cfg.task == "accuracy":
+            base.update({"shots": cfg.shots, "exemplars": it.exemplars, "chat": cfg.chat,
+                         "max_new_tokens": cfg.max_new_tokens, "stops": list(_stops(cfg))})
+        baseline_key = provenance.digest_json(base)
+        for intervention in [None] + planned:
+            identity = {"baseline_key": baseline_key, "intervention": None}
+            if intervention is not None:
+                runs = pair_runs[intervention.label]
+                identity["intervention"] = {"spec": intervention.label, "rule": iv.RANDOM_RULE,
+                                            "math_run_id": runs["math_run_id"],
+                                            "control_run_id": runs["control_run_id"]}
+            units.append(_Unit(lang, intervention, provenance.digest_json(identity), baseline_key,
+                               {**base, **identity}))
+    return units
+
+
+def _finished(archive, digests: list[str]) -> dict[str, str]:
+    rows = archive._read("SELECT config_digest, eval_id FROM evaluations_current WHERE list_contains(?, config_digest)",
+                         [digests])
+    return dict(rows.iter_rows())
+
+
+def _begin(catalog_path: Path, name: str, cfg: EvalConfig, unit: _Unit, source, plan) -> str:
+    eval_id = layout.new_run_id()
+    i = unit.intervention
+    with catalog.writing(catalog_path) as con:
+        con.execute(
+            "INSERT INTO evaluations (eval_id, model, task, dataset, role, lang, intervention, target_lang, k, seed, "
+            "factor, n_set, n_params_changed, status, created_at, config_digest, baseline_key, host, pid) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'RUNNING', ?, ?, ?, ?, ?)",
+            [eval_id, name, cfg.task, source.name, cfg.role, unit.lang, i.kind if i else "none",
+             i.lang if i else None, i.k if i else None, cfg.seed, i.factor if i else None,
+             plan.n_set if plan else None, plan.n_changed if plan else 0, _now(), unit.config_digest,
+             unit.baseline_key, socket.gethostname(), os.getpid()])
+    return eval_id
+
+
+def _run_task(cfg: EvalConfig, loaded, items: _Items, batch_size: int, reporter, unit: _Unit) -> dict:
+    from mlarch.evaluation import tasks
+
+    label = f"{unit.lang} {unit.intervention.label if unit.intervention else 'baseline'}"
+    reporter.start_pass(label, len(items.indices))
+    started = time.perf_counter()
+    try:
+        if cfg.task == "nll":
+            out = tasks.nll_pass(loaded.model, loaded.tokenizer, items.texts, batch_size=batch_size,
+                                 max_length=cfg.max_length, device=loaded.device, on_batch=reporter.advance)
+            total, tokens = math.fsum(out.nll), sum(out.n_tokens)
+            if tokens == 0:
+                raise MlarchError(f"the {unit.lang} items are one token each: NLL has no token to predict; "
+                                  "use longer texts")
+            value = total / tokens
+            m = len(out.nll)
+            stderr = None
+            if m > 1:
+                mean_n = tokens / m
+                resid = math.fsum((s - value * n) ** 2 for s, n in zip(out.nll, out.n_tokens))
+                stderr = math.sqrt(resid / (m * (m - 1))) / mean_n
+            rows = {"n_tokens": out.n_tokens, "nll": out.nll}
+            prov = {"n_truncated": out.n_truncated, "forward_s": round(out.seconds, 3),
+                    "texts_sha256": provenance.texts_digest(items.texts)}
+        else:
+            from mlarch.evaluation import answers
+
+            out = tasks.generate(loaded.model, loaded.tokenizer, items.texts, batch_size=batch_size,
+                                 max_new_tokens=cfg.max_new_tokens, max_length=cfg.max_length, device=loaded.device,
+                                 add_special_tokens=not cfg.chat, stops=_stops(cfg), on_batch=reporter.advance)
+            extracted = [answers.extract(c) for c in out.completions]
+            correct = [answers.correct(e, r) for e, r in zip(extracted, items.references)]
+            m = len(correct)
+            value = sum(correct) / m
+            stderr = math.sqrt(value * (1 - value) / m)
+            tokens = sum(out.n_tokens)
+            rows = {"n_tokens": out.n_tokens, "prompt_sha256": [_sha(p) for p in items.texts],
+                    "completion": out.completions, "extracted": extracted, "reference": items.references,
+                    "correct": correct}
+            pairs = items.loaded.pairs
+            shots = [pairs[i] for i in items.exemplars]
+            prov = {"generate_s": round(out.seconds, 3), "prompts_sha256": provenance.texts_digest(items.texts),
+                    "exemplars": {"item_indices": items.exemplars,
+                                  "sha256": provenance.texts_digest([f"{q}\n{a}" for q, a in shots]),
+                                  "from": "training split" if items.loaded.train_from is not None else "data file"},
+                    "generation": {"decoding": "greedy", "max_new_tokens": cfg.max_new_tokens, "stops": list(_stops(cfg)),
+                                   "chat": cfg.chat, "add_special_tokens": not cfg.chat, "shots": cfg.shots}}
+    finally:
+        reporter.end_pass()
+    prov.update({"duration_s": round(time.perf_counter() - started, 3), "item_indices": items.indices,
+                 "held_out_run": items.held_out_run})
+    return {"value": value, "stderr": stderr, "n_items": len(items.indices), "n_tokens": tokens,
+            "indices": items.indices, "rows": rows, "provenance": prov}
+
+
+def _stops(cfg: EvalConfig) -> tuple[str, ...]:
+    """Plain prompts end a completion at the next blank line or question; a chat model ends
+    its turn with an end-of-turn token (its answers may hold blank lines)."""
+    from mlarch.evaluation import answers
+
+    return () if cfg.chat else answers.STOPS
+
+
+def _data_record(source, items: _Items) -> dict:
+    return {"lang": items.lang, "dataset": source.name, "source": source.describe(), "files": items.loaded.files,
+            "templates": items.loaded.templates, "n_items_in_data": len(items.loaded.texts)}
+
+
+_ITEM_SCHEMA = {"eval_id": pl.Utf8, "position": pl.Int32, "item_index": pl.Int64, "n_tokens": pl.Int64,
+                "nll": pl.Float64, "prompt_sha256": pl.Utf8, "completion": pl.Utf8, "extracted": pl.Utf8,
+                "reference": pl.Utf8, "correct": pl.Boolean}
+
+
+def _commit(catalog_path: Path, eval_id: str, outcome: dict, prov: dict) -> None:
+    """Items and the FINISHED row in one transaction, with the record digest."""
+    n = len(outcome["indices"])
+    columns = {"eval_id": [eval_id] * n, "position": list(range(n)), "item_index": outcome["indices"]}
+    for key in ("n_tokens", "nll", "prompt_sha256", "completion", "extracted", "reference", "correct"):
+        columns[key] = outcome["rows"].get(key, [None] * n)
+    frame = pl.DataFrame(columns, schema=_ITEM_SCHEMA)
+    with catalog.writing(catalog_path) as con:
+        con.register("new_items", frame.to_arrow())
+        con.execute("INSERT INTO evaluation_items SELECT * FROM new_items")
+        con.unregister("new_items")
+        con.execute(
+            "UPDATE evaluations SET status = 'FINISHED', finished_at = ?, n_items = ?, n_tokens = ?, value = ?, "
+            "stderr = ?, provenance = ? WHERE eval_id = ?",
+            [_now(), outcome["n_items"], outcome["n_tokens"], outcome["value"], outcome["stderr"], json.dumps(prov),
+             eval_id])
+        con.execute("UPDATE evaluations SET record_sha256 = ? WHERE eval_id = ?",
+                    [records.evaluation_digest_in(con, eval_id), eval_id])
+
+
+def _mark_failed(catalog_path: Path, eval_id: str) -> None:
+    try:
+        with catalog.writing(catalog_path) as con:
+            con.execute("UPDATE evaluations SET status = 'FAILED', finished_at = ? WHERE eval_id = ? "
+                        "AND status = 'RUNNING'", [_now(), eval_id])
+    except Exception:  # the original error matters more
+        pass
