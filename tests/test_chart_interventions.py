@@ -104,9 +104,19 @@ def evaluation(task, lang, intervention, value, *, target=None, k=None, seed=1, 
 
 
 def insert(archive, records):
-    values = ", ".join("(" + ", ".join("?" for _ in COLUMNS) + ")" for _ in records)
-    params = [record[c] for record in records for c in COLUMNS]
-    archive.sql(f"INSERT INTO evaluations ({', '.join(COLUMNS)}) VALUES {values}", params, write=True)
+    # as `mlarch eval` writes them: the weights evaluated and the runs whose sets were used
+    pairs = {lang: (m, c) for lang, m, c in archive.sql(
+        "SELECT DISTINCT lang, math_run_id, control_run_id FROM selections WHERE seed = 1").iter_rows()}
+    for record in records:
+        record.setdefault("weights_sha256", "0" * 64)
+        target = record.get("target_lang")
+        run_ids = pairs.get(target, (f"run-{target}-math", f"run-{target}-control")) if target else (None, None)
+        record.setdefault("math_run_id", run_ids[0])
+        record.setdefault("control_run_id", run_ids[1])
+    columns = COLUMNS + ["weights_sha256", "math_run_id", "control_run_id"]
+    values = ", ".join("(" + ", ".join("?" for _ in columns) + ")" for _ in records)
+    params = [record[c] for record in records for c in columns]
+    archive.sql(f"INSERT INTO evaluations ({', '.join(columns)}) VALUES {values}", params, write=True)
 
 
 def standard_evaluations():

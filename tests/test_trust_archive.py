@@ -15,6 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 import mlarch
+from mlarch.store import catalog
 from mlarch.cli import cli
 from mlarch.errors import MlarchError
 from mlarch.store.arrays import ArrayDamaged
@@ -214,6 +215,10 @@ def test_two_ingests_of_a_new_model_at_once_both_complete(model_dir, data, tmp_p
 def _downgrade_to_schema_1(root):
     """The archive as mlarch 0.1 (schema version 1) wrote it: same arrays, no digest columns."""
     con = duckdb.connect(str(root / "catalog.duckdb"))
+    for view in ("intervention_effects", "accuracy", "evaluations_current"):  # version 3
+        con.execute(f"DROP VIEW {view}")
+    for table in ("evaluation_items", "evaluations"):
+        con.execute(f"DROP TABLE {table}")
     for table, column in (("arrays", "meta_sha256"), ("arrays", "chunk_sha256"), ("runs", "record_sha256"),
                           ("models", "record_sha256")):
         con.execute(f"ALTER TABLE {table} DROP COLUMN {column}")
@@ -225,7 +230,7 @@ def test_schema_1_archive_is_sealed_on_upgrade_and_still_checked(archive_copy):
     _downgrade_to_schema_1(archive_copy)
     archive = mlarch.open(archive_copy)
     before = archive.sql("SELECT * FROM overlap_global ORDER BY ALL")  # first read migrates
-    assert archive.sql("SELECT max(version) FROM schema_migrations").item() == 2
+    assert archive.sql("SELECT max(version) FROM schema_migrations").item() == catalog.latest_version()
     assert archive.sql("SELECT count(*) FROM runs WHERE record_sha256 IS NULL").item() == 0
     assert archive.sql("SELECT count(*) FROM arrays WHERE chunk_sha256 IS NOT NULL").item() == 0
     assert run(archive_copy, "verify").exit_code == 0

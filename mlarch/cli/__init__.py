@@ -324,7 +324,7 @@ def demo(ctx, langs, samples, data_dir, with_interventions, quiet):
                "CPU or GPU changes float32 rounding, which can swap a few near-tied parameters (measured on this "
                "model: at most 7 of 10 M top-k entries; see bench/determinism.py).")
     if with_interventions:
-        _demo_interventions(root, archive, langs, data_dir, quiet)
+        _demo_interventions(root, archive, langs, data_dir, quiet, ctx.obj["archive"])
     archive_flag = f"--archive {ctx.obj['archive']} " if ctx.obj["archive"] else ""
     click.echo(f"""
 Explore further:
@@ -334,7 +334,7 @@ Explore further:
   mlarch {archive_flag}runs""")
 
 
-def _demo_interventions(root, archive, langs, data_dir, quiet) -> None:
+def _demo_interventions(root, archive, langs, data_dir, quiet, archive_flag) -> None:
     import time
 
     import polars as pl
@@ -346,24 +346,32 @@ def _demo_interventions(root, archive, langs, data_dir, quiet) -> None:
     result = demo_lib.interventions(root, langs=langs, data_dir=data_dir, reporter=RichReporter(quiet=quiet))
     click.echo(f"\nInterventions: {len(result['written'])} evaluation(s) run, {len(result['reused'])} reused "
                f"({time.perf_counter() - started:.0f} s)")
+    ids = result["written"] + result["reused"]
     effects = archive.sql(
-        "SELECT role, intervention, target_lang, lang, relative_change FROM intervention_effects "
+        "SELECT role, intervention, target_lang, lang, baseline, relative_change FROM intervention_effects "
         "WHERE model = $m AND task = 'nll' AND k = $k AND seed = 1 AND list_contains($ids, eval_id)",
-        {"m": result["model"], "k": demo_lib.DEMO_K, "ids": result["written"] + result["reused"]})
+        {"m": result["model"], "k": demo_lib.DEMO_K, "ids": ids})
     for role in ("math", "control"):
-        for kind in ("prune", "random"):
-            part = effects.filter((pl.col("role") == role) & (pl.col("intervention") == kind))
-            if part.is_empty():
-                continue
-            matrix = (part.with_columns((pl.col("relative_change") * 100).round(1).alias("pct"))
-                      .pivot(on="lang", index="target_lang", values="pct")
-                      .select("target_lang", *[lang for lang in langs if lang in part["lang"].to_list()]))
-            order = {lang: i for i, lang in enumerate(langs)}
-            matrix = matrix.sort(pl.col("target_lang").replace_strict(order, default=len(order)))
-            what = "its math-only set" if kind == "prune" else "as many random parameters per matrix"
-            click.echo(f"\nHeld-out {role} NLL change (%) when pruning {what} (k = {demo_lib.DEMO_K}); "
-                       "rows: pruned language, columns: evaluated language:")
-            emit(matrix.rename({"target_lang": "pruned"}), "table")
+        part = effects.filter(pl.col("role") == role)
+        if part.is_empty():
+            continue
+        shown = [lang for lang in langs if lang in set(part["lang"])]
+        baseline = dict(part.group_by("lang").agg(pl.col("baseline").first()).iter_rows())
+        rows = [["baseline NLL"] + [f"{baseline[lang]:.3f}" for lang in shown]]
+        change = {(r["intervention"], r["target_lang"], r["lang"]): r["relative_change"] for r in part.iter_rows(named=True)}
+        for target in langs:
+            for kind in ("prune", "random"):
+                if any((kind, target, lang) in change for lang in shown):
+                    rows.append([f"{kind} {target}"] + [f"{100 * change[(kind, target, lang)]:+.1f}%"
+                                                        if (kind, target, lang) in change else "" for lang in shown])
+        click.echo(f"\nHeld-out {role} NLL (nats per token) and its change when a language's math-only set at "
+                   f"k = {demo_lib.DEMO_K} is pruned, or as many random parameters per matrix (columns: evaluated "
+                   "language):")
+        emit(pl.DataFrame(rows, schema=["intervention", *shown], orient="row"), "table")
+    flag = f"--archive {archive_flag} " if archive_flag else ""
+    click.echo(f"\nAll of it in SQL: mlarch {flag}sql \"SELECT * FROM intervention_effects\"; as a figure: "
+               f"mlarch {flag}chart interventions --model {result['model']}{'' if data_dir else ' --dataset starter:math'} "
+               "-o interventions.svg")
 
 
 @cli.command(epilog="""\b

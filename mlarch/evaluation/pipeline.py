@@ -132,8 +132,10 @@ class _Items:
     texts: list[str]  # nll: the texts; accuracy: the prompts
     references: list[str | None]  # accuracy
     exemplars: list[int]
-    held_out_run: str | None
+    held_out_runs: list[str]
     loaded: sources.LoadedItems
+    references_from: dict | None = None  # files the references came from, when not the data's own
+    skipped: list[int] = field(default_factory=list)  # accuracy: items without a reference number
 
 
 @dataclass
@@ -185,6 +187,14 @@ def evaluate(root: Path, cfg: EvalConfig, reporter: Reporter | None = None) -> E
     if planned and model_row is None:
         raise UsageError(f"no model {name!r} in the archive at {root}: interventions change its archived math-only "
                           "sets, so ingest it first (mlarch ingest) or pass --name with an archived model")
+    # the weights decide what can be reused and which sets apply: hashed before anything
+    # loads (digests are cached per file, so this costs seconds only for new files)
+    weights = loading.weights_of(cfg.model, cfg.revision)
+    if model_row is not None and model_row["weights_sha256"] != weights:
+        raise UsageError(
+            f"the archive's model {name!r} has other weights ({model_row['weights_sha256'][:12]}) than {cfg.model} "
+            f"({weights[:12]}): its math-only sets and evaluations belong to those weights; load the model that "
+            "was ingested, or pass --name to evaluate this one separately")
     # every set's runs before the model loads: a language without runs fails in seconds; the
     # plans (masks read from the archive) are made one at a time, before each is applied,
     # so a grid never holds more than one (plus _PLANS) in memory
@@ -196,9 +206,14 @@ def evaluate(root: Path, cfg: EvalConfig, reporter: Reporter | None = None) -> E
                              f"is 0 everywhere) in {intervention.label!r}: use a larger k")
         pair_runs[intervention.label] = _set_runs(archive, name, intervention.lang, cfg.seed)
     items = {lang: _select_items(archive, name, cfg, source, lang, loaded_items[lang]) for lang in cfg.langs}
+    for lang_items in items.values():
+        if lang_items.skipped:
+            shown = ", ".join(map(str, lang_items.skipped[:5])) + (", ..." if len(lang_items.skipped) > 5 else "")
+            reporter.message(f"{lang_items.lang}: {len(lang_items.skipped)} item(s) have no reference number and are "
+                             f"not scored (items {shown}; recorded in the provenance)")
 
     batch_size = cfg.batch_size or (16 if device.type == "cuda" else (8 if cfg.task == "accuracy" else 1))
-    units = _units(cfg, name, dtype, source, items, planned, pair_runs)
+    units = _units(cfg, name, weights, dtype, source, items, planned, pair_runs)
     done = _finished(archive, [u.config_digest for u in units]) if archive and not cfg.force else {}
     result = EvalResult(model=name)
     todo = []
@@ -217,11 +232,9 @@ def evaluate(root: Path, cfg: EvalConfig, reporter: Reporter | None = None) -> E
     loaded = loading.load(cfg.model, revision=cfg.revision, device=device, dtype=dtype)
     from mlarch.ingest.scoring import scored_modules
 
-    if model_row is not None and model_row["weights_sha256"] != loaded.weights_sha256:
-        raise UsageError(
-            f"the archive's model {name!r} has other weights ({model_row['weights_sha256'][:12]}) than {cfg.model} "
-            f"({loaded.weights_sha256[:12]}): its math-only sets belong to those weights; load the model that was "
-            "ingested, or pass --name to evaluate this one separately")
+    if loaded.weights_sha256 != weights:
+        raise MlarchError(f"the weight files of {cfg.model} changed while it loaded ({weights[:12]} became "
+                          f"{loaded.weights_sha256[:12]}): run the evaluation again once they stay put")
     modules = scored_modules(loaded.model)
     if planned:
         iv.check_modules(_modules(archive, name), modules)
@@ -233,6 +246,13 @@ def evaluate(root: Path, cfg: EvalConfig, reporter: Reporter | None = None) -> E
             shots = [pairs[i] for i in lang_items.exemplars]
             lang_items.texts = [build_prompt(shots, pairs[i][0], chat=cfg.chat, tokenizer=loaded.tokenizer)
                                 for i in lang_items.indices]
+            # before any row is written: a prompt over --max-length is a usage error
+            lengths = [len(ids) for ids in loaded.tokenizer(lang_items.texts, add_special_tokens=not cfg.chat)["input_ids"]]
+            longest = max(range(len(lengths)), key=lengths.__getitem__)
+            if lengths[longest] > cfg.max_length:
+                raise UsageError(f"the {lang_items.lang} prompt of item {lang_items.indices[longest]} has "
+                                 f"{lengths[longest]} tokens, over --max-length {cfg.max_length}: pass a larger "
+                                 "--max-length or fewer --shots")
     layout.ensure_folder(root)
     if not has_catalog:
         catalog.ensure_schema(catalog_path)
@@ -253,7 +273,7 @@ def evaluate(root: Path, cfg: EvalConfig, reporter: Reporter | None = None) -> E
                                                        pair_runs[label], reporter)
         with iv.applied(modules, plan) if plan is not None else _nothing():
             for unit in group:
-                eval_id = _begin(catalog_path, name, cfg, unit, source, plan)
+                eval_id = _begin(catalog_path, name, cfg, unit, source, plan, pair_runs.get(label, {}))
                 try:
                     outcome = _run_task(cfg, loaded, items[unit.lang], batch_size, reporter, unit)
                     prov = {**env, "eval_id": eval_id, "method": METHOD, "config": settings,
@@ -343,49 +363,98 @@ def _select_items(archive, name: str, cfg: EvalConfig, source, lang: str, loaded
             raise UsageError(f"data {source.name!r} ({lang}) has {len(exemplars)} items for {cfg.shots} exemplars: "
                              "pass a smaller --shots")
     excluded = set(exemplars)
-    held_out_run = None
+    held_out: list[str] = []
     if not cfg.all_items and archive is not None:
+        # every run in use of this model, language and seed that read these very files (either
+        # role: a source may serve both), checked against its record before its items count
         runs = archive._read(
-            "SELECT run_id, dataset, provenance FROM runs WHERE model = ? AND lang = ? AND role = ? AND seed = ? "
-            "AND status = 'FINISHED' AND in_use", [name, lang, cfg.role, cfg.seed])
+            "SELECT run_id, dataset, provenance, record_sha256 FROM runs WHERE model = ? AND lang = ? AND seed = ? "
+            "AND status = 'FINISHED' AND in_use ORDER BY run_id", [name, lang, cfg.seed])
         for run in runs.iter_rows(named=True):
-            if run["dataset"] != source.name:
-                continue
-            files = (json.loads(run["provenance"] or "{}").get("data") or {}).get("files")
+            files = _run_files(run)
+            # the same data is the same files (paths and digests), however the spec was written
+            # (a relative template, or from another folder); the same name or paths with other
+            # content means the items were renumbered: loud, never a silent overlap
             if files != loaded.files:
-                raise MlarchError(
-                    f"the data files of {source.name!r} ({lang}) differ from those run {run['run_id']} drew its "
-                    "items from, so its drawn items cannot be held out: restore those files, or pass --all-items")
-            drawn = archive._read("SELECT DISTINCT item_index FROM run_samples WHERE run_id = ?", [run["run_id"]])
-            excluded.update(int(i) for i in drawn["item_index"])
-            held_out_run = run["run_id"]
+                if run["dataset"] == source.name or (files and set(files) == set(loaded.files)):
+                    raise MlarchError(
+                        f"the data files of {source.name!r} ({lang}) differ from those run {run['run_id']} drew its "
+                        "items from, so its drawn items cannot be held out: restore those files, or pass --all-items")
+                continue
+            drawn = [int(i) for i in archive._read(
+                "SELECT item_index FROM run_samples WHERE run_id = ? ORDER BY position", [run["run_id"]])["item_index"]]
+            _check_run_record(archive, run)
+            if any(not 0 <= i < n for i in drawn):
+                raise MlarchError(f"run {run['run_id']} names items outside the {n} of {source.name!r} ({lang}): "
+                                  "run `mlarch verify`")
+            excluded.update(drawn)
+            held_out.append(run["run_id"])
     indices = [i for i in range(n) if i not in excluded]
-    if cfg.limit is not None:
-        indices = indices[: cfg.limit]
-    if not indices:
-        why = f" (run {held_out_run} drew every item)" if held_out_run else ""
-        raise UsageError(f"no item of {source.name!r} ({lang}, {cfg.role}) is left to evaluate{why}: "
-                         "pass --all-items, or data with more items")
     references: list[str | None] = []
+    references_from = None
+    skipped: list[int] = []
     if cfg.task == "accuracy":
         from mlarch.evaluation import answers
 
+        answer_texts, references_from = _answer_texts(source, lang, loaded)
+        kept = []
         for i in indices:
-            ref = answers.reference(loaded.pairs[i][1])
-            if ref is None:
-                raise MlarchError(f"item {i} of {source.name!r} ({lang}) has no number in its answer: accuracy "
-                                  "compares numbers; fix or remove that item")
+            ref = answers.reference(answer_texts[i])
+            if ref is None:  # e.g. a degenerate translation: recorded, not scored
+                skipped.append(i)
+                continue
+            kept.append(i)
             references.append(ref)
+        indices = kept
+    if cfg.limit is not None:
+        indices, references = indices[: cfg.limit], references[: cfg.limit]
+    if not indices:
+        why = f" (runs {', '.join(held_out)} drew every item)" if held_out else ""
+        raise UsageError(f"no item of {source.name!r} ({lang}, {cfg.role}) is left to evaluate{why}: "
+                         "pass --all-items, or data with more items")
     texts = [loaded.texts[i] for i in indices] if cfg.task == "nll" else []
-    return _Items(lang, indices, texts, references, exemplars, held_out_run, loaded)
+    return _Items(lang, indices, texts, references, exemplars, held_out, loaded, references_from, skipped)
 
 
-def _units(cfg, name, dtype, source, items, planned, pair_runs) -> list[_Unit]:
+def _answer_texts(source, lang: str, loaded: sources.LoadedItems) -> tuple[list[str], dict | None]:
+    """Where each item's reference number is read: the source's own answers, unless it names
+    better ones (GSM8K de/hi: the English originals, whose numbers the translations garble)."""
+    better = getattr(source, "reference_answers", None)
+    found = better(lang) if better is not None else None
+    if found is None:
+        return [a for _, a in loaded.pairs], None
+    answers_, files = found
+    if len(answers_) != len(loaded.pairs):
+        raise MlarchError(f"data source {source.name!r} gave {len(answers_)} reference answers for {lang!r}, "
+                          f"expected {len(loaded.pairs)}")
+    return answers_, files
+
+
+def _check_run_record(archive, run: dict) -> None:
+    from mlarch.store import records as run_records
+
+    with catalog.reading(archive.catalog_path) as con:
+        actual = run_records.run_digest_in(con, run["run_id"])
+    if run["record_sha256"] != actual:
+        raise MlarchError(f"run {run['run_id']}'s record changed since it was archived (its drawn items decide what "
+                          "is held out): run `mlarch verify`, then restore the catalog or re-ingest that run")
+
+
+def _run_files(run: dict) -> dict | None:
+    try:
+        files = (json.loads(run["provenance"] or "{}").get("data") or {}).get("files")
+    except (ValueError, AttributeError):
+        raise MlarchError(f"run {run['run_id']} has unreadable provenance: run `mlarch verify`") from None
+    return files if isinstance(files, dict) else None
+
+
+def _units(cfg, name, weights, dtype, source, items, planned, pair_runs) -> list[_Unit]:
     units = []
     for lang in cfg.langs:
         it = items[lang]
         base = {
-            "method": METHOD, "model": name, "source": cfg.model, "revision": cfg.revision, "dtype": dtype,
+            "method": METHOD, "model": name, "weights_sha256": weights, "source": cfg.model,
+            "revision": cfg.revision, "dtype": dtype, "references": it.references_from,
             "task": cfg.task, "dataset": source.name, "role": cfg.role, "data_files": it.loaded.files,
             "lang": lang, "seed": cfg.seed, "items": it.indices, "max_length": cfg.max_length,
         }
@@ -406,20 +475,30 @@ def _units(cfg, name, dtype, source, items, planned, pair_runs) -> list[_Unit]:
 
 
 def _finished(archive, digests: list[str]) -> dict[str, str]:
-    rows = archive._read("SELECT config_digest, eval_id FROM evaluations_current WHERE list_contains(?, config_digest)",
-                         [digests])
-    return dict(rows.iter_rows())
+    """config digest -> eval_id of the archived evaluations to reuse, each checked against
+    its record digest (an edited value must not be reused as if measured)."""
+    rows = archive._read("SELECT config_digest, eval_id, record_sha256 FROM evaluations_current "
+                         "WHERE list_contains(?, config_digest)", [digests])
+    with catalog.reading(archive.catalog_path) as con:
+        for _, eval_id, stored in rows.iter_rows():
+            if records.evaluation_digest_in(con, eval_id) != stored:
+                raise MlarchError(f"evaluation {eval_id}'s record changed since it was archived, so it cannot be "
+                                  "reused: run `mlarch verify`, then restore the catalog, or pass --force to "
+                                  "evaluate again")
+    return {digest: eval_id for digest, eval_id, _ in rows.iter_rows()}
 
 
-def _begin(catalog_path: Path, name: str, cfg: EvalConfig, unit: _Unit, source, plan) -> str:
+def _begin(catalog_path: Path, name: str, cfg: EvalConfig, unit: _Unit, source, plan, runs: dict) -> str:
     eval_id = layout.new_run_id()
     i = unit.intervention
     with catalog.writing(catalog_path) as con:
         con.execute(
-            "INSERT INTO evaluations (eval_id, model, task, dataset, role, lang, intervention, target_lang, k, seed, "
-            "factor, n_set, n_params_changed, status, created_at, config_digest, baseline_key, host, pid) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'RUNNING', ?, ?, ?, ?, ?)",
-            [eval_id, name, cfg.task, source.name, cfg.role, unit.lang, i.kind if i else "none",
+            "INSERT INTO evaluations (eval_id, model, weights_sha256, math_run_id, control_run_id, task, dataset, "
+            "role, lang, intervention, target_lang, k, seed, factor, n_set, n_params_changed, status, created_at, "
+            "config_digest, baseline_key, host, pid) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'RUNNING', ?, ?, ?, ?, ?)",
+            [eval_id, name, unit.identity["weights_sha256"], runs.get("math_run_id"), runs.get("control_run_id"),
+             cfg.task, source.name, cfg.role, unit.lang, i.kind if i else "none",
              i.lang if i else None, i.k if i else None, cfg.seed, i.factor if i else None,
              plan.n_set if plan else None, plan.n_changed if plan else 0, _now(), unit.config_digest,
              unit.baseline_key, socket.gethostname(), os.getpid()])
@@ -475,8 +554,13 @@ def _run_task(cfg: EvalConfig, loaded, items: _Items, batch_size: int, reporter,
                                    "chat": cfg.chat, "add_special_tokens": not cfg.chat, "shots": cfg.shots}}
     finally:
         reporter.end_pass()
+    if not math.isfinite(value):
+        what = unit.intervention.label if unit.intervention else "the unchanged model"
+        raise MlarchError(f"the {cfg.task} of {unit.lang} under {what} is {value}: the model's outputs overflowed "
+                          f"(in {loaded.dtype}); use a smaller scale factor, or --dtype float32")
     prov.update({"duration_s": round(time.perf_counter() - started, 3), "item_indices": items.indices,
-                 "held_out_run": items.held_out_run})
+                 "held_out_runs": items.held_out_runs,
+                 "skipped_items": items.skipped, "references_from": items.references_from})
     return {"value": value, "stderr": stderr, "n_items": len(items.indices), "n_tokens": tokens,
             "indices": items.indices, "rows": rows, "provenance": prov}
 
@@ -507,6 +591,11 @@ def _commit(catalog_path: Path, eval_id: str, outcome: dict, prov: dict) -> None
         columns[key] = outcome["rows"].get(key, [None] * n)
     frame = pl.DataFrame(columns, schema=_ITEM_SCHEMA)
     with catalog.writing(catalog_path) as con:
+        # the row must still be ours and RUNNING (`rm --model` or an edit may have removed it):
+        # else nothing is written, not even items without a row
+        if not con.execute("SELECT 1 FROM evaluations WHERE eval_id = ? AND status = 'RUNNING'", [eval_id]).fetchall():
+            raise MlarchError(f"evaluation {eval_id} was removed or changed while it ran (`mlarch rm` or an edit): "
+                              "its results were not archived; run it again")
         con.register("new_items", frame.to_arrow())
         con.execute("INSERT INTO evaluation_items SELECT * FROM new_items")
         con.unregister("new_items")

@@ -205,6 +205,20 @@ class Gsm8k(NamedSource):
         return texts
 
 
+    def reference_answers(self, lang):
+        """de/hi: the English test answers of the same items (their translations garble numbers:
+        "2 ,125", or no number at all), with the file they come from; en: None (its own)."""
+        if lang == "en":
+            return None
+        english = self.files["en"][0]  # the test set, parallel to de and hi item by item
+        path = fetch(english, self.data_dir)
+        answers = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                answers.append(json.loads(line)["answer"])
+        return answers, {english.local: english.sha256}
+
+
 def gsm8k(data_dir):
     return Gsm8k(
         name="gsm8k", kind="math", licence="MIT (GSM8K); de/hi translations: no licence stated, attribute the paper",

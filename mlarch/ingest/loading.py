@@ -138,7 +138,8 @@ def weights_digest(files: list[Path]) -> tuple[str, dict[str, str]]:
     return h.hexdigest(), per_file
 
 
-def load(ref: str, *, revision: str | None, device: torch.device, dtype: str) -> LoadedModel:
+def _locate(ref: str, revision: str | None):
+    """(kind, folder, from_pretrained extras, hub commit, weight files) of a model reference."""
     kind, path = classify(ref)
     commit = None
     if kind == "hub":
@@ -156,6 +157,17 @@ def load(ref: str, *, revision: str | None, device: torch.device, dtype: str) ->
             raise MlarchError(
                 f"model folder {folder} has no config.json or weight files: pass a transformers model folder"
             )
+    return kind, folder, extra, commit, weight_files
+
+
+def weights_of(ref: str, revision: str | None) -> str:
+    """The weight digest `load` will record, without loading (digests are cached per file):
+    what decides whether archived results of this model can be reused."""
+    return weights_digest(_locate(ref, revision)[4])[0]
+
+
+def load(ref: str, *, revision: str | None, device: torch.device, dtype: str) -> LoadedModel:
+    kind, folder, extra, commit, weight_files = _locate(ref, revision)
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 

@@ -325,8 +325,9 @@ def _correct_pools(catalog_path: Path, cfg: IngestConfig, name: str, dataset: st
     if not catalog_path.exists():
         raise catalog.missing_archive(catalog_path.parent)
     with catalog.reading(catalog_path) as con:
-        rows = catalog.dicts(con, "SELECT eval_id, model, task, dataset, role, lang, status, record_sha256, provenance "
-                                  "FROM evaluations WHERE list_contains(?, eval_id)", [cfg.only_correct])
+        rows = catalog.dicts(con, "SELECT eval_id, model, task, dataset, role, lang, status, intervention, "
+                                  "record_sha256, provenance FROM evaluations WHERE list_contains(?, eval_id)",
+                             [cfg.only_correct])
         found = {r["eval_id"]: r for r in rows}
         missing = [e for e in cfg.only_correct if e not in found]
         if missing:
@@ -336,6 +337,8 @@ def _correct_pools(catalog_path: Path, cfg: IngestConfig, name: str, dataset: st
             r = found[eval_id]
             problem = ("has not finished" if r["status"] != "FINISHED" else
                        f"is a {r['task']} evaluation, not accuracy" if r["task"] != "accuracy" else
+                       f"evaluated the model under an intervention ({r['intervention']})"
+                       if r["intervention"] != "none" else
                        f"evaluated model {r['model']!r}, not {name!r}" if r["model"] != name else
                        f"evaluated {r['dataset']!r} ({r['role']}), not the math data {dataset!r}"
                        if (r["dataset"], r["role"]) != (dataset, "math") else
@@ -344,13 +347,24 @@ def _correct_pools(catalog_path: Path, cfg: IngestConfig, name: str, dataset: st
             if problem:
                 raise UsageError(f"evaluation {eval_id} {problem}: --only-correct takes one finished accuracy "
                                  "evaluation of this model on the --math data per language")
-            files = (json.loads(r["provenance"] or "{}").get("data") or {}).get("files")
+            # its correct flags decide what ingest draws: the record must be as archived
+            if records.evaluation_digest_in(con, eval_id) != r["record_sha256"]:
+                raise MlarchError(f"evaluation {eval_id}'s record changed since it was archived: run `mlarch verify`, "
+                                  "then restore the catalog or evaluate again")
+            try:
+                files = (json.loads(r["provenance"] or "{}").get("data") or {}).get("files")
+            except (ValueError, AttributeError):
+                files = None
             if files != items[(r["lang"], "math")].files:
                 raise MlarchError(f"evaluation {eval_id} read other data files than {dataset!r} ({r['lang']}) has now: "
                                   "its item numbers do not apply; restore those files or evaluate again")
             by_lang[r["lang"]] = eval_id
             correct = [i for (i,) in con.execute("SELECT item_index FROM evaluation_items WHERE eval_id = ? AND correct "
                                                  "ORDER BY item_index", [eval_id]).fetchall()]
+            n_items = len(items[(r["lang"], "math")].texts)
+            if any(not 0 <= i < n_items for i in correct):
+                raise MlarchError(f"evaluation {eval_id} names items outside the {n_items} of {dataset!r} "
+                                  f"({r['lang']}): run `mlarch verify`")
             if not correct:
                 raise UsageError(f"evaluation {eval_id} ({r['lang']}) scored no item correct: nothing to draw from; "
                                  "drop --only-correct for that language or evaluate more items")

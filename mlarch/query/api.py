@@ -379,7 +379,8 @@ class Archive:
         frame = self._read(
             "SELECT eval_id, model, task, dataset, role, lang, intervention, target_lang, k, seed, factor, n_set, "
             "n_params_changed, n_items, n_tokens, value, stderr, finished_at FROM evaluations_current "
-            "ORDER BY model, task, dataset, lang, intervention <> 'none', target_lang, k, factor, eval_id")
+            "ORDER BY model, task, dataset, role, lang, intervention <> 'none', target_lang, k, "
+            "list_position(['prune', 'scale', 'random', 'fraction'], intervention), factor, eval_id")
         if model:
             frame = frame.filter(pl.col("model").str.to_lowercase().str.contains(model.lower(), literal=True))
         if eval_ids is not None:

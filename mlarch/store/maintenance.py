@@ -73,6 +73,8 @@ def verify(root: Path, run_ids: list[str] | None = None) -> list[Check]:
         evals = con.execute("SELECT eval_id, model, status, host, pid, record_sha256, n_items FROM evaluations "
                             "ORDER BY created_at, eval_id").fetchall() if run_ids is None else []
         item_counts = dict(con.execute("SELECT eval_id, count(*) FROM evaluation_items GROUP BY ALL").fetchall())
+        known_evals = {e[0] for e in con.execute("SELECT eval_id FROM evaluations").fetchall()}
+        orphan_evals = sorted(set(item_counts) - known_evals) if run_ids is None else []
         sealed += [("evaluation", e[0], e[5], run_records.evaluation_digest_in(con, e[0]))
                    for e in evals if e[2] == "FINISHED"]
         n_params = dict(((m, mod), n) for m, mod, n in con.execute(
@@ -111,6 +113,9 @@ def verify(root: Path, run_ids: list[str] | None = None) -> list[Check]:
             checks.append(Check("run has arrays", run_id, False, "no arrays recorded: remove it with `mlarch rm`"))
         elif status != "FINISHED" and not (status == "RUNNING" and _alive(host, pid)):
             checks.append(Check("no leftovers", run_id, False, f"{status} run of an interrupted ingest: run `mlarch gc`"))
+    for eval_id in orphan_evals:
+        checks.append(Check("no leftovers", f"evaluation items {eval_id}", False,
+                            "item rows of no evaluation (removed while it ran): run `mlarch gc`"))
     for eval_id, model, status, host, pid, _, n_items in evals:
         if status == "FINISHED" and item_counts.get(eval_id, 0) != n_items:
             checks.append(Check("evaluation items", eval_id, False,
@@ -193,6 +198,8 @@ def gc(root: Path) -> list[str]:
             model_groups = dict(con.execute("SELECT model, magnitudes_group FROM models").fetchall())
             evals = con.execute("SELECT eval_id, model, status, host, pid FROM evaluations "
                                 "WHERE status <> 'FINISHED'").fetchall()
+            orphan_items = con.execute("SELECT count(*) FROM evaluation_items WHERE eval_id NOT IN "
+                                       "(SELECT eval_id FROM evaluations)").fetchone()[0]
         dead_evals = [e for e in evals if e[2] != "RUNNING" or not _alive(e[3], e[4])]
         for r in runs:  # an edited row stops gc before anything is removed
             _owned_folder(root, "run", r[0], r[3])
@@ -206,8 +213,9 @@ def gc(root: Path) -> list[str]:
         doomed = sorted((_groups(root, "runs") - keep_runs) | (_groups(root, "models") - keep_models))
         folders = [_listed_folder(root, group) for group in doomed]
         staging = leftover_staging(root)
-        if dead or dead_evals:
+        if dead or dead_evals or orphan_items:
             with catalog.writing(path) as con:
+                con.execute("DELETE FROM evaluation_items WHERE eval_id NOT IN (SELECT eval_id FROM evaluations)")
                 for run_id, *_ in dead:
                     con.execute("DELETE FROM run_samples WHERE run_id = ?", [run_id])
                     con.execute("DELETE FROM arrays WHERE owner = ?", [run_id])
@@ -217,6 +225,7 @@ def gc(root: Path) -> list[str]:
                     con.execute("DELETE FROM evaluations WHERE eval_id = ?", [eval_id])
             removed += [f"run {r[0]} ({r[1]}, {r[2]})" for r in dead]
             removed += [f"evaluation {e[0]} ({e[1]}, {e[2]})" for e in dead_evals]
+            removed += [f"{orphan_items} evaluation item row(s) of no evaluation"] if orphan_items else []
         for group, folder in zip(doomed, folders):
             shutil.rmtree(folder, ignore_errors=True)
             removed.append(f"arrays {group}")

@@ -21,7 +21,7 @@ MODEL_FIELDS = ("model", "source", "source_kind", "revision", "commit_sha", "wei
                 "architecture", "n_modules", "n_scored_params", "magnitudes_group", "created_at")
 MODULE_FIELDS = ("module", "layer", "kind", "n_rows", "n_cols", "n_params", "position", "param_offset",
                  "norm_offset")
-EVAL_FIELDS = ("eval_id", "model", "task", "dataset", "role", "lang", "intervention", "target_lang", "k", "seed",
+EVAL_FIELDS = ("eval_id", "model", "weights_sha256", "math_run_id", "control_run_id", "task", "dataset", "role", "lang", "intervention", "target_lang", "k", "seed",
                "factor", "n_set", "n_params_changed", "n_items", "n_tokens", "value", "stderr", "created_at",
                "finished_at", "config_digest", "baseline_key", "provenance")
 EVAL_ITEM_FIELDS = ("position", "item_index", "n_tokens", "nll", "prompt_sha256", "completion", "extracted",

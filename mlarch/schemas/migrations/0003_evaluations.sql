@@ -5,6 +5,7 @@
 CREATE TABLE evaluations (
     eval_id          VARCHAR PRIMARY KEY,
     model            VARCHAR NOT NULL,   -- model name in the archive (--name)
+    weights_sha256   VARCHAR NOT NULL,   -- digest of the weight files evaluated
     task             VARCHAR NOT NULL,   -- 'nll' | 'accuracy'
     dataset          VARCHAR NOT NULL,   -- named source or path template, as for runs
     role             VARCHAR NOT NULL,   -- which texts of the source: 'math' | 'control'
@@ -12,6 +13,8 @@ CREATE TABLE evaluations (
     intervention     VARCHAR NOT NULL,   -- 'none' | 'prune' | 'scale' | 'random' | 'fraction'
     target_lang      VARCHAR,            -- whose math-only set was changed (NULL for 'none')
     k                DOUBLE,             -- of that set (NULL for 'none')
+    math_run_id      VARCHAR,            -- the runs whose sets were used (NULL for 'none')
+    control_run_id   VARCHAR,
     seed             BIGINT NOT NULL,    -- runs whose drawn items are held out; the set's seed; random draws
     factor           DOUBLE,             -- scale factor, or pruned fraction; NULL otherwise
     n_set            BIGINT,             -- size of the math-only set of target_lang at k
@@ -56,7 +59,7 @@ SELECT eval_id, model, dataset, lang, intervention, target_lang, k, seed, factor
 FROM evaluations_current WHERE task = 'accuracy';
 
 -- Each intervened evaluation next to its baseline (same model, weights, task, data, items
--- and settings): the cross-lingual matrix is
+-- and settings: baseline_key covers them all): the cross-lingual matrix is
 --   SELECT target_lang, lang, relative_change FROM intervention_effects WHERE intervention = 'prune' AND k = 0.01
 CREATE VIEW intervention_effects AS
 SELECT e.eval_id, e.model, e.task, e.dataset, e.role, e.lang, e.intervention, e.target_lang, e.k, e.seed,
@@ -66,4 +69,8 @@ SELECT e.eval_id, e.model, e.task, e.dataset, e.role, e.lang, e.intervention, e.
        b.stderr AS baseline_stderr, e.stderr, b.eval_id AS baseline_eval_id
 FROM evaluations_current e
 JOIN evaluations_current b ON b.baseline_key = e.baseline_key AND b.intervention = 'none'
+-- only sets still in use: after a re-ingest or `rm` of a run, evaluations of the sets it
+-- replaced stay archived but leave the view
+JOIN runs m ON m.run_id = e.math_run_id AND m.in_use
+JOIN runs c ON c.run_id = e.control_run_id AND c.in_use
 WHERE e.intervention <> 'none';

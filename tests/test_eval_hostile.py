@@ -1,0 +1,153 @@
+"""`mlarch eval` against changed weights, edited catalogs and awkward data (found by review)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import mlarch
+from mlarch.cli import cli
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def _run(root, *args):
+    result = CliRunner().invoke(cli, ["--archive", str(root), *args])
+    return result.exit_code, result.output
+
+
+def _perturbed_copy(model_path, target: Path) -> Path:
+    from transformers import AutoModelForCausalLM
+
+    shutil.copytree(model_path, target)
+    model = AutoModelForCausalLM.from_pretrained(str(target))
+    with torch.no_grad():
+        for param in model.parameters():
+            param.mul_(1.5)
+    model.save_pretrained(target)
+    return target
+
+
+def test_changed_weights_are_never_reused(tmp_path, model_dir, data):
+    model = tmp_path / "m"
+    shutil.copytree(model_dir["llama"], model)
+    archive = mlarch.open(tmp_path / "a")
+    first = archive.evaluate(str(model), ["en"], "nll", data["math"], name="m", all_items=True, device="cpu")
+    shutil.rmtree(model)
+    _perturbed_copy(model_dir["llama"], model)
+    second = archive.evaluate(str(model), ["en"], "nll", data["math"], name="m", all_items=True, device="cpu")
+    assert second.written and not second.reused
+    values = archive.sql("SELECT eval_id, value, weights_sha256 FROM evaluations ORDER BY created_at")
+    assert values["value"][0] != values["value"][1] and values["weights_sha256"].n_unique() == 2
+    assert first.written[0] == values["eval_id"][0]
+
+
+def test_other_weights_under_an_archived_name_fail_before_loading(archive_copy, model_dir, data, tmp_path,
+                                                                  monkeypatch):
+    from mlarch.ingest import loading
+
+    other = _perturbed_copy(model_dir["llama"], tmp_path / "tiny-llama")
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(loading, "load", no_load)
+    with pytest.raises(mlarch.errors.UsageError, match="other weights"):
+        mlarch.open(archive_copy).evaluate(str(other), ["en"], "nll", data["math"], device="cpu")
+
+
+def _math_run(archive, lang="en", role="math"):
+    return archive.sql("SELECT run_id FROM runs WHERE lang = ? AND role = ? AND in_use", [lang, role])["run_id"][0]
+
+
+def test_edited_drawn_items_are_refused(archive_copy, model_dir, data):
+    archive = mlarch.open(archive_copy)
+    run_id = _math_run(archive)
+    archive.sql("UPDATE run_samples SET item_index = (item_index + 1) % 10 WHERE run_id = ? AND position = 0",
+                [run_id], write=True)
+    code, output = _run(archive_copy, "eval", "--model", str(model_dir["llama"]), "--langs", "en", "--task", "nll",
+                        "--data", data["math"], "-q")
+    assert code == 1 and f"run {run_id}'s record changed" in output and len(output.strip().splitlines()) == 1
+    assert archive.sql("SELECT count(*) AS n FROM evaluations")["n"][0] == 0
+
+
+def test_held_out_covers_either_role(archive_copy, model_dir, data):
+    archive = mlarch.open(archive_copy)
+    drawn = set(archive.sql("SELECT item_index FROM run_samples WHERE run_id = ?",
+                            [_math_run(archive, role="control")])["item_index"])
+    result = archive.evaluate(str(model_dir["llama"]), ["en"], "nll", data["control"], device="cpu")  # role math
+    items = set(archive.evaluation_items(result.written[0])["item_index"])
+    assert drawn and items and not items & drawn
+
+
+def test_edited_evaluations_are_neither_reused_nor_trusted(archive_copy, model_dir, data):
+    archive = mlarch.open(archive_copy)
+    args = (str(model_dir["llama"]), ["en"], "accuracy", data["math"])
+    result = archive.evaluate(*args, shots=1, max_new_tokens=4, all_items=True, device="cpu")
+    eval_id = result.written[0]
+    archive.sql("UPDATE evaluation_items SET correct = true WHERE eval_id = ? AND position < 3", [eval_id], write=True)
+    with pytest.raises(mlarch.errors.MlarchError, match="cannot be reused"):
+        archive.evaluate(*args, shots=1, max_new_tokens=4, all_items=True, device="cpu")
+    code, output = _run(archive_copy, "ingest", "--model", str(model_dir["llama"]), "--langs", "en", "--math",
+                        data["math"], "--control", data["control"], "--samples", "4", "--top-k", "0.01,0.05,0.25",
+                        "--only-correct", eval_id, "-q", "--force")
+    assert code == 1 and "record changed" in output, output
+    before = archive.sql("SELECT count(*) AS n FROM runs")["n"][0]
+    assert before == 6  # nothing ingested
+
+
+def test_an_overflowing_scale_is_not_archived_as_a_number(archive_copy, model_dir, data):
+    archive = mlarch.open(archive_copy)
+    with pytest.raises(mlarch.errors.MlarchError, match="overflowed"):
+        archive.evaluate(str(model_dir["llama"]), ["en"], "nll", data["math"], interventions=["scale:en@0.25:1e38"],
+                         device="cpu")
+    statuses = archive.sql("SELECT intervention, status, value FROM evaluations ORDER BY created_at")
+    assert statuses.rows() == [("none", "FINISHED", statuses["value"][0]), ("scale", "FAILED", None)]
+
+
+def test_a_long_prompt_is_a_usage_error_before_any_row(archive_copy, model_dir, data):
+    code, output = _run(archive_copy, "eval", "--model", str(model_dir["llama"]), "--langs", "en", "--task",
+                        "accuracy", "--data", data["math"], "--shots", "2", "--max-length", "10", "-q")
+    assert code == 2 and "--max-length" in output and len(output.strip().splitlines()) == 1, output
+    assert mlarch.open(archive_copy).sql("SELECT count(*) AS n FROM evaluations")["n"][0] == 0
+
+
+@pytest.mark.skipif(not (SHARED / "gsm8k" / "test.jsonl").exists(), reason="../shared/data is not here")
+def test_translated_gsm8k_is_scored_against_the_english_numbers():
+    from mlarch.evaluation import answers
+    from mlarch.ingest import sources
+
+    source = sources.resolve("gsm8k", SHARED)
+    english = [answers.reference(a) for _, a in source.load("en", "math").pairs[:1319]]
+    for lang in ("de", "hi"):
+        own = [answers.reference(a) for _, a in source.load(lang, "math").pairs]
+        refs, files = source.reference_answers(lang)
+        assert [answers.reference(a) for a in refs] == english and list(files) == ["gsm8k/test.jsonl"]
+        assert sum(o != e for o, e in zip(own, english)) > 10  # the translations' own numbers are garbled
+
+
+def test_a_schema_2_archive_upgrades_and_evaluates(archive_copy, model_dir, data):
+    """An archive of the previous release (schema 2: no evaluation tables) migrates on first
+    use, verifies clean and takes evaluations."""
+    import duckdb
+
+    from mlarch.store import catalog, maintenance
+
+    con = duckdb.connect(str(archive_copy / "catalog.duckdb"))
+    for view in ("intervention_effects", "accuracy", "evaluations_current"):
+        con.execute(f"DROP VIEW {view}")
+    con.execute("DROP TABLE evaluation_items")
+    con.execute("DROP TABLE evaluations")
+    con.execute("DELETE FROM schema_migrations WHERE version > 2")
+    con.close()
+    archive = mlarch.open(archive_copy)
+    assert archive.sql("SELECT max(version) AS v FROM schema_migrations")["v"][0] == catalog.latest_version() == 3
+    assert all(c.ok for c in maintenance.verify(archive.root))
+    result = archive.evaluate(str(model_dir["llama"]), ["en"], "nll", data["math"], interventions=["prune:de@0.05"],
+                              device="cpu")
+    assert len(result.written) == 2
+    assert archive.sql("SELECT count(*) AS n FROM intervention_effects")["n"][0] == 1
