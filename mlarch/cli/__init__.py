@@ -246,7 +246,8 @@ Examples:
 
 \b
 Views: runs, run_samples, modules, set_sizes, overlap_by_module, overlap_by_layer,
-overlap_global, language_unique (and the tables models, selections, patterns, arrays).""")
+overlap_global, language_unique, accuracy, intervention_effects (and the tables models,
+selections, patterns, arrays, evaluations, evaluation_items).""")
 @click.argument("query")
 @click.option("--write", is_flag=True,
               help="Allow statements that change the archive or reach beyond it (one transaction).")
