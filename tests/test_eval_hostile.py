@@ -151,3 +151,17 @@ def test_a_schema_2_archive_upgrades_and_evaluates(archive_copy, model_dir, data
                               device="cpu")
     assert len(result.written) == 2
     assert archive.sql("SELECT count(*) AS n FROM intervention_effects")["n"][0] == 1
+
+
+def test_a_named_source_serving_both_roles_holds_out_each_roles_items(tmp_path, model_dir):
+    """`starter` reads other files per role under one name: the control evaluation holds out
+    the control run's items and is not refused for the math run's other files."""
+    archive = mlarch.open(tmp_path / "a")
+    archive.ingest(str(model_dir["llama"]), ["en"], "starter", "starter", samples=8, top_k=[0.05, 0.25],
+                   device="cpu")
+    drawn = set(archive.sql("SELECT item_index FROM run_samples WHERE run_id = ?",
+                            [_math_run(archive, role="control")])["item_index"])
+    result = archive.evaluate(str(model_dir["llama"]), ["en"], "nll", "starter", role="control",
+                              interventions=["prune:en@0.05"], device="cpu")
+    items = set(archive.evaluation_items(result.written[0])["item_index"])
+    assert drawn and items and not items & drawn and len(items) == 24 - len(drawn)

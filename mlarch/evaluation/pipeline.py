@@ -368,7 +368,7 @@ def _select_items(archive, name: str, cfg: EvalConfig, source, lang: str, loaded
         # every run in use of this model, language and seed that read these very files (either
         # role: a source may serve both), checked against its record before its items count
         runs = archive._read(
-            "SELECT run_id, dataset, provenance, record_sha256 FROM runs WHERE model = ? AND lang = ? AND seed = ? "
+            "SELECT run_id, dataset, role, provenance, record_sha256 FROM runs WHERE model = ? AND lang = ? AND seed = ? "
             "AND status = 'FINISHED' AND in_use ORDER BY run_id", [name, lang, cfg.seed])
         for run in runs.iter_rows(named=True):
             files = _run_files(run)
@@ -376,7 +376,8 @@ def _select_items(archive, name: str, cfg: EvalConfig, source, lang: str, loaded
             # (a relative template, or from another folder); the same name or paths with other
             # content means the items were renumbered: loud, never a silent overlap
             if files != loaded.files:
-                if run["dataset"] == source.name or (files and set(files) == set(loaded.files)):
+                # (a named source serves both roles from other files: the same name alone is not the same data)
+                if (run["dataset"], run["role"]) == (source.name, cfg.role) or (files and set(files) == set(loaded.files)):
                     raise MlarchError(
                         f"the data files of {source.name!r} ({lang}) differ from those run {run['run_id']} drew its "
                         "items from, so its drawn items cannot be held out: restore those files, or pass --all-items")
