@@ -27,7 +27,7 @@ from mlarch.evaluation import interventions as iv
 from mlarch.ingest import provenance, sources
 from mlarch.selection import top_count
 from mlarch.ingest.pipeline import (MAX_BATCH_SIZE, MAX_LENGTH, MAX_SEED, ROLES, Reporter, _bounded_int,
-                                    _check_writable, check_name, _LANG)
+                                    _check_writable, check_langs, check_name)
 from mlarch.store import catalog, layout, records
 
 TASKS = ("nll", "accuracy")
@@ -80,13 +80,7 @@ class EvalConfig:
             raise UsageError(f"unknown task {self.task!r}: choose --task nll or --task accuracy")
         if self.role not in ROLES:
             raise UsageError(f"unknown role {self.role!r}: choose --role math or --role control")
-        if not self.langs:
-            raise UsageError("no languages given: pass --langs, e.g. --langs en,de")
-        for lang in self.langs:
-            if not isinstance(lang, str) or not _LANG.match(lang):
-                raise UsageError(f"language code {lang!r} is not valid: use codes such as en, de, zh")
-        if len(set(self.langs)) != len(self.langs):
-            raise UsageError(f"languages repeat in {','.join(self.langs)}: list each once")
+        check_langs(self.langs)
         parsed = [iv.parse(spec) for spec in self.interventions]
         labels = [p.label for p in parsed]
         if len(set(labels)) != len(labels):

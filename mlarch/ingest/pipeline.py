@@ -82,13 +82,7 @@ class IngestConfig:
         import math
         import numbers
 
-        if not self.langs:
-            raise UsageError("no languages given: pass --langs, e.g. --langs en,de")
-        for lang in self.langs:
-            if not isinstance(lang, str) or not _LANG.match(lang):
-                raise UsageError(f"language code {lang!r} is not valid: use codes such as en, de, zh")
-        if len(set(self.langs)) != len(self.langs):
-            raise UsageError(f"languages repeat in {','.join(self.langs)}: list each once")
+        check_langs(self.langs)
         if not self.top_k:
             raise UsageError("no top-k values given: pass --top-k, e.g. --top-k 0.01")
         for k in self.top_k:
@@ -147,6 +141,17 @@ def _bounded_int(flag: str, value, high: int, fix: str) -> int:
     if value > high:
         raise UsageError(f"{flag} must be at most {high:,}, got {value:,}: {fix}")
     return int(value)
+
+
+def check_langs(langs) -> None:
+    """--langs: at least one valid language code, each once."""
+    if not langs:
+        raise UsageError("no languages given: pass --langs, e.g. --langs en,de")
+    for lang in langs:
+        if not isinstance(lang, str) or not _LANG.match(lang):
+            raise UsageError(f"language code {lang!r} is not valid: use codes such as en, de, zh")
+    if len(set(langs)) != len(langs):
+        raise UsageError(f"languages repeat in {','.join(langs)}: list each once")
 
 
 def check_name(name, source: str) -> None:
