@@ -24,9 +24,12 @@ def top_count(n: int, k: float) -> int:
     return floor(Decimal(repr(float(k))) * n)
 
 
-def level_codes(scores: np.ndarray, ks: Sequence[float]) -> np.ndarray:
+def level_codes(scores: np.ndarray, ks: Sequence[float], counts: Sequence[int] | None = None) -> np.ndarray:
     """uint8 array shaped like `scores`: 1 + index of the smallest k in `ks` (ascending)
     whose top-k holds the entry, or 0.
+
+    `counts` (one per k, non-decreasing) replaces top_count's set sizes: the mathneuro-bf16
+    method sizes its sets as the authors' code does, int(n * k) in floating point.
 
     A sample gives a value just below the largest set's threshold, so one compare finds a
     small superset of that set (the candidates); in-place partitions of their values find
@@ -38,7 +41,9 @@ def level_codes(scores: np.ndarray, ks: Sequence[float]) -> np.ndarray:
         raise ValueError("ks must be ascending and at most 254 values")
     flat = scores.reshape(-1)
     n = flat.size
-    counts = [top_count(n, k) for k in ks]
+    counts = [top_count(n, k) for k in ks] if counts is None else [int(c) for c in counts]
+    if len(counts) != len(ks) or counts != sorted(counts):
+        raise ValueError("counts must give one non-decreasing set size per k")
     levels = np.zeros(n, dtype=np.uint8)
     largest = max(counts, default=0)
     if largest == 0:

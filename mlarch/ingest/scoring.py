@@ -103,13 +103,14 @@ class PassResult:
     seconds: float
 
 
-def tokenize(tokenizer, texts: list[str], max_length: int) -> tuple[list[list[int]], int]:
-    """Token ids with the tokenizer's default special tokens, cut to max_length."""
+def tokenize(tokenizer, texts: list[str], max_length: int | None) -> tuple[list[list[int]], int]:
+    """Token ids with the tokenizer's default special tokens, cut to max_length (None: never cut,
+    as the MathNeuro authors' code does)."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # silence "sequence longer than model max" warnings
     ids = tokenizer(texts, add_special_tokens=True)["input_ids"]
-    long = [i for i, seq in enumerate(ids) if len(seq) > max_length]
+    long = [] if max_length is None else [i for i, seq in enumerate(ids) if len(seq) > max_length]
     if long:
         cut = tokenizer([texts[i] for i in long], add_special_tokens=True, truncation=True, max_length=max_length)
         for i, seq in zip(long, cut["input_ids"]):
@@ -130,8 +131,8 @@ class Batch:
     items: tuple[int, ...] = ()  # index in `texts` of each row
 
 
-def batches(tokenizer, texts: list[str], *, batch_size: int, max_length: int, vocab: int) -> tuple[list[Batch], int]:
-    """The forward passes' inputs for `texts` and how many texts were cut to max_length.
+def batches(tokenizer, texts: list[str], *, batch_size: int, max_length: int | None, vocab: int) -> tuple[list[Batch], int]:
+    """The forward passes' inputs for `texts` and how many texts were cut to max_length (None: no cut).
 
     The one place that tokenizes, checks and batches texts: `run_pass` forwards these and
     the benchmarks' bare-forward baseline forwards the very same batches."""
@@ -229,7 +230,7 @@ def run_pass(
     texts: list[str],
     *,
     batch_size: int,
-    max_length: int,
+    max_length: int | None,
     device: torch.device,
     on_batch: Callable[[int, int], None] = lambda samples, tokens: None,
 ) -> PassResult:

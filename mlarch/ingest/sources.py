@@ -8,6 +8,10 @@ list is item_index i in `run_samples`). Two kinds exist:
 
 Text template for records: a ``text`` field is used verbatim; otherwise ``question`` and
 ``answer`` are formatted with ``QA_TEMPLATE`` (GSM8K style, question + worked solution).
+
+The ``paper`` text template (``--template paper``) builds texts as the MathNeuro authors' code
+does: a ``qa`` column verbatim where the file has one, else ``INSTRUCT_TEMPLATE`` over the
+``question`` and ``solution`` columns, values unstripped.
 """
 
 from __future__ import annotations
@@ -24,6 +28,10 @@ from mlarch.errors import MlarchError, UsageError
 
 QA_TEMPLATE = "Q: {question}\nA: {answer}"
 TEXT_TEMPLATE = "{text}"
+# the MathNeuro authors' texts (MathNeuroFast.py, compute_score_mask)
+INSTRUCT_TEMPLATE = "Instruct: {question} Let's write a Python program.\nOutput:\n{solution}"
+QA_COLUMN_TEMPLATE = "{qa}"
+TEXT_TEMPLATES = ("default", "paper")
 
 
 @dataclass
@@ -70,6 +78,28 @@ def _record_text(record: dict, where: str) -> tuple[str, str]:
     )
 
 
+def instruct_text(question: str, solution: str) -> str:
+    """The authors' prompt for a question/solution pair, verbatim (no stripping)."""
+    return INSTRUCT_TEMPLATE.format(question=question, solution=solution)
+
+
+def _paper_text(record: dict, has_qa: bool, where: str) -> tuple[str, str]:
+    """The authors' choice, made per file as theirs is per data frame: the `qa` column verbatim
+    if the file has one, else the Instruct prompt of `question` and `solution`."""
+    if has_qa:
+        qa = record.get("qa")
+        if isinstance(qa, str) and qa != "":
+            return qa, QA_COLUMN_TEMPLATE
+        raise MlarchError(f"{where}: the file has a 'qa' column but this record's is empty; fix or remove it")
+    question, solution = record.get("question"), record.get("solution")
+    if isinstance(question, str) and question != "" and isinstance(solution, str) and solution != "":
+        return instruct_text(question, solution), INSTRUCT_TEMPLATE
+    raise MlarchError(
+        f"{where}: --template paper needs a 'qa' field, or 'question' and 'solution' fields "
+        "(the authors' columns); fix the record or use the default template"
+    )
+
+
 def _pair(record: dict) -> tuple[str, str] | None:
     question, answer = record.get("question"), record.get("answer")
     if question in (None, "") or answer in (None, ""):
@@ -83,8 +113,12 @@ def parse_file(path: Path) -> tuple[list[str], list[str]]:
     return texts, templates
 
 
-def parse_records(path: Path) -> tuple[list[str], list[str], list[tuple[str, str]] | None]:
-    """Texts, templates and, where every record has them, (question, answer) pairs."""
+def parse_records(path: Path, template: str = "default") -> tuple[list[str], list[str], list[tuple[str, str]] | None]:
+    """Texts, templates and, where every record has them, (question, answer) pairs.
+    `template` 'paper': records become the authors' texts (see _paper_text)."""
+    if template not in TEXT_TEMPLATES:
+        raise UsageError(f"--template {template!r} is not known: use one of {', '.join(TEXT_TEMPLATES)}")
+    paper = template == "paper"
     try:
         content = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -96,6 +130,7 @@ def parse_records(path: Path) -> tuple[list[str], list[str], list[tuple[str, str
     templates: set[str] = set()
     pairs: list[tuple[str, str] | None] = []
     if suffix in {".jsonl", ".ndjson"}:
+        records = []
         for lineno, line in enumerate(content.splitlines(), start=1):
             if not line.strip():
                 continue
@@ -105,22 +140,31 @@ def parse_records(path: Path) -> tuple[list[str], list[str], list[tuple[str, str
                 raise MlarchError(f"{path}, line {lineno}: invalid JSON ({exc.msg}); fix that line") from None
             if not isinstance(record, dict):
                 raise MlarchError(f"{path}, line {lineno}: expected a JSON object per line")
-            text, template = _record_text(record, f"{path}, line {lineno}")
+            records.append((lineno, record))
+        has_qa = any("qa" in record for _, record in records)
+        for lineno, record in records:
+            where = f"{path}, line {lineno}"
+            text, used = _paper_text(record, has_qa, where) if paper else _record_text(record, where)
             texts.append(text)
-            templates.add(template)
+            templates.add(used)
             pairs.append(_pair(record))
     elif suffix == ".csv":
         reader = csv.DictReader(io.StringIO(content))
         fields = set(reader.fieldnames or [])
-        if "text" not in fields and not {"question", "answer"} <= fields:
+        if paper and "qa" not in fields and not {"question", "solution"} <= fields:
+            raise MlarchError(
+                f"{path}, line 1: --template paper needs a 'qa' column or 'question' and 'solution' columns"
+            )
+        if not paper and "text" not in fields and not {"question", "answer"} <= fields:
             raise MlarchError(
                 f"{path}, line 1: the CSV header needs a 'text' column or 'question' and 'answer' columns"
             )
         try:
             for record in reader:
-                text, template = _record_text(record, f"{path}, line {reader.line_num}")
+                where = f"{path}, line {reader.line_num}"
+                text, used = _paper_text(record, "qa" in fields, where) if paper else _record_text(record, where)
                 texts.append(text)
-                templates.add(template)
+                templates.add(used)
                 pairs.append(_pair(record))
         except csv.Error as exc:
             raise MlarchError(f"{path}, line {reader.line_num}: malformed CSV ({exc})") from None
@@ -138,11 +182,14 @@ def parse_records(path: Path) -> tuple[list[str], list[str], list[tuple[str, str
 class TemplateFileSource:
     """Files named by a path template such as ``data/{lang}/math.jsonl``."""
 
-    def __init__(self, spec: str):
+    def __init__(self, spec: str, template: str = "default"):
         if "{lang}" not in spec:
             raise UsageError(f"data template {spec!r} must contain {{lang}}, e.g. data/{{lang}}.jsonl")
+        if template not in TEXT_TEMPLATES:
+            raise UsageError(f"--template {template!r} is not known: use one of {', '.join(TEXT_TEMPLATES)}")
         self.spec = spec
         self.name = spec
+        self.template = template
 
     def path(self, lang: str) -> Path:
         return Path(self.spec.replace("{lang}", lang)).expanduser()
@@ -154,25 +201,34 @@ class TemplateFileSource:
                 f"data file {path} for language {lang!r} does not exist "
                 f"(from template {self.spec!r}); create it or drop {lang!r} from --langs"
             )
-        texts, templates, pairs = parse_records(path)
+        texts, templates, pairs = parse_records(path, self.template)
         return LoadedItems(texts, templates, {str(path.resolve()): sha256_file(path)}, pairs)
 
     def describe(self) -> dict:
-        return {"kind": "template", "template": self.spec}
+        described = {"kind": "template", "template": self.spec}
+        if self.template != "default":  # absent for the default: earlier runs' records are unchanged
+            described["text_template"] = self.template
+        return described
 
 
 # Named public corpora register here: name -> factory(data_dir) -> DataSource.
 NAMED_SOURCES: dict[str, Callable[[Path | None], DataSource]] = {}
 
 
-def resolve(spec: str, data_dir: Path | None = None) -> DataSource:
-    """A named source, or a path template containing {lang}."""
+def resolve(spec: str, data_dir: Path | None = None, template: str = "default") -> DataSource:
+    """A named source, or a path template containing {lang}; `template` 'paper' (the authors'
+    texts) applies to files only: a named source has its own template."""
     import mlarch.ingest.corpora  # noqa: F401 - registers the named sources
 
     if spec in NAMED_SOURCES:
+        if template != "default":
+            raise UsageError(
+                f"--template {template} applies to data files; the named source {spec!r} has its own template: "
+                "pass the authors' files as a path template such as data/{lang}.csv"
+            )
         return NAMED_SOURCES[spec](data_dir)
     if "{lang}" in spec:
-        return TemplateFileSource(spec)
+        return TemplateFileSource(spec, template)
     known = ", ".join(sorted(NAMED_SOURCES)) or "none yet"
     raise UsageError(
         f"data source {spec!r} is neither a named source (known: {known}) "
