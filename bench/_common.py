@@ -428,7 +428,7 @@ def smollm_random_folder() -> Path:
     (small vocabulary, untied head). Built once by the tests' `build_model`: no download."""
     from fixtures import build_model
 
-    from mlarch.ingest.demo import cache_dir
+    from mlarch.cache import cache_dir
 
     folder = cache_dir() / "bench" / "smollm-random"
     if not (folder / "tiny-llama" / "config.json").exists():

@@ -14,4 +14,18 @@ def open(path=None):  # noqa: A001 - mirrors sqlite_utils.Database / zarr.open
     return Archive(path)
 
 
-__all__ = ["__version__", "open"]
+def __getattr__(name):
+    # `mlarch.Archive` on first use: importing it loads DuckDB and polars (~0.3 s), which
+    # `import mlarch` (and the CLI's --help) should not pay.
+    if name == "Archive":
+        from mlarch.query.api import Archive
+
+        return Archive
+    raise AttributeError(f"module 'mlarch' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted([*globals(), "Archive"])
+
+
+__all__ = ["Archive", "__version__", "open"]

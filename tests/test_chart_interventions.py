@@ -107,13 +107,15 @@ def insert(archive, records):
     # as `mlarch eval` writes them: the weights evaluated and the runs whose sets were used
     pairs = {lang: (m, c) for lang, m, c in archive.sql(
         "SELECT DISTINCT lang, math_run_id, control_run_id FROM selections WHERE seed = 1").iter_rows()}
+    analysis = archive.sql("SELECT min(analysis) AS a FROM analyses")["a"][0]  # whose sets were changed
     for record in records:
         record.setdefault("weights_sha256", "0" * 64)
         target = record.get("target_lang")
         run_ids = pairs.get(target, (f"run-{target}-math", f"run-{target}-control")) if target else (None, None)
         record.setdefault("math_run_id", run_ids[0])
         record.setdefault("control_run_id", run_ids[1])
-    columns = COLUMNS + ["weights_sha256", "math_run_id", "control_run_id"]
+        record.setdefault("analysis", analysis if target else None)
+    columns = COLUMNS + ["weights_sha256", "math_run_id", "control_run_id", "analysis"]
     values = ", ".join("(" + ", ".join("?" for _ in columns) + ")" for _ in records)
     params = [record[c] for record in records for c in columns]
     archive.sql(f"INSERT INTO evaluations ({', '.join(columns)}) VALUES {values}", params, write=True)
@@ -353,7 +355,7 @@ def test_help_mentions_the_new_options():
     ("none", ["--intervention", "none"], 2, "'none' is the baseline"),
     ("factor", ["--intervention", "prune=0.5"], 2, "prune takes no factor"),
     ("two k", ["--k", "0.01,0.05"], 2, "single --k"),
-    ("by", ["--by", "layer"], 2, "--by layer does not apply to interventions"),
+    ("by", ["--by", "layer"], 2, "(--by layer) does not apply to interventions"),
     ("k", ["--k", "0.02"], 1, "no prune evaluations at k = 0.02"),
     ("seed", ["--seed", "7"], 1, "no prune evaluations at seed 7"),
     ("lang", ["--langs", "en,fr"], 1, "language fr was not evaluated"),
@@ -390,7 +392,7 @@ def test_no_evaluations_is_a_one_line_error_with_the_fix(archive_copy, tmp_path)
 def test_eval_options_are_refused_by_other_kinds(llama_archive, tmp_path, option):
     result = run(llama_archive, "chart", "sizes", "--model", "llama", option, "nll", "-o", str(tmp_path / "s.svg"))
     assert result.exit_code == 2, result.output
-    assert f"{option} applies only to the interventions chart, not to sizes" in result.stderr
+    assert f"({option}) applies only to the interventions chart, not to sizes" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     with pytest.raises(mlarch.errors.UsageError, match="--task, --dataset apply only"):
         charts.build(llama_archive, "overlap", model="llama", task="nll", dataset="mgsm")

@@ -44,9 +44,9 @@ def test_compare_table_csv_json_markdown(llama_archive):
     table = run(llama_archive, "compare", "--model", "llama", "--langs", "en,bn")
     assert table.exit_code == 0, table.output
     lines = table.stdout.splitlines()
-    assert lines[0].split() == ["model", "layer", "k", "seed", "lang_a", "lang_b", "n_a", "n_b", "n_intersection",
+    assert lines[0].split() == ["model", "analysis", "layer", "k", "seed", "lang_a", "lang_b", "n_a", "n_b", "n_intersection",
                                 "n_union", "jaccard", "chance_jaccard", "unique_a", "unique_b"]
-    assert [line.split()[1] for line in lines[2:]] == ["0", "1", "none", "all"]
+    assert [line.split()[2] for line in lines[2:]] == ["0", "1", "none", "all"]
     assert "k = 0.01 (default" in table.stderr
     rows = list(csv.DictReader(io.StringIO(run(llama_archive, "compare", "--model", "llama", "--langs", "en,bn",
                                                "--format", "csv").stdout)))
@@ -60,8 +60,8 @@ def test_compare_table_csv_json_markdown(llama_archive):
                           "--format", "json").stdout)
     assert [(r["lang_a"], r["lang_b"]) for r in data] == [("en", "de"), ("en", "bn"), ("de", "bn")]
     markdown = run(llama_archive, "compare", "--model", "llama", "--langs", "en,de", "--format", "markdown").stdout
-    assert markdown.splitlines()[0].startswith("| model | layer | k |")
-    assert markdown.splitlines()[1].startswith("|---|---|---:|")
+    assert markdown.splitlines()[0].startswith("| model | analysis | layer | k |")
+    assert markdown.splitlines()[1].startswith("|---|---|---|---:|")
 
 
 def test_sql_runs_models_show(llama_archive):
@@ -168,7 +168,7 @@ BAD_INPUTS = [
     ("sql syntax", lambda m, d, t: ["sql", "SELEC 1"], 1, "SQL error: Parser Error"),
     ("sql unknown table", lambda m, d, t: ["sql", "SELECT * FROM nowhere"], 1, "SQL error: Catalog Error"),
     ("unknown run", lambda m, d, t: ["show", "feedbeef"], 1, "no run 'feedbeef'"),
-    ("unknown device", lambda m, d, t: ingest_args(m, d, "en") + ["--device", "tpu"], 2, "'tpu' is not one of"),
+    ("unknown device", lambda m, d, t: ingest_args(m, d, "en") + ["--device", "tpu"], 2, "unknown device 'tpu'"),
     ("unknown dtype", lambda m, d, t: ingest_args(m, d, "en") + ["--dtype", "float8"], 2, "'float8' is not one of"),
     ("samples not a number", lambda m, d, t: ingest_args(m, d, "en") + ["--samples", "many"], 2, "is not a valid integer"),
     ("max length zero", lambda m, d, t: ingest_args(m, d, "en") + ["--max-length", "0"], 2, "--max-length must be positive"),

@@ -257,7 +257,7 @@ def test_accuracy_rows_and_only_correct(archive_copy, model_dir, data, monkeypat
                         "--only-correct", ids, "--device", "cpu", "-q")
     assert code == 0, output
     drawn = archive.sql("SELECT r.lang, s.item_index FROM run_samples s JOIN runs r USING (run_id) "
-                        "WHERE r.role = 'math' AND r.in_use")
+                        "WHERE r.role = 'math' AND r.in_use AND r.analysis = 'math-correct-vs-control'")
     for lang in ("en", "de"):
         got = set(drawn.filter(drawn["lang"] == lang)["item_index"])
         assert got and got <= correct[lang], (lang, got, correct[lang])

@@ -137,6 +137,9 @@ def test_a_schema_2_archive_upgrades_and_evaluates(archive_copy, model_dir, data
 
     from mlarch.store import catalog, maintenance
 
+    from old_archives import downgrade_to_schema_3
+
+    downgrade_to_schema_3(archive_copy)
     con = duckdb.connect(str(archive_copy / "catalog.duckdb"))
     for view in ("intervention_effects", "accuracy", "evaluations_current"):
         con.execute(f"DROP VIEW {view}")
@@ -145,7 +148,7 @@ def test_a_schema_2_archive_upgrades_and_evaluates(archive_copy, model_dir, data
     con.execute("DELETE FROM schema_migrations WHERE version > 2")
     con.close()
     archive = mlarch.open(archive_copy)
-    assert archive.sql("SELECT max(version) AS v FROM schema_migrations")["v"][0] == catalog.latest_version() == 3
+    assert archive.sql("SELECT max(version) AS v FROM schema_migrations")["v"][0] == catalog.latest_version() == 4
     assert all(c.ok for c in maintenance.verify(archive.root))
     result = archive.evaluate(str(model_dir["llama"]), ["en"], "nll", data["math"], interventions=["prune:de@0.05"],
                               device="cpu")

@@ -83,10 +83,10 @@ class _Cached:
     def __getattr__(self, name):
         return getattr(self.archive, name)
 
-    def selection(self, model, lang, k, module, seed=None):
-        key = (model, lang, k, module, seed)
+    def selection(self, model, lang, k, module, seed=None, analysis=None):
+        key = (model, lang, k, module, seed, analysis)
         if key not in self.masks:
-            self.masks[key] = self.archive.selection(model, lang, k, module, seed=seed)
+            self.masks[key] = self.archive.selection(model, lang, k, module, seed=seed, analysis=analysis)
         return self.masks[key]
 
 
@@ -116,7 +116,7 @@ class _Masks:
     def __init__(self, masks):
         self.masks, self.calls = masks, []
 
-    def selection(self, model, lang, k, module, seed=None):
+    def selection(self, model, lang, k, module, seed=None, analysis=None):
         self.calls.append((model, lang, k, module, seed))
         return self.masks[module]
 

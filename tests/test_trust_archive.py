@@ -214,6 +214,9 @@ def test_two_ingests_of_a_new_model_at_once_both_complete(model_dir, data, tmp_p
 
 def _downgrade_to_schema_1(root):
     """The archive as mlarch 0.1 (schema version 1) wrote it: same arrays, no digest columns."""
+    from old_archives import downgrade_to_schema_3
+
+    downgrade_to_schema_3(root)
     con = duckdb.connect(str(root / "catalog.duckdb"))
     for view in ("intervention_effects", "accuracy", "evaluations_current"):  # version 3
         con.execute(f"DROP VIEW {view}")
@@ -295,18 +298,18 @@ def test_local_edits_verify_catches(archive_copy, model_dir, data):
     _edit(archive_copy, "UPDATE runs SET in_use = false WHERE run_id = ?", [en])
     _assert_loud(run(archive_copy, "verify"), "runs in use")
     _edit(archive_copy, "UPDATE runs SET in_use = true WHERE run_id = ?", [en])
-    _edit(archive_copy, "INSERT INTO selections SELECT model, k, 7, lang, module, n_math_top, n_control_top, "
+    _edit(archive_copy, "INSERT INTO selections SELECT model, analysis, k, 7, lang, module, n_math_top, n_control_top, "
                         "n_selected + 5, math_run_id, control_run_id FROM selections")
     _assert_loud(run(archive_copy, "verify"), "derived rows")
     _edit(archive_copy, "DELETE FROM selections WHERE seed = 7")
-    _edit(archive_copy, "CREATE OR REPLACE VIEW set_sizes AS SELECT s.model, s.k, s.seed, s.lang, s.module, m.layer, "
+    _edit(archive_copy, "CREATE OR REPLACE VIEW set_sizes AS SELECT s.model, s.analysis, s.k, s.seed, s.lang, s.module, m.layer, "
                         "m.n_params, s.n_math_top, s.n_control_top, 2 * s.n_selected AS n_selected, s.math_run_id, "
                         "s.control_run_id FROM selections s JOIN modules m ON m.model = s.model AND m.module = s.module")
     _assert_loud(run(archive_copy, "verify"), "catalog schema")
     _edit(archive_copy, "DROP VIEW set_sizes")
-    _edit(archive_copy, "CREATE VIEW set_sizes AS SELECT s.model, s.k, s.seed, s.lang, s.module, m.layer, m.n_params, "
-                        "s.n_math_top, s.n_control_top, s.n_selected, s.math_run_id, s.control_run_id "
-                        "FROM selections s JOIN modules m ON m.model = s.model AND m.module = s.module")
+    from old_archives import view_sql
+
+    _edit(archive_copy, next(v for v in view_sql(catalog.latest_version()) if "VIEW set_sizes" in v))
     assert run(archive_copy, "verify").exit_code == 0  # the migration's own text again
     # a macro shadowing a function the views call turns every Jaccard into 1.0
     _edit(archive_copy, "CREATE MACRO list_contains(a, b) AS true")
@@ -316,7 +319,7 @@ def test_local_edits_verify_catches(archive_copy, model_dir, data):
 def test_selection_never_pairs_runs_of_two_seeds(archive_copy, model_dir, data):
     archive = mlarch.open(archive_copy)
     module = _module(archive)
-    archive.ingest(str(model_dir["llama"]), ["en"], data["math"], data["control"], samples=4, seeds=[2],
+    archive.ingest(str(model_dir["llama"]), ["en"], data["math"], data["control"], samples=6, seeds=[2],
                    top_k=[0.01, 0.05, 0.25], device="cpu")
     control_1 = archive.sql("SELECT run_id FROM runs WHERE lang = 'en' AND role = 'control' AND seed = 1").item()
     assert run(archive_copy, "rm", control_1).exit_code == 0
@@ -355,9 +358,9 @@ def test_a_run_overtaken_by_a_newer_one_is_archived_but_not_used(model_dir, data
     archive.ingest(str(model_dir["llama"]), ["en"], data["math"], data["control"], **options)
     before = archive.sql("SELECT * FROM set_sizes ORDER BY ALL")
     monkeypatch.setattr(pipeline, "_now", lambda: datetime(2001, 1, 1))  # finished before the archived runs
-    archive.ingest(str(model_dir["llama"]), ["en"], data["math"], data["control"], force=True, samples=4,
-                   top_k=[0.05, 0.25], device="cpu")
+    archive.ingest(str(model_dir["llama"]), ["en"], data["math"], data["control"], force=True, samples=3,
+                   top_k=[0.05, 0.25], device="cpu")  # same analysis: another --samples is another analysis
     assert archive.sql("SELECT count(*) FROM runs WHERE status = 'FINISHED'").item() == 4
-    assert archive.sql("SELECT count(*) FROM runs WHERE in_use AND n_samples = 3").item() == 2
+    assert archive.sql("SELECT count(*) FROM runs WHERE in_use AND finished_at > TIMESTAMP '2002-01-01'").item() == 2
     assert archive.sql("SELECT * FROM set_sizes ORDER BY ALL").equals(before)
     assert run(root, "verify").exit_code == 0

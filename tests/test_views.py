@@ -126,9 +126,9 @@ def test_derive_in_many_small_reads_equals_one(llama_archive, monkeypatch):
 
     archive = mlarch.open(llama_archive)
     with catalog.reading(archive.catalog_path) as con:
-        runs, spans = derive.current_runs(con, "tiny-llama", 1), read_spans(con, "tiny-llama")
-    whole = derive.derive(archive.arrays_path, "tiny-llama", 1, spans, runs)
+        runs, spans = derive.current_runs(con, "tiny-llama", "math-vs-control", 1), read_spans(con, "tiny-llama")
+    whole = derive.derive(archive.arrays_path, "tiny-llama", "math-vs-control", 1, spans, runs)
     monkeypatch.setattr(derive, "GROUP_BUDGET", 1)
-    pieces = derive.derive(archive.arrays_path, "tiny-llama", 1, spans, runs)
+    pieces = derive.derive(archive.arrays_path, "tiny-llama", "math-vs-control", 1, spans, runs)
     assert whole[0].equals(pieces[0]) and whole[1].equals(pieces[1])
     assert len(whole[0]) == len(archive.sql("SELECT * FROM selections"))

@@ -1,8 +1,9 @@
 """Paper-ready charts from an archive's SQL aggregates (Altair + vl-convert, offline).
 
-    chart = mlarch.charts.build(archive, "overlap", model="gemma", langs=["en", "de", "hi"])
-    mlarch.charts.save(chart, "overlap.pdf")   # .svg .png .pdf .html .json
-    effects = mlarch.charts.build(archive, "interventions", model="gemma", task="nll", intervention="prune")
+    chart = mlarch.charts.overlap(archive, model="gemma", langs=["en", "de", "hi"])
+    mlarch.charts.save(chart, "overlap.pdf")   # .svg .png .pdf .html (self-contained) .json
+    effects = mlarch.charts.interventions(archive, "gemma", task="nll", intervention="prune")
+    same = archive.chart("overlap", model="gemma", langs="en,de,hi")   # options checked by name
 
 Importing this module is light: altair and vl_convert load when a chart is built or saved.
 """
@@ -51,8 +52,9 @@ def check_format(path) -> str:
 
 def build(archive, kind: str, model: str | None = None, langs=None, k=None, seed: int | None = None,
           by: str = "global", *, task: str | None = None, intervention: str | None = None,
-          dataset: str | None = None):
-    """An Altair chart of `kind` for the models matching `model`.
+          dataset: str | None = None, **scope_options):
+    """An Altair chart of `kind` for the models matching `model` (the per-kind functions
+    sizes(), overlap(), heatmap(), layers(), upset(), interventions() document each).
 
     langs: codes (list or "en,de"), default all archived; k: one value (a list for the
     k-axis charts `sizes` and `heatmap --by global`), default as in `mlarch compare`
@@ -63,36 +65,157 @@ def build(archive, kind: str, model: str | None = None, langs=None, k=None, seed
     'random'; a factor as in 'scale=0.5') and dataset (the evaluated data set, 'name' or
     'name:role'; default the only one); langs are the evaluated languages, k the heatmap's
     (default 0.01 if evaluated, else the smallest), seed the smallest evaluated.
+
+    scope_options: further keyword options of charts.data.resolve (or resolve_evaluations
+    for interventions), passed through; any other name is an error (see options_of).
     """
     from mlarch.charts import data, kinds
 
     check_kind(kind)
+    _check_scope_options(kind, scope_options)
     if by not in BY:
-        raise UsageError(f"--by must be one of {', '.join(BY)}, got {by!r}")
+        raise UsageError(f"by (--by) must be one of {', '.join(BY)}, got {by!r}")
     given = [name for name, value in zip(EVAL_OPTIONS, (task, intervention, dataset)) if value is not None]
     if kind == "interventions":
         if by != "global":
-            raise UsageError("--by layer does not apply to interventions: leave it out")
+            raise UsageError("by='layer' (--by layer) does not apply to interventions: leave it out")
         archive = _open(archive)
         scope = data.resolve_evaluations(archive, model, langs, k, seed, task=task, intervention=intervention,
-                                         dataset=dataset)
+                                         dataset=dataset, **scope_options)
         return style(kinds.interventions(archive, scope))
     if given:
-        options = ", ".join(f"--{name}" for name in given)
+        options = ", ".join(f"{name} (--{name})" for name in given)
         raise UsageError(f"{options} appl{'ies' if len(given) == 1 else 'y'} only to the interventions chart, "
                          f"not to {kind}: leave {'it' if len(given) == 1 else 'them'} out")
     if by == "layer" and kind in ("sizes", "upset"):
-        raise UsageError(f"--by layer does not apply to {kind}: use it with heatmap "
+        raise UsageError(f"by='layer' (--by layer) does not apply to {kind}: use it with heatmap "
                          "(overlap and layers are per layer already)")
     archive = _open(archive)
     multi_k = kind == "sizes" or (kind == "heatmap" and by == "global")
     min_langs = {"overlap": 2, "heatmap": 2, "upset": 3}.get(kind, 1)
-    scope = data.resolve(archive, model, langs, k, seed, multi_k=multi_k, min_langs=min_langs, kind=kind)
+    scope = data.resolve(archive, model, langs, k, seed, multi_k=multi_k, min_langs=min_langs, kind=kind,
+                         **scope_options)
     if kind == "heatmap":
         chart = kinds.heatmap(archive, scope, by=by)
     else:
         chart = getattr(kinds, kind)(archive, scope)
     return style(chart)
+
+
+# --- one function per kind: real signatures and docstrings for Python callers ----------
+# Each also takes the keyword options of charts.data.resolve beyond these (for example an
+# analysis name, where the archive has several): `options_of(kind)` lists them all.
+
+def sizes(archive, model: str, langs=None, k=None, seed: int | None = None, **scope_options):
+    """Math-specific parameter count vs top-k (log-log), one line per language.
+
+    archive: an Archive or its path; model: substring of archived model names (several
+    matches: one panel each); langs: list or "en,de" (default all archived); k: the k values
+    on the axis (default every archived k); seed: default the smallest archived."""
+    return build(archive, "sizes", model, langs, k, seed, **scope_options)
+
+
+def overlap(archive, model: str, langs=None, k: float | None = None, seed: int | None = None, **scope_options):
+    """Jaccard of the math-only sets per layer, one line per language pair, chance dashed.
+
+    langs: 2 or more (default all archived); k: one value (default 0.01 when archived)."""
+    return build(archive, "overlap", model, langs, k, seed, **scope_options)
+
+
+def heatmap(archive, model: str, langs=None, k=None, seed: int | None = None, by: str = "global",
+            **scope_options):
+    """Jaccard per language pair and k (by='global'; k: a list, default every archived k)
+    or per pair and layer (by='layer'; k: one value, default 0.01 when archived)."""
+    return build(archive, "heatmap", model, langs, k, seed, by, **scope_options)
+
+
+def layers(archive, model: str, langs=None, k: float | None = None, seed: int | None = None, **scope_options):
+    """Math-specific parameter count per layer, one line per language (k: one value)."""
+    return build(archive, "layers", model, langs, k, seed, **scope_options)
+
+
+def upset(archive, model: str, langs=None, k: float | None = None, seed: int | None = None, **scope_options):
+    """Sizes of every intersection pattern of 3 or more languages (UpSet plot)."""
+    return build(archive, "upset", model, langs, k, seed, **scope_options)
+
+
+def interventions(archive, model: str, langs=None, k: float | None = None, seed: int | None = None, *,
+                  task: str | None = None, intervention: str | None = None, dataset: str | None = None,
+                  **scope_options):
+    """Evaluations of `mlarch eval`: relative change of NLL or accuracy per changed set and
+    evaluated language (heatmap at k), and the value vs k with each language's own set changed.
+
+    task: 'nll' or 'accuracy' (default nll when evaluated); intervention: 'prune' (default),
+    'scale', 'fraction', 'random', with a factor as in 'scale=0.5'; dataset: 'name' or
+    'name:role' (default the only one); langs: the evaluated languages."""
+    return build(archive, "interventions", model, langs, k, seed, task=task, intervention=intervention,
+                 dataset=dataset, **scope_options)
+
+
+_BUILDERS = {"sizes": sizes, "overlap": overlap, "heatmap": heatmap, "layers": layers, "upset": upset,
+             "interventions": interventions}
+_NOT_OPTIONS = {"archive", "model", "langs", "k", "seed", "multi_k", "min_langs", "kind"}  # resolve's own
+
+
+class ChartOptionError(UsageError, TypeError):
+    """An option the chart kind does not take (a TypeError too, as for any bad keyword)."""
+
+
+def _scope_option_names(kind: str) -> list[str]:
+    """Keyword options of charts.data's resolver for `kind` beyond those every chart names."""
+    import inspect
+
+    from mlarch.charts import data
+
+    resolver = data.resolve_evaluations if kind == "interventions" else data.resolve
+    named = {"task", "intervention", "dataset"}  # interventions() names these itself
+    return [p.name for p in inspect.signature(resolver).parameters.values()
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in _NOT_OPTIONS | named]
+
+
+def options_of(kind: str) -> list[str]:
+    """The option names chart `kind` takes (after the archive), from the signatures of its
+    function here and of charts.data's resolver."""
+    import inspect
+
+    check_kind(kind)
+    own = [p.name for p in inspect.signature(_BUILDERS[kind]).parameters.values()
+           if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "archive"]
+    return own + [name for name in _scope_option_names(kind) if name not in own]
+
+
+def _unknown_option(kind: str, name: str, accepted: list[str]) -> ChartOptionError:
+    import difflib
+
+    elsewhere = [other for other in KINDS if other != kind and name in options_of(other)]
+    if elsewhere:
+        hint = f"{name!r} applies to the {' and '.join(elsewhere)} chart{'s' if len(elsewhere) > 1 else ''} only"
+    else:
+        close = difflib.get_close_matches(name, accepted, n=1)
+        hint = f"did you mean {close[0]!r}?" if close else "no such option"
+    return ChartOptionError(f"chart {kind!r} takes no option {name!r} ({hint}): it takes {', '.join(accepted)}")
+
+
+def _check_scope_options(kind: str, options) -> None:
+    accepted = _scope_option_names(kind)
+    for name in options:
+        if name not in accepted:
+            raise _unknown_option(kind, name, options_of(kind))
+
+
+def chart(archive, kind: str, **options):
+    """The chart of `kind` (one of KINDS) with `options` checked against options_of(kind):
+    a misspelt name is a ChartOptionError (a UsageError and a TypeError) that lists the
+    accepted ones. `Archive.chart` calls this."""
+    check_kind(kind)
+    accepted = options_of(kind)
+    for name in options:
+        if name not in accepted:
+            raise _unknown_option(kind, name, accepted)
+    if "model" not in options:
+        raise ChartOptionError(f"chart {kind!r} needs model=: a substring of archived model names, e.g. "
+                               f"model='gemma' (it takes {', '.join(accepted)})")
+    return _BUILDERS[kind](archive, **options)
 
 
 def _open(archive):
@@ -171,4 +294,5 @@ def save(chart, path) -> Path:
     return write_atomic(path, render(chart, check_format(path)))
 
 
-__all__ = ["BY", "FORMATS", "KINDS", "build", "render", "save", "style"]
+__all__ = ["BY", "FORMATS", "KINDS", "ChartOptionError", "build", "chart", "heatmap", "interventions", "layers",
+           "options_of", "overlap", "render", "save", "sizes", "style", "upset"]

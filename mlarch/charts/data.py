@@ -10,7 +10,7 @@ from itertools import combinations
 import polars as pl
 
 from mlarch.errors import MlarchError, UsageError
-from mlarch.query.compare import derived_sets, match_models, resolve_k_seed
+from mlarch.query.compare import chosen_analyses, derived_sets, match_models, resolve_k_seed
 from mlarch.store import catalog
 
 from .colors import LANGUAGE_COLORS
@@ -26,6 +26,7 @@ class Scope:
     seed: int
     k_default: bool  # k was not given: the default was used
     seed_default: bool
+    analyses: tuple[str, ...] = ()  # the analysis shown of each model (aligned with models)
 
     @property
     def k(self) -> float:
@@ -36,8 +37,8 @@ class Scope:
         return list(combinations(self.langs, 2))
 
     def params(self, **extra) -> dict:
-        return {"models": self.models, "langs": self.langs, "ks": self.ks, "k": self.k, "seed": self.seed,
-                **extra}
+        return {"models": self.models, "analyses": list(self.analyses), "langs": self.langs, "ks": self.ks,
+                "k": self.k, "seed": self.seed, **extra}
 
 
 def _langs(value) -> list[str] | None:
@@ -71,8 +72,9 @@ def _canonical(langs) -> list[str]:
 
 
 def resolve(archive, model: str, langs=None, k=None, seed: int | None = None, *, multi_k: bool = False,
-            min_langs: int = 1, kind: str = "chart") -> Scope:
-    """Match models, check languages, and pick k/seed (defaults as in `mlarch compare`)."""
+            min_langs: int = 1, kind: str = "chart", analysis: str | None = None) -> Scope:
+    """Match models, pick each one's analysis (the one given, else its only one), check
+    languages, and pick k/seed (defaults as in `mlarch compare`)."""
     if not model or not str(model).strip():
         raise UsageError("--model is required: a substring of archived model names, e.g. --model gemma")
     langs, ks = _langs(langs), _ks(k)
@@ -82,7 +84,8 @@ def resolve(archive, model: str, langs=None, k=None, seed: int | None = None, *,
         raise UsageError(f"k must be in (0, 1), got {','.join(map(str, ks))}")
     with catalog.reading(archive.catalog_path) as con:
         models = match_models(con, str(model))
-        sets = derived_sets(con, models)  # one read of `runs` answers every check below
+        chosen = chosen_analyses(con, models, analysis)
+        sets = derived_sets(con, models, chosen)  # one read of `runs` answers every check below
         first_k, seed_used = resolve_k_seed(sets, ks[0] if ks else None, seed)
         if multi_k:
             for extra in (ks or [])[1:]:
@@ -111,7 +114,8 @@ def resolve(archive, model: str, langs=None, k=None, seed: int | None = None, *,
     if len(langs) < min_langs:
         raise UsageError(f"{kind} needs at least {min_langs} languages, got {len(langs)} "
                          f"({','.join(langs)}): pass e.g. --langs en,de,bn")
-    return Scope(models, langs, ks, seed_used, k_default=k is None, seed_default=seed is None)
+    return Scope(models, langs, ks, seed_used, k_default=k is None, seed_default=seed is None,
+                 analyses=tuple(chosen))
 
 
 def _frame(archive, query: str, params: dict) -> pl.DataFrame:
@@ -120,7 +124,8 @@ def _frame(archive, query: str, params: dict) -> pl.DataFrame:
         return catalog.frame(con, query, used)
 
 
-_SCOPE = "list_contains($models, model) AND seed = $seed AND list_contains($langs, lang)"
+_IN_ANALYSIS = "list_contains($models, model) AND analysis = $analyses[list_position($models, model)]"
+_SCOPE = f"{_IN_ANALYSIS} AND seed = $seed AND list_contains($langs, lang)"
 
 
 def sizes(archive, scope: Scope) -> pl.DataFrame:
@@ -165,10 +170,10 @@ def pair_label(a: str, b: str) -> str:
 
 def overlap_layers(archive, scope: Scope) -> pl.DataFrame:
     """Jaccard per (model, pair, layer) at one k, from overlap_by_layer (layer NULL included)."""
-    frame = _frame(archive, """
+    frame = _frame(archive, f"""
         SELECT model, lang_a, lang_b, layer, n_intersection, n_union, jaccard::DOUBLE AS jaccard,
                chance_jaccard::DOUBLE AS chance_jaccard
-        FROM overlap_by_layer WHERE list_contains($models, model) AND k = $k AND seed = $seed
+        FROM overlap_by_layer WHERE {_IN_ANALYSIS} AND k = $k AND seed = $seed
           AND list_contains($langs, lang_a) AND list_contains($langs, lang_b)
         ORDER BY model, layer NULLS LAST, lang_a, lang_b""", scope.params())
     return _pair_columns(frame, scope).sort(["model", "pair_no", "layer"], nulls_last=True)
@@ -176,10 +181,10 @@ def overlap_layers(archive, scope: Scope) -> pl.DataFrame:
 
 def overlap_global(archive, scope: Scope) -> pl.DataFrame:
     """Jaccard per (model, pair, k), all modules pooled, from overlap_global."""
-    frame = _frame(archive, """
+    frame = _frame(archive, f"""
         SELECT model, lang_a, lang_b, k, n_intersection, n_union, jaccard::DOUBLE AS jaccard,
                chance_jaccard::DOUBLE AS chance_jaccard
-        FROM overlap_global WHERE list_contains($models, model) AND list_contains($ks, k) AND seed = $seed
+        FROM overlap_global WHERE {_IN_ANALYSIS} AND list_contains($ks, k) AND seed = $seed
           AND list_contains($langs, lang_a) AND list_contains($langs, lang_b)
         ORDER BY model, k, lang_a, lang_b""", scope.params())
     return _pair_columns(frame, scope).sort(["model", "pair_no", "k"])
@@ -194,21 +199,20 @@ def chance(k: float) -> float:
 def patterns(archive, scope: Scope) -> pl.DataFrame:
     """Parameters selected by exactly each subset of the chosen languages (the `patterns`
     histogram projected onto them), per model, at one k. Empty subsets are dropped."""
-    return _frame(archive, """
+    return _frame(archive, f"""
         SELECT model, ls AS langs, sum(n_params)::BIGINT AS n_params FROM (
             SELECT model, list_filter(langs, lambda x: list_contains($langs, x)) AS ls, n_params
-            FROM patterns WHERE list_contains($models, model) AND k = $k AND seed = $seed)
+            FROM patterns WHERE {_IN_ANALYSIS} AND k = $k AND seed = $seed)
         WHERE len(ls) > 0 GROUP BY model, ls ORDER BY model, n_params DESC""", scope.params())
 
 
 def runs_used(archive, scope: Scope) -> pl.DataFrame:
     """The math and control runs behind the derived rows of the scope, with provenance."""
-    return _frame(archive, """
+    return _frame(archive, f"""
         WITH used AS (
             SELECT DISTINCT unnest([math_run_id, control_run_id]) AS run_id FROM selections
-            WHERE list_contains($models, model) AND seed = $seed AND list_contains($langs, lang)
-              AND list_contains($ks, k))
-        SELECT r.run_id, r.model, r.lang, r.role, r.dataset, r.seed, r.n_samples, r.n_tokens, r.finished_at,
+            WHERE {_SCOPE} AND list_contains($ks, k))
+        SELECT r.run_id, r.model, r.analysis, r.lang, r.role, r.dataset, r.seed, r.n_samples, r.n_tokens, r.finished_at,
                r.provenance
         FROM runs r JOIN used USING (run_id) ORDER BY r.model, list_position($langs, r.lang), r.role DESC""", scope.params())
 
@@ -238,9 +242,10 @@ class EvalScope:
     k: float  # the heatmap's k
     ks: list[float]  # every k of the lines panel
     null: bool  # show the random null (prune only)
+    analyses: tuple[str, ...] = ()  # whose sets were changed, per model (aligned with models)
 
     def params(self, **extra) -> dict:
-        return {"models": self.models, "langs": self.langs, "task": self.task, "intervention": self.intervention,
+        return {"models": self.models, "analyses": list(self.analyses), "langs": self.langs, "task": self.task, "intervention": self.intervention,
                 "factor": self.factor, "dataset": self.dataset, "role": self.role, "seed": self.seed, "k": self.k,
                 "null": NULL if self.null else None, **extra}
 
@@ -299,7 +304,8 @@ def _data_label(dataset: str, role: str) -> str:
 
 
 def resolve_evaluations(archive, model: str, langs=None, k=None, seed: int | None = None, task=None,
-                        intervention=None, dataset=None, *, kind: str = "interventions") -> EvalScope:
+                        intervention=None, dataset=None, *, kind: str = "interventions",
+                        analysis: str | None = None) -> EvalScope:
     """Match models that have evaluations with interventions, then pick task, intervention,
     data set, seed and k (the given ones, checked, or the defaults) and the languages."""
     if not model or not str(model).strip():
@@ -312,10 +318,11 @@ def resolve_evaluations(archive, model: str, langs=None, k=None, seed: int | Non
     task, (chosen, factor), (data_name, data_role) = _task(task), _intervention(intervention), _dataset(dataset)
     with catalog.reading(archive.catalog_path) as con:
         models = match_models(con, str(model))
-        rows = catalog.dicts(con, """
+        chosen_sets = chosen_analyses(con, models, analysis)
+        rows = catalog.dicts(con, f"""
             SELECT model, task, dataset, role, intervention, factor, seed, k, target_lang, lang
-            FROM intervention_effects WHERE list_contains($models, model)
-            GROUP BY ALL""", {"models": models})
+            FROM intervention_effects WHERE {_IN_ANALYSIS}
+            GROUP BY ALL""", {"models": models, "analyses": chosen_sets})
     eval_hint = "run `mlarch eval --intervene prune:en@0.01 ...` first"
     lacking = [m for m in models if not any(r["model"] == m for r in rows)]
     if lacking:
@@ -428,10 +435,11 @@ def resolve_evaluations(archive, model: str, langs=None, k=None, seed: int | Non
                        and r["k"] is not None})
     null = any(r["k"] == k and r["lang"] in langs for r in null_rows)
     return EvalScope(models, list(langs), targets, task, chosen, factor, data_name, data_role, seed, k,
-                     ks_shown or [k], null)
+                     ks_shown or [k], null, analyses=tuple(chosen_sets))
 
 
-_EVAL_SCOPE = ("list_contains($models, e.model) AND e.task = $task AND e.dataset = $dataset AND e.role = $role "
+_EVAL_SCOPE = ("list_contains($models, e.model) AND e.analysis = $analyses[list_position($models, e.model)] "
+               "AND e.task = $task AND e.dataset = $dataset AND e.role = $role "
                "AND e.seed = $seed AND list_contains($langs, e.lang)")
 _NEWEST = "QUALIFY row_number() OVER (PARTITION BY {keys} ORDER BY c.finished_at DESC, e.eval_id DESC) = 1"
 
@@ -468,30 +476,31 @@ def intervention_lines(archive, scope: EvalScope) -> pl.DataFrame:
         ORDER BY e.model, e.lang, e.intervention, e.k""", scope.params())
 
 
-def evaluated_models(archive, models: list[str]) -> list[str]:
-    """Those of `models` with at least one finished evaluation with an intervention."""
-    frame = _frame(archive, "SELECT DISTINCT model FROM intervention_effects WHERE list_contains($models, model) "
-                            "ORDER BY model", {"models": models})
+def evaluated_models(archive, models: list[str], analyses: list[str]) -> list[str]:
+    """Those of `models` with at least one finished evaluation with an intervention on the
+    sets of their analysis (aligned with models)."""
+    frame = _frame(archive, f"SELECT DISTINCT model FROM intervention_effects WHERE {_IN_ANALYSIS} "
+                            "ORDER BY model", {"models": models, "analyses": analyses})
     return frame["model"].to_list() if frame.height else []
 
 
-def evaluation_groups(archive, models: list[str]) -> pl.DataFrame:
+def evaluation_groups(archive, models: list[str], analyses: list[str]) -> pl.DataFrame:
     """(task, dataset, role, intervention, factor) combinations with interventions: how many
     of the models have each, and their seeds, k values and evaluated languages."""
-    return _frame(archive, """
+    return _frame(archive, f"""
         SELECT task, dataset, role, intervention, factor, count(DISTINCT model) AS n_models,
                list_sort(list(DISTINCT seed)) AS seeds, list_sort(list(DISTINCT k)) AS ks,
                list_sort(list(DISTINCT lang)) AS langs
-        FROM intervention_effects WHERE list_contains($models, model)
+        FROM intervention_effects WHERE {_IN_ANALYSIS}
         GROUP BY task, dataset, role, intervention, factor
-        ORDER BY task DESC, dataset, role, intervention, factor NULLS FIRST""", {"models": models})
+        ORDER BY task DESC, dataset, role, intervention, factor NULLS FIRST""", {"models": models, "analyses": analyses})
 
 
-def effects(archive, models: list[str]) -> pl.DataFrame:
-    """Every intervened evaluation of the models next to its baseline (intervention_effects)."""
-    return _frame(archive, """
-        SELECT model, task, dataset, role, seed, intervention, factor, target_lang, lang, k, baseline, value,
+def effects(archive, models: list[str], analyses: list[str]) -> pl.DataFrame:
+    """Every intervened evaluation of the models' sets (in their analysis) next to its baseline."""
+    return _frame(archive, f"""
+        SELECT model, analysis, task, dataset, role, seed, intervention, factor, target_lang, lang, k, baseline, value,
                relative_change, n_params_changed
-        FROM intervention_effects WHERE list_contains($models, model)
+        FROM intervention_effects WHERE {_IN_ANALYSIS}
         ORDER BY model, list_position(['nll', 'accuracy'], task), dataset, role, seed, list_position(['prune', 'random', 'scale', 'fraction'],
-                 intervention), factor NULLS FIRST, k, target_lang, lang""", {"models": models})
+                 intervention), factor NULLS FIRST, k, target_lang, lang""", {"models": models, "analyses": analyses})

@@ -20,7 +20,7 @@ from .kinds import fmt_k
 
 def _figures(scope: data.Scope, model: str):
     """(file stem, kind, options, caption) of every chart the languages allow."""
-    common = {"model": model, "langs": scope.langs, "seed": scope.seed}
+    common = {"model": model, "langs": scope.langs, "seed": scope.seed, "analysis": _analysis(scope)}
     one_k = {**common, "k": scope.k}
     n = len(scope.langs)
     figures = [("sizes", "sizes", common, "Math-specific parameters vs top-k, one line per language.")]
@@ -40,15 +40,27 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower() or "data"
 
 
+def _analysis_flag(scope: data.Scope) -> str:
+    name = _analysis(scope)
+    return f" --analysis {html.escape(name)}" if name else ""
+
+
+def _analysis(scope: data.Scope) -> str | None:
+    """The analysis to pass on to each chart: the one every model shows, when they share a
+    name (else each model's only one is found again)."""
+    return scope.analyses[0] if scope.analyses and len(set(scope.analyses)) == 1 else None
+
+
 def intervention_figures(archive, models: list[str], model: str, scope: data.Scope):
     """(file stem, kind, options, caption) of the interventions charts: one per evaluated
     task and data set (prune if evaluated, else the first kind; its smallest factor), for the
     report's languages, k and seed where evaluated. None when the models have no evaluations
     with interventions, or when some matched models have none (a narrower --model shows them)."""
-    evaluated = data.evaluated_models(archive, models)
+    chosen = list(scope.analyses)
+    evaluated = data.evaluated_models(archive, models, chosen)
     if not evaluated or len(evaluated) != len(models):
         return []
-    groups = data.evaluation_groups(archive, models).filter(pl.col("n_models") == len(models))
+    groups = data.evaluation_groups(archive, models, chosen).filter(pl.col("n_models") == len(models))
     kinds_found = set(groups["intervention"].to_list())
     kind = next((x for x in data.INTERVENTIONS if x in kinds_found), None)
     if kind is None:
@@ -65,7 +77,8 @@ def intervention_figures(archive, models: list[str], model: str, scope: data.Sco
             continue
         stem = "-".join(["interventions"] + ([task] if len(tasks) > 1 else [])
                         + ([_slug(f"{dataset}-{role}")] if len(datasets) > 1 else []))
-        options = {"model": model, "langs": langs, "task": task, "dataset": f"{dataset}:{role}",
+        options = {"model": model, "analysis": _analysis(scope), "langs": langs, "task": task,
+                   "dataset": f"{dataset}:{role}",
                    "intervention": kind if row["factor"] is None else f"{kind}={row['factor']:g}",
                    "k": scope.k if scope.k in row["ks"] else None,
                    "seed": scope.seed if scope.seed in row["seeds"] else None}
@@ -77,11 +90,11 @@ def intervention_figures(archive, models: list[str], model: str, scope: data.Sco
     return figures
 
 
-def effects_table(archive, models: list[str]) -> pl.DataFrame:
+def effects_table(archive, models: list[str], analyses: list[str]) -> pl.DataFrame:
     """intervention_effects of the models: the columns that vary (model, task, data set,
     seed, factor) first, then target_lang, lang, intervention, k, baseline, value, the
     relative change in percent and the parameters changed."""
-    frame = data.effects(archive, models)
+    frame = data.effects(archive, models, analyses)
     if frame.height == 0:
         return frame
     frame = frame.with_columns(dataset=pl.col("dataset") + ":" + pl.col("role"),
@@ -93,9 +106,9 @@ def effects_table(archive, models: list[str]) -> pl.DataFrame:
     return frame.select(columns).rename({"relative_change": "relative_change (%)"})
 
 
-def _effects_caption(archive, models: list[str], frame: pl.DataFrame) -> str:
+def _effects_caption(archive, models: list[str], analyses: list[str], frame: pl.DataFrame) -> str:
     shown = set(frame.columns)
-    full = data.effects(archive, models)
+    full = data.effects(archive, models, analyses)
     fixed = []
     for column, label in (("model", "model"), ("task", "task"), ("dataset", "data"), ("seed", "seed"),
                           ("factor", "factor")):
@@ -212,7 +225,8 @@ def _page(title: str, meta: list[str], figures: list[tuple[str, str, bytes]], ta
     return "\n".join(parts)
 
 
-def write_report(archive, out_dir, model: str, langs=None, k: float | None = None, seed: int | None = None) -> Path:
+def write_report(archive, out_dir, model: str, langs=None, k: float | None = None, seed: int | None = None,
+                 analysis: str | None = None) -> Path:
     """Render everything in memory, then write DIR/<chart>.svg|.png and DIR/index.html."""
     from mlarch import __version__
     from mlarch.charts import _open
@@ -221,8 +235,9 @@ def write_report(archive, out_dir, model: str, langs=None, k: float | None = Non
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise MlarchError(f"cannot write the report into {out}: it is a file, not a folder; choose another -o")
-    scope_k = data.resolve(archive, model, langs, k, seed, kind="report")
-    scope = data.resolve(archive, model, scope_k.langs, None, scope_k.seed, multi_k=True, kind="report")
+    scope_k = data.resolve(archive, model, langs, k, seed, kind="report", analysis=analysis)
+    scope = data.resolve(archive, model, scope_k.langs, None, scope_k.seed, multi_k=True, kind="report",
+                         analysis=analysis)
     files: dict[str, bytes] = {}
     shown = []
     figures_eval = intervention_figures(archive, scope.models, model, scope_k)
@@ -236,19 +251,23 @@ def write_report(archive, out_dir, model: str, langs=None, k: float | None = Non
         tables.append(_table(jaccard_table(archive, scope),
                              f"Jaccard overlap per language pair and k, all layers pooled (seed {scope.seed}); "
                              "chance = p/(2−p), p = k(1−k)."))
-    evaluated = data.evaluated_models(archive, scope.models)
+    shown_analysis = dict(zip(scope.models, scope.analyses))
+    evaluated = data.evaluated_models(archive, scope.models, list(scope.analyses))
     if evaluated:  # archives without evaluations get exactly the report they always got
-        effects = effects_table(archive, evaluated)
-        tables.append(_table(effects, _effects_caption(archive, evaluated, effects)))
+        chosen = [shown_analysis[m] for m in evaluated]
+        effects = effects_table(archive, evaluated, chosen)
+        tables.append(_table(effects, _effects_caption(archive, evaluated, chosen, effects)))
     tables.append(_table(provenance_table(archive, scope), "Runs used (math and control per language)."))
     title = f"mlarch report: {', '.join(scope.models)}"
     when = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    meta = [f"Languages {html.escape(', '.join(scope.langs))} · k = {fmt_k(scope_k.k)} for the per-layer charts, "
+    meta = [f"Analysis {html.escape(', '.join(sorted(set(scope.analyses))))} · "
+            f"Languages {html.escape(', '.join(scope.langs))} · k = {fmt_k(scope_k.k)} for the per-layer charts, "
             f"every archived k ({html.escape(', '.join(fmt_k(x) for x in scope.ks))}) on k axes · "
             f"seed {scope.seed}.",
             f"Archive <code>{html.escape(str(archive.root.resolve()))}</code> · mlarch {html.escape(__version__)} · "
             f"generated {when}. Reproduce: <code>mlarch --archive {html.escape(str(archive.root))} report "
-            f"--model {html.escape(model)} --langs {html.escape(','.join(scope.langs))} --k {fmt_k(scope_k.k)} "
+            f"--model {html.escape(model)}{_analysis_flag(scope)} --langs {html.escape(','.join(scope.langs))} "
+            f"--k {fmt_k(scope_k.k)} "
             f"--seed {scope.seed} -o DIR</code>"]
     files["index.html"] = _page(title, meta, shown, tables).encode()
     for name, payload in files.items():

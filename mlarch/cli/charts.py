@@ -16,6 +16,7 @@ Examples:
   mlarch chart heatmap --model gemma --langs en,de,hi,zh --by layer --k 0.05 -o heatmap.svg
   mlarch chart upset --model llama --langs en,de,bn -o upset.html
   mlarch chart layers --model gemma --langs en,bn -o layers.json
+  mlarch chart overlap --model llama --analysis gsm8k-vs-mmlu -o overlap-mmlu.svg
   mlarch chart interventions --model gemma --task nll --intervention prune --k 0.01 -o effects.pdf
   mlarch chart interventions --model gemma --task accuracy --dataset mgsm --langs en,de,bn -o acc.png
 
@@ -45,9 +46,11 @@ language's own set changed (dashed: random null). --langs are the evaluated lang
                    "[default: prune when evaluated].")
 @click.option("--dataset", default=None,
               help="interventions: evaluated data set, NAME or NAME:ROLE [default: the only one].")
+@click.option("--analysis", default=None,
+              help="Analysis of the model to draw [default: its only one]. See `mlarch analyses`.")
 @click.option("-o", "--output", required=True, help="Output file: .svg, .png, .pdf, .html or .json.")
 @click.pass_context
-def chart(ctx, kind, model_pattern, langs, k_values, seed, by, task, intervention, dataset, output):
+def chart(ctx, kind, model_pattern, langs, k_values, seed, by, task, intervention, dataset, analysis, output):
     """Draw one chart of KIND for the models matching --model and write it to a file.
 
     \b
@@ -66,7 +69,8 @@ def chart(ctx, kind, model_pattern, langs, k_values, seed, by, task, interventio
     charts.check_kind(kind)
     charts.check_format(output)
     figure = charts.build(_archive(ctx), kind, model=model_pattern, langs=langs, k=k_values, seed=seed, by=by,
-                          task=task, intervention=intervention, dataset=dataset)
+                          task=task, intervention=intervention, dataset=dataset,
+                          **({"analysis": analysis} if analysis is not None else {}))
     path = charts.save(figure, output)
     click.echo(f"Wrote {path} ({kind})")
 
@@ -75,6 +79,7 @@ def chart(ctx, kind, model_pattern, langs, k_values, seed, by, task, interventio
 Examples:
   mlarch report --model gemma -o supplement/
   mlarch report --model llama --langs en,de,bn --k 0.05 -o report-llama
+  mlarch report --model llama --analysis gsm8k-vs-mmlu -o report-mmlu
 
 \b
 DIR gets <kind>.svg and <kind>.png for every chart (upset needs 3+ languages) and
@@ -87,11 +92,13 @@ interventions chart(s) and a table of their effects vs the baselines.""")
 @click.option("--langs", callback=_csv(str), default=None, help="Languages [default: all archived for the model].")
 @click.option("--k", type=float, default=None, help="k of the per-layer charts [default: 0.01 when archived].")
 @click.option("--seed", type=int, default=None, help="Sampling seed [default: the smallest archived].")
+@click.option("--analysis", default=None,
+              help="Analysis of the model to report [default: its only one]. See `mlarch analyses`.")
 @click.pass_context
-def report(ctx, model_pattern, out_dir, langs, k, seed):
+def report(ctx, model_pattern, out_dir, langs, k, seed, analysis):
     """Write every chart (SVG and PNG) and an index.html with the key tables, for a
     paper's supplement."""
     from mlarch.charts.report import write_report
 
-    index = write_report(_archive(ctx), out_dir, model=model_pattern, langs=langs, k=k, seed=seed)
+    index = write_report(_archive(ctx), out_dir, model=model_pattern, langs=langs, k=k, seed=seed, analysis=analysis)
     click.echo(f"Wrote {index}")

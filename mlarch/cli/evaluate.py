@@ -7,6 +7,8 @@ import click
 from mlarch.cli.common import archive_of as _archive
 from mlarch.cli.common import csv_list as _csv
 from mlarch.cli.output import emit, output_options
+from mlarch.ingest.devices import HELP as _DEVICE_HELP
+from mlarch.ingest.devices import option_callback as _device
 
 
 @click.command("eval", epilog="""\b
@@ -16,6 +18,8 @@ Examples:
       --intervene prune:en@0.01 --intervene random:en@0.01 --intervene scale:en@0.01:1.01
   mlarch eval --model ./llama --name llama-3.2-1b --langs en,de,hi --task accuracy --data gsm8k \\
       --data-dir ../shared/data --limit 200 --shots 8 --intervene prune:hi@0.01
+  mlarch eval --model ./llama --langs en,de --task nll --data starter --analysis gsm8k-vs-mmlu \\
+      --intervene prune:en@0.01
   mlarch sql "SELECT target_lang, lang, relative_change FROM intervention_effects WHERE k = 0.01"
 
 \b
@@ -32,8 +36,11 @@ before the next, so a grid loads the model once.
 Items: the data's items in file order, minus those the archived run of the model drew
 for that language, role and seed (held out) and minus the n-shot exemplars, then the
 first --limit. --all-items evaluates every item, drawn or not.""")
-@click.option("--model", "model_ref", required=True, help="Model folder, .gguf file, or hub id (as for ingest).")
+@click.option("--model", "model_ref", required=True,
+              help="Model folder, .gguf file, hub id, or named model (as for ingest).")
 @click.option("--name", default=None, help="Model name in the archive [default: from --model].")
+@click.option("--analysis", default=None,
+              help="Analysis whose math-only sets the interventions change [default: the model's only one].")
 @click.option("--langs", required=True, callback=_csv(str), help="Comma-separated languages to evaluate.")
 @click.option("--task", type=click.Choice(["nll", "accuracy"]), required=True,
               help="nll: held-out negative log-likelihood per token; accuracy: greedy answers vs references.")
@@ -50,7 +57,8 @@ first --limit. --all-items evaluates every item, drawn or not.""")
 @click.option("--chat", is_flag=True, help="accuracy: build prompts with the tokenizer's chat template.")
 @click.option("--data-dir", type=click.Path(file_okay=False), default=None,
               help="Read named sources' files from this folder (laid out like ../shared/data).")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--device", default="auto", show_default=True, callback=_device, metavar="DEVICE",
+              help=_DEVICE_HELP)
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
               show_default=True, help="auto: float32 on CPU, bfloat16 on CUDA.")
 @click.option("--batch-size", type=int, default=None,
@@ -59,20 +67,26 @@ first --limit. --all-items evaluates every item, drawn or not.""")
               help="nll: cut texts to this many tokens (as ingest); accuracy: longest prompt allowed.")
 @click.option("--max-new-tokens", type=int, default=256, show_default=True, help="accuracy: tokens generated at most.")
 @click.option("--revision", default=None, help="Hub revision (branch, tag or commit).")
+@click.option("--gguf-file", "gguf_file", default=None, metavar="FILE",
+              help="With a hub id (or a model folder): load this .gguf file of it, e.g. qwen2.5-0.5b-instruct-q4_k_m.gguf.")
+@click.option("--trust-remote-code", is_flag=True,
+              help="Run Python code shipped with the model (its config's auto_map); off by default. Recorded in the provenance.")
 @click.option("--force", is_flag=True, help="Rerun evaluations that are already archived.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress output.")
 @click.pass_context
-def evaluate(ctx, model_ref, name, langs, task, data_spec, role, interventions, seed, limit, all_items, shots, chat,
-             data_dir, device, dtype, batch_size, max_length, max_new_tokens, revision, force, quiet):
+def evaluate(ctx, model_ref, name, analysis, langs, task, data_spec, role, interventions, seed, limit, all_items, shots, chat,
+             data_dir, device, dtype, batch_size, max_length, max_new_tokens, revision, gguf_file, trust_remote_code,
+             force, quiet):
     """Evaluate a model per language, with and without interventions on its math-only sets."""
     from mlarch.cli.progress import RichReporter
     from mlarch.evaluation.pipeline import EvalConfig, evaluate as run_eval
     from mlarch.store import layout
 
-    cfg = EvalConfig(model=model_ref, name=name, langs=langs, task=task, data=data_spec, role=role,
+    cfg = EvalConfig(model=model_ref, name=name, analysis=analysis, langs=langs, task=task, data=data_spec, role=role,
                      interventions=list(interventions), seed=seed, limit=limit, all_items=all_items, shots=shots,
                      chat=chat, data_dir=data_dir, device=device, dtype=dtype, batch_size=batch_size,
-                     max_length=max_length, max_new_tokens=max_new_tokens, revision=revision, force=force)
+                     max_length=max_length, max_new_tokens=max_new_tokens, revision=revision, gguf_file=gguf_file,
+                     trust_remote_code=trust_remote_code, force=force)
     result = run_eval(layout.resolve(ctx.obj["archive"]), cfg, RichReporter(quiet=quiet))
     ids = result.written + result.reused
     click.echo(f"Archived {len(result.written)} evaluation(s) of {result.model}, reused {len(result.reused)}.")

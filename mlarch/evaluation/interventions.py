@@ -149,9 +149,11 @@ class Plan:
         return sum(len(change.indices) for change in self.changes)
 
 
-def plan(archive, model: str, intervention: Intervention, seed: int, modules: list[tuple[str, int, int]]) -> Plan:
+def plan(archive, model: str, intervention: Intervention, seed: int, modules: list[tuple[str, int, int]],
+         analysis: str | None = None) -> Plan:
     """The entries `intervention` changes in each of `modules` ([(name, n_rows, n_cols)] in
-    the model's scored order), from archive.selection(model, lang, k, module, seed=seed).
+    the model's scored order), from archive.selection(model, lang, k, module, seed=seed,
+    analysis=analysis) (None: the model's only analysis).
     Random draws follow RANDOM_RULE. Every module gets a ModuleChange, empty or not."""
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise UsageError(f"seed {seed!r} is not a non-negative integer: pass the seed the runs were ingested with")
@@ -159,7 +161,7 @@ def plan(archive, model: str, intervention: Intervention, seed: int, modules: li
     kind, changes, n_set = intervention.kind, [], 0
     for position, (name, n_rows, n_cols) in enumerate(modules):
         n_rows, n_cols = int(n_rows), int(n_cols)
-        mask = archive.selection(model, intervention.lang, intervention.k, name, seed=seed)
+        mask = archive.selection(model, intervention.lang, intervention.k, name, seed=seed, analysis=analysis)
         if mask.shape != (n_rows, n_cols):
             raise MlarchError(f"the mask of {model!r} module {name!r} is {mask.shape[0]}x{mask.shape[1]}, but the "
                               f"module is {n_rows}x{n_cols}: run `mlarch verify`")

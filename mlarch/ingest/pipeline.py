@@ -25,7 +25,7 @@ from mlarch import parallel
 from mlarch.errors import MlarchError, UsageError
 from mlarch import selection
 from mlarch.ingest import provenance, sources
-from mlarch.store import arrays, catalog, layout, records
+from mlarch.store import analyses, arrays, catalog, layout, records
 from mlarch.store import spans as span_layout
 from mlarch.store.derive import (RunRef, current_runs, derive, levels_path, magnitudes_path, norms_path,
                                  replace_derived)
@@ -63,6 +63,7 @@ class IngestConfig:
     math: str
     control: str
     name: str | None = None
+    analysis: str | None = None  # None: derived from the sources (analyses.default_name)
     samples: int = 500
     seeds: list[int] = field(default_factory=lambda: [1])
     top_k: list[float] = field(default_factory=lambda: list(PAPER_KS))
@@ -71,6 +72,8 @@ class IngestConfig:
     device: str = "auto"
     dtype: str = "auto"
     revision: str | None = None
+    gguf_file: str | None = None  # with a hub id (or a folder): the .gguf file in it to load
+    trust_remote_code: bool = False  # run code shipped with the model (its config's auto_map)
     force: bool = False
     data_dir: str | None = None
     # accuracy evaluations (eval_ids, one per language): math items are drawn only from the
@@ -113,6 +116,8 @@ class IngestConfig:
                                        "truncate texts to 1 to 1,048,576 tokens, e.g. --max-length 512")
         if self.name is not None:
             check_name(self.name, "--name")
+        if self.analysis is not None:
+            analyses.check_name(self.analysis)
         if self.only_correct is not None:
             if not self.only_correct or any(not isinstance(e, str) or not e for e in self.only_correct):
                 raise UsageError("--only-correct takes eval ids, one per language: see `mlarch evals`")
@@ -174,6 +179,7 @@ def check_name(name, source: str) -> None:
 @dataclass
 class IngestResult:
     model: str
+    analysis: str | None = None
     written: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
 
@@ -225,8 +231,8 @@ def ingest(root: Path, cfg: IngestConfig, reporter: Reporter | None = None) -> I
     items = {(lang, role): srcs[role].load(lang, role) for lang in cfg.langs for role in ROLES}
     device = loading.resolve_device(cfg.device)
     dtype = loading.resolve_dtype(cfg.dtype, device)
-    kind, local = loading.classify(cfg.model)
-    name = cfg.name if cfg.name is not None else loading.default_name(cfg.model)
+    kind, local = loading.classify(cfg.model, cfg.gguf_file)
+    name = cfg.name if cfg.name is not None else loading.default_name(cfg.model, cfg.gguf_file)
     check_name(name, "--name" if cfg.name is not None else "derived from --model")
     if local is not None:  # recorded absolute, so provenance and rerun detection do not depend on the cwd
         cfg.model = str(local.resolve())
@@ -234,6 +240,14 @@ def ingest(root: Path, cfg: IngestConfig, reporter: Reporter | None = None) -> I
     catalog_path = root / layout.CATALOG
 
     pools = _correct_pools(catalog_path, cfg, name, srcs["math"].name, items) if cfg.only_correct else {}
+    # the analysis: a name stands for one configuration, checked before any work
+    analysis_config = analyses.config_of({lang: srcs["math"].name for lang in cfg.langs},
+                                         {lang: srcs["control"].name for lang in cfg.langs}, cfg.samples,
+                                         cfg.max_length, cfg.top_k, bool(cfg.only_correct))
+    analysis = cfg.analysis or analyses.default_name(srcs["math"].name, srcs["control"].name, bool(cfg.only_correct))
+    if catalog_path.exists():
+        with catalog.reading(catalog_path) as con:
+            analyses.check_config(con, name, analysis, analysis_config)
     units = []  # (seed, lang, role, digest)
     for seed in cfg.seeds:
         for lang in cfg.langs:
@@ -242,13 +256,13 @@ def ingest(root: Path, cfg: IngestConfig, reporter: Reporter | None = None) -> I
                     "method": METHOD, "model": name, "source": cfg.model, "revision": cfg.revision,
                     "dtype": dtype, "lang": lang, "role": role, "dataset": srcs[role].name,
                     "data_files": items[(lang, role)].files, "seed": seed, "samples": cfg.samples,
-                    "max_length": cfg.max_length, "top_k": cfg.top_k,
+                    "max_length": cfg.max_length, "top_k": cfg.top_k, **loading.identity(cfg),
                 }
                 if (lang, role) in pools:  # absent otherwise: earlier archives' digests stay valid
                     identity["only_correct"] = pools[(lang, role)]["record"]
                 units.append((seed, lang, role, provenance.digest_json(identity)))
-    existing = _finished_digests(catalog_path, name)
-    result = IngestResult(model=name)
+    existing = _finished_digests(catalog_path, name, analysis)
+    result = IngestResult(model=name, analysis=analysis)
     todo = []
     for unit in units:
         if unit[3] in existing and not cfg.force:
@@ -264,7 +278,8 @@ def ingest(root: Path, cfg: IngestConfig, reporter: Reporter | None = None) -> I
         return result
 
     reporter.message(f"loading {cfg.model} ({kind}, {dtype}, {device})")
-    loaded = loading.load(cfg.model, revision=cfg.revision, device=device, dtype=dtype)
+    loaded = loading.load(cfg.model, revision=cfg.revision, device=device, dtype=dtype, **loading.options(cfg),
+                          message=reporter.message)
     from mlarch.ingest.scoring import run_pass, scored_modules
 
     modules = scored_modules(loaded.model)
@@ -291,7 +306,7 @@ def ingest(root: Path, cfg: IngestConfig, reporter: Reporter | None = None) -> I
 
     env = provenance.environment(device)
     batch_size = cfg.batch_size or (16 if device.type == "cuda" else 1)
-    config = {**asdict(cfg), "name": name, "dtype": dtype, "device": str(device), "batch_size": batch_size}
+    config = {**asdict(cfg), "name": name, "analysis": analysis, "dtype": dtype, "device": str(device), "batch_size": batch_size}
     # array work (|W|, selection, compression, digests) runs in order, in one background
     # thread while the next forward pass runs where the passes leave the CPU idle
     with parallel.background(overlap=overlaps(device)) as background:
@@ -303,7 +318,7 @@ def ingest(root: Path, cfg: IngestConfig, reporter: Reporter | None = None) -> I
                 units_here = [(role, digest) for s_, l_, role, digest in todo if (s_, l_) == (seed, lang)]
                 if not units_here:
                     continue
-                run_ids = _begin_runs(catalog_path, name, lang, seed, cfg, srcs, units_here)
+                run_ids = _begin_runs(catalog_path, name, analysis, lang, seed, cfg, srcs, units_here)
                 try:
                     futures = [
                         _score_run(
@@ -314,7 +329,7 @@ def ingest(root: Path, cfg: IngestConfig, reporter: Reporter | None = None) -> I
                         for run_id, (role, digest) in zip(run_ids, units_here)
                     ]
                     pending = [future.result() for future in futures]
-                    _commit(root, name, seed, loaded, modules, spans, magnitudes, pending)
+                    _commit(root, name, analysis, analysis_config, seed, loaded, modules, spans, magnitudes, pending)
                 except BaseException:
                     _mark_failed(catalog_path, run_ids)  # those not committed
                     raise
@@ -406,13 +421,13 @@ def overlaps(device) -> bool:
     return device.type != "cpu"
 
 
-def _finished_digests(catalog_path: Path, model: str) -> dict[str, str]:
+def _finished_digests(catalog_path: Path, model: str, analysis: str) -> dict[str, str]:
     if not catalog_path.exists():
         return {}
     with catalog.reading(catalog_path) as con:
         rows = con.execute(
-            "SELECT config_digest, run_id FROM runs WHERE model = ? AND status = 'FINISHED' AND in_use",
-            [model],
+            "SELECT config_digest, run_id FROM runs WHERE model = ? AND analysis = ? AND status = 'FINISHED' AND in_use",
+            [model, analysis],
         ).fetchall()
     return dict(rows)
 
@@ -424,17 +439,17 @@ def _model_row(catalog_path: Path, model: str) -> dict | None:
     return None if row is None else {"weights_sha256": row[0], "dtype": row[1]}
 
 
-def _begin_runs(catalog_path: Path, name: str, lang: str, seed: int, cfg: IngestConfig, srcs,
+def _begin_runs(catalog_path: Path, name: str, analysis: str, lang: str, seed: int, cfg: IngestConfig, srcs,
                 units: list[tuple[str, str]]) -> list[str]:
     """Insert RUNNING rows for one language and seed (math, control) in one short write."""
     run_ids = [layout.new_run_id() for _ in units]
     with catalog.writing(catalog_path) as con:
         for run_id, (role, digest) in zip(run_ids, units):
             con.execute(
-                "INSERT INTO runs (run_id, model, lang, role, dataset, seed, n_samples, status, started_at, "
+                "INSERT INTO runs (run_id, model, analysis, lang, role, dataset, seed, n_samples, status, started_at, "
                 "k_values, config_digest, in_use, arrays_group, host, pid) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, 'RUNNING', ?, ?, ?, false, ?, ?, ?)",
-                [run_id, name, lang, role, srcs[role].name, seed, cfg.samples, _now(), cfg.top_k, digest,
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'RUNNING', ?, ?, ?, false, ?, ?, ?)",
+                [run_id, name, analysis, lang, role, srcs[role].name, seed, cfg.samples, _now(), cfg.top_k, digest,
                  layout.run_group(run_id), socket.gethostname(), os.getpid()],
             )
     return run_ids
@@ -522,30 +537,37 @@ def _mark_failed(catalog_path: Path, run_ids: list[str]) -> None:
         pass
 
 
-def _commit(root: Path, name: str, seed: int, loaded, modules, spans, magnitudes: np.ndarray,
-            pending: list[_Pending]) -> None:
+def _commit(root: Path, name: str, analysis: str, analysis_config: dict, seed: int, loaded, modules, spans,
+            magnitudes: np.ndarray, pending: list[_Pending]) -> None:
     """Fold finished runs into the catalog: one transaction, under the archive's commit lock.
 
     The model's rows and |W| array go in with the first commit that finds the model missing,
     decided under the lock: two ingests of a new model at once both complete, the second
-    reusing what the first archived (same weights) or refusing (other weights)."""
+    reusing what the first archived (same weights) or refusing (other weights). A new model
+    name whose weights (and dtype) another model has archived already points at that |W|
+    array: it is stored once per weights digest."""
     catalog_path = root / layout.CATALOG
     with layout.commit_lock(root):
         model_row = _model_row(catalog_path, name)
         new_model = None
         if model_row is None:
-            group = layout.model_group(name)
-            new_model = (group, arrays.write(root / layout.ARRAYS, magnitudes_path(group), magnitudes))
+            shared = _shared_magnitudes(catalog_path, loaded, spans)
+            if shared is not None:
+                new_model = (shared, None)
+            else:
+                group = _free_model_group(catalog_path, name)
+                new_model = (group, arrays.write(root / layout.ARRAYS, magnitudes_path(group), magnitudes))
         elif model_row["weights_sha256"] != loaded.weights_sha256 or model_row["dtype"] != loaded.dtype:
             raise MlarchError(
                 f"another ingest archived model {name!r} with other weights or dtype "
                 f"({model_row['weights_sha256'][:12]}, {model_row['dtype']}) while this one ran: "
                 "pass --name to archive this model separately")
         with catalog.reading(catalog_path) as con:
-            current = current_runs(con, name, seed)
+            analyses.check_config(con, name, analysis, analysis_config)  # another ingest may have named it
+            current = current_runs(con, name, analysis, seed)
             newest = {(lang, role): at for lang, role, at in con.execute(
-                "SELECT lang, role, max(finished_at) FROM runs WHERE model = ? AND seed = ? AND status = 'FINISHED' "
-                "GROUP BY ALL", [name, seed]).fetchall()}
+                "SELECT lang, role, max(finished_at) FROM runs WHERE model = ? AND analysis = ? AND seed = ? "
+                "AND status = 'FINISHED' GROUP BY ALL", [name, analysis, seed]).fetchall()}
         # the run in use is the newest finished one (as import-bundle and verify have it): a run
         # that another ingest overtook while this one ran is archived, but not used
         in_use = {p.run_id: (p.lang, p.role) not in newest
@@ -555,7 +577,7 @@ def _commit(root: Path, name: str, seed: int, loaded, modules, spans, magnitudes
                 levels = dict(p.records)["levels"]
                 current[(p.lang, p.role)] = RunRef(p.run_id, p.lang, p.role, p.group,
                                                    tuple(p.provenance["config"]["top_k"]), levels)
-        selections, patterns = derive(root / layout.ARRAYS, name, seed, spans, current,
+        selections, patterns = derive(root / layout.ARRAYS, name, analysis, seed, spans, current,
                                       preloaded={p.group: p.levels for p in pending})
         with catalog.writing(catalog_path) as con:
             if new_model is not None:
@@ -579,14 +601,15 @@ def _commit(root: Path, name: str, seed: int, loaded, modules, spans, magnitudes
                 con.register("new_modules", rows.to_arrow())
                 con.execute("INSERT INTO modules SELECT * FROM new_modules")
                 con.unregister("new_modules")
-                _insert_arrays(con, [(name, "magnitudes", record)])
+                if record is not None:  # else the array of the model that archived these weights first
+                    _insert_arrays(con, [(name, "magnitudes", record)])
                 con.execute("UPDATE models SET record_sha256 = ? WHERE model = ?",
                             [records.model_digest_in(con, name), name])
             for p in pending:
                 if in_use[p.run_id]:
                     con.execute(
-                        "UPDATE runs SET in_use = false WHERE model = ? AND lang = ? AND role = ? AND seed = ? AND in_use",
-                        [name, p.lang, p.role, p.seed],
+                        "UPDATE runs SET in_use = false WHERE model = ? AND analysis = ? AND lang = ? AND role = ? "
+                        "AND seed = ? AND in_use", [name, analysis, p.lang, p.role, p.seed],
                     )
                 con.execute(
                     "UPDATE runs SET status = 'FINISHED', started_at = ?, finished_at = ?, n_tokens = ?, "
@@ -606,7 +629,34 @@ def _commit(root: Path, name: str, seed: int, loaded, modules, spans, magnitudes
                 _insert_arrays(con, [(p.run_id, kind, r) for kind, r in p.records])
                 con.execute("UPDATE runs SET record_sha256 = ? WHERE run_id = ?",
                             [records.run_digest_in(con, p.run_id), p.run_id])
-            replace_derived(con, name, seed, selections, patterns)
+            analyses.ensure(con, name, analysis, analysis_config)
+            replace_derived(con, name, analysis, seed, selections, patterns)
+
+
+def _shared_magnitudes(catalog_path: Path, loaded, spans) -> str | None:
+    """The magnitudes group of an archived model with these weights and dtype and the same
+    scored layout, whose |W| array a new model name reuses (None: there is none)."""
+    with catalog.reading(catalog_path) as con:
+        for other, group in con.execute(
+                "SELECT m.model, m.magnitudes_group FROM models m JOIN arrays a ON a.path = m.magnitudes_group || "
+                "'/magnitudes' AND a.kind = 'magnitudes' WHERE m.weights_sha256 = ? AND m.dtype = ? "
+                "ORDER BY m.created_at, m.model", [loaded.weights_sha256, loaded.dtype]).fetchall():
+            if span_layout.read_spans(con, other) == list(spans):
+                return group
+    return None
+
+
+def _free_model_group(catalog_path: Path, name: str) -> str:
+    """The group of a new model's |W|: refused while a model of a removed name's weights
+    still uses the group that name gives."""
+    group = layout.model_group(name)
+    with catalog.reading(catalog_path) as con:
+        users = [r[0] for r in con.execute("SELECT model FROM models WHERE magnitudes_group = ?", [group]).fetchall()]
+        owned = con.execute("SELECT count(*) FROM arrays WHERE path = ?", [magnitudes_path(group)]).fetchone()[0]
+    if users or owned:
+        raise MlarchError(f"model name {name!r} was used for other weights whose |W| array models "
+                          f"{', '.join(users) or '(none)'} still share: pass another --name")
+    return group
 
 
 def _insert_arrays(con, rows) -> None:

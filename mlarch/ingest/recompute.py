@@ -41,7 +41,8 @@ def recompute(archive, run_id: str, device: str = "auto") -> list[dict]:
     config, model = prov["config"], prov["model"]
     texts = _texts(prov)
     target = loading.resolve_device(device)
-    loaded = loading.load(model["source"], revision=model["revision"], device=target, dtype=model["dtype"])
+    loaded = loading.load(model["source"], revision=model["revision"], device=target, dtype=model["dtype"],
+                          **loading.options(config))
     if loaded.weights_sha256 != model["weights_sha256"]:
         raise MlarchError(f"the weights at {model['source']} changed since the run (sha256 differs)")
     modules = scored_modules(loaded.model)

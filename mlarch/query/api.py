@@ -139,9 +139,13 @@ def _parsed(extract, query: str) -> list:
 
 
 def _run(con, statements, params) -> pl.DataFrame:
+    from mlarch.query.frames import arrow_frame
+    from mlarch.query.params import check_params
+
+    check_params(statements[-1], params)  # before anything runs: a missing $name is a usage error
     for statement in statements[:-1]:
         con.execute(statement.query).fetchall()
-    return catalog.frame(con, statements[-1].query, params)
+    return arrow_frame(con, statements[-1].query, params)  # Arrow, not Python rows: 1 M rows in < 1 s
 
 
 class Archive:
@@ -179,7 +183,13 @@ class Archive:
         extension and cannot be reconfigured (catalog.SANDBOX). So without write=True,
         read_csv / read_parquet / glob of other files are refused too: use write=True
         (`mlarch sql --write`), which runs anything in one read-write transaction, or DuckDB
-        directly. Both modes fail on a path that holds no archive, creating nothing."""
+        directly. Both modes fail on a path that holds no archive, creating nothing.
+
+        params: a dict binds each $name (a list binds ? in order), never pasted into the
+        text; a $name without a value, or a value no $name uses, is a UsageError before
+        anything runs. The frame comes through DuckDB's Arrow stream (1 M rows in about a
+        second; UUID, MAP, STRUCT, LIST as polars types; INTERVAL, UNION, BIT, UHUGEINT
+        as DuckDB's text; DECIMAL as Float64, HUGEINT as Int64, or Int128 beyond it)."""
         if not write:
             return self._sql_read(query, params)
         statements = _parsed(catalog.statements, query)
@@ -213,16 +223,51 @@ class Archive:
 
     # --- questions ---------------------------------------------------------------------
     def compare(self, model: str, langs, k: float | None = None, seed: int | None = None,
-                by: str = "layer") -> pl.DataFrame:
-        """Overlap of the languages' math-only sets for every model matching `model`."""
+                by: str = "layer", analysis: str | None = None) -> pl.DataFrame:
+        """Overlap of the languages' math-only sets for every model matching `model`, in one
+        analysis of each (`analysis`; default: each model's only one, else an error listing them)."""
         if isinstance(langs, str):
             langs = [x.strip() for x in langs.split(",") if x.strip()]
         with catalog.reading(self.catalog_path) as con:
-            return _compare.compare(con, model, list(langs), k=k, seed=seed, by=by)
+            return _compare.compare(con, model, list(langs), k=k, seed=seed, by=by, analysis=analysis)
+
+    def analyses(self, model: str | None = None) -> pl.DataFrame:
+        """The analyses (named configurations) of each model: their sources (one per role, or
+        `source (langs); ...` where languages differ), settings, and the languages, seeds and
+        runs in use."""
+        from mlarch.store.analyses import describe
+
+        frame = self._read("""
+            SELECT a.model, a.analysis, a.config,
+                   coalesce(string_agg(DISTINCT r.lang, ',' ORDER BY r.lang), '') AS langs,
+                   coalesce(string_agg(DISTINCT r.seed::VARCHAR, ',' ORDER BY r.seed::VARCHAR), '') AS seeds,
+                   count(r.run_id) AS n_runs, a.config_digest, a.created_at
+            FROM analyses a LEFT JOIN runs r ON r.model = a.model AND r.analysis = a.analysis
+                 AND r.status = 'FINISHED' AND r.in_use
+            GROUP BY ALL ORDER BY a.model, a.created_at, a.analysis""")
+        if model:
+            frame = frame.filter(pl.col("model").str.to_lowercase().str.contains(model.lower(), literal=True))
+        shown = [describe(config) for config in frame["config"].to_list()]
+        columns = {"math": pl.Utf8, "control": pl.Utf8, "samples": pl.Int64, "max_length": pl.Int64,
+                   "top_k": pl.Utf8, "only_correct": pl.Boolean}
+        settings = pl.DataFrame([[row[c] for c in columns] for row in shown], schema=columns, orient="row")
+        return pl.concat([frame.select("model", "analysis"), settings,
+                          frame.select("langs", "seeds", "n_runs", "config_digest", "created_at")], how="horizontal")
+
+    def analysis_overlap(self, model: str, lang: str, analyses, k: float | None = None, seed: int | None = None,
+                         by: str = "layer") -> pl.DataFrame:
+        """How one language's math-only set changes from one analysis to another (e.g. control
+        A vs control B): intersection, union and Jaccard of the two sets per layer, module or
+        globally, computed from the per-parameter masks (Archive.selection)."""
+        from mlarch.query.analysis_overlap import analysis_overlap
+
+        if isinstance(analyses, str):
+            analyses = [x.strip() for x in analyses.split(",") if x.strip()]
+        return analysis_overlap(self, model, lang, list(analyses), k=k, seed=seed, by=by)
 
     def runs(self, model: str | None = None) -> pl.DataFrame:
         frame = self._read(
-            "SELECT run_id, model, lang, role, dataset, seed, n_samples, n_tokens, status, "
+            "SELECT run_id, model, analysis, lang, role, dataset, seed, n_samples, n_tokens, status, "
             "started_at, finished_at FROM runs ORDER BY started_at, run_id"
         )
         if model:
@@ -292,7 +337,11 @@ class Archive:
         if key not in self._record_cache:
             from mlarch.store.arrays import RECORD_COLUMNS, ArrayRecord
 
-            rows = self._read(f"SELECT {RECORD_COLUMNS} FROM arrays WHERE owner = ? AND kind = ?", [owner, kind])
+            if kind == "magnitudes":  # by the group the model's row names: |W| is shared per weights digest
+                rows = self._read(f"SELECT {RECORD_COLUMNS} FROM arrays WHERE kind = 'magnitudes' AND path = "
+                                  "(SELECT magnitudes_group || '/magnitudes' FROM models WHERE model = ?)", [owner])
+            else:
+                rows = self._read(f"SELECT {RECORD_COLUMNS} FROM arrays WHERE owner = ? AND kind = ?", [owner, kind])
             if rows.is_empty():
                 raise MlarchError(f"the catalog records no {kind} array for {owner!r}: run `mlarch verify`, then "
                                   "remove the damaged run or model with `mlarch rm` and re-ingest it")
@@ -339,24 +388,38 @@ class Archive:
             raise UsageError(f"k = {k} is outside (0, 1)")
         return level_codes(self.scores(run_id, module), [k]) == 1
 
-    def selection(self, model: str, lang: str, k: float, module: str, seed: int | None = None) -> np.ndarray:
-        """Boolean math-only mask (top-k math and not top-k control) of one module.
+    def resolve_analysis(self, model: str, analysis: str | None = None) -> str:
+        """The analysis of `model` to use: `analysis` (checked), else the only one; a UsageError
+        listing them when there are several."""
+        from mlarch.store import analyses
+
+        with catalog.reading(self.catalog_path) as con:
+            if not con.execute("SELECT count(*) FROM models WHERE model = ?", [model]).fetchone()[0]:
+                raise MlarchError(f"no model {model!r} in the archive (see `mlarch models`)")
+            return analyses.resolve(con, model, analysis)
+
+    def selection(self, model: str, lang: str, k: float, module: str, seed: int | None = None,
+                  analysis: str | None = None) -> np.ndarray:
+        """Boolean math-only mask (top-k math and not top-k control) of one module, in one
+        analysis of the model (default: its only one, else an error listing them).
 
         Uses the stored level codes where k was archived, else re-thresholds the stored
         factors, so any k works without a GPU or the model."""
         from mlarch.selection import in_top
 
+        analysis = self.resolve_analysis(model, analysis)
         # the pair of runs the derived tables used: one seed, both roles (never a math run of
         # one seed against a control run of another)
         pairs = self._read(
             "SELECT DISTINCT s.seed, s.math_run_id, s.control_run_id FROM selections s "
-            "WHERE s.model = ? AND s.lang = ?" + (" AND s.seed = ?" if seed is not None else "") +
-            " ORDER BY s.seed", [model, lang] + ([seed] if seed is not None else []))
+            "WHERE s.model = ? AND s.analysis = ? AND s.lang = ?" + (" AND s.seed = ?" if seed is not None else "") +
+            " ORDER BY s.seed", [model, analysis, lang] + ([seed] if seed is not None else []))
         if pairs.is_empty():
             where = f" at seed {seed}" if seed is not None else ""
-            roles = self._read("SELECT DISTINCT role FROM runs WHERE model = ? AND lang = ? AND in_use AND status = "
-                               "'FINISHED'" + (" AND seed = ?" if seed is not None else ""),
-                               [model, lang] + ([seed] if seed is not None else []))
+            where += f" in analysis {analysis!r}"
+            roles = self._read("SELECT DISTINCT role FROM runs WHERE model = ? AND analysis = ? AND lang = ? AND in_use "
+                               "AND status = 'FINISHED'" + (" AND seed = ?" if seed is not None else ""),
+                               [model, analysis, lang] + ([seed] if seed is not None else []))
             if roles.height == 2:  # both archived, but derive found no k in common
                 raise MlarchError(f"the math and control runs of {model!r}, {lang!r}{where} share no k value, so no "
                                   "math-only set was derived from them: ingest both roles with the same --top-k")
@@ -377,7 +440,7 @@ class Archive:
         """Finished evaluations (the newest of each configuration), optionally only those of
         models whose name contains `model`, or only `eval_ids`."""
         frame = self._read(
-            "SELECT eval_id, model, task, dataset, role, lang, intervention, target_lang, k, seed, factor, n_set, "
+            "SELECT eval_id, model, analysis, task, dataset, role, lang, intervention, target_lang, k, seed, factor, n_set, "
             "n_params_changed, n_items, n_tokens, value, stderr, finished_at FROM evaluations_current "
             "ORDER BY model, task, dataset, role, lang, intervention <> 'none', target_lang, k, "
             "list_position(['prune', 'scale', 'random', 'fraction'], intervention), factor, eval_id")
@@ -391,12 +454,15 @@ class Archive:
         """Per-item results of one evaluation (NLL per item, or completion and correctness)."""
         return self._read("SELECT * FROM evaluation_items WHERE eval_id = ? ORDER BY position", [eval_id])
 
-    def evaluate(self, model: str, langs, task: str, data: str, *, interventions=(), reporter=None, **options):
+    def evaluate(self, model: str, langs, task: str, data: str, *, interventions=(), reporter=None,
+                 progress: bool | None = None, **options):
         """Evaluate `model` per language (task 'nll' or 'accuracy') on `data`, with each of
         `interventions` (specs such as 'prune:en@0.01') and a baseline, and archive the
-        results. Options mirror `mlarch eval`: name, role, seed, limit, all_items, shots,
-        chat, batch_size, max_length, max_new_tokens, device, dtype, revision, force, data_dir.
-        Returns an EvalResult (written and reused eval_ids)."""
+        results. Options mirror `mlarch eval`: name, analysis, role, seed, limit, all_items, shots,
+        chat, batch_size, max_length, max_new_tokens, device, dtype, revision, gguf_file,
+        trust_remote_code, force, data_dir.
+        Returns an EvalResult (written and reused eval_ids). progress: show a progress bar
+        (default: when interactive, a terminal or a notebook); reporter: your own instead."""
         from mlarch.evaluation.pipeline import EvalConfig, evaluate
 
         if isinstance(langs, str):
@@ -405,27 +471,50 @@ class Archive:
             interventions = [interventions]
         cfg = EvalConfig(model=model, langs=list(langs), task=task, data=data, interventions=list(interventions),
                          **options)
-        return evaluate(self.root, cfg, reporter)
+        from mlarch.progress import reporter_for
+
+        return evaluate(self.root, cfg, reporter_for(progress, reporter))
+
+    # --- maintenance -------------------------------------------------------------------
+    def rm(self, run_ids=None, model: str | None = None, *, dry_run: bool = False) -> list[str]:
+        """Remove runs (a list of ids) or a whole model (exact name) and everything derived
+        from them, as `mlarch rm`; dry_run=True removes nothing and returns what would go
+        (runs, evaluations, analyses, array folders with sizes, then a total line)."""
+        from mlarch.store.maintenance import rm
+
+        if isinstance(run_ids, str):
+            run_ids = [run_ids]
+        if bool(run_ids) == bool(model):
+            raise UsageError("give run_ids or model (one of them)")
+        if not self.catalog_path.exists():  # no lock file left in a stray folder
+            raise catalog.missing_archive(self.root)
+        return rm(self.root, list(run_ids) if run_ids else None, model, dry_run=dry_run)
 
     # --- charts ------------------------------------------------------------------------
     def chart(self, kind: str, **options):
         """An altair.Chart of `kind` (sizes, overlap, heatmap, layers, upset, interventions)
-        built from SQL aggregates; options mirror `mlarch chart` (model, langs, k, seed, by;
-        for interventions also task, intervention, dataset)."""
-        from mlarch.charts import build
+        built from SQL aggregates; options are those of the kind's function in mlarch.charts
+        (mlarch.charts.overlap(archive, model, langs=None, k=None, seed=None), ...; listed by
+        mlarch.charts.options_of(kind)): a misspelt one is an error naming the accepted ones."""
+        from mlarch.charts import chart
 
-        return build(self, kind, **options)
+        return chart(self, kind, **options)
 
     # --- ingest ------------------------------------------------------------------------
-    def ingest(self, model: str, langs, math: str, control: str, *, reporter=None, **options):
+    def ingest(self, model: str, langs, math: str, control: str, *, reporter=None, progress: bool | None = None,
+               **options):
         """Score `model` on each language's math and control texts and archive the runs.
 
-        Options mirror `mlarch ingest`: name, samples, seeds, top_k, batch_size, max_length,
-        device, dtype, revision, force, data_dir.
+        Options mirror `mlarch ingest`: name, analysis, samples, seeds, top_k, batch_size, max_length,
+        device, dtype, revision, gguf_file, trust_remote_code, force, data_dir (`model`: a folder,
+        a .gguf file, a hub id or a named model such as 'qwen2.5-coder-0.5b'). progress: show a
+        progress bar (default: when interactive, a terminal or a notebook); reporter: your own instead.
         """
         from mlarch.ingest.pipeline import IngestConfig, ingest
 
         if isinstance(langs, str):
             langs = [x.strip() for x in langs.split(",") if x.strip()]
         cfg = IngestConfig(model=model, langs=list(langs), math=math, control=control, **options)
-        return ingest(self.root, cfg, reporter)
+        from mlarch.progress import reporter_for
+
+        return ingest(self.root, cfg, reporter_for(progress, reporter))

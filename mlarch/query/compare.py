@@ -31,6 +31,7 @@ WITH q AS (
            list_filter(p.langs, lambda x: list_contains($langs, x)) AS ls, p.n_params AS n
     FROM modules m
     LEFT JOIN patterns p ON p.model = m.model AND p.module = m.module AND p.k = $k AND p.seed = $seed
+                        AND p.analysis = $analyses[list_position($models, m.model)]
     WHERE list_contains($models, m.model)
 ), pairs AS (
     SELECT unnest($pair_a) AS lang_a, unnest($pair_b) AS lang_b, generate_subscripts($pair_a, 1) AS pair_no
@@ -61,7 +62,7 @@ def _query(by: str) -> str:
         cols = "model"
         order = "model, pair_no"
     return f"""{_BASE}
-SELECT {cols}, $k AS k, $seed AS seed, lang_a, lang_b, n_a, n_b, n_intersection, n_union,
+SELECT model, $analyses[list_position($models, model)] AS analysis{cols[len("model"):]}, $k AS k, $seed AS seed, lang_a, lang_b, n_a, n_b, n_intersection, n_union,
        CASE WHEN n_union > 0 THEN n_intersection / n_union END AS jaccard,
        ($k * (1 - $k)) / (2 - $k * (1 - $k)) AS chance_jaccard,
        unique_a, unique_b
@@ -80,14 +81,23 @@ def match_models(con, pattern: str) -> list[str]:
     return matched
 
 
-def derived_sets(con, models: list[str]) -> dict[str, dict[tuple[int, str], set[float]]]:
-    """For each model, the (seed, lang) that have math-only sets and their k values.
+def chosen_analyses(con, models: list[str], analysis: str | None) -> list[str]:
+    """The analysis shown for each model (aligned with `models`): the one given, else each
+    model's only one; a UsageError listing them where a model has several."""
+    from mlarch.store import analyses
+
+    return [analyses.resolve(con, model, analysis) for model in models]
+
+
+def derived_sets(con, models: list[str], analyses: list[str]) -> dict[str, dict[tuple[int, str], set[float]]]:
+    """For each model (in its analysis), the (seed, lang) that have math-only sets and their k values.
 
     Read from `runs` (a few rows), not from `selections` (one row per module): derive pairs
     the in-use finished math and control runs of each language and seed, at their shared k."""
     rows = con.execute(
-        "SELECT model, seed, lang, role, k_values FROM runs "
-        "WHERE status = 'FINISHED' AND in_use AND list_contains($m, model)", {"m": models}).fetchall()
+        "SELECT model, seed, lang, role, k_values FROM runs WHERE status = 'FINISHED' AND in_use "
+        "AND list_contains($m, model) AND analysis = $a[list_position($m, model)]",
+        {"m": models, "a": analyses}).fetchall()
     roles: dict[tuple[str, int, str], dict[str, set[float]]] = {}
     for model, seed, lang, role, ks in rows:
         roles.setdefault((model, seed, lang), {})[role] = set(ks)
@@ -132,7 +142,7 @@ def resolve_k_seed(sets: dict[str, dict[tuple[int, str], set[float]]], k: float 
 
 
 def compare(con, model: str, langs: list[str], k: float | None = None, seed: int | None = None,
-            by: str = "layer") -> pl.DataFrame:
+            by: str = "layer", analysis: str | None = None) -> pl.DataFrame:
     if by not in BY:
         raise UsageError(f"--by must be one of {', '.join(BY)}, got {by!r}")
     if len(langs) < 2:
@@ -140,7 +150,8 @@ def compare(con, model: str, langs: list[str], k: float | None = None, seed: int
     if len(set(langs)) != len(langs):
         raise UsageError(f"languages repeat in {','.join(langs)}: list each once")
     models = match_models(con, model)
-    sets = derived_sets(con, models)
+    chosen = chosen_analyses(con, models, analysis)
+    sets = derived_sets(con, models, chosen)
     k, seed = resolve_k_seed(sets, k, seed)
     for name in models:
         have = sorted(lang for (seed_, lang), ks in sets[name].items() if seed_ == seed and k in ks)
@@ -152,7 +163,7 @@ def compare(con, model: str, langs: list[str], k: float | None = None, seed: int
             )
     pairs = list(combinations(langs, 2))
     params = {
-        "models": models, "langs": langs, "k": k, "seed": seed,
+        "models": models, "analyses": chosen, "langs": langs, "k": k, "seed": seed,
         "pair_a": [a for a, _ in pairs], "pair_b": [b for _, b in pairs],
     }
     from mlarch.store.catalog import frame

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import mlarch
 from mlarch.errors import MlarchError
-from mlarch.store import arrays, catalog, layout
+from mlarch.store import analyses, arrays, catalog, layout, records
 from mlarch.store import bundle_checks as checks
 from mlarch.store.derive import current_runs, derive, replace_derived
 from mlarch.store.spans import read_spans
@@ -68,8 +68,13 @@ def export_bundle(root: Path, out: Path, run_ids: list[str] | None = None, model
             "modules": _rows(con, "SELECT * FROM modules WHERE list_contains(?, model) ORDER BY model, position", [models]),
             "runs": _rows(con, "SELECT * FROM runs WHERE list_contains(?, run_id)", [ids]),
             "run_samples": _rows(con, "SELECT * FROM run_samples WHERE list_contains(?, run_id)", [ids]),
-            "arrays": _rows(con, "SELECT * FROM arrays WHERE list_contains(?, owner) OR list_contains(?, owner)",
+            # a model's |W| by the group its row names (shared by models of the same weights)
+            "arrays": _rows(con, "SELECT * FROM arrays WHERE list_contains(?, owner) OR (kind = 'magnitudes' AND path IN "
+                                 "(SELECT magnitudes_group || '/magnitudes' FROM models WHERE list_contains(?, model)))",
                             [ids, models]),
+            "analyses": _rows(con, "SELECT * FROM analyses a WHERE EXISTS (SELECT 1 FROM runs r WHERE r.model = "
+                                   "a.model AND r.analysis = a.analysis AND list_contains(?, r.run_id)) "
+                                   "ORDER BY model, analysis", [ids]),
         }
     try:  # the catalog is read like a bundle: an edited row must not lead the export elsewhere
         records_by_path = checks.check_rows({name: [{c: checks.restore(v) for c, v in row.items()} for row in _dicts(t)]
@@ -213,7 +218,16 @@ def _merge(root: Path, staging: Path, tables: dict, schema: dict[str, list[str]]
         with catalog.reading(path) as con:
             have_runs = {r[0] for r in con.execute("SELECT run_id FROM runs").fetchall()}
             have_models = dict(con.execute("SELECT model, weights_sha256 FROM models").fetchall())
-            have_paths = {r[0] for r in con.execute("SELECT path FROM arrays").fetchall()}
+            have_paths = dict(con.execute("SELECT path, sha256 FROM arrays").fetchall())
+            have_analyses = {(r[0], r[1]): r[2] for r in con.execute(
+                "SELECT model, analysis, config FROM analyses").fetchall()}
+            # |W| arrays by (weights, dtype, array digest): a new model of the same weights shares one
+            have_weights = {}
+            for name, group, weights, dtype, sha in con.execute(
+                    "SELECT m.model, m.magnitudes_group, m.weights_sha256, m.dtype, a.sha256 FROM models m JOIN arrays a "
+                    "ON a.path = m.magnitudes_group || '/magnitudes' AND a.kind = 'magnitudes' ORDER BY m.created_at, "
+                    "m.model").fetchall():
+                have_weights.setdefault((weights, dtype, sha), (group, read_spans(con, name)))
         for model in tables["models"]:
             known = have_models.get(model["model"])
             if known is not None and known != model["weights_sha256"]:
@@ -222,13 +236,34 @@ def _merge(root: Path, staging: Path, tables: dict, schema: dict[str, list[str]]
                                   "import into another archive")
         new_runs = [r for r in tables["runs"] if r["run_id"] not in have_runs]
         new_models = [m for m in tables["models"] if m["model"] not in have_models]
-        new_owners = {r["run_id"] for r in new_runs} | {m["model"] for m in new_models}
-        placing = [a["path"] for a in tables["arrays"] if a["owner"] in new_owners]
-        clash = sorted(set(placing) & have_paths)
+        checks.check_record_digests(tables, schema, new_runs, new_models, bundle)  # before any row changes
+        new_models, regrouped = _share_magnitudes(tables, new_models, have_weights)
+        new_groups = {f"{m['magnitudes_group']}/magnitudes" for m in new_models}
+        # a shared |W| the archive holds already (same digest) is not placed again
+        present = {a["path"] for a in tables["arrays"] if a["path"] in new_groups
+                   and have_paths.get(a["path"]) == a["sha256"]}
+        placing = [a["path"] for a in tables["arrays"]
+                   if (a["owner"] in {r["run_id"] for r in new_runs} or a["path"] in new_groups)
+                   and a["path"] not in present]
+        clash = sorted(set(placing) & set(have_paths))
         if clash:
             raise MlarchError(f"the archive records array {clash[0]} with no run or model owning it: run "
                               "`mlarch verify`, then `mlarch rm`/`mlarch gc`, and import again")
-        checks.check_record_digests(tables, schema, new_runs, new_models, bundle)
+        used = {(r["model"], r["analysis"]) for r in new_runs if r.get("analysis") is not None}
+        new_analyses, extended = [], []
+        for row in tables["analyses"]:
+            key = (row["model"], row["analysis"])
+            if key not in used:
+                continue
+            if key not in have_analyses:
+                new_analyses.append(row)
+                continue
+            # the archive's analysis of that name may gain languages, never change a setting or source
+            if analyses.merged(json.loads(have_analyses[key]), json.loads(row["config"])) is None:
+                raise MlarchError(f"analysis {row['analysis']!r} of model {row['model']!r} in the bundle has another "
+                                  "configuration than the archive's analysis of that name: import into another "
+                                  "archive")
+            extended.append((key, json.loads(row["config"])))
         try:
             targets = {p: layout.checked_group(root, p, p) for p in placing}
         except layout.UnsafePath as exc:
@@ -247,18 +282,30 @@ def _merge(root: Path, staging: Path, tables: dict, schema: dict[str, list[str]]
                 shutil.move(staging / "arrays" / p, target)  # a rename: staging is in the archive
                 placed.append(target)
             with catalog.writing(path) as con:
-                _insert(con, tables, schema, new_runs, new_models)
-                for run in new_runs:  # the newest finished run of each (model, lang, role, seed) is the one in use
+                _insert(con, tables, schema, new_runs, new_models, set(placing), new_analyses)
+                for (model, name), config in extended:
+                    analyses.ensure(con, model, name, config)
+                for name in regrouped:  # its row now names the archive's |W| group: sealed again, as verified
+                    con.execute("UPDATE models SET record_sha256 = ? WHERE model = ?",
+                                [records.model_digest_in(con, name), name])
+                # runs of a bundle made before analyses: one analysis per model, as the migration does
+                for model in sorted({r["model"] for r in new_runs if r.get("analysis") is None}):
+                    analyses.place(con, model, [r["run_id"] for r in new_runs
+                                                if r["model"] == model and r.get("analysis") is None])
+                keys = set()
+                for run in new_runs:  # the newest finished run of each (model, analysis, lang, role, seed) is in use
+                    analysis = con.execute("SELECT analysis FROM runs WHERE run_id = ?", [run["run_id"]]).fetchone()[0]
+                    params = {"m": run["model"], "a": analysis, "l": run["lang"], "r": run["role"], "s": run["seed"]}
                     con.execute("""
                         UPDATE runs SET in_use = (run_id = (
-                            SELECT run_id FROM runs WHERE model = $m AND lang = $l AND role = $r AND seed = $s
-                            AND status = 'FINISHED' ORDER BY finished_at DESC, run_id LIMIT 1))
-                        WHERE model = $m AND lang = $l AND role = $r AND seed = $s""",
-                                {"m": run["model"], "l": run["lang"], "r": run["role"], "s": run["seed"]})
-                for model, seed in sorted({(r["model"], r["seed"]) for r in new_runs}):
-                    selections, patterns = derive(root / layout.ARRAYS, model, seed, read_spans(con, model),
-                                                  current_runs(con, model, seed))
-                    replace_derived(con, model, seed, selections, patterns)
+                            SELECT run_id FROM runs WHERE model = $m AND analysis = $a AND lang = $l AND role = $r
+                            AND seed = $s AND status = 'FINISHED' ORDER BY finished_at DESC, run_id LIMIT 1))
+                        WHERE model = $m AND analysis = $a AND lang = $l AND role = $r AND seed = $s""", params)
+                    keys.add((run["model"], analysis, run["seed"]))
+                for model, analysis, seed in sorted(keys):
+                    selections, patterns = derive(root / layout.ARRAYS, model, analysis, seed, read_spans(con, model),
+                                                  current_runs(con, model, analysis, seed))
+                    replace_derived(con, model, analysis, seed, selections, patterns)
         except BaseException as exc:
             for done in reversed(placed):  # the catalog never named them: leave no orphans
                 shutil.rmtree(done, ignore_errors=True)
@@ -273,16 +320,37 @@ def _merge(root: Path, staging: Path, tables: dict, schema: dict[str, list[str]]
             "models": [m["model"] for m in new_models]}
 
 
-def _insert(con, tables: dict, schema: dict[str, list[str]], new_runs: list[dict], new_models: list[dict]) -> None:
+def _share_magnitudes(tables: dict, new_models: list[dict], have_weights: dict) -> tuple[list[dict], list[str]]:
+    """New models whose |W| the archive holds already (same weights, dtype, array digest and
+    module layout) point at the archive's array instead of placing a second copy. Returns the
+    models (changed ones copied) and the names of those changed."""
+    by_path = {a["path"]: a for a in tables["arrays"]}
+    changed, names = [], []
+    for model in new_models:
+        record = by_path.get(f"{model['magnitudes_group']}/magnitudes")
+        found = have_weights.get((model["weights_sha256"], model.get("dtype"), record and record["sha256"]))
+        if found is not None and found[0] != model["magnitudes_group"]:
+            modules = sorted((m for m in tables["modules"] if m["model"] == model["model"]), key=lambda m: m["position"])
+            layout_ = [(m["module"], m["layer"], m["n_rows"], m["n_cols"], m["param_offset"], m["norm_offset"])
+                       for m in modules]
+            if layout_ == [(s.module, s.layer, s.n_rows, s.n_cols, s.param_offset, s.norm_offset) for s in found[1]]:
+                model = {**model, "magnitudes_group": found[0]}
+                names.append(model["model"])
+        changed.append(model)
+    return changed, names
+
+
+def _insert(con, tables: dict, schema: dict[str, list[str]], new_runs: list[dict], new_models: list[dict],
+            placed: set[str], new_analyses: list[dict]) -> None:
     """INSERT the new rows; column names come from the archive's schema, values are parameters."""
     run_ids = {r["run_id"] for r in new_runs}
     model_names = {m["model"] for m in new_models}
-    owners = run_ids | model_names
     for name, rows in (("models", new_models),
                        ("modules", [m for m in tables["modules"] if m["model"] in model_names]),
+                       ("analyses", new_analyses),
                        ("runs", new_runs),
                        ("run_samples", [s for s in tables["run_samples"] if s["run_id"] in run_ids]),
-                       ("arrays", [a for a in tables["arrays"] if a["owner"] in owners])):
+                       ("arrays", [a for a in tables["arrays"] if a["path"] in placed])):
         if not rows:
             continue
         columns = [c for c in schema[name] if c in rows[0]]  # every bundle column is one of these

@@ -14,11 +14,12 @@ from decimal import Decimal
 from pathlib import Path
 
 from mlarch.errors import MlarchError
-from mlarch.store import arrays, layout, records
+from mlarch.store import analyses, arrays, layout, records
 
 FORMAT = "mlarch-bundle"
-VERSION = 2  # 2: rows carry record digests (schema 2), which import requires
-TABLES = ("models", "modules", "runs", "run_samples", "arrays")
+VERSION = 3  # 2: rows carry record digests (schema 2), which import requires; 3: analyses (schema 4)
+TABLES = ("models", "modules", "runs", "run_samples", "arrays", "analyses")
+SINCE = {"analyses": 3}  # tables a bundle of an earlier format version lacks (its runs are placed on import)
 MANIFEST = "manifest.json"
 MANIFEST_LIMIT = 64 << 20  # ~2,000 runs of 1,000 samples; export refuses a larger one too
 META_LIMIT = 64 << 10  # an array's zarr.json: ~600 bytes as mlarch writes it
@@ -37,7 +38,8 @@ CODECS = ("bytes", "blosc", "crc32c")
 # columns only pass through, as parameters, to INSERT)
 _TEXT = {"models": ("model", "weights_sha256", "magnitudes_group"), "modules": ("model",),
          "runs": ("run_id", "model", "lang", "role", "status", "arrays_group"), "run_samples": ("run_id",),
-         "arrays": ("path", "owner", "kind", "dtype", "sha256")}
+         "arrays": ("path", "owner", "kind", "dtype", "sha256"),
+         "analyses": ("model", "analysis", "config", "config_digest")}
 _INT = {"runs": ("seed",), "run_samples": ("position", "item_index")}
 REQUIRED = {t: {*_TEXT[t], *_INT.get(t, ()), *(("shape", "nbytes") if t == "arrays" else ())} for t in TABLES}
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -84,21 +86,25 @@ def check_rows(tables: dict[str, list[dict]]) -> dict[str, dict]:
         if run_id in runs:
             raise Bad(f"run {run_id} appears twice")
         runs[run_id] = run
+    # a model's |W| lies in the group made for its name, or (weights stored once) in the group
+    # made for the name of the model that archived them first: the owner of that array row
+    shared_groups = {layout.model_group(r["owner"]) for r in tables["arrays"] if r["kind"] in layout.MODEL_ARRAYS}
     models = {}
     for model in tables["models"]:
         name = model["model"]
         if not name or name in models:
             raise Bad(f"model name {name[:80]!r} is empty or repeated")
-        if model["magnitudes_group"] != layout.model_group(name):
+        if model["magnitudes_group"] != layout.model_group(name) and model["magnitudes_group"] not in shared_groups:
             raise layout.UnsafePath(f"model {name!r}: magnitudes_group {str(model['magnitudes_group'])[:120]!r} "
                                     f"is not {layout.model_group(name)!r}")
         models[name] = model
+    model_groups = {m["magnitudes_group"] for m in models.values()}
     by_path, kinds = {}, {}
     for record in tables["arrays"]:
         owner, kind, path = record["owner"], record["kind"], record["path"]
         if owner in runs and kind in layout.RUN_ARRAYS:
             expected = layout.array_path(layout.run_group(owner), kind)
-        elif owner in models and kind in layout.MODEL_ARRAYS:
+        elif kind in layout.MODEL_ARRAYS and layout.model_group(owner) in model_groups:
             expected = layout.array_path(layout.model_group(owner), kind)
         else:
             raise Bad(f"array {str(path)[:120]!r}: owner {str(owner)[:80]!r} with kind {str(kind)[:20]!r} "
@@ -120,15 +126,34 @@ def check_rows(tables: dict[str, list[dict]]) -> dict[str, dict]:
                    for d in (record["sha256"], *([] if meta is None else [meta]), *(chunks or []))):
             raise Bad(f"array {path}: a digest of it is not a sha256 hex digest")
         by_path[path] = record
-        kinds.setdefault(owner, set()).add(kind)
+        kinds.setdefault(owner if owner in runs else layout.model_group(owner), set()).add(kind)
     for run_id, run in runs.items():
         if run["status"] != "FINISHED" or run["model"] not in models:
             raise Bad(f"run {run_id} is not a FINISHED run of a model in the bundle")
         if kinds.get(run_id) != set(layout.RUN_ARRAYS):
             raise Bad(f"run {run_id} lacks its norms or levels array")
-    for name in models:
-        if kinds.get(name) != set(layout.MODEL_ARRAYS):
+    for name, model in models.items():
+        if kinds.get(model["magnitudes_group"]) != set(layout.MODEL_ARRAYS):
             raise Bad(f"model {name!r} lacks its magnitudes array")
+    seen = set()
+    for row in tables["analyses"]:
+        key = (row["model"], row["analysis"])
+        if key in seen or row["model"] not in models:
+            raise Bad(f"analysis {str(row['analysis'])[:80]!r} is repeated or of no model of it")
+        try:
+            analyses.check_name(row["analysis"])
+        except MlarchError as exc:
+            raise Bad(str(exc).split(": pass --analysis")[0]) from None
+        try:
+            config = json.loads(row["config"])
+        except (TypeError, ValueError, RecursionError):
+            config = None
+        if not isinstance(config, dict) or analyses.config_digest(config) != row["config_digest"]:
+            raise Bad(f"analysis {row['analysis'][:80]!r}: its configuration does not match its digest")
+        seen.add(key)
+    for run_id, run in runs.items():
+        if run.get("analysis") is not None and (run["model"], run["analysis"]) not in seen:
+            raise Bad(f"run {run_id} names an analysis the bundle does not carry")
     if any(m["model"] not in models for m in tables["modules"]) or any(
             s["run_id"] not in runs for s in tables["run_samples"]):
         raise Bad("modules or run_samples rows belong to no model or run of it")
@@ -215,6 +240,9 @@ def tables_of(manifest, bundle: Path, schema: dict[str, list[str]]) -> dict[str,
                           "newer one; upgrade mlarch (pip install -U mlarch) and retry")
     tables = {}
     for name in TABLES:
+        if name not in given and manifest["version"] < SINCE.get(name, 0):
+            tables[name] = []  # e.g. a bundle made before analyses: its runs are placed on import
+            continue
         table = given.get(name)
         if not isinstance(table, dict) or not isinstance(table.get("columns"), list) or not isinstance(
                 table.get("rows"), list):
@@ -235,6 +263,8 @@ def tables_of(manifest, bundle: Path, schema: dict[str, list[str]]) -> dict[str,
                 raise Bad(f"a row of its {name} table does not match the columns")
             rows.append({c: restore(v) for c, v in zip(columns, row)})
         tables[name] = rows
+    if manifest["version"] >= SINCE["analyses"] and any(not isinstance(r.get("analysis"), str) for r in tables["runs"]):
+        raise Bad("a run of it names no analysis (the manifest was edited)")
     for name, key in (("runs", "run_id"), ("models", "model")):  # version 2 writes them: a row without one was edited
         bare = [row.get(key) for row in tables[name] if not isinstance(row.get("record_sha256"), str)]
         if bare:
@@ -285,10 +315,12 @@ def check_record_digests(tables: dict, schema: dict[str, list[str]], new_runs: l
         if actual != run["record_sha256"]:
             raise MlarchError(f"bundle {bundle}: run {run['run_id']}'s rows differ from its record digest: the bundle "
                               "was altered; refusing all of it")
+    by_path = {record["path"]: record for record in tables["arrays"]}
     for model in new_models:
         modules = [m for m in tables["modules"] if m["model"] == model["model"]]
+        magnitudes = by_path.get(layout.array_path(str(model["magnitudes_group"]), "magnitudes"))
         try:
-            actual = records.model_digest(model, modules, by_owner.get(model["model"], []))
+            actual = records.model_digest(model, modules, [magnitudes] if magnitudes else [])
         except (TypeError, ValueError):
             actual = None
         if actual != model["record_sha256"]:

@@ -199,8 +199,14 @@ def _seal_records(con) -> None:
     records.seal(con)
 
 
+def _place_analyses(con) -> None:
+    from mlarch.store import analyses  # only when migrating an old catalog
+
+    analyses.place_legacy(con)
+
+
 # Python steps of migrations, run right after that version's SQL.
-_AFTER_SQL = {2: _seal_records}
+_AFTER_SQL = {2: _seal_records, 4: _place_analyses}
 
 
 def ensure_schema(path: Path) -> int:

@@ -1,7 +1,8 @@
-"""Derived tables of one (model, seed): math-only set sizes and membership patterns.
+"""Derived tables of one (model, analysis, seed): math-only set sizes and membership patterns.
 
-Both are recomputed from the stored level codes whenever a run of that model and seed
-is committed, so adding a language later extends every comparison.
+Both are recomputed from the stored level codes whenever a run of that model, analysis and
+seed is committed, so adding a language later extends every comparison; the rows of other
+analyses are never touched.
 """
 
 from __future__ import annotations
@@ -94,7 +95,7 @@ def _in_top_counts(levels: np.ndarray, js: list[int]) -> list[int]:
     return [int(np.count_nonzero(shifted <= np.uint8(j))) for j in js]
 
 
-def _module_rows(model, seed, module, chunk_ks, pairs, levels, selection_rows, pattern_rows,
+def _module_rows(model, analysis, seed, module, chunk_ks, pairs, levels, selection_rows, pattern_rows,
                  count_tops: bool = False) -> None:
     bits, langs_of = {}, {}
     for lang, (m, c) in pairs.items():
@@ -112,10 +113,10 @@ def _module_rows(model, seed, module, chunk_ks, pairs, levels, selection_rows, p
         for t, k in enumerate(shared):
             langs_of.setdefault(k, []).append(lang)
             n_selected = int(np.count_nonzero(lang_bits & np.uint8(1 << t)))
-            selection_rows.append((model, k, seed, lang, module, math_tops[t], control_tops[t], n_selected,
+            selection_rows.append((model, analysis, k, seed, lang, module, math_tops[t], control_tops[t], n_selected,
                                    m.run_id, c.run_id))
             if len(pairs) == 1 and n_selected:  # one language: its only pattern is itself
-                pattern_rows.append((model, k, seed, module, [lang], n_selected))
+                pattern_rows.append((model, analysis, k, seed, module, [lang], n_selected))
         bits[lang] = (lang_bits, {k: t for t, k in enumerate(shared)})
     if len(pairs) == 1 or not bits:
         return
@@ -127,10 +128,10 @@ def _module_rows(model, seed, module, chunk_ks, pairs, levels, selection_rows, p
     for k, langs in langs_of.items():
         masks = [((compact[lang][0] >> compact[lang][1][k]) & 1).astype(bool) for lang in langs]
         for pattern, count in histogram(masks, langs):
-            pattern_rows.append((model, k, seed, module, pattern, count))
+            pattern_rows.append((model, analysis, k, seed, module, pattern, count))
 
 
-def derive(root: Path, model: str, seed: int, spans: list[Span], runs: dict[tuple[str, str], RunRef],
+def derive(root: Path, model: str, analysis: str, seed: int, spans: list[Span], runs: dict[tuple[str, str], RunRef],
            preloaded: dict[str, np.ndarray] | None = None, count_tops: bool = False):
     """(selections, patterns) DataFrames for the languages that have both a math and a control run.
 
@@ -170,7 +171,7 @@ def derive(root: Path, model: str, seed: int, spans: list[Span], runs: dict[tupl
         for span in group:
             part = slice(span.param_offset - start, span.param_offset - start + span.n_params)
             levels = {lang: (math[part], control[part]) for lang, (math, control) in block.items()}
-            _module_rows(model, seed, span.module, chunk_ks, pairs, levels, selection_rows, pattern_rows, count_tops)
+            _module_rows(model, analysis, seed, span.module, chunk_ks, pairs, levels, selection_rows, pattern_rows, count_tops)
         return selection_rows, pattern_rows
 
     # 8 k values per uint8 of bits; one read per run covers many small modules
@@ -183,7 +184,8 @@ def derive(root: Path, model: str, seed: int, spans: list[Span], runs: dict[tupl
     selections = pl.DataFrame(
         selection_rows,
         schema={
-            "model": pl.Utf8, "k": pl.Float64, "seed": pl.Int64, "lang": pl.Utf8, "module": pl.Utf8,
+            "model": pl.Utf8, "analysis": pl.Utf8, "k": pl.Float64, "seed": pl.Int64, "lang": pl.Utf8,
+            "module": pl.Utf8,
             "n_math_top": pl.Int64, "n_control_top": pl.Int64, "n_selected": pl.Int64,
             "math_run_id": pl.Utf8, "control_run_id": pl.Utf8,
         },
@@ -192,7 +194,7 @@ def derive(root: Path, model: str, seed: int, spans: list[Span], runs: dict[tupl
     patterns = pl.DataFrame(
         pattern_rows,
         schema={
-            "model": pl.Utf8, "k": pl.Float64, "seed": pl.Int64, "module": pl.Utf8,
+            "model": pl.Utf8, "analysis": pl.Utf8, "k": pl.Float64, "seed": pl.Int64, "module": pl.Utf8,
             "langs": pl.List(pl.Utf8), "n_params": pl.Int64,
         },
         orient="row",
@@ -200,11 +202,11 @@ def derive(root: Path, model: str, seed: int, spans: list[Span], runs: dict[tupl
     return selections, patterns
 
 
-def current_runs(con, model: str, seed: int) -> dict[tuple[str, str], RunRef]:
-    """The in-use finished run of each (lang, role) of one model and seed."""
+def current_runs(con, model: str, analysis: str, seed: int) -> dict[tuple[str, str], RunRef]:
+    """The in-use finished run of each (lang, role) of one model, analysis and seed."""
     rows = con.execute(
-        "SELECT run_id FROM runs WHERE model = ? AND seed = ? AND in_use AND status = 'FINISHED'",
-        [model, seed]).fetchall()
+        "SELECT run_id FROM runs WHERE model = ? AND analysis = ? AND seed = ? AND in_use AND status = 'FINISHED'",
+        [model, analysis, seed]).fetchall()
     refs = (run_ref(con, r[0]) for r in rows)
     return {(ref.lang, ref.role): ref for ref in refs}
 
@@ -218,13 +220,19 @@ def run_ref(con, run_id: str) -> RunRef:
     return RunRef(r[0], r[1], r[2], r[3], tuple(r[4]), levels)
 
 
-def replace_derived(con, model: str, seed: int, selections: pl.DataFrame, patterns: pl.DataFrame) -> None:
-    """Swap one (model, seed)'s derived rows inside the caller's transaction."""
-    con.execute("DELETE FROM selections WHERE model = ? AND seed = ?", [model, seed])
-    con.execute("DELETE FROM patterns WHERE model = ? AND seed = ?", [model, seed])
-    con.register("new_selections", selections.to_arrow())
-    con.execute("INSERT INTO selections SELECT * FROM new_selections")
+SELECTION_COLUMNS = ("model", "analysis", "k", "seed", "lang", "module", "n_math_top", "n_control_top", "n_selected",
+                     "math_run_id", "control_run_id")
+PATTERN_COLUMNS = ("model", "analysis", "k", "seed", "module", "langs", "n_params")
+
+
+def replace_derived(con, model: str, analysis: str, seed: int, selections: pl.DataFrame,
+                    patterns: pl.DataFrame) -> None:
+    """Swap one (model, analysis, seed)'s derived rows inside the caller's transaction."""
+    for table in ("selections", "patterns"):
+        con.execute(f"DELETE FROM {table} WHERE model = ? AND analysis = ? AND seed = ?", [model, analysis, seed])
+    con.register("new_selections", selections.select(SELECTION_COLUMNS).to_arrow())
+    con.execute(f"INSERT INTO selections ({', '.join(SELECTION_COLUMNS)}) SELECT * FROM new_selections")
     con.unregister("new_selections")
-    con.register("new_patterns", patterns.to_arrow())
-    con.execute("INSERT INTO patterns SELECT * FROM new_patterns")
+    con.register("new_patterns", patterns.select(PATTERN_COLUMNS).to_arrow())
+    con.execute(f"INSERT INTO patterns ({', '.join(PATTERN_COLUMNS)}) SELECT * FROM new_patterns")
     con.unregister("new_patterns")

@@ -52,7 +52,8 @@ def verify(root: Path, run_ids: list[str] | None = None) -> list[Check]:
     checks: list[Check] = []
     with catalog.reading(root / layout.CATALOG) as con:
         runs = con.execute(
-            "SELECT run_id, model, seed, status, arrays_group, host, pid FROM runs ORDER BY started_at").fetchall()
+            "SELECT run_id, model, seed, status, arrays_group, host, pid, analysis FROM runs ORDER BY started_at"
+        ).fetchall()
         known = {r[0] for r in runs}
         missing = [rid for rid in run_ids or [] if rid not in known]
         if missing:
@@ -63,6 +64,16 @@ def verify(root: Path, run_ids: list[str] | None = None) -> list[Check]:
         records = [(row["owner"], arrays.ArrayRecord.from_row(row)) for row in catalog.dicts(
             con, f"SELECT owner, {arrays.RECORD_COLUMNS} FROM arrays ORDER BY path")]
         model_groups = dict(con.execute("SELECT model, magnitudes_group FROM models").fetchall())
+        # |W| is stored once per weights digest: each model's group holds one magnitudes array,
+        # and the models sharing a group have the same weights and dtype
+        magnitudes_problems = con.execute("""
+            SELECT m.model, m.magnitudes_group, count(DISTINCT a.path) AS n_arrays,
+                   count(DISTINCT o.weights_sha256 || '/' || o.dtype) AS n_weights
+            FROM models m LEFT JOIN arrays a ON a.path = m.magnitudes_group || '/magnitudes' AND a.kind = 'magnitudes'
+            LEFT JOIN models o ON o.magnitudes_group = m.magnitudes_group
+            GROUP BY ALL HAVING n_arrays <> 1 OR n_weights <> 1 ORDER BY ALL""").fetchall()
+        shared = dict(con.execute("SELECT magnitudes_group, count(*) FROM models GROUP BY ALL").fetchall())
+        analysis_names = set(con.execute("SELECT model, analysis FROM analyses").fetchall())
         # content digests of the records, recomputed from the rows as they are now
         run_seals = dict(con.execute("SELECT run_id, record_sha256 FROM runs").fetchall())
         model_seals = dict(con.execute("SELECT model, record_sha256 FROM models").fetchall())
@@ -81,7 +92,7 @@ def verify(root: Path, run_ids: list[str] | None = None) -> list[Check]:
             "SELECT model, module, n_params FROM modules").fetchall())
         # the run each (model, lang, role, seed) uses: exactly one, the newest finished one
         in_use_problems = con.execute("""
-            SELECT model, lang, role, seed,
+            SELECT model, analysis, lang, role, seed,
                    count(*) FILTER (WHERE in_use AND status = 'FINISHED') AS n_in_use,
                    count(*) FILTER (WHERE in_use AND status <> 'FINISHED') AS n_unfinished,
                    max(finished_at) FILTER (WHERE status = 'FINISHED') AS newest,
@@ -89,28 +100,33 @@ def verify(root: Path, run_ids: list[str] | None = None) -> list[Check]:
             FROM runs GROUP BY ALL
             HAVING n_unfinished > 0 OR (newest IS NOT NULL AND (n_in_use <> 1 OR used < newest))
             ORDER BY ALL""").fetchall()
-        # derived rows of a (model, seed) with no finished run to derive them from
+        # derived rows of a (model, analysis, seed) with no finished run to derive them from
         stray = con.execute("""
-            SELECT DISTINCT model, seed FROM (SELECT model, seed FROM selections UNION ALL
-                                              SELECT model, seed FROM patterns)
-            EXCEPT SELECT model, seed FROM runs WHERE status = 'FINISHED' AND in_use ORDER BY ALL""").fetchall()
+            SELECT DISTINCT model, analysis, seed FROM (SELECT model, analysis, seed FROM selections UNION ALL
+                                                        SELECT model, analysis, seed FROM patterns)
+            EXCEPT SELECT model, analysis, seed FROM runs WHERE status = 'FINISHED' AND in_use ORDER BY ALL""").fetchall()
         drift = catalog.schema_drift(con)
-        pairs = sorted({(r[1], r[2]) for r in chosen if r[3] == "FINISHED"})
+        pairs = sorted({(r[1], r[7], r[2]) for r in chosen if r[3] == "FINISHED" and r[7] is not None})
         derived = {}
-        for model, seed in pairs:
-            current = current_runs(con, model, seed)
+        for model, analysis, seed in pairs:
+            current = current_runs(con, model, analysis, seed)
             spans = read_spans(con, model)
             stored_sel = con.execute(
-                "SELECT model, k, seed, lang, module, n_math_top, n_control_top, n_selected, math_run_id, "
-                "control_run_id FROM selections WHERE model = ? AND seed = ? ORDER BY ALL", [model, seed]).fetchall()
+                "SELECT model, analysis, k, seed, lang, module, n_math_top, n_control_top, n_selected, math_run_id, "
+                "control_run_id FROM selections WHERE model = ? AND analysis = ? AND seed = ? ORDER BY ALL",
+                [model, analysis, seed]).fetchall()
             stored_pat = con.execute(
-                "SELECT model, k, seed, module, langs, n_params FROM patterns WHERE model = ? AND seed = ? "
-                "ORDER BY ALL", [model, seed]).fetchall()
-            derived[(model, seed)] = (current, spans, stored_sel, stored_pat)
+                "SELECT model, analysis, k, seed, module, langs, n_params FROM patterns WHERE model = ? "
+                "AND analysis = ? AND seed = ? ORDER BY ALL", [model, analysis, seed]).fetchall()
+            derived[(model, analysis, seed)] = (current, spans, stored_sel, stored_pat)
     with_arrays = {owner for owner, _ in records}
-    for run_id, model, seed, status, group, host, pid in chosen:
+    for run_id, model, seed, status, group, host, pid, analysis in chosen:
         if status == "FINISHED" and run_id not in with_arrays:
             checks.append(Check("run has arrays", run_id, False, "no arrays recorded: remove it with `mlarch rm`"))
+        if status == "FINISHED" and (model, analysis) not in analysis_names:
+            checks.append(Check("run in an analysis", run_id, False,
+                                f"its analysis {analysis!r} is not in the analyses table: restore the catalog "
+                                "from a copy"))
         elif status != "FINISHED" and not (status == "RUNNING" and _alive(host, pid)):
             checks.append(Check("no leftovers", run_id, False, f"{status} run of an interrupted ingest: run `mlarch gc`"))
     for eval_id in orphan_evals:
@@ -128,22 +144,28 @@ def verify(root: Path, run_ids: list[str] | None = None) -> list[Check]:
         checks.append(Check("catalog schema", "tables and views", not drift,
                             "as the migrations made them" if not drift else
                             f"differs from mlarch's: {'; '.join(drift[:3])}"))
-        for model, lang, role, seed, n_in_use, n_unfinished, *_ in in_use_problems:
-            checks.append(Check("runs in use", f"{model} {lang} {role} seed {seed}", False,
+        for model, analysis, lang, role, seed, n_in_use, n_unfinished, *_ in in_use_problems:
+            checks.append(Check("runs in use", f"{model} {analysis} {lang} {role} seed {seed}", False,
                                 f"{n_in_use} finished run(s) in use, {n_unfinished} unfinished: exactly one, the newest "
                                 "finished run, must be in use: remove the extra runs with `mlarch rm`"))
-        for model, seed in stray:
-            checks.append(Check("derived rows", f"{model} seed {seed}", False,
-                                "selections/patterns rows with no finished run of that model and seed: "
+        for model, analysis, seed in stray:
+            checks.append(Check("derived rows", f"{model} {analysis} seed {seed}", False,
+                                "selections/patterns rows with no finished run of that model, analysis and seed: "
                                 "restore the catalog from a copy"))
+        for model, group, n_arrays, n_weights in magnitudes_problems:
+            checks.append(Check("shared magnitudes", model, False,
+                                f"{group}: {n_arrays} magnitudes array row(s) for {shared.get(group, 0)} model(s), "
+                                f"{n_weights} distinct weights: one |W| array per weights digest, used only by "
+                                "models of those weights; restore the catalog from a copy"))
     for kind, name, stored, actual in sealed:
         ok = stored is not None and stored == actual
         checks.append(Check("record digest", f"{kind} {name}", ok, "" if ok else (
             "no record digest stored" if stored is None else
             f"the catalog row, provenance, samples or array records changed since the {kind} was archived "
             f"(sha256 {actual[:16]}..., recorded {stored[:16]}...)")))
+    chosen_paths = {f"{group}/magnitudes" for model, group in model_groups.items() if model in models}
     for owner, record in records:
-        if owner not in owners:
+        if owner not in owners and record.path not in chosen_paths:  # a shared |W| keeps its first owner
             continue
         try:  # streamed (memory bounded); every chunk and the zarr.json checked on the way
             actual = arrays.check(store, record)
@@ -153,25 +175,27 @@ def verify(root: Path, run_ids: list[str] | None = None) -> list[Check]:
         ok = actual == record.sha256
         checks.append(Check("array digest", record.path, ok,
                             "" if ok else f"sha256 {actual[:16]}..., recorded {record.sha256[:16]}..."))
-    for (model, seed), (current, spans, stored_sel, stored_pat) in derived.items():
+    for (model, analysis, seed), (current, spans, stored_sel, stored_pat) in derived.items():
+        where = f"{model} {analysis} seed {seed}"
         try:
-            selections, patterns = derive(store, model, seed, spans, current, count_tops=True)
+            selections, patterns = derive(store, model, analysis, seed, spans, current, count_tops=True)
         except Exception as exc:
-            checks.append(Check("set_sizes recount", f"{model} seed {seed}", False,
+            checks.append(Check("set_sizes recount", where, False,
                                 f"cannot recount: {' '.join(str(exc).split())[:160]}"))
             continue
         recount_sel = sorted(selections.rows())
-        wrong_size = [f"{r[3]} {r[4]} k={r[1]}" for r in recount_sel  # (model, k, seed, lang, module, n_math_top, ...)
-                      if {r[5], r[6]} != {top_count(n_params[(model, r[4])], r[1])}]
-        checks.append(Check("top-k sizes", f"{model} seed {seed}", not wrong_size,
+        # (model, analysis, k, seed, lang, module, n_math_top, n_control_top, ...)
+        wrong_size = [f"{r[4]} {r[5]} k={r[2]}" for r in recount_sel
+                      if {r[6], r[7]} != {top_count(n_params[(model, r[5])], r[2])}]
+        checks.append(Check("top-k sizes", where, not wrong_size,
                             f"{len(recount_sel)} module sets of floor(numel * k) entries" if not wrong_size else
                             f"stored level codes give a top-k set of the wrong size: {', '.join(wrong_size[:3])}"))
-        recount_pat = sorted((m, k, s, mod, list(langs), n) for m, k, s, mod, langs, n in patterns.rows())
-        checks.append(Check("set_sizes recount", f"{model} seed {seed}", recount_sel == sorted(stored_sel),
+        recount_pat = sorted((m, a, k, s, mod, list(langs), n) for m, a, k, s, mod, langs, n in patterns.rows())
+        checks.append(Check("set_sizes recount", where, recount_sel == sorted(stored_sel),
                             f"{len(recount_sel)} rows" if recount_sel == sorted(stored_sel)
                             else "stored counts differ from the popcounts of the stored masks"))
-        same = recount_pat == sorted((m, k, s, mod, list(langs), n) for m, k, s, mod, langs, n in stored_pat)
-        checks.append(Check("patterns recount", f"{model} seed {seed}", same,
+        same = recount_pat == sorted((m, a, k, s, mod, list(langs), n) for m, a, k, s, mod, langs, n in stored_pat)
+        checks.append(Check("patterns recount", where, same,
                             f"{len(recount_pat)} rows" if same else "stored pattern counts differ from a recount"))
     if run_ids is None:
         live = {r[4] for r in runs if r[3] == "FINISHED" or (r[3] == "RUNNING" and _alive(r[5], r[6]))}
@@ -196,6 +220,7 @@ def gc(root: Path) -> list[str]:
         with catalog.reading(path) as con:
             runs = con.execute("SELECT run_id, model, status, arrays_group, host, pid FROM runs").fetchall()
             model_groups = dict(con.execute("SELECT model, magnitudes_group FROM models").fetchall())
+            owners = _magnitudes_owners(con)
             evals = con.execute("SELECT eval_id, model, status, host, pid FROM evaluations "
                                 "WHERE status <> 'FINISHED'").fetchall()
             orphan_items = con.execute("SELECT count(*) FROM evaluation_items WHERE eval_id NOT IN "
@@ -204,7 +229,7 @@ def gc(root: Path) -> list[str]:
         for r in runs:  # an edited row stops gc before anything is removed
             _owned_folder(root, "run", r[0], r[3])
         for name, group in model_groups.items():
-            _owned_folder(root, "model", name, group)
+            _owned_folder(root, "model", name, group, owners)
         dead = [r for r in runs if r[2] == "FAILED" or (r[2] == "RUNNING" and not _alive(r[4], r[5]))]
         dead_ids = {r[0] for r in dead}
         live_runs = [r for r in runs if r[0] not in dead_ids]
@@ -235,15 +260,18 @@ def gc(root: Path) -> list[str]:
     return removed
 
 
-def rm(root: Path, run_ids: list[str] | None = None, model: str | None = None) -> list[str]:
+def rm(root: Path, run_ids: list[str] | None = None, model: str | None = None, *, dry_run: bool = False) -> list[str]:
     """Remove runs (or a whole model) and everything derived from them; derived tables are
-    recomputed for what remains, promoting the newest earlier run where one was replaced."""
+    recomputed for what remains, promoting the newest earlier run where one was replaced.
+    dry_run: change nothing and return what would be removed (rm_plan)."""
     path = root / layout.CATALOG
     with layout.commit_lock(root):
         with catalog.reading(path) as con:
             runs = con.execute(
-                "SELECT run_id, model, lang, role, seed, status, in_use, arrays_group, finished_at FROM runs").fetchall()
+                "SELECT run_id, model, lang, role, seed, status, in_use, arrays_group, finished_at, analysis "
+                "FROM runs").fetchall()
             models = dict(con.execute("SELECT model, magnitudes_group FROM models").fetchall())
+            owners = _magnitudes_owners(con)
             if model is not None:
                 if model not in models:
                     raise MlarchError(f"no model {model!r} in the archive; archived: {', '.join(sorted(models)) or 'none'}")
@@ -258,38 +286,50 @@ def rm(root: Path, run_ids: list[str] | None = None, model: str | None = None) -
             # row must not point rm elsewhere); derive reads the others' arrays
             owned = {r[0]: _owned_folder(root, "run", r[0], r[7]) for r in runs}
             folders = [owned[r[0]] for r in doomed]
-            if model is not None:
-                folders.append(_owned_folder(root, "model", model, models[model]))
+            # |W| shared with another model (same weights) stays, with its array row
+            magnitudes_shared = model is not None and any(
+                other != model and group == models[model] for other, group in models.items())
+            if model is not None and not magnitudes_shared:
+                folders.append(_owned_folder(root, "model", model, models[model], owners))
+            if dry_run:  # the same selection as below, reported instead of removed
+                return rm_plan(con, root, doomed, folders, model)
             refresh = {}
-            for m, seed in sorted({(r[1], r[4]) for r in doomed if r[1] != model}):
-                current = {key: ref for key, ref in current_runs(con, m, seed).items() if ref.run_id not in doomed_ids}
+            for m, analysis, seed in sorted({(r[1], r[9], r[4]) for r in doomed if r[1] != model},
+                                            key=lambda x: (x[0], str(x[1]), x[2])):
+                current = {key: ref for key, ref in current_runs(con, m, analysis, seed).items()
+                           if ref.run_id not in doomed_ids}
                 promoted = []
-                for lang, role in {(r[2], r[3]) for r in doomed if (r[1], r[4]) == (m, seed) and r[6]}:
-                    earlier = [r for r in runs if (r[1], r[2], r[3], r[4]) == (m, lang, role, seed)
+                for lang, role in {(r[2], r[3]) for r in doomed if (r[1], r[9], r[4]) == (m, analysis, seed) and r[6]}:
+                    earlier = [r for r in runs if (r[1], r[9], r[2], r[3], r[4]) == (m, analysis, lang, role, seed)
                                and r[5] == "FINISHED" and r[0] not in doomed_ids]
                     if earlier:
                         best = max(earlier, key=lambda r: r[8])
                         current[(lang, role)] = run_ref(con, best[0])  # with its levels record: reads are checked
                         promoted.append(best[0])
-                refresh[(m, seed)] = (current, read_spans(con, m), promoted)
-        derived = {key: derive(root / layout.ARRAYS, key[0], key[1], spans, current)
+                refresh[(m, analysis, seed)] = (current, read_spans(con, m), promoted)
+        derived = {key: derive(root / layout.ARRAYS, key[0], key[1], key[2], spans, current)
                    for key, (current, spans, _) in refresh.items()}
         with catalog.writing(path) as con:
             for run_id in doomed_ids:
                 con.execute("DELETE FROM run_samples WHERE run_id = ?", [run_id])
                 con.execute("DELETE FROM arrays WHERE owner = ?", [run_id])
                 con.execute("DELETE FROM runs WHERE run_id = ?", [run_id])
-            for (m, seed), (selections, patterns) in derived.items():
-                for run_id in refresh[(m, seed)][2]:
+            for (m, analysis, seed), (selections, patterns) in derived.items():
+                for run_id in refresh[(m, analysis, seed)][2]:
                     con.execute("UPDATE runs SET in_use = true WHERE run_id = ?", [run_id])
-                replace_derived(con, m, seed, selections, patterns)
+                replace_derived(con, m, analysis, seed, selections, patterns)
+            # an analysis left without runs goes (it would only be offered as a choice)
+            con.execute("DELETE FROM analyses WHERE NOT EXISTS (SELECT 1 FROM runs r WHERE r.model = analyses.model "
+                        "AND r.analysis = analyses.analysis)")
             if model is not None:
                 # evaluations measured those weights (and intervened on their sets): they go too
                 con.execute("DELETE FROM evaluation_items WHERE eval_id IN "
                             "(SELECT eval_id FROM evaluations WHERE model = ?)", [model])
-                for table in ("evaluations", "selections", "patterns", "modules", "models"):
+                for table in ("evaluations", "selections", "patterns", "modules", "models", "analyses"):
                     con.execute(f"DELETE FROM {table} WHERE model = ?", [model])
-                con.execute("DELETE FROM arrays WHERE owner = ?", [model])
+                if not magnitudes_shared:  # its own |W|, or the last user of a shared one
+                    con.execute("DELETE FROM arrays WHERE path = ? AND kind = 'magnitudes'",
+                                [f"{models[model]}/magnitudes"])
         # arrays go after the commit: a crash here leaves orphans for gc, never dangling rows
         for folder in folders:
             shutil.rmtree(folder, ignore_errors=True)
@@ -299,11 +339,21 @@ def rm(root: Path, run_ids: list[str] | None = None, model: str | None = None) -
     return removed
 
 
-def _owned_folder(root: Path, kind: str, name: str, group) -> Path:
+def _magnitudes_owners(con) -> dict[str, str]:
+    """path -> owner of every |W| array row (a shared one keeps the model that archived it)."""
+    return dict(con.execute("SELECT path, owner FROM arrays WHERE kind = 'magnitudes'").fetchall())
+
+
+def _owned_folder(root: Path, kind: str, name: str, group, magnitudes_owners: dict | None = None) -> Path:
     """The folder of a run's arrays_group or a model's magnitudes_group, once the catalog row
-    names exactly the group mlarch made for it (and no symbolic link leads elsewhere)."""
+    names exactly the group mlarch made for it (and no symbolic link leads elsewhere). A model
+    sharing another's |W| names the group made for the array's owner."""
     try:
         expected = layout.run_arrays_group(name) if kind == "run" else layout.model_group(name)
+        if kind == "model" and group != expected and isinstance(group, str):
+            owner = (magnitudes_owners or {}).get(f"{group}/magnitudes")
+            if isinstance(owner, str) and group == layout.model_group(owner):
+                expected = group
         if group != expected:
             layout.checked_group(root, group, expected)  # raises, naming both
     except layout.UnsafePath as exc:
@@ -346,3 +396,28 @@ def leftover_staging(root: Path) -> list[str]:
             continue  # still importing, or on another host sharing this folder (unknowable)
         found.append(entry.name)
     return sorted(found)
+
+
+def rm_plan(con, root: Path, doomed: list, folders: list[Path], model: str | None) -> list[str]:
+    """What rm would remove, one line each: runs, evaluations, analyses left without runs,
+    array folders with their size on disk, the model; then the total size."""
+    lines = [f"run {r[0]} ({r[1]} {r[2]} {r[3]} seed {r[4]})" for r in doomed]
+    if model is not None:
+        lines += [f"evaluation {e} ({task} {lang} {what})" for e, task, lang, what in con.execute(
+            "SELECT eval_id, task, lang, CASE WHEN intervention = 'none' THEN 'baseline' ELSE intervention || ' ' || "
+            "coalesce(target_lang, '') END FROM evaluations WHERE model = ? ORDER BY eval_id", [model]).fetchall()]
+    doomed_ids = [r[0] for r in doomed]
+    lines += [f"analysis {a} of {m}" for m, a in con.execute(
+        "SELECT a.model, a.analysis FROM analyses a WHERE NOT EXISTS (SELECT 1 FROM runs r WHERE r.model = a.model "
+        "AND r.analysis = a.analysis AND NOT list_contains($ids, r.run_id))" + (" OR a.model = $m" if model else "") +
+        " ORDER BY ALL", {"ids": doomed_ids, **({"m": model} if model else {})}).fetchall()]
+    total = 0
+    for folder in folders:
+        size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file() and not f.is_symlink()) \
+            if folder.is_dir() else 0
+        total += size
+        lines.append(f"arrays {folder.relative_to(root).as_posix()} ({size:,} bytes)")
+    if model is not None:
+        lines.append(f"model {model}")
+    lines.append(f"{len(doomed)} run(s), {len(folders)} array folder(s), {total:,} bytes in all")
+    return lines

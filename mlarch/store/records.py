@@ -58,6 +58,8 @@ def run_digest(run: dict, item_indices: list[int], array_rows) -> str:
     """Digest of a run from its `runs` row (dict), its drawn item indices in drawn order and
     its `arrays` rows. The provenance may be JSON text (as DuckDB returns it) or a dict."""
     body = _pick(run, RUN_FIELDS)
+    if run.get("analysis") is not None:  # schema 4; absent, a digest sealed earlier still verifies
+        body["analysis"] = run["analysis"]
     if isinstance(body["provenance"], str):
         body["provenance"] = json.loads(body["provenance"])
     body["samples"] = [int(i) for i in item_indices]
@@ -75,6 +77,8 @@ def model_digest(model: dict, module_rows, array_rows) -> str:
 def evaluation_digest(row: dict, items) -> str:
     """Digest of a finished evaluation from its `evaluations` row and its item rows."""
     body = _pick(row, EVAL_FIELDS)
+    if row.get("analysis") is not None:  # as for runs: only where set (interventions, schema 4)
+        body["analysis"] = row["analysis"]
     if isinstance(body["provenance"], str):
         body["provenance"] = json.loads(body["provenance"])
     body["items"] = sorted((_pick(i, EVAL_ITEM_FIELDS) for i in items), key=lambda i: i["position"])
@@ -102,8 +106,11 @@ def model_digest_in(con, model: str) -> str | None:
     rows = dicts(con, "SELECT * FROM models WHERE model = ?", [model])
     if not rows:
         return None
+    # the |W| array by the path the row names: models sharing weights share one array (whose
+    # owner is the model that archived it first); for an unshared one this is its own array
     return model_digest(rows[0], dicts(con, "SELECT * FROM modules WHERE model = ?", [model]),
-                        dicts(con, "SELECT * FROM arrays WHERE owner = ?", [model]))
+                        dicts(con, "SELECT * FROM arrays WHERE path = ? AND kind = 'magnitudes'",
+                              [f"{rows[0]['magnitudes_group']}/magnitudes"]))
 
 
 def seal(con) -> None:

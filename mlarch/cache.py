@@ -1,0 +1,34 @@
+"""Where mlarch keeps what it can rebuild: converted models, downloaded data, weight digests.
+
+One variable governs all of it: $MLARCH_CACHE, else the platform's user cache folder for
+mlarch (~/.cache/mlarch on Linux). Torch-free, so the CLI can name paths without loading it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def cache_dir() -> Path:
+    """$MLARCH_CACHE, else the platform's user cache folder for mlarch."""
+    if os.environ.get("MLARCH_CACHE"):
+        return Path(os.environ["MLARCH_CACHE"]).expanduser()
+    import pooch
+
+    return Path(pooch.os_cache("mlarch"))
+
+
+def models_dir() -> Path:
+    """Converted transformers folders of the named models (see mlarch.ingest.named_models)."""
+    return cache_dir() / "models"
+
+
+def data_dir() -> Path:
+    """Downloaded data files of the named sources (mlarch.ingest.corpora)."""
+    return cache_dir() / "data"
+
+
+def digests_file() -> Path:
+    """sha256 of weight files, remembered by (path, size, mtime, inode)."""
+    return cache_dir() / "weight-digests.json"

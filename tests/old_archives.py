@@ -1,0 +1,36 @@
+"""Archives as earlier mlarch releases wrote them, made from a current one (upgrade tests)."""
+
+import duckdb
+
+from mlarch.store import catalog, records
+
+
+def view_sql(version: int) -> list[str]:
+    sql = dict((v, text) for v, _, text in catalog.migrations())[version]
+    return [s.strip() for s in sql.split(";") if "CREATE VIEW" in s]
+
+
+def downgrade_to_schema_3(root):
+    """The archive as the release before analyses wrote it: no analyses table or columns,
+    record digests without the analysis."""
+    con = duckdb.connect(str(root / "catalog.duckdb"))
+    for view in ("language_unique", "overlap_global", "overlap_by_layer", "overlap_by_module", "lang_pairs",
+                 "selection_langs", "set_sizes", "intervention_effects", "accuracy", "evaluations_current"):
+        con.execute(f"DROP VIEW {view}")
+    con.execute("DROP TABLE analyses")
+    for table in ("selections", "patterns"):
+        con.execute(f"CREATE TABLE {table}_old AS SELECT * EXCLUDE (analysis) FROM {table}")
+        con.execute(f"DROP TABLE {table}")
+        con.execute(f"ALTER TABLE {table}_old RENAME TO {table}")
+    con.execute("ALTER TABLE runs DROP COLUMN analysis")
+    con.execute("ALTER TABLE evaluations DROP COLUMN analysis")
+    for version in (1, 3):
+        for statement in view_sql(version):
+            con.execute(statement)
+    for (run_id,) in con.execute("SELECT run_id FROM runs WHERE status = 'FINISHED'").fetchall():
+        con.execute("UPDATE runs SET record_sha256 = ? WHERE run_id = ?", [records.run_digest_in(con, run_id), run_id])
+    for (eval_id,) in con.execute("SELECT eval_id FROM evaluations WHERE status = 'FINISHED'").fetchall():
+        con.execute("UPDATE evaluations SET record_sha256 = ? WHERE eval_id = ?",
+                    [records.evaluation_digest_in(con, eval_id), eval_id])
+    con.execute("DELETE FROM schema_migrations WHERE version > 3")
+    con.close()
