@@ -416,7 +416,7 @@ def rm_plan(con, root: Path, doomed: list, folders: list[Path], model: str | Non
         size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file() and not f.is_symlink()) \
             if folder.is_dir() else 0
         total += size
-        lines.append(f"arrays {folder.relative_to(root).as_posix()} ({size:,} bytes)")
+        lines.append(f"arrays {folder.resolve().relative_to(Path(root).resolve()).as_posix()} ({size:,} bytes)")
     if model is not None:
         lines.append(f"model {model}")
     lines.append(f"{len(doomed)} run(s), {len(folders)} array folder(s), {total:,} bytes in all")

@@ -1,0 +1,113 @@
+"""Selection on the scoring device: `selection_device.model_levels_torch` (scores + level codes
+with torch ops, on CUDA) against `selection.model_levels` (numpy, mlarch's thread pool, on the
+host), on random Llama-shaped bf16 weights at 0.1 B and 1 B scored parameters (bench/scaling.py's
+shapes), the paper's 7 k values.
+
+Ours: scores + level codes on the device, then the uint8 codes copied to the host (what
+ingest would keep), timed with a synchronize; the codes must equal the numpy path's, byte
+for byte. Baseline: the numpy path on the host CPU on the same |W| and norms. Needs only
+numpy and torch (no zarr, duckdb or polars), so it runs on a lent GPU machine.
+
+    python3 bench/selection_device.py --device cuda --out selection-device-cuda.json
+    .venv/bin/python bench/selection_device.py --device cpu --quick      # smoke test here
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+sys.path[:0] = [str(BENCH.parent), str(BENCH)]
+
+PAPER_KS = (0.0001, 0.001, 0.01, 0.025, 0.05, 0.1, 0.15)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--sizes", default="0.1,1", help="sizes from bench/scaling.py's SHAPES (default 0.1,1)")
+    parser.add_argument("--quick", action="store_true", help="size 0.02 only, one repeat")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", default=str(BENCH / "results" / "selection-device.json"))
+    args = parser.parse_args()
+
+    import numpy as np
+    import torch
+
+    from mlarch import selection
+    from mlarch.selection_device import model_levels_torch
+    from mlarch.store import spans as span_layout
+    from scaling import module_list
+
+    device = torch.device(args.device)
+    sizes = ["0.02"] if args.quick else args.sizes.split(",")
+    repeats = 1 if args.quick else args.repeats
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    info = {"device": str(device), "torch": torch.__version__, "numpy": np.__version__,
+            "host_cpus": os.cpu_count(), "platform": platform.platform(), "loadavg_start": list(os.getloadavg()),
+            "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else None, "ks": PAPER_KS}
+    rows = []
+    for size in sizes:
+        spans = span_layout.layout(module_list(size))
+        n = span_layout.total_params(spans)
+        gen = torch.Generator(device=device).manual_seed(0)
+        magnitudes = torch.empty(n, dtype=torch.float32, device=device)
+        for span in spans:  # bf16 weights as checkpoints hold them, |W| in float32 as ingest keeps it
+            w = torch.randn(span.n_rows * span.n_cols, generator=gen, device=device, dtype=torch.float32)
+            magnitudes[span.params] = w.to(torch.bfloat16).abs().to(torch.float32)
+        norms = (torch.rand(span_layout.total_norms(spans), generator=gen, device=device) * 50 + 1)
+        magnitudes_host, norms_host = magnitudes.cpu().numpy(), norms.cpu().numpy()
+        sync()
+
+        model_levels_torch(spans[:2], magnitudes, norms, PAPER_KS)  # warm-up: kernels, allocator
+        sync()
+        ours, copies, codes = [], [], None
+        for _ in range(repeats):
+            sync()
+            clock = time.perf_counter()
+            on_device = model_levels_torch(spans, magnitudes, norms, PAPER_KS)
+            sync()
+            selected = time.perf_counter()
+            codes = on_device.cpu().numpy()
+            done = time.perf_counter()
+            ours.append(done - clock)
+            copies.append(done - selected)
+            del on_device
+        clock = time.perf_counter()
+        expected = selection.model_levels(spans, magnitudes_host, norms_host, PAPER_KS)
+        numpy_s = time.perf_counter() - clock
+        identical = bool(np.array_equal(codes, expected))
+        mismatches = 0 if identical else int(np.count_nonzero(codes != expected))
+        row = {"size": size, "n_params": n, "device_s_incl_copy": sorted(ours)[len(ours) // 2],
+               "device_s_all": ours, "copy_to_host_s": sorted(copies)[len(copies) // 2],
+               "numpy_host_s": numpy_s, "identical_to_numpy": identical, "mismatches": mismatches}
+        row["speedup"] = numpy_s / row["device_s_incl_copy"]
+        row["device_s_per_b"] = row["device_s_incl_copy"] / (n / 1e9)
+        row["numpy_s_per_b"] = numpy_s / (n / 1e9)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        del magnitudes, norms, magnitudes_host, norms_host, expected, codes
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            row["max_memory_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    info["loadavg_end"] = list(os.getloadavg())
+    result = {"benchmark": "selection-device", "quick": args.quick, "repeats": repeats, "machine": info, "rows": rows}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    if not all(r["identical_to_numpy"] for r in rows):
+        sys.exit("level codes on the device differ from the numpy path's")
+
+
+if __name__ == "__main__":
+    main()
