@@ -10,9 +10,27 @@ def view_sql(version: int) -> list[str]:
     return [s.strip() for s in sql.split(";") if "CREATE VIEW" in s]
 
 
+SCHEMA_5_VIEWS = ("language_unique_share", "set_totals", "language_unique", "overlap_global", "overlap_by_layer",
+                  "overlap_by_module", "set_sizes", "layer_depth")  # created or re-created by 0005
+
+
+def downgrade_to_schema_4(root):
+    """The archive as the release before relative depth and shares wrote it: the views of
+    migration 0004 (no depth, share, set_totals or language_unique_share); same tables."""
+    con = duckdb.connect(str(root / "catalog.duckdb"))
+    for view in SCHEMA_5_VIEWS:
+        con.execute(f"DROP VIEW {view}")
+    recreated = [s for s in view_sql(4) if any(f"CREATE VIEW {v} " in s for v in SCHEMA_5_VIEWS)]
+    for statement in recreated:
+        con.execute(statement)
+    con.execute("DELETE FROM schema_migrations WHERE version > 4")
+    con.close()
+
+
 def downgrade_to_schema_3(root):
     """The archive as the release before analyses wrote it: no analyses table or columns,
     record digests without the analysis."""
+    downgrade_to_schema_4(root)
     con = duckdb.connect(str(root / "catalog.duckdb"))
     for view in ("language_unique", "overlap_global", "overlap_by_layer", "overlap_by_module", "lang_pairs",
                  "selection_langs", "set_sizes", "intervention_effects", "accuracy", "evaluations_current"):

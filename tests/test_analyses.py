@@ -171,7 +171,7 @@ def test_schema_3_archive_upgrades_into_one_analysis(archive_copy, model_dir, da
     con.execute("UPDATE runs SET n_samples = n_samples + 1 WHERE run_id = ?", [damaged])
     con.close()
     archive = mlarch.open(archive_copy)
-    assert archive.sql("SELECT max(version) AS v FROM schema_migrations")["v"][0] == catalog.latest_version() == 4
+    assert archive.sql("SELECT max(version) AS v FROM schema_migrations")["v"][0] == catalog.latest_version()
     assert archive.sql("SELECT DISTINCT analysis FROM runs")["analysis"].to_list() == ["math-vs-control"]
     listed = archive.analyses()
     assert listed.height == 1 and listed["samples"][0] == 6 and listed["top_k"][0] == "0.01,0.05,0.25"

@@ -394,7 +394,7 @@ def test_eval_options_are_refused_by_other_kinds(llama_archive, tmp_path, option
     assert result.exit_code == 2, result.output
     assert f"({option}) applies only to the interventions chart, not to sizes" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
-    with pytest.raises(mlarch.errors.UsageError, match="--task, --dataset apply only"):
+    with pytest.raises(mlarch.errors.UsageError, match=r"task \(--task\), dataset \(--dataset\) apply only"):
         charts.build(llama_archive, "overlap", model="llama", task="nll", dataset="mgsm")
 
 

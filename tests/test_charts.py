@@ -290,7 +290,7 @@ def test_report(llama_archive, tmp_path):
     out = tmp_path / "supplement"
     result = run(llama_archive, "report", "--model", "llama", "-o", str(out))
     assert result.exit_code == 0, result.output
-    stems = ["sizes", "heatmap", "overlap", "heatmap-layer", "layers", "upset"]
+    stems = ["sizes", "heatmap", "overlap", "heatmap-layer", "layers", "unique", "upset"]
     assert sorted(p.name for p in out.iterdir()) == sorted(
         [f"{s}.{f}" for s in stems for f in ("svg", "png")] + ["index.html"])
     for stem in stems:

@@ -148,7 +148,7 @@ def test_a_schema_2_archive_upgrades_and_evaluates(archive_copy, model_dir, data
     con.execute("DELETE FROM schema_migrations WHERE version > 2")
     con.close()
     archive = mlarch.open(archive_copy)
-    assert archive.sql("SELECT max(version) AS v FROM schema_migrations")["v"][0] == catalog.latest_version() == 4
+    assert archive.sql("SELECT max(version) AS v FROM schema_migrations")["v"][0] == catalog.latest_version()
     assert all(c.ok for c in maintenance.verify(archive.root))
     result = archive.evaluate(str(model_dir["llama"]), ["en"], "nll", data["math"], interventions=["prune:de@0.05"],
                               device="cpu")

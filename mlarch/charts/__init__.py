@@ -16,7 +16,8 @@ from pathlib import Path
 
 from mlarch.errors import MlarchError, UsageError
 
-KINDS = ("sizes", "overlap", "heatmap", "layers", "upset", "interventions")
+KINDS = ("sizes", "overlap", "heatmap", "layers", "upset", "unique", "interventions")
+X_AXES = ("layer", "depth")  # layers and overlap: block index or relative depth
 EVAL_OPTIONS = ("task", "intervention", "dataset")  # interventions only
 BY = ("global", "layer")
 FORMATS = ("svg", "png", "pdf", "html", "json")
@@ -52,9 +53,12 @@ def check_format(path) -> str:
 
 def build(archive, kind: str, model: str | None = None, langs=None, k=None, seed: int | None = None,
           by: str = "global", *, task: str | None = None, intervention: str | None = None,
-          dataset: str | None = None, **scope_options):
+          dataset: str | None = None, x: str | None = None, **scope_options):
     """An Altair chart of `kind` for the models matching `model` (the per-kind functions
-    sizes(), overlap(), heatmap(), layers(), upset(), interventions() document each).
+    sizes(), overlap(), heatmap(), layers(), upset(), unique(), interventions() document each).
+
+    x (layers and overlap): 'layer' (block index) or 'depth' (layer / (blocks - 1), so
+    models of different depth align); default depth when several models match, else layer.
 
     langs: codes (list or "en,de"), default all archived; k: one value (a list for the
     k-axis charts `sizes` and `heatmap --by global`), default as in `mlarch compare`
@@ -75,6 +79,10 @@ def build(archive, kind: str, model: str | None = None, langs=None, k=None, seed
     _check_scope_options(kind, scope_options)
     if by not in BY:
         raise UsageError(f"by (--by) must be one of {', '.join(BY)}, got {by!r}")
+    if x is not None and kind not in ("layers", "overlap"):
+        raise UsageError(f"x (--x) applies to the layers and overlap charts only, not to {kind}: leave it out")
+    if x is not None and x not in X_AXES:
+        raise UsageError(f"x (--x) must be one of {', '.join(X_AXES)}, got {x!r}")
     given = [name for name, value in zip(EVAL_OPTIONS, (task, intervention, dataset)) if value is not None]
     if kind == "interventions":
         if by != "global":
@@ -87,7 +95,7 @@ def build(archive, kind: str, model: str | None = None, langs=None, k=None, seed
         options = ", ".join(f"{name} (--{name})" for name in given)
         raise UsageError(f"{options} appl{'ies' if len(given) == 1 else 'y'} only to the interventions chart, "
                          f"not to {kind}: leave {'it' if len(given) == 1 else 'them'} out")
-    if by == "layer" and kind in ("sizes", "upset"):
+    if by == "layer" and kind in ("sizes", "upset", "unique"):
         raise UsageError(f"by='layer' (--by layer) does not apply to {kind}: use it with heatmap "
                          "(overlap and layers are per layer already)")
     archive = _open(archive)
@@ -97,6 +105,8 @@ def build(archive, kind: str, model: str | None = None, langs=None, k=None, seed
                          **scope_options)
     if kind == "heatmap":
         chart = kinds.heatmap(archive, scope, by=by)
+    elif kind in ("layers", "overlap"):
+        chart = getattr(kinds, kind)(archive, scope, x=x or ("depth" if len(scope.models) > 1 else "layer"))
     else:
         chart = getattr(kinds, kind)(archive, scope)
     return style(chart)
@@ -115,11 +125,14 @@ def sizes(archive, model: str, langs=None, k=None, seed: int | None = None, **sc
     return build(archive, "sizes", model, langs, k, seed, **scope_options)
 
 
-def overlap(archive, model: str, langs=None, k: float | None = None, seed: int | None = None, **scope_options):
+def overlap(archive, model: str, langs=None, k: float | None = None, seed: int | None = None,
+            x: str | None = None, **scope_options):
     """Jaccard of the math-only sets per layer, one line per language pair, chance dashed.
 
-    langs: 2 or more (default all archived); k: one value (default 0.01 when archived)."""
-    return build(archive, "overlap", model, langs, k, seed, **scope_options)
+    langs: 2 or more (default all archived); k: one value (default 0.01 when archived);
+    model: a substring or a comma list ("gemma,qwen"), one panel per model; x: 'layer' or
+    'depth' (layer / (blocks - 1); the default when several models match)."""
+    return build(archive, "overlap", model, langs, k, seed, x=x, **scope_options)
 
 
 def heatmap(archive, model: str, langs=None, k=None, seed: int | None = None, by: str = "global",
@@ -129,9 +142,19 @@ def heatmap(archive, model: str, langs=None, k=None, seed: int | None = None, by
     return build(archive, "heatmap", model, langs, k, seed, by, **scope_options)
 
 
-def layers(archive, model: str, langs=None, k: float | None = None, seed: int | None = None, **scope_options):
-    """Math-specific parameter count per layer, one line per language (k: one value)."""
-    return build(archive, "layers", model, langs, k, seed, **scope_options)
+def layers(archive, model: str, langs=None, k: float | None = None, seed: int | None = None,
+           x: str | None = None, **scope_options):
+    """Math-specific parameter count per layer, one line per language (k: one value);
+    model: a substring or a comma list, one panel per model; x: 'layer' or 'depth'
+    (layer / (blocks - 1); the default when several models match)."""
+    return build(archive, "layers", model, langs, k, seed, x=x, **scope_options)
+
+
+def unique(archive, model: str, langs=None, k: float | None = None, seed: int | None = None, **scope_options):
+    """Language-unique share per model and language (view language_unique_share): parameters
+    selected for the language and no other archived one, over its math-only set, whole model.
+    model: a substring or a comma list ("gemma,qwen"): bars grouped by model; k: one value."""
+    return build(archive, "unique", model, langs, k, seed, **scope_options)
 
 
 def upset(archive, model: str, langs=None, k: float | None = None, seed: int | None = None, **scope_options):
@@ -153,7 +176,7 @@ def interventions(archive, model: str, langs=None, k: float | None = None, seed:
 
 
 _BUILDERS = {"sizes": sizes, "overlap": overlap, "heatmap": heatmap, "layers": layers, "upset": upset,
-             "interventions": interventions}
+             "unique": unique, "interventions": interventions}
 _NOT_OPTIONS = {"archive", "model", "langs", "k", "seed", "multi_k", "min_langs", "kind"}  # resolve's own
 
 
@@ -295,4 +318,4 @@ def save(chart, path) -> Path:
 
 
 __all__ = ["BY", "FORMATS", "KINDS", "ChartOptionError", "build", "chart", "heatmap", "interventions", "layers",
-           "options_of", "overlap", "render", "save", "sizes", "style", "upset"]
+           "options_of", "overlap", "render", "save", "sizes", "style", "unique", "upset"]

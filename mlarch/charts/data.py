@@ -141,9 +141,18 @@ def layers(archive, scope: Scope) -> pl.DataFrame:
     """Math-specific parameters per (model, lang, layer) at one k; blocks only."""
     return _frame(archive, f"""
         SELECT model, lang, layer, sum(n_selected)::BIGINT AS n_selected, sum(n_params)::BIGINT AS n_params,
-               100 * sum(n_selected) / sum(n_params) AS percent
+               100 * sum(n_selected) / sum(n_params) AS percent, any_value(depth)::DOUBLE AS depth
         FROM set_sizes WHERE {_SCOPE} AND k = $k AND layer IS NOT NULL
         GROUP BY model, lang, layer ORDER BY model, lang, layer""", scope.params())
+
+
+def unique_shares(archive, scope: Scope) -> pl.DataFrame:
+    """Per (model, lang) at one k, over the whole model: parameters selected for the language
+    and no other archived one, as a share of its math-only set (language_unique_share)."""
+    return _frame(archive, f"""
+        SELECT model, lang, n_unique, n_selected, share::DOUBLE AS share, 100 * share::DOUBLE AS percent
+        FROM language_unique_share WHERE {_SCOPE} AND k = $k
+        ORDER BY list_position($models, model), list_position($langs, lang)""", scope.params())
 
 
 def outside_modules(archive, scope: Scope) -> list[str]:
@@ -172,7 +181,7 @@ def overlap_layers(archive, scope: Scope) -> pl.DataFrame:
     """Jaccard per (model, pair, layer) at one k, from overlap_by_layer (layer NULL included)."""
     frame = _frame(archive, f"""
         SELECT model, lang_a, lang_b, layer, n_intersection, n_union, jaccard::DOUBLE AS jaccard,
-               chance_jaccard::DOUBLE AS chance_jaccard
+               chance_jaccard::DOUBLE AS chance_jaccard, depth::DOUBLE AS depth
         FROM overlap_by_layer WHERE {_IN_ANALYSIS} AND k = $k AND seed = $seed
           AND list_contains($langs, lang_a) AND list_contains($langs, lang_b)
         ORDER BY model, layer NULLS LAST, lang_a, lang_b""", scope.params())

@@ -74,6 +74,20 @@ def _layer_axis(layers):
                  axis=alt.Axis(values=list(range(0, top + 1, step)), format="d", grid=False))
 
 
+X_AXES = ("layer", "depth")  # layer-wise charts: block index, or relative depth across models
+
+
+def _x_axis(frame, x: str):
+    """Block index, or relative depth layer / (n_layers - 1) in [0, 1]: blocks of models of
+    different depth line up (first block 0, last block 1)."""
+    if x == "layer":
+        return _layer_axis(frame["layer"].to_list())
+    alt = _alt()
+    return alt.X("depth:Q", title="relative depth (layer / (blocks − 1))",
+                 scale=alt.Scale(domain=[0, 1], nice=False, padding=8),
+                 axis=alt.Axis(values=[0, 0.25, 0.5, 0.75, 1], format=".2~f", grid=False))
+
+
 def _facet(chart, scope: data.Scope, *, columns: int = FACET_COLUMNS):
     """Several models: one panel each, shared scales (Vega-Lite's default for facets)."""
     if len(scope.models) == 1:
@@ -136,22 +150,22 @@ def sizes(archive, scope: data.Scope):
         f"{_where(scope, k=False)} · top-k on math text and not top-k on control text, summed over all scored matrices"))
 
 
-def layers(archive, scope: data.Scope):
+def layers(archive, scope: data.Scope, x: str = "layer"):
     alt = _alt()
     frame = data.layers(archive, scope)
     color, shape = _lang_encodings(scope.langs)
     y = alt.Y("n_selected:Q", title="math-specific parameters in block", scale=alt.Scale(zero=True),
               axis=alt.Axis(labelExpr=SI_LABEL))
     tooltip = [alt.Tooltip("model:N"), alt.Tooltip("lang:N", title="language"), alt.Tooltip("layer:Q"),
-               alt.Tooltip("n_selected:Q", title="math-specific", format=","),
+               alt.Tooltip("depth:Q", format=".3f"), alt.Tooltip("n_selected:Q", title="math-specific", format=","),
                alt.Tooltip("percent:Q", title="% of layer", format=".3f")]
-    chart = _facet(_lines(frame, _layer_axis(frame["layer"].to_list()), y, tooltip, color, shape), scope)
+    chart = _facet(_lines(frame, _x_axis(frame, x), y, tooltip, color, shape), scope)
     return chart.properties(title=_title(
         "Math-specific parameters per layer", f"{_where(scope)} · summed over each block's scored matrices",
         _outside_note(archive, scope)))
 
 
-def overlap(archive, scope: data.Scope):
+def overlap(archive, scope: data.Scope, x: str = "layer"):
     alt = _alt()
     frame = data.overlap_layers(archive, scope).filter(pl.col("layer").is_not_null())
     color, shape = _pair_encodings(scope.pairs)
@@ -159,8 +173,9 @@ def overlap(archive, scope: data.Scope):
     tooltip = [alt.Tooltip("model:N"), alt.Tooltip("pair:N", title="pair"), alt.Tooltip("layer:Q"),
                alt.Tooltip("jaccard:Q", format=".3f"), alt.Tooltip("n_intersection:Q", title="intersection", format=","),
                alt.Tooltip("n_union:Q", title="union", format=","),
-               alt.Tooltip("chance_jaccard:Q", title="chance", format=".4f")]
-    x = _layer_axis(frame["layer"].to_list())
+               alt.Tooltip("chance_jaccard:Q", title="chance", format=".4f"), alt.Tooltip("depth:Q", format=".3f")]
+    field = x
+    x = _x_axis(frame, field)
     base = alt.Chart(frame)
     line = base.mark_line(strokeWidth=2).encode(x=x, y=y, color=color)
     points = base.mark_point(filled=True, size=55, opacity=1).encode(x=x, y=y, color=color, shape=shape,
@@ -168,13 +183,35 @@ def overlap(archive, scope: data.Scope):
     rule = base.mark_rule(color=colors.CHANCE_COLOR, strokeDash=[6, 4], strokeWidth=1.5).encode(
         y=alt.Y("max(chance_jaccard):Q"))
     text = base.mark_text(align="right", baseline="bottom", dx=-2, dy=-3, color=colors.CHANCE_COLOR,
-                          fontSize=11).encode(x=alt.X("max(layer):Q"), y=alt.Y("max(chance_jaccard):Q"),
+                          fontSize=11).encode(x=alt.X(f"max({field}):Q"), y=alt.Y("max(chance_jaccard):Q"),
                                               text=alt.value(f"chance = {data.chance(scope.k):.4f}"))
     chart = alt.layer(rule, line, points, text).properties(width=WIDTH, height=HEIGHT)
     return _facet(chart, scope).properties(title=_title(
         "Overlap of math-specific parameters per layer", _where(scope),
         "Dashed: chance Jaccard of two random top-k sets, p/(2−p) with p = k(1−k).",
         _outside_note(archive, scope)))
+
+
+def unique(archive, scope: data.Scope):
+    """Language-unique share per model and language: bars grouped by model, one per language."""
+    alt = _alt()
+    frame = data.unique_shares(archive, scope)
+    color, _ = _lang_encodings(scope.langs)
+    tooltip = [alt.Tooltip("model:N"), alt.Tooltip("lang:N", title="language"),
+               alt.Tooltip("n_unique:Q", title="language-unique", format=","),
+               alt.Tooltip("n_selected:Q", title="math-specific", format=","),
+               alt.Tooltip("percent:Q", title="% unique", format=".2f")]
+    chart = alt.Chart(frame).mark_bar().encode(
+        x=alt.X("model:N", title=None, sort=scope.models, axis=alt.Axis(labelAngle=0)),
+        xOffset=alt.XOffset("lang:N", sort=scope.langs),
+        y=alt.Y("share:Q", title="language-unique share of the math-specific set",
+                scale=alt.Scale(domain=[0, 1], nice=False), axis=alt.Axis(format="%")),
+        color=color, tooltip=tooltip,
+    ).properties(width=max(WIDTH // 2, 60 * len(scope.models) * max(1, len(scope.langs)) // 2), height=HEIGHT)
+    return chart.properties(title=_title(
+        "Language-unique share of math-specific parameters", _where(scope),
+        "Selected for this language and no other archived language (same analysis, k, seed) ÷ the language's "
+        "math-specific set, whole model."))
 
 
 def heatmap(archive, scope: data.Scope, by: str = "global"):

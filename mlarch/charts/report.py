@@ -31,6 +31,9 @@ def _figures(scope: data.Scope, model: str):
             ("heatmap-layer", "heatmap", {**one_k, "by": "layer"}, "Jaccard overlap per language pair and layer."),
         ]
     figures.append(("layers", "layers", one_k, "Math-specific parameters per layer, one line per language."))
+    if n >= 2:
+        figures.append(("unique", "unique", one_k,
+                        "Language-unique share of each language's math-specific set (no other archived language)."))
     if n >= 3:
         figures.append(("upset", "upset", one_k, "Sizes of every intersection pattern of the languages (UpSet)."))
     return figures

@@ -114,6 +114,16 @@ def cli(ctx, archive):
     ctx.obj = {"archive": archive}
 
 
+def _max_length(ctx, param, value):
+    """--max-length N, or none (no truncation)."""
+    if value is None or str(value).strip().lower() == "none":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a number of tokens: use e.g. 512, or none") from None
+
+
 @cli.command(epilog="""\b
 Examples:
   mlarch ingest --model ./my-model --langs en,de --math 'data/{lang}/math.jsonl' --control 'data/{lang}/prose.txt'
@@ -123,6 +133,15 @@ Examples:
   mlarch ingest --model qwen2.5-coder-0.5b --langs en,de --math starter --control starter --samples 24
   mlarch ingest --model Qwen/Qwen2.5-0.5B-Instruct-GGUF --gguf-file qwen2.5-0.5b-instruct-q4_k_m.gguf \\
       --langs en,de --math starter --control starter --device cuda:0
+  mlarch ingest --model google/gemma-3-270m --langs en --math 'gsm/{lang}.csv' --control 'wiki/{lang}.csv' \\
+      --seeds 1,101,201 --paper-compat
+  mlarch compare --model gemma-3-270m --langs en --analyses gsm-vs-wiki,gsm-vs-wiki-paper
+
+\b
+--paper-compat is what the authors' code does: --method mathneuro-bf16 --dtype bfloat16
+--batch-size 1 --sampling pandas --shuffle-seed 1 --template paper --max-length none (each
+unless given otherwise); its runs land in a `-paper` analysis beside the exact one. A
+mathneuro-bf16 run has sets only at the k values it archived: it cannot be re-thresholded.
 
 \b
 Named models (from PyPI, converted once into $MLARCH_CACHE, else ~/.cache/mlarch):
@@ -150,7 +169,8 @@ file with one item per line.""")
 @click.option("--top-k", "top_k", default="0.0001,0.001,0.01,0.025,0.05,0.1,0.15", show_default=True,
               callback=_csv(float), help="Comma-separated fractions k in (0, 1).")
 @click.option("--batch-size", type=int, default=None, help="Samples per forward pass [default: 1 on CPU, 16 on CUDA].")
-@click.option("--max-length", type=int, default=512, show_default=True, help="Truncate texts to this many tokens.")
+@click.option("--max-length", default="512", show_default=True, callback=_max_length, metavar="N|none",
+              help="Truncate texts to this many tokens; none: no truncation (the authors').")
 @click.option("--device", default="auto", show_default=True, callback=_device, metavar="DEVICE",
               help=_DEVICE_HELP)
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
@@ -164,10 +184,23 @@ file with one item per line.""")
 @click.option("--only-correct", "only_correct", default=None, callback=_csv(str), metavar="EVAL_IDS",
               help="Draw math items only from those these accuracy evaluations (one per language, "
                    "`mlarch eval --task accuracy`) scored correct, as the paper filters GSM8K.")
+@click.option("--method", type=click.Choice(["mathneuro", "mathneuro-bf16"]), default="mathneuro", show_default=True,
+              help="mathneuro: the exact method (re-thresholdable at any k); mathneuro-bf16: the authors' bf16 "
+                   "arithmetic (runs the model in bfloat16; sets only at the archived k values).")
+@click.option("--sampling", type=click.Choice(["numpy", "pandas"]), default="numpy", show_default=True,
+              help="numpy: mlarch's draw; pandas: the authors' df.sample draw (needs --shuffle-seed).")
+@click.option("--shuffle-seed", "shuffle_seed", type=int, default=None,
+              help="With --sampling pandas: the seed of the authors' one-off shuffle of the file (theirs: 1).")
+@click.option("--template", type=click.Choice(["default", "paper"]), default="default", show_default=True,
+              help="paper: the authors' texts from data files (a 'qa' column verbatim, else their Instruct: "
+                   "prompt of 'question' and 'solution').")
+@click.option("--paper-compat", "paper_compat", is_flag=True,
+              help="What the authors' code does: all of the settings above as theirs (see below).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress output.")
 @click.pass_context
 def ingest(ctx, model_ref, langs, math_spec, control_spec, data_dir, name, analysis, samples, seeds, top_k, batch_size,
-           max_length, device, dtype, revision, gguf_file, trust_remote_code, force, only_correct, quiet):
+           max_length, device, dtype, revision, gguf_file, trust_remote_code, force, only_correct, method, sampling,
+           shuffle_seed, template, paper_compat, quiet):
     """Score a model on math and control texts per language and archive the runs."""
     from mlarch.cli.progress import RichReporter
     from mlarch.ingest.pipeline import IngestConfig, ingest as run_ingest
@@ -178,7 +211,8 @@ def ingest(ctx, model_ref, langs, math_spec, control_spec, data_dir, name, analy
         samples=samples,
         seeds=seeds, top_k=top_k, batch_size=batch_size, max_length=max_length, device=device,
         dtype=dtype, revision=revision, gguf_file=gguf_file, trust_remote_code=trust_remote_code, force=force,
-        data_dir=data_dir, only_correct=only_correct,
+        data_dir=data_dir, only_correct=only_correct, method=method, sampling=sampling, shuffle_seed=shuffle_seed,
+        template=template, paper_compat=paper_compat,
     )
     reporter = RichReporter(quiet=quiet)
     result = run_ingest(layout.resolve(ctx.obj["archive"]), cfg, reporter)
@@ -251,6 +285,7 @@ def show(ctx, run_id, fmt):
 Examples:
   mlarch compare --model llama --langs en,bn
   mlarch compare --model llama --langs en,de,fr,hi --k 0.05 --by global
+  mlarch compare --model gemma,qwen --langs en,bn --by global
   mlarch compare --model gemma --langs en,zh --by module --format csv
   mlarch compare --model llama --langs en,bn --analysis gsm8k-vs-mmlu
   mlarch compare --model llama --langs en --analyses gsm8k-vs-flores,gsm8k-vs-mmlu --by global
@@ -258,8 +293,16 @@ Examples:
 \b
 --analyses A,B compares one language's math-only set across two analyses of one model
 (e.g. the same math data against two control sets): sizes in each, intersection, union
-and Jaccard, from the per-parameter masks.""")
-@click.option("--model", "model_pattern", required=True, help="Substring of archived model names (case-insensitive).")
+and Jaccard, from the per-parameter masks.
+
+\b
+Several models (a substring matching several, or a comma list gemma,qwen) give rows per
+model; n_params and the *_share columns put sizes over the scored parameters of the row's
+scope, and --by layer/module add depth = layer / (blocks - 1), so models of different size
+and depth compare. Each model uses its only analysis, or --analysis NAME (every model must
+have it).""")
+@click.option("--model", "model_pattern", required=True,
+              help="Substring of archived model names (case-insensitive), or a comma list: gemma,qwen.")
 @click.option("--langs", required=True, callback=_csv(str),
               help="Two or more languages; all pairs are compared (one language with --analyses).")
 @click.option("--k", type=float, default=None, help="Top-k fraction [default: 0.01 when archived, else the smallest].")
@@ -308,8 +351,9 @@ Parameters: -p NAME=VALUE binds $NAME (as text; NAME:int=3, NAME:float=0.01 for
 numbers): values are bound, never pasted into the SQL. A $NAME without a value is an error.
 
 \b
-Views: runs, run_samples, modules, set_sizes, overlap_by_module, overlap_by_layer,
-overlap_global, language_unique, accuracy, intervention_effects (and the tables models,
+Views: runs, run_samples, modules, set_sizes, set_totals, layer_depth, overlap_by_module,
+overlap_by_layer, overlap_global, language_unique, language_unique_share, accuracy,
+intervention_effects (and the tables models,
 selections, patterns, arrays, analyses, evaluations, evaluation_items).""")
 @click.argument("query")
 @click.option("--write", is_flag=True,

@@ -16,13 +16,19 @@ Examples:
   mlarch chart heatmap --model gemma --langs en,de,hi,zh --by layer --k 0.05 -o heatmap.svg
   mlarch chart upset --model llama --langs en,de,bn -o upset.html
   mlarch chart layers --model gemma --langs en,bn -o layers.json
+  mlarch chart layers --model gemma,qwen --langs en,bn -o layers-2-models.svg
+  mlarch chart overlap --model gemma,qwen --x depth -o overlap-depth.pdf
+  mlarch chart unique --model gemma,qwen --langs en,de,bn -o unique.png
   mlarch chart overlap --model llama --analysis gsm8k-vs-mmlu -o overlap-mmlu.svg
   mlarch chart interventions --model gemma --task nll --intervention prune --k 0.01 -o effects.pdf
   mlarch chart interventions --model gemma --task accuracy --dataset mgsm --langs en,de,bn -o acc.png
 
 \b
 The format follows the file's suffix: .svg .png (2x) .pdf .html (self-contained, works
-offline) .json (the Vega-Lite spec). Several models matching --model give one panel each.
+offline) .json (the Vega-Lite spec). Several models matching --model (a substring, or a
+comma list such as gemma,qwen) give one panel each; layers and overlap then put relative
+depth layer / (blocks - 1) on the x axis, so models of different depth align (--x layer
+for block indices).
 
 \b
 interventions draws the evaluations of `mlarch eval`: a heatmap of the relative change
@@ -30,7 +36,8 @@ of NLL or accuracy vs the baseline (rows: whose math-only set was changed, colum
 evaluated language; random:<lang> rows: the random null) and the value vs k with each
 language's own set changed (dashed: random null). --langs are the evaluated languages.""")
 @click.argument("kind")
-@click.option("--model", "model_pattern", required=True, help="Substring of archived model names (case-insensitive).")
+@click.option("--model", "model_pattern", required=True,
+              help="Substring of archived model names (case-insensitive), or a comma list: gemma,qwen.")
 @click.option("--langs", callback=_csv(str), default=None,
               help="Comma-separated languages in legend order [default: all archived for the model].")
 @click.option("--k", "k_values", callback=_csv(float), default=None,
@@ -48,9 +55,12 @@ language's own set changed (dashed: random null). --langs are the evaluated lang
               help="interventions: evaluated data set, NAME or NAME:ROLE [default: the only one].")
 @click.option("--analysis", default=None,
               help="Analysis of the model to draw [default: its only one]. See `mlarch analyses`.")
+@click.option("--x", "x_axis", type=click.Choice(["layer", "depth"]), default=None,
+              help="layers and overlap: x axis, block index or relative depth layer / (blocks - 1) "
+                   "[default: depth when several models match, else layer].")
 @click.option("-o", "--output", required=True, help="Output file: .svg, .png, .pdf, .html or .json.")
 @click.pass_context
-def chart(ctx, kind, model_pattern, langs, k_values, seed, by, task, intervention, dataset, analysis, output):
+def chart(ctx, kind, model_pattern, langs, k_values, seed, by, task, intervention, dataset, analysis, x_axis, output):
     """Draw one chart of KIND for the models matching --model and write it to a file.
 
     \b
@@ -60,6 +70,7 @@ def chart(ctx, kind, model_pattern, langs, k_values, seed, by, task, interventio
       heatmap  Jaccard per pair and k (--by global) or per pair and layer (--by layer)
       layers   math-specific parameter count per layer, one line per language
       upset    sizes of every intersection pattern of 3+ languages (UpSet plot)
+      unique   language-unique share of each language's math-specific set, per model
       interventions
                evaluations of `mlarch eval`: relative change of NLL or accuracy
                per changed set and evaluated language, and the value vs k
@@ -69,7 +80,7 @@ def chart(ctx, kind, model_pattern, langs, k_values, seed, by, task, interventio
     charts.check_kind(kind)
     charts.check_format(output)
     figure = charts.build(_archive(ctx), kind, model=model_pattern, langs=langs, k=k_values, seed=seed, by=by,
-                          task=task, intervention=intervention, dataset=dataset,
+                          task=task, intervention=intervention, dataset=dataset, x=x_axis,
                           **({"analysis": analysis} if analysis is not None else {}))
     path = charts.save(figure, output)
     click.echo(f"Wrote {path} ({kind})")

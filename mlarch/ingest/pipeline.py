@@ -21,10 +21,10 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from mlarch import parallel
+from mlarch import methods, parallel
 from mlarch.errors import MlarchError, UsageError
 from mlarch import selection
-from mlarch.ingest import provenance, sources
+from mlarch.ingest import paper_sampling, provenance, sources
 from mlarch.store import analyses, arrays, catalog, layout, records
 from mlarch.store import spans as span_layout
 from mlarch.store.derive import (RunRef, current_runs, derive, levels_path, magnitudes_path, norms_path,
@@ -68,7 +68,7 @@ class IngestConfig:
     seeds: list[int] = field(default_factory=lambda: [1])
     top_k: list[float] = field(default_factory=lambda: list(PAPER_KS))
     batch_size: int | None = None  # None: 1 on CPU, 16 on CUDA
-    max_length: int = 512
+    max_length: int | None = 512  # None (`--max-length none`): no truncation, as the authors' code
     device: str = "auto"
     dtype: str = "auto"
     revision: str | None = None
@@ -79,12 +79,43 @@ class IngestConfig:
     # accuracy evaluations (eval_ids, one per language): math items are drawn only from the
     # items each scored correct (the paper filters GSM8K to items the model solves)
     only_correct: list[str] | None = None
+    # paper compatibility (issue 15); each default keeps earlier runs' identities unchanged
+    method: str = methods.EXACT  # or mathneuro-bf16: the authors' bf16 arithmetic (mlarch/ingest/mathneuro.py)
+    sampling: str = "numpy"  # or pandas: the authors' draw (mlarch/ingest/paper_sampling.py)
+    shuffle_seed: int | None = None  # pandas: the seed of their one-off shuffle of the file
+    template: str = "default"  # or paper: the authors' Instruct texts / verbatim qa column
+    paper_compat: bool = False  # shorthand: methods.PAPER_COMPAT for every setting left at its default
+
+    def apply_paper_compat(self) -> None:
+        """--paper-compat: what the authors' code does, for each setting still at its default
+        (a value given explicitly stays, and is checked like any other)."""
+        if not self.paper_compat:
+            return
+        defaults = {"method": methods.EXACT, "dtype": "auto", "batch_size": None, "sampling": "numpy",
+                    "shuffle_seed": None, "template": "default", "max_length": 512}
+        for key, value in methods.PAPER_COMPAT.items():
+            if getattr(self, key) == defaults[key]:
+                setattr(self, key, value)
+
+    def compat_identity(self) -> dict:
+        """The non-default paper-compat settings: part of a run's and an analysis's identity,
+        absent when at their defaults (so exact runs' digests are those of earlier versions)."""
+        out = {}
+        if self.method != methods.EXACT:
+            out["method"] = self.method
+        if self.sampling != "numpy":
+            out["sampling"] = self.sampling
+            out["shuffle_seed"] = self.shuffle_seed
+        if self.template != "default":
+            out["template"] = self.template
+        return out
 
     def validate(self) -> None:
         """Refuse bad values before any work (the model is not loaded yet, the archive untouched)."""
         import math
         import numbers
 
+        self.apply_paper_compat()
         check_langs(self.langs)
         if not self.top_k:
             raise UsageError("no top-k values given: pass --top-k, e.g. --top-k 0.01")
@@ -112,8 +143,22 @@ class IngestConfig:
         if self.batch_size is not None:
             self.batch_size = _bounded_int("--batch-size", self.batch_size, MAX_BATCH_SIZE,
                                            "use from 1 to 65,536 samples per pass, e.g. --batch-size 16")
-        self.max_length = _bounded_int("--max-length", self.max_length, MAX_LENGTH,
-                                       "truncate texts to 1 to 1,048,576 tokens, e.g. --max-length 512")
+        if self.max_length is not None:
+            self.max_length = _bounded_int("--max-length", self.max_length, MAX_LENGTH,
+                                           "truncate texts to 1 to 1,048,576 tokens, e.g. --max-length 512, "
+                                           "or --max-length none for no truncation")
+        methods.check_method(self.method)
+        if self.method == methods.BF16 and self.dtype not in ("auto", "bfloat16"):
+            raise UsageError(f"--method {methods.BF16} runs the model in bfloat16 as the authors did, not "
+                             f"{self.dtype}: pass --dtype bfloat16 (or leave --dtype out)")
+        if self.method == methods.BF16 and self.dtype == "auto":
+            self.dtype = "bfloat16"  # the method's arithmetic is bf16 whatever the device
+        if self.shuffle_seed is not None and self.sampling != "pandas":
+            raise UsageError("--shuffle-seed applies to --sampling pandas only: drop it, or add --sampling pandas")
+        paper_sampling.check_sampling(self.sampling, self.seeds, self.shuffle_seed)
+        if self.template not in sources.TEXT_TEMPLATES:
+            raise UsageError(f"--template {self.template!r} is not known: use one of "
+                             f"{', '.join(sources.TEXT_TEMPLATES)}")
         if self.name is not None:
             check_name(self.name, "--name")
         if self.analysis is not None:
@@ -227,7 +272,8 @@ def ingest(root: Path, cfg: IngestConfig, reporter: Reporter | None = None) -> I
 
     data_dir = Path(cfg.data_dir).expanduser().resolve() if cfg.data_dir else None
     cfg.data_dir = str(data_dir) if data_dir else None  # recorded absolute, for verify --recompute
-    srcs = {"math": sources.resolve(cfg.math, data_dir), "control": sources.resolve(cfg.control, data_dir)}
+    srcs = {role: sources.resolve(spec, data_dir, cfg.template)
+            for role, spec in (("math", cfg.math), ("control", cfg.control))}
     items = {(lang, role): srcs[role].load(lang, role) for lang in cfg.langs for role in ROLES}
     device = loading.resolve_device(cfg.device)
     dtype = loading.resolve_dtype(cfg.dtype, device)
@@ -243,8 +289,10 @@ def ingest(root: Path, cfg: IngestConfig, reporter: Reporter | None = None) -> I
     # the analysis: a name stands for one configuration, checked before any work
     analysis_config = analyses.config_of({lang: srcs["math"].name for lang in cfg.langs},
                                          {lang: srcs["control"].name for lang in cfg.langs}, cfg.samples,
-                                         cfg.max_length, cfg.top_k, bool(cfg.only_correct))
-    analysis = cfg.analysis or analyses.default_name(srcs["math"].name, srcs["control"].name, bool(cfg.only_correct))
+                                         cfg.max_length, cfg.top_k, bool(cfg.only_correct),
+                                         cfg.compat_identity())
+    analysis = cfg.analysis or analyses.default_name(srcs["math"].name, srcs["control"].name, bool(cfg.only_correct),
+                                                     paper=bool(cfg.compat_identity()) or cfg.max_length is None)
     if catalog_path.exists():
         with catalog.reading(catalog_path) as con:
             analyses.check_config(con, name, analysis, analysis_config)
@@ -260,6 +308,7 @@ def ingest(root: Path, cfg: IngestConfig, reporter: Reporter | None = None) -> I
                 }
                 if (lang, role) in pools:  # absent otherwise: earlier archives' digests stay valid
                     identity["only_correct"] = pools[(lang, role)]["record"]
+                identity.update(_compat_identity(cfg))  # likewise: nothing added for the exact defaults
                 units.append((seed, lang, role, provenance.digest_json(identity)))
     existing = _finished_digests(catalog_path, name, analysis)
     result = IngestResult(model=name, analysis=analysis)
@@ -280,12 +329,19 @@ def ingest(root: Path, cfg: IngestConfig, reporter: Reporter | None = None) -> I
     reporter.message(f"loading {cfg.model} ({kind}, {dtype}, {device})")
     loaded = loading.load(cfg.model, revision=cfg.revision, device=device, dtype=dtype, **loading.options(cfg),
                           message=reporter.message)
-    from mlarch.ingest.scoring import run_pass, scored_modules
+    from mlarch.ingest.scoring import scored_modules
 
     modules = scored_modules(loaded.model)
     if not modules:
         raise MlarchError(f"model {cfg.model} has no nn.Linear or Conv1D modules to score")
     _check_finite(cfg.model, modules)
+    if cfg.method == methods.BF16:  # a guard: validate made the dtype bfloat16 already
+        from mlarch.ingest import mathneuro
+
+        mathneuro.check_bf16(loaded.model, modules)
+        run_pass = mathneuro.run_pass_bf16
+    else:
+        from mlarch.ingest.scoring import run_pass
     layout.ensure_folder(root)
     if not catalog_path.exists():  # an existing catalog's schema is checked by its first reading
         catalog.ensure_schema(catalog_path)
@@ -329,7 +385,8 @@ def ingest(root: Path, cfg: IngestConfig, reporter: Reporter | None = None) -> I
                         for run_id, (role, digest) in zip(run_ids, units_here)
                     ]
                     pending = [future.result() for future in futures]
-                    _commit(root, name, analysis, analysis_config, seed, loaded, modules, spans, magnitudes, pending)
+                    _commit(root, name, analysis, analysis_config, seed, loaded, modules, spans, magnitudes, pending,
+                            count_tops=cfg.method == methods.BF16)
                 except BaseException:
                     _mark_failed(catalog_path, run_ids)  # those not committed
                     raise
@@ -413,6 +470,32 @@ def _check_finite(ref: str, modules) -> None:
                           f"{', ...' if len(bad) > 3 else ''}): the checkpoint is damaged; restore its weight files")
 
 
+def _method_record(cfg: IngestConfig) -> dict:
+    """The provenance record of the scoring method and draw (the exact one's: METHOD)."""
+    if cfg.method == methods.BF16:
+        from mlarch.ingest import mathneuro
+
+        record = mathneuro.describe()
+    else:
+        record = dict(METHOD)
+    record["sampling"] = paper_sampling.DESCRIPTIONS[cfg.sampling]
+    return record
+
+
+def _compat_identity(cfg: IngestConfig) -> dict:
+    """What a run's config digest adds for non-default paper-compat settings (nothing for the
+    exact defaults, so a run archived before them keeps its digest and is reused).
+    max_length None is already in the identity as a value."""
+    out = {}
+    if cfg.method != methods.EXACT or cfg.sampling != "numpy":
+        out["method"] = _method_record(cfg)
+    if cfg.sampling != "numpy":
+        out["sampling"] = paper_sampling.describe(cfg.sampling, cfg.shuffle_seed)
+    if cfg.template != "default":
+        out["template"] = cfg.template
+    return out
+
+
 def overlaps(device) -> bool:
     """Whether selection and writes should overlap the next forward pass: yes on an
     accelerator, whose passes leave the CPU idle; not on a CPU, where torch already uses
@@ -464,10 +547,10 @@ def _score_run(root, cfg, name, lang, role, seed, run_id, digest, source, loaded
     started = _now()
     texts_all = loaded_items.texts
     if pool is None:
-        indices = np.random.default_rng(seed).integers(0, len(texts_all), size=cfg.samples)
+        indices = paper_sampling.draw(cfg.sampling, len(texts_all), cfg.samples, seed, cfg.shuffle_seed)
     else:  # the same draw, over the pool of items an evaluation scored correct
         allowed = np.asarray(pool["items"], dtype=np.int64)
-        indices = allowed[np.random.default_rng(seed).integers(0, len(allowed), size=cfg.samples)]
+        indices = allowed[paper_sampling.draw(cfg.sampling, len(allowed), cfg.samples, seed, cfg.shuffle_seed)]
     texts = [texts_all[i] for i in indices]
     reporter.start_pass(f"{lang} {role} seed {seed}", len(texts))
     clock = time.perf_counter()
@@ -487,7 +570,12 @@ def _score_run(root, cfg, name, lang, role, seed, run_id, digest, source, loaded
             bad = next(s.module for s in spans if not np.isfinite(norms[s.norms]).all())
             raise MlarchError(f"the activations entering {bad} overflowed to inf or NaN on {lang} {role} texts "
                               f"(dtype {loaded.dtype}): ingest in --dtype float32, or with a smaller --max-length")
-        levels = selection.model_levels(spans, magnitudes, norms, cfg.top_k)
+        if cfg.method == methods.BF16:  # the authors' bf16 scores and set sizes, not |W| x norms
+            from mlarch.ingest import mathneuro
+
+            levels = mathneuro.model_levels_bf16(spans, result.scores, cfg.top_k)
+        else:
+            levels = selection.model_levels(spans, magnitudes, norms, cfg.top_k)
         store = root / layout.ARRAYS
         records = [("norms", arrays.write(store, norms_path(group), norms, compress=False)),
                    ("levels", arrays.write(store, levels_path(group), levels))]
@@ -502,7 +590,7 @@ def _score_run(root, cfg, name, lang, role, seed, run_id, digest, source, loaded
             "n_truncated": result.n_truncated,
             "config": config,
             "config_digest": digest,
-            "method": METHOD,
+            "method": _method_record(cfg),
             "model": {
                 "name": name, "source": loaded.source, "source_kind": loaded.source_kind,
                 "revision": loaded.revision, "commit_sha": loaded.commit_sha,
@@ -518,6 +606,10 @@ def _score_run(root, cfg, name, lang, role, seed, run_id, digest, source, loaded
             "seed": seed,
             "sample_indices": indices.tolist(),
         }
+        if cfg.sampling != "numpy":
+            prov["sampling"] = paper_sampling.describe(cfg.sampling, cfg.shuffle_seed)
+        if cfg.template != "default":
+            prov["template"] = cfg.template
         if pool is not None:
             prov["only_correct"] = {**pool["record"], "n_items": len(pool["items"])}
         return _Pending(run_id, lang, role, seed, group, indices, records, result.n_tokens, result.n_truncated, prov,
@@ -538,7 +630,7 @@ def _mark_failed(catalog_path: Path, run_ids: list[str]) -> None:
 
 
 def _commit(root: Path, name: str, analysis: str, analysis_config: dict, seed: int, loaded, modules, spans,
-            magnitudes: np.ndarray, pending: list[_Pending]) -> None:
+            magnitudes: np.ndarray, pending: list[_Pending], count_tops: bool = False) -> None:
     """Fold finished runs into the catalog: one transaction, under the archive's commit lock.
 
     The model's rows and |W| array go in with the first commit that finds the model missing,
@@ -577,8 +669,9 @@ def _commit(root: Path, name: str, analysis: str, analysis_config: dict, seed: i
                 levels = dict(p.records)["levels"]
                 current[(p.lang, p.role)] = RunRef(p.run_id, p.lang, p.role, p.group,
                                                    tuple(p.provenance["config"]["top_k"]), levels)
+        # count_tops: set sizes as stored (mathneuro-bf16's are the authors' int(numel * k), not top_count's)
         selections, patterns = derive(root / layout.ARRAYS, name, analysis, seed, spans, current,
-                                      preloaded={p.group: p.levels for p in pending})
+                                      preloaded={p.group: p.levels for p in pending}, count_tops=count_tops)
         with catalog.writing(catalog_path) as con:
             if new_model is not None:
                 group, record = new_model

@@ -225,7 +225,12 @@ class Archive:
     def compare(self, model: str, langs, k: float | None = None, seed: int | None = None,
                 by: str = "layer", analysis: str | None = None) -> pl.DataFrame:
         """Overlap of the languages' math-only sets for every model matching `model`, in one
-        analysis of each (`analysis`; default: each model's only one, else an error listing them)."""
+        analysis of each (`analysis`; default: each model's only one, else an error listing them).
+
+        model: a substring, or a comma list ("gemma,qwen", rows in that order; each part must
+        match). Across models: n_params and the *_share columns (counts over the scored
+        parameters of the row's layer, module or model); by='layer'/'module' add depth =
+        layer / (blocks - 1)."""
         if isinstance(langs, str):
             langs = [x.strip() for x in langs.split(",") if x.strip()]
         with catalog.reading(self.catalog_path) as con:
@@ -249,7 +254,7 @@ class Archive:
             frame = frame.filter(pl.col("model").str.to_lowercase().str.contains(model.lower(), literal=True))
         shown = [describe(config) for config in frame["config"].to_list()]
         columns = {"math": pl.Utf8, "control": pl.Utf8, "samples": pl.Int64, "max_length": pl.Int64,
-                   "top_k": pl.Utf8, "only_correct": pl.Boolean}
+                   "top_k": pl.Utf8, "only_correct": pl.Boolean, "method": pl.Utf8}
         settings = pl.DataFrame([[row[c] for c in columns] for row in shown], schema=columns, orient="row")
         return pl.concat([frame.select("model", "analysis"), settings,
                           frame.select("langs", "seeds", "n_runs", "config_digest", "created_at")], how="horizontal")
@@ -320,10 +325,10 @@ class Archive:
         return spans[module]
 
     def _run_arrays(self, run_id: str) -> dict:
-        """model and k_values of a finished run of an archived model (cached)."""
+        """model, k_values and scoring method of a finished run of an archived model (cached)."""
         if run_id not in self._run_cache:
             rows = self._read(
-                "SELECT r.model, r.k_values FROM runs r "
+                "SELECT r.model, r.k_values, json_extract_string(r.provenance, '$.method.name') AS method FROM runs r "
                 "JOIN models m USING (model) WHERE r.run_id = ? AND r.status = 'FINISHED'", [run_id])
             if rows.is_empty():
                 self.run(run_id)  # raises "no run ..." with hints for unknown ids
@@ -372,20 +377,31 @@ class Archive:
 
     def scores(self, run_id: str, module: str) -> np.ndarray:
         """The full score array |W| * norms of one (run, module), float32, out x in."""
+        from mlarch import methods
         from mlarch.selection import scores
 
         run = self._run_arrays(run_id)
+        if not methods.rethresholdable(run["method"] or methods.EXACT):
+            raise UsageError(f"run {run_id} used --method {run['method']}, whose bf16 scores are not |W| x norms "
+                             "and are not archived: read its sets with levels() or selection() at an archived k")
         span = self._span(run["model"], module)
         norms = self._arrays().read(self.arrays_path, self._record(run_id, "norms"),
                                     span.norm_offset, span.norm_offset + span.n_cols)
         return scores(self.magnitudes(run["model"], module), norms)
 
     def top_k(self, run_id: str, module: str, k: float) -> np.ndarray:
-        """Boolean top-k mask of one (run, module) at any k in (0, 1), from the stored factors."""
-        from mlarch.selection import level_codes
+        """Boolean top-k mask of one (run, module) at any k in (0, 1), from the stored factors
+        (a mathneuro-bf16 run: only at a k it archived, from its level codes)."""
+        from mlarch import methods
+        from mlarch.selection import in_top, level_codes
 
         if not 0 < k < 1:
             raise UsageError(f"k = {k} is outside (0, 1)")
+        run = self._run_arrays(run_id)
+        if not methods.rethresholdable(run["method"] or methods.EXACT):
+            k_values = [float(v) for v in run["k_values"]]
+            methods.check_rethreshold(run_id, run["method"], k, k_values)
+            return in_top(self.levels(run_id, module), k_values.index(float(k)))
         return level_codes(self.scores(run_id, module), [k]) == 1
 
     def resolve_analysis(self, model: str, analysis: str | None = None) -> str:
@@ -404,7 +420,8 @@ class Archive:
         analysis of the model (default: its only one, else an error listing them).
 
         Uses the stored level codes where k was archived, else re-thresholds the stored
-        factors, so any k works without a GPU or the model."""
+        factors, so any k works without a GPU or the model (except for a mathneuro-bf16
+        analysis, whose runs hold sets only at the k they archived: another k is an error)."""
         from mlarch.selection import in_top
 
         analysis = self.resolve_analysis(model, analysis)
@@ -431,6 +448,10 @@ class Archive:
         masks = []
         for run_id in (first["math_run_id"][0], first["control_run_id"][0]):
             k_values = list(self._run_arrays(run_id)["k_values"])
+            if k not in k_values:  # a bf16 run cannot re-threshold: refused, naming the run and its k values
+                from mlarch import methods
+
+                methods.check_rethreshold(run_id, self._run_arrays(run_id)["method"] or methods.EXACT, k, k_values)
             masks.append(in_top(self.levels(run_id, module), k_values.index(k)) if k in k_values
                          else self.top_k(run_id, module, k))
         return masks[0] & ~masks[1]
@@ -505,8 +526,11 @@ class Archive:
                **options):
         """Score `model` on each language's math and control texts and archive the runs.
 
-        Options mirror `mlarch ingest`: name, analysis, samples, seeds, top_k, batch_size, max_length,
-        device, dtype, revision, gguf_file, trust_remote_code, force, data_dir (`model`: a folder,
+        Options mirror `mlarch ingest`: name, analysis, samples, seeds, top_k, batch_size, max_length
+        (None: no truncation), device, dtype, revision, gguf_file, trust_remote_code, force, data_dir,
+        only_correct, and the paper-compat settings method ('mathneuro' or 'mathneuro-bf16'),
+        sampling ('numpy' or 'pandas'), shuffle_seed, template ('default' or 'paper') and
+        paper_compat=True (all of them as the authors' code does: mlarch.methods.PAPER_COMPAT) (`model`: a folder,
         a .gguf file, a hub id or a named model such as 'qwen2.5-coder-0.5b'). progress: show a
         progress bar (default: when interactive, a terminal or a notebook); reporter: your own instead.
         """

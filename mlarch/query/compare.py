@@ -22,14 +22,18 @@ _COUNTS = """
     coalesce(sum(n) FILTER (WHERE list_contains(ls, lang_a) AND list_contains(ls, lang_b)), 0)::BIGINT AS n_intersection,
     coalesce(sum(n) FILTER (WHERE list_contains(ls, lang_a) OR list_contains(ls, lang_b)), 0)::BIGINT AS n_union,
     coalesce(sum(n) FILTER (WHERE ls = [lang_a]), 0)::BIGINT AS unique_a,
-    coalesce(sum(n) FILTER (WHERE ls = [lang_b]), 0)::BIGINT AS unique_b
+    coalesce(sum(n) FILTER (WHERE ls = [lang_b]), 0)::BIGINT AS unique_b,
+    sum(mp)::BIGINT AS n_params
 """
 
 _BASE = """
 WITH q AS (
-    SELECT m.model, m.module, m.layer,
-           list_filter(p.langs, lambda x: list_contains($langs, x)) AS ls, p.n_params AS n
+    SELECT m.model, m.module, m.layer, d.depth,
+           list_filter(p.langs, lambda x: list_contains($langs, x)) AS ls, p.n_params AS n,
+           -- the module's size on one of its rows only: sum(mp) = scored parameters in scope
+           CASE WHEN row_number() OVER (PARTITION BY m.model, m.module) = 1 THEN m.n_params ELSE 0 END AS mp
     FROM modules m
+    LEFT JOIN layer_depth d ON d.model = m.model AND d.layer = m.layer
     LEFT JOIN patterns p ON p.model = m.model AND p.module = m.module AND p.k = $k AND p.seed = $seed
                         AND p.analysis = $analyses[list_position($models, m.model)]
     WHERE list_contains($models, m.model)
@@ -43,41 +47,51 @@ def _query(by: str) -> str:
     if by == "layer":
         scope = """
           SELECT model, coalesce(layer::VARCHAR, 'none') AS layer, coalesce(layer, 1e9) AS o1, 0 AS o0,
-                 lang_a, lang_b, pair_no, {counts} FROM q CROSS JOIN pairs GROUP BY ALL
+                 lang_a, lang_b, pair_no, depth, {counts} FROM q CROSS JOIN pairs GROUP BY ALL
           UNION ALL
-          SELECT model, 'all', 2e9, 1, lang_a, lang_b, pair_no, {counts} FROM q CROSS JOIN pairs GROUP BY ALL"""
+          SELECT model, 'all', 2e9, 1, lang_a, lang_b, pair_no, NULL, {counts} FROM q CROSS JOIN pairs GROUP BY ALL"""
         cols = "model, layer"
-        order = "model, o0, o1, pair_no"
+        order = "list_position($models, model), o0, o1, pair_no"
     elif by == "module":
         scope = """
-          SELECT model, module, layer::VARCHAR AS layer, 0 AS o0, lang_a, lang_b, pair_no, {counts}
+          SELECT model, module, layer::VARCHAR AS layer, 0 AS o0, lang_a, lang_b, pair_no, depth, {counts}
           FROM q CROSS JOIN pairs GROUP BY ALL
           UNION ALL
-          SELECT model, 'all', NULL, 1, lang_a, lang_b, pair_no, {counts} FROM q CROSS JOIN pairs GROUP BY ALL"""
+          SELECT model, 'all', NULL, 1, lang_a, lang_b, pair_no, NULL, {counts} FROM q CROSS JOIN pairs GROUP BY ALL"""
         cols = "model, module, layer"
-        order = "model, o0, coalesce(try_cast(layer AS INTEGER), 1e9), module, pair_no"
+        order = "list_position($models, model), o0, coalesce(try_cast(layer AS INTEGER), 1e9), module, pair_no"
     else:
         scope = """
           SELECT model, lang_a, lang_b, pair_no, {counts} FROM q CROSS JOIN pairs GROUP BY ALL"""
         cols = "model"
-        order = "model, pair_no"
+        order = "list_position($models, model), pair_no"
+    depth = "" if by == "global" else ", depth::DOUBLE AS depth"
     return f"""{_BASE}
 SELECT model, $analyses[list_position($models, model)] AS analysis{cols[len("model"):]}, $k AS k, $seed AS seed, lang_a, lang_b, n_a, n_b, n_intersection, n_union,
        CASE WHEN n_union > 0 THEN n_intersection / n_union END AS jaccard,
        ($k * (1 - $k)) / (2 - $k * (1 - $k)) AS chance_jaccard,
-       unique_a, unique_b
+       unique_a, unique_b,
+       -- shares of the scored parameters in the row's scope: models of different size compare
+       n_params, n_a / n_params AS n_a_share, n_b / n_params AS n_b_share,
+       unique_a / n_params AS unique_a_share, unique_b / n_params AS unique_b_share{depth}
 FROM ({scope.format(counts=_COUNTS)})
 ORDER BY {order}"""
 
 
 def match_models(con, pattern: str) -> list[str]:
-    """Archived model names containing `pattern` (case-insensitive)."""
+    """Archived model names containing `pattern` (case-insensitive); a comma list such as
+    "gemma,qwen" matches each part (in the order given, each model once). Every part must
+    match a model: a misspelt part never silently drops a model from a comparison."""
     names = [r[0] for r in con.execute("SELECT model FROM models ORDER BY model").fetchall()]
-    matched = [n for n in names if pattern.lower() in n.lower()]
-    if not matched:
-        if not names:
-            raise MlarchError("the archive holds no models yet: run `mlarch ingest` first")
-        raise MlarchError(f"no archived model matches {pattern!r}; archived models: {', '.join(names)}")
+    parts = [part.strip() for part in str(pattern).split(",") if part.strip()] or [str(pattern)]
+    matched: list[str] = []
+    for part in parts:
+        found = [n for n in names if part.lower() in n.lower()]
+        if not found:
+            if not names:
+                raise MlarchError("the archive holds no models yet: run `mlarch ingest` first")
+            raise MlarchError(f"no archived model matches {part!r}; archived models: {', '.join(names)}")
+        matched += [n for n in found if n not in matched]
     return matched
 
 

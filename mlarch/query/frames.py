@@ -50,19 +50,18 @@ def arrow_frame(con, query: str, params=None) -> pl.DataFrame:
 def _plain_numbers(frame: pl.DataFrame) -> pl.DataFrame:
     """DECIMAL -> Float64; HUGEINT (Decimal(38, 0) in Arrow, the 128-bit integer stored
     exactly) -> Int64 when every value fits, else Int128 (a Python int each: the Decimal
-    would round to 28 digits)."""
+    would round to 28 digits), or the exact Decimal where polars has no Int128."""
     wide = getattr(pl, "Int128", None)
     casts = []
     for name, dtype in frame.schema.items():
         if not isinstance(dtype, pl.Decimal):
             continue
         if dtype.scale == 0:
-            if wide is None:  # an old polars: leave the Decimal
-                continue
-            column = frame[name].cast(wide)
+            column = frame[name] if wide is None else frame[name].cast(wide)
             low, high = column.min(), column.max()
             fits = low is None or (low >= _INT64[0] and high <= _INT64[1])
-            casts.append(pl.col(name).cast(pl.Int64 if fits else wide))
+            if fits or wide is not None:  # a polars without Int128 (< 1.18) keeps the exact Decimal
+                casts.append(pl.col(name).cast(pl.Int64 if fits else wide))
         else:
             casts.append(pl.col(name).cast(pl.Float64))
     return frame.with_columns(casts) if casts else frame

@@ -23,23 +23,40 @@ from mlarch.store import records
 MAX_NAME = 128
 CONFIG_FIELDS = ("math", "control", "samples", "max_length", "top_k", "only_correct")
 SETTINGS = ("samples", "max_length", "top_k", "only_correct")
+# paper-compat settings (issue 15): in a configuration (and its digest) only when not at their
+# defaults, so analyses recorded before them keep their configuration digests
+COMPAT_SETTINGS = ("method", "sampling", "shuffle_seed", "template")
 ROLES = ("math", "control")
 
 
-def config_of(math: dict, control: dict, samples: int, max_length: int, top_k, only_correct: bool) -> dict:
+def config_of(math: dict, control: dict, samples: int, max_length: int | None, top_k, only_correct: bool,
+              compat: dict | None = None) -> dict:
     """The configuration an analysis stands for: the settings, and for each language its math
-    and control source ({lang: dataset name}: a named source, or the path template as given)."""
-    return {"math": {str(k): str(v) for k, v in math.items()}, "control": {str(k): str(v) for k, v in control.items()},
-            "samples": int(samples), "max_length": int(max_length),
-            "top_k": sorted(float(k) for k in top_k), "only_correct": bool(only_correct)}
+    and control source ({lang: dataset name}: a named source, or the path template as given).
+    `compat`: the non-default paper-compat settings (method, sampling, shuffle_seed, template);
+    max_length None: no truncation."""
+    config = {"math": {str(k): str(v) for k, v in math.items()},
+              "control": {str(k): str(v) for k, v in control.items()},
+              "samples": int(samples), "max_length": None if max_length is None else int(max_length),
+              "top_k": sorted(float(k) for k in top_k), "only_correct": bool(only_correct)}
+    config.update({f: (compat or {})[f] for f in COMPAT_SETTINGS if (compat or {}).get(f) is not None})
+    return config
+
+
+def method_of(config: dict) -> str:
+    """The scoring method of an analysis's runs (the exact method when the configuration names none)."""
+    from mlarch import methods
+
+    return str(config.get("method") or methods.EXACT)
 
 
 def merged(old: dict, new: dict) -> dict | None:
     """`old` extended by the languages of `new`; None when they disagree (a setting, or the
     source of a language both name)."""
-    if any(old.get(f) != new.get(f) for f in SETTINGS):
+    if any(old.get(f) != new.get(f) for f in SETTINGS + COMPAT_SETTINGS):
         return None
     out = {f: old.get(f) for f in SETTINGS}
+    out.update({f: old[f] for f in COMPAT_SETTINGS if old.get(f) is not None})
     for role in ROLES:
         before, after = old.get(role) or {}, new.get(role) or {}
         if not isinstance(before, dict) or not isinstance(after, dict):
@@ -51,7 +68,9 @@ def merged(old: dict, new: dict) -> dict | None:
 
 
 def config_digest(config: dict) -> str:
-    text = json.dumps({f: config.get(f) for f in CONFIG_FIELDS}, sort_keys=True, separators=(",", ":"),
+    fields = {f: config.get(f) for f in CONFIG_FIELDS}
+    fields.update({f: config[f] for f in COMPAT_SETTINGS if config.get(f) is not None})
+    text = json.dumps(fields, sort_keys=True, separators=(",", ":"),
                       ensure_ascii=False)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
@@ -69,9 +88,12 @@ def _readable(dataset: str) -> str:
     return re.sub(r"[^A-Za-z0-9._]+", "-", label).strip("-.") or "data"
 
 
-def default_name(math: str, control: str, only_correct: bool = False) -> str:
-    """`<math>-vs-<control>` (`-correct` after the math data filtered by --only-correct)."""
-    return f"{_readable(math)}{'-correct' if only_correct else ''}-vs-{_readable(control)}"[:MAX_NAME]
+def default_name(math: str, control: str, only_correct: bool = False, paper: bool = False) -> str:
+    """`<math>-vs-<control>` (`-correct` after the math data filtered by --only-correct; `-paper`
+    at the end for paper-compat settings, so such an analysis sits beside the exact one)."""
+    name = f"{_readable(math)}{'-correct' if only_correct else ''}-vs-{_readable(control)}"
+    suffix = "-paper" if paper else ""
+    return name[:MAX_NAME - len(suffix)] + suffix
 
 
 def check_name(name) -> None:
@@ -86,7 +108,8 @@ def check_name(name) -> None:
 
 
 def _differences(old: dict, new: dict) -> str:
-    changed = [f"{f} {_shown(old.get(f))}, not {_shown(new.get(f))}" for f in SETTINGS if old.get(f) != new.get(f)]
+    changed = [f"{f} {_shown(old.get(f))}, not {_shown(new.get(f))}" for f in SETTINGS + COMPAT_SETTINGS
+               if old.get(f) != new.get(f)]
     for role in ROLES:
         before, after = old.get(role), new.get(role)
         if not isinstance(before, dict) or not isinstance(after, dict):
@@ -122,6 +145,9 @@ def describe(config_text) -> dict:
         out[field] = config.get(field) if isinstance(config.get(field), int) else None
     out["top_k"] = _shown(config.get("top_k") or [])
     out["only_correct"] = bool(config.get("only_correct"))
+    # the method, and the paper-compat draw and texts where not the defaults (issue 15)
+    extras = [f"{f}={config[f]}" for f in ("sampling", "shuffle_seed", "template") if config.get(f) is not None]
+    out["method"] = method_of(config) + (f" ({', '.join(extras)})" if extras else "")
     return out
 
 

@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from mlarch import methods
 from mlarch.errors import MlarchError
 from mlarch.store import arrays, catalog, layout, records as run_records
 from mlarch.store.derive import current_runs, derive, replace_derived, run_ref, top_count
@@ -90,6 +91,10 @@ def verify(root: Path, run_ids: list[str] | None = None) -> list[Check]:
                    for e in evals if e[2] == "FINISHED"]
         n_params = dict(((m, mod), n) for m, mod, n in con.execute(
             "SELECT model, module, n_params FROM modules").fetchall())
+        # runs whose set sizes are the authors' int(numel * k) (methods.authors_count), not top_count
+        bf16_runs = {r[0] for r in con.execute(
+            "SELECT run_id FROM runs WHERE json_extract_string(provenance, '$.method.name') = ?",
+            [methods.BF16]).fetchall()}
         # the run each (model, lang, role, seed) uses: exactly one, the newest finished one
         in_use_problems = con.execute("""
             SELECT model, analysis, lang, role, seed,
@@ -185,10 +190,16 @@ def verify(root: Path, run_ids: list[str] | None = None) -> list[Check]:
             continue
         recount_sel = sorted(selections.rows())
         # (model, analysis, k, seed, lang, module, n_math_top, n_control_top, ...)
+        def size(run_id: str, n: int, k: float) -> int:
+            return methods.authors_count(n, k) if run_id in bf16_runs else top_count(n, k)
+
         wrong_size = [f"{r[4]} {r[5]} k={r[2]}" for r in recount_sel
-                      if {r[6], r[7]} != {top_count(n_params[(model, r[5])], r[2])}]
+                      if (r[6], r[7]) != (size(r[9], n_params[(model, r[5])], r[2]),
+                                          size(r[10], n_params[(model, r[5])], r[2]))]
         checks.append(Check("top-k sizes", where, not wrong_size,
-                            f"{len(recount_sel)} module sets of floor(numel * k) entries" if not wrong_size else
+                            f"{len(recount_sel)} module sets of floor(numel * k) entries"
+                            + (" (int(numel * k) for mathneuro-bf16 runs)" if bf16_runs & {r[9] for r in recount_sel} else "")
+                            if not wrong_size else
                             f"stored level codes give a top-k set of the wrong size: {', '.join(wrong_size[:3])}"))
         recount_pat = sorted((m, a, k, s, mod, list(langs), n) for m, a, k, s, mod, langs, n in patterns.rows())
         checks.append(Check("set_sizes recount", where, recount_sel == sorted(stored_sel),
