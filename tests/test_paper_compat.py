@@ -249,6 +249,24 @@ def test_authors_set_sizes_are_archived_and_verified(tmp_path, paper_data):
     failed = [c for c in maintenance.verify(root) if not c.ok]
     assert failed == []
 
+    # Re-derived elsewhere (rm of another language's runs, a bundle import): still the authors' sizes.
+    archive.ingest(str(path), ["de"], paper_data["math"], paper_data["control"], paper_compat=True, samples=3,
+                   top_k=[0.29], device="cpu")
+    de_runs = archive.sql("SELECT run_id FROM runs WHERE lang = 'de'")["run_id"].to_list()
+    bundle = tmp_path / "en.tar"
+    en_runs = archive.sql("SELECT run_id FROM runs WHERE lang = 'en'")["run_id"].to_list()
+    from mlarch.store import bundle as bundles
+
+    bundles.export_bundle(root, bundle, run_ids=en_runs)
+    archive.rm(de_runs)  # derive runs again for en alone
+    assert [c for c in maintenance.verify(root) if not c.ok] == []
+    other = tmp_path / "other"
+    bundles.import_bundle(other, bundle)
+    assert [c for c in maintenance.verify(other) if not c.ok] == []
+    imported = mlarch.open(other).sql("SELECT s.n_math_top FROM selections s JOIN modules m USING (model, module) "
+                                      "WHERE m.n_params = 400")["n_math_top"].to_list()
+    assert imported and set(imported) == {methods.authors_count(400, 0.29)}
+
 
 def test_method_alone_is_part_of_the_identity(both, model_dir, paper_data):
     """--method mathneuro-bf16 with everything else exact: refused under the exact analysis's

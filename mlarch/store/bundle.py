@@ -304,7 +304,8 @@ def _merge(root: Path, staging: Path, tables: dict, schema: dict[str, list[str]]
                     keys.add((run["model"], analysis, run["seed"]))
                 for model, analysis, seed in sorted(keys):
                     selections, patterns = derive(root / layout.ARRAYS, model, analysis, seed, read_spans(con, model),
-                                                  current_runs(con, model, analysis, seed))
+                                                  current_runs(con, model, analysis, seed),
+                                                  count_tops=True)  # sizes as stored (bf16 runs: int(numel * k))
                     replace_derived(con, model, analysis, seed, selections, patterns)
         except BaseException as exc:
             for done in reversed(placed):  # the catalog never named them: leave no orphans

@@ -318,7 +318,8 @@ def rm(root: Path, run_ids: list[str] | None = None, model: str | None = None, *
                         current[(lang, role)] = run_ref(con, best[0])  # with its levels record: reads are checked
                         promoted.append(best[0])
                 refresh[(m, analysis, seed)] = (current, read_spans(con, m), promoted)
-        derived = {key: derive(root / layout.ARRAYS, key[0], key[1], key[2], spans, current)
+        # count_tops: sizes as stored (a mathneuro-bf16 run's are the authors' int(numel * k))
+        derived = {key: derive(root / layout.ARRAYS, key[0], key[1], key[2], spans, current, count_tops=True)
                    for key, (current, spans, _) in refresh.items()}
         with catalog.writing(path) as con:
             for run_id in doomed_ids:
