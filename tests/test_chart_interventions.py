@@ -399,7 +399,7 @@ def test_eval_options_are_refused_by_other_kinds(llama_archive, tmp_path, option
 
 
 # --- the report ----------------------------------------------------------------------------------
-STEMS = ["sizes", "heatmap", "overlap", "heatmap-layer", "layers", "upset"]
+STEMS = ["sizes", "heatmap", "overlap", "heatmap-layer", "layers", "unique", "upset"]
 
 
 def report_files(out):

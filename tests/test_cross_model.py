@@ -269,10 +269,38 @@ def test_cross_model_charts_render_in_every_format(two_models, tmp_path, fmt):
             assert {r["model"] for r in _rows(json.loads(payload))} == set(DEPTH)
 
 
+def test_layer_heatmap_of_two_models_places_blocks_at_their_depth(two_models, tmp_path):
+    archive = mlarch.open(two_models)
+    modules, _, _ = _tables(archive)
+    depth = _depth(modules)
+    spec = charts.heatmap(archive, "llama,qwen", langs="en,bn", k=0.05, by="layer").to_dict()
+    rows = _rows(spec)
+    blocks = {m: len({layer for model, layer in depth if model == m}) for m in DEPTH}
+    assert {(r["model"], r["layer"]) for r in rows} == set(depth)  # every block, nothing outside blocks
+    for r in rows:  # each cell spans depth ± half a block step of its own model
+        half = 0.5 / (blocks[r["model"]] - 1)
+        assert r["depth"] == depth[(r["model"], r["layer"])]
+        assert r["x0"] == pytest.approx(r["depth"] - half) and r["x1"] == pytest.approx(r["depth"] + half)
+    want = dict(((m, layer), j) for m, layer, j in archive.sql(
+        "SELECT model, layer, jaccard FROM overlap_by_layer WHERE k = 0.05 AND lang_a = 'bn' AND lang_b = 'en' "
+        "AND layer IS NOT NULL").rows())
+    assert {(r["model"], r["layer"]): r["jaccard"] for r in rows if r["row"] != "chance"} == pytest.approx(want)
+    assert _x_fields(spec) == {"x0"}
+    by_index = charts.heatmap(archive, "llama,qwen", langs="en,bn", k=0.05, by="layer", x="layer").to_dict()
+    assert _x_fields(by_index) == {"column"}
+    out = tmp_path / "hm.svg"
+    result = run(two_models, "chart", "heatmap", "--model", "llama,qwen", "--by", "layer", "--k", "0.05",
+                 "-o", str(out))
+    assert result.exit_code == 0, result.output
+    assert "relative depth" in out.read_text()
+
+
 def test_x_option_is_checked(two_models, tmp_path):
     result = run(two_models, "chart", "sizes", "--model", "tiny", "--x", "depth", "-o", str(tmp_path / "s.svg"))
-    assert result.exit_code == 2 and "applies to the layers and overlap charts only" in result.output
-    with pytest.raises(TypeError, match="'x' applies to the overlap and layers charts only"):
+    assert result.exit_code == 2 and "applies to the layers and overlap charts and to heatmap" in result.output
+    result = run(two_models, "chart", "heatmap", "--model", "tiny", "--x", "depth", "-o", str(tmp_path / "h.svg"))
+    assert result.exit_code == 2 and "not to heatmap by k" in result.output
+    with pytest.raises(TypeError, match="'x' applies to the overlap, heatmap and layers charts only"):
         mlarch.open(two_models).chart("unique", model="tiny", x="depth")
     with pytest.raises(UsageError, match="x .--x. must be one of layer, depth"):
         charts.layers(two_models, "tiny", x="height")

@@ -57,8 +57,9 @@ def build(archive, kind: str, model: str | None = None, langs=None, k=None, seed
     """An Altair chart of `kind` for the models matching `model` (the per-kind functions
     sizes(), overlap(), heatmap(), layers(), upset(), unique(), interventions() document each).
 
-    x (layers and overlap): 'layer' (block index) or 'depth' (layer / (blocks - 1), so
-    models of different depth align); default depth when several models match, else layer.
+    x (layers, overlap, and heatmap with by='layer'): 'layer' (block index) or 'depth'
+    (layer / (blocks - 1), so models of different depth align); default depth when several
+    models match, else layer.
 
     langs: codes (list or "en,de"), default all archived; k: one value (a list for the
     k-axis charts `sizes` and `heatmap --by global`), default as in `mlarch compare`
@@ -79,8 +80,9 @@ def build(archive, kind: str, model: str | None = None, langs=None, k=None, seed
     _check_scope_options(kind, scope_options)
     if by not in BY:
         raise UsageError(f"by (--by) must be one of {', '.join(BY)}, got {by!r}")
-    if x is not None and kind not in ("layers", "overlap"):
-        raise UsageError(f"x (--x) applies to the layers and overlap charts only, not to {kind}: leave it out")
+    if x is not None and kind not in ("layers", "overlap") and not (kind == "heatmap" and by == "layer"):
+        raise UsageError(f"x (--x) applies to the layers and overlap charts and to heatmap with by='layer' "
+                         f"(--by layer) only, not to {kind}{' by k' if kind == 'heatmap' else ''}: leave it out")
     if x is not None and x not in X_AXES:
         raise UsageError(f"x (--x) must be one of {', '.join(X_AXES)}, got {x!r}")
     given = [name for name, value in zip(EVAL_OPTIONS, (task, intervention, dataset)) if value is not None]
@@ -104,7 +106,8 @@ def build(archive, kind: str, model: str | None = None, langs=None, k=None, seed
     scope = data.resolve(archive, model, langs, k, seed, multi_k=multi_k, min_langs=min_langs, kind=kind,
                          **scope_options)
     if kind == "heatmap":
-        chart = kinds.heatmap(archive, scope, by=by)
+        chart = kinds.heatmap(archive, scope, by=by,
+                              x=x or ("depth" if by == "layer" and len(scope.models) > 1 else "layer"))
     elif kind in ("layers", "overlap"):
         chart = getattr(kinds, kind)(archive, scope, x=x or ("depth" if len(scope.models) > 1 else "layer"))
     else:
@@ -136,10 +139,12 @@ def overlap(archive, model: str, langs=None, k: float | None = None, seed: int |
 
 
 def heatmap(archive, model: str, langs=None, k=None, seed: int | None = None, by: str = "global",
-            **scope_options):
+            x: str | None = None, **scope_options):
     """Jaccard per language pair and k (by='global'; k: a list, default every archived k)
-    or per pair and layer (by='layer'; k: one value, default 0.01 when archived)."""
-    return build(archive, "heatmap", model, langs, k, seed, by, **scope_options)
+    or per pair and layer (by='layer'; k: one value, default 0.01 when archived; x: 'layer'
+    columns, or 'depth', cells placed at layer / (blocks - 1), the default when several
+    models match)."""
+    return build(archive, "heatmap", model, langs, k, seed, by, x=x, **scope_options)
 
 
 def layers(archive, model: str, langs=None, k: float | None = None, seed: int | None = None,
@@ -212,7 +217,8 @@ def _unknown_option(kind: str, name: str, accepted: list[str]) -> ChartOptionErr
 
     elsewhere = [other for other in KINDS if other != kind and name in options_of(other)]
     if elsewhere:
-        hint = f"{name!r} applies to the {' and '.join(elsewhere)} chart{'s' if len(elsewhere) > 1 else ''} only"
+        kinds_text = " and ".join(elsewhere) if len(elsewhere) < 3 else ", ".join(elsewhere[:-1]) + " and " + elsewhere[-1]
+        hint = f"{name!r} applies to the {kinds_text} chart{'s' if len(elsewhere) > 1 else ''} only"
     else:
         close = difflib.get_close_matches(name, accepted, n=1)
         hint = f"did you mean {close[0]!r}?" if close else "no such option"

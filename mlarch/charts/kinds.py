@@ -214,8 +214,49 @@ def unique(archive, scope: data.Scope):
         "math-specific set, whole model."))
 
 
-def heatmap(archive, scope: data.Scope, by: str = "global"):
+def _depth_heatmap(archive, scope: data.Scope):
+    """Jaccard per (pair, block) on the relative-depth axis: each block a cell from
+    depth − ½ step to depth + ½ step (step = 1 / (blocks − 1) of its model), so models of
+    different depth line up; modules outside blocks have no depth and are left out."""
     alt = _alt()
+    frame = data.overlap_layers(archive, scope).filter(pl.col("layer").is_not_null())
+    blocks = frame.group_by("model").agg(n=pl.col("layer").n_unique())
+    frame = frame.join(blocks, on="model").with_columns(
+        half=pl.when(pl.col("n") > 1).then(0.5 / (pl.col("n") - 1)).otherwise(0.5))
+    cells = frame.select("model", "layer", "depth", "half", pl.col("pair").alias("row"), "jaccard",
+                         "n_intersection", "n_union")
+    chance = cells.select("model", "layer", "depth", "half").unique(maintain_order=True).with_columns(
+        row=pl.lit("chance"), jaccard=pl.lit(data.chance(scope.k)),
+        n_intersection=pl.lit(None, pl.Int64), n_union=pl.lit(None, pl.Int64))
+    cells = pl.concat([cells, chance.select(cells.columns)], how="vertical_relaxed").with_columns(
+        x0=pl.col("depth") - pl.col("half"), x1=pl.col("depth") + pl.col("half"))
+    rows = [data.pair_label(a, b) for a, b in scope.pairs] + ["chance"]
+    top = max([v for v in cells["jaccard"].to_list() if v is not None] + [1e-9])
+    chart = alt.Chart(cells).mark_rect(stroke="white", strokeWidth=0.5).encode(
+        x=alt.X("x0:Q", title="relative depth (layer / (blocks − 1))", scale=alt.Scale(domain=[-0.05, 1.05], nice=False),
+                axis=alt.Axis(values=[0, 0.25, 0.5, 0.75, 1], format=".2~f", grid=False)),
+        x2="x1:Q",
+        y=alt.Y("row:O", title="language pair", sort=rows, axis=alt.Axis(ticks=False, domain=False)),
+        color=alt.Color("jaccard:Q", title="Jaccard", scale=alt.Scale(scheme="blues", domain=[0, top]),
+                        legend=alt.Legend(format=".2f", gradientLength=max(80, 24 * len(rows)))),
+        tooltip=[alt.Tooltip("model:N"), alt.Tooltip("row:N", title="pair"), alt.Tooltip("layer:Q", title="block"),
+                 alt.Tooltip("depth:Q", format=".3f"), alt.Tooltip("jaccard:Q", format=".3f"),
+                 alt.Tooltip("n_intersection:Q", format=","), alt.Tooltip("n_union:Q", format=",")],
+    ).properties(width=WIDTH, height=alt.Step(24))
+    if len(scope.models) > 1:
+        chart = chart.facet(row=alt.Row("model:N", title=None, sort=scope.models,
+                                        header=alt.Header(labelFontSize=12, labelFontWeight="bold",
+                                                          labelAngle=0, labelAlign="left")))
+    return chart.properties(title=_title(
+        "Jaccard overlap of math-specific parameters per layer, by relative depth", _where(scope),
+        "Last row: chance Jaccard, p/(2−p) with p = k(1−k). Modules outside blocks (e.g. an untied head) "
+        "have no depth: not shown."))
+
+
+def heatmap(archive, scope: data.Scope, by: str = "global", x: str = "layer"):
+    alt = _alt()
+    if by == "layer" and x == "depth":
+        return _depth_heatmap(archive, scope)
     if by == "layer":
         frame = data.overlap_layers(archive, scope)
         outside = data.outside_modules(archive, scope)

@@ -56,7 +56,7 @@ language's own set changed (dashed: random null). --langs are the evaluated lang
 @click.option("--analysis", default=None,
               help="Analysis of the model to draw [default: its only one]. See `mlarch analyses`.")
 @click.option("--x", "x_axis", type=click.Choice(["layer", "depth"]), default=None,
-              help="layers and overlap: x axis, block index or relative depth layer / (blocks - 1) "
+              help="layers, overlap, heatmap --by layer: x axis, block index or relative depth layer / (blocks - 1) "
                    "[default: depth when several models match, else layer].")
 @click.option("-o", "--output", required=True, help="Output file: .svg, .png, .pdf, .html or .json.")
 @click.pass_context
