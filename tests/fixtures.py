@@ -120,3 +120,14 @@ def build_model(kind: str, folder: Path, layers: int = 2, **sizes) -> Path:
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def one_error(result, code: int) -> str:
+    """The single `Error: ...` line of a CLI result that exited with `code` (no traceback,
+    not the CLI's catch-all for unexpected exceptions)."""
+    assert result.exit_code == code, result.output
+    assert isinstance(result.exception, SystemExit) and "Traceback" not in result.output, result.exception
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
+    assert not lines[0].startswith("Error: unexpected "), lines[0]
+    return lines[0]

@@ -15,20 +15,12 @@ import torch
 from click.testing import CliRunner
 
 import mlarch
-from fixtures import build_tokenizer
+from fixtures import build_tokenizer, one_error
 from mlarch.cli import cli
 from mlarch.errors import MlarchError, UsageError
 from mlarch.ingest import devices, loading
 from mlarch.ingest.pipeline import IngestConfig
 
-
-def one_error(result, code: int) -> str:
-    assert result.exit_code == code, result.output
-    assert isinstance(result.exception, SystemExit) and "Traceback" not in result.output, result.exception
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
-    assert not lines[0].startswith("Error: unexpected "), lines[0]
-    return lines[0]
 
 
 def ingest(tmp_path, data, model, *extra, archive=None):

@@ -19,14 +19,7 @@ from mlarch.errors import MlarchError, UsageError
 from mlarch.ingest import loading, named_models
 from mlarch.ingest.named_models import NamedModel, Part
 
-
-def one_error(result, code: int) -> str:
-    assert result.exit_code == code, result.output
-    assert isinstance(result.exception, SystemExit) and "Traceback" not in result.output, result.exception
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
-    assert not lines[0].startswith("Error: unexpected "), lines[0]
-    return lines[0]
+from fixtures import one_error  # tests/ is on sys.path (conftest)
 
 
 def fake_model(site: Path, payloads: list[bytes], version: str = "1.0") -> NamedModel:

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
 import mlarch
-from fixtures import build_model
+from fixtures import build_model, one_error
 from mlarch.cli import cli
 from mlarch.errors import MlarchError, UsageError
 from mlarch.ingest import loading
@@ -44,14 +44,6 @@ def ingest(tmp_path, data, model, *extra):
                                       "--top-k", "0.05", "--device", "cpu", "--quiet", *extra])
     return result, archive
 
-
-def one_error(result, code: int) -> str:
-    assert result.exit_code == code, result.output
-    assert isinstance(result.exception, SystemExit) and "Traceback" not in result.output, result.exception
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
-    assert not lines[0].startswith("Error: unexpected "), lines[0]  # not the CLI's catch-all
-    return lines[0]
 
 
 def archived_runs(archive: Path) -> int:
