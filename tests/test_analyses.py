@@ -412,3 +412,40 @@ def test_one_analysis_may_take_each_language_from_its_own_source(model_dir, data
         archive.ingest(str(model_dir["llama"]), ["bn"], data["math"], data["control"],
                        **{**options, "top_k": [0.05]})
     assert all(c.ok for c in maintenance.verify(archive.root))
+
+
+def _edit_analysis(root, change, reseal: bool):
+    """Rewrite one analysis row's configuration; with reseal, its config_digest too (an edit
+    that keeps the row self-consistent)."""
+    from mlarch.store import analyses
+
+    con = duckdb.connect(str(Path(root) / "catalog.duckdb"))
+    model, name, text = con.execute("SELECT model, analysis, config FROM analyses ORDER BY analysis LIMIT 1").fetchone()
+    config = json.loads(text)
+    change(config)
+    digest = analyses.config_digest(config) if reseal else con.execute(
+        "SELECT config_digest FROM analyses WHERE model = ? AND analysis = ?", [model, name]).fetchone()[0]
+    con.execute("UPDATE analyses SET config = ?, config_digest = ? WHERE model = ? AND analysis = ?",
+                [json.dumps(config), digest, model, name])
+    con.close()
+    catalog._CHECKED.clear()
+    return f"{model} {name}"
+
+
+@pytest.mark.parametrize("change, reseal, words", [
+    (lambda c: c.update(samples=c["samples"] + 1), False, "does not give its recorded config_digest"),
+    (lambda c: c.update(samples=c["samples"] + 1), True, "other samples"),
+    (lambda c: c.update(top_k=[0.5]), True, "other top_k"),
+    (lambda c: c["control"].update(en="other/{lang}.txt"), True, "the analysis says 'other/{lang}.txt'"),
+    (lambda c: c.update(method="mathneuro-bf16"), True, "other method"),
+])
+def test_verify_flags_an_edited_analysis_row(two, tmp_path, change, reseal, words):
+    """An analysis row is what `compare`/`analyses` describe a set by: an edit of it (even one
+    that recomputes its digest) must be loud in verify, not a silently relabelled set."""
+    root = tmp_path / "arch"
+    shutil.copytree(two["root"], root)
+    assert all(c.ok for c in maintenance.verify(root))
+    where = _edit_analysis(root, change, reseal)
+    failed = [c for c in maintenance.verify(root) if not c.ok]
+    assert failed and all(c.check == "analysis record" and c.object == where for c in failed), failed
+    assert any(words in c.detail for c in failed), [c.detail for c in failed]

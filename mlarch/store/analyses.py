@@ -68,6 +68,7 @@ def merged(old: dict, new: dict) -> dict | None:
 
 
 def config_digest(config: dict) -> str:
+    """sha256 of an analysis configuration's canonical JSON (its fields, and the paper-compat settings where set)."""
     fields = {f: config.get(f) for f in CONFIG_FIELDS}
     fields.update({f: config[f] for f in COMPAT_SETTINGS if config.get(f) is not None})
     text = json.dumps(fields, sort_keys=True, separators=(",", ":"),
@@ -97,6 +98,8 @@ def default_name(math: str, control: str, only_correct: bool = False, paper: boo
 
 
 def check_name(name) -> None:
+    """Refuse an analysis name that is empty, not text, over MAX_NAME characters, or holds control characters, commas
+    or surrounding spaces (a UsageError)."""
     fix = "pass --analysis with a short name such as gsm8k-vs-flores"
     if not isinstance(name, str) or not name:
         raise UsageError(f"the analysis name {name!r} is empty or not text: {fix}")
@@ -191,6 +194,7 @@ def ensure(con, model: str, analysis: str, config: dict) -> None:
 
 
 def names(con, model: str) -> list[str]:
+    """The analysis names of `model`, sorted."""
     return [r[0] for r in con.execute("SELECT analysis FROM analyses WHERE model = ? ORDER BY analysis",
                                       [model]).fetchall()]
 
@@ -283,3 +287,67 @@ def place_legacy(con) -> None:
         name = place(con, model, run_ids)
         for table in ("selections", "patterns"):
             con.execute(f"UPDATE {table} SET analysis = ? WHERE model = ? AND analysis = ''", [name, model])
+
+
+# --- verify: the analyses table against itself and against its runs ---------------------------
+def _run_settings(run_config: dict) -> dict:
+    """The analysis settings a run's recorded ingest config implies (compat ones as config_of
+    records them: absent at their defaults)."""
+    from mlarch import methods
+
+    out = {"samples": run_config.get("samples"), "max_length": run_config.get("max_length"),
+           "top_k": sorted(float(k) for k in run_config.get("top_k") or []),
+           "only_correct": bool(run_config.get("only_correct")),
+           "method": run_config.get("method") if run_config.get("method") not in (None, methods.EXACT) else None,
+           "sampling": None, "shuffle_seed": None,
+           "template": run_config.get("template") if run_config.get("template") not in (None, "default") else None}
+    if run_config.get("sampling") not in (None, "numpy"):
+        out["sampling"], out["shuffle_seed"] = run_config["sampling"], run_config.get("shuffle_seed")
+    return out
+
+
+def problems(con) -> list[tuple[str, str, str]]:
+    """(model, analysis, what is wrong) for each analysis whose row was edited (its config no
+    longer gives its digest) or whose configuration disagrees with its finished runs (their
+    sealed provenance: sources, samples, max length, k values, paper-compat settings). An
+    analysis placed from pre-analysis runs is checked against its digest only: its settings
+    were read from one of its runs."""
+    found = []
+    for model, analysis, text, stored_digest in con.execute(
+            "SELECT model, analysis, config, config_digest FROM analyses ORDER BY model, analysis").fetchall():
+        try:
+            config = json.loads(text)
+        except (TypeError, ValueError):
+            config = None
+        if not isinstance(config, dict):
+            found.append((model, analysis, "its configuration is not a JSON object"))
+            continue
+        try:
+            actual = config_digest(config)
+        except (TypeError, ValueError):
+            actual = None
+        if actual != stored_digest:
+            found.append((model, analysis, "its configuration does not give its recorded config_digest (edited)"))
+            continue
+        if config.get("placed"):
+            continue
+        runs = con.execute("SELECT run_id, lang, role, dataset, provenance FROM runs WHERE model = ? AND analysis = ? "
+                           "AND status = 'FINISHED' ORDER BY run_id", [model, analysis]).fetchall()
+        for run_id, lang, role, dataset, prov in runs:
+            try:
+                run_config = (json.loads(prov) if isinstance(prov, str) else prov or {}).get("config") or {}
+                settings = _run_settings(run_config)
+            except (TypeError, ValueError, AttributeError):
+                found.append((model, analysis, f"run {run_id}'s provenance has no readable ingest config"))
+                continue
+            sources = config.get(role) if isinstance(config.get(role), dict) else {}
+            if sources.get(lang) != dataset:
+                found.append((model, analysis, f"run {run_id} ({lang} {role}) read {dataset!r}, the analysis says "
+                                               f"{sources.get(lang)!r}"))
+            wrong = [f for f in SETTINGS + COMPAT_SETTINGS
+                     if (sorted(float(k) for k in config.get(f) or []) if f == "top_k" else config.get(f))
+                     != settings[f]]
+            if wrong:
+                found.append((model, analysis, f"run {run_id} was ingested with other {', '.join(wrong)} than the "
+                                               "analysis records"))
+    return found

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from mlarch import methods
 from mlarch.errors import MlarchError
-from mlarch.store import arrays, catalog, layout, records as run_records
+from mlarch.store import analyses, arrays, catalog, layout, records as run_records
 from mlarch.store.derive import current_runs, derive, replace_derived, run_ref, top_count
 from mlarch.store.spans import read_spans
 
@@ -75,6 +75,7 @@ def verify(root: Path, run_ids: list[str] | None = None) -> list[Check]:
             GROUP BY ALL HAVING n_arrays <> 1 OR n_weights <> 1 ORDER BY ALL""").fetchall()
         shared = dict(con.execute("SELECT magnitudes_group, count(*) FROM models GROUP BY ALL").fetchall())
         analysis_names = set(con.execute("SELECT model, analysis FROM analyses").fetchall())
+        analysis_problems = analyses.problems(con) if run_ids is None else []
         # content digests of the records, recomputed from the rows as they are now
         run_seals = dict(con.execute("SELECT run_id, record_sha256 FROM runs").fetchall())
         model_seals = dict(con.execute("SELECT model, record_sha256 FROM models").fetchall())
@@ -153,6 +154,9 @@ def verify(root: Path, run_ids: list[str] | None = None) -> list[Check]:
             checks.append(Check("runs in use", f"{model} {analysis} {lang} {role} seed {seed}", False,
                                 f"{n_in_use} finished run(s) in use, {n_unfinished} unfinished: exactly one, the newest "
                                 "finished run, must be in use: remove the extra runs with `mlarch rm`"))
+        for model, analysis, problem in analysis_problems:
+            checks.append(Check("analysis record", f"{model} {analysis}", False,
+                                f"{problem}: restore the catalog from a copy"))
         for model, analysis, seed in stray:
             checks.append(Check("derived rows", f"{model} {analysis} seed {seed}", False,
                                 "selections/patterns rows with no finished run of that model, analysis and seed: "
