@@ -449,3 +449,25 @@ def test_verify_flags_an_edited_analysis_row(two, tmp_path, change, reseal, word
     failed = [c for c in maintenance.verify(root) if not c.ok]
     assert failed and all(c.check == "analysis record" and c.object == where for c in failed), failed
     assert any(words in c.detail for c in failed), [c.detail for c in failed]
+
+
+def test_a_legacy_bundle_whose_analysis_name_is_taken_lands_beside_it(llama_archive, model_dir, data, tmp_path):
+    """A bundle from before analyses names none: its runs form the analysis their sources name
+    (math-vs-control). When the archive already has that name with another configuration, they
+    land in a suffixed one beside it, and neither analysis's rows change."""
+    bundle = _legacy_manifest(_export(llama_archive, tmp_path / "new.tar"), tmp_path / "old.tar")
+    target = mlarch.open(tmp_path / "target")
+    target.ingest(str(model_dir["llama"]), ["en"], data["math"], data["control"], samples=5, top_k=KS, device="cpu")
+    before = target.sql("SELECT * FROM selections ORDER BY ALL")
+    assert before["analysis"].unique().to_list() == ["math-vs-control"]
+    result = run(target.root, "import-bundle", str(bundle))
+    assert result.exit_code == 0, result.output
+    names = target.analyses()["analysis"].to_list()
+    assert len(names) == 2 and "math-vs-control" in names, names
+    placed = next(n for n in names if n != "math-vs-control")
+    assert placed.startswith("math-vs-control-") and len(placed) == len("math-vs-control-") + 8, placed
+    assert target.sql("SELECT * FROM selections WHERE analysis = 'math-vs-control' ORDER BY ALL").equals(before)
+    source = mlarch.open(llama_archive)
+    assert target.sql("SELECT * EXCLUDE (analysis) FROM overlap_global WHERE analysis = ? ORDER BY ALL",
+                      [placed]).equals(source.sql("SELECT * EXCLUDE (analysis) FROM overlap_global ORDER BY ALL"))
+    assert all(c.ok for c in maintenance.verify(target.root))
