@@ -84,7 +84,7 @@ class Timers:
 @contextmanager
 def instrumented():
     from mlarch import selection
-    from mlarch.ingest import loading, pipeline, scoring
+    from mlarch.ingest import loading, pipeline, planning, scoring
     from mlarch.store import arrays
 
     timers = Timers()
@@ -101,7 +101,7 @@ def instrumented():
     timers.wrap(pipeline, "derive", "derive")
     timers.wrap(pipeline, "_commit", "commit (total)")
     timers.wrap(pipeline, "_score_run", "score run (total)")
-    timers.wrap(pipeline, "_finished_digests", "catalog: finished digests")
+    timers.wrap(planning, "finished_digests", "catalog: finished digests")
     timers.wrap(pipeline.provenance, "environment", "provenance environment")
     try:
         yield timers

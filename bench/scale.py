@@ -9,7 +9,7 @@ down 2048x8192 = 973 M scored parameters (--quick: 2 blocks, 122 M). 4 languages
 probability 0.01, independently (math and control sets then overlap only by chance,
 a pessimistic case: real math-only sets are smaller).
 
-Ours: `derive(arrays_root, model, seed, spans, runs)` -> selection + pattern rows, the
+Ours: `derive(arrays_root, model, analysis, seed, spans, runs)` -> selection + pattern rows, the
 runs carrying the records `arrays.write` returned (as the catalog would hand them over).
 Baseline: reading the same level arrays once, range by range exactly as derive reads
 them (`arrays.read` per span group per run, with the same records), discarding the data.
@@ -134,7 +134,7 @@ def child(mode: str, store: Path, layers: int, langs: int, ks: tuple[float, ...]
     out = {"mode": mode, "rss_after_imports_mib": rss_start}
     clock = time.perf_counter()
     if mode.startswith("derive"):
-        selections, patterns = derive(store, MODEL, SEED, spans, refs)
+        selections, patterns = derive(store, MODEL, "bench", SEED, spans, refs)
         out["seconds"] = time.perf_counter() - clock
         out["n_selection_rows"] = selections.height
         out["n_pattern_rows"] = patterns.height

@@ -1,4 +1,5 @@
-"""Where mlarch keeps what it can rebuild: converted models, downloaded data, weight digests.
+"""Where mlarch keeps what it can rebuild: converted models, downloaded data (named corpora and
+hub data sets), weight digests.
 
 One variable governs all of it: $MLARCH_CACHE, else the platform's user cache folder for
 mlarch (~/.cache/mlarch on Linux). Torch-free, so the CLI can name paths without loading it.
@@ -27,6 +28,13 @@ def models_dir() -> Path:
 def data_dir() -> Path:
     """Downloaded data files of the named sources (mlarch.ingest.corpora)."""
     return cache_dir() / "data"
+
+
+def hub_data_dir() -> Path:
+    """Hugging Face Hub data sets (hf:OWNER/NAME sources), in huggingface_hub's cache layout
+    (datasets--OWNER--NAME/snapshots/COMMIT/...), apart from the user's own HF cache: one
+    variable ($MLARCH_CACHE) moves or clears everything mlarch downloaded."""
+    return data_dir() / "hub"
 
 
 def digests_file() -> Path:

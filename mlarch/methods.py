@@ -31,6 +31,7 @@ PAPER_COMPAT = {
 
 
 def check_method(method: str) -> None:
+    """Refuse a scoring method that is not one of METHODS (a UsageError)."""
     if method not in METHODS:
         raise UsageError(f"--method {method!r} is not known: use one of {', '.join(METHODS)}")
 

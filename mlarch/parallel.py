@@ -13,8 +13,11 @@ def cores() -> int:
 
 
 def pool(limit: int = 4) -> ThreadPoolExecutor:
-    """Up to `limit` threads (one per core): each holds one module's or one range's
-    temporaries, so a few threads keep memory bounded on large models."""
+    """Up to `limit` threads (one per core the process may use, which on a shared or
+    containerised host is fewer than os.cpu_count()). The default cap of 4 is for work whose
+    threads each hold a whole module's temporaries (selection: several bytes per parameter of
+    the largest module each), so more cores would raise peak memory, not only speed; work
+    whose per-thread memory is a bounded range (derive) passes a higher limit."""
     return ThreadPoolExecutor(max(1, min(limit, cores())))
 
 
@@ -23,6 +26,7 @@ class Inline:
     kept in the future (as a worker thread's would be); an interrupt is not."""
 
     def submit(self, fn, /, *args, **kwargs) -> Future:
+        """Run `fn(*args, **kwargs)` now; returns a finished Future holding its result or its exception."""
         future = Future()
         try:
             future.set_result(fn(*args, **kwargs))

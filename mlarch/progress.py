@@ -47,10 +47,12 @@ class RichReporter:
         self.label, self.total, self.done = "", 0, 0
 
     def message(self, text: str) -> None:
+        """Print one line of status (nothing when quiet)."""
         if not self.quiet:
             self.console.print(text, markup=False, highlight=False, soft_wrap=True)
 
     def start_pass(self, label: str, total: int) -> None:
+        """Begin a scoring pass of `total` samples: a live bar where interactive, else a line at its end."""
         if self.quiet:
             return
         self.label, self.total, self.done = label, total, 0
@@ -71,6 +73,8 @@ class RichReporter:
         return self.tokens / max(time.perf_counter() - self.started, 1e-9)
 
     def advance(self, samples: int, tokens: int) -> None:
+        """Count `samples` more samples and `tokens` more tokens of the current pass (the bar shows tokens per
+        second)."""
         if self.quiet:
             return
         self.tokens += tokens
@@ -79,6 +83,7 @@ class RichReporter:
             self.progress.update(self.task, advance=samples, rate=f"{self._rate():,.0f}")
 
     def end_pass(self) -> None:
+        """Finish the current pass: stop its bar, or print its one-line summary (samples, tokens per second, seconds)."""
         if self.progress is not None:
             self.progress.stop()
             self.progress = None

@@ -14,9 +14,18 @@ SCHEMA_5_VIEWS = ("language_unique_share", "set_totals", "language_unique", "ove
                   "overlap_by_module", "set_sizes", "layer_depth")  # created or re-created by 0005
 
 
+def downgrade_to_schema_5(root):
+    """The archive as the release before arrays on S3 wrote it: no array_location table."""
+    con = duckdb.connect(str(root / "catalog.duckdb"))
+    con.execute("DROP TABLE array_location")
+    con.execute("DELETE FROM schema_migrations WHERE version > 5")
+    con.close()
+
+
 def downgrade_to_schema_4(root):
     """The archive as the release before relative depth and shares wrote it: the views of
     migration 0004 (no depth, share, set_totals or language_unique_share); same tables."""
+    downgrade_to_schema_5(root)
     con = duckdb.connect(str(root / "catalog.duckdb"))
     for view in SCHEMA_5_VIEWS:
         con.execute(f"DROP VIEW {view}")

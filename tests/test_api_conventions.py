@@ -119,7 +119,7 @@ def test_chart_options_are_checked_by_name(llama_archive):
         archive.chart("layers", model="llama", lang=["en"])
     with pytest.raises(UsageError, match="'task' applies to the interventions chart only"):
         archive.chart("overlap", model="llama", task="nll")
-    with pytest.raises(UsageError, match="'by' applies to the heatmap chart only"):
+    with pytest.raises(UsageError, match="'by' applies to the heatmap and analyses charts only"):
         archive.chart("sizes", model="llama", by="layer")
     with pytest.raises(TypeError, match="needs model="):
         archive.chart("sizes", langs="en")

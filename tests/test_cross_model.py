@@ -300,7 +300,7 @@ def test_x_option_is_checked(two_models, tmp_path):
     assert result.exit_code == 2 and "applies to the layers and overlap charts and to heatmap" in result.output
     result = run(two_models, "chart", "heatmap", "--model", "tiny", "--x", "depth", "-o", str(tmp_path / "h.svg"))
     assert result.exit_code == 2 and "not to heatmap by k" in result.output
-    with pytest.raises(TypeError, match="'x' applies to the overlap, heatmap and layers charts only"):
+    with pytest.raises(TypeError, match="'x' applies to the overlap, heatmap, layers and analyses charts only"):
         mlarch.open(two_models).chart("unique", model="tiny", x="depth")
     with pytest.raises(UsageError, match="x .--x. must be one of layer, depth"):
         charts.layers(two_models, "tiny", x="height")
@@ -331,7 +331,7 @@ def test_schema_4_archive_upgrades_and_keeps_its_columns_and_values(copy):
     assert con.execute("SELECT max(version) FROM schema_migrations").fetchone()[0] == 4
     con.close()
     archive = mlarch.open(copy)
-    assert archive.sql("SELECT max(version) AS v FROM schema_migrations")["v"][0] == catalog.latest_version() == 5
+    assert archive.sql("SELECT max(version) AS v FROM schema_migrations")["v"][0] == catalog.latest_version() == 6
     for view, columns in OLD_COLUMNS.items():
         frame = archive.sql(f"SELECT * FROM {view} ORDER BY ALL")
         assert ", ".join(frame.columns[:len(columns.split(", "))]) == columns, view  # old columns first

@@ -15,8 +15,9 @@ import uuid
 from pathlib import Path
 
 from mlarch.errors import MlarchError, UsageError
+from mlarch.charts.extras import require  # noqa: F401 - mlarch.charts.require, as before
 
-KINDS = ("sizes", "overlap", "heatmap", "layers", "upset", "unique", "interventions")
+KINDS = ("sizes", "overlap", "heatmap", "layers", "upset", "unique", "interventions", "analyses")
 X_AXES = ("layer", "depth")  # layers and overlap: block index or relative depth
 EVAL_OPTIONS = ("task", "intervention", "dataset")  # interventions only
 BY = ("global", "layer")
@@ -25,17 +26,8 @@ PNG_SCALE = 2  # PNG pixels per chart px (≈ 200 dpi at the chart's nominal siz
 FONT = "Liberation Sans, Arial, Helvetica, sans-serif"  # bundled with vl-convert: same look everywhere
 
 
-def require(module: str):
-    """Import altair or vl_convert, or say how to install them (they are the chart extras)."""
-    import importlib
-
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        raise MlarchError(f"charts need {module}: pip install 'altair>=5.4' 'vl-convert-python>=1.7'") from None
-
-
 def check_kind(kind: str) -> str:
+    """`kind` if it is one of KINDS, else a UsageError listing them."""
     if kind not in KINDS:
         raise UsageError(f"unknown chart kind {kind!r}: choose one of {', '.join(KINDS)}")
     return kind
@@ -55,7 +47,8 @@ def build(archive, kind: str, model: str | None = None, langs=None, k=None, seed
           by: str = "global", *, task: str | None = None, intervention: str | None = None,
           dataset: str | None = None, x: str | None = None, **scope_options):
     """An Altair chart of `kind` for the models matching `model` (the per-kind functions
-    sizes(), overlap(), heatmap(), layers(), upset(), unique(), interventions() document each).
+    sizes(), overlap(), heatmap(), layers(), upset(), unique(), interventions(), analyses() document
+    each; analyses compares two analyses of one model and takes analysis='A,B').
 
     x (layers, overlap, and heatmap with by='layer'): 'layer' (block index) or 'depth'
     (layer / (blocks - 1), so models of different depth align); default depth when several
@@ -80,9 +73,10 @@ def build(archive, kind: str, model: str | None = None, langs=None, k=None, seed
     _check_scope_options(kind, scope_options)
     if by not in BY:
         raise UsageError(f"by (--by) must be one of {', '.join(BY)}, got {by!r}")
-    if x is not None and kind not in ("layers", "overlap") and not (kind == "heatmap" and by == "layer"):
-        raise UsageError(f"x (--x) applies to the layers and overlap charts and to heatmap with by='layer' "
-                         f"(--by layer) only, not to {kind}{' by k' if kind == 'heatmap' else ''}: leave it out")
+    if x is not None and kind not in ("layers", "overlap") and not (kind in ("heatmap", "analyses") and by == "layer"):
+        raise UsageError(f"x (--x) applies to the layers and overlap charts and to heatmap and analyses with by='layer' "
+                         f"(--by layer) only, not to {kind}{' by k' if kind in ('heatmap', 'analyses') else ''}: "
+                         "leave it out")
     if x is not None and x not in X_AXES:
         raise UsageError(f"x (--x) must be one of {', '.join(X_AXES)}, got {x!r}")
     given = [name for name, value in zip(EVAL_OPTIONS, (task, intervention, dataset)) if value is not None]
@@ -101,6 +95,9 @@ def build(archive, kind: str, model: str | None = None, langs=None, k=None, seed
         raise UsageError(f"by='layer' (--by layer) does not apply to {kind}: use it with heatmap "
                          "(overlap and layers are per layer already)")
     archive = _open(archive)
+    if kind == "analyses":  # two analyses of one model: its own resolver (query.analysis_overlap)
+        pair = data.resolve_analysis_pair(archive, model, langs, k, seed, **scope_options)
+        return style(kinds.analyses(archive, pair, by=by, x=x or "layer"))
     multi_k = kind == "sizes" or (kind == "heatmap" and by == "global")
     min_langs = {"overlap": 2, "heatmap": 2, "upset": 3}.get(kind, 1)
     scope = data.resolve(archive, model, langs, k, seed, multi_k=multi_k, min_langs=min_langs, kind=kind,
@@ -180,8 +177,20 @@ def interventions(archive, model: str, langs=None, k: float | None = None, seed:
                  dataset=dataset, **scope_options)
 
 
+def analyses(archive, model: str, langs=None, k=None, seed: int | None = None, by: str = "global",
+             x: str | None = None, **scope_options):
+    """Jaccard of one model's math-only sets in two of its analyses (e.g. exact vs
+    --paper-compat): by='global', Jaccard vs k, one line per language; by='layer', Jaccard per
+    layer (x: 'layer' or 'depth'), one line per k, one panel per language.
+
+    analysis: the two, 'A,B' or [A, B] (default: the model's exact analysis X and the
+    paper-compatible X-paper beside it); langs: default every language both have; k: a
+    list, default every k both have sets at (a mathneuro-bf16 analysis: its archived k)."""
+    return build(archive, "analyses", model, langs, k, seed, by, x=x, **scope_options)
+
+
 _BUILDERS = {"sizes": sizes, "overlap": overlap, "heatmap": heatmap, "layers": layers, "upset": upset,
-             "unique": unique, "interventions": interventions}
+             "unique": unique, "interventions": interventions, "analyses": analyses}
 _NOT_OPTIONS = {"archive", "model", "langs", "k", "seed", "multi_k", "min_langs", "kind"}  # resolve's own
 
 
@@ -195,7 +204,8 @@ def _scope_option_names(kind: str) -> list[str]:
 
     from mlarch.charts import data
 
-    resolver = data.resolve_evaluations if kind == "interventions" else data.resolve
+    resolver = {"interventions": data.resolve_evaluations,
+                "analyses": data.resolve_analysis_pair}.get(kind, data.resolve)
     named = {"task", "intervention", "dataset"}  # interventions() names these itself
     return [p.name for p in inspect.signature(resolver).parameters.values()
             if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in _NOT_OPTIONS | named]
@@ -323,5 +333,5 @@ def save(chart, path) -> Path:
     return write_atomic(path, render(chart, check_format(path)))
 
 
-__all__ = ["BY", "FORMATS", "KINDS", "ChartOptionError", "build", "chart", "heatmap", "interventions", "layers",
+__all__ = ["BY", "FORMATS", "KINDS", "ChartOptionError", "analyses", "build", "chart", "heatmap", "interventions", "layers",
            "options_of", "overlap", "render", "save", "sizes", "style", "unique", "upset"]

@@ -51,12 +51,16 @@ def color(lang: str) -> str:
 
 
 def shape(lang: str) -> str:
+    """The point shape of a language's lines: fixed for known languages, else derived from its code."""
     return LANGUAGE_SHAPES.get(lang) or SHAPES[_digest(lang) % len(SHAPES)]
 
 
 def pair_color(index: int) -> str:
+    """The colour of the index-th language pair's line (cycling through PAIR_COLORS)."""
     return PAIR_COLORS[index % len(PAIR_COLORS)]
 
 
 def pair_shape(index: int) -> str:
+    """The point shape of the index-th language pair, shifted each colour cycle so colour and shape pairs stay
+    distinct."""
     return SHAPES[(index // len(PAIR_COLORS) + index) % len(SHAPES)]

@@ -10,6 +10,7 @@ from itertools import combinations
 import polars as pl
 
 from mlarch.errors import MlarchError, UsageError
+from mlarch.wording import Arg, error
 from mlarch.query.compare import chosen_analyses, derived_sets, match_models, resolve_k_seed
 from mlarch.store import catalog
 
@@ -30,13 +31,16 @@ class Scope:
 
     @property
     def k(self) -> float:
+        """The k of a one-k chart: the first (or only) k of the scope."""
         return self.ks[0]
 
     @property
     def pairs(self) -> list[tuple[str, str]]:
+        """Every pair of the scope's languages, in their order."""
         return list(combinations(self.langs, 2))
 
     def params(self, **extra) -> dict:
+        """The scope as SQL parameters ($models, $analyses, $langs, $ks, $k, $seed), plus `extra`."""
         return {"models": self.models, "analyses": list(self.analyses), "langs": self.langs, "ks": self.ks,
                 "k": self.k, "seed": self.seed, **extra}
 
@@ -48,7 +52,7 @@ def _langs(value) -> list[str] | None:
         value = value.split(",")
     langs = [str(x).strip() for x in value if str(x).strip()]
     if not langs:
-        raise UsageError("--langs is empty: list language codes, e.g. --langs en,de,bn")
+        raise error(UsageError, Arg("langs"), " is empty: list language codes, e.g. ", Arg("langs", ["en", "de", "bn"]))
     if len(set(langs)) != len(langs):
         raise UsageError(f"languages repeat in {','.join(langs)}: list each once")
     return langs
@@ -76,10 +80,12 @@ def resolve(archive, model: str, langs=None, k=None, seed: int | None = None, *,
     """Match models, pick each one's analysis (the one given, else its only one), check
     languages, and pick k/seed (defaults as in `mlarch compare`)."""
     if not model or not str(model).strip():
-        raise UsageError("--model is required: a substring of archived model names, e.g. --model gemma")
+        raise error(UsageError, Arg("model"), " is required: a substring of archived model names, e.g. ",
+                    Arg("model", "gemma"))
     langs, ks = _langs(langs), _ks(k)
     if ks and not multi_k and len(ks) > 1:
-        raise UsageError(f"{kind} shows one k, got {len(ks)} ({','.join(map(str, ks))}): pass a single --k")
+        raise error(UsageError, f"{kind} shows one k, got {len(ks)} ({','.join(map(str, ks))}): pass a single ",
+                    Arg("k"))
     if ks and any(not 0 < x < 1 for x in ks):
         raise UsageError(f"k must be in (0, 1), got {','.join(map(str, ks))}")
     with catalog.reading(archive.catalog_path) as con:
@@ -103,7 +109,7 @@ def resolve(archive, model: str, langs=None, k=None, seed: int | None = None, *,
     if langs is None:
         common = set.intersection(*(set(v) for v in have.values()))
         if not common:
-            raise MlarchError(f"models {', '.join(models)} share no language: pass a narrower --model")
+            raise error(MlarchError, f"models {', '.join(models)} share no language: pass a narrower ", Arg("model"))
         langs = _canonical(common)
     for name in models:
         missing = [lang for lang in langs if lang not in have[name]]
@@ -112,8 +118,8 @@ def resolve(archive, model: str, langs=None, k=None, seed: int | None = None, *,
                 f"language {', '.join(missing)} is not archived for model {name!r} at seed {seed_used}; "
                 f"archived: {', '.join(have[name]) or 'none'}")
     if len(langs) < min_langs:
-        raise UsageError(f"{kind} needs at least {min_langs} languages, got {len(langs)} "
-                         f"({','.join(langs)}): pass e.g. --langs en,de,bn")
+        raise error(UsageError, f"{kind} needs at least {min_langs} languages, got {len(langs)} ({','.join(langs)}): "
+                    "pass e.g. ", Arg("langs", ["en", "de", "bn"]))
     return Scope(models, langs, ks, seed_used, k_default=k is None, seed_default=seed is None,
                  analyses=tuple(chosen))
 
@@ -174,6 +180,7 @@ def _pair_columns(frame: pl.DataFrame, scope: Scope) -> pl.DataFrame:
 
 
 def pair_label(a: str, b: str) -> str:
+    """The label of a language pair in charts and tables: `a–b`."""
     return f"{a}–{b}"
 
 
@@ -254,6 +261,8 @@ class EvalScope:
     analyses: tuple[str, ...] = ()  # whose sets were changed, per model (aligned with models)
 
     def params(self, **extra) -> dict:
+        """The scope as SQL parameters (models, analyses, langs, task, intervention, factor, dataset, role, seed, k,
+        null), plus `extra`."""
         return {"models": self.models, "analyses": list(self.analyses), "langs": self.langs, "task": self.task, "intervention": self.intervention,
                 "factor": self.factor, "dataset": self.dataset, "role": self.role, "seed": self.seed, "k": self.k,
                 "null": NULL if self.null else None, **extra}
@@ -272,14 +281,16 @@ def _intervention(value) -> tuple[str | None, float | None]:
                          "(a factor as in scale=0.5)")
     if not factor.strip():
         if "=" in text:
-            raise UsageError(f"intervention {text!r} has no factor after '=': e.g. --intervention {kind}=0.5")
+            raise error(UsageError, f"intervention {text!r} has no factor after '=': e.g. ",
+                        Arg("intervention", f"{kind}=0.5"))
         return kind, None
     if kind in ("prune", NULL):
-        raise UsageError(f"{kind} takes no factor, got {text!r}: pass --intervention {kind}")
+        raise error(UsageError, f"{kind} takes no factor, got {text!r}: pass ", Arg("intervention", kind))
     try:
         return kind, float(factor)
     except ValueError:
-        raise UsageError(f"the factor of {text!r} is not a number: e.g. --intervention {kind}=0.5") from None
+        raise error(UsageError, f"the factor of {text!r} is not a number: e.g. ",
+                    Arg("intervention", f"{kind}=0.5")) from None
 
 
 def _task(value) -> str | None:
@@ -297,7 +308,7 @@ def _dataset(value) -> tuple[str | None, str | None]:
         return None, None
     text = str(value).strip()
     if not text:
-        raise UsageError("--dataset is empty: name the evaluated data set, e.g. --dataset mgsm")
+        raise error(UsageError, Arg("dataset"), " is empty: name the evaluated data set, e.g. ", Arg("dataset", "mgsm"))
     name, sep, role = text.rpartition(":")
     if sep and role in ("math", "control") and name:
         return name, role
@@ -318,10 +329,12 @@ def resolve_evaluations(archive, model: str, langs=None, k=None, seed: int | Non
     """Match models that have evaluations with interventions, then pick task, intervention,
     data set, seed and k (the given ones, checked, or the defaults) and the languages."""
     if not model or not str(model).strip():
-        raise UsageError("--model is required: a substring of archived model names, e.g. --model gemma")
+        raise error(UsageError, Arg("model"), " is required: a substring of archived model names, e.g. ",
+                    Arg("model", "gemma"))
     langs, ks = _langs(langs), _ks(k)
     if ks and len(ks) > 1:
-        raise UsageError(f"{kind} shows one k, got {len(ks)} ({','.join(map(str, ks))}): pass a single --k")
+        raise error(UsageError, f"{kind} shows one k, got {len(ks)} ({','.join(map(str, ks))}): pass a single ",
+                    Arg("k"))
     if ks and any(not 0 < x < 1 for x in ks):
         raise UsageError(f"k must be in (0, 1), got {','.join(map(str, ks))}")
     task, (chosen, factor), (data_name, data_role) = _task(task), _intervention(intervention), _dataset(dataset)
@@ -339,8 +352,8 @@ def resolve_evaluations(archive, model: str, langs=None, k=None, seed: int | Non
         if not others:
             raise MlarchError(f"no evaluations with interventions in the archive for model "
                               f"{', '.join(lacking)}: {eval_hint}")
-        raise MlarchError(f"no evaluations with interventions in the archive for model {', '.join(lacking)} "
-                          f"({', '.join(others)} has some): pass a narrower --model, or {eval_hint}")
+        raise error(MlarchError, f"no evaluations with interventions in the archive for model {', '.join(lacking)} "
+                    f"({', '.join(others)} has some): pass a narrower ", Arg("model"), f", or {eval_hint}")
     who = models[0] if len(models) == 1 else ", ".join(models)
 
     def common(values_of) -> list:
@@ -352,22 +365,22 @@ def resolve_evaluations(archive, model: str, langs=None, k=None, seed: int | Non
     tasks = common(lambda r: r["task"])
     if task is None:
         if not tasks:
-            raise MlarchError(f"models {who} share no evaluated task: pass a narrower --model")
+            raise error(MlarchError, f"models {who} share no evaluated task: pass a narrower ", Arg("model"))
         task = "nll" if "nll" in tasks else tasks[0]
     elif task not in tasks:
-        raise MlarchError(f"no {task} evaluations with interventions for model {who}; evaluated tasks: "
-                          f"{_fmt(tasks)}: pass --task {tasks[0] if tasks else 'nll'}, or {eval_hint}")
+        raise error(MlarchError, f"no {task} evaluations with interventions for model {who}; evaluated tasks: "
+                    f"{_fmt(tasks)}: pass ", Arg("task", tasks[0] if tasks else "nll"), f", or {eval_hint}")
     rows = [r for r in rows if r["task"] == task]
     # intervention: prune if evaluated, else the first kind found
     kinds = [x for x in INTERVENTIONS if x in common(lambda r: r["intervention"])]
     if chosen is None:
         if not kinds:
-            raise MlarchError(f"models {who} share no intervention in their {task} evaluations: "
-                              "pass a narrower --model")
+            raise error(MlarchError, f"models {who} share no intervention in their {task} evaluations: "
+                        "pass a narrower ", Arg("model"))
         chosen = DEFAULT_INTERVENTION if DEFAULT_INTERVENTION in kinds else kinds[0]
     elif chosen not in kinds:
-        raise MlarchError(f"no {chosen} evaluations ({task}) for model {who}; evaluated interventions: "
-                          f"{_fmt(kinds)}: pass e.g. --intervention {kinds[0] if kinds else 'prune'}")
+        raise error(MlarchError, f"no {chosen} evaluations ({task}) for model {who}; evaluated interventions: "
+                    f"{_fmt(kinds)}: pass e.g. ", Arg("intervention", kinds[0] if kinds else "prune"))
     null_rows = [r for r in rows if r["intervention"] == NULL] if chosen == "prune" else []
     rows = [r for r in rows if r["intervention"] == chosen]
     # factor of scale / fraction
@@ -375,8 +388,8 @@ def resolve_evaluations(archive, model: str, langs=None, k=None, seed: int | Non
     if chosen in ("scale", "fraction"):
         if factor is None:
             if len(factors) > 1:
-                raise UsageError(f"{chosen} evaluations of {who} ({task}) use several factors ({_fmt(factors)}): "
-                                 f"pick one, e.g. --intervention {chosen}={factors[0]:g}")
+                raise error(UsageError, f"{chosen} evaluations of {who} ({task}) use several factors "
+                            f"({_fmt(factors)}): pick one, e.g. ", Arg("intervention", f"{chosen}={factors[0]:g}"))
             factor = factors[0] if factors else None
         elif factor not in factors:
             raise MlarchError(f"no {chosen} evaluations with factor {factor:g} ({task}) for model {who}; "
@@ -392,10 +405,10 @@ def resolve_evaluations(archive, model: str, langs=None, k=None, seed: int | Non
         pairs = picked
     if len(pairs) != 1:
         if not pairs:
-            raise MlarchError(f"models {who} share no evaluated data set ({task}, {chosen}): pass a narrower --model")
-        raise UsageError(f"{chosen} evaluations of {who} ({task}) use several data sets "
-                         f"({_fmt(_data_label(*p) for p in pairs)}): pick one, e.g. "
-                         f"--dataset {_data_label(*pairs[0])}")
+            raise error(MlarchError, f"models {who} share no evaluated data set ({task}, {chosen}): pass a narrower ",
+                        Arg("model"))
+        raise error(UsageError, f"{chosen} evaluations of {who} ({task}) use several data sets "
+                    f"({_fmt(_data_label(*p) for p in pairs)}): pick one, e.g. ", Arg("dataset", _data_label(*pairs[0])))
     data_name, data_role = pairs[0]
     rows = [r for r in rows if (r["dataset"], r["role"]) == (data_name, data_role)]
     null_rows = [r for r in null_rows if (r["dataset"], r["role"]) == (data_name, data_role)]
@@ -404,8 +417,8 @@ def resolve_evaluations(archive, model: str, langs=None, k=None, seed: int | Non
     seeds = common(lambda r: r["seed"])
     if seed is None:
         if not seeds:
-            raise MlarchError(f"models {who} share no seed in their {chosen} evaluations ({where}): "
-                              "pass --seed or a narrower --model")
+            raise error(MlarchError, f"models {who} share no seed in their {chosen} evaluations ({where}): pass ",
+                        Arg("seed"), " or a narrower ", Arg("model"))
         seed = seeds[0]
     elif seed not in seeds:
         raise MlarchError(f"no {chosen} evaluations at seed {seed} ({where}) for model {who}; "
@@ -417,8 +430,8 @@ def resolve_evaluations(archive, model: str, langs=None, k=None, seed: int | Non
     k_values = common(lambda r: r["k"])
     if not ks:
         if not k_values:
-            raise MlarchError(f"models {who} share no k in their {chosen} evaluations ({where}): "
-                              "pass a narrower --model")
+            raise error(MlarchError, f"models {who} share no k in their {chosen} evaluations ({where}): "
+                        "pass a narrower ", Arg("model"))
         k = DEFAULT_EVAL_K if DEFAULT_EVAL_K in k_values else k_values[0]
     else:
         k = ks[0]
@@ -431,8 +444,8 @@ def resolve_evaluations(archive, model: str, langs=None, k=None, seed: int | Non
     if langs is None:
         shared = set.intersection(*have.values())
         if not shared:
-            raise MlarchError(f"models {who} share no evaluated language at k = {k:g} ({where}): "
-                              "pass a narrower --model")
+            raise error(MlarchError, f"models {who} share no evaluated language at k = {k:g} ({where}): "
+                        "pass a narrower ", Arg("model"))
         langs = _canonical(shared)
     for name in models:
         missing = [x for x in langs if x not in have[name]]
@@ -513,3 +526,26 @@ def effects(archive, models: list[str], analyses: list[str]) -> pl.DataFrame:
         FROM intervention_effects WHERE {_IN_ANALYSIS}
         ORDER BY model, list_position(['nll', 'accuracy'], task), dataset, role, seed, list_position(['prune', 'random', 'scale', 'fraction'],
                  intervention), factor NULLS FIRST, k, target_lang, lang""", {"models": models, "analyses": analyses})
+
+
+# --- two analyses of one model (e.g. exact vs --paper-compat, issue 15) -----------------------
+def resolve_analysis_pair(archive, model: str, langs=None, k=None, seed: int | None = None, *,
+                          analysis=None):
+    """The comparison an `analyses` chart draws (a query.analysis_overlap.Plan): one model; two
+    of its analyses, analysis='A,B' or [A, B] (default: its exact analysis and the
+    paper-compatible one beside it, X and X-paper); languages (default: every one both have);
+    k values (default: every k both have sets at); seed (default: the smallest shared)."""
+    from mlarch.query import analysis_overlap
+
+    if not model or not str(model).strip():
+        raise error(UsageError, Arg("model"), " is required: a substring of archived model names, e.g. ",
+                    Arg("model", "gemma"))
+    return analysis_overlap.plan(archive, str(model), langs, analysis, k, seed, arg="analysis")
+
+
+def analysis_pair_overlap(archive, plan, by: str = "layer") -> pl.DataFrame:
+    """Jaccard of the two analyses' math-only sets per (language, k) and layer (layer NULL:
+    modules outside blocks) or, by='global', per (language, k)."""
+    from mlarch.query.analysis_overlap import overlap
+
+    return overlap(archive, plan, by)

@@ -19,12 +19,13 @@ BAR_HEIGHT = 200  # UpSet bars
 
 
 def _alt():
-    from mlarch.charts import require
+    from mlarch.charts.extras import require
 
     return require("altair")
 
 
 def fmt_k(k: float) -> str:
+    """A k value as charts and tables print it (general format: 0.01, 1e-04)."""
     return f"{k:g}"
 
 
@@ -135,6 +136,7 @@ def _count_y(values, title):
 
 
 def sizes(archive, scope: data.Scope):
+    """The sizes chart: math-specific parameters vs top-k on log-log axes, one line per language (a panel per model)."""
     alt = _alt()
     frame = data.sizes(archive, scope)
     color, shape = _lang_encodings(scope.langs)
@@ -151,6 +153,8 @@ def sizes(archive, scope: data.Scope):
 
 
 def layers(archive, scope: data.Scope, x: str = "layer"):
+    """The layers chart: math-specific parameters per block, one line per language; x the block index or relative
+    depth."""
     alt = _alt()
     frame = data.layers(archive, scope)
     color, shape = _lang_encodings(scope.langs)
@@ -166,6 +170,8 @@ def layers(archive, scope: data.Scope, x: str = "layer"):
 
 
 def overlap(archive, scope: data.Scope, x: str = "layer"):
+    """The overlap chart: Jaccard of the math-specific sets per block, one line per language pair, chance dashed; x
+    the block index or relative depth."""
     alt = _alt()
     frame = data.overlap_layers(archive, scope).filter(pl.col("layer").is_not_null())
     color, shape = _pair_encodings(scope.pairs)
@@ -254,6 +260,7 @@ def _depth_heatmap(archive, scope: data.Scope):
 
 
 def heatmap(archive, scope: data.Scope, by: str = "global", x: str = "layer"):
+    """The heatmap chart: Jaccard per language pair and k (by='global') or per pair and layer (by='layer')."""
     alt = _alt()
     if by == "layer" and x == "depth":
         return _depth_heatmap(archive, scope)
@@ -321,6 +328,7 @@ def _patterns(frame, langs):
 
 
 def upset(archive, scope: data.Scope):
+    """The UpSet chart: the size of every intersection pattern of the languages' math-specific sets, per model."""
     alt = _alt()
     frame = data.patterns(archive, scope)
     per_model = {m: _patterns(frame.filter(pl.col("model") == m), scope.langs) for m in scope.models}
@@ -416,6 +424,7 @@ def _eval_where(scope: data.EvalScope, *, k: bool = True) -> str:
 
 
 def own_series(scope: data.EvalScope) -> str:
+    """The legend label of the line with each language's own math-only set changed."""
     return f"own math-only set {_what(scope)}"
 
 
@@ -526,3 +535,69 @@ def _intervention_lines(alt, archive, scope: data.EvalScope):
     return chart.properties(title=alt.TitleParams(
         f"{TASK_LABELS[scope.task][0].upper()}{TASK_LABELS[scope.task][1:]} vs k, each language's own set "
         f"{_what(scope)}", fontSize=12, anchor="start"))
+
+
+# --- two analyses of one model (`mlarch compare --analyses`; exact vs --paper-compat) --------------
+# k lines: viridis from green (small k) to dark purple (large k); its yellow end vanishes on white
+K_RAMP = ["#6CCE59", "#35B779", "#1F9E89", "#26828E", "#31688E", "#3E4A89", "#482878", "#440154"]
+
+
+def _k_encodings(ks):
+    """One colour (a sequential ramp: small k light, large k dark) and marker per k value."""
+    alt = _alt()
+    labels = [fmt_k(k) for k in ks]
+    legend = alt.Legend(title="top-k fraction k", symbolStrokeWidth=2)
+    ramp = [K_RAMP[round(i * (len(K_RAMP) - 1) / max(1, len(ks) - 1))] for i in range(len(ks))]
+    return (alt.Color("k_label:N", sort=labels, scale=alt.Scale(domain=labels, range=ramp), legend=legend),
+            alt.Shape("k_label:N", sort=labels, scale=alt.Scale(domain=labels, range=[colors.SHAPES[i % len(colors.SHAPES)]
+                                                                                     for i in range(len(ks))]),
+                      legend=legend))
+
+
+def _jaccard_y():
+    alt = _alt()
+    return alt.Y("jaccard:Q", title="Jaccard index, analysis A vs B", scale=alt.Scale(zero=False, padding=10),
+                 axis=alt.Axis(format=".2f"))
+
+
+def analyses(archive, plan, by: str = "global", x: str = "layer"):
+    """Jaccard of one model's math-only sets in two analyses (plan: query.analysis_overlap.Plan):
+    by='global', Jaccard vs k (log axis), one line per language; by='layer', Jaccard per layer
+    (x: 'layer' or 'depth'), one line per k, one panel per language."""
+    alt = _alt()
+    a, b = plan.analyses
+    where = f"{plan.model} · A = {a}, B = {b} · seed {plan.seed}"
+    what = "Math-only set: top-k on math text and not top-k on control text, same matrix and k; 1 = identical sets."
+    tooltip = [alt.Tooltip("lang:N", title="language"), alt.Tooltip("k:Q", format="~g"),
+               alt.Tooltip("jaccard:Q", format=".4f"), alt.Tooltip("n_a:Q", title="in A", format=","),
+               alt.Tooltip("n_b:Q", title="in B", format=","),
+               alt.Tooltip("n_intersection:Q", title="in both", format=","),
+               alt.Tooltip("n_union:Q", title="in either", format=",")]
+    if by == "global":
+        frame = data.analysis_pair_overlap(archive, plan, "global")
+        color, shape = _lang_encodings(plan.langs)
+        x_axis = alt.X("k:Q", title="top-k fraction k (log scale)", scale=alt.Scale(type="log", nice=False, padding=12),
+                       axis=alt.Axis(values=plan.ks, format="~g", labelAngle=-45, labelOverlap=False, grid=False))
+        chart = _lines(frame, x_axis, _jaccard_y(), tooltip, color, shape)
+        return chart.properties(title=_title("Math-only sets in two analyses: Jaccard vs top-k", where,
+                                             "All scored matrices pooled, one line per language. " + what))
+    frame = data.analysis_pair_overlap(archive, plan, "layer")
+    outside = frame.filter(pl.col("layer").is_null()).height > 0
+    frame = frame.filter(pl.col("layer").is_not_null()).with_columns(
+        k_label=pl.col("k").map_elements(fmt_k, return_dtype=pl.String))
+    color, shape = _k_encodings(plan.ks)
+    tooltip = [alt.Tooltip("layer:Q"), alt.Tooltip("depth:Q", format=".3f")] + tooltip
+    base = alt.Chart(frame).encode(x=_x_axis(frame, x), y=_jaccard_y(), color=color)
+    line = base.mark_line(strokeWidth=2).encode(detail="k_label:N")
+    points = base.mark_point(filled=True, size=45, opacity=1).encode(shape=shape, tooltip=tooltip)
+    chart = alt.layer(line, points).properties(width=WIDTH, height=HEIGHT)
+    if len(plan.langs) > 1:
+        chart = chart.facet(facet=alt.Facet("lang:N", title=None, sort=plan.langs,
+                                            header=alt.Header(labelFontSize=12, labelFontWeight="bold")),
+                            columns=min(FACET_COLUMNS, len(plan.langs)))
+    langs = f"language {plan.langs[0]}" if len(plan.langs) == 1 else "one panel per language"
+    return chart.properties(title=_title(
+        "Math-only sets in two analyses: Jaccard per layer", where,
+        f"One line per k, {langs}. " + what,
+        "Not shown: modules outside transformer blocks (e.g. an untied head); the Jaccard vs k (by global) "
+        "includes them." if outside else ""))

@@ -93,6 +93,57 @@ def intervention_figures(archive, models: list[str], model: str, scope: data.Sco
     return figures
 
 
+def analysis_pairs(archive, scope: data.Scope) -> list:
+    """For each model whose shown analysis has a paper-compatible twin (X and X-paper, or its
+    only exact and compatible analyses): the comparison to draw (query.analysis_overlap.Plan),
+    on the report's languages that both have (none: left out)."""
+    from mlarch.query.analysis_overlap import paper_pairs
+    from mlarch.store import catalog
+
+    with catalog.reading(archive.catalog_path) as con:
+        found = {m: [p for p in paper_pairs(con, m) if shown in p] for m, shown in zip(scope.models, scope.analyses)}
+    plans = []
+    for name, pairs in found.items():
+        if len(pairs) != 1:
+            continue
+        try:
+            plan = data.resolve_analysis_pair(archive, name, analysis=list(pairs[0]))
+        except MlarchError:  # e.g. no language, seed or k in common: nothing to compare
+            continue
+        langs = [x for x in scope.langs if x in plan.langs]
+        if langs:
+            plans.append(data.resolve_analysis_pair(archive, name, langs, None, plan.seed, analysis=list(pairs[0])))
+    return plans
+
+
+def analysis_figures(plans: list) -> list:
+    """(file stem, kind, options, caption) of the analyses charts of `plans`."""
+    figures = []
+    for plan in plans:
+        a, b = plan.analyses
+        suffix = "" if len(plans) == 1 else "-" + _slug(plan.model)
+        options = {"model": plan.model, "analysis": f"{a},{b}", "langs": plan.langs, "seed": plan.seed}
+        figures += [
+            (f"analyses-layer{suffix}", "analyses", {**options, "by": "layer"},
+             f"Jaccard of the math-only sets in analysis {a} vs {b} per layer, one line per k."),
+            (f"analyses{suffix}", "analyses", {**options, "by": "global"},
+             f"Jaccard of the math-only sets in analysis {a} vs {b} vs k, all layers pooled, one line per language."),
+        ]
+    return figures
+
+
+def analyses_table(archive, plans: list) -> pl.DataFrame:
+    """model, language, then the Jaccard of the two analyses' sets at each k (all layers pooled)."""
+    rows = []
+    for plan in plans:
+        frame = data.analysis_pair_overlap(archive, plan, "global")
+        for lang in plan.langs:
+            part = frame.filter(pl.col("lang") == lang)
+            rows.append({"model": plan.model, "A": plan.analyses[0], "B": plan.analyses[1], "language": lang,
+                         **{f"k = {fmt_k(k)}": j for k, j in zip(part["k"].to_list(), part["jaccard"].to_list())}})
+    return pl.DataFrame(rows)
+
+
 def effects_table(archive, models: list[str], analyses: list[str]) -> pl.DataFrame:
     """intervention_effects of the models: the columns that vary (model, task, data set,
     seed, factor) first, then target_lang, lang, intervention, k, baseline, value, the
@@ -244,7 +295,8 @@ def write_report(archive, out_dir, model: str, langs=None, k: float | None = Non
     files: dict[str, bytes] = {}
     shown = []
     figures_eval = intervention_figures(archive, scope.models, model, scope_k)
-    for stem, kind, options, caption in _figures(scope_k, model) + figures_eval:
+    pairs = analysis_pairs(archive, scope_k)  # exact vs paper-compatible (issue 15), where the model has both
+    for stem, kind, options, caption in _figures(scope_k, model) + figures_eval + analysis_figures(pairs):
         chart = build(archive, kind, **options)
         files[f"{stem}.svg"] = render(chart, "svg")
         files[f"{stem}.png"] = render(chart, "png")
@@ -260,6 +312,10 @@ def write_report(archive, out_dir, model: str, langs=None, k: float | None = Non
         chosen = [shown_analysis[m] for m in evaluated]
         effects = effects_table(archive, evaluated, chosen)
         tables.append(_table(effects, _effects_caption(archive, evaluated, chosen, effects)))
+    if pairs:
+        tables.append(_table(analyses_table(archive, pairs),
+                             "Jaccard of the math-only sets in analysis A vs B (the exact method vs the paper-compatible "
+                             "one) per language and k, all layers pooled."))
     tables.append(_table(provenance_table(archive, scope), "Runs used (math and control per language)."))
     title = f"mlarch report: {', '.join(scope.models)}"
     when = datetime.now(timezone.utc).isoformat(timespec="seconds")

@@ -8,7 +8,6 @@ from __future__ import annotations
 import errno
 import os
 import sys
-from pathlib import Path
 
 import click
 
@@ -16,8 +15,11 @@ from mlarch.cli.common import archive_of as _archive
 from mlarch.cli.common import csv_list as _csv
 from mlarch.cli.output import emit, output_options
 from mlarch.errors import MlarchError
+from mlarch.wording import for_cli
 from mlarch.ingest.devices import HELP as _DEVICE_HELP
 from mlarch.ingest.devices import option_callback as _device
+from mlarch.ingest.devices import DEVICE_MAP_HELP as _DEVICE_MAP_HELP
+from mlarch.ingest.devices import device_map_callback as _device_map
 
 EPILOG = """\b
 Examples:
@@ -31,6 +33,7 @@ class Shell(click.Group):
     """Prints every error as one line (`Error: ...`), never a traceback."""
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        """Run the command; exit with its status, printing any error as one line (see the class)."""
         try:
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except click.exceptions.Exit as exc:
@@ -38,8 +41,8 @@ class Shell(click.Group):
         except click.ClickException as exc:
             click.echo(f"Error: {_one_line(exc.format_message())}", err=True)
             sys.exit(exc.exit_code)
-        except MlarchError as exc:
-            click.echo(f"Error: {_one_line(str(exc))}", err=True)
+        except MlarchError as exc:  # in the CLI's words: flags (--k), where the library names arguments (k=)
+            click.echo(f"Error: {_one_line(for_cli(exc))}", err=True)
             sys.exit(exc.exit_code)
         except (click.exceptions.Abort, KeyboardInterrupt):
             click.echo("Aborted.", err=True)
@@ -133,9 +136,21 @@ Examples:
   mlarch ingest --model qwen2.5-coder-0.5b --langs en,de --math starter --control starter --samples 24
   mlarch ingest --model Qwen/Qwen2.5-0.5B-Instruct-GGUF --gguf-file qwen2.5-0.5b-instruct-q4_k_m.gguf \\
       --langs en,de --math starter --control starter --device cuda:0
+  mlarch ingest --model Qwen/Qwen2.5-72B --device-map auto --langs en --math starter --control starter
+  mlarch ingest --model ./tiny --langs en --math hf:openai/gsm8k:test:main --control starter
   mlarch ingest --model google/gemma-3-270m --langs en --math 'gsm/{lang}.csv' --control 'wiki/{lang}.csv' \\
       --seeds 1,101,201 --paper-compat
+  AWS_ENDPOINT_URL=http://127.0.0.1:9000 mlarch --archive ./arch ingest --model ./tiny --langs en \\
+      --math starter --control starter --arrays s3://my-bucket/mlarch
   mlarch compare --model gemma-3-270m --langs en --analyses gsm-vs-wiki,gsm-vs-wiki-paper
+  mlarch ingest --model ./tiny --langs en,de,bn --math starter --control starter --executor ray
+  ray start --head --port 6379 && mlarch ingest --model Qwen/Qwen2.5-0.5B --langs en,de --math mgsm \\
+      --control flores --seeds 1,101,201 --executor ray --ray-address 127.0.0.1:6379
+
+\b
+--executor ray runs each (language, role, seed) unit on a Ray worker that holds the model
+(one per GPU, or per share of the CPUs); this process alone writes the catalog, committing
+each language's runs as they arrive. A worker that dies is restarted and its units retried.
 
 \b
 --paper-compat is what the authors' code does: --method mathneuro-bf16 --dtype bfloat16
@@ -150,14 +165,16 @@ gemma-3-270m (pip install 'mlarch[demo]'), qwen2.5-coder-0.5b (pip install 'mlar
 \b
 Data: a path template with {lang}: .jsonl (a 'text' field verbatim, else 'question' and
 'answer' as "Q: {question}\\nA: {answer}"), .csv with a header (same fields), or any other
-file with one item per line.""")
+file with one item per line. A hub data set, hf:OWNER/NAME[@REVISION]:SPLIT[:CONFIG]: the
+split's .parquet/.jsonl files at one commit (same columns), cached in $MLARCH_CACHE/data/hub.""")
 @click.option("--model", "model_ref", required=True,
               help="Model folder, .gguf file, hub id, or named model (gemma-3-270m, qwen2.5-coder-0.5b).")
 @click.option("--langs", required=True, callback=_csv(str), help="Comma-separated language codes, e.g. en,de,bn.")
 @click.option("--math", "math_spec", required=True,
-              help="Math data: a named source (mgsm, gsm8k, starter) or a path template with {lang}.")
+              help="Math data: a named source (mgsm, gsm8k, starter), a path template with {lang}, or a hub data set "
+                   "hf:OWNER/NAME[@REVISION]:SPLIT[:CONFIG] ({lang} in SPLIT or CONFIG).")
 @click.option("--control", "control_spec", required=True,
-              help="Control data: a named source (flores, starter) or a path template with {lang}.")
+              help="Control data: a named source (flores, starter), a path template with {lang}, or a hub data set (hf:...).")
 @click.option("--data-dir", type=click.Path(file_okay=False), default=None,
               help="Read named sources' files from this folder (laid out like ../shared/data) instead of downloading.")
 @click.option("--name", default=None, help="Model name in the archive [default: from --model].")
@@ -173,6 +190,7 @@ file with one item per line.""")
               help="Truncate texts to this many tokens; none: no truncation (the authors').")
 @click.option("--device", default="auto", show_default=True, callback=_device, metavar="DEVICE",
               help=_DEVICE_HELP)
+@click.option("--device-map", "device_map", default=None, callback=_device_map, metavar="auto", help=_DEVICE_MAP_HELP)
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
               show_default=True, help="auto: float32 on CPU, bfloat16 on CUDA.")
 @click.option("--revision", default=None, help="Hub revision (branch, tag or commit).")
@@ -196,11 +214,27 @@ file with one item per line.""")
                    "prompt of 'question' and 'solution').")
 @click.option("--paper-compat", "paper_compat", is_flag=True,
               help="What the authors' code does: all of the settings above as theirs (see below).")
+@click.option("--arrays", default=None, metavar="s3://BUCKET/PREFIX", expose_value=False,
+              callback=lambda ctx, param, value: ctx.meta.__setitem__("mlarch.arrays", value),
+              help="On an archive's first ingest: keep its arrays in this S3 bucket prefix (AWS_ENDPOINT_URL, "
+                   "AWS_ACCESS_KEY_ID, AWS_PROFILE... as usual; pip install 'mlarch[s3]'). The catalog records it; "
+                   "later commands read it from there [default: the archive folder's arrays.zarr].")
+@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              expose_value=False, callback=lambda ctx, param, value: ctx.meta.setdefault("mlarch.ray", {}).update(
+                  executor=value),
+              help="local: score in this process; ray: one worker per GPU (or share of the CPUs) of a Ray cluster "
+                   "loads the model once and scores the units queued to it (pip install 'mlarch[ray]').")
+@click.option("--ray-address", default=None, metavar="HOST:PORT", expose_value=False,
+              callback=lambda ctx, param, value: ctx.meta.setdefault("mlarch.ray", {}).update(ray_address=value),
+              help="With --executor ray: the cluster to join [default: RAY_ADDRESS, else a local Ray instance].")
+@click.option("--gpus-per-unit", type=float, default=1, show_default=True, expose_value=False,
+              callback=lambda ctx, param, value: ctx.meta.setdefault("mlarch.ray", {}).update(gpus_per_unit=value),
+              help="With --executor ray on GPUs: the GPUs each worker (one copy of the model) holds.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress output.")
 @click.pass_context
 def ingest(ctx, model_ref, langs, math_spec, control_spec, data_dir, name, analysis, samples, seeds, top_k, batch_size,
-           max_length, device, dtype, revision, gguf_file, trust_remote_code, force, only_correct, method, sampling,
-           shuffle_seed, template, paper_compat, quiet):
+           max_length, device, device_map, dtype, revision, gguf_file, trust_remote_code, force, only_correct, method,
+           sampling, shuffle_seed, template, paper_compat, quiet):
     """Score a model on math and control texts per language and archive the runs."""
     from mlarch.cli.progress import RichReporter
     from mlarch.ingest.pipeline import IngestConfig, ingest as run_ingest
@@ -212,7 +246,8 @@ def ingest(ctx, model_ref, langs, math_spec, control_spec, data_dir, name, analy
         seeds=seeds, top_k=top_k, batch_size=batch_size, max_length=max_length, device=device,
         dtype=dtype, revision=revision, gguf_file=gguf_file, trust_remote_code=trust_remote_code, force=force,
         data_dir=data_dir, only_correct=only_correct, method=method, sampling=sampling, shuffle_seed=shuffle_seed,
-        template=template, paper_compat=paper_compat,
+        template=template, paper_compat=paper_compat, device_map=device_map,
+        arrays=ctx.meta.get("mlarch.arrays"), **ctx.meta.get("mlarch.ray", {}),
     )
     reporter = RichReporter(quiet=quiet)
     result = run_ingest(layout.resolve(ctx.obj["archive"]), cfg, reporter)
@@ -261,24 +296,7 @@ def models(ctx, fmt):
 @click.pass_context
 def show(ctx, run_id, fmt):
     """Show one run's full provenance as key/value rows."""
-    import polars as pl
-
-    run = _archive(ctx).run(run_id)
-    rows = []
-
-    def flatten(prefix, value):
-        if isinstance(value, dict):
-            for key, inner in value.items():
-                flatten(f"{prefix}.{key}" if prefix else key, inner)
-        elif isinstance(value, list) and len(value) > 20:
-            rows.append((prefix, f"[{len(value)} values] " + ",".join(map(str, value[:20])) + ",..."))
-        else:
-            rows.append((prefix, "" if value is None else ",".join(map(str, value)) if isinstance(value, list) else str(value)))
-
-    provenance = run.pop("provenance") or {}
-    flatten("", {k: v for k, v in run.items()})
-    flatten("", {k: v for k, v in provenance.items() if k not in run or isinstance(v, dict)})
-    emit(pl.DataFrame(rows, schema=["key", "value"], orient="row"), fmt)
+    emit(_archive(ctx).show(run_id), fmt)
 
 
 @cli.command(epilog="""\b
@@ -289,11 +307,15 @@ Examples:
   mlarch compare --model gemma --langs en,zh --by module --format csv
   mlarch compare --model llama --langs en,bn --analysis gsm8k-vs-mmlu
   mlarch compare --model llama --langs en --analyses gsm8k-vs-flores,gsm8k-vs-mmlu --by global
+  mlarch compare --model gemma --langs all --analyses gsm8k-vs-flores,gsm8k-vs-flores-paper --k all
 
 \b
---analyses A,B compares one language's math-only set across two analyses of one model
-(e.g. the same math data against two control sets): sizes in each, intersection, union
-and Jaccard, from the per-parameter masks.
+--analyses A,B compares the languages' math-only sets across two analyses of one model
+(e.g. the same math data against two control sets, or exact vs --paper-compat): sizes in
+each, intersection, union and Jaccard per language, k and layer, from the per-parameter
+masks. There --langs takes one or more languages, or all (every language both have), and
+--k a list or all [default: every k both have sets at; a mathneuro-bf16 analysis has
+sets only at the k it archived].
 
 \b
 Several models (a substring matching several, or a comma list gemma,qwen) give rows per
@@ -304,28 +326,35 @@ have it).""")
 @click.option("--model", "model_pattern", required=True,
               help="Substring of archived model names (case-insensitive), or a comma list: gemma,qwen.")
 @click.option("--langs", required=True, callback=_csv(str),
-              help="Two or more languages; all pairs are compared (one language with --analyses).")
-@click.option("--k", type=float, default=None, help="Top-k fraction [default: 0.01 when archived, else the smallest].")
+              help="Two or more languages; all pairs are compared (with --analyses: one or more, or all).")
+@click.option("--k", "k_text", default=None, metavar="K",
+              help="Top-k fraction [default: 0.01 when archived, else the smallest]; with --analyses a list "
+                   "K1,K2 or all [default: all].")
 @click.option("--seed", type=int, default=None, help="Sampling seed [default: the smallest archived].")
 @click.option("--by", type=click.Choice(["layer", "module", "global"]), default="layer", show_default=True)
 @click.option("--analysis", default=None,
               help="Analysis of the model to compare in [default: its only one]. See `mlarch analyses`.")
 @click.option("--analyses", "analysis_pair", default=None, callback=_csv(str), metavar="A,B",
-              help="Compare one language's set across these two analyses instead of languages.")
+              help="Compare the languages' sets across these two analyses instead of languages.")
 @output_options
 @click.pass_context
-def compare(ctx, model_pattern, langs, k, seed, by, analysis, analysis_pair, fmt):
+def compare(ctx, model_pattern, langs, k_text, seed, by, analysis, analysis_pair, fmt):
     """Overlap of the languages' math-only parameter sets: sizes, intersection, union,
     Jaccard vs chance, and parameters unique to each language among those compared."""
     if analysis_pair is not None:
         if analysis is not None:
             raise click.UsageError("give --analysis or --analyses A,B, not both")
-        if len(langs) != 1:
-            raise click.UsageError(f"--analyses compares one language's set across two analyses: pass one language, "
-                                   f"e.g. --langs {langs[0] if langs else 'en'}")
-        frame = _archive(ctx).analysis_overlap(model_pattern, langs[0], analysis_pair, k=k, seed=seed, by=by)
+        frame = _archive(ctx).analysis_overlap(model_pattern, langs, analysis_pair, k=k_text, seed=seed, by=by)
+        if k_text is None and fmt in ("table", "markdown") and frame.height:
+            shown = ", ".join(f"{x:g}" for x in frame["k"].unique().sort())
+            click.echo(f"k = {shown} (every k both analyses have sets at; pass --k to choose)", err=True)
         emit(frame, fmt)
         return
+    try:
+        k = None if k_text is None else float(k_text)
+    except ValueError:
+        raise click.UsageError(f"--k {k_text!r} is not a valid float: pass one number when comparing languages "
+                               "(a list or all only with --analyses A,B)") from None
     frame = _archive(ctx).compare(model_pattern, langs, k=k, seed=seed, by=by, analysis=analysis)
     used_k, used_seed = frame["k"][0], frame["seed"][0]
     notes = []
@@ -414,32 +443,18 @@ def demo(ctx, langs, samples, data_dir, with_interventions, quiet):
     import time
 
     from mlarch.cli.progress import RichReporter
-    from mlarch.ingest import demo as demo_lib
-    from mlarch.ingest.pipeline import IngestConfig
     from mlarch.query.api import Archive
-    from mlarch.store import layout
 
-    IngestConfig(model="-", langs=langs, math="-", control="-", samples=samples).validate()
     started = time.perf_counter()
-    root = layout.resolve(ctx.obj["archive"])
-    result = demo_lib.run(root, langs=langs, samples=samples, data_dir=data_dir, reporter=RichReporter(quiet=quiet))
-    archive = Archive(root)
+    archive = Archive(ctx.obj["archive"])
+    root = archive.root
+    result = archive.demo(langs, samples, data_dir, reporter=RichReporter(quiet=quiet))
     click.echo(f"\nArchive: {root.resolve()}  (model {result['model']}, {len(result['written'])} run(s) scored, "
                f"{len(result['skipped'])} reused, {time.perf_counter() - started:.0f} s)")
     click.echo("\nOverlap of the math-specific parameter sets, all layers pooled (k = 0.01, seed 1):")
-    # the analysis of the runs just scored or reused (an archive may hold others of the model)
-    used = archive.sql("SELECT DISTINCT analysis FROM runs WHERE list_contains($ids, run_id)",
-                       {"ids": result["written"] + result["skipped"]})["analysis"].to_list()
-    analysis = used[0] if len(used) == 1 else None
-    emit(archive.compare(result["model"], langs, k=0.01, seed=1, by="global", analysis=analysis)
-         .drop("model", "analysis", "k", "seed"), "table")
-    sizes = archive.sql(
-        "SELECT lang, sum(n_selected)::BIGINT AS n_selected, sum(n_params)::BIGINT AS n_params, "
-        "round(100 * sum(n_selected) / sum(n_params), 3) AS percent FROM set_sizes "
-        "WHERE model = $m AND analysis = $a AND k = 0.01 AND seed = 1 GROUP BY lang ORDER BY n_selected DESC",
-        {"m": result["model"], "a": archive.resolve_analysis(result["model"], analysis)})
+    emit(result["overlap"].drop("model", "analysis", "k", "seed"), "table")
     click.echo("\nMath-specific parameters per language (k = 0.01):")
-    emit(sizes, "table")
+    emit(result["sizes"], "table")
     click.echo("\nReproducible bit for bit with the same files, seed, batch size and machine; another batch size, "
                "CPU or GPU changes float32 rounding, which can swap a few near-tied parameters (measured on this "
                "model: at most 7 of 10 M top-k entries; see bench/determinism.py).")
@@ -455,6 +470,7 @@ Explore further:
 
 
 def _demo_interventions(root, archive, langs, data_dir, quiet, archive_flag) -> None:
+    """Print the demo's held-out NLL matrix (Archive.demo_interventions) as one table per role."""
     import time
 
     import polars as pl
@@ -463,14 +479,10 @@ def _demo_interventions(root, archive, langs, data_dir, quiet, archive_flag) -> 
     from mlarch.ingest import demo as demo_lib
 
     started = time.perf_counter()
-    result = demo_lib.interventions(root, langs=langs, data_dir=data_dir, reporter=RichReporter(quiet=quiet))
+    result = archive.demo_interventions(langs, data_dir, reporter=RichReporter(quiet=quiet))
     click.echo(f"\nInterventions: {len(result['written'])} evaluation(s) run, {len(result['reused'])} reused "
                f"({time.perf_counter() - started:.0f} s)")
-    ids = result["written"] + result["reused"]
-    effects = archive.sql(
-        "SELECT role, intervention, target_lang, lang, baseline, relative_change FROM intervention_effects "
-        "WHERE model = $m AND task = 'nll' AND k = $k AND seed = 1 AND list_contains($ids, eval_id)",
-        {"m": result["model"], "k": demo_lib.DEMO_K, "ids": ids})
+    effects = result["effects"]
     for role in ("math", "control"):
         part = effects.filter(pl.col("role") == role)
         if part.is_empty():
@@ -514,29 +526,23 @@ def verify(ctx, run_ids, recompute_id, device, fmt):
     With --recompute RUN_ID, score the run again (same model digest, texts, drawn
     indices and settings) and report the largest relative norm difference and the
     Jaccard of the recomputed and archived sets (1.0 on the same machine and device)."""
-    import polars as pl
-
-    from mlarch.store.maintenance import verify as run_verify
+    from mlarch.query.api import RECOMPUTE_MIN_JACCARD
 
     archive = _archive(ctx)
     if recompute_id:
-        from mlarch.ingest.recompute import recompute
-
-        rows = recompute(archive, recompute_id, device)
-        emit(pl.DataFrame(rows), fmt)
-        low = [r for r in rows if r["metric"].startswith("Jaccard") and float(r["value"]) < 0.99]
+        rows = archive.recompute(recompute_id, device)
+        emit(rows, fmt)
+        low = rows.filter(rows["status"] == "FAIL")["value"].to_list()
         if low:
-            raise MlarchError(f"recomputed sets differ from the archived ones (Jaccard {low[0]['value']} < 0.99)")
+            raise MlarchError(f"recomputed sets differ from the archived ones (Jaccard {low[0]} < "
+                              f"{RECOMPUTE_MIN_JACCARD})")
         return
-    checks = run_verify(archive.root, list(run_ids) or None)
-    frame = pl.DataFrame([{"check": c.check, "object": c.object, "status": "ok" if c.ok else "FAIL",
-                           "detail": c.detail} for c in checks],
-                         schema={"check": pl.Utf8, "object": pl.Utf8, "status": pl.Utf8, "detail": pl.Utf8})
+    frame = archive.verify(list(run_ids) or None)
     emit(frame, fmt)
-    failed = [c for c in checks if not c.ok]
-    if failed:
-        raise MlarchError(f"{len(failed)} of {len(checks)} checks failed: " +
-                          ", ".join(sorted({c.object for c in failed}))[:300])
+    failed = frame.filter(frame["status"] == "FAIL")
+    if failed.height:
+        raise MlarchError(f"{failed.height} of {frame.height} checks failed: " +
+                          ", ".join(sorted(set(failed["object"].to_list())))[:300])
 
 
 @cli.command(epilog="\b\nExamples:\n  mlarch gc")
@@ -545,9 +551,7 @@ def gc(ctx):
     """Remove leftovers of interrupted ingests and imports (FAILED runs, RUNNING runs whose
     process is gone, arrays no run or model owns, staging folders of a killed import-bundle)
     and say what was removed."""
-    from mlarch.store.maintenance import gc as run_gc
-
-    removed = run_gc(_archive(ctx).root)
+    removed = _archive(ctx).gc()
     for line in removed:
         click.echo(f"removed {line}")
     click.echo(f"{len(removed)} leftover(s) removed." if removed else "Nothing to remove.")
@@ -584,20 +588,28 @@ def rm(ctx, run_ids, model, dry_run):
 @cli.command("export-bundle", epilog="""\b
 Examples:
   mlarch export-bundle 3f2a9c1b7d4e 9a8b7c6d5e4f -o llama-en.tar
-  mlarch export-bundle --model llama-3.2-1b -o llama.tar""")
+  mlarch export-bundle --model llama-3.2-1b -o llama.tar
+  mlarch export-bundle --model llama-3.2-1b --anonymize -o llama-shared.tar
+
+\b
+--anonymize drops what says where the runs were made: host names become <anonymized>,
+and absolute paths (model folder, data files, data folder) <anonymized>/<file name>,
+in the provenance, the model's source, the runs' dataset and the analyses' sources. The
+records are sealed again (only records that verify), the manifest says so, and the
+bundle imports and verifies like any other; `verify --recompute` of such a run is
+refused (its paths are gone).""")
 @click.argument("run_ids", nargs=-1)
 @click.option("--model", default=None, help="Export every finished run of this model (exact name).")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="The .tar file to write.")
+@click.option("--anonymize", is_flag=True, help="Drop host names and absolute paths (which name the user) from the rows.")
 @click.pass_context
-def export_bundle(ctx, run_ids, model, output):
+def export_bundle(ctx, run_ids, model, output, anonymize):
     """Write runs with their arrays, catalog rows and a manifest of digests to a tar file."""
-    from mlarch.store.bundle import export_bundle as run_export
-
     if bool(run_ids) == bool(model):
         raise click.UsageError("give RUN_ID... or --model NAME (one of them)")
-    info = run_export(_archive(ctx).root, Path(output), list(run_ids) or None, model)
+    info = _archive(ctx).export_bundle(output, list(run_ids) or None, model=model, anonymize=anonymize)
     click.echo(f"Wrote {output}: {info['runs']} run(s) of {', '.join(info['models'])}, {info['arrays']} arrays, "
-               f"{info['bytes']:,} bytes")
+               f"{info['bytes']:,} bytes" + (", anonymized" if info["anonymized"] else ""))
 
 
 @cli.command("import-bundle", epilog="\b\nExamples:\n  mlarch --archive laptop-archive import-bundle llama.tar")
@@ -605,10 +617,9 @@ def export_bundle(ctx, run_ids, model, output):
 @click.pass_context
 def import_bundle(ctx, bundle):
     """Merge a bundle into the archive, verifying every digest; runs already present are skipped."""
-    from mlarch.store import layout
-    from mlarch.store.bundle import import_bundle as run_import
+    from mlarch.query.api import Archive
 
-    info = run_import(layout.resolve(ctx.obj["archive"]), Path(bundle))
+    info = Archive(ctx.obj["archive"]).import_bundle(bundle)
     click.echo(f"Imported {len(info['imported'])} run(s), skipped {len(info['skipped'])} already present"
                + (f"; new model(s): {', '.join(info['models'])}" if info["models"] else ""))
 
@@ -619,9 +630,7 @@ def import_bundle(ctx, bundle):
 @click.pass_context
 def export(ctx, folder, fmt):
     """Write every catalog table and view as Parquet, for DuckDB, polars or Spark."""
-    from mlarch.store.bundle import export_parquet
-
-    written = export_parquet(_archive(ctx).root, Path(folder))
+    written = _archive(ctx).export(folder, format=fmt)
     click.echo(f"Wrote {len(written)} Parquet files to {folder}")
 
 
@@ -635,4 +644,5 @@ cli.add_command(evals)
 
 
 def main() -> None:
+    """The `mlarch` console script: run the CLI."""
     cli(prog_name="mlarch")

@@ -22,6 +22,8 @@ Examples:
   mlarch chart overlap --model llama --analysis gsm8k-vs-mmlu -o overlap-mmlu.svg
   mlarch chart interventions --model gemma --task nll --intervention prune --k 0.01 -o effects.pdf
   mlarch chart interventions --model gemma --task accuracy --dataset mgsm --langs en,de,bn -o acc.png
+  mlarch chart analyses --model gemma --by layer -o exact-vs-paper.svg
+  mlarch chart analyses --model gemma --analysis gsm8k-vs-flores,gsm8k-vs-mmlu --k 0.01,0.05 -o controls.png
 
 \b
 The format follows the file's suffix: .svg .png (2x) .pdf .html (self-contained, works
@@ -74,6 +76,9 @@ def chart(ctx, kind, model_pattern, langs, k_values, seed, by, task, interventio
       interventions
                evaluations of `mlarch eval`: relative change of NLL or accuracy
                per changed set and evaluated language, and the value vs k
+      analyses Jaccard of one model's math-only sets in two analyses (--analysis A,B;
+               default: the exact one and its --paper-compat twin X-paper): vs k,
+               one line per language (--by global), or per layer, one line per k
     """
     from mlarch import charts
 
@@ -97,7 +102,9 @@ DIR gets <kind>.svg and <kind>.png for every chart (upset needs 3+ languages) an
 index.html: the charts inline plus set sizes, global Jaccard per pair and k, and the
 provenance of the runs used (self-contained, works offline). When the archive holds
 finished evaluations with interventions (`mlarch eval`) for the model, it adds the
-interventions chart(s) and a table of their effects vs the baselines.""")
+interventions chart(s) and a table of their effects vs the baselines. When the reported
+analysis has a paper-compatible twin (X and X-paper, `ingest --paper-compat`), it adds the
+analyses charts (Jaccard of the two analyses' sets per layer and vs k) and their table.""")
 @click.option("--model", "model_pattern", required=True, help="Substring of archived model names (case-insensitive).")
 @click.option("-o", "--output", "out_dir", required=True, help="Folder to write (created if missing).")
 @click.option("--langs", callback=_csv(str), default=None, help="Languages [default: all archived for the model].")
@@ -109,7 +116,5 @@ interventions chart(s) and a table of their effects vs the baselines.""")
 def report(ctx, model_pattern, out_dir, langs, k, seed, analysis):
     """Write every chart (SVG and PNG) and an index.html with the key tables, for a
     paper's supplement."""
-    from mlarch.charts.report import write_report
-
-    index = write_report(_archive(ctx), out_dir, model=model_pattern, langs=langs, k=k, seed=seed, analysis=analysis)
+    index = _archive(ctx).report(out_dir, model_pattern, langs=langs, k=k, seed=seed, analysis=analysis)
     click.echo(f"Wrote {index}")

@@ -18,6 +18,8 @@ def archive_of(ctx: click.Context):
 
 
 def csv_list(kind):
+    """A click callback parsing a comma-separated option into a list of `kind` values (None stays None); an empty item
+    or a value `kind` rejects is a BadParameter."""
     def parse(ctx, param, value):
         if value is None:
             return None

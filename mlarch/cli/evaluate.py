@@ -9,6 +9,8 @@ from mlarch.cli.common import csv_list as _csv
 from mlarch.cli.output import emit, output_options
 from mlarch.ingest.devices import HELP as _DEVICE_HELP
 from mlarch.ingest.devices import option_callback as _device
+from mlarch.ingest.devices import DEVICE_MAP_HELP as _DEVICE_MAP_HELP
+from mlarch.ingest.devices import device_map_callback as _device_map
 
 
 @click.command("eval", epilog="""\b
@@ -45,7 +47,8 @@ first --limit. --all-items evaluates every item, drawn or not.""")
 @click.option("--task", type=click.Choice(["nll", "accuracy"]), required=True,
               help="nll: held-out negative log-likelihood per token; accuracy: greedy answers vs references.")
 @click.option("--data", "data_spec", required=True,
-              help="A named source (mgsm, gsm8k, flores, starter) or a path template with {lang}, read as ingest reads it.")
+              help="A named source (mgsm, gsm8k, flores, starter), a path template with {lang} or a hub data set "
+                   "(hf:OWNER/NAME[@REVISION]:SPLIT[:CONFIG]), read as ingest reads it.")
 @click.option("--role", type=click.Choice(["math", "control"]), default="math", show_default=True,
               help="Which texts of the data (and whose drawn items are held out).")
 @click.option("--intervene", "interventions", multiple=True, metavar="SPEC",
@@ -59,6 +62,7 @@ first --limit. --all-items evaluates every item, drawn or not.""")
               help="Read named sources' files from this folder (laid out like ../shared/data).")
 @click.option("--device", default="auto", show_default=True, callback=_device, metavar="DEVICE",
               help=_DEVICE_HELP)
+@click.option("--device-map", "device_map", default=None, callback=_device_map, metavar="auto", help=_DEVICE_MAP_HELP)
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
               show_default=True, help="auto: float32 on CPU, bfloat16 on CUDA.")
 @click.option("--batch-size", type=int, default=None,
@@ -75,7 +79,7 @@ first --limit. --all-items evaluates every item, drawn or not.""")
 @click.option("--quiet", "-q", is_flag=True, help="No progress output.")
 @click.pass_context
 def evaluate(ctx, model_ref, name, analysis, langs, task, data_spec, role, interventions, seed, limit, all_items, shots, chat,
-             data_dir, device, dtype, batch_size, max_length, max_new_tokens, revision, gguf_file, trust_remote_code,
+             data_dir, device, device_map, dtype, batch_size, max_length, max_new_tokens, revision, gguf_file, trust_remote_code,
              force, quiet):
     """Evaluate a model per language, with and without interventions on its math-only sets."""
     from mlarch.cli.progress import RichReporter
@@ -86,7 +90,7 @@ def evaluate(ctx, model_ref, name, analysis, langs, task, data_spec, role, inter
                      interventions=list(interventions), seed=seed, limit=limit, all_items=all_items, shots=shots,
                      chat=chat, data_dir=data_dir, device=device, dtype=dtype, batch_size=batch_size,
                      max_length=max_length, max_new_tokens=max_new_tokens, revision=revision, gguf_file=gguf_file,
-                     trust_remote_code=trust_remote_code, force=force)
+                     trust_remote_code=trust_remote_code, force=force, device_map=device_map)
     result = run_eval(layout.resolve(ctx.obj["archive"]), cfg, RichReporter(quiet=quiet))
     ids = result.written + result.reused
     click.echo(f"Archived {len(result.written)} evaluation(s) of {result.model}, reused {len(result.reused)}.")

@@ -25,6 +25,7 @@ FORMAT_HELP = ("Output format: json is an array of row objects, jsonl one object
 
 
 def output_options(command):
+    """Decorator adding --format (FORMATS, default table) to a command, passed on as `fmt`."""
     @click.option(
         "--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True, help=FORMAT_HELP,
     )
@@ -182,6 +183,7 @@ def render(frame, fmt: str) -> str:
 
 
 def emit(frame, fmt: str) -> None:
+    """Print a polars DataFrame in the chosen format (render); no line at all for an empty jsonl."""
     text = render(frame, fmt)
     if text or fmt != "jsonl":  # no rows in jsonl: no line at all (a blank one is not a JSON object)
         click.echo(text)

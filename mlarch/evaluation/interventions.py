@@ -58,6 +58,8 @@ def _number(text: str) -> float | None:
 
 @dataclass(frozen=True)
 class Intervention:
+    """One intervention spec, e.g. prune:en@0.01: its kind (prune, scale, random, fraction), the language whose
+    math-only set it changes, k, and the factor of scale and fraction (None otherwise)."""
     kind: str
     lang: str
     k: float
@@ -132,6 +134,7 @@ def parse(spec: str) -> Intervention:
 
 @dataclass
 class ModuleChange:
+    """The entries of one scored module that an intervention changes (flat row-major indices)."""
     module: str
     position: int  # index in the model's scored order
     indices: np.ndarray  # int64, ascending: flat row-major (out x in) indices of the entries to change
@@ -139,6 +142,8 @@ class ModuleChange:
 
 @dataclass
 class Plan:
+    """What one intervention changes at a seed: the entries per module, and the size of the language's math-only set
+    it was drawn from."""
     intervention: Intervention
     seed: int
     changes: list[ModuleChange]
@@ -146,6 +151,7 @@ class Plan:
 
     @property
     def n_changed(self) -> int:
+        """How many weight entries the plan changes, over all modules."""
         return sum(len(change.indices) for change in self.changes)
 
 
@@ -232,7 +238,9 @@ def applied(modules: list, plan: Plan):
     try:
         with torch.no_grad():
             for module, change in targets:
-                weight = module.module.weight
+                # the tensor holding the values, on its own device: with --device-map auto an
+                # offloaded module's (on the CPU), which accelerate copies for each forward
+                weight = module.weight()
                 view = weight.t() if module.kind == "conv1d" else weight  # out x in, shares storage
                 flat = torch.from_numpy(change.indices).to(weight.device)
                 rows, cols = flat // module.n_cols, flat % module.n_cols

@@ -51,6 +51,8 @@ METHOD = {
 
 @dataclass
 class EvalConfig:
+    """The settings of one `mlarch eval` / Archive.evaluate call (the CLI's options by name); validate() checks them
+    before any work."""
     model: str
     langs: list[str]
     task: str
@@ -74,6 +76,7 @@ class EvalConfig:
     trust_remote_code: bool = False  # run code shipped with the model (its config's auto_map)
     force: bool = False
     data_dir: str | None = None
+    device_map: str | None = None  # 'auto': accelerate spreads the model over the GPUs (mlarch.ingest.placement)
 
     def validate(self) -> list[iv.Intervention]:
         """Refuse bad values before any work; returns the parsed interventions."""
@@ -106,6 +109,9 @@ class EvalConfig:
                                        "use from 1 to 1,048,576 tokens, e.g. --max-length 512")
         self.max_new_tokens = _bounded_int("--max-new-tokens", self.max_new_tokens, MAX_NEW_TOKENS,
                                            "generate from 1 to 8,192 tokens, e.g. --max-new-tokens 256")
+        from mlarch.ingest.devices import check_device_map
+
+        self.device_map = check_device_map(self.device_map, self.device)
         if self.chat and self.task != "accuracy":
             raise UsageError("--chat applies to --task accuracy (NLL scores the texts as ingest builds them): drop --chat")
         if self.name is not None:
@@ -119,6 +125,7 @@ class EvalConfig:
 
 @dataclass
 class EvalResult:
+    """What an evaluation call did: the archive name of the model, and the eval_ids written and reused."""
     model: str
     written: list[str] = field(default_factory=list)
     reused: list[str] = field(default_factory=list)
@@ -157,6 +164,8 @@ def _sha(text: str) -> str:
 
 
 def evaluate(root: Path, cfg: EvalConfig, reporter: Reporter | None = None) -> EvalResult:
+    """Evaluate the model of `cfg` per language (a baseline and each intervention) and archive each evaluation with
+    its items; configurations already archived are reused unless cfg.force. Returns an EvalResult."""
     reporter = reporter or Reporter()
     planned = cfg.validate()
     from mlarch.ingest import loading  # torch + transformers: only now
@@ -265,6 +274,7 @@ def evaluate(root: Path, cfg: EvalConfig, reporter: Reporter | None = None) -> E
                   "revision": loaded.revision, "commit_sha": loaded.commit_sha,
                   "weights_sha256": loaded.weights_sha256, "architecture": loaded.architecture,
                   "dtype": loaded.dtype}
+    model_info.update(loaded.placement())  # with --device-map auto: where each module ran
     # intervention-major: apply once, evaluate every language, undo
     order = [None] + planned
     for intervention in order:

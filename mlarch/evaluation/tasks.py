@@ -15,6 +15,8 @@ from mlarch.ingest import scoring
 
 @dataclass
 class NllResult:
+    """Negative log-likelihood of texts: per text the summed NLL and the tokens predicted, texts cut at max_length,
+    and the seconds taken."""
     nll: list[float]  # per text, in input order: summed natural-log NLL of every token after the first
     n_tokens: list[int]  # per text: tokens predicted (its token count - 1)
     n_truncated: int
@@ -23,6 +25,7 @@ class NllResult:
 
 @dataclass
 class GenerationResult:
+    """Greedy completions of prompts, cut at the stop strings, with the tokens kept per prompt and the seconds taken."""
     completions: list[str]  # per prompt, in input order: decoded greedy continuation, cut at the stops
     n_tokens: list[int]  # per prompt: generated tokens kept (up to eos, or to the token completing a stop)
     seconds: float

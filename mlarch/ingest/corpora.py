@@ -17,23 +17,27 @@ from importlib import resources
 from pathlib import Path
 
 from mlarch.errors import MlarchError
-from mlarch.ingest.sources import NAMED_SOURCES, QA_TEMPLATE, TEXT_TEMPLATE, LoadedItems, sha256_file
+from mlarch.ingest.datafiles import QA_TEMPLATE, TEXT_TEMPLATE, LoadedItems, parse_records, sha256_file
 
 _RAW = "https://raw.githubusercontent.com/{repo}/{commit}/{path}"
 
 
 @dataclass(frozen=True)
 class Upstream:
+    """A pinned upstream repository folder: repository, commit and folder."""
     repo: str
     commit: str
     folder: str  # folder inside the upstream repository
 
     def url(self, name: str) -> str:
+        """The raw download URL of file `name` in the upstream folder at the pinned commit."""
         return _RAW.format(repo=self.repo, commit=self.commit, path=f"{self.folder}/{name}")
 
 
 @dataclass(frozen=True)
 class RemoteFile:
+    """One file of a named source: where it lies inside a --data-dir folder, where it comes from upstream, and its
+    sha256."""
     local: str  # path inside a --data-dir folder, e.g. "mgsm/mgsm_en.tsv"
     upstream: Upstream
     name: str  # file name upstream
@@ -81,6 +85,8 @@ def fetch(file: RemoteFile, data_dir: Path | None) -> Path:
 
 @dataclass
 class NamedSource:
+    """A public corpus registered by name (mgsm, gsm8k, flores, starter): its languages and expected item counts,
+    files with digests, licence and text template. load() gives a language's items."""
     name: str
     kind: str  # what the text is: 'math' | 'control' | 'math+control'
     licence: str
@@ -93,15 +99,19 @@ class NamedSource:
     train_from: dict[str, int] = field(default_factory=dict)  # lang -> first item of the training split
 
     def languages(self) -> list[str]:
+        """The source's language codes."""
         return list(self.counts)
 
     def check_lang(self, lang: str) -> None:
+        """Raise an MlarchError naming the source's languages unless it has `lang`."""
         if lang not in self.counts:
             raise MlarchError(
                 f"data source {self.name!r} has no language {lang!r}; it has: {', '.join(self.languages())}"
             )
 
     def load(self, lang: str, role: str = "math") -> LoadedItems:
+        """A language's items (LoadedItems): its files fetched (or read from data_dir) and sha256-checked, parsed in
+        file order, their count checked."""
         self.check_lang(lang)
         paths = [fetch(f, self.data_dir) for f in self.files[lang]]
         pairs = self.parse_pairs(lang, paths)
@@ -114,6 +124,7 @@ class NamedSource:
                            self.train_from.get(lang))
 
     def parse(self, lang: str, paths: list[Path]) -> list[str]:  # pragma: no cover - overridden
+        """The texts of a language from its files (sources of plain texts override this)."""
         raise NotImplementedError
 
     def parse_pairs(self, lang: str, paths: list[Path]) -> list[tuple[str, str]] | None:
@@ -121,9 +132,11 @@ class NamedSource:
         return None
 
     def text(self, question: str, answer: str) -> str:
+        """The text of a question-answer item (QA_TEMPLATE)."""
         return QA_TEMPLATE.format(question=question, answer=answer)
 
     def describe(self) -> dict:
+        """The source as recorded in provenance: kind 'named', name, licence, upstream, template and notes."""
         return {"kind": "named", "name": self.name, "licence": self.licence, "upstream": self.upstream,
                 "template": self.template, "notes": self.notes}
 
@@ -146,7 +159,9 @@ MGSM_SHA = {
 
 
 class Mgsm(NamedSource):
+    """MGSM: 250 grade-school problems per language, question and the number answer (no worked solutions)."""
     def parse_pairs(self, lang, paths):
+        """(question, answer) per line of the language's question TAB answer file."""
         pairs = []
         for lineno, line in enumerate(paths[0].read_text(encoding="utf-8").splitlines(), start=1):
             if not line.strip():
@@ -159,6 +174,7 @@ class Mgsm(NamedSource):
 
 
 def mgsm(data_dir):
+    """The named source `mgsm` (files read from data_dir if given, else downloaded into the cache)."""
     return Mgsm(
         name="mgsm", kind="math", licence="CC-BY-4.0",
         upstream=f"github.com/{MGSM_UPSTREAM.repo}@{MGSM_UPSTREAM.commit[:12]} ({MGSM_UPSTREAM.folder}/)",
@@ -189,7 +205,10 @@ def gsm8k_text(question: str, answer: str) -> str:
 
 
 class Gsm8k(NamedSource):
+    """GSM8K with worked solutions: English test then train items, and the paper's German and Hindi translations of
+    the test set."""
     def parse_pairs(self, lang, paths):
+        """(question, worked solution) per item of the language's files, calculator notes removed."""
         texts = []
         for path in paths:
             content = path.read_text(encoding="utf-8")
@@ -222,6 +241,7 @@ class Gsm8k(NamedSource):
 
 
 def gsm8k(data_dir):
+    """The named source `gsm8k` (files read from data_dir if given, else downloaded into the cache)."""
     return Gsm8k(
         name="gsm8k", kind="math", licence="MIT (GSM8K); de/hi translations: no licence stated, attribute the paper",
         upstream=(f"github.com/{GSM8K_UPSTREAM.repo}@{GSM8K_UPSTREAM.commit[:12]}; "
@@ -266,7 +286,9 @@ _NO_SPACE = {"zh", "ja", "th"}  # scripts written without spaces between sentenc
 
 
 class Flores(NamedSource):
+    """FLORES-200 devtest as control text: consecutive sentences of one article joined into a passage."""
     def parse(self, lang, paths):
+        """The language's passages: devtest sentences grouped by their article URL (from the metadata file), in order."""
         sentences = paths[0].read_text(encoding="utf-8").splitlines()
         urls = [row["URL"] for row in csv.DictReader(io.StringIO(paths[1].read_text(encoding="utf-8")),
                                                         delimiter="\t", quoting=csv.QUOTE_NONE)]
@@ -286,6 +308,7 @@ class Flores(NamedSource):
 
 
 def flores(data_dir):
+    """The named source `flores` (files read from data_dir if given, else downloaded into the cache)."""
     return Flores(
         name="flores", kind="control", licence="CC-BY-SA-4.0",
         upstream=f"github.com/{FLORES_UPSTREAM.repo}@{FLORES_UPSTREAM.commit[:12]} ({FLORES_UPSTREAM.folder}/devtest)",
@@ -302,12 +325,12 @@ STARTER_LANGS = ("en", "de", "fr", "hi", "bn", "zh")
 
 
 class Starter(NamedSource):
+    """The starter set shipped in the package: 24 math problems and 24 passages per language."""
     def load(self, lang: str, role: str = "math") -> LoadedItems:
+        """A language's starter items of `role` (math problems or control passages), read from the package."""
         self.check_lang(lang)
         folder = "math" if role == "math" else "control"
         resource = resources.files("mlarch.starter") / folder / f"{lang}.jsonl"
-        from mlarch.ingest.sources import parse_records
-
         with resources.as_file(resource) as path:
             texts, templates, pairs = parse_records(path)
             digest = sha256_file(path)
@@ -315,6 +338,7 @@ class Starter(NamedSource):
 
 
 def starter(data_dir):
+    """The named source `starter` (data_dir is not used: the files ship with mlarch)."""
     return Starter(
         name="starter", kind="math+control", licence="Apache-2.0 (written for mlarch)",
         upstream="shipped in the mlarch package (mlarch/starter/)",
@@ -325,7 +349,8 @@ def starter(data_dir):
     )
 
 
-NAMED_SOURCES.update({"mgsm": mgsm, "gsm8k": gsm8k, "flores": flores, "starter": starter})
+# name -> factory(data_dir) -> source; sources.resolve looks names up here
+NAMED_SOURCES = {"mgsm": mgsm, "gsm8k": gsm8k, "flores": flores, "starter": starter}
 
 
 def catalogue() -> list[dict]:

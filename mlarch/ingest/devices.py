@@ -49,3 +49,40 @@ def resolve(spec: str):
 def option_callback(ctx, param, value):
     """click callback for --device: a misspelt device is refused before anything loads."""
     return check(value)
+
+
+DEVICE_MAP_HELP = ("auto: spread a model larger than one GPU over every GPU (then CPU memory) with accelerate; "
+                   "leave --device at auto.")
+
+
+def check_device_map(device_map, device: str = "auto"):
+    """`device_map` ('auto', or None for one device) if usable with `device`; else a usage error.
+
+    Checked before anything loads: accelerate must be installed, and the map decides every
+    module's device, so an explicit --device contradicts it."""
+    if device_map is None:
+        return None
+    value = device_map.strip().lower() if isinstance(device_map, str) else device_map
+    if value != "auto":
+        shown = device_map if isinstance(device_map, str) and device_map.isprintable() else ascii(device_map)
+        raise UsageError(f"unknown device map {str(shown)[:40]!r}: use --device-map auto (device_map='auto'), "
+                         "or leave it out for one device")
+    if check(device) != "auto":
+        raise UsageError(f"--device-map auto places every module itself: drop --device {device} "
+                         "(or drop --device-map to use that one device)")
+    import importlib.util
+
+    if importlib.util.find_spec("accelerate") is None:
+        raise UsageError("--device-map auto needs accelerate, which is not installed: "
+                         "pip install 'mlarch[device-map]' (or pip install 'accelerate>=1.1')")
+    return value
+
+
+def device_map_callback(ctx, param, value):
+    """click callback for --device-map: only the value here; the --device clash is checked by
+    the library (the API takes the same two options)."""
+    if value is None:
+        return None
+    if value.strip().lower() != "auto":
+        return check_device_map(value)  # raises the one-line usage error
+    return "auto"

@@ -21,7 +21,8 @@ os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 import torch  # noqa: E402 - after MKL_CBWR
 
 from mlarch.errors import MlarchError, UsageError
-from mlarch.ingest.sources import sha256_file
+from mlarch.ingest.datafiles import sha256_file
+from mlarch.ingest.completeness import check_complete  # noqa: F401 - also mlarch.ingest.loading's API
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -29,6 +30,8 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 @dataclass
 class LoadedModel:
+    """A loaded model and tokenizer with what provenance records of them: source and its kind, revision and hub
+    commit, weights digest (and per file), architecture, dtype, device and loading options."""
     model: torch.nn.Module
     tokenizer: object
     source: str
@@ -42,6 +45,18 @@ class LoadedModel:
     device: torch.device = torch.device("cpu")
     gguf_file: str | None = None
     trust_remote_code: bool = False
+    # --device-map auto: module prefix -> device as accelerate placed them (None: all on `device`,
+    # which is then where inputs go: the input embedding's device)
+    device_map: dict[str, str] | None = None
+
+    def placement(self) -> dict:
+        """{"placement": the device map's record} for provenance with --device-map auto; {} on
+        one device, so records made without a map stay exactly as before."""
+        if self.device_map is None:
+            return {}
+        from mlarch.ingest.placement import describe
+
+        return {"placement": describe(self.device_map)}
 
 
 def resolve_device(device: str) -> torch.device:
@@ -55,16 +70,18 @@ def options(cfg) -> dict:
     """The loading options an IngestConfig or EvalConfig carries (or a run's recorded config,
     where runs from before the options lack them), as `load` takes them."""
     get = cfg.get if isinstance(cfg, dict) else (lambda key, default: getattr(cfg, key, default))
-    return {"gguf_file": get("gguf_file", None), "trust_remote_code": bool(get("trust_remote_code", False))}
+    return {"gguf_file": get("gguf_file", None), "trust_remote_code": bool(get("trust_remote_code", False)),
+            "device_map": get("device_map", None)}
 
 
 def identity(cfg) -> dict:
     """The loading options that change what is loaded, for a configuration's identity: only
     those set, so configurations from before the options existed keep their digests. Remote
     code decides which model class runs (it may replace the library's own), so it is part
-    of what was computed; the GGUF file picks the weights inside a repository."""
+    of what was computed; the GGUF file picks the weights inside a repository. The device
+    map is not: like --device, it decides where the same arithmetic runs (see placement)."""
     opts = options(cfg)
-    return {key: value for key, value in opts.items() if value}
+    return {key: value for key, value in opts.items() if value and key != "device_map"}
 
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -193,6 +210,8 @@ def _cached_sha256(path: Path) -> str:
 
 
 def weights_digest(files: list[Path]) -> tuple[str, dict[str, str]]:
+    """The weights digest of a model's files (sha256 over each file's name and sha256, sorted), and the per-file
+    digests by file name."""
     per_file = {f.name: _cached_sha256(f) for f in sorted(files)}
     h = hashlib.sha256("".join(f"{name}:{sha}\n" for name, sha in per_file.items()).encode())
     return h.hexdigest(), per_file
@@ -243,12 +262,16 @@ def weights_of(ref: str, revision: str | None, gguf_file: str | None = None, mes
 
 
 def load(ref: str, *, revision: str | None, device: torch.device, dtype: str, gguf_file: str | None = None,
-         trust_remote_code: bool = False, message=None) -> LoadedModel:
+         trust_remote_code: bool = False, message=None, device_map: str | None = None,
+         max_memory: dict | None = None) -> LoadedModel:
     """The model and tokenizer of `ref`. Code shipped with a model (its config's auto_map)
     runs only with trust_remote_code=True; `message` hears about a named model's first
-    conversion."""
+    conversion. device_map='auto': accelerate spreads the modules over the GPUs, then CPU
+    memory (`max_memory` as transformers takes it: {0: '20GiB', 'cpu': '64GiB'}), and
+    `device` is ignored (see mlarch.ingest.placement)."""
     kind, folder, extra, commit, weight_files = _locate(ref, revision, gguf_file, message)
     extra = {**extra, "trust_remote_code": bool(trust_remote_code)}
+    placing = {} if device_map is None else {"device_map": device_map, "max_memory": max_memory}
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -263,7 +286,8 @@ def load(ref: str, *, revision: str | None, device: torch.device, dtype: str, gg
         # checkpoint. ignore_mismatched_sizes turns transformers' bare "see the above report"
         # RuntimeError into report entries, refused below like missing weights.
         model, report = AutoModelForCausalLM.from_pretrained(
-            str(folder), dtype=_DTYPES[dtype], output_loading_info=True, ignore_mismatched_sizes=True, **extra)
+            str(folder), dtype=_DTYPES[dtype], output_loading_info=True, ignore_mismatched_sizes=True, **extra,
+            **placing)
     except ImportError as exc:
         hint = " (pip install 'mlarch[gguf]')" if "gguf_file" in extra else ""
         raise MlarchError(f"cannot load {ref}: a library is missing: {exc}{hint}") from None
@@ -283,13 +307,24 @@ def load(ref: str, *, revision: str | None, device: torch.device, dtype: str, gg
             raise MlarchError(
                 f"the weight files of {ref} cannot be read ({reason}): restore them from the original "
                 "checkpoint or download the model again") from None
+        if device_map is not None and "offload" in str(exc) and "disk" in str(exc):  # no offload_folder given
+            raise MlarchError(f"--device-map auto would offload part of {ref} to disk, which mlarch does not use: "
+                              "use a machine with more GPU or CPU memory, or --dtype bfloat16") from None
         if "trust_remote_code" in str(exc) and not trust_remote_code:
             raise MlarchError(
                 f"model {ref} ships its own Python code (auto_map in its config), which mlarch does not run "
                 "unless asked: read that code, then pass --trust-remote-code (trust_remote_code=True)") from None
         raise MlarchError(f"cannot load model {ref}: {reason}") from None
     check_complete(ref, kind, report)
-    model.to(device)
+    placed = None
+    if device_map is None:
+        model.to(device)
+    else:  # accelerate placed the modules (and hooks that move activations between devices)
+        from mlarch.ingest import placement
+
+        placed = placement.device_map_of(model)
+        placement.check_placement(ref, placed)
+        device = placement.input_device(model)
     model.eval()
     sha, per_file = weights_digest(weight_files)
     return LoadedModel(
@@ -306,6 +341,7 @@ def load(ref: str, *, revision: str | None, device: torch.device, dtype: str, gg
         device=device,
         gguf_file=gguf_file,
         trust_remote_code=bool(trust_remote_code),
+        device_map=placed,
     )
 
 
@@ -359,40 +395,3 @@ def _probe(path: Path) -> None:
         GGUFReader(path)
     else:  # weights_only: the file is not trusted; meta: shapes only, no data read
         torch.load(path, map_location="meta", weights_only=True)
-
-
-def check_complete(ref: str, kind: str, report: dict) -> None:
-    """Refuse a model whose checkpoint does not hold exactly the weights its config describes:
-    transformers would initialise the missing ones randomly and they would be scored as real.
-    Heads tied to the embedding are not reported by transformers, so they pass."""
-    missing = sorted(report.get("missing_keys") or ())
-    unexpected = sorted(report.get("unexpected_keys") or ())
-    mismatched = sorted(report.get("mismatched_keys") or ())
-    errors = list(report.get("error_msgs") or ())
-    if not (missing or unexpected or mismatched or errors):
-        return
-    what = {"folder": "model folder", "gguf": "GGUF file", "hub": "hub model", "named": "named model"}[kind]
-    parts = [f"{len(missing)} weight{'s' if len(missing) != 1 else ''} missing{_names(missing)}",
-             f"{len(unexpected)} unexpected{_names(unexpected)}"]
-    if mismatched:
-        shapes = [f"{key} {_shape(ckpt)} in the checkpoint, {_shape(model)} in the config"
-                  for key, ckpt, model in mismatched]
-        parts.append(f"{len(mismatched)} of another shape{_names(shapes)}")
-    if errors:
-        parts.append(f"{len(errors)} load error{'s' if len(errors) != 1 else ''}{_names(errors)}")
-    raise MlarchError(
-        f"{what} {ref} does not match its config: {', '.join(parts)}: "
-        "restore the checkpoint's weight files or pass the complete model"
-    )
-
-
-def _names(items: list[str], shown: int = 3) -> str:
-    """' (a, b, c, ...)' with names from the checkpoint made printable and short: they are untrusted."""
-    if not items:
-        return ""
-    clean = [(s if s.isprintable() else ascii(s))[:120] for s in map(str, items[:shown])]
-    return f" ({', '.join(clean)}{', ...' if len(items) > shown else ''})"
-
-
-def _shape(shape) -> str:
-    return "x".join(str(int(n)) for n in shape) or "scalar"

@@ -85,7 +85,7 @@ def check_bf16(model: nn.Module, modules: list[ScoredModule]) -> None:
 
 def weight_magnitudes_bf16(m: ScoredModule) -> torch.Tensor:
     """|W| as bf16, out x in (Conv1D's in x out weight transposed), on the weight's device."""
-    weight = m.module.weight.detach()
+    weight = m.weight().detach()
     if m.kind == "conv1d":
         weight = weight.t()
     return weight.abs().to(torch.bfloat16).contiguous()
@@ -97,14 +97,16 @@ class SampleNormRecorder(NormCollector):
 
     def __init__(self, model: nn.Module, modules: list[ScoredModule], device: torch.device, n_samples: int):
         super().__init__(model, modules, device)
-        self.per_sample = {
-            m.name: torch.zeros((n_samples, m.n_cols), dtype=torch.bfloat16, device=m.module.weight.device)
+        self.per_sample = {  # beside the weight's values (an offloaded module's are on the CPU)
+            m.name: torch.zeros((n_samples, m.n_cols), dtype=torch.bfloat16, device=m.weight().device)
             for m in modules
         }
         self.lengths: list[int] = []
         self.positions: list[int] = []
 
     def start_rows(self, mask: torch.Tensor, positions: Sequence[int]) -> None:
+        """Start a batch whose rows are samples `positions` of the pass, with attention mask `mask` (real tokens per
+        row)."""
         self.start_batch(mask)
         self.lengths = mask.sum(dim=1).to(torch.long).tolist()
         self.positions = list(positions)
@@ -114,7 +116,7 @@ class SampleNormRecorder(NormCollector):
         if x is self._last_input:  # q/k/v (gate/up) receive the same tensor: same norms
             norms = self._last_norms
         else:
-            mask = self.mask
+            mask = self.mask_on(x.device)
             if x.dim() != 3 or tuple(x.shape[:2]) != tuple(mask.shape):
                 raise MlarchError(
                     f"module {name} received an input of shape {tuple(x.shape)}; mlarch scores modules "
@@ -149,6 +151,8 @@ def accumulate_bf16(per_sample: torch.Tensor, magnitudes: torch.Tensor) -> torch
 
 @dataclass
 class Bf16PassResult:
+    """What a mathneuro-bf16 pass gives: per module the bf16 scores, diagnostic float32 norm sums, tokens scored,
+    texts truncated and seconds."""
     scores: dict[str, torch.Tensor]  # module -> bf16 scores (out x in), on the CPU
     norms: dict[str, np.ndarray]  # diagnostic: float32 sums of the bf16 per-sample norms (see result())
     n_tokens: int

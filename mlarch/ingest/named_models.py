@@ -25,6 +25,8 @@ MARKER = "mlarch-named-model.json"  # written last into a converted folder: what
 
 @dataclass(frozen=True)
 class Part:
+    """One PyPI package part of a named model's .gguf: distribution, version, file inside site-packages, sha256 and
+    size."""
     distribution: str  # as pip names it
     version: str
     file: str  # inside site-packages, as the wheel's RECORD lists it
@@ -34,6 +36,8 @@ class Part:
 
 @dataclass(frozen=True)
 class NamedModel:
+    """A model users name (gemma-3-270m, qwen2.5-coder-0.5b): the PyPI parts its .gguf is assembled from, with
+    digests, and the extra that installs them."""
     name: str  # the reference users type, and the default archive name
     title: str
     extra: str  # pip install 'mlarch[<extra>]'
@@ -47,6 +51,7 @@ class NamedModel:
 
     @property
     def install(self) -> str:
+        """The pip command that installs the model's parts."""
         return f"pip install 'mlarch[{self.extra}]'"
 
 
@@ -94,6 +99,7 @@ def lookup(ref: str) -> NamedModel | None:
 
 
 def installed(model: NamedModel) -> bool:
+    """Whether every part of `model` is installed (its extra is)."""
     try:
         part_paths(model)
     except MlarchError:
@@ -201,7 +207,7 @@ def _convert(model: NamedModel, root: Path, message) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    from mlarch.ingest.loading import check_complete
+    from mlarch.ingest.completeness import check_complete
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()

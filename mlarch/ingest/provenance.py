@@ -43,6 +43,8 @@ def git_state() -> dict | None:
 
 
 def environment(device) -> dict:
+    """What a run records of where it ran: mlarch and library versions, git state, device and its name, torch threads,
+    MKL_CBWR, host and platform."""
     import torch
 
     if device.type == "cuda":
@@ -69,6 +71,7 @@ def environment(device) -> dict:
 
 
 def digest_json(value) -> str:
+    """sha256 of the canonical JSON of `value` (sorted keys, no spaces)."""
     return hashlib.sha256(json.dumps(value, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 

@@ -19,6 +19,14 @@ def _texts(prov: dict) -> list[str]:
         items = sources.resolve(data["source"]["name"], Path(config["data_dir"]) if config.get("data_dir") else None)
         loaded = items.load(data["lang"], data["role"])
         texts = loaded.texts
+    elif data["source"].get("kind") == "hub":  # the same commit, the same file digests
+        from mlarch.ingest.hub_data import pinned
+
+        loaded = pinned(data["source"]).load(data["lang"], data["role"])
+        if loaded.files != data["files"]:
+            raise MlarchError("the hub data set's files differ from the run's (sha256): its cache was changed; "
+                              "delete the data set from the cache to fetch it again")
+        texts = loaded.texts
     else:
         (path, digest), = data["files"].items()
         if not Path(path).is_file():
@@ -41,8 +49,11 @@ def recompute(archive, run_id: str, device: str = "auto") -> list[dict]:
     config, model = prov["config"], prov["model"]
     texts = _texts(prov)
     target = loading.resolve_device(device)
-    loaded = loading.load(model["source"], revision=model["revision"], device=target, dtype=model["dtype"],
-                          **loading.options(config))
+    opts = loading.options(config)
+    if device != "auto":  # an explicit device replaces the run's device map (--device-map auto)
+        opts["device_map"] = None
+    loaded = loading.load(model["source"], revision=model["revision"], device=target, dtype=model["dtype"], **opts)
+    target = loaded.device  # with a device map: where its inputs go
     if loaded.weights_sha256 != model["weights_sha256"]:
         raise MlarchError(f"the weights at {model['source']} changed since the run (sha256 differs)")
     modules = scored_modules(loaded.model)

@@ -3,6 +3,11 @@
 For each scored module and each sample s, the hook adds ||X_s[:, j]||_2 (over the
 sample's real tokens only) to a float64 accumulator of length `in`. That vector is all
 a pass produces; the score |W| * norms is formed later, per matrix.
+
+With --device-map auto the modules sit on several devices: each hook computes its norms on
+the device its input is on and keeps that module's sums there (the same per-module sums, in
+the same sample order, as on one device of that kind); `result` brings them to the host in
+module order. |W| is read from the tensor that holds the values (placement.resident_weight).
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ def layer_of(name: str) -> int | None:
 
 @dataclass(frozen=True)
 class ScoredModule:
+    """A weight matrix that is scored: its name, the module, kind (linear or conv1d), block index (None outside
+    blocks) and shape (out x in as scored)."""
     name: str
     module: nn.Module
     kind: str  # 'linear' | 'conv1d'
@@ -38,12 +45,19 @@ class ScoredModule:
 
     @property
     def n_params(self) -> int:
+        """Entries of the weight matrix (n_rows x n_cols)."""
         return self.n_rows * self.n_cols
+
+    def weight(self) -> torch.Tensor:
+        """The weight's values: `module.weight`, or where accelerate keeps an offloaded module's."""
+        from mlarch.ingest.placement import resident_weight
+
+        return resident_weight(self.module)
 
     def magnitudes(self, out: np.ndarray | None = None) -> np.ndarray:
         """|W| as float32, out x in (Conv1D stores in x out, so it is transposed); written
         into `out` (n_params float32, e.g. a slice of the model's array) when given."""
-        weight = self.module.weight.detach()
+        weight = self.weight().detach()
         if self.kind == "conv1d":
             weight = weight.t()
         if out is None:
@@ -97,6 +111,8 @@ class _StopForward(Exception):
 
 @dataclass
 class PassResult:
+    """What a scoring pass gives: per module the float32 activation-norm vector over its inputs, tokens scored, texts
+    truncated and seconds."""
     norms: dict[str, np.ndarray]  # module -> float32 vector of length n_cols
     n_tokens: int
     n_truncated: int
@@ -126,6 +142,7 @@ def length_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
 
 @dataclass(frozen=True)
 class Batch:
+    """One forward pass's input: right-padded token ids, the attention mask and the index in `texts` of each row."""
     input_ids: torch.Tensor  # (rows, width) long, on the CPU, right-padded
     attention: torch.Tensor  # (rows, width) long: 1 on real tokens, 0 on padding
     items: tuple[int, ...] = ()  # index in `texts` of each row
@@ -165,6 +182,7 @@ class NormCollector:
     def __init__(self, model: nn.Module, modules: list[ScoredModule], device: torch.device):
         self.sums = {m.name: torch.zeros(m.n_cols, dtype=torch.float64, device=device) for m in modules}
         self.mask: torch.Tensor | None = None
+        self._masks: dict[torch.device, torch.Tensor] = {}  # the batch's mask on each device inputs arrive on
         self._last_input: torch.Tensor | None = None  # held, so its identity cannot be reused
         self._last_norms: torch.Tensor | None = None
         self.handles = []
@@ -183,7 +201,7 @@ class NormCollector:
         if x is self._last_input:  # q/k/v (gate/up) receive the same tensor: same norms
             self.sums[name].add_(self._last_norms)
             return
-        mask = self.mask
+        mask = self.mask_on(x.device)
         if x.dim() != 3 or tuple(x.shape[:2]) != tuple(mask.shape):
             raise MlarchError(
                 f"module {name} received an input of shape {tuple(x.shape)}; mlarch scores modules "
@@ -195,11 +213,22 @@ class NormCollector:
         norms = torch.bmm(mask[:, None, :], xf * xf).sqrt_()
         # per-sample float32 norms, summed in float64 (add_ promotes; no extra kernel at batch 1)
         norms = norms.view(-1) if norms.shape[0] == 1 else norms.squeeze(1).sum(dim=0, dtype=torch.float64)
+        if self.sums[name].device != norms.device:  # first batch of a module on another device: zeros, moved once
+            self.sums[name] = self.sums[name].to(norms.device)
         self.sums[name].add_(norms)
         self._last_input, self._last_norms = x, norms
 
     def start_batch(self, mask: torch.Tensor) -> None:
+        """Start a batch with attention mask `mask` (its padding is left out of the norms)."""
         self.mask, self._last_input, self._last_norms = mask, None, None
+        self._masks = {mask.device: mask}
+
+    def mask_on(self, device: torch.device) -> torch.Tensor:
+        """The batch's mask on `device` (copied once per batch and device: exact)."""
+        mask = self._masks.get(device)
+        if mask is None:
+            mask = self._masks[device] = self.mask.to(device)
+        return mask
 
     def _hook(self, name: str) -> Callable:
         def hook(module, args, kwargs):
@@ -216,10 +245,12 @@ class NormCollector:
         return hook
 
     def remove(self) -> None:
+        """Remove the forward hooks from the model."""
         for handle in self.handles:
             handle.remove()
 
     def result(self) -> dict[str, np.ndarray]:
+        """Each module's sums on the host, in the scored modules' order."""
         return {name: acc.cpu().numpy().astype(np.float32) for name, acc in self.sums.items()}
 
 

@@ -1,225 +1,36 @@
 """Data sources: where a language's math or control texts come from.
 
 A source turns a language code into a list of texts in file order (item i of the
-list is item_index i in `run_samples`). Two kinds exist:
+list is item_index i in `run_samples`). Three kinds exist:
 
-* a path template containing ``{lang}`` (JSONL, CSV with a header, or plain text);
-* a named source from ``NAMED_SOURCES`` (public corpora; registered by name).
+* a path template containing ``{lang}`` (JSONL, CSV with a header, or plain text:
+  mlarch.ingest.datafiles, which also says how records become texts);
+* a named source (public corpora and the starter set: mlarch.ingest.corpora);
+* a Hugging Face Hub data set, ``hf:OWNER/NAME[@REVISION]:SPLIT[:CONFIG]``, pinned to the
+  commit it resolved to (mlarch.ingest.hub_data).
 
-Text template for records: a ``text`` field is used verbatim; otherwise ``question`` and
-``answer`` are formatted with ``QA_TEMPLATE`` (GSM8K style, question + worked solution).
-
-The ``paper`` text template (``--template paper``) builds texts as the MathNeuro authors' code
-does: a ``qa`` column verbatim where the file has one, else ``INSTRUCT_TEMPLATE`` over the
-``question`` and ``solution`` columns, values unstripped.
+`resolve` picks one; the names below are re-exported from datafiles for callers that read
+files directly.
 """
 
 from __future__ import annotations
 
-import csv
-import hashlib
-import io
-import json
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Protocol
 
-from mlarch.errors import MlarchError, UsageError
+from mlarch.errors import UsageError
+from mlarch.ingest import corpora, hub_data
+from mlarch.ingest.datafiles import (INSTRUCT_TEMPLATE, QA_COLUMN_TEMPLATE, QA_TEMPLATE, TEXT_TEMPLATE,  # noqa: F401
+                                     TEXT_TEMPLATES, DataSource, LoadedItems, TemplateFileSource, instruct_text,
+                                     parse_file, parse_records, sha256_file)
 
-QA_TEMPLATE = "Q: {question}\nA: {answer}"
-TEXT_TEMPLATE = "{text}"
-# the MathNeuro authors' texts (MathNeuroFast.py, compute_score_mask)
-INSTRUCT_TEMPLATE = "Instruct: {question} Let's write a Python program.\nOutput:\n{solution}"
-QA_COLUMN_TEMPLATE = "{qa}"
-TEXT_TEMPLATES = ("default", "paper")
-
-
-@dataclass
-class LoadedItems:
-    """A language's items, formatted, with what is needed to reproduce them."""
-
-    texts: list[str]
-    templates: list[str]  # the templates used (one, unless a file mixes record shapes)
-    files: dict[str, str] = field(default_factory=dict)  # path -> sha256
-    # (question, answer) of every item, where every item has both (accuracy needs them:
-    # the question for the prompt, the answer for the reference number); else None
-    pairs: list[tuple[str, str]] | None = None
-    # index of the first item of the source's training split (GSM8K en: test, then train),
-    # where n-shot exemplars come from; None: the source has no training split
-    train_from: int | None = None
-
-
-class DataSource(Protocol):
-    name: str  # recorded as the run's `dataset`
-
-    def load(self, lang: str, role: str) -> LoadedItems: ...
-
-    def describe(self) -> dict: ...
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _record_text(record: dict, where: str) -> tuple[str, str]:
-    text = record.get("text")
-    if isinstance(text, str) and text.strip():
-        return text, TEXT_TEMPLATE
-    question, answer = record.get("question"), record.get("answer")
-    if question not in (None, "") and answer not in (None, ""):
-        return QA_TEMPLATE.format(question=str(question).strip(), answer=str(answer).strip()), QA_TEMPLATE
-    raise MlarchError(
-        f"{where}: expected a non-empty 'text' field or 'question' and 'answer' fields; "
-        "fix the record or remove it"
-    )
-
-
-def instruct_text(question: str, solution: str) -> str:
-    """The authors' prompt for a question/solution pair, verbatim (no stripping)."""
-    return INSTRUCT_TEMPLATE.format(question=question, solution=solution)
-
-
-def _paper_text(record: dict, has_qa: bool, where: str) -> tuple[str, str]:
-    """The authors' choice, made per file as theirs is per data frame: the `qa` column verbatim
-    if the file has one, else the Instruct prompt of `question` and `solution`."""
-    if has_qa:
-        qa = record.get("qa")
-        if isinstance(qa, str) and qa != "":
-            return qa, QA_COLUMN_TEMPLATE
-        raise MlarchError(f"{where}: the file has a 'qa' column but this record's is empty; fix or remove it")
-    question, solution = record.get("question"), record.get("solution")
-    if isinstance(question, str) and question != "" and isinstance(solution, str) and solution != "":
-        return instruct_text(question, solution), INSTRUCT_TEMPLATE
-    raise MlarchError(
-        f"{where}: --template paper needs a 'qa' field, or 'question' and 'solution' fields "
-        "(the authors' columns); fix the record or use the default template"
-    )
-
-
-def _pair(record: dict) -> tuple[str, str] | None:
-    question, answer = record.get("question"), record.get("answer")
-    if question in (None, "") or answer in (None, ""):
-        return None
-    return str(question).strip(), str(answer).strip()
-
-
-def parse_file(path: Path) -> tuple[list[str], list[str]]:
-    """Texts and templates from a .jsonl, .csv or plain-text file (one item per line)."""
-    texts, templates, _ = parse_records(path)
-    return texts, templates
-
-
-def parse_records(path: Path, template: str = "default") -> tuple[list[str], list[str], list[tuple[str, str]] | None]:
-    """Texts, templates and, where every record has them, (question, answer) pairs.
-    `template` 'paper': records become the authors' texts (see _paper_text)."""
-    if template not in TEXT_TEMPLATES:
-        raise UsageError(f"--template {template!r} is not known: use one of {', '.join(TEXT_TEMPLATES)}")
-    paper = template == "paper"
-    try:
-        content = path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise MlarchError(f"{path}: not UTF-8 text (byte {exc.start}); re-encode it as UTF-8") from None
-    except OSError as exc:
-        raise MlarchError(f"cannot read data file {path}: {exc.strerror or exc}") from None
-    suffix = path.suffix.lower()
-    texts: list[str] = []
-    templates: set[str] = set()
-    pairs: list[tuple[str, str] | None] = []
-    if suffix in {".jsonl", ".ndjson"}:
-        records = []
-        for lineno, line in enumerate(content.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise MlarchError(f"{path}, line {lineno}: invalid JSON ({exc.msg}); fix that line") from None
-            if not isinstance(record, dict):
-                raise MlarchError(f"{path}, line {lineno}: expected a JSON object per line")
-            records.append((lineno, record))
-        has_qa = any("qa" in record for _, record in records)
-        for lineno, record in records:
-            where = f"{path}, line {lineno}"
-            text, used = _paper_text(record, has_qa, where) if paper else _record_text(record, where)
-            texts.append(text)
-            templates.add(used)
-            pairs.append(_pair(record))
-    elif suffix == ".csv":
-        reader = csv.DictReader(io.StringIO(content))
-        fields = set(reader.fieldnames or [])
-        if paper and "qa" not in fields and not {"question", "solution"} <= fields:
-            raise MlarchError(
-                f"{path}, line 1: --template paper needs a 'qa' column or 'question' and 'solution' columns"
-            )
-        if not paper and "text" not in fields and not {"question", "answer"} <= fields:
-            raise MlarchError(
-                f"{path}, line 1: the CSV header needs a 'text' column or 'question' and 'answer' columns"
-            )
-        try:
-            for record in reader:
-                where = f"{path}, line {reader.line_num}"
-                text, used = _paper_text(record, "qa" in fields, where) if paper else _record_text(record, where)
-                texts.append(text)
-                templates.add(used)
-                pairs.append(_pair(record))
-        except csv.Error as exc:
-            raise MlarchError(f"{path}, line {reader.line_num}: malformed CSV ({exc})") from None
-    else:
-        for line in content.splitlines():
-            if line.strip():
-                texts.append(line)
-                pairs.append(None)
-        templates.add(TEXT_TEMPLATE)
-    if not texts:
-        raise MlarchError(f"data file {path} has no items; add at least one")
-    return texts, sorted(templates), (None if None in pairs else pairs)
-
-
-class TemplateFileSource:
-    """Files named by a path template such as ``data/{lang}/math.jsonl``."""
-
-    def __init__(self, spec: str, template: str = "default"):
-        if "{lang}" not in spec:
-            raise UsageError(f"data template {spec!r} must contain {{lang}}, e.g. data/{{lang}}.jsonl")
-        if template not in TEXT_TEMPLATES:
-            raise UsageError(f"--template {template!r} is not known: use one of {', '.join(TEXT_TEMPLATES)}")
-        self.spec = spec
-        self.name = spec
-        self.template = template
-
-    def path(self, lang: str) -> Path:
-        return Path(self.spec.replace("{lang}", lang)).expanduser()
-
-    def load(self, lang: str, role: str = "math") -> LoadedItems:
-        path = self.path(lang)
-        if not path.is_file():
-            raise MlarchError(
-                f"data file {path} for language {lang!r} does not exist "
-                f"(from template {self.spec!r}); create it or drop {lang!r} from --langs"
-            )
-        texts, templates, pairs = parse_records(path, self.template)
-        return LoadedItems(texts, templates, {str(path.resolve()): sha256_file(path)}, pairs)
-
-    def describe(self) -> dict:
-        described = {"kind": "template", "template": self.spec}
-        if self.template != "default":  # absent for the default: earlier runs' records are unchanged
-            described["text_template"] = self.template
-        return described
-
-
-# Named public corpora register here: name -> factory(data_dir) -> DataSource.
-NAMED_SOURCES: dict[str, Callable[[Path | None], DataSource]] = {}
+# Named public corpora: name -> factory(data_dir) -> DataSource (registered in corpora.py).
+NAMED_SOURCES = corpora.NAMED_SOURCES
 
 
 def resolve(spec: str, data_dir: Path | None = None, template: str = "default") -> DataSource:
-    """A named source, or a path template containing {lang}; `template` 'paper' (the authors'
-    texts) applies to files only: a named source has its own template."""
-    import mlarch.ingest.corpora  # noqa: F401 - registers the named sources
-
+    """A named source, a hub data set (hf:...), or a path template containing {lang};
+    `template` 'paper' (the authors' texts) applies to files and hub data sets: a named
+    source has its own template."""
     if spec in NAMED_SOURCES:
         if template != "default":
             raise UsageError(
@@ -227,10 +38,12 @@ def resolve(spec: str, data_dir: Path | None = None, template: str = "default") 
                 "pass the authors' files as a path template such as data/{lang}.csv"
             )
         return NAMED_SOURCES[spec](data_dir)
+    if spec.startswith(hub_data.PREFIX):
+        return hub_data.HubDataSource(spec, template)
     if "{lang}" in spec:
         return TemplateFileSource(spec, template)
     known = ", ".join(sorted(NAMED_SOURCES)) or "none yet"
     raise UsageError(
-        f"data source {spec!r} is neither a named source (known: {known}) "
-        "nor a path template containing {lang}, e.g. data/{lang}.jsonl"
+        f"data source {spec!r} is neither a named source (known: {known}), a hub data set "
+        f"({hub_data.SYNTAX}) nor a path template containing {{lang}}, e.g. data/{{lang}}.jsonl"
     )

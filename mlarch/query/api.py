@@ -28,6 +28,10 @@ READ_STATEMENTS = {"SELECT", "EXPLAIN", "PRAGMA"}
 READ_PRAGMAS = {"table_info", "show", "show_tables", "show_tables_expanded", "database_list", "database_size",
                 "storage_info", "version", "platform", "functions", "collations"}
 _WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# `verify --recompute` passes when every recomputed top-k set has at least this Jaccard with the
+# archived one (1.0 on the same machine and device; float32 rounding elsewhere swaps a few ties)
+RECOMPUTE_MIN_JACCARD = 0.99
+SHOW_LIST_LIMIT = 20  # `show` prints longer lists (the drawn indices) as a count and their first values
 
 
 def _gap_end(text: str, pos: int) -> int:
@@ -148,6 +152,26 @@ def _run(con, statements, params) -> pl.DataFrame:
     return arrow_frame(con, statements[-1].query, params)  # Arrow, not Python rows: 1 M rows in < 1 s
 
 
+def _langs(langs) -> list[str] | None:
+    """A comma string or a list of language codes, as a list (None stays None)."""
+    if isinstance(langs, str):
+        return [x.strip() for x in langs.split(",") if x.strip()]
+    return None if langs is None else list(langs)
+
+
+def _flatten(rows: list, prefix: str, value) -> None:
+    """Append (dotted key, text) rows for `value`: dicts by key, long lists shortened."""
+    if isinstance(value, dict):
+        for key, inner in value.items():
+            _flatten(rows, f"{prefix}.{key}" if prefix else str(key), inner)
+    elif isinstance(value, list) and len(value) > SHOW_LIST_LIMIT:
+        rows.append((prefix, f"[{len(value)} values] " + ",".join(map(str, value[:SHOW_LIST_LIMIT])) + ",..."))
+    elif isinstance(value, list):
+        rows.append((prefix, ",".join(map(str, value))))
+    else:
+        rows.append((prefix, "" if value is None else str(value)))
+
+
 class Archive:
     """An archive folder: catalog.duckdb (summary rows, provenance, views) + arrays.zarr/."""
 
@@ -167,10 +191,12 @@ class Archive:
 
     @property
     def catalog_path(self) -> Path:
+        """The archive's DuckDB catalog file (root/catalog.duckdb)."""
         return self.root / layout.CATALOG
 
     @property
     def arrays_path(self) -> Path:
+        """The archive's zarr store of arrays (root/arrays.zarr)."""
         return self.root / layout.ARRAYS
 
     # --- SQL -------------------------------------------------------------------------
@@ -259,18 +285,23 @@ class Archive:
         return pl.concat([frame.select("model", "analysis"), settings,
                           frame.select("langs", "seeds", "n_runs", "config_digest", "created_at")], how="horizontal")
 
-    def analysis_overlap(self, model: str, lang: str, analyses, k: float | None = None, seed: int | None = None,
+    def analysis_overlap(self, model: str, langs=None, analyses=None, k=None, seed: int | None = None,
                          by: str = "layer") -> pl.DataFrame:
-        """How one language's math-only set changes from one analysis to another (e.g. control
-        A vs control B): intersection, union and Jaccard of the two sets per layer, module or
-        globally, computed from the per-parameter masks (Archive.selection)."""
+        """How the math-only sets change from one analysis to another (control A vs control B,
+        or the exact method vs the authors' bf16 arithmetic): intersection, union and Jaccard
+        per language, k and layer (by='module', 'global'), from the per-parameter masks.
+
+        langs: 'en', 'en,de' or a list (default: every language both have); analyses: 'A,B'
+        or [A, B] (default: the model's exact analysis X and the paper-compatible X-paper);
+        k: a number, a list, or None / 'all' (every k both have sets at; a mathneuro-bf16
+        analysis's archived k, which are the only ones it allows)."""
         from mlarch.query.analysis_overlap import analysis_overlap
 
-        if isinstance(analyses, str):
-            analyses = [x.strip() for x in analyses.split(",") if x.strip()]
-        return analysis_overlap(self, model, lang, list(analyses), k=k, seed=seed, by=by)
+        return analysis_overlap(self, model, langs, analyses, k=k, seed=seed, by=by)
 
     def runs(self, model: str | None = None) -> pl.DataFrame:
+        """The runs, one row per scoring pass (run_id, model, analysis, lang, role, dataset, seed, sizes, status,
+        times), as `mlarch runs`; `model` keeps models whose name contains it (case-insensitive)."""
         frame = self._read(
             "SELECT run_id, model, analysis, lang, role, dataset, seed, n_samples, n_tokens, status, "
             "started_at, finished_at FROM runs ORDER BY started_at, run_id"
@@ -280,6 +311,8 @@ class Archive:
         return frame
 
     def models(self) -> pl.DataFrame:
+        """The archived models with their architecture, dtype, scored modules and parameters, and the languages, seeds
+        and runs in use, as `mlarch models`."""
         return self._read("""
             SELECT m.model, m.architecture, m.dtype, m.n_modules, m.n_scored_params,
                    coalesce(string_agg(DISTINCT r.lang, ',' ORDER BY r.lang), '') AS langs,
@@ -306,6 +339,18 @@ class Archive:
         from mlarch.store import arrays
 
         return arrays
+
+    def _array_store(self):
+        """Where the arrays are: arrays.zarr, or the S3 prefix the catalog records (looked up,
+        and a bucket probed, once per Archive that has a catalog)."""
+        store = self.__dict__.get("_store")
+        if store is None:
+            from mlarch.store import array_store
+
+            store = array_store.of(self.root)
+            if self.catalog_path.exists():
+                self._store = store
+        return store
 
     def _spans(self, model: str) -> dict:
         """module -> Span (position in the concatenated arrays) for one model (cached)."""
@@ -356,13 +401,13 @@ class Archive:
     def norms(self, run_id: str) -> dict[str, np.ndarray]:
         """Activation-norm vector (float32, length n_cols) of every scored module of a run."""
         run = self._run_arrays(run_id)
-        everything = self._arrays().read(self.arrays_path, self._record(run_id, "norms"))
+        everything = self._arrays().read(self._array_store(), self._record(run_id, "norms"))
         return {m: everything[span.norms] for m, span in self._spans(run["model"]).items()}
 
     def magnitudes(self, model: str, module: str) -> np.ndarray:
         """|W| of one module as scored (float32, out x in)."""
         span = self._span(model, module)
-        flat = self._arrays().read(self.arrays_path, self._record(model, "magnitudes"),
+        flat = self._arrays().read(self._array_store(), self._record(model, "magnitudes"),
                                    span.param_offset, span.param_offset + span.n_params)
         return flat.reshape(span.n_rows, span.n_cols)
 
@@ -371,7 +416,7 @@ class Archive:
         top-k_values[j] set of that run, 0 = in none."""
         run = self._run_arrays(run_id)
         span = self._span(run["model"], module)
-        flat = self._arrays().read(self.arrays_path, self._record(run_id, "levels"),
+        flat = self._arrays().read(self._array_store(), self._record(run_id, "levels"),
                                    span.param_offset, span.param_offset + span.n_params)
         return flat.reshape(span.n_rows, span.n_cols)
 
@@ -385,7 +430,7 @@ class Archive:
             raise UsageError(f"run {run_id} used --method {run['method']}, whose bf16 scores are not |W| x norms "
                              "and are not archived: read its sets with levels() or selection() at an archived k")
         span = self._span(run["model"], module)
-        norms = self._arrays().read(self.arrays_path, self._record(run_id, "norms"),
+        norms = self._arrays().read(self._array_store(), self._record(run_id, "norms"),
                                     span.norm_offset, span.norm_offset + span.n_cols)
         return scores(self.magnitudes(run["model"], module), norms)
 
@@ -480,7 +525,7 @@ class Archive:
         """Evaluate `model` per language (task 'nll' or 'accuracy') on `data`, with each of
         `interventions` (specs such as 'prune:en@0.01') and a baseline, and archive the
         results. Options mirror `mlarch eval`: name, analysis, role, seed, limit, all_items, shots,
-        chat, batch_size, max_length, max_new_tokens, device, dtype, revision, gguf_file,
+        chat, batch_size, max_length, max_new_tokens, device, device_map ('auto'), dtype, revision, gguf_file,
         trust_remote_code, force, data_dir.
         Returns an EvalResult (written and reused eval_ids). progress: show a progress bar
         (default: when interactive, a terminal or a notebook); reporter: your own instead."""
@@ -507,9 +552,177 @@ class Archive:
             run_ids = [run_ids]
         if bool(run_ids) == bool(model):
             raise UsageError("give run_ids or model (one of them)")
-        if not self.catalog_path.exists():  # no lock file left in a stray folder
-            raise catalog.missing_archive(self.root)
+        self._require()
         return rm(self.root, list(run_ids) if run_ids else None, model, dry_run=dry_run)
+
+    def _require(self) -> None:
+        """Raise unless the folder holds a catalog: no lock file or folder left in a stray path."""
+        if not self.catalog_path.exists():
+            raise catalog.missing_archive(self.root)
+
+    def verify(self, run_ids=None) -> pl.DataFrame:
+        """Check the archive as `mlarch verify` does: every array against its recorded sha256,
+        record digests, set sizes and pattern counts against a recount from the stored masks,
+        no orphans or leftovers (only the given runs' checks with run_ids). Returns one row per
+        check (check, object, status 'ok' or 'FAIL', detail); raises nothing for a failed check:
+        `frame.filter(pl.col("status") == "FAIL")` lists them."""
+        from mlarch.store.maintenance import verify
+
+        if isinstance(run_ids, str):
+            run_ids = [run_ids]
+        self._require()
+        checks = verify(self.root, list(run_ids) if run_ids else None)
+        return pl.DataFrame([{"check": c.check, "object": c.object, "status": "ok" if c.ok else "FAIL",
+                              "detail": c.detail} for c in checks],
+                            schema={"check": pl.Utf8, "object": pl.Utf8, "status": pl.Utf8, "detail": pl.Utf8})
+
+    def recompute(self, run_id: str, device: str = "auto", *, min_jaccard: float | None = None) -> pl.DataFrame:
+        """Score a run again from its provenance (same weights digest, texts, drawn indices and
+        settings; needs the model and data files) and compare, as `mlarch verify --recompute`.
+        Returns rows (metric, value, status): the device, the largest relative norm difference,
+        and per archived k the Jaccard of the recomputed and archived top-k sets, whose status is
+        'FAIL' below `min_jaccard` (default RECOMPUTE_MIN_JACCARD, 0.99; the CLI then exits 1),
+        else 'ok'."""
+        from mlarch.ingest.devices import check as check_device
+        from mlarch.ingest.recompute import recompute
+
+        self._require()
+        run = self.run(run_id)
+        if (run.get("provenance") or {}).get("anonymized"):
+            raise MlarchError(f"run {run_id} came from an anonymized bundle (export-bundle --anonymize): its model "
+                              "and data paths were dropped, so it cannot be scored again here; recompute it in the "
+                              "archive it was exported from")
+        bar = RECOMPUTE_MIN_JACCARD if min_jaccard is None else float(min_jaccard)
+        rows = recompute(self, run_id, check_device(device))
+        for row in rows:
+            row["status"] = (("ok" if float(row["value"]) >= bar else "FAIL")
+                             if row["metric"].startswith("Jaccard") else "")
+        return pl.DataFrame(rows, schema={"metric": pl.Utf8, "value": pl.Utf8, "status": pl.Utf8})
+
+    def gc(self) -> list[str]:
+        """Remove leftovers of interrupted ingests and imports (FAILED runs, RUNNING runs whose
+        process is gone, arrays no run or model owns, staging folders of a killed import), as
+        `mlarch gc`. Returns one line per thing removed (empty: nothing to remove)."""
+        from mlarch.store.maintenance import gc
+
+        self._require()
+        return gc(self.root)
+
+    def show(self, run_id: str) -> pl.DataFrame:
+        """One run's catalog row and full provenance as (key, value) text rows, nested keys
+        dotted (model.source, data.files...) and lists of more than 20 values shortened, as
+        `mlarch show` prints them. Archive.run(run_id) gives the same as a dict."""
+        run = self.run(run_id)
+        rows: list[tuple[str, str]] = []
+        provenance = run.pop("provenance") or {}
+        _flatten(rows, "", dict(run))
+        _flatten(rows, "", {k: v for k, v in provenance.items() if k not in run or isinstance(v, dict)})
+        return pl.DataFrame(rows, schema={"key": pl.Utf8, "value": pl.Utf8}, orient="row")
+
+    # --- export and bundles ------------------------------------------------------------
+    def export(self, folder, *, format: str = "parquet") -> list[Path]:  # noqa: A002 - the CLI's --format
+        """Write every catalog table and view as <name>.parquet in `folder` (created if
+        missing), as `mlarch export`, for DuckDB, polars or Spark. Returns the files written."""
+        from mlarch.store.bundle import export_parquet
+
+        if format != "parquet":
+            raise UsageError(f"format={format!r} is not known: the only export format is 'parquet'")
+        self._require()
+        return export_parquet(self.root, Path(folder))
+
+    def export_bundle(self, path, run_ids=None, *, model: str | None = None, anonymize: bool = False) -> dict:
+        """Write finished runs (run_ids, or every one of `model`, an exact name) with their arrays,
+        catalog rows and a manifest of digests to the .tar file `path`, as `mlarch export-bundle`.
+        anonymize=True drops host names and absolute paths (which name the user) from the rows
+        (provenance, model source, data paths) and records that in the manifest; the bundle still imports and
+        verifies. Returns {"runs": n, "models": [...], "arrays": n, "bytes": n, "anonymized": bool}."""
+        from mlarch.store.bundle import export_bundle
+
+        if isinstance(run_ids, str):
+            run_ids = [run_ids]
+        if bool(run_ids) == bool(model):
+            raise UsageError("give run_ids or model (one of them)")
+        self._require()
+        return export_bundle(self.root, Path(path), list(run_ids) if run_ids else None, model, anonymize=anonymize)
+
+    def import_bundle(self, path) -> dict:
+        """Merge a bundle into this archive (created if missing), verifying every digest first,
+        as `mlarch import-bundle`; runs already present are skipped. Returns {"imported": [run
+        ids], "skipped": [run ids], "models": [new model names]}."""
+        from mlarch.store.bundle import import_bundle
+
+        return import_bundle(self.root, Path(path))
+
+    def report(self, folder, model: str, *, langs=None, k: float | None = None, seed: int | None = None,
+               analysis: str | None = None) -> Path:
+        """Write every chart (SVG and PNG) and a self-contained index.html with the key tables
+        and provenance into `folder`, as `mlarch report`. Returns the path of index.html."""
+        from mlarch.charts.report import write_report
+
+        if isinstance(langs, str):
+            langs = [x.strip() for x in langs.split(",") if x.strip()]
+        self._require()
+        return write_report(self, folder, model=model, langs=langs, k=k, seed=seed, analysis=analysis)
+
+    def sizes(self, model: str, k: float | None = None, seed: int | None = None,
+              analysis: str | None = None) -> pl.DataFrame:
+        """Math-only set size per language, all modules pooled (lang, n_selected, n_params,
+        percent), largest first, for one model (exact name) in one analysis (default: its only
+        one) at an archived k and seed (defaults as in compare: k = 0.01 when archived, else the
+        smallest; the smallest seed), as the demo prints it."""
+        analysis = self.resolve_analysis(model, analysis)  # names the archive's models for a typo
+        with catalog.reading(self.catalog_path) as con:
+            k, seed = _compare.resolve_k_seed(_compare.derived_sets(con, [model], [analysis]), k, seed)
+            return catalog.frame(con, (
+                "SELECT lang, sum(n_selected)::BIGINT AS n_selected, sum(n_params)::BIGINT AS n_params, "
+                "round(100 * sum(n_selected) / sum(n_params), 3) AS percent FROM set_sizes "
+                "WHERE model = $m AND analysis = $a AND k = $k AND seed = $s GROUP BY lang "
+                "ORDER BY n_selected DESC, lang"), {"m": model, "a": analysis, "k": k, "s": seed})
+
+    def analysis_of_runs(self, run_ids) -> str | None:
+        """The analysis the given runs belong to, or None when they span several (or none)."""
+        used = self._read("SELECT DISTINCT analysis FROM runs WHERE list_contains($ids, run_id)",
+                          {"ids": list(run_ids)})["analysis"].to_list()
+        return used[0] if len(used) == 1 else None
+
+    def demo(self, langs=None, samples: int = 24, data_dir=None, *, reporter=None,
+             progress: bool | None = None) -> dict:
+        """Run `mlarch demo`'s analysis into this archive: Gemma-3-270M (the `demo` extra)
+        scored on the starter set (or the corpora in data_dir); runs already archived are reused.
+        Returns {"model", "analysis", "written", "skipped" (run ids), "overlap" (Archive.compare
+        globally at k = 0.01, seed 1), "sizes" (Archive.sizes at k = 0.01, seed 1)}."""
+        from mlarch.ingest import demo as demo_lib
+        from mlarch.ingest.pipeline import IngestConfig
+        from mlarch.progress import reporter_for
+
+        langs = _langs(langs) or list(demo_lib.DEMO_LANGS)
+        IngestConfig(model="-", langs=langs, math="-", control="-", samples=samples).validate()
+        result = demo_lib.run(self.root, langs=langs, samples=samples, data_dir=data_dir,
+                              reporter=reporter_for(progress, reporter))
+        # the analysis of the runs just scored or reused (an archive may hold others of the model)
+        analysis = self.analysis_of_runs(result["written"] + result["skipped"])
+        return {"model": result["model"], "analysis": self.resolve_analysis(result["model"], analysis),
+                "written": result["written"], "skipped": result["skipped"],
+                "overlap": self.compare(result["model"], langs, k=demo_lib.DEMO_K, seed=1, by="global",
+                                        analysis=analysis),
+                "sizes": self.sizes(result["model"], k=demo_lib.DEMO_K, seed=1, analysis=analysis)}
+
+    def demo_interventions(self, langs=None, data_dir=None, *, reporter=None, progress: bool | None = None) -> dict:
+        """`mlarch demo --interventions` after Archive.demo: each language's math-only set at
+        k = 0.01 pruned in turn (and as many random parameters per matrix), held-out NLL of every
+        language. Returns {"model", "written", "reused" (eval ids), "effects" (their
+        intervention_effects rows: role, intervention, target_lang, lang, baseline, relative_change)}."""
+        from mlarch.ingest import demo as demo_lib
+        from mlarch.progress import reporter_for
+
+        langs = _langs(langs) or list(demo_lib.DEMO_LANGS)
+        done = demo_lib.interventions(self.root, langs=langs, data_dir=data_dir,
+                                      reporter=reporter_for(progress, reporter))
+        effects = self._read(
+            "SELECT role, intervention, target_lang, lang, baseline, relative_change FROM intervention_effects "
+            "WHERE model = $m AND task = 'nll' AND k = $k AND seed = 1 AND list_contains($ids, eval_id)",
+            {"m": done["model"], "k": demo_lib.DEMO_K, "ids": done["written"] + done["reused"]})
+        return {**done, "effects": effects}
 
     # --- charts ------------------------------------------------------------------------
     def chart(self, kind: str, **options):
@@ -527,12 +740,17 @@ class Archive:
         """Score `model` on each language's math and control texts and archive the runs.
 
         Options mirror `mlarch ingest`: name, analysis, samples, seeds, top_k, batch_size, max_length
-        (None: no truncation), device, dtype, revision, gguf_file, trust_remote_code, force, data_dir,
+        (None: no truncation), device, device_map ('auto': over several GPUs), dtype, revision, gguf_file,
+        trust_remote_code, force, data_dir,
         only_correct, and the paper-compat settings method ('mathneuro' or 'mathneuro-bf16'),
         sampling ('numpy' or 'pandas'), shuffle_seed, template ('default' or 'paper') and
         paper_compat=True (all of them as the authors' code does: mlarch.methods.PAPER_COMPAT) (`model`: a folder,
-        a .gguf file, a hub id or a named model such as 'qwen2.5-coder-0.5b'). progress: show a
-        progress bar (default: when interactive, a terminal or a notebook); reporter: your own instead.
+        a .gguf file, a hub id or a named model such as 'qwen2.5-coder-0.5b'). arrays='s3://BUCKET/PREFIX'
+        on an archive's first ingest keeps its arrays there (the catalog records it). executor='ray'
+        scores the units on a Ray cluster (ray_address='HOST:PORT', else RAY_ADDRESS, else a local
+        instance; a ray session already open in this process is used as is; gpus_per_unit=1).
+        progress: show a progress bar (default: when interactive, a terminal or a notebook); reporter:
+        your own instead.
         """
         from mlarch.ingest.pipeline import IngestConfig, ingest
 

@@ -12,6 +12,7 @@ from itertools import combinations
 import polars as pl
 
 from mlarch.errors import MlarchError, UsageError
+from mlarch.wording import Arg, error
 
 DEFAULT_K = 0.01  # the paper's headline k
 BY = ("layer", "module", "global")
@@ -137,7 +138,7 @@ def resolve_k_seed(sets: dict[str, dict[tuple[int, str], set[float]]], k: float 
     common_seed = sorted(set.intersection(*({seed_ for seed_, _ in s} for s in sets.values())))
     if k is None:
         if not common_k:
-            raise MlarchError(f"models {', '.join(models)} share no k value: pass a narrower --model")
+            raise error(MlarchError, f"models {', '.join(models)} share no k value: pass a narrower ", Arg("model"))
         k = DEFAULT_K if DEFAULT_K in common_k else common_k[0]
     elif k not in common_k:
         raise MlarchError(
@@ -145,7 +146,8 @@ def resolve_k_seed(sets: dict[str, dict[tuple[int, str], set[float]]], k: float 
         )
     if seed is None:
         if not common_seed:
-            raise MlarchError(f"models {', '.join(models)} share no seed: pass --seed or a narrower --model")
+            raise error(MlarchError, f"models {', '.join(models)} share no seed: pass ", Arg("seed"), " or a narrower ",
+                        Arg("model"))
         seed = common_seed[0]
     elif seed not in common_seed:
         raise MlarchError(
@@ -157,10 +159,12 @@ def resolve_k_seed(sets: dict[str, dict[tuple[int, str], set[float]]], k: float 
 
 def compare(con, model: str, langs: list[str], k: float | None = None, seed: int | None = None,
             by: str = "layer", analysis: str | None = None) -> pl.DataFrame:
+    """The overlap rows of Archive.compare / `mlarch compare`, read over `con` (an open
+    catalog connection): one row per model, language pair and layer, module or the model."""
     if by not in BY:
-        raise UsageError(f"--by must be one of {', '.join(BY)}, got {by!r}")
+        raise error(UsageError, Arg("by"), f" must be one of {', '.join(BY)}, got {by!r}")
     if len(langs) < 2:
-        raise UsageError("compare needs at least two languages, e.g. --langs en,de")
+        raise error(UsageError, "compare needs at least two languages, e.g. ", Arg("langs", ["en", "de"]))
     if len(set(langs)) != len(langs):
         raise UsageError(f"languages repeat in {','.join(langs)}: list each once")
     models = match_models(con, model)

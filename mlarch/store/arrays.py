@@ -5,12 +5,12 @@ of the stored zarr.json, and of every stored chunk. A read goes through `_Checke
 that refuses a missing chunk (zarr would fill it with zeros), a zarr.json that differs from
 the recorded one (an edited dtype or codec) and a chunk whose bytes differ from the recorded
 ones (damaged, or copied from another run). So a number read from an archive is the number
-that was written, or a loud error."""
+that was written, or a loud error. The store is the archive's arrays.zarr folder or its S3
+prefix (mlarch.store.array_store); the checks are the same for both."""
 
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 import threading
 from collections.abc import Iterable
@@ -21,9 +21,10 @@ from pathlib import Path
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
-from zarr.storage import LocalStore, WrapperStore
+from zarr.storage import WrapperStore
 
 from mlarch.errors import MlarchError
+from mlarch.store.array_store import ArrayStore, StoreError, coerce
 
 _CHUNK_ELEMENTS = 1 << 22  # ~4 M elements: >= 1 MB chunks, whole rows per chunk
 _CHUNK_KEY = re.compile(r"^c/(\d+)$")
@@ -43,6 +44,7 @@ class ArrayRecord:
 
     @classmethod
     def from_row(cls, row: dict) -> ArrayRecord:
+        """The record of an `arrays` catalog row (a dict)."""
         chunks = row.get("chunk_sha256")
         return cls(row["path"], row["dtype"], tuple(int(n) for n in row["shape"]), row["sha256"], int(row["nbytes"]),
                    row.get("meta_sha256"), tuple(chunks) if chunks is not None else None)
@@ -65,6 +67,8 @@ def digest(data: np.ndarray) -> str:
 
 
 def chunks_for(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The chunk shape mlarch stores an array of `shape` in (about _CHUNK_ELEMENTS elements per chunk, whole rows for
+    2-D)."""
     if len(shape) == 1:
         return (max(1, min(shape[0], _CHUNK_ELEMENTS)),)
     rows = max(1, min(shape[0], _CHUNK_ELEMENTS // max(1, shape[1])))
@@ -72,6 +76,7 @@ def chunks_for(shape: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def n_chunks(shape: tuple[int, ...]) -> int:
+    """How many chunks an array of `shape` has in that chunking."""
     per = chunks_for(shape)
     count = 1
     for size, chunk in zip(shape, per):
@@ -130,12 +135,27 @@ class _Recording(WrapperStore):
 class _Checked(WrapperStore):
     """Reads through to a store and refuses what the catalog's record does not vouch for."""
 
-    def __init__(self, store, record: ArrayRecord):
+    def __init__(self, store, record: ArrayRecord, location: ArrayStore | None = None, remember: bool = False):
         super().__init__(store)
-        self.record = record
+        self.record, self.location, self.remember = record, location, remember
 
     def _with_store(self, store):
-        return type(self)(store, self.record)
+        return type(self)(store, self.record, self.location, self.remember)
+
+    def _meta_key(self, key: str):
+        """Where a remote array's zarr.json, once checked against its recorded digest, is
+        kept for later reads in this process (one request saved per read; the chunks are
+        still fetched and checked every time, and `check` always fetches it)."""
+        if not self.remember or self.record.meta_sha256 is None or key != self.record.path + "/zarr.json":
+            return None
+        return (self.location.url, self.record.path, self.record.meta_sha256)
+
+    def _failed(self, exc: Exception):
+        """A remote store's failure (endpoint gone, credentials revoked) as its one-line
+        error: it says nothing about the bytes, so it must not read as damage."""
+        if self.location is not None and self.location.remote:
+            return self.location.trouble(exc)
+        return exc
 
     def _check(self, key: str, value, byte_range) -> None:
         prefix = self.record.path + "/"
@@ -161,13 +181,24 @@ class _Checked(WrapperStore):
                                f"(damaged, or copied from elsewhere): {_RESTORE}")
 
     async def get(self, key, prototype, byte_range=None):
-        value = await self._store.get(key, prototype, byte_range)
+        remembered = self._meta_key(key) if byte_range is None else None
+        if remembered is not None and remembered in _CHECKED_META:
+            return prototype.buffer.from_bytes(_CHECKED_META[remembered])
+        try:
+            value = await self._store.get(key, prototype, byte_range)
+        except Exception as exc:
+            raise self._failed(exc) from exc
         self._check(key, value, byte_range)
+        if remembered is not None:  # it matched the recorded digest: these are the recorded bytes
+            _CHECKED_META[remembered] = value.to_bytes()
         return value
 
     async def get_partial_values(self, prototype, key_ranges):
         key_ranges = list(key_ranges)
-        values = await self._store.get_partial_values(prototype, key_ranges)
+        try:
+            values = await self._store.get_partial_values(prototype, key_ranges)
+        except Exception as exc:
+            raise self._failed(exc) from exc
         for (key, byte_range), value in zip(key_ranges, values):
             self._check(key, value, byte_range)
         return values
@@ -179,16 +210,19 @@ class _Checked(WrapperStore):
 
 
 _RESTORE = "run `mlarch verify` to list damage, then restore the archive from a copy or re-ingest the run"
+_CHECKED_META: dict[tuple, bytes] = {}  # (store url, array path, meta sha256) -> zarr.json bytes (remote reads)
 
 
-def write(root: Path, path: str, data: np.ndarray, compress: bool = True) -> ArrayRecord:
-    """Write `data` at `path` inside the zarr store `root` (overwriting) and return its record.
+def write(root: ArrayStore | Path, path: str, data: np.ndarray, compress: bool = True) -> ArrayRecord:
+    """Write `data` at `path` inside the array store `root` (an ArrayStore, or the folder of a
+    local zarr store) (overwriting) and return its record.
 
     The sha256 runs in a second thread while zarr compresses and writes (hashlib releases
     the GIL), so the digest costs no wall time on a machine with two cores; chunk digests
     are taken from the bytes as they are handed to the store."""
     data = np.ascontiguousarray(data)
-    store = _Recording(LocalStore(str(root)), path)
+    location = coerce(root)
+    store = _Recording(location.zarr_store(read_only=False), path)
     try:
         with ThreadPoolExecutor(1) as pool:
             sha = pool.submit(digest, data)
@@ -204,8 +238,14 @@ def write(root: Path, path: str, data: np.ndarray, compress: bool = True) -> Arr
                 config={"write_empty_chunks": True},
             )
             full = sha.result()
-    except OSError as exc:
-        raise MlarchError(f"cannot write array {path} under {root}: {exc.strerror or exc}: "
+    except StoreError:
+        raise
+    except Exception as exc:
+        if location.remote:  # endpoint, credentials, bucket: one line naming the fix
+            raise location.trouble(exc) from None
+        if not isinstance(exc, OSError):
+            raise
+        raise MlarchError(f"cannot write array {path} under {location.where()}: {exc.strerror or exc}: "
                           "free disk space or choose a writable --archive") from None
     count = n_chunks(data.shape)
     try:
@@ -215,16 +255,18 @@ def write(root: Path, path: str, data: np.ndarray, compress: bool = True) -> Arr
     return ArrayRecord(path, data.dtype.str, tuple(data.shape), full, data.nbytes, store.seen["zarr.json"], chunk_sha)
 
 
-def _open(root: Path, record: ArrayRecord):
+def _open(location: ArrayStore, record: ArrayRecord, remember: bool = False):
     try:
-        array = zarr.open_array(store=_Checked(LocalStore(str(root), read_only=True), record), path=record.path,
-                                mode="r")
-    except ArrayDamaged:
+        # zarr_format=3: only zarr.json is asked for (no probes for v2 files: requests, on S3)
+        array = zarr.open_array(store=_Checked(location.zarr_store(read_only=True), record, location, remember),
+                                path=record.path, mode="r", zarr_format=3)
+    except (ArrayDamaged, StoreError):
         raise
     except (FileNotFoundError, KeyError) as exc:
-        raise ArrayDamaged(f"array {record.path} is missing from {root}: {_RESTORE}") from exc
+        raise ArrayDamaged(f"array {record.path} is missing from {location.where()}: {_RESTORE}") from exc
     except Exception as exc:  # zarr raises assorted errors for a missing or unparsable node
-        raise ArrayDamaged(f"array {record.path} in {root} cannot be opened ({type(exc).__name__}): {_RESTORE}") from exc
+        raise ArrayDamaged(f"array {record.path} in {location.where()} cannot be opened ({type(exc).__name__}): "
+                           f"{_RESTORE}") from exc
     # structure against the catalog: the only check an array from before chunk digests gets
     if array.shape != record.shape or array.dtype.str != record.dtype or array.chunks != chunks_for(record.shape):
         raise ArrayDamaged(f"array {record.path}: stored shape/dtype/chunks {array.shape} {array.dtype.str} "
@@ -233,60 +275,46 @@ def _open(root: Path, record: ArrayRecord):
 
 
 _VOUCHED: set[tuple] = set()  # arrays without chunk digests whose sha256 this process checked, as they were then
-
-
-def _signature(folder: Path) -> tuple:
-    """Names, sizes and modification times of an array's files: a vouched array that changed
-    since is checked again."""
-    entries = []
-    for sub in (folder, folder / "c"):
-        try:
-            with os.scandir(sub) as found:
-                for entry in found:
-                    if entry.is_file():
-                        st = entry.stat()
-                        entries.append((sub.name, entry.name, st.st_size, st.st_mtime_ns, st.st_ino))
-        except OSError:  # a missing folder: the read itself reports it
-            pass
-    return tuple(sorted(entries))
 _VOUCHED_LOCK = threading.Lock()
 
 
-def read(root: Path, record: ArrayRecord, start: int | None = None, stop: int | None = None) -> np.ndarray:
+def read(root: ArrayStore | Path, record: ArrayRecord, start: int | None = None, stop: int | None = None) -> np.ndarray:
     """The array of `record`, or elements [start, stop) of a 1-D array (only those chunks are
     read and checked). Raises ArrayDamaged unless every byte read is the one recorded.
     An array written before chunk digests existed is checked whole (its sha256) on its first
     read in a process: a partial read could not tell its chunks from another run's."""
+    location = coerce(root)
     if record.chunk_sha256 is None:
-        key = (str(Path(root).resolve()), record.path, record.sha256, _signature(Path(root) / record.path))
+        # names, sizes and times (ETags on S3) of its files: one that changed since is checked again
+        key = (record.path, record.sha256, location.signature(record.path))
         with _VOUCHED_LOCK:
             vouched = key in _VOUCHED
         if not vouched:
-            if check(root, record) != record.sha256:
+            if check(location, record) != record.sha256:
                 raise ArrayDamaged(f"array {record.path} does not match its recorded sha256: {_RESTORE}")
             with _VOUCHED_LOCK:
                 _VOUCHED.add(key)
-    array = _open(root, record)
+    array = _open(location, record, remember=location.remote)
     try:
         return array[...] if start is None and stop is None else array[start:stop]
-    except ArrayDamaged:
+    except (ArrayDamaged, StoreError):
         raise
     except Exception as exc:  # a failed crc32c or codec: damaged bytes
         message = " ".join(str(exc).split())[:120] or type(exc).__name__
         raise ArrayDamaged(f"array {record.path} cannot be decoded ({message}): {_RESTORE}") from exc
 
 
-def check(root: Path, record: ArrayRecord) -> str:
+def check(root: ArrayStore | Path, record: ArrayRecord) -> str:
     """sha256 of the whole array, streamed chunk by chunk (memory bounded), every chunk
     checked on the way. Compare with record.sha256."""
-    array = _open(root, record)
+    array = _open(coerce(root), record)
     h = hashlib.sha256(f"{np.dtype(record.dtype).str}{record.shape}".encode())
     step = chunks_for(record.shape)[0]
     try:
         for first in range(0, record.shape[0] if record.shape else 1, step):
             part = np.ascontiguousarray(array[first:first + step] if record.shape else array[...])
             h.update(memoryview(part).cast("B"))
-    except ArrayDamaged:
+    except (ArrayDamaged, StoreError):
         raise
     except Exception as exc:
         message = " ".join(str(exc).split())[:120] or type(exc).__name__

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import mlarch
 from mlarch.errors import MlarchError
-from mlarch.store import analyses, arrays, catalog, layout, records
+from mlarch.store import analyses, array_store, arrays, catalog, layout, records
 from mlarch.store import bundle_checks as checks
 from mlarch.store.derive import current_runs, derive, replace_derived
 from mlarch.store.spans import read_spans
@@ -46,8 +46,11 @@ def _dicts(table: dict) -> list[dict]:
     return [dict(zip(table["columns"], row)) for row in table["rows"]]
 
 
-def export_bundle(root: Path, out: Path, run_ids: list[str] | None = None, model: str | None = None) -> dict:
-    """Write the finished runs (given, or all of `model`) to the tar file `out`."""
+def export_bundle(root: Path, out: Path, run_ids: list[str] | None = None, model: str | None = None, *,
+                  anonymize: bool = False) -> dict:
+    """Write the finished runs (given, or all of `model`) to the tar file `out`; with
+    `anonymize`, without host names and absolute paths (mlarch.store.anonymize), which the
+    manifest records. Returns {"runs", "models", "arrays", "bytes", "anonymized"}."""
     with catalog.reading(root / layout.CATALOG) as con:
         if model is not None:
             ids = [r[0] for r in con.execute(
@@ -76,17 +79,31 @@ def export_bundle(root: Path, out: Path, run_ids: list[str] | None = None, model
                                    "a.model AND r.analysis = a.analysis AND list_contains(?, r.run_id)) "
                                    "ORDER BY model, analysis", [ids]),
         }
+    rows = {name: [{c: checks.restore(v) for c, v in row.items()} for row in _dicts(t)] for name, t in tables.items()}
+    anonymized = None
+    if anonymize:
+        from mlarch.store.anonymize import anonymize as scrub
+
+        try:
+            anonymized = scrub(rows)
+        except MlarchError as exc:
+            raise MlarchError(f"catalog of {root}: {exc}; nothing was exported") from None
+        tables = {name: {"columns": t["columns"], "rows": [[checks.plain(row[c]) for c in t["columns"]]
+                                                           for row in rows[name]]} for name, t in tables.items()}
+    store = array_store.of(root)  # arrays on S3: (array path, object name) instead of a file
     try:  # the catalog is read like a bundle: an edited row must not lead the export elsewhere
-        records_by_path = checks.check_rows({name: [{c: checks.restore(v) for c, v in row.items()} for row in _dicts(t)]
-                                       for name, t in tables.items()})
+        records_by_path = checks.check_rows(rows)
         files = [(name, layout.checked_group(root, record["path"], record["path"]).joinpath(
-                  *name[len(f"arrays/{record['path']}/"):].split("/")))
+                  *name[len(f"arrays/{record['path']}/"):].split("/")) if not store.remote else
+                  (store.owned(record["path"], record["path"]), name[len(f"arrays/{record['path']}/"):]))
                  for record in records_by_path.values() for name in checks.member_names(record)]
     except MlarchError as exc:
         raise MlarchError(f"catalog of {root}: {exc}: set the row back (`mlarch sql --write`) or restore the "
                           "catalog from a copy; nothing was exported") from None
     manifest = {"format": checks.FORMAT, "version": checks.VERSION, "mlarch": mlarch.__version__,
                 "exported_at": datetime.now().isoformat(), "run_ids": ids, "models": models, "tables": tables}
+    if anonymized is not None:  # informational: import trusts the digests, never this
+        manifest["anonymized"] = anonymized
     data = json.dumps(manifest, indent=1).encode()
     if len(data) > checks.MANIFEST_LIMIT:
         raise MlarchError(f"the manifest of {len(ids)} runs is {len(data) >> 20} MiB, over the {checks.MANIFEST_LIMIT >> 20} "
@@ -99,6 +116,10 @@ def export_bundle(root: Path, out: Path, run_ids: list[str] | None = None, model
         with tarfile.open(partial, "w") as tar:  # plain tar: chunks are compressed already
             _add(tar, checks.MANIFEST, io.BytesIO(data), len(data))
             for name, source in files:  # regular files only, named exactly as import expects
+                if store.remote:  # streamed from the bucket, object by object
+                    with store.member(*source) as (handle, size):
+                        _add(tar, name, handle, size)
+                    continue
                 try:
                     handle = open(os.open(source, os.O_RDONLY | os.O_NOFOLLOW), "rb")
                 except OSError as exc:
@@ -116,7 +137,8 @@ def export_bundle(root: Path, out: Path, run_ids: list[str] | None = None, model
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
-    return {"runs": len(ids), "models": models, "arrays": len(records_by_path), "bytes": out.stat().st_size}
+    return {"runs": len(ids), "models": models, "arrays": len(records_by_path), "bytes": out.stat().st_size,
+            "anonymized": anonymized is not None}
 
 
 def _add(tar: tarfile.TarFile, name: str, handle, size: int, mtime: float | None = None) -> None:
@@ -214,6 +236,7 @@ def _extract(tar: tarfile.TarFile, members: list[tarfile.TarInfo], staging: Path
 
 def _merge(root: Path, staging: Path, tables: dict, schema: dict[str, list[str]], bundle: Path) -> dict:
     path = root / layout.CATALOG
+    store = array_store.of(root)  # the archive's arrays.zarr, or its S3 prefix (probed)
     with layout.commit_lock(root):
         with catalog.reading(path) as con:
             have_runs = {r[0] for r in con.execute("SELECT run_id FROM runs").fetchall()}
@@ -265,12 +288,18 @@ def _merge(root: Path, staging: Path, tables: dict, schema: dict[str, list[str]]
                                   "archive")
             extended.append((key, json.loads(row["config"])))
         try:
-            targets = {p: layout.checked_group(root, p, p) for p in placing}
+            targets = {p: store.owned(p, p) for p in placing}
         except layout.UnsafePath as exc:
             raise MlarchError(f"archive {root}: {exc}: mlarch never makes links there; remove it by hand") from None
         placed: list[Path] = []
         try:
             for p in placing:  # validated paths: runs/<id>/<kind> or models/<group>/magnitudes
+                if store.remote:  # uploaded from the checked staging copy; a leftover there goes first
+                    if store.exists(p):
+                        store.remove(p)
+                    placed.append(p)
+                    store.upload(staging / "arrays" / p, p)
+                    continue
                 target = targets[p]
                 group = target.parent
                 if not group.exists():
@@ -303,12 +332,18 @@ def _merge(root: Path, staging: Path, tables: dict, schema: dict[str, list[str]]
                         WHERE model = $m AND analysis = $a AND lang = $l AND role = $r AND seed = $s""", params)
                     keys.add((run["model"], analysis, run["seed"]))
                 for model, analysis, seed in sorted(keys):
-                    selections, patterns = derive(root / layout.ARRAYS, model, analysis, seed, read_spans(con, model),
+                    selections, patterns = derive(store, model, analysis, seed, read_spans(con, model),
                                                   current_runs(con, model, analysis, seed),
                                                   count_tops=True)  # sizes as stored (bf16 runs: int(numel * k))
                     replace_derived(con, model, analysis, seed, selections, patterns)
         except BaseException as exc:
             for done in reversed(placed):  # the catalog never named them: leave no orphans
+                if store.remote:
+                    try:
+                        store.remove(done)
+                    except Exception:  # the bucket is gone too: `mlarch gc` collects them later
+                        pass
+                    continue
                 shutil.rmtree(done, ignore_errors=True)
             if isinstance(exc, layout.UnsafePath):  # a link made while we placed arrays
                 raise MlarchError(f"archive {root}: {exc}: remove the link by hand") from None

@@ -51,6 +51,8 @@ class Bad(MlarchError):
 
 
 def plain(value):
+    """A catalog value as a bundle manifest holds it: timestamps as {'$ts': ISO text}, DuckDB's HUGEINT sums (Decimal)
+    as int."""
     if isinstance(value, (datetime, date)):
         return {"$ts": value.isoformat()}
     if isinstance(value, Decimal):
@@ -59,6 +61,7 @@ def plain(value):
 
 
 def restore(value):
+    """A manifest value as the catalog holds it (the inverse of plain); a bad timestamp is a Bad bundle."""
     if isinstance(value, dict) and set(value) == {"$ts"}:
         try:
             return datetime.fromisoformat(value["$ts"])
@@ -217,6 +220,7 @@ def scan(tar: tarfile.TarFile, bundle: Path, schema: dict[str, list[str]]):
 
 
 def regular(member: tarfile.TarInfo) -> bool:
+    """Whether a tar member is a regular file (no link, device, folder or sparse file)."""
     return member.type in (tarfile.REGTYPE, tarfile.AREGTYPE) and not member.issparse()
 
 
@@ -295,6 +299,7 @@ def check_meta(raw: bytes, record: dict) -> None:
 
 
 def zarr_dtype(kind: str) -> str:
+    """The zarr v3 data type name of an array kind (float32 or uint8)."""
     return {"<f4": "float32", "|u1": "uint8"}[DTYPES[kind]]
 
 

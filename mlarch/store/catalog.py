@@ -22,6 +22,7 @@ from pathlib import Path
 import duckdb
 
 from mlarch.errors import MlarchError
+from mlarch.store.rows import dicts  # noqa: F401 - catalog.dicts, as before (records.py shares it)
 
 _MIGRATION_NAME = re.compile(r"^(\d{4})_(\w+)\.sql$")
 _BUSY_WAIT_S = 30.0  # a commit takes well under a second; wait this long before giving up
@@ -40,6 +41,7 @@ def migrations() -> list[tuple[int, str, str]]:
 
 
 def latest_version() -> int:
+    """The schema version of the newest migration mlarch ships."""
     return migrations()[-1][0]
 
 
@@ -126,6 +128,7 @@ def _first_line(exc: BaseException) -> str:
 
 
 def schema_version(con: duckdb.DuckDBPyConnection) -> int:
+    """The schema version of the catalog behind `con` (0: no migration applied yet)."""
     has_table = con.execute(  # in this connection's database only (readers see several)
         "SELECT count(*) FROM duckdb_tables() "
         "WHERE table_name = 'schema_migrations' AND database_name = current_database()"
@@ -537,13 +540,6 @@ def _plain(value):
     if isinstance(value, list):
         return [_plain(v) for v in value]
     return value
-
-
-def dicts(con: duckdb.DuckDBPyConnection, query: str, params=None) -> list[dict]:
-    """Rows of one statement as {column: value} dicts, values as DuckDB returns them."""
-    result = con.execute(query, params)
-    names = [d[0] for d in result.description]
-    return [dict(zip(names, row)) for row in result.fetchall()]
 
 
 def frame(con: duckdb.DuckDBPyConnection, query: str, params=None):

@@ -15,19 +15,23 @@ import polars as pl
 
 from mlarch import parallel
 from mlarch.errors import MlarchError
+from mlarch.pattern_counts import code_dtype, count_codes, merge_counts, named
 from mlarch.selection import top_count
-from mlarch.query.patterns import histogram
 from mlarch.store import arrays, layout
 from mlarch.store.arrays import ArrayRecord
 from mlarch.store.catalog import dicts
-from mlarch.store.spans import Span, groups
+from mlarch.store.spans import Span
 
 
-GROUP_BUDGET = 1 << 24  # parameters per read: whole chunks, bounded memory
+GROUP_BUDGET = 1 << 24  # parameters per work item, rounded up to whole chunks: memory per thread bounded
+READ_ALIGN: int | None = None  # ranges start at multiples of this (None: the level arrays' chunk length)
+THREADS = 8  # most threads derive runs: each holds ~(2 x languages + 4) bytes per parameter of its range
 
 
 @dataclass(frozen=True)
 class RunRef:
+    """A finished run as derive reads it: id, language, role, arrays group, archived k values and the record of its
+    level codes."""
     run_id: str
     lang: str
     role: str
@@ -37,14 +41,17 @@ class RunRef:
 
 
 def levels_path(arrays_group: str) -> str:
+    """Path of a run's level-code array inside arrays.zarr."""
     return layout.array_path(arrays_group, "levels")
 
 
 def norms_path(arrays_group: str) -> str:
+    """Path of a run's activation-norm array inside arrays.zarr."""
     return layout.array_path(arrays_group, "norms")
 
 
 def magnitudes_path(model_group: str) -> str:
+    """Path of a model's |W| array inside arrays.zarr."""
     return layout.array_path(model_group, "magnitudes")
 
 
@@ -89,72 +96,179 @@ def _selected_range(math_levels: np.ndarray, control_levels: np.ndarray, first: 
     return bits
 
 
-def _in_top_counts(levels: np.ndarray, js: list[int]) -> list[int]:
-    """How many entries the stored codes put in the top-k_values[j] set, for each j."""
-    shifted = levels - np.uint8(1)  # 0 ("in no set") wraps to 255
-    return [int(np.count_nonzero(shifted <= np.uint8(j))) for j in js]
+# --- derive: chunked pattern counting ------------------------------------------------
+#
+# Work is split into ranges of parameters (whole chunks of the level arrays, GROUP_BUDGET
+# parameters each), not into modules, so memory per thread is bounded by the range, whatever
+# the size of a module; a module split across ranges sums its pieces' counts. Per range:
+#   1. support: the parameters that some language has math-only at some k, found with one
+#      uint8 compare per language (a superset: math level - 1 < control level - 1);
+#   2. each supported parameter's levels of every language packed into one word (a nibble
+#      per level), and the distinct words counted (np.unique: one sort of the support);
+#   3. the few distinct words decoded into a pattern code per k (bit l: language l is
+#      math-only there) and counted with their multiplicities.
+# All k values are derived from the level codes at once (level j + 1 = first in top-k_values[j],
+# so in top-k_values[j] iff 1 <= level <= j + 1); every step is linear in parameters x languages.
+
+_ONE = np.uint8(1)
+_NIBBLE = np.uint8(15)
+_PACKED_LEVELS = 14  # runs with at most this many k values store levels 0..14: a level fits a nibble
+_PACKED_LANGS = 8  # a byte per language in one uint64 word
 
 
-def _module_rows(model, analysis, seed, module, chunk_ks, pairs, levels, selection_rows, pattern_rows,
-                 count_tops: bool = False) -> None:
-    bits, langs_of = {}, {}
-    for lang, (m, c) in pairs.items():
-        shared = [k for k in chunk_ks if k in m.k_values and k in c.k_values]
-        if not shared:
+@dataclass(frozen=True)
+class _Plan:
+    """Which k each language's pair of runs shares, and where it sits in each run's k_values."""
+    langs: tuple[str, ...]  # languages with a math and a control run, sorted: bit l of a pattern code
+    ks: tuple[float, ...]  # every k that some language shares, ascending: t indexes these
+    members: tuple[dict[int, tuple[int, int]], ...]  # per language: t -> (index in the math run's k_values, in the control run's)
+    packed: bool  # the word path (<= 8 languages, <= 14 k values per run); else codes per parameter
+
+    @property
+    def width(self) -> int:
+        return len(self.langs)
+
+
+def _plan(pairs: dict[str, tuple[RunRef, RunRef]]) -> _Plan:
+    ks = tuple(sorted({k for m, c in pairs.values() for k in set(m.k_values) & set(c.k_values)}))
+    members = tuple({t: (m.k_values.index(k), c.k_values.index(k)) for t, k in enumerate(ks)
+                     if k in m.k_values and k in c.k_values} for m, c in pairs.values())
+    packed = len(pairs) <= _PACKED_LANGS and all(len(r.k_values) <= _PACKED_LEVELS for p in pairs.values() for r in p)
+    return _Plan(tuple(pairs), ks, members, packed)
+
+
+def _member(math: np.ndarray, control: np.ndarray, jm: int, jc: int) -> np.ndarray:
+    """Math-only at one k: in the math run's top-k_values[jm] set and not in the control run's
+    top-k_values[jc] set. level - 1 wraps 0 ("in no set") to 255, above every index."""
+    hit = np.less_equal(math - _ONE, np.uint8(jm))
+    hit &= np.greater(control - _ONE, np.uint8(jc))
+    return hit
+
+
+def _support(levels: list[tuple[np.ndarray, np.ndarray]], plan: _Plan) -> np.ndarray:
+    """Boolean per parameter of the range: True where some language may be math-only at some k."""
+    n = levels[0][0].size
+    support = np.zeros(n, bool)
+    math1, control1, hit = np.empty(n, np.uint8), np.empty(n, np.uint8), np.empty(n, bool)
+    for (math, control), members in zip(levels, plan.members):
+        if not members:
             continue
-        math_levels, control_levels = levels[lang]
-        jm = [m.k_values.index(k) for k in shared]
-        jc = [c.k_values.index(k) for k in shared]
-        lang_bits = _selected_bits(math_levels, control_levels, jm, jc)
-        if count_tops:  # as stored (verify); otherwise as level_codes guarantees
-            math_tops, control_tops = _in_top_counts(math_levels, jm), _in_top_counts(control_levels, jc)
+        if all(jm <= jc for jm, jc in members.values()):
+            # math-only at k means math level - 1 <= jm <= jc < control level - 1: one compare finds
+            # a superset (parameters it admits wrongly get code 0 below, which is never a row)
+            np.subtract(math, _ONE, out=math1)
+            np.subtract(control, _ONE, out=control1)
+            np.less(math1, control1, out=hit)
+        else:  # runs whose k lists interleave: the exact test per k
+            hit[:] = False
+            for jm, jc in members.values():
+                hit |= _member(math, control, jm, jc)
+        support |= hit
+    return support
+
+
+def _packed_words(levels: list[tuple[np.ndarray, np.ndarray]], where: np.ndarray) -> np.ndarray:
+    """One unsigned word per parameter at `where`: byte l = language l's math level (low nibble)
+    | control level (high nibble). A level above 14 (none in runs of <= 14 k values) becomes 15,
+    which like 0 is in no set of such a run."""
+    size = 2 if len(levels) <= 2 else 4 if len(levels) <= 4 else 8
+    table = np.zeros((where.size, size), np.uint8)
+    for l, (math, control) in enumerate(levels):
+        low = np.take(math, where)
+        np.minimum(low, _NIBBLE, out=low)
+        high = np.take(control, where)
+        np.minimum(high, _NIBBLE, out=high)
+        high <<= np.uint8(4)
+        high |= low
+        table[:, l] = high
+    return table.view(np.dtype(f"u{size}")).reshape(-1)
+
+
+def _unpack(words: np.ndarray, width: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    table = words.view(np.uint8).reshape(words.size, words.dtype.itemsize)
+    return ([table[:, l] & _NIBBLE for l in range(width)], [table[:, l] >> np.uint8(4) for l in range(width)])
+
+
+def _pattern_counts(maths: list[np.ndarray], controls: list[np.ndarray], weights: np.ndarray | None,
+                    plan: _Plan) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per k (t): (pattern codes, counts) of parameters with these levels, each counted
+    weights[i] times (None: once)."""
+    dtype = code_dtype(plan.width)
+    codes = np.empty(maths[0].size if maths else 0, dtype)
+    out = []
+    for t in range(len(plan.ks)):
+        codes[:] = 0
+        for l, members in enumerate(plan.members):
+            if t in members:
+                jm, jc = members[t]
+                codes |= _member(maths[l], controls[l], jm, jc).astype(dtype) << dtype.type(l)
+        out.append(count_codes(codes, plan.width, weights))
+    return out
+
+
+def _count_range(levels: list[tuple[np.ndarray, np.ndarray]], plan: _Plan, pieces: list[tuple[int, int]],
+                 count_tops: bool) -> list[tuple[list, list | None]]:
+    """For each piece [lo, hi) of the range (a module's part of it): per k the (pattern codes,
+    counts), and with count_tops per language a histogram of its math and control levels."""
+    where = np.flatnonzero(_support(levels, plan))
+    first = np.searchsorted(where, [lo for lo, _ in pieces])
+    last = np.searchsorted(where, [hi for _, hi in pieces])
+    if plan.packed:
+        words = _packed_words(levels, where)
+    else:
+        gathered = [(np.take(math, where), np.take(control, where)) for math, control in levels]
+    out = []
+    for (lo, hi), a, b in zip(pieces, first.tolist(), last.tolist()):
+        if plan.packed:  # few distinct words: decode each once, counted with its multiplicity
+            distinct, weights = np.unique(words[a:b], return_counts=True)
+            maths, controls = _unpack(distinct, plan.width)
         else:
-            math_tops = control_tops = [top_count(math_levels.size, k) for k in shared]
-        for t, k in enumerate(shared):
-            langs_of.setdefault(k, []).append(lang)
-            n_selected = int(np.count_nonzero(lang_bits & np.uint8(1 << t)))
-            selection_rows.append((model, analysis, k, seed, lang, module, math_tops[t], control_tops[t], n_selected,
-                                   m.run_id, c.run_id))
-            if len(pairs) == 1 and n_selected:  # one language: its only pattern is itself
-                pattern_rows.append((model, analysis, k, seed, module, [lang], n_selected))
-        bits[lang] = (lang_bits, {k: t for t, k in enumerate(shared)})
-    if len(pairs) == 1 or not bits:
-        return
-    support = np.zeros_like(next(iter(bits.values()))[0])
-    for lang_bits, _ in bits.values():
-        support |= lang_bits
-    where = np.flatnonzero(support)  # only these parameters belong to any pattern
-    compact = {lang: (lang_bits[where], index) for lang, (lang_bits, index) in bits.items()}
-    for k, langs in langs_of.items():
-        masks = [((compact[lang][0] >> compact[lang][1][k]) & 1).astype(bool) for lang in langs]
-        for pattern, count in histogram(masks, langs):
-            pattern_rows.append((model, analysis, k, seed, module, pattern, count))
+            maths, controls, weights = [m[a:b] for m, _ in gathered], [c[a:b] for _, c in gathered], None
+        counts = _pattern_counts(maths, controls, weights, plan)
+        tops = None
+        if count_tops:  # as stored (verify), from a histogram of each run's levels
+            tops = [(np.bincount(math[lo:hi], minlength=256), np.bincount(control[lo:hi], minlength=256))
+                    for math, control in levels]
+        out.append((counts, tops))
+    return out
+
+
+def read_ranges(n_params: int) -> list[tuple[int, int]]:
+    """[start, stop) ranges derive reads: GROUP_BUDGET parameters rounded up to whole chunks
+    of the level arrays (READ_ALIGN, when set, instead of the chunk length)."""
+    if n_params <= 0:
+        return []
+    align = READ_ALIGN or arrays.chunks_for((n_params,))[0]
+    step = max(1, -(-GROUP_BUDGET // align)) * align
+    return [(start, min(start + step, n_params)) for start in range(0, n_params, step)]
+
+
+def _read_levels(root: Path, ref: RunRef, start: int, stop: int, preloaded: dict[str, np.ndarray]) -> np.ndarray:
+    """Codes [start, stop) of one run: from memory for a run being committed, else read from the
+    store and checked against the catalog's record (only the chunks that hold them)."""
+    if ref.arrays_group in preloaded:
+        return preloaded[ref.arrays_group][start:stop]
+    return arrays.read(root, ref.levels, start, stop)
 
 
 def derive(root: Path, model: str, analysis: str, seed: int, spans: list[Span], runs: dict[tuple[str, str], RunRef],
            preloaded: dict[str, np.ndarray] | None = None, count_tops: bool = False):
     """(selections, patterns) DataFrames for the languages that have both a math and a control run.
 
-    Per module: one uint8 of math-only bits per language (bit t: selected at the t-th k),
-    then pattern histograms over the parameters that any language selected at any k.
-    `preloaded` maps an arrays_group to its level codes already in memory (a run being
-    committed), which are then not read back from zarr. Every other read is checked against
-    the run's array record (arrays.read: an array recorded before chunk digests existed is
-    checked whole first). count_tops counts n_math_top / n_control_top in the
-    stored codes (what `verify` compares) instead of taking the count level_codes guarantees."""
+    Reads every run's level codes once, range by range in a thread pool (memory bounded by
+    the range, not by the largest module), and counts per (module, k) how many parameters
+    each subset of languages has math-only (see the notes above `_Plan`). `preloaded` maps
+    an arrays_group to its level codes already in memory (a run being committed), which are
+    then not read back from zarr. Every other read is checked against the run's array
+    record (arrays.read: an array recorded before chunk digests existed is checked whole
+    first). count_tops counts n_math_top / n_control_top in the stored codes (what `verify`
+    compares) instead of taking the count level_codes guarantees."""
     preloaded = preloaded or {}
-
-    def read_levels(ref: RunRef, start: int, stop: int) -> np.ndarray:
-        if ref.arrays_group in preloaded:
-            return preloaded[ref.arrays_group][start:stop]
-        return arrays.read(root, ref.levels, start, stop)
-
     pairs = {
         lang: (runs[(lang, "math")], runs[(lang, "control")])
         for lang in sorted({lang for lang, _ in runs})
         if (lang, "math") in runs and (lang, "control") in runs
     }
-    ks = sorted({k for m, c in pairs.values() for k in set(m.k_values) & set(c.k_values)})
     for m, c in pairs.values():
         for ref in (m, c):
             if ref.arrays_group in preloaded:
@@ -162,25 +276,51 @@ def derive(root: Path, model: str, analysis: str, seed: int, spans: list[Span], 
             if ref.levels is None:
                 raise MlarchError(f"run {ref.run_id} has no levels array recorded in the catalog: "
                                   "run `mlarch verify`, then remove the run with `mlarch rm` and re-ingest it")
+    plan = _plan(pairs)
+    extent = max((s.param_offset + s.n_params for s in spans), default=0)
+    ranges = read_ranges(extent) if plan.ks else []
 
-    def rows_of(chunk_ks: list[float], group: list[Span]) -> tuple[list, list]:
-        start, stop = group[0].param_offset, group[-1].param_offset + group[-1].n_params
-        block = {lang: (read_levels(m, start, stop), read_levels(c, start, stop))
-                 for lang, (m, c) in pairs.items()}
-        selection_rows, pattern_rows = [], []
-        for span in group:
-            part = slice(span.param_offset - start, span.param_offset - start + span.n_params)
-            levels = {lang: (math[part], control[part]) for lang, (math, control) in block.items()}
-            _module_rows(model, analysis, seed, span.module, chunk_ks, pairs, levels, selection_rows, pattern_rows, count_tops)
-        return selection_rows, pattern_rows
+    def count(item: tuple[int, int]) -> tuple[list[int], list]:
+        start, stop = item
+        inside = [i for i, s in enumerate(spans) if s.param_offset < stop and s.param_offset + s.n_params > start]
+        pieces = [(max(spans[i].param_offset, start) - start, min(spans[i].param_offset + spans[i].n_params, stop) - start)
+                  for i in inside]
+        levels = [(_read_levels(root, m, start, stop, preloaded), _read_levels(root, c, start, stop, preloaded))
+                  for m, c in pairs.values()]
+        return inside, _count_range(levels, plan, pieces, count_tops)
 
-    # 8 k values per uint8 of bits; one read per run covers many small modules
-    work = [(ks[first:first + 8], group) for first in range(0, len(ks), 8) for group in groups(spans, GROUP_BUDGET)]
+    parts: dict[int, list] = {}  # span index -> [(per-k counts, tops) of each of its pieces]
+    with parallel.pool(THREADS) as pool:
+        for inside, counted in pool.map(count, ranges):  # in order; each range's levels freed when counted
+            for i, piece in zip(inside, counted):
+                parts.setdefault(i, []).append(piece)
+
     selection_rows, pattern_rows = [], []
-    with parallel.pool() as pool:
-        for selections, patterns in pool.map(lambda item: rows_of(*item), work):  # in order
-            selection_rows.extend(selections)
-            pattern_rows.extend(patterns)
+    empty = (np.zeros(0, np.int64), np.zeros(0, np.int64))
+    for first in range(0, len(plan.ks), 8):  # rows in the order of earlier versions: 8 k values at a time
+        group = range(first, min(first + 8, len(plan.ks)))
+        for i, span in enumerate(spans):
+            pieces = parts.get(i, [])
+            counted = {t: merge_counts([p[0][t] for p in pieces]) if pieces else empty for t in group}
+            langs_of: dict[int, None] = {}
+            for l, ((m, c), members) in enumerate(zip(pairs.values(), plan.members)):
+                for t in (t for t in group if t in members):
+                    langs_of.setdefault(t)
+                    k, (jm, jc) = plan.ks[t], members[t]
+                    values, counts = counted[t]
+                    n_selected = int(counts[(values >> l) & 1 == 1].sum())
+                    if count_tops:
+                        math_hist = sum(p[1][l][0] for p in pieces) if pieces else np.zeros(256, np.int64)
+                        control_hist = sum(p[1][l][1] for p in pieces) if pieces else np.zeros(256, np.int64)
+                        math_tops, control_tops = int(math_hist[1:jm + 2].sum()), int(control_hist[1:jc + 2].sum())
+                    else:
+                        math_tops = control_tops = top_count(span.n_params, k)
+                    selection_rows.append((model, analysis, k, seed, plan.langs[l], span.module, math_tops,
+                                           control_tops, n_selected, m.run_id, c.run_id))
+            for t in langs_of:
+                for langs, n in named(*counted[t], plan.langs):
+                    pattern_rows.append((model, analysis, plan.ks[t], seed, span.module, langs, n))
+
     selections = pl.DataFrame(
         selection_rows,
         schema={

@@ -11,7 +11,7 @@ import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
-from mlarch.errors import MlarchError
+from mlarch.errors import MlarchError, UsageError
 
 DEFAULT_ARCHIVE = "mlarch-archive"
 CATALOG = "catalog.duckdb"
@@ -19,9 +19,18 @@ ARRAYS = "arrays.zarr"
 LOCK = ".commit.lock"
 
 
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+
+
 def resolve(path: str | os.PathLike | None) -> Path:
-    """--archive DIR, else $MLARCH_ARCHIVE, else ./mlarch-archive."""
+    """--archive DIR, else $MLARCH_ARCHIVE, else ./mlarch-archive. A URL is refused: the
+    catalog is a local file (only the arrays may live on S3), and Path('s3://b/p') would be
+    a folder named 's3:' here."""
     chosen = path or os.environ.get("MLARCH_ARCHIVE") or DEFAULT_ARCHIVE
+    if _URL.match(os.fspath(chosen)):
+        raise UsageError(f"archive {str(os.fspath(chosen))[:120]!r} is a URL: an archive's catalog is a local folder "
+                         "(a remote catalog is not supported yet); pass --archive DIR, and keep the arrays on S3 "
+                         "with `mlarch ingest --arrays s3://BUCKET/PREFIX`")
     return Path(chosen).expanduser()
 
 
@@ -52,14 +61,17 @@ def _unwritable(root: Path, exc: OSError):
 
 
 def model_group(model: str) -> str:
+    """The arrays group of a model: models/<slug of its name>-<8 hex digits of a uuid5 of the name>."""
     return f"models/{slug(model)}-{uuid.uuid5(uuid.NAMESPACE_URL, model).hex[:8]}"
 
 
 def run_group(run_id: str) -> str:
+    """The arrays group of a run: runs/<run_id>."""
     return f"runs/{run_id}"
 
 
 def new_run_id() -> str:
+    """A fresh run id: 12 random hex digits."""
     return uuid.uuid4().hex[:12]
 
 
@@ -119,6 +131,8 @@ def staging_owner(name: str) -> tuple[str, int] | None:
 
 
 def slug(text: str) -> str:
+    """`text` with every run of characters other than letters, digits, '.', '_' and '-' made one '-' ('model' if
+    nothing is left)."""
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.") or "model"
 
 

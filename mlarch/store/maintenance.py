@@ -1,5 +1,6 @@
 """Keeping an archive trustworthy: verify it, collect leftovers of interrupted ingests,
-remove runs or models (and keep the derived tables true for what remains)."""
+remove runs or models (and keep the derived tables true for what remains). Arrays are in
+the archive's arrays.zarr or its S3 prefix (mlarch.store.array_store): the same checks for both."""
 
 from __future__ import annotations
 
@@ -12,13 +13,14 @@ from pathlib import Path
 
 from mlarch import methods
 from mlarch.errors import MlarchError
-from mlarch.store import analyses, arrays, catalog, layout, records as run_records
+from mlarch.store import analyses, array_store, arrays, catalog, layout, records as run_records
 from mlarch.store.derive import current_runs, derive, replace_derived, run_ref, top_count
 from mlarch.store.spans import read_spans
 
 
 @dataclass
 class Check:
+    """One verify check: what was checked, on which object, whether it passed, and a detail."""
     check: str
     object: str
     ok: bool
@@ -40,17 +42,16 @@ def _alive(host: str | None, pid: int | None) -> bool:
     return True
 
 
-def _groups(root: Path, kind: str) -> set[str]:
-    folder = root / layout.ARRAYS / kind
-    if not folder.is_dir():
-        return set()
-    return {f"{kind}/{entry.name}" for entry in os.scandir(folder) if entry.is_dir()}
-
-
 def verify(root: Path, run_ids: list[str] | None = None) -> list[Check]:
-    """Digests, catalog-vs-array recounts and orphans. Every check is one row."""
-    store = root / layout.ARRAYS
+    """Digests, catalog-vs-array recounts and orphans. Every check is one row. Arrays are
+    streamed chunk by chunk (memory bounded), wherever they are stored."""
+    if (root / layout.CATALOG).exists():
+        store = array_store.of(root)  # a remote one is probed: an unusable bucket is one error up front
+    else:
+        store = array_store.LocalArrays(root / layout.ARRAYS)  # the catalog read below names the problem
     checks: list[Check] = []
+    if store.remote:
+        checks.append(Check("array store", store.url, True, "reachable (the catalog's recorded location)"))
     with catalog.reading(root / layout.CATALOG) as con:
         runs = con.execute(
             "SELECT run_id, model, seed, status, arrays_group, host, pid, analysis FROM runs ORDER BY started_at"
@@ -214,11 +215,11 @@ def verify(root: Path, run_ids: list[str] | None = None) -> list[Check]:
                             f"{len(recount_pat)} rows" if same else "stored pattern counts differ from a recount"))
     if run_ids is None:
         live = {r[4] for r in runs if r[3] == "FINISHED" or (r[3] == "RUNNING" and _alive(r[5], r[6]))}
-        for group in sorted(_groups(root, "runs") - live):
+        for group in sorted(store.groups("runs") - live):
             checks.append(Check("no orphan arrays", group, False, "no finished run owns it: run `mlarch gc`"))
         expected_models = set(model_groups.values()) | {layout.model_group(r[1]) for r in runs
                                                         if r[3] == "RUNNING" and _alive(r[5], r[6])}
-        for group in sorted(_groups(root, "models") - expected_models):
+        for group in sorted(store.groups("models") - expected_models):
             checks.append(Check("no orphan arrays", group, False, "no archived model owns it: run `mlarch gc`"))
         for folder in leftover_staging(root):
             checks.append(Check("no leftovers", folder, False,
@@ -231,6 +232,7 @@ def gc(root: Path) -> list[str]:
     """Remove leftovers of interrupted ingests and imports; returns what was removed."""
     removed: list[str] = []
     path = root / layout.CATALOG
+    store = array_store.of(root) if path.exists() else array_store.LocalArrays(root / layout.ARRAYS)
     with layout.commit_lock(root):
         with catalog.reading(path) as con:
             runs = con.execute("SELECT run_id, model, status, arrays_group, host, pid FROM runs").fetchall()
@@ -242,16 +244,16 @@ def gc(root: Path) -> list[str]:
                                        "(SELECT eval_id FROM evaluations)").fetchone()[0]
         dead_evals = [e for e in evals if e[2] != "RUNNING" or not _alive(e[3], e[4])]
         for r in runs:  # an edited row stops gc before anything is removed
-            _owned_folder(root, "run", r[0], r[3])
+            _owned_folder(store, "run", r[0], r[3])
         for name, group in model_groups.items():
-            _owned_folder(root, "model", name, group, owners)
+            _owned_folder(store, "model", name, group, owners)
         dead = [r for r in runs if r[2] == "FAILED" or (r[2] == "RUNNING" and not _alive(r[4], r[5]))]
         dead_ids = {r[0] for r in dead}
         live_runs = [r for r in runs if r[0] not in dead_ids]
         keep_runs = {r[3] for r in live_runs}
         keep_models = set(model_groups.values()) | {layout.model_group(r[1]) for r in live_runs if r[2] == "RUNNING"}
-        doomed = sorted((_groups(root, "runs") - keep_runs) | (_groups(root, "models") - keep_models))
-        folders = [_listed_folder(root, group) for group in doomed]
+        doomed = sorted((store.groups("runs") - keep_runs) | (store.groups("models") - keep_models))
+        folders = [_listed_folder(store, group) for group in doomed]
         staging = leftover_staging(root)
         if dead or dead_evals or orphan_items:
             with catalog.writing(path) as con:
@@ -267,7 +269,7 @@ def gc(root: Path) -> list[str]:
             removed += [f"evaluation {e[0]} ({e[1]}, {e[2]})" for e in dead_evals]
             removed += [f"{orphan_items} evaluation item row(s) of no evaluation"] if orphan_items else []
         for group, folder in zip(doomed, folders):
-            shutil.rmtree(folder, ignore_errors=True)
+            store.remove(folder)
             removed.append(f"arrays {group}")
         for name in staging:
             shutil.rmtree(root / name, ignore_errors=True)
@@ -280,6 +282,7 @@ def rm(root: Path, run_ids: list[str] | None = None, model: str | None = None, *
     recomputed for what remains, promoting the newest earlier run where one was replaced.
     dry_run: change nothing and return what would be removed (rm_plan)."""
     path = root / layout.CATALOG
+    store = array_store.of(root) if path.exists() else array_store.LocalArrays(root / layout.ARRAYS)
     with layout.commit_lock(root):
         with catalog.reading(path) as con:
             runs = con.execute(
@@ -299,15 +302,15 @@ def rm(root: Path, run_ids: list[str] | None = None, model: str | None = None, *
             doomed_ids = {r[0] for r in doomed}
             # every row's group is the one mlarch made before anything is removed (an edited
             # row must not point rm elsewhere); derive reads the others' arrays
-            owned = {r[0]: _owned_folder(root, "run", r[0], r[7]) for r in runs}
+            owned = {r[0]: _owned_folder(store, "run", r[0], r[7]) for r in runs}
             folders = [owned[r[0]] for r in doomed]
             # |W| shared with another model (same weights) stays, with its array row
             magnitudes_shared = model is not None and any(
                 other != model and group == models[model] for other, group in models.items())
             if model is not None and not magnitudes_shared:
-                folders.append(_owned_folder(root, "model", model, models[model], owners))
+                folders.append(_owned_folder(store, "model", model, models[model], owners))
             if dry_run:  # the same selection as below, reported instead of removed
-                return rm_plan(con, root, doomed, folders, model)
+                return rm_plan(con, root, doomed, folders, model, store)
             refresh = {}
             for m, analysis, seed in sorted({(r[1], r[9], r[4]) for r in doomed if r[1] != model},
                                             key=lambda x: (x[0], str(x[1]), x[2])):
@@ -323,7 +326,7 @@ def rm(root: Path, run_ids: list[str] | None = None, model: str | None = None, *
                         promoted.append(best[0])
                 refresh[(m, analysis, seed)] = (current, read_spans(con, m), promoted)
         # count_tops: sizes as stored (a mathneuro-bf16 run's are the authors' int(numel * k))
-        derived = {key: derive(root / layout.ARRAYS, key[0], key[1], key[2], spans, current, count_tops=True)
+        derived = {key: derive(store, key[0], key[1], key[2], spans, current, count_tops=True)
                    for key, (current, spans, _) in refresh.items()}
         with catalog.writing(path) as con:
             for run_id in doomed_ids:
@@ -348,7 +351,7 @@ def rm(root: Path, run_ids: list[str] | None = None, model: str | None = None, *
                                 [f"{models[model]}/magnitudes"])
         # arrays go after the commit: a crash here leaves orphans for gc, never dangling rows
         for folder in folders:
-            shutil.rmtree(folder, ignore_errors=True)
+            store.remove(folder)
     removed = [f"run {r[0]} ({r[1]} {r[2]} {r[3]} seed {r[4]})" for r in doomed]
     if model is not None:
         removed.append(f"model {model}")
@@ -360,10 +363,10 @@ def _magnitudes_owners(con) -> dict[str, str]:
     return dict(con.execute("SELECT path, owner FROM arrays WHERE kind = 'magnitudes'").fetchall())
 
 
-def _owned_folder(root: Path, kind: str, name: str, group, magnitudes_owners: dict | None = None) -> Path:
-    """The folder of a run's arrays_group or a model's magnitudes_group, once the catalog row
-    names exactly the group mlarch made for it (and no symbolic link leads elsewhere). A model
-    sharing another's |W| names the group made for the array's owner."""
+def _owned_folder(store, kind: str, name: str, group, magnitudes_owners: dict | None = None):
+    """The folder (S3: the prefix) of a run's arrays_group or a model's magnitudes_group, once
+    the catalog row names exactly the group mlarch made for it (and no symbolic link leads
+    elsewhere). A model sharing another's |W| names the group made for the array's owner."""
     try:
         expected = layout.run_arrays_group(name) if kind == "run" else layout.model_group(name)
         if kind == "model" and group != expected and isinstance(group, str):
@@ -371,17 +374,18 @@ def _owned_folder(root: Path, kind: str, name: str, group, magnitudes_owners: di
             if isinstance(owner, str) and group == layout.model_group(owner):
                 expected = group
         if group != expected:
-            layout.checked_group(root, group, expected)  # raises, naming both
+            store.owned(group, expected)  # raises, naming both
     except layout.UnsafePath as exc:
         raise MlarchError(f"{kind} {name}: {exc}: the catalog row was edited; set it back (`mlarch sql --write`) "
                           "or restore the catalog from a copy; nothing was removed") from None
-    return _listed_folder(root, expected)
+    return _listed_folder(store, expected)
 
 
-def _listed_folder(root: Path, group: str) -> Path:
-    """The folder of a group found in arrays.zarr, unless it is (or lies behind) a symbolic link."""
+def _listed_folder(store, group: str):
+    """The folder of a group found in arrays.zarr, unless it is (or lies behind) a symbolic
+    link; on S3, the group's prefix once it is made of plain names."""
     try:
-        return layout.checked_group(root, group, group)
+        return store.owned(group, group)
     except layout.UnsafePath as exc:
         raise MlarchError(f"{exc}: mlarch follows no link inside arrays.zarr (link arrays.zarr itself instead); "
                           "nothing was removed") from None
@@ -414,9 +418,10 @@ def leftover_staging(root: Path) -> list[str]:
     return sorted(found)
 
 
-def rm_plan(con, root: Path, doomed: list, folders: list[Path], model: str | None) -> list[str]:
+def rm_plan(con, root: Path, doomed: list, folders: list, model: str | None, store=None) -> list[str]:
     """What rm would remove, one line each: runs, evaluations, analyses left without runs,
-    array folders with their size on disk, the model; then the total size."""
+    array folders with their size on disk (S3: their objects' size), the model; then the total size."""
+    store = store or array_store.LocalArrays(Path(root) / layout.ARRAYS)
     lines = [f"run {r[0]} ({r[1]} {r[2]} {r[3]} seed {r[4]})" for r in doomed]
     if model is not None:
         lines += [f"evaluation {e} ({task} {lang} {what})" for e, task, lang, what in con.execute(
@@ -429,10 +434,9 @@ def rm_plan(con, root: Path, doomed: list, folders: list[Path], model: str | Non
         " ORDER BY ALL", {"ids": doomed_ids, **({"m": model} if model else {})}).fetchall()]
     total = 0
     for folder in folders:
-        size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file() and not f.is_symlink()) \
-            if folder.is_dir() else 0
+        size = store.size(folder)
         total += size
-        lines.append(f"arrays {folder.resolve().relative_to(Path(root).resolve()).as_posix()} ({size:,} bytes)")
+        lines.append(f"arrays {store.shown(folder, root)} ({size:,} bytes)")
     if model is not None:
         lines.append(f"model {model}")
     lines.append(f"{len(doomed)} run(s), {len(folders)} array folder(s), {total:,} bytes in all")

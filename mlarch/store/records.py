@@ -13,7 +13,7 @@ import json
 from datetime import date, datetime
 from decimal import Decimal
 
-from mlarch.store.catalog import dicts
+from mlarch.store.rows import dicts
 
 RUN_FIELDS = ("run_id", "model", "lang", "role", "dataset", "seed", "n_samples", "n_tokens", "n_truncated",
               "k_values", "config_digest", "arrays_group", "started_at", "finished_at", "provenance")
@@ -68,6 +68,7 @@ def run_digest(run: dict, item_indices: list[int], array_rows) -> str:
 
 
 def model_digest(model: dict, module_rows, array_rows) -> str:
+    """Digest of a model from its `models` row (dict), its `modules` rows and its magnitudes array row."""
     body = _pick(model, MODEL_FIELDS)
     body["modules"] = sorted((_pick(m, MODULE_FIELDS) for m in module_rows), key=lambda m: m["position"])
     body["arrays"] = _arrays(array_rows)
@@ -86,6 +87,7 @@ def evaluation_digest(row: dict, items) -> str:
 
 
 def evaluation_digest_in(con, eval_id: str) -> str | None:
+    """Digest of an evaluation as the catalog behind `con` holds it (None: no such evaluation)."""
     rows = dicts(con, "SELECT * FROM evaluations WHERE eval_id = ?", [eval_id])
     if not rows:
         return None
@@ -103,6 +105,7 @@ def run_digest_in(con, run_id: str) -> str | None:
 
 
 def model_digest_in(con, model: str) -> str | None:
+    """Digest of a model as the catalog behind `con` holds it (None: no such model)."""
     rows = dicts(con, "SELECT * FROM models WHERE model = ?", [model])
     if not rows:
         return None

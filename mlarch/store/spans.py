@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Span:
+    """Where one module lies in a model's concatenated arrays: its shape, block index, offset in the parameter arrays
+    (|W|, level codes) and in the norm arrays."""
     module: str
     layer: int | None
     n_rows: int
@@ -22,14 +24,17 @@ class Span:
 
     @property
     def n_params(self) -> int:
+        """Entries of the module's weight matrix (n_rows x n_cols)."""
         return self.n_rows * self.n_cols
 
     @property
     def params(self) -> slice:
+        """The module's slice of the concatenated parameter arrays."""
         return slice(self.param_offset, self.param_offset + self.n_params)
 
     @property
     def norms(self) -> slice:
+        """The module's slice of the concatenated norm arrays."""
         return slice(self.norm_offset, self.norm_offset + self.n_cols)
 
 
@@ -44,14 +49,17 @@ def layout(modules) -> list[Span]:
 
 
 def total_params(spans: list[Span]) -> int:
+    """Length of the concatenated parameter arrays of `spans` (in position order)."""
     return spans[-1].param_offset + spans[-1].n_params if spans else 0
 
 
 def total_norms(spans: list[Span]) -> int:
+    """Length of the concatenated norm arrays of `spans` (in position order)."""
     return spans[-1].norm_offset + spans[-1].n_cols if spans else 0
 
 
 def read_spans(con, model: str) -> list[Span]:
+    """The model's modules as Spans, in scored order, from the catalog behind `con`."""
     rows = con.execute(
         "SELECT module, layer, n_rows, n_cols, param_offset, norm_offset FROM modules "
         "WHERE model = ? ORDER BY position", [model]).fetchall()

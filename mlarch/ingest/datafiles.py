@@ -1,0 +1,252 @@
+"""Data files: the record formats mlarch reads (JSONL, CSV with a header, plain text), how a
+record becomes a text, and the source made of files named by a path template.
+
+Text template for records: a ``text`` field is used verbatim; otherwise ``question`` and
+``answer`` are formatted with ``QA_TEMPLATE`` (GSM8K style, question + worked solution).
+
+The ``paper`` text template (``--template paper``) builds texts as the MathNeuro authors' code
+does: a ``qa`` column verbatim where the file has one, else ``INSTRUCT_TEMPLATE`` over the
+``question`` and ``solution`` columns, values unstripped.
+
+A neutral module: the named corpora (corpora.py), hub data sets (hub_data.py) and the source
+resolver (sources.py) all build on it, and it imports none of them.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from mlarch.errors import MlarchError, UsageError
+
+QA_TEMPLATE = "Q: {question}\nA: {answer}"
+TEXT_TEMPLATE = "{text}"
+# the MathNeuro authors' texts (MathNeuroFast.py, compute_score_mask)
+INSTRUCT_TEMPLATE = "Instruct: {question} Let's write a Python program.\nOutput:\n{solution}"
+QA_COLUMN_TEMPLATE = "{qa}"
+TEXT_TEMPLATES = ("default", "paper")
+
+
+@dataclass
+class LoadedItems:
+    """A language's items, formatted, with what is needed to reproduce them."""
+
+    texts: list[str]
+    templates: list[str]  # the templates used (one, unless a file mixes record shapes)
+    files: dict[str, str] = field(default_factory=dict)  # path -> sha256
+    # (question, answer) of every item, where every item has both (accuracy needs them:
+    # the question for the prompt, the answer for the reference number); else None
+    pairs: list[tuple[str, str]] | None = None
+    # index of the first item of the source's training split (GSM8K en: test, then train),
+    # where n-shot exemplars come from; None: the source has no training split
+    train_from: int | None = None
+
+
+class DataSource(Protocol):
+    """Where a language's math or control texts come from: a named source or a path template."""
+    name: str  # recorded as the run's `dataset`
+
+    def load(self, lang: str, role: str) -> LoadedItems:
+        """The items of `lang` for `role` (math or control), in file order."""
+
+    def describe(self) -> dict:
+        """The source as its runs' provenance records it."""
+
+
+def sha256_file(path: Path) -> str:
+    """sha256 hex digest of a file's bytes (read in 1 MiB blocks)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _record_text(record: dict, where: str) -> tuple[str, str]:
+    text = record.get("text")
+    if isinstance(text, str) and text.strip():
+        return text, TEXT_TEMPLATE
+    question, answer = record.get("question"), record.get("answer")
+    if question not in (None, "") and answer not in (None, ""):
+        return QA_TEMPLATE.format(question=str(question).strip(), answer=str(answer).strip()), QA_TEMPLATE
+    raise MlarchError(
+        f"{where}: expected a non-empty 'text' field or 'question' and 'answer' fields; "
+        "fix the record or remove it"
+    )
+
+
+def instruct_text(question: str, solution: str) -> str:
+    """The authors' prompt for a question/solution pair, verbatim (no stripping)."""
+    return INSTRUCT_TEMPLATE.format(question=question, solution=solution)
+
+
+def _paper_text(record: dict, has_qa: bool, where: str) -> tuple[str, str]:
+    """The authors' choice, made per file as theirs is per data frame: the `qa` column verbatim
+    if the file has one, else the Instruct prompt of `question` and `solution`."""
+    if has_qa:
+        qa = record.get("qa")
+        if isinstance(qa, str) and qa != "":
+            return qa, QA_COLUMN_TEMPLATE
+        raise MlarchError(f"{where}: the file has a 'qa' column but this record's is empty; fix or remove it")
+    question, solution = record.get("question"), record.get("solution")
+    if isinstance(question, str) and question != "" and isinstance(solution, str) and solution != "":
+        return instruct_text(question, solution), INSTRUCT_TEMPLATE
+    raise MlarchError(
+        f"{where}: --template paper needs a 'qa' field, or 'question' and 'solution' fields "
+        "(the authors' columns); fix the record or use the default template"
+    )
+
+
+def _pair(record: dict) -> tuple[str, str] | None:
+    question, answer = record.get("question"), record.get("answer")
+    if question in (None, "") or answer in (None, ""):
+        return None
+    return str(question).strip(), str(answer).strip()
+
+
+def parse_file(path: Path) -> tuple[list[str], list[str]]:
+    """Texts and templates from a .jsonl, .csv or plain-text file (one item per line)."""
+    texts, templates, _ = parse_records(path)
+    return texts, templates
+
+
+def parse_records(path: Path, template: str = "default") -> tuple[list[str], list[str], list[tuple[str, str]] | None]:
+    """Texts, templates and, where every record has them, (question, answer) pairs.
+    `template` 'paper': records become the authors' texts (see _paper_text)."""
+    if template not in TEXT_TEMPLATES:
+        raise UsageError(f"--template {template!r} is not known: use one of {', '.join(TEXT_TEMPLATES)}")
+    paper = template == "paper"
+    try:
+        content = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise MlarchError(f"{path}: not UTF-8 text (byte {exc.start}); re-encode it as UTF-8") from None
+    except OSError as exc:
+        raise MlarchError(f"cannot read data file {path}: {exc.strerror or exc}") from None
+    suffix = path.suffix.lower()
+    texts: list[str] = []
+    templates: set[str] = set()
+    pairs: list[tuple[str, str] | None] = []
+    if suffix in {".jsonl", ".ndjson"}:
+        records = []
+        for lineno, line in enumerate(content.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise MlarchError(f"{path}, line {lineno}: invalid JSON ({exc.msg}); fix that line") from None
+            if not isinstance(record, dict):
+                raise MlarchError(f"{path}, line {lineno}: expected a JSON object per line")
+            records.append((lineno, record))
+        has_qa = any("qa" in record for _, record in records)
+        for lineno, record in records:
+            where = f"{path}, line {lineno}"
+            text, used = _paper_text(record, has_qa, where) if paper else _record_text(record, where)
+            texts.append(text)
+            templates.add(used)
+            pairs.append(_pair(record))
+    elif suffix == ".csv":
+        reader = csv.DictReader(io.StringIO(content))
+        fields = set(reader.fieldnames or [])
+        if paper and "qa" not in fields and not {"question", "solution"} <= fields:
+            raise MlarchError(
+                f"{path}, line 1: --template paper needs a 'qa' column or 'question' and 'solution' columns"
+            )
+        if not paper and "text" not in fields and not {"question", "answer"} <= fields:
+            raise MlarchError(
+                f"{path}, line 1: the CSV header needs a 'text' column or 'question' and 'answer' columns"
+            )
+        try:
+            for record in reader:
+                where = f"{path}, line {reader.line_num}"
+                text, used = _paper_text(record, "qa" in fields, where) if paper else _record_text(record, where)
+                texts.append(text)
+                templates.add(used)
+                pairs.append(_pair(record))
+        except csv.Error as exc:
+            raise MlarchError(f"{path}, line {reader.line_num}: malformed CSV ({exc})") from None
+    else:
+        for line in content.splitlines():
+            if line.strip():
+                texts.append(line)
+                pairs.append(None)
+        templates.add(TEXT_TEMPLATE)
+    if not texts:
+        raise MlarchError(f"data file {path} has no items; add at least one")
+    return texts, sorted(templates), (None if None in pairs else pairs)
+
+
+class TemplateFileSource:
+    """Files named by a path template such as ``data/{lang}/math.jsonl``."""
+
+    def __init__(self, spec: str, template: str = "default"):
+        if "{lang}" not in spec:
+            raise UsageError(f"data template {spec!r} must contain {{lang}}, e.g. data/{{lang}}.jsonl")
+        if template not in TEXT_TEMPLATES:
+            raise UsageError(f"--template {template!r} is not known: use one of {', '.join(TEXT_TEMPLATES)}")
+        self.spec = spec
+        self.name = spec
+        self.template = template
+
+    def path(self, lang: str) -> Path:
+        """The file of `lang`: the template with {lang} filled in, ~ expanded."""
+        return Path(self.spec.replace("{lang}", lang)).expanduser()
+
+    def load(self, lang: str, role: str = "math") -> LoadedItems:
+        """The items of `lang` from its file (an MlarchError naming the file when it is missing), with the file's
+        sha256."""
+        path = self.path(lang)
+        if not path.is_file():
+            raise MlarchError(
+                f"data file {path} for language {lang!r} does not exist "
+                f"(from template {self.spec!r}); create it or drop {lang!r} from --langs"
+            )
+        texts, templates, pairs = parse_records(path, self.template)
+        return LoadedItems(texts, templates, {str(path.resolve()): sha256_file(path)}, pairs)
+
+    def describe(self) -> dict:
+        """The source as provenance records it: kind 'template', the template as given, and the text template unless
+        the default."""
+        described = {"kind": "template", "template": self.spec}
+        if self.template != "default":  # absent for the default: earlier runs' records are unchanged
+            described["text_template"] = self.template
+        return described
+
+
+def shown_columns(columns, limit: int = 12) -> str:
+    """Column names from a file we did not write, as one short printable list."""
+    names = [(c if isinstance(c, str) and c.isprintable() else ascii(c))[:60] for c in columns[:limit]]
+    return ", ".join(names) + (f", ... ({len(columns)} in all)" if len(columns) > limit else "") or "(none)"
+
+
+def parse_rows(rows: list[dict], columns: list[str], label: str, template: str = "default"):
+    """Texts, templates and (where every row has them) (question, answer) pairs of table rows
+    (a hub data set's split), by a CSV file's rules; columns that hold no text are refused up
+    front, naming the columns found."""
+    if template not in TEXT_TEMPLATES:
+        raise UsageError(f"--template {template!r} is not known: use one of {', '.join(TEXT_TEMPLATES)}")
+    fields = set(columns)
+    paper = template == "paper"
+    if paper and "qa" not in fields and not {"question", "solution"} <= fields:
+        raise UsageError(f"{label} has the columns {shown_columns(columns)}: --template paper needs a 'qa' "
+                          "column or 'question' and 'solution' columns; pick another split or config")
+    if not paper and "text" not in fields and not {"question", "answer"} <= fields:
+        raise UsageError(f"{label} has the columns {shown_columns(columns)}: mlarch reads a 'text' column, or "
+                          "'question' and 'answer' columns (as GSM8K's); pick another split or config")
+    texts: list[str] = []
+    templates: set[str] = set()
+    pairs: list[tuple[str, str] | None] = []
+    for i, row in enumerate(rows):
+        where = f"{label}, row {i}"
+        text, used = _paper_text(row, "qa" in fields, where) if paper else _record_text(row, where)
+        texts.append(text)
+        templates.add(used)
+        pairs.append(_pair(row))
+    if not texts:
+        raise UsageError(f"{label} has no rows; pick another split or config")
+    return texts, sorted(templates), (None if None in pairs else pairs)

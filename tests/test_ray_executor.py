@@ -1,0 +1,229 @@
+"""`--executor ray` on a real Ray instance that this module starts on 127.0.0.1 (and stops).
+
+The same tiny model and texts ingested here and on Ray give the same archive, row by row:
+run digests, array digests, set sizes and patterns. An unreachable --ray-address is one
+line before any model loads. A worker killed with SIGKILL while it scores is restarted by
+Ray, its unit retried, and the archive verifies after gc. A driver killed mid-ingest leaves
+runs that gc removes; a rerun completes the rest."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+import mlarch
+from fixtures import one_error
+from mlarch.cli import cli
+from mlarch.store.maintenance import gc, verify
+
+# Before ray is imported: every Ray address on 127.0.0.1 (Ray 2.60 otherwise advertises the
+# host's interface address), no usage report, no token (loopback only, this module's instance)
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+ray = pytest.importorskip("ray", reason="Ray is not installed: pip install 'mlarch[ray]'")
+
+LANGS = ["en", "de", "bn"]
+OPTIONS = dict(samples=6, top_k=[0.01, 0.05, 0.25], seeds=[1], device="cpu")
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    """One Ray instance for the module (its start costs seconds): 2 CPUs, loopback only."""
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=100 * 1024 * 1024,
+             log_to_driver=False)
+    address = ray.get_runtime_context().gcs_address
+    assert address.startswith("127.0.0.1:"), address
+    yield address
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def local_archive(tmp_path_factory, model_dir, data):
+    root = tmp_path_factory.mktemp("local") / "arch"
+    mlarch.open(root).ingest(str(model_dir["llama"]), LANGS, data["math"], data["control"], **OPTIONS)
+    return root
+
+
+def _runs(archive):
+    return archive.sql("SELECT lang, role, seed, config_digest, status, n_tokens, n_truncated, k_values, in_use "
+                       "FROM runs ORDER BY lang, role").rows()
+
+
+def _arrays(archive):
+    """(lang, role or 'model', kind, sha256, shape, chunk digests) of every array."""
+    return archive.sql(
+        "SELECT coalesce(r.lang, 'model'), coalesce(r.role, ''), a.kind, a.sha256, a.shape, a.chunk_sha256 "
+        "FROM arrays a LEFT JOIN runs r ON r.run_id = a.owner ORDER BY ALL").rows()
+
+
+def _derived(archive):
+    sizes = archive.sql("SELECT k, seed, lang, module, n_math_top, n_control_top, n_selected FROM set_sizes "
+                        "ORDER BY ALL").rows()
+    patterns = archive.sql("SELECT k, seed, module, langs, n_params FROM patterns ORDER BY ALL").rows()
+    return sizes, patterns
+
+
+def _assert_same_archive(ours, reference):
+    a, b = mlarch.open(ours), mlarch.open(reference)
+    assert _runs(a) == _runs(b)
+    assert _arrays(a) == _arrays(b)
+    assert _derived(a) == _derived(b)
+    assert a.sql("SELECT model, weights_sha256, dtype, n_modules, n_scored_params FROM models").rows() == \
+        b.sql("SELECT model, weights_sha256, dtype, n_modules, n_scored_params FROM models").rows()
+    assert not [c for c in verify(ours) if not c.ok]
+
+
+def test_ray_gives_the_local_archive_row_by_row(ray_session, local_archive, model_dir, data, tmp_path):
+    root = tmp_path / "arch"
+    archive = mlarch.open(root)
+    result = archive.ingest(str(model_dir["llama"]), LANGS, data["math"], data["control"], executor="ray",
+                            **OPTIONS)
+    assert len(result.written) == 6 and not result.skipped
+    _assert_same_archive(root, local_archive)
+    sizes, patterns = _derived(archive)
+    assert len({row[2] for row in sizes}) == 3 and any(len(row[3]) == 3 for row in patterns)  # all 3 languages
+    provenance = archive.run(result.written[0])["provenance"]
+    assert provenance["config"]["executor"] == "ray"
+    assert provenance["sample_indices"] == mlarch.open(local_archive).run(
+        mlarch.open(local_archive).sql("SELECT run_id FROM runs WHERE lang = 'en' AND role = 'math'").item()
+    )["provenance"]["sample_indices"]
+    # a rerun skips what is archived, from either executor: the digests are the same
+    again = archive.ingest(str(model_dir["llama"]), LANGS, data["math"], data["control"], executor="local", **OPTIONS)
+    assert not again.written and len(again.skipped) == 6
+
+
+def test_unreachable_address_is_one_line_before_the_model_loads(model_dir, data, tmp_path, monkeypatch):
+    from mlarch.ingest import loading
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(loading, "load", no_load)
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    root = tmp_path / "arch"
+    base = ["--archive", str(root), "ingest", "--model", str(model_dir["llama"]), "--langs", "en",
+            "--math", data["math"], "--control", data["control"], "--samples", "3", "--device", "cpu"]
+    started = time.monotonic()
+    line = one_error(CliRunner().invoke(cli, base + ["--executor", "ray", "--ray-address", f"127.0.0.1:{port}"]), 2)
+    assert f"no Ray cluster answers at 127.0.0.1:{port}" in line and "ray start --head" in line
+    assert time.monotonic() - started < 10
+    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")
+    assert "no Ray cluster answers" in one_error(CliRunner().invoke(cli, base + ["--executor", "ray"]), 2)
+    line = one_error(CliRunner().invoke(cli, base + ["--ray-address", "127.0.0.1:1"]), 2)
+    assert "--ray-address applies to --executor ray only" in line
+    line = one_error(CliRunner().invoke(cli, base + ["--executor", "ray", "--gpus-per-unit", "0"]), 2)
+    assert "--gpus-per-unit" in line
+    assert not root.exists()
+
+
+def _scoring_workers(title: str = "ray::ScoringWorker.score") -> list[int]:
+    """Pids of Ray workers whose process title starts with `title` (Ray sets it to the actor
+    class, and to class.method while a method runs)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if cmdline.startswith(title):
+                found.append(int(entry.name))
+    return found
+
+
+def _gone(pid: int, timeout: float = 10) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+        except OSError:
+            return True
+        if state == "Z":  # dead, not yet reaped by its parent (the raylet)
+            return True
+        time.sleep(0.02)
+    return False
+
+
+@pytest.mark.slow
+def test_a_worker_killed_while_scoring_is_retried(ray_session, model_dir, data, tmp_path):
+    options = {**OPTIONS, "samples": 120}  # units long enough to be caught scoring (under load too)
+    reference = tmp_path / "reference"
+    mlarch.open(reference).ingest(str(model_dir["llama"]), LANGS, data["math"], data["control"], **options)
+    root = tmp_path / "arch"
+    outcome = {}
+
+    def ingest():
+        try:
+            outcome["result"] = mlarch.open(root).ingest(str(model_dir["llama"]), LANGS, data["math"],
+                                                         data["control"], executor="ray", **options)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=ingest)
+    thread.start()
+    deadline, killed = time.monotonic() + 120, None
+    while killed is None and thread.is_alive() and time.monotonic() < deadline:
+        pids = _scoring_workers()
+        if pids:
+            killed = pids[0]
+            os.kill(killed, signal.SIGKILL)
+        time.sleep(0.005)
+    thread.join(timeout=300)
+    assert killed is not None, "no worker was caught scoring"
+    assert _gone(killed), f"worker {killed} survived SIGKILL"
+    assert "error" not in outcome, outcome.get("error")
+    assert len(outcome["result"].written) == 6
+    gc(root)
+    _assert_same_archive(root, reference)
+
+
+DRIVER = """
+import sys, mlarch
+root, model, math, control, address = sys.argv[1:6]
+mlarch.open(root).ingest(model, ["en", "de", "bn"], math, control, samples=40, top_k=[0.01, 0.05, 0.25],
+                         device="cpu", executor="ray", ray_address=address, progress=False)
+"""
+
+
+@pytest.mark.slow
+def test_a_killed_driver_leaves_what_gc_removes_and_a_rerun_completes(ray_session, model_dir, data, tmp_path):
+    root = tmp_path / "arch"
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(Path(__file__).parent.parent)}
+    args = [sys.executable, "-c", DRIVER, str(root), str(model_dir["llama"]), data["math"], data["control"],
+            ray_session]
+    driver = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    catalog = root / "catalog.duckdb"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and driver.poll() is None:  # kill once units are under way
+        if _scoring_workers() and catalog.exists():
+            break
+        time.sleep(0.01)
+    driver.send_signal(signal.SIGKILL)
+    assert driver.wait(timeout=30) == -signal.SIGKILL, driver.stderr.read()
+    deadline = time.monotonic() + 60  # Ray ends the dead driver's workers: none may write after gc
+    while _scoring_workers("ray::ScoringWorker") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _scoring_workers("ray::ScoringWorker"), "the dead driver's workers still run"
+    removed = gc(root)  # the runs the driver had begun and not committed: their process is gone
+    assert any(line.startswith("run ") and line.endswith("RUNNING)") for line in removed), removed
+    assert not [c for c in verify(root) if not c.ok]
+    result = mlarch.open(root).ingest(str(model_dir["llama"]), LANGS, data["math"], data["control"],
+                                      executor="ray", ray_address=None,
+                                      **{**OPTIONS, "samples": 40})
+    archive = mlarch.open(root)
+    assert archive.sql("SELECT count(*) FROM runs WHERE status = 'FINISHED' AND in_use").item() == 6
+    assert len(result.written) + len(result.skipped) == 6
+    gc(root)
+    assert not [c for c in verify(root) if not c.ok]
