@@ -173,7 +173,9 @@ def test_a_worker_killed_while_scoring_is_retried(ray_session, model_dir, data, 
 
     thread = threading.Thread(target=ingest)
     thread.start()
-    deadline, killed = time.monotonic() + 120, None
+    # generous: on a loaded machine the workers' start (torch import, model load) alone can take
+    # minutes; the loop ends as soon as one is caught
+    deadline, killed = time.monotonic() + 600, None
     while killed is None and thread.is_alive() and time.monotonic() < deadline:
         pids = _scoring_workers()
         if pids:
@@ -205,12 +207,15 @@ def test_a_killed_driver_leaves_what_gc_removes_and_a_rerun_completes(ray_sessio
             ray_session]
     driver = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     catalog = root / "catalog.duckdb"
-    deadline = time.monotonic() + 120
+    deadline, under_way = time.monotonic() + 600, False  # generous: see the worker test
     while time.monotonic() < deadline and driver.poll() is None:  # kill once units are under way
         if _scoring_workers() and catalog.exists():
+            under_way = True
             break
         time.sleep(0.01)
     driver.send_signal(signal.SIGKILL)
+    assert under_way, "the driver was not caught with units under way" + (
+        f" (it exited {driver.returncode}: {driver.stderr.read()[-300:]})" if driver.poll() is not None else "")
     assert driver.wait(timeout=30) == -signal.SIGKILL, driver.stderr.read()
     deadline = time.monotonic() + 60  # Ray ends the dead driver's workers: none may write after gc
     while _scoring_workers("ray::ScoringWorker") and time.monotonic() < deadline:
