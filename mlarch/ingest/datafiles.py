@@ -115,6 +115,23 @@ def parse_file(path: Path) -> tuple[list[str], list[str]]:
     return texts, templates
 
 
+def jsonl_records(lines, label: str, fix: str = "") -> list[tuple[int, dict]]:
+    """(line number, object) for each non-blank line of a JSON-lines text; one line per error,
+    naming `label` and the line (`fix` is appended to the invalid-JSON message)."""
+    records = []
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise MlarchError(f"{label}, line {lineno}: invalid JSON ({exc.msg}){fix}") from None
+        if not isinstance(record, dict):
+            raise MlarchError(f"{label}, line {lineno}: expected a JSON object per line")
+        records.append((lineno, record))
+    return records
+
+
 def parse_records(path: Path, template: str = "default") -> tuple[list[str], list[str], list[tuple[str, str]] | None]:
     """Texts, templates and, where every record has them, (question, answer) pairs.
     `template` 'paper': records become the authors' texts (see _paper_text)."""
@@ -132,17 +149,7 @@ def parse_records(path: Path, template: str = "default") -> tuple[list[str], lis
     templates: set[str] = set()
     pairs: list[tuple[str, str] | None] = []
     if suffix in {".jsonl", ".ndjson"}:
-        records = []
-        for lineno, line in enumerate(content.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise MlarchError(f"{path}, line {lineno}: invalid JSON ({exc.msg}); fix that line") from None
-            if not isinstance(record, dict):
-                raise MlarchError(f"{path}, line {lineno}: expected a JSON object per line")
-            records.append((lineno, record))
+        records = jsonl_records(content.splitlines(), str(path), "; fix that line")
         has_qa = any("qa" in record for _, record in records)
         for lineno, record in records:
             where = f"{path}, line {lineno}"

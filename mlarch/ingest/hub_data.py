@@ -25,13 +25,13 @@ sha256 and the commit go into the run's provenance and identity (`files` keys ar
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from mlarch.errors import MlarchError, UsageError
-from mlarch.ingest.datafiles import TEXT_TEMPLATES, LoadedItems, parse_rows, sha256_file, shown_columns
+from mlarch.ingest.datafiles import (TEXT_TEMPLATES, LoadedItems, jsonl_records, parse_rows, sha256_file,
+                                     shown_columns)
 
 PREFIX = "hf:"
 SYNTAX = "hf:OWNER/NAME[@REVISION]:SPLIT[:CONFIG], e.g. hf:openai/gsm8k:test:main"
@@ -123,15 +123,7 @@ def _read(path: Path, label: str) -> tuple[list[dict], list[str]]:
         lines = path.read_bytes().decode("utf-8").splitlines()
     except UnicodeDecodeError as exc:
         raise MlarchError(f"{label}: not UTF-8 text (byte {exc.start}); delete it from the cache and fetch again") from None
-    for lineno, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise MlarchError(f"{label}, line {lineno}: invalid JSON ({exc.msg})") from None
-        if not isinstance(record, dict):
-            raise MlarchError(f"{label}, line {lineno}: expected a JSON object per line")
+    for _, record in jsonl_records(lines, label):
         rows.append(record)
         columns.update(dict.fromkeys(record))
     return rows, list(columns)
