@@ -22,6 +22,7 @@ from mlarch.errors import MlarchError, UsageError
 from mlarch.query.compare import BY, derived_sets, match_models
 from mlarch.store import analyses as analyses_store
 from mlarch.store import catalog
+from mlarch.store.spans import groups as span_groups
 from mlarch.wording import Arg, error
 
 COUNTS = ("n_a", "n_b", "n_intersection", "n_union")
@@ -226,18 +227,6 @@ def _ks_for(archive, model, names, sets, langs, seed, runs, ks) -> tuple[list[fl
 
 
 # --- the counts ----------------------------------------------------------------------------
-def _windows(spans: list) -> list[list]:
-    """Spans (in param_offset order) grouped into runs of whole modules of about WINDOW elements."""
-    groups, current, size = [], [], 0
-    for span in spans:
-        if current and size + span.n_params > WINDOW:
-            groups.append(current)
-            current, size = [], 0
-        current.append(span)
-        size += span.n_params
-    return groups + ([current] if current else [])
-
-
 def _top_masks(archive, run_id: str, run: dict, span, codes, ks: list[float]) -> list:
     """Boolean top-k masks of one (run, module) at each of `ks`: from the stored level codes
     where the run archived k, else re-thresholded from its scores (one pass for all such k)."""
@@ -350,7 +339,7 @@ def overlap(archive, plan: Plan, by: str = "layer") -> pl.DataFrame:
     a, b = plan.analyses
     rows = []
     for lang in plan.langs:
-        for window in _windows(spans):
+        for window in span_groups(spans, WINDOW):  # runs of whole modules of about WINDOW elements
             for module, j, *counts in _module_counts(archive, plan, lang, window):
                 layer = span_of[module].layer
                 rows.append((plan.model, lang, plan.ks[j], plan.seed, a, b, module, layer, depth_of.get(layer),
