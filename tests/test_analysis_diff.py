@@ -16,7 +16,6 @@ import mlarch
 from mlarch import charts
 from mlarch.charts.kinds import fmt_k
 from mlarch.cli import cli
-from mlarch.cli.charts import chart as chart_command, report as report_command
 from mlarch.errors import UsageError
 from mlarch.query import analysis_overlap as overlap_module
 from mlarch.store import arrays
@@ -28,17 +27,6 @@ EXACT, PAPER, NARROW = "gsm-vs-control", "gsm-vs-control-paper", "narrow"
 EXACT_KS, PAPER_KS, NARROW_KS = [0.05, 0.1, 0.25], [0.05, 0.25], [0.25]
 SEED = 2
 FORMATS = ["svg", "png", "pdf", "html", "json"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def registered():
-    """The chart and report commands on the `mlarch` group (as tests/test_charts.py does)."""
-    added = [c for c in (chart_command, report_command) if c.name not in cli.commands]
-    for command in added:
-        cli.add_command(command)
-    yield
-    for command in added:
-        cli.commands.pop(command.name, None)
 
 
 def run(root, *args):

@@ -13,7 +13,6 @@ import mlarch
 from mlarch import charts
 from mlarch.charts import kinds
 from mlarch.cli import cli
-from mlarch.cli.charts import chart as chart_command, report as report_command
 
 LANGS = ["en", "de", "bn"]
 FORMATS = ["svg", "png", "pdf", "html", "json"]
@@ -25,17 +24,6 @@ T0 = datetime(2025, 3, 1, 12, 0, 0)
 COLUMNS = ["eval_id", "model", "task", "dataset", "role", "lang", "intervention", "target_lang", "k", "seed",
            "factor", "n_set", "n_params_changed", "n_items", "n_tokens", "value", "stderr", "status",
            "created_at", "finished_at", "config_digest", "baseline_key", "provenance"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def registered():
-    """Register the commands on the `mlarch` group unless mlarch.cli already does."""
-    added = [c for c in (chart_command, report_command) if c.name not in cli.commands]
-    for command in added:
-        cli.add_command(command)
-    yield
-    for command in added:
-        cli.commands.pop(command.name, None)
 
 
 def run(archive, *args):

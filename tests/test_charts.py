@@ -16,22 +16,10 @@ import mlarch
 from mlarch import charts
 from mlarch.charts import colors
 from mlarch.cli import cli
-from mlarch.cli.charts import chart as chart_command, report as report_command
 
 KINDS = ["sizes", "overlap", "heatmap", "layers", "upset"]
 FORMATS = ["svg", "png", "pdf", "html", "json"]
 LANGS = ["en", "de", "bn"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def registered():
-    """Register the commands on the `mlarch` group unless mlarch.cli already does."""
-    added = [c for c in (chart_command, report_command) if c.name not in cli.commands]
-    for command in added:
-        cli.add_command(command)
-    yield
-    for command in added:
-        cli.commands.pop(command.name, None)
 
 
 def run(archive, *args):
