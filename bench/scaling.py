@@ -11,8 +11,11 @@ one fresh child process per size (so each size's peak memory is its own):
                    (`selection.model_levels`: scores + `level_codes` at the paper's 7 k
                    values, in mlarch's thread pool, as ingest runs it; also `level_codes`
                    alone, one thread), the level-code and norm writes (`arrays.write` into
-                   a real zarr store, sha256 and chunk digests included), and the digest
-                   alone (`arrays.digest`, which the write overlaps in a second thread)
+                   a real zarr store, sha256 and chunk digests included: chunks encoded,
+                   digested and stored chunk-parallel, mlarch.store.chunk_writes), the same
+                   writes through zarr's own chunk writes (the path before issue 16, as a
+                   reference measured in the same run), and the digest alone
+                   (`arrays.digest`, which the write overlaps in one more thread)
   per language set `derive.derive` over 4 languages x (math, control) level arrays read
                    back from the store (each selected by `model_levels` from the shared |W|
                    and its own norms: shared norms x exp(0.2 N(0, 1)), so the math-only sets
@@ -21,6 +24,7 @@ one fresh child process per size (so each size's peak memory is its own):
 Baselines, measured in the same child on the same data:
   * one `np.partition` pass at the largest k over the same scores (per module, in the same
     thread pool), target: selection + writes + digests of one run <= 2.5x
+  * the writes through zarr's own chunk writes (before issue 16): the same ratio with them
   * one read of the 8 level arrays (`arrays.read`, one thread, the ranges derive reads:
     `derive.read_ranges`), target: derive <= 2x
   * memory: peak RSS above the RSS before the per-run stages (which holds the model's |W|
@@ -35,6 +39,11 @@ load average and other processes' CPU use during each stage are recorded next to
     .venv/bin/python bench/scaling.py --quick              # smoke run, ~30 s
     .venv/bin/python bench/scaling.py --sizes 1 --stages derive --tag derive
                                    # derive alone (and with 3 languages): the per-run stages skipped
+    .venv/bin/python bench/scaling.py --sizes 0.1,1 --stages run --tag run
+                                   # the per-run stages alone (selection, writes): derive skipped
+
+Each stage also records this process's own CPU-seconds (`cpu_s`), which other jobs on a
+shared machine inflate less than its wall time (though two threads on one core inflate them too).
 """
 
 from __future__ import annotations
@@ -58,6 +67,9 @@ NORM_SPREAD = 0.2  # per-run norms = shared norms x exp(0.2 N(0, 1)): math-only 
 TARGET_RUN = 2.5  # selection + writes + digests <= 2.5 x one np.partition pass
 TARGET_DERIVE = 2.0  # derive of 4 languages <= 2 x one read of their level codes
 TARGET_MEMORY = 1.5  # peak above |W| <= 1.5 x (levels + |W| of the largest module)
+WRITES = "run: level-code + norm writes (incl. digests)"
+ZARR_WRITES = "reference: the same writes, zarr's own chunk writes (before issue 16)"
+DIGEST = "run: sha256 digest of the level codes alone"
 
 # Llama-shaped configurations (hidden, intermediate, kv width, blocks, vocab): scored
 # parameters are the blocks' 7 projections plus the untied output head
@@ -110,7 +122,8 @@ class Stages:
         after = _cpu_snapshot()
         peak = _status_kib("VmHWM")
         self.rows.setdefault(name, []).append({
-            "s": after[2] - before[2], "others_cores": round(others_cores(before, after), 2),
+            "s": after[2] - before[2], "cpu_s": after[1] - before[1],
+            "others_cores": round(others_cores(before, after), 2),
             "rss_before_mib": rss_before / 1024, "peak_mib": peak / 1024,
             "peak_above_before_mib": (peak - rss_before) / 1024})
         return value
@@ -119,6 +132,7 @@ class Stages:
 def child(size: str, store_root: Path, repeats: int, stages_wanted: str = "all") -> dict:
     import dataclasses
     from types import SimpleNamespace
+    from unittest import mock
 
     import numpy as np
     import torch
@@ -128,6 +142,7 @@ def child(size: str, store_root: Path, repeats: int, stages_wanted: str = "all")
     from mlarch.ingest.scoring import ScoredModule
     from mlarch.selection import top_count
     from mlarch.store import arrays, spans as span_layout
+    from mlarch.store.chunk_writes import ChunkEncoder
     from mlarch.store.derive import THREADS, RunRef, derive, levels_path, magnitudes_path, norms_path, read_ranges
     from mlarch import parallel
 
@@ -163,7 +178,7 @@ def child(size: str, store_root: Path, repeats: int, stages_wanted: str = "all")
 
     levels = None
     largest_k = max(PAPER_KS)
-    for r in range(repeats if stages_wanted == "all" else 0):
+    for r in range(repeats if stages_wanted in ("all", "run") else 0):
         norms = run_norms()
 
         def scores_only():
@@ -195,17 +210,28 @@ def child(size: str, store_root: Path, repeats: int, stages_wanted: str = "all")
         stages.rows["run: level_codes alone (one thread, excl. scores)"][-1]["s"] = alone
         group = f"runs/r{r}"
 
-        def write_run():
-            return [arrays.write(store, levels_path(group), levels),
-                    arrays.write(store, norms_path(group), norms, compress=False)]
+        def write_run(suffix=""):
+            return [arrays.write(store, levels_path(group + suffix), levels),
+                    arrays.write(store, norms_path(group + suffix), norms, compress=False)]
 
-        stages.run("run: level-code + norm writes (incl. digests)", write_run)
-        stages.run("run: sha256 digest of the level codes alone", lambda: arrays.digest(levels))
+        def write_run_zarr():  # the reference: no chunk encoder, so zarr writes the chunks itself
+            with mock.patch.object(ChunkEncoder, "of", classmethod(lambda cls, metadata, data: None)):
+                return write_run("-zarr")
+
+        if r % 2:  # alternate which goes first: the first leaves dirty pages for the second's time
+            theirs = stages.run(ZARR_WRITES, write_run_zarr)
+            ours = stages.run(WRITES, write_run)
+        else:
+            ours = stages.run(WRITES, write_run)
+            theirs = stages.run(ZARR_WRITES, write_run_zarr)
+        if ours != [dataclasses.replace(rec, path=rec.path.replace("-zarr", "")) for rec in theirs]:
+            raise SystemExit("Error: the chunk-parallel write and zarr's own differ: a bug in chunk_writes")
+        stages.run(DIGEST, lambda: arrays.digest(levels))
 
     # derive: 4 languages x (math, control), each run's codes selected from its own norms
     levels = None
     refs, records = {}, {}
-    for i in range(LANGS):
+    for i in range(LANGS if stages_wanted != "run" else 0):
         for role in ("math", "control"):
             run_id = f"l{i}{role[0]}"
             group = f"runs/{run_id}"
@@ -221,7 +247,7 @@ def child(size: str, store_root: Path, repeats: int, stages_wanted: str = "all")
 
     three = {key: ref for key, ref in refs.items() if key[0] != f"l{LANGS - 1}"}
     derived = None
-    for _ in range(repeats):
+    for _ in range(repeats if stages_wanted != "run" else 0):
         stages.run("baseline: one read of the 8 level arrays", read_once)
         derived = stages.run("per language set: derive (4 languages)",
                              lambda: derive(store, "m", "a", 1, spans, refs))
@@ -234,11 +260,11 @@ def child(size: str, store_root: Path, repeats: int, stages_wanted: str = "all")
         "levels_bytes": n, "largest_module_w_bytes": 4 * largest_module, "magnitudes_bytes": 4 * n,
         "rss_after_imports_mib": rss_imports, "peak_reset_works": stages.resettable,
         "peak_overall_mib": max(row["peak_mib"] for rows in stages.rows.values() for row in rows),
-        "derived_rows": [len(derived[0]), len(derived[1])],
+        "derived_rows": [len(derived[0]), len(derived[1])] if derived else None,
         # math-only share of the math sets, per k (Gemma-3-270M's demo archive: 0.19-0.39)
         "math_only_fraction": {
             str(k): round(float(part["n_selected"].sum()) / max(1, float(part["n_math_top"].sum())), 3)
-            for k in PAPER_KS for part in [derived[0].filter(derived[0]["k"] == k)]},
+            for k in PAPER_KS for part in [derived[0].filter(derived[0]["k"] == k)]} if derived else None,
         "stages": stages.rows,
         "records": {g: dataclasses.asdict(rec)["sha256"][:12] for g, rec in records.items()},
     }
@@ -272,8 +298,9 @@ def mean_tokens_per_sample(samples: int = 500) -> dict | None:
 def extrapolate(per_b: dict[str, float], tokens: float, samples: int = 500, tflops: float = 400.0) -> dict:
     """Seconds per stage for paper-scale models on this CPU, and a rough 16-core projection:
     selection runs in min(4, cores) threads, derive in min(derive.THREADS, cores) (its reads'
-    chunk checks run in zarr's one event-loop thread, so this is optimistic), the rest on one
-    core (digest thread, zarr's codec loop); next to one run's forward FLOPs at `tflops`."""
+    chunk checks run in zarr's one event-loop thread, so this is optimistic), the writes in a
+    thread per core but never below their one sequential sha256 (the digest alone), the rest
+    on one core; next to one run's forward FLOPs at `tflops`."""
     from mlarch.store.derive import THREADS
 
     models = {"Llama-3.2-1B": 1.24, "Qwen3-4B": 4.0, "Llama-3.1-8B": 8.0}
@@ -283,6 +310,8 @@ def extrapolate(per_b: dict[str, float], tokens: float, samples: int = 500, tflo
     for model, billions in models.items():
         here = {stage: s * billions for stage, s in per_b.items()}
         sixteen = {stage: s * 2 / min(16, pooled.get(stage, 2)) for stage, s in here.items()}
+        if WRITES in here and DIGEST in here:  # the whole array's sha256 is one sequential stream
+            sixteen[WRITES] = max(here[DIGEST], here[WRITES] * 2 / 16)
         forward = 2 * billions * 1e9 * tokens * samples / (tflops * 1e12)
         out[model] = {"scored_params_b": billions, "this_cpu_s": here, "host_16_cores_s": sixteen,
                       "forward_one_run_s_on_paper": forward, "tokens_per_run": tokens * samples}
@@ -293,8 +322,9 @@ def main() -> None:
     def extra(parser):
         parser.add_argument("--sizes", default="0.1,0.5,1", help="comma-separated sizes in B params: "
                             + ", ".join(SHAPES) + " (default 0.1,0.5,1; --quick: 0.02)")
-        parser.add_argument("--stages", default="all", choices=["all", "derive"],
-                            help="all (default) or derive: only the derive stage and its read baseline")
+        parser.add_argument("--stages", default="all", choices=["all", "derive", "run"],
+                            help="all (default); derive: only the derive stage and its read baseline; "
+                                 "run: only the per-run stages (selection, writes, their baselines)")
         parser.add_argument("--child", default=None, help=argparse.SUPPRESS)  # one size, in this process
         parser.add_argument("--store", default=None, help=argparse.SUPPRESS)
 
@@ -348,7 +378,7 @@ def main() -> None:
 
 README_STAGES = [  # (label, stages summed); per run unless said
     ("selection: scores + level codes at 7 k (per run)", ["run: selection (model_levels, pool, incl. scores)"]),
-    ("level-code + norm writes with digests (per run)", ["run: level-code + norm writes (incl. digests)"]),
+    ("level-code + norm writes with digests (per run)", [WRITES]),
     ("derive, 4 languages (per commit of a language set)", ["per language set: derive (4 languages)"]),
     ("|W| extraction + write (once per model)", ["once: |W| extraction", "once: |W| write"]),
 ]
@@ -384,6 +414,10 @@ def stage_seconds(result: dict, stage: str) -> float:
     return median([row["s"] for row in result["stages"][stage]])
 
 
+def cpu_seconds(result: dict, stage: str) -> float:
+    return median([row.get("cpu_s") for row in result["stages"][stage]])
+
+
 def per_billion(result: dict) -> dict[str, float]:
     return {stage: stage_seconds(result, stage) / (result["n_params"] / 1e9) for stage in result["stages"]}
 
@@ -395,16 +429,42 @@ def summarise(bench: Bench, result: dict) -> None:
     for stage, rows in stages.items():
         others = max(row["others_cores"] for row in rows)
         bench.row(f"{tag} {stage} (s per B params)", stage_seconds(result, stage) / b, unit="s/B", target="info",
-                  note=f"{stage_seconds(result, stage):.2f} s; others used up to {others:.1f} cores; "
+                  note=f"{stage_seconds(result, stage):.2f} s, own CPU {cpu_seconds(result, stage):.2f} s; "
+                       f"others used up to {others:.1f} cores; "
                        f"peak +{max(row['peak_above_before_mib'] for row in rows):.0f} MiB "
                        f"over {rows[0]['rss_before_mib']:.0f}")
-    if result["stages_wanted"] == "all":
-        run = (stage_seconds(result, "run: selection (model_levels, pool, incl. scores)")
-               + stage_seconds(result, "run: level-code + norm writes (incl. digests)"))
+    if result["stages_wanted"] in ("all", "run"):
+        select = stage_seconds(result, "run: selection (model_levels, pool, incl. scores)")
         base = stage_seconds(result, "baseline: np.partition at largest k (pool, incl. scores)")
+        run = select + stage_seconds(result, WRITES)
         bench.row(f"{tag} selection + writes + digests / np.partition at largest k", run, base,
                   target=f"<= {TARGET_RUN}x", passed=run / base <= TARGET_RUN,
                   note="both in mlarch's pool, both forming the scores; digests run inside the writes")
+        if ZARR_WRITES in stages:
+            before = select + stage_seconds(result, ZARR_WRITES)
+            bench.row(f"{tag} same, with zarr's own chunk writes (before issue 16)", before, base, target="info",
+                      note="the reference writes, measured in the same run")
+            cpu = f"own CPU-seconds {cpu_seconds(result, WRITES):.2f} vs {cpu_seconds(result, ZARR_WRITES):.2f}"
+            bench.row(f"{tag} writes + digests: chunk-parallel / zarr's own chunk writes",
+                      stage_seconds(result, WRITES), stage_seconds(result, ZARR_WRITES), target="info",
+                      note=f"{cpu}; the sha256 alone {stage_seconds(result, DIGEST):.2f} s (one sequential stream: "
+                           "the floor)")
+    if "per language set: derive (4 languages)" in stages:
+        summarise_derive(bench, result, tag)
+    per_run = [row for name, rows in stages.items()
+               if name.startswith(("run: selection", "run: level-code")) for row in rows]
+    if not per_run:
+        return
+    peak = max(row["peak_above_before_mib"] for row in per_run)
+    allowed = TARGET_MEMORY * (result["levels_bytes"] + result["largest_module_w_bytes"]) / 2**20
+    bench.row(f"{tag} per-run peak RSS above |W| (selection, writes)", peak, allowed / TARGET_MEMORY,
+              target=f"<= {TARGET_MEMORY}x", passed=peak <= allowed, unit="MiB",
+              note=f"baseline column: one run's level codes + |W| of the largest module; the model's whole |W| "
+                   f"({result['magnitudes_bytes'] / 2**20:.0f} MiB) is held before and outside this")
+
+
+def summarise_derive(bench: Bench, result: dict, tag: str) -> None:
+    stages = result["stages"]
     d = stage_seconds(result, "per language set: derive (4 languages)")
     read = stage_seconds(result, "baseline: one read of the 8 level arrays")
     bench.row(f"{tag} derive (4 languages) / one read of their level codes", d, read, target=f"<= {TARGET_DERIVE}x",
@@ -424,16 +484,6 @@ def summarise(bench: Bench, result: dict) -> None:
     bench.row(f"{tag} derive workload: math-only share of the math set at k = 0.01", share["0.01"], unit="",
               target="info",
               note="per k: " + ", ".join(f"{k}: {v}" for k, v in share.items()) + " (Gemma-3-270M demo: 0.19-0.39)")
-    per_run = [row for name, rows in stages.items()
-               if name.startswith(("run: selection", "run: level-code")) for row in rows]
-    if not per_run:
-        return
-    peak = max(row["peak_above_before_mib"] for row in per_run)
-    allowed = TARGET_MEMORY * (result["levels_bytes"] + result["largest_module_w_bytes"]) / 2**20
-    bench.row(f"{tag} per-run peak RSS above |W| (selection, writes)", peak, allowed / TARGET_MEMORY,
-              target=f"<= {TARGET_MEMORY}x", passed=peak <= allowed, unit="MiB",
-              note=f"baseline column: one run's level codes + |W| of the largest module; the model's whole |W| "
-                   f"({result['magnitudes_bytes'] / 2**20:.0f} MiB) is held before and outside this")
 
 
 if __name__ == "__main__":

@@ -129,7 +129,7 @@ def main() -> None:
         "model": folder.name, "n_scored_params": n_params, "samples_per_role": samples, "langs": langs,
         "per_run": per_run, "per_lang_seed_bytes": pair_bytes, "per_lang_seed_du": pair_du,
         "archive_sizes_after": sizes_after, "magnitudes_bytes": magnitudes_bytes,
-        "codec": "zarr v3, zstd level 3 with checksum, 4 Mi-element chunks (mlarch.store.arrays)",
+        "codec": "zarr v3, blosc zstd level 1 bitshuffled + crc32c, 4 Mi-element chunks (mlarch.store.arrays)",
     })
 
 

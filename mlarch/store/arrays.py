@@ -25,6 +25,7 @@ from zarr.storage import WrapperStore
 
 from mlarch.errors import MlarchError
 from mlarch.store.array_store import ArrayStore, StoreError, coerce
+from mlarch.store.chunk_writes import ChunkEncoder, write_chunks
 
 _CHUNK_ELEMENTS = 1 << 22  # ~4 M elements: >= 1 MB chunks, whole rows per chunk
 _CHUNK_KEY = re.compile(r"^c/(\d+)$")
@@ -213,23 +214,28 @@ _RESTORE = "run `mlarch verify` to list damage, then restore the archive from a 
 _CHECKED_META: dict[tuple, bytes] = {}  # (store url, array path, meta sha256) -> zarr.json bytes (remote reads)
 
 
-def write(root: ArrayStore | Path, path: str, data: np.ndarray, compress: bool = True) -> ArrayRecord:
+def write(root: ArrayStore | Path, path: str, data: np.ndarray, compress: bool = True,
+          threads: int | None = None) -> ArrayRecord:
     """Write `data` at `path` inside the array store `root` (an ArrayStore, or the folder of a
     local zarr store) (overwriting) and return its record.
 
-    The sha256 runs in a second thread while zarr compresses and writes (hashlib releases
-    the GIL), so the digest costs no wall time on a machine with two cores; chunk digests
-    are taken from the bytes as they are handed to the store."""
+    zarr writes the zarr.json; the chunks are encoded, digested and stored chunk-parallel in
+    `threads` threads (default: one per core; mlarch.store.chunk_writes), while the whole
+    array's sha256 runs in one more thread (one sha256 is sequential; hashlib releases the
+    GIL), reading `data` in place: no second copy of the array is made. A codec chain that
+    chunk_writes does not reproduce byte for byte is left to zarr's own write."""
     data = np.ascontiguousarray(data)
     location = coerce(root)
-    store = _Recording(location.zarr_store(read_only=False), path)
+    target = location.zarr_store(read_only=False)
+    store = _Recording(target, path)
     try:
-        with ThreadPoolExecutor(1) as pool:
-            sha = pool.submit(digest, data)
-            zarr.create_array(
+        with ThreadPoolExecutor(1) as hasher:
+            sha = hasher.submit(digest, data)
+            array = zarr.create_array(
                 store=store,
                 name=path,
-                data=data,
+                shape=data.shape,
+                dtype=data.dtype,
                 chunks=chunks_for(data.shape),
                 compressors=_codecs(data.dtype, compress),
                 overwrite=True,
@@ -237,6 +243,14 @@ def write(root: ArrayStore | Path, path: str, data: np.ndarray, compress: bool =
                 # compare) cuts the write of 100 MB of level codes from ~0.45 s to ~0.06 s
                 config={"write_empty_chunks": True},
             )
+            count = n_chunks(data.shape)
+            encoder = ChunkEncoder.of(array.metadata, data)
+            if encoder is not None:
+                chunk_sha = write_chunks(target, path, data, encoder, count, threads)
+            else:
+                if data.size:
+                    array[...] = data
+                chunk_sha = None
             full = sha.result()
     except StoreError:
         raise
@@ -247,11 +261,12 @@ def write(root: ArrayStore | Path, path: str, data: np.ndarray, compress: bool =
             raise
         raise MlarchError(f"cannot write array {path} under {location.where()}: {exc.strerror or exc}: "
                           "free disk space or choose a writable --archive") from None
-    count = n_chunks(data.shape)
-    try:
-        chunk_sha = tuple(store.seen[f"c/{i}"] for i in range(count))
-    except KeyError as exc:  # zarr changed its key encoding: fail now, not on the first read
-        raise MlarchError(f"array {path}: zarr stored no chunk {exc.args[0]}: this zarr version is not supported") from None
+    if chunk_sha is None:
+        try:
+            chunk_sha = tuple(store.seen[f"c/{i}"] for i in range(count))
+        except KeyError as exc:  # zarr changed its key encoding: fail now, not on the first read
+            raise MlarchError(f"array {path}: zarr stored no chunk {exc.args[0]}: "
+                              "this zarr version is not supported") from None
     return ArrayRecord(path, data.dtype.str, tuple(data.shape), full, data.nbytes, store.seen["zarr.json"], chunk_sha)
 
 
