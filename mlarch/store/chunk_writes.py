@@ -67,8 +67,8 @@ class ChunkEncoder:
                            blocksize=int(config.get("blocksize", 0)))
             try:
                 blosc = Blosc(**options, typesize=int(config["typesize"]))
-            except TypeError:  # numcodecs < 0.16 takes the item size from the array, as zarr then does
-                blosc = Blosc(**options)
+            except TypeError:  # numcodecs < 0.16: no typesize argument, and zarr's own write of that
+                return None  # era gives other bytes (typesize 1 in the header): let zarr write them
         elif len(codecs) != 2:
             return None
         return cls(int(chunks[0]), metadata.fill_value, blosc, metadata.encode_chunk_key, crc32c)
