@@ -17,7 +17,7 @@ from click.testing import CliRunner
 import mlarch
 from mlarch.cli import cli
 from mlarch.errors import MlarchError
-from mlarch.store.anonymize import PLACEHOLDER, Scrubber, anonymous_path
+from mlarch.store.anonymize import PLACEHOLDER, Scrubber, anonymous_path, config_digest_of
 
 # /a/b... not inside a URL or a relative path, nor after a placeholder (<anonymized>/{lang}/en.jsonl)
 ABSOLUTE = re.compile(r"(?<![\w.~:/\\<>-])(?:/[^\s/\"']+){2,}")
@@ -52,6 +52,11 @@ def folders(model_dir, data) -> list[str]:
             str(Path(model_dir["llama"]).parents[1])]
 
 
+def _table(manifest: dict, name: str) -> list[dict]:
+    table = manifest["tables"][name]
+    return [dict(zip(table["columns"], row)) for row in table["rows"]]
+
+
 def host_named(text: str) -> bool:
     """Whether `text` names this machine (as a word: a short host name such as "vm" is in
     many words)."""
@@ -83,7 +88,20 @@ def test_anonymized_bundle_leaks_nothing_and_imports_clean(llama_archive, model_
         assert {(m.uname, m.gname) for m in tar.getmembers()} == {("", "")}
     record = manifest["anonymized"]
     assert record["placeholder"] == PLACEHOLDER and record["values_replaced"] > 0
-    assert set(record["sealed_as"]["runs"]) == set(manifest["run_ids"])  # the digests as the source archive sealed them
+    assert record["by"] == "export-bundle --anonymize" and "runs.config_digest" in record["rederived"]
+    assert any("absolute paths" in kind for kind in record["replaced"]) and "hub ids of models and data sets" in record["kept"]
+    # no digest that covered a path or host name survives: each could confirm a guessed one
+    plain_manifest = json.loads(members(plain)["manifest.json"])
+    covered = [row[column] for table, column in (("runs", "config_digest"), ("runs", "record_sha256"),
+                                                  ("models", "record_sha256"), ("analyses", "config_digest"))
+               for row in _table(plain_manifest, table)]
+    assert len(covered) == 2 * len(manifest["run_ids"]) + 2 and all(len(d) == 64 for d in covered)
+    assert [d for d in covered if d.encode() in raw] == []
+    # the new configuration digests: one per configuration, derived from the bundle alone
+    runs = _table(manifest, "runs")
+    assert [r["config_digest"] for r in runs] == [config_digest_of(r) for r in runs]
+    assert len({r["config_digest"] for r in runs}) == len(runs)
+    assert all(json.loads(r["provenance"])["config_digest"] == r["config_digest"] for r in runs)
 
     target = tmp_path / "laptop"
     assert run(target, "import-bundle", str(anonymized)).exit_code == 0
@@ -169,6 +187,7 @@ def test_paths_and_hosts_are_scrubbed_everywhere():
     assert anonymous_path("/home/alice/flores/{lang}.txt") == f"{PLACEHOLDER}/{{lang}}.txt"
     assert anonymous_path("C:\\Users\\bob\\models\\llama") == f"{PLACEHOLDER}/llama"
     assert anonymous_path("~/models/llama/") == f"{PLACEHOLDER}/llama"
+    assert anonymous_path("~alice/models/llama") == f"{PLACEHOLDER}/llama"
     scrub = Scrubber(["gpu-node-17", "x"])
     value = {
         "host": "gpu-node-17", "source": "/scratch/bob/llama", "hub": "Qwen/Qwen2.5-0.5B", "named": "gemma-3-270m",
@@ -176,6 +195,10 @@ def test_paths_and_hosts_are_scrubbed_everywhere():
         "note": "read /scratch/bob/en.jsonl on gpu-node-17", "short": "x", "boxed": "xylophone",
         "files": {"/a/en/math.jsonl": "1", "/b/en/math.jsonl": "2"}, "list": ["/srv/data/x.csv", 3, None],
         "unc": "\\\\server\\share\\m.gguf",
+        "tilde": "~alice/data/{lang}.jsonl", "said": "read ~alice/data/en.jsonl",
+        "login_url": "https://alice:s3cret@data.example.org/x.jsonl",
+        # public names a reader needs to reproduce: kept (--help says so)
+        "hub_data": "hf:alice/mgsm:test:{lang}", "hub_file": "hf://datasets/alice/mgsm@0123abc/test/en.jsonl",
     }
     out = scrub.value(value)
     assert out == {
@@ -184,5 +207,8 @@ def test_paths_and_hosts_are_scrubbed_everywhere():
         "note": f"read {PLACEHOLDER}/en.jsonl on {PLACEHOLDER}", "short": PLACEHOLDER, "boxed": "xylophone",
         "files": {f"{PLACEHOLDER}/math.jsonl": "1", f"{PLACEHOLDER}/math.jsonl'": "2"},
         "list": [f"{PLACEHOLDER}/x.csv", 3, None], "unc": f"{PLACEHOLDER}/m.gguf",
+        "tilde": f"{PLACEHOLDER}/{{lang}}.jsonl", "said": f"read {PLACEHOLDER}/en.jsonl",
+        "login_url": f"https://{PLACEHOLDER}@data.example.org/x.jsonl",
+        "hub_data": "hf:alice/mgsm:test:{lang}", "hub_file": "hf://datasets/alice/mgsm@0123abc/test/en.jsonl",
     }
     assert value["source"] == "/scratch/bob/llama"  # a copy: the caller's rows are not changed

@@ -163,7 +163,8 @@ def test_converted_folder_needs_the_marker_of_the_pinned_file(tmp_path, monkeypa
     assert named_models.converted(model) is None  # a folder without the marker: an interrupted conversion
     (folder / named_models.MARKER).write_text(json.dumps({"gguf_sha256": "0" * 64}))
     assert named_models.converted(model) is None  # made from another file
-    (folder / named_models.MARKER).write_text(json.dumps({"gguf_sha256": model.sha256}))
+    (folder / named_models.MARKER).write_text(json.dumps({"gguf_sha256": model.sha256,
+                                                          "weight_files": {"model.safetensors": "0" * 64}}))
     assert named_models.converted(model) == folder
     assert named_models.prepare("QWEN2.5-Coder-0.5B") == folder  # no conversion when it is there
 
@@ -181,8 +182,9 @@ def test_named_reference_resolution(tmp_path, monkeypatch):
     assert loading.classify("qwen2.5-coder-0.5b") == ("named", None)
     assert loading.classify("gemma-3-270m") == ("named", None)
     assert loading.classify("gpt2") == ("hub", None)  # not a named model: still a hub id
-    (tmp_path / "gemma-3-270m").mkdir()  # a local folder of that name wins, as before named models
-    assert loading.classify("gemma-3-270m")[0] == "folder"
+    (tmp_path / "gemma-3-270m").mkdir()  # a bare name stays the named model; ./NAME is the folder
+    assert loading.classify("gemma-3-270m") == ("named", None)
+    assert loading.classify("./gemma-3-270m")[0] == "folder"
     with pytest.raises(UsageError, match="drop --gguf-file"):
         loading.classify("qwen2.5-coder-0.5b", "x.gguf")
     with pytest.raises(UsageError, match="drop --revision"):

@@ -2,7 +2,10 @@
 
 It is the named model `gemma-3-270m` (mlarch.ingest.named_models): the first use assembles
 the verified .gguf, dequantises it through transformers and saves a plain transformers
-folder in the cache, so later loads take seconds instead of minutes. Dequantised 4-bit
+folder in the cache, so later loads take seconds instead of minutes. The demo always loads
+that pinned model: its bare name means the named model even where the current directory
+holds a folder called gemma-3-270m, and every load checks the cached folder's weight files
+against the digests recorded at conversion (mlarch.ingest.named_models). Dequantised 4-bit
 weights have many equal magnitudes: the selection's tie rule (lowest flat index first)
 keeps the sets deterministic.
 """

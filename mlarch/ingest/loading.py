@@ -110,11 +110,16 @@ def default_name(ref: str, gguf_file: str | None = None) -> str:
 
 def classify(ref: str, gguf_file: str | None = None) -> tuple[str, Path | None]:
     """('folder'|'gguf', path) for local references, ('hub', None) for a hub id, ('named',
-    None) for a named model. A local path wins over a named model of the same name."""
+    None) for a named model. A named model's bare name is that model even where a folder of
+    that name is here: the folder is ./NAME (named_models.referenced)."""
     from mlarch.ingest import named_models
 
     if gguf_file is not None:
         _check_gguf_name(gguf_file)
+    if named_models.referenced(ref) is not None:
+        if gguf_file is not None:
+            raise UsageError(f"{ref} is a named model (its GGUF file is pinned): drop --gguf-file")
+        return "named", None
     path = Path(ref).expanduser()
     if path.is_dir():
         if gguf_file is not None:  # as transformers reads from_pretrained(folder, gguf_file=...)
@@ -129,10 +134,6 @@ def classify(ref: str, gguf_file: str | None = None) -> tuple[str, Path | None]:
                 raise UsageError(f"--model {ref} already is a .gguf file: drop --gguf-file")
             return "gguf", path
         raise UsageError(f"model path {ref} is a file but not a .gguf: pass a model folder, a .gguf file or a hub id")
-    if named_models.lookup(ref) is not None:
-        if gguf_file is not None:
-            raise UsageError(f"{ref} is a named model (its GGUF file is pinned): drop --gguf-file")
-        return "named", None
     looks_local = ref.startswith((".", "/", "~")) or ref.lower().endswith(".gguf") or not _HUB_ID.match(ref)
     if looks_local:
         raise MlarchError(
@@ -252,6 +253,8 @@ def _locate(ref: str, revision: str | None, gguf_file: str | None = None, messag
             raise MlarchError(
                 f"model folder {folder} has no config.json or weight files: pass a transformers model folder"
             )
+    if kind == "named":  # the cached conversion, as converted (digests cached: cheap after the first load)
+        named_models.check_weights(named_models.lookup(ref), folder, {f.name: _cached_sha256(f) for f in weight_files})
     return kind, folder, extra, commit, weight_files
 
 

@@ -6,6 +6,14 @@ is never imported), hashed while they are streamed into one .gguf in the cache, 
 first use dequantises that file through transformers (`gguf_file=`) into a plain
 transformers folder, so later loads take seconds. The pins are checked here, not by the
 packages: a part that is not the pinned one stops everything before transformers sees it.
+
+The converted folder's marker records the sha256 of each weight file it was saved with, and
+every load checks them (`check_weights`, from mlarch.ingest.loading): a cached folder that
+was changed or damaged since is refused, never scored as the pinned model.
+
+A named model's bare name (`gemma-3-270m`) means the packaged model even where the current
+directory holds a folder of that name, which is `./gemma-3-270m` (`referenced`): a stray
+folder never silently replaces a pinned model, and a note says the folder was not used.
 """
 
 from __future__ import annotations
@@ -98,6 +106,14 @@ def lookup(ref: str) -> NamedModel | None:
     return MODELS.get(ref.strip().lower()) if isinstance(ref, str) else None
 
 
+def referenced(ref: str) -> NamedModel | None:
+    """The named model a --model reference means: a bare name only (no folder separator, not
+    starting with . or ~), whatever folders the current directory holds."""
+    if not isinstance(ref, str) or ref.startswith((".", "~")) or "/" in ref or "\\" in ref:
+        return None
+    return lookup(ref)
+
+
 def installed(model: NamedModel) -> bool:
     """Whether every part of `model` is installed (its extra is)."""
     try:
@@ -172,7 +188,26 @@ def converted(model: NamedModel) -> Path | None:
         return None
     if marker.get("gguf_sha256") != model.sha256 or not any(folder.glob("*.safetensors")):
         return None
+    # weight digests recorded at conversion (an earlier mlarch's marker lacks them: converted again)
+    files = marker.get("weight_files")
+    if not isinstance(files, dict) or set(files) != {f.name for f in folder.glob("*.safetensors")}:
+        return None
     return folder
+
+
+def check_weights(model: NamedModel, folder: Path, digests: dict[str, str]) -> None:
+    """Refuse the converted `folder` unless its weight files (`digests`: name -> sha256, as
+    the loader computed them) are exactly those its marker recorded at conversion."""
+    try:
+        recorded = json.loads((Path(folder) / MARKER).read_text()).get("weight_files")
+    except (OSError, ValueError, AttributeError):
+        recorded = None
+    if recorded == digests:
+        return
+    changed = sorted(set(digests) ^ set(recorded or {})) or sorted(n for n in digests if digests[n] != recorded[n])
+    raise MlarchError(f"the converted {model.name} in {folder} is not what mlarch converted ({changed[0]} was "
+                      f"changed, added or removed since): delete that folder; the next use converts "
+                      f"{model.gguf} again")
 
 
 def prepare(model: NamedModel | str, message=lambda text: None) -> Path:
@@ -184,6 +219,9 @@ def prepare(model: NamedModel | str, message=lambda text: None) -> Path:
         found = lookup(model)
         if found is None:
             raise MlarchError(f"no named model {model!r}: use one of {', '.join(MODELS)}")
+        if Path(model).expanduser().exists():  # what the user may have meant: say which one is used
+            message(f"{model} is the packaged model {found.title}; the folder ./{model} here is not used "
+                    f"(pass --model ./{model} for it)")
         model = found
     if (folder := converted(model)) is not None:
         return folder
@@ -231,8 +269,11 @@ def _convert(model: NamedModel, root: Path, message) -> Path:
         loaded.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         del loaded
-        (staging / MARKER).write_text(json.dumps({"name": model.name, "gguf": model.gguf,
-                                                  "gguf_sha256": model.sha256, "upstream": model.upstream}))
+        from mlarch.ingest.datafiles import sha256_file
+
+        weights = {f.name: sha256_file(f) for f in sorted(staging.glob("*.safetensors"))}  # checked at every load
+        (staging / MARKER).write_text(json.dumps({"name": model.name, "gguf": model.gguf, "gguf_sha256": model.sha256,
+                                                  "upstream": model.upstream, "weight_files": weights}))
         folder = root / model.folder
         shutil.rmtree(folder, ignore_errors=True)  # an older or incomplete conversion
         staging.rename(folder)  # a crash mid-save never leaves a folder that looks complete
