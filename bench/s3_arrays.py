@@ -12,6 +12,10 @@ would be: it shares no interpreter lock with the reader). Measured, interleaved 
     chunks of the module's range, each checked against the catalog's digests);
   * cold: a new Archive per call (each call also reads the catalog);
   * sql: a query of the set_sizes view touches no arrays (same speed expected; listed to show it).
+  * published: the S3 archive published (`mlarch publish`) and opened as s3://BUCKET/PREFIX
+    from a fresh cache: the first open fetches the catalog (timed once); later opens read the
+    manifest (one GET) and use the cached catalog: `sql` and a new-Archive `selection` vs
+    the local archive.
 
     .venv/bin/python bench/s3_arrays.py [--quick] [--repeats 15]
 """
@@ -105,9 +109,37 @@ def main() -> None:
                 bench.row(label, median(times["s3"]), median(times["local"]), ratio=ratio,
                           target=f"<= {target}x" if target else "", passed=(ratio <= target) if target else None,
                           samples_ours=times["s3"], samples_baseline=times["local"])
+            published_rows(bench, roots, work, f"s3://{BUCKET}/bench", module)
         finally:
             s3_server.restore(saved)
     bench.finish(details={"module": module, "n_params": n_params, "server": "moto (subprocess, 127.0.0.1)"})
+
+
+def published_rows(bench, roots, work: Path, url: str, module: str) -> None:
+    """The published read-only archive (mlarch publish; --archive s3://...) vs the local one."""
+    import os
+
+    import mlarch
+
+    started = time.perf_counter()
+    info = mlarch.open(roots["s3"]).publish(url)
+    bench.log(f"publish: {time.perf_counter() - started:.2f} s ({info['size']:,} bytes of catalog)")
+    os.environ["MLARCH_CACHE"] = str(work / "reader-cache")  # a second machine: nothing fetched yet
+    started = time.perf_counter()
+    mlarch.open(url)
+    bench.log(f"first open of {url} (manifest, catalog fetched and checked): {time.perf_counter() - started:.3f} s")
+    query = "SELECT lang, k, sum(n_selected) AS n FROM set_sizes GROUP BY ALL ORDER BY ALL"
+    assert mlarch.open(url).sql(query).equals(mlarch.open(roots["local"]).sql(query))
+    for label, make in (("published: sql over set_sizes, new Archive per call",
+                         lambda where: lambda: mlarch.open(where).sql(query)),
+                        ("published: selection, new Archive per call",
+                         lambda where: lambda: mlarch.open(where).selection(MODEL, "en", 0.05, module))):
+        times = interleaved({"s3": make(url), "local": make(roots["local"])}, bench.repeats)
+        ratio = paired_ratio(times["s3"], times["local"])
+        bench.log(f"{label}: published {median(times['s3']) * 1e3:.1f} ms, local {median(times['local']) * 1e3:.1f} "
+                  f"ms, ratio {ratio:.2f}")
+        bench.row(label, median(times["s3"]), median(times["local"]), ratio=ratio, target="",
+                  passed=None, samples_ours=times["s3"], samples_baseline=times["local"])
 
 
 if __name__ == "__main__":

@@ -5,8 +5,12 @@ shapes), the paper's 7 k values.
 
 Ours: scores + level codes on the device, then the uint8 codes copied to the host (what
 ingest would keep), timed with a synchronize; the codes must equal the numpy path's, byte
-for byte. Baseline: the numpy path on the host CPU on the same |W| and norms. Needs only
-numpy and torch (no zarr, duckdb or polars), so it runs on a lent GPU machine.
+for byte. Two ways: model_levels_torch over |W| concatenated on the device, and
+weights_levels, what ingest runs on CUDA: from each module's bf16 weight, one module at a
+time on a side stream, its codes copied to the host as it finishes (also its peak device
+memory beyond the weights, in units of the largest module's float32 scores). Baseline: the
+numpy path on the host CPU on the same |W| and norms. Needs only numpy and torch (no zarr,
+duckdb or polars), so it runs on a lent GPU machine.
 
     python3 bench/selection_device.py --device cuda --out selection-device-cuda.json
     .venv/bin/python bench/selection_device.py --device cpu --quick      # smoke test here
@@ -41,7 +45,7 @@ def main() -> None:
     import torch
 
     from mlarch import selection
-    from mlarch.selection_device import model_levels_torch
+    from mlarch.selection_device import model_levels_torch, weights_levels
     from mlarch.store import spans as span_layout
     from scaling import module_list
 
@@ -62,9 +66,11 @@ def main() -> None:
         n = span_layout.total_params(spans)
         gen = torch.Generator(device=device).manual_seed(0)
         magnitudes = torch.empty(n, dtype=torch.float32, device=device)
+        weights = []
         for span in spans:  # bf16 weights as checkpoints hold them, |W| in float32 as ingest keeps it
             w = torch.randn(span.n_rows * span.n_cols, generator=gen, device=device, dtype=torch.float32)
-            magnitudes[span.params] = w.to(torch.bfloat16).abs().to(torch.float32)
+            weights.append(w.to(torch.bfloat16).view(span.n_rows, span.n_cols))
+            magnitudes[span.params] = weights[-1].view(-1).abs().to(torch.float32)
         norms = (torch.rand(span_layout.total_norms(spans), generator=gen, device=device) * 50 + 1)
         magnitudes_host, norms_host = magnitudes.cpu().numpy(), norms.cpu().numpy()
         sync()
@@ -83,20 +89,34 @@ def main() -> None:
             ours.append(done - clock)
             copies.append(done - selected)
             del on_device
+        ingest_path, ingest_codes = [], None
+        largest = max(span.n_params for span in spans)
+        for _ in range(repeats):
+            sync()
+            if device.type == "cuda":
+                base = torch.cuda.memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
+            clock = time.perf_counter()
+            ingest_codes = weights_levels(weights, spans, norms_host, PAPER_KS)  # ends with its last copy
+            ingest_path.append(time.perf_counter() - clock)
+        ingest_peak = ((torch.cuda.max_memory_allocated() - base) / (4 * largest)) if device.type == "cuda" else None
         clock = time.perf_counter()
         expected = selection.model_levels(spans, magnitudes_host, norms_host, PAPER_KS)
         numpy_s = time.perf_counter() - clock
-        identical = bool(np.array_equal(codes, expected))
+        identical = bool(np.array_equal(codes, expected)) and bool(np.array_equal(ingest_codes, expected))
         mismatches = 0 if identical else int(np.count_nonzero(codes != expected))
         row = {"size": size, "n_params": n, "device_s_incl_copy": sorted(ours)[len(ours) // 2],
                "device_s_all": ours, "copy_to_host_s": sorted(copies)[len(copies) // 2],
-               "numpy_host_s": numpy_s, "identical_to_numpy": identical, "mismatches": mismatches}
+               "numpy_host_s": numpy_s, "identical_to_numpy": identical, "mismatches": mismatches,
+               "ingest_path_s": sorted(ingest_path)[len(ingest_path) // 2], "ingest_path_s_all": ingest_path,
+               "ingest_path_peak_x_largest_module_scores": ingest_peak}
         row["speedup"] = numpy_s / row["device_s_incl_copy"]
         row["device_s_per_b"] = row["device_s_incl_copy"] / (n / 1e9)
         row["numpy_s_per_b"] = numpy_s / (n / 1e9)
         rows.append(row)
         print(json.dumps(row), flush=True)
-        del magnitudes, norms, magnitudes_host, norms_host, expected, codes
+        row["ingest_path_speedup"] = numpy_s / row["ingest_path_s"]
+        del magnitudes, weights, norms, magnitudes_host, norms_host, expected, codes, ingest_codes
         if device.type == "cuda":
             torch.cuda.empty_cache()
             row["max_memory_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30

@@ -9,16 +9,17 @@ def open(path=None):  # noqa: A001 - mirrors sqlite_utils.Database / zarr.open
     Opening creates nothing: reading a path that holds no archive raises an error, and
     `Archive.ingest` (or `mlarch import-bundle`) creates the archive on first use.
     """
-    from mlarch.query.api import Archive
+    from mlarch.archive import Archive
 
     return Archive(path)
 
 
 def __getattr__(name):
-    # `mlarch.Archive` on first use: importing it loads DuckDB and polars (~0.3 s), which
+    # `mlarch.Archive` (mlarch.archive.Archive: reading, from mlarch.query.api, plus ingest,
+    # evaluate, charts...) on first use: importing it loads DuckDB and polars (~0.3 s), which
     # `import mlarch` (and the CLI's --help) should not pay.
     if name == "Archive":
-        from mlarch.query.api import Archive
+        from mlarch.archive import Archive
 
         return Archive
     raise AttributeError(f"module 'mlarch' has no attribute {name!r}")

@@ -44,18 +44,19 @@ class RichReporter:
         self.started = 0.0
         # a notebook without ipywidgets: one line per pass when it ends instead of a live bar
         self.live = _live_possible(self.console)
-        self.label, self.total, self.done = "", 0, 0
+        self.label, self.total, self.done, self.unit = "", 0, 0, "samples"
 
     def message(self, text: str) -> None:
         """Print one line of status (nothing when quiet)."""
         if not self.quiet:
             self.console.print(text, markup=False, highlight=False, soft_wrap=True)
 
-    def start_pass(self, label: str, total: int) -> None:
-        """Begin a scoring pass of `total` samples: a live bar where interactive, else a line at its end."""
+    def start_pass(self, label: str, total: int, unit: str = "samples") -> None:
+        """Begin a scoring pass of `total` samples (or other `unit`s: a Ray ingest counts units): a live bar where
+        interactive, else a line at its end."""
         if self.quiet:
             return
-        self.label, self.total, self.done = label, total, 0
+        self.label, self.total, self.done, self.unit = label, total, 0, unit
         self.tokens, self.started = 0, time.perf_counter()
         if not self.live:
             return
@@ -63,11 +64,11 @@ class RichReporter:
 
         self.progress = Progress(
             TextColumn("{task.description:<22}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("samples · {task.fields[rate]} tok/s"), TimeElapsedColumn(),
+            TextColumn("{task.fields[unit]} · {task.fields[rate]} tok/s"), TimeElapsedColumn(),
             console=self.console, transient=False,
         )
         self.progress.start()
-        self.task = self.progress.add_task(label, total=total, rate="-")
+        self.task = self.progress.add_task(label, total=total, rate="-", unit=unit)
 
     def _rate(self) -> float:
         return self.tokens / max(time.perf_counter() - self.started, 1e-9)
@@ -88,7 +89,7 @@ class RichReporter:
             self.progress.stop()
             self.progress = None
         elif not self.quiet and not self.live and self.label:
-            self.message(f"{self.label}: {self.done}/{self.total} samples · {self._rate():,.0f} tok/s · "
+            self.message(f"{self.label}: {self.done}/{self.total} {self.unit} · {self._rate():,.0f} tok/s · "
                          f"{time.perf_counter() - self.started:.1f} s")
         self.label = ""
 

@@ -1,6 +1,7 @@
 """Nothing the CLI can do that the Python API cannot (issue 13): export, report, bundles,
-verify (and --recompute with its pass rule), gc and show are Archive methods, and each
-gives the same rows as its command on the same archive."""
+verify (and --recompute with its pass rule), gc, show and sources are Archive methods, and each
+gives the same rows as its command on the same archive; every command reaches its library call
+(COMMAND_CALLS), so a new command without one fails here."""
 
 import json
 import re
@@ -178,7 +179,7 @@ def test_recompute_and_its_pass_rule(archive_copy, monkeypatch):
     # the rule lives in the library: a stricter bar fails the same sets there and in the CLI
     strict = archive.recompute(run_id, "cpu", min_jaccard=1.5)
     assert set(strict.filter(pl.col("metric").str.starts_with("Jaccard"))["status"]) == {"FAIL"}
-    monkeypatch.setattr("mlarch.query.api.RECOMPUTE_MIN_JACCARD", 1.5)
+    monkeypatch.setattr("mlarch.archive.RECOMPUTE_MIN_JACCARD", 1.5)
     result = run(archive_copy, "verify", "--recompute", run_id, "--device", "cpu")
     assert result.exit_code == 1 and "Jaccard 1.000000 < 1.5" in result.stderr
     with pytest.raises(UsageError, match="unknown device"):
@@ -217,3 +218,121 @@ def test_demo_gives_what_the_cli_prints(tmp_path):
     assert "0 run(s) scored, 4 reused" in printed.stdout  # the CLI found what the API archived
     assert render(result["overlap"].drop("model", "analysis", "k", "seed"), "table") in printed.stdout
     assert render(result["sizes"], "table") in printed.stdout
+
+
+# --- every command is a thin shell over the API ----------------------------------------------
+
+# CLI command (and a variant's extra arguments) -> the library call it makes: an Archive method,
+# or a module-level function of the library. {tmp} is a scratch folder.
+COMMAND_CALLS = {
+    ("ingest", ()): ("Archive.ingest", ["--model", "m", "--langs", "en", "--math", "starter", "--control", "starter"]),
+    ("eval", ()): ("Archive.evaluate", ["--model", "m", "--langs", "en", "--task", "nll", "--data", "starter"]),
+    ("evals", ()): ("Archive.evaluations", []),
+    ("runs", ()): ("Archive.runs", []),
+    ("models", ()): ("Archive.models", []),
+    ("analyses", ()): ("Archive.analyses", []),
+    ("show", ()): ("Archive.show", ["abc"]),
+    ("compare", ()): ("Archive.compare", ["--model", "llama", "--langs", "en,de"]),
+    ("compare", ("--analyses",)): ("Archive.analysis_overlap", ["--model", "llama", "--langs", "en",
+                                                                "--analyses", "a,b"]),
+    ("sql", ()): ("Archive.sql", ["SELECT 1"]),
+    ("sources", ()): ("Archive.sources", []),
+    ("demo", ()): ("Archive.demo", ["--quiet"]),
+    ("verify", ()): ("Archive.verify", []),
+    ("verify", ("--recompute",)): ("Archive.recompute", ["--recompute", "abc", "--device", "cpu"]),
+    ("gc", ()): ("Archive.gc", []),
+    ("rm", ()): ("Archive.rm", ["--model", "tiny-llama", "--dry-run"]),
+    ("export", ()): ("Archive.export", ["{tmp}/export"]),
+    ("export-bundle", ()): ("Archive.export_bundle", ["--model", "tiny-llama", "-o", "{tmp}/b.tar"]),
+    ("import-bundle", ()): ("Archive.import_bundle", ["{tmp}/b.tar"]),
+    ("report", ()): ("Archive.report", ["--model", "llama", "-o", "{tmp}/report"]),
+    # the CLI draws any kind with every flag given: charts.build takes them all (Archive.chart,
+    # with per-kind signatures, calls the same builders)
+    ("chart", ()): ("charts.build", ["layers", "--model", "llama", "-o", "{tmp}/c.svg"]),
+    ("publish", ()): ("Archive.publish", ["s3://bucket/prefix"]),
+}
+
+
+class _Spied(MlarchError):
+    pass
+
+
+def _target(call: str):
+    import mlarch.archive
+    from mlarch import charts
+
+    owner, name = call.split(".")
+    return {"Archive": mlarch.archive.Archive, "charts": charts}[owner], name
+
+
+def test_every_command_has_a_library_call():
+    """A new command must name the API call it makes here (and the call must exist, documented)."""
+    assert {command for command, _ in COMMAND_CALLS} == set(cli.commands)
+    for call, _ in COMMAND_CALLS.values():
+        owner, name = _target(call)
+        assert getattr(owner, name).__doc__, call
+
+
+@pytest.mark.parametrize("command, variant", list(COMMAND_CALLS), ids=[" ".join((c, *v)) for c, v in COMMAND_CALLS])
+def test_the_command_makes_its_library_call(llama_archive, tmp_path, monkeypatch, command, variant):
+    """Each command reaches its library call (a spy that stops there): the logic is the library's,
+    so Python users have all of it. The spy raises: nothing is scored, written or removed."""
+    call, args = COMMAND_CALLS[(command, variant)]
+    owner, name = _target(call)
+    calls = []
+
+    def spy(*a, **kw):
+        calls.append((a, kw))
+        raise _Spied("spied")
+
+    monkeypatch.setattr(owner, name, spy)
+    result = run(llama_archive, command, *[a.replace("{tmp}", str(tmp_path)) for a in args])
+    assert calls and result.exit_code == 1 and result.stderr.strip() == "Error: spied", result.output
+
+
+def test_sources_frame_is_what_the_cli_lists(llama_archive, tmp_path):
+    frame = mlarch.Archive.sources()  # needs no archive
+    assert frame.columns == ["name", "kind", "languages", "items", "licence", "upstream"]
+    assert {"mgsm", "gsm8k", "flores", "starter"} <= set(frame["name"])
+    assert api_rows(frame) == cli_rows(tmp_path / "none", "sources") == api_rows(mlarch.open(llama_archive).sources())
+    assert not (tmp_path / "none").exists()
+
+
+@pytest.mark.parametrize("method, typo, hint", [("ingest", "sample", "did you mean 'samples'?"),
+                                                ("evaluate", "limt", "did you mean 'limit'?"),
+                                                ("ingest", "task", "no such option")])
+def test_a_misspelt_option_names_the_accepted_ones(tmp_path, method, typo, hint):
+    archive = mlarch.open(tmp_path / "fresh")
+    args = ("m", "en", "starter", "starter") if method == "ingest" else ("m", "en", "nll", "starter")
+    with pytest.raises(TypeError) as caught:
+        getattr(archive, method)(*args, **{typo: 1})
+    assert isinstance(caught.value, UsageError) and hint in str(caught.value)
+    assert f"{method}() takes no option {typo!r}" in str(caught.value) and "force" in str(caught.value)
+    assert not (tmp_path / "fresh").exists()  # refused before anything was made
+
+
+def test_effects_matrix_of_real_evaluations(archive_copy, model_dir, data):
+    """`demo --interventions` prints Archive.demo_interventions' matrices: built by the library
+    (mlarch.archive.effects_matrix) from intervention_effects rows, cell by cell."""
+    from mlarch.archive import effects_matrix
+
+    archive = mlarch.open(archive_copy)
+    specs = ["prune:en@0.05", "random:en@0.05", "prune:bn@0.05"]
+    for role in ("math", "control"):
+        archive.evaluate(str(model_dir["llama"]), ["en", "bn"], "nll", data[role], role=role, interventions=specs,
+                         device="cpu", progress=False)
+    effects = archive.sql("SELECT role, intervention, target_lang, lang, baseline, relative_change "
+                          "FROM intervention_effects WHERE k = 0.05")
+    for role in ("math", "control"):
+        matrix = effects_matrix(effects, "de,en,bn", role)  # de: neither evaluated nor changed
+        assert matrix.columns == ["row", "en", "bn"]
+        assert matrix["row"].to_list() == ["baseline", "prune en", "random en", "prune bn"]
+        cells = {(r["intervention"], r["target_lang"], r["lang"]): r for r in effects.filter(
+            pl.col("role") == role).iter_rows(named=True)}
+        for lang in ("en", "bn"):
+            assert matrix[lang][0] == cells[("prune", "en", lang)]["baseline"] > 0
+            for i, label in enumerate(matrix["row"].to_list()[1:], start=1):
+                kind, target = label.split()
+                assert matrix[lang][i] == pytest.approx(cells[(kind, target, lang)]["relative_change"])
+        assert matrix["en"][1] != 0
+    assert effects_matrix(effects, ["en"], "nope").height == 0

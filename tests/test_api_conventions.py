@@ -35,7 +35,7 @@ def tree(root: Path) -> dict[str, str]:
 def test_archive_is_exported_and_import_stays_light():
     code = ("import sys, mlarch; assert 'duckdb' not in sys.modules and 'polars' not in sys.modules; "
             "assert 'Archive' in mlarch.__all__ and 'Archive' in dir(mlarch); "
-            "from mlarch import Archive; from mlarch.query.api import Archive as A; assert Archive is A; "
+            "from mlarch import Archive; from mlarch.archive import Archive as A; assert Archive is A; "
             "assert isinstance(mlarch.open('x'), mlarch.Archive)\n"
             "try:\n    mlarch.Nope\nexcept AttributeError as e:\n    assert 'Nope' in str(e)\n"
             "else:\n    raise SystemExit('no AttributeError')")

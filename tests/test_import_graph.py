@@ -33,19 +33,6 @@ LAYERS = {  # importer package -> packages it must never import
 
 # (importer, imported): known breaks awaiting a move (see the module docstring)
 PENDING = {
-    # The Archive facade in mlarch/query/api.py runs ingest, evaluations, the demo, recompute
-    # and charts/reports: those methods move to a facade above query (e.g. mlarch/archive.py,
-    # class Archive(query.api.Archive)) so that query only reads (open in issue 13).
-    ("mlarch.query.api", "mlarch.ingest.pipeline"),
-    ("mlarch.query.api", "mlarch.ingest.demo"),
-    ("mlarch.query.api", "mlarch.ingest.devices"),
-    ("mlarch.query.api", "mlarch.ingest.recompute"),
-    ("mlarch.query.api", "mlarch.evaluation.pipeline"),
-    ("mlarch.query.api", "mlarch.charts"),
-    ("mlarch.query.api", "mlarch.charts.report"),
-    # The Ray executor and the local pipeline import each other: the driver pieces both use
-    # (commit, run rows) move to a module of their own (open in issue 13).
-    ("mlarch.ingest.ray_executor", "mlarch.ingest.pipeline"),
 }
 
 

@@ -21,6 +21,9 @@ from click.testing import CliRunner
 import mlarch
 from fixtures import one_error
 from mlarch.cli import cli
+from mlarch.errors import MlarchError
+from mlarch.ingest import units
+from mlarch.progress import RichReporter
 from mlarch.store.maintenance import gc, verify
 
 # Before ray is imported: every Ray address on 127.0.0.1 (Ray 2.60 otherwise advertises the
@@ -29,6 +32,7 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 ray = pytest.importorskip("ray", reason="Ray is not installed: pip install 'mlarch[ray]'")
+from mlarch.ingest import ray_executor  # noqa: E402 - imports ray: after the settings above
 
 LANGS = ["en", "de", "bn"]
 OPTIONS = dict(samples=6, top_k=[0.01, 0.05, 0.25], seeds=[1], device="cpu")
@@ -83,12 +87,28 @@ def _assert_same_archive(ours, reference):
     assert not [c for c in verify(ours) if not c.ok]
 
 
+class Recording(units.Reporter):
+    """A reporter that keeps what the ingest said."""
+
+    def __init__(self):
+        self.passes, self.lines = [], []
+
+    def start_pass(self, label, total, unit="samples"):
+        self.passes.append((label, total, unit))
+
+    def message(self, text):
+        self.lines.append(text)
+
+
 def test_ray_gives_the_local_archive_row_by_row(ray_session, local_archive, model_dir, data, tmp_path):
     root = tmp_path / "arch"
     archive = mlarch.open(root)
+    reporter = Recording()
     result = archive.ingest(str(model_dir["llama"]), LANGS, data["math"], data["control"], executor="ray",
-                            **OPTIONS)
+                            reporter=reporter, **OPTIONS)
     assert len(result.written) == 6 and not result.skipped
+    assert reporter.passes == [("6 units, 1 Ray worker(s)", 6, "units")]  # one per node; the bar counts units
+    assert sum(line.startswith("scored ") for line in reporter.lines) == 6
     _assert_same_archive(root, local_archive)
     sizes, patterns = _derived(archive)
     assert len({row[2] for row in sizes}) == 3 and any(len(row[3]) == 3 for row in patterns)  # all 3 languages
@@ -232,3 +252,85 @@ def test_a_killed_driver_leaves_what_gc_removes_and_a_rerun_completes(ray_sessio
     assert len(result.written) + len(result.skipped) == 6
     gc(root)
     assert not [c for c in verify(root) if not c.ok]
+
+
+def test_the_overall_bar_says_units(capsys):
+    """The Ray driver's bar counts units: its summary line (a notebook without widgets) says so,
+    and a scoring pass still counts samples."""
+    reporter = RichReporter()
+    reporter.live = False
+    reporter.start_pass("6 units, 2 Ray worker(s)", 6, unit="units")
+    reporter.advance(6, 600)
+    reporter.end_pass()
+    reporter.start_pass("en math seed 1", 4)
+    reporter.advance(4, 40)
+    reporter.end_pass()
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].startswith("6 units, 2 Ray worker(s): 6/6 units ·"), lines
+    assert lines[1].startswith("en math seed 1: 4/4 samples ·"), lines
+
+
+def test_a_forged_manifest_from_a_worker_is_refused_and_nothing_committed(ray_session, model_dir, data, tmp_path,
+                                                                           monkeypatch):
+    """A worker that returns a manifest whose norms record the stored array does not match (another
+    mlarch, a bug, bad intent): the driver refuses it in one line and commits none of its runs."""
+
+    class Forging(ray_executor.ScoringWorker):  # defined here: Ray ships it to its workers by value
+        def score(self, order, unit, run_id):
+            import dataclasses
+
+            pending = super().score(order, unit, run_id)
+            forged = [(kind, dataclasses.replace(r, sha256="0" * 64) if kind == "norms" else r)
+                      for kind, r in pending.records]
+            return dataclasses.replace(pending, records=forged)
+
+    monkeypatch.setattr(ray_executor, "ScoringWorker", Forging)
+    root = tmp_path / "arch"
+    with pytest.raises(MlarchError, match=r"^a Ray worker's manifest for .* records a sha256 of its norms array"):
+        mlarch.open(root).ingest(str(model_dir["llama"]), ["en"], data["math"], data["control"], executor="ray",
+                                 **OPTIONS)
+    archive = mlarch.open(root)
+    assert archive.sql("SELECT count(*) FROM runs WHERE status = 'FINISHED'").item() == 0
+    assert archive.sql("SELECT count(*) FROM runs WHERE status = 'FAILED'").item() == 2
+    assert archive.sql("SELECT count(*) FROM arrays").item() == 0 and archive.sql("SELECT count(*) FROM models").item() == 0
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """moto's S3 server on 127.0.0.1 (tests/s3_server.py) with a bucket, its AWS_* settings applied."""
+    pytest.importorskip("s3fs", reason="arrays on S3 need s3fs: pip install 'mlarch[s3]'")
+    pytest.importorskip("moto.server", reason="the S3 test server is moto's: pip install 'mlarch[test-services]'")
+    import s3_server
+
+    with s3_server.threaded() as endpoint:
+        env = s3_server.environment(endpoint, tmp_path_factory.mktemp("aws"))
+        # the workers get no keys (ray_executor.AWS_SECRETS): as on a cluster node, they read
+        # a credentials file, which the forwarded AWS_SHARED_CREDENTIALS_FILE names
+        Path(env["AWS_SHARED_CREDENTIALS_FILE"]).write_text(
+            f"[default]\naws_access_key_id = {env['AWS_ACCESS_KEY_ID']}\n"
+            f"aws_secret_access_key = {env['AWS_SECRET_ACCESS_KEY']}\n")
+        saved = s3_server.apply(env)
+        try:
+            s3_server.make_bucket(endpoint, "ray-bucket", env)
+            yield endpoint
+        finally:
+            s3_server.restore(saved)
+
+
+def test_ray_with_arrays_on_s3_gives_the_local_s3_archive(ray_session, s3, model_dir, data, tmp_path):
+    """--executor ray --arrays s3://...: the workers (started by a Ray instance that predates the
+    AWS settings, as on a cluster) write to the bucket, the driver checks and commits; the same
+    archive as a local ingest into the same bucket, and verify is clean."""
+    langs = ["en", "de"]
+    reference, root = tmp_path / "local", tmp_path / "ray"
+    mlarch.open(reference).ingest(str(model_dir["llama"]), langs, data["math"], data["control"],
+                                  arrays="s3://ray-bucket/local", **OPTIONS)
+    result = mlarch.open(root).ingest(str(model_dir["llama"]), langs, data["math"], data["control"],
+                                      executor="ray", arrays="s3://ray-bucket/ray", **OPTIONS)
+    assert len(result.written) == 4
+    assert not [p for p in (root / "arrays.zarr").rglob("*") if p.is_file()]  # every array went to the bucket
+    _assert_same_archive(root, reference)
+    assert mlarch.open(root).sql("SELECT url FROM array_location").item() == "s3://ray-bucket/ray"
+    forwarded = ray_executor.aws_settings()  # what the workers' runtime_env carried
+    assert forwarded["AWS_ENDPOINT_URL"] == s3 and "AWS_SHARED_CREDENTIALS_FILE" in forwarded
+    assert not set(forwarded) & {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}  # keys stay on the driver

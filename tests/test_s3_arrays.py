@@ -295,12 +295,19 @@ def test_an_unreachable_endpoint_is_one_line(tmp_path, s3, pair, model_dir, data
     assert time.monotonic() - started < 60
 
 
-def test_an_archive_url_is_refused_without_creating_a_folder(tmp_path, monkeypatch):
+def test_an_archive_url_without_a_published_archive_is_one_line_and_creates_no_folder(tmp_path, s3, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    line = one_error(CliRunner().invoke(cli, ["--archive", "s3://bucket/archive", "runs"]), 2)
-    assert "is a URL" in line and "--arrays s3://" in line
+    monkeypatch.setenv("MLARCH_CACHE", str(tmp_path / "cache"))
+    # s3:// is a published archive (tests/test_s3_published.py): nothing published, no bucket
+    line = one_error(CliRunner().invoke(cli, ["--archive", f"s3://{BUCKET}/archive", "runs"]), 2)
+    assert "nothing is published at" in line and "publish" in line
+    with pytest.raises(UsageError, match="does not exist"):
+        mlarch.open("s3://no-such-bucket-here/archive")
+    # another scheme is never a folder named 'gs:'
+    line = one_error(CliRunner().invoke(cli, ["--archive", "gs://bucket/archive", "runs"]), 2)
+    assert "is a URL" in line
     with pytest.raises(UsageError, match="is a URL"):
-        mlarch.open("s3://bucket/archive")
+        mlarch.open("gs://bucket/archive")
     assert list(tmp_path.iterdir()) == []
 
 

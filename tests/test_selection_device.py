@@ -175,3 +175,18 @@ def test_scores_and_model_levels_match_numpy(device):
     np.testing.assert_array_equal(ours.cpu().numpy(), selection.model_levels(spans, magnitudes, norms32, PAPER_KS))
     with pytest.raises(ValueError, match="float32"):
         scores_torch(torch.ones(2, 2, dtype=torch.float64, device=device), torch.ones(2, device=device))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_candidates_reach_the_sort_without_negative_zeros(device):
+    """CUDA's radix sort orders -0.0 before +0.0 (the CPU's comparison sort does not), so the
+    candidates' values are canonicalised before any sort: checked here on every device,
+    since on the CPU the codes alone could not show the difference."""
+    from mlarch.selection_device import _candidate_values
+
+    scores = torch.zeros(40, 50, device=device)
+    scores.view(-1)[::3] = -0.0
+    scores[0, :5] = 1.0
+    candidates, values = _candidate_values(scores, [top_count(scores.numel(), 0.5)])
+    assert candidates.numel() == scores.numel() and not torch.signbit(values).any()
+    assert torch.signbit(scores).any()  # the input keeps its signs: only the copy is changed

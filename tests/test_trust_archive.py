@@ -149,7 +149,6 @@ def test_topk_set_of_the_wrong_size_fails_verify(archive_copy, model_dir, data, 
     """A selection bug that keeps one entry too many in a top-k set: the digests agree (they
     were taken of the wrong codes) but verify counts the sets in the stored codes."""
     from mlarch import selection
-    from mlarch.ingest import pipeline
 
     real = selection.model_levels
 
@@ -158,7 +157,7 @@ def test_topk_set_of_the_wrong_size_fails_verify(archive_copy, model_dir, data, 
         levels[np.flatnonzero(levels == 0)[0]] = 1  # first module, top-k_values[0] one larger
         return levels
 
-    monkeypatch.setattr(pipeline.selection, "model_levels", one_too_many)
+    monkeypatch.setattr(selection, "model_levels", one_too_many)
     root = tmp_path / "arch"
     mlarch.open(root).ingest(str(model_dir["llama"]), ["en"], data["math"], data["control"], samples=3,
                              top_k=[0.05, 0.25], device="cpu")
@@ -351,14 +350,14 @@ def test_a_run_overtaken_by_a_newer_one_is_archived_but_not_used(model_dir, data
     last. The newest finished run stays in use, as import-bundle and verify have it."""
     from datetime import datetime
 
-    from mlarch.ingest import pipeline
+    from mlarch.ingest import units  # the clock of scored runs
 
     root = tmp_path / "arch"
     archive = mlarch.open(root)
     options = dict(samples=3, top_k=[0.05, 0.25], device="cpu")
     archive.ingest(str(model_dir["llama"]), ["en"], data["math"], data["control"], **options)
     before = archive.sql("SELECT * FROM set_sizes ORDER BY ALL")
-    monkeypatch.setattr(pipeline, "_now", lambda: datetime(2001, 1, 1))  # finished before the archived runs
+    monkeypatch.setattr(units, "_now", lambda: datetime(2001, 1, 1))  # finished before the archived runs
     archive.ingest(str(model_dir["llama"]), ["en"], data["math"], data["control"], force=True, samples=3,
                    top_k=[0.05, 0.25], device="cpu")  # same analysis: another --samples is another analysis
     assert archive.sql("SELECT count(*) FROM runs WHERE status = 'FINISHED'").item() == 4

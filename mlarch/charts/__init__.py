@@ -263,7 +263,9 @@ def _open(archive):
 
     if isinstance(archive, Archive):
         return archive
-    root = layout.resolve(archive)
+    from mlarch.store.remote_catalog import resolve
+
+    root = resolve(archive)  # a folder, or a published s3:// archive fetched into the cache
     if not (root / layout.CATALOG).exists():
         from mlarch.store.catalog import missing_archive
 

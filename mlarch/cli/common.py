@@ -8,13 +8,21 @@ import click
 def archive_of(ctx: click.Context):
     """The archive of --archive for a command that reads one: a path without a catalog is
     an error (a typo must not create an empty archive, nor a lock file in a stray folder)."""
-    from mlarch.query.api import Archive
+    from mlarch.archive import Archive
     from mlarch.store import catalog
 
     archive = Archive(ctx.obj["archive"])
     if not archive.catalog_path.exists():
         raise catalog.missing_archive(archive.root)
     return archive
+
+
+def archive_to_fill(ctx: click.Context):
+    """The archive of --archive for a command that creates it on first use (ingest, eval,
+    demo, import-bundle): no catalog yet is fine."""
+    from mlarch.archive import Archive
+
+    return Archive(ctx.obj["archive"])
 
 
 def csv_list(kind):

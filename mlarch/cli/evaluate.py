@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from mlarch.cli.common import archive_of as _archive
+from mlarch.cli.common import archive_to_fill as _archive_to_fill
 from mlarch.cli.common import csv_list as _csv
 from mlarch.cli.output import emit, output_options
 from mlarch.ingest.devices import HELP as _DEVICE_HELP
@@ -83,21 +84,18 @@ def evaluate(ctx, model_ref, name, analysis, langs, task, data_spec, role, inter
              force, quiet):
     """Evaluate a model per language, with and without interventions on its math-only sets."""
     from mlarch.cli.progress import RichReporter
-    from mlarch.evaluation.pipeline import EvalConfig, evaluate as run_eval
-    from mlarch.store import layout
 
-    cfg = EvalConfig(model=model_ref, name=name, analysis=analysis, langs=langs, task=task, data=data_spec, role=role,
-                     interventions=list(interventions), seed=seed, limit=limit, all_items=all_items, shots=shots,
-                     chat=chat, data_dir=data_dir, device=device, dtype=dtype, batch_size=batch_size,
-                     max_length=max_length, max_new_tokens=max_new_tokens, revision=revision, gguf_file=gguf_file,
-                     trust_remote_code=trust_remote_code, force=force, device_map=device_map)
-    result = run_eval(layout.resolve(ctx.obj["archive"]), cfg, RichReporter(quiet=quiet))
+    archive = _archive_to_fill(ctx)
+    result = archive.evaluate(model_ref, langs, task, data_spec, interventions=list(interventions),
+                              reporter=RichReporter(quiet=quiet), name=name, analysis=analysis, role=role, seed=seed,
+                              limit=limit, all_items=all_items, shots=shots, chat=chat, data_dir=data_dir,
+                              device=device, dtype=dtype, batch_size=batch_size, max_length=max_length,
+                              max_new_tokens=max_new_tokens, revision=revision, gguf_file=gguf_file,
+                              trust_remote_code=trust_remote_code, force=force, device_map=device_map)
     ids = result.written + result.reused
     click.echo(f"Archived {len(result.written)} evaluation(s) of {result.model}, reused {len(result.reused)}.")
     if ids:
-        from mlarch.query.api import Archive
-
-        emit(Archive(ctx.obj["archive"]).evaluations(eval_ids=ids), "table")
+        emit(archive.evaluations(eval_ids=ids), "table")
 
 
 @click.command("evals", epilog="""\b

@@ -1,13 +1,16 @@
 """What scoring a unit needs once the model is loaded: a ScoringContext.
 
 `prepare` loads the model where the units run (this process, or a Ray worker) and gathers
-what `pipeline._score_run` needs besides the unit itself: the model, its scored modules and
-their layout, the |W| buffer, the recorded configuration and environment. ModelInfo is the
-part of it the catalog records (no torch objects): what a worker hands the driver.
+what `units.score_run` needs besides the unit itself: the model, its scored modules and
+their layout, the |W| buffer, the recorded configuration and environment, and where a run's
+selection runs (`selection_path`: on CUDA where the weights are, else numpy on the host;
+`ScoringContext.model_levels` runs it). ModelInfo is the part of it the catalog records (no
+torch objects): what a worker hands the driver.
 """
 
 from __future__ import annotations
 
+import os
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,8 +18,8 @@ from typing import Callable
 
 import numpy as np
 
-from mlarch import methods, parallel
-from mlarch.errors import MlarchError
+from mlarch import methods, parallel, selection
+from mlarch.errors import MlarchError, UsageError
 from mlarch.ingest import provenance
 from mlarch.ingest.config import IngestConfig, recorded_config
 from mlarch.store import spans as span_layout
@@ -91,6 +94,22 @@ class ScoringContext:
     reporter: object
     background: object = field(default_factory=parallel.Inline)  # where selection and writes run
     magnitudes_ready: Future | None = None
+    selection: str = "numpy"  # where scores and level codes are computed: see selection_path
+
+    def model_levels(self, norms: np.ndarray) -> np.ndarray:
+        """A run's level codes from its concatenated float32 norms (|W| x norms, top-k): on
+        the host from the |W| buffer ("numpy"), or where the weights live with only the uint8
+        codes moved to the host ("torch"). Both give the same bytes. When scoring runs on
+        CUDA, modules a device map left on the CPU take the numpy path; only a run forced
+        onto the torch path on the CPU (MLARCH_SELECTION=torch, for tests) uses torch there."""
+        self.magnitudes_ready.result()  # the host path reads |W| from the buffer
+        if self.selection == "torch":
+            from mlarch.selection_device import weights_levels
+
+            host = self.magnitudes if self.order.device.type == "cuda" else None
+            return weights_levels([m.scored_weight() for m in self.modules], self.spans, norms, self.cfg.top_k,
+                                  host_magnitudes=host)
+        return selection.model_levels(self.spans, self.magnitudes, norms, self.cfg.top_k)
 
     @property
     def cfg(self) -> IngestConfig:
@@ -119,6 +138,7 @@ def prepare(order: WorkOrder, reporter) -> ScoringContext:
     from mlarch.ingest.scoring import scored_modules
 
     cfg = order.cfg
+    chosen = selection_path(order.device, cfg.method)  # a bad MLARCH_SELECTION fails before the model loads
     reporter.message(f"loading {cfg.model} ({order.kind}, {order.dtype}, {order.device})")
     loaded = loading.load(cfg.model, revision=cfg.revision, device=order.device, dtype=order.dtype,
                           **loading.options(cfg), message=reporter.message)
@@ -139,8 +159,32 @@ def prepare(order: WorkOrder, reporter) -> ScoringContext:
     batch_size = cfg.batch_size or (16 if device.type == "cuda" else 1)
     config = recorded_config(cfg, name=order.name, analysis=order.analysis, dtype=order.dtype, device=str(device),
                              batch_size=batch_size)
-    return ScoringContext(order, loaded, modules, spans, magnitudes, run_pass, batch_size,
-                          provenance.environment(device), config, reporter)
+    env = {**provenance.environment(device), "selection": chosen}  # not part of any digest: same bytes either way
+    return ScoringContext(order, loaded, modules, spans, magnitudes, run_pass, batch_size, env, config, reporter,
+                          selection=chosen)
+
+
+SELECTION_ENV = "MLARCH_SELECTION"
+
+
+def selection_path(device, method: str) -> str:
+    """Where a run's scores and level codes are computed: "torch" (on the weights' device,
+    only uint8 codes copied to the host) when scoring runs on CUDA, else "numpy" (the host
+    CPU, from the |W| buffer). The bf16 method has its own selection ("numpy" here).
+
+    MLARCH_SELECTION=torch or =numpy forces a path (tests run the torch path on CPU with
+    it; benchmarks compare the two on CUDA); unset or "auto" chooses as above. The output
+    is the same bytes on either path, so the choice is recorded in provenance ("selection")
+    but is part of no run's identity."""
+    forced = os.environ.get(SELECTION_ENV, "auto").strip().lower() or "auto"
+    if forced not in ("auto", "numpy", "torch"):
+        raise UsageError(f"{SELECTION_ENV}={os.environ[SELECTION_ENV]!r} is not a selection path: "
+                         "set it to auto, numpy or torch, or unset it")
+    if method == methods.BF16:
+        return "numpy"
+    if forced != "auto":
+        return forced
+    return "torch" if getattr(device, "type", str(device)) == "cuda" else "numpy"
 
 
 def check_finite(ref: str, modules) -> None:

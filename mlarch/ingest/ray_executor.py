@@ -1,13 +1,18 @@
 """`--executor ray`: an ingest's units on a Ray cluster.
 
-One Ray actor per GPU (or per share of the CPUs) loads the model once and scores the units
-queued to it, each exactly as `--executor local` does (pipeline._score_run): it writes the
+One Ray actor per GPU (on a cluster without GPUs, per node) loads the model once and scores the units
+queued to it, each exactly as `--executor local` does (units.score_run): it writes the
 run's norms and level codes straight to the array store and returns a small manifest (array
 records with their digests, provenance), never the arrays. The driver (this process) alone
-writes the catalog, DuckDB having one writer: it commits each (seed, language) group of runs
-as its manifests arrive, so a crash loses at most the units in flight, and a rerun skips
+writes the catalog, DuckDB having one writer: it checks each manifest as untrusted input
+(mlarch/ingest/manifests.py: the run it sent, exactly that run's arrays, digests recounted
+from the store) and commits each (seed, language) group of runs as its manifests arrive
+(mlarch/ingest/commit.py), so a crash loses at most the units in flight, and a rerun skips
 what is archived (config digests, as always). |W| is extracted by each worker (selection
 needs it) and written once, by a worker, at the first commit of a new model.
+
+On a running cluster the workers start before planning (`prestart`): their imports of torch
+and transformers overlap the driver's own imports and its reading of the sources.
 
 A worker that dies (killed, out of memory, its node lost) is restarted by Ray, which loads
 the model again and retries the units it held (max_restarts, max_task_retries); a retried
@@ -26,18 +31,23 @@ import socket
 import threading
 import time
 from collections import deque
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import ray
 
 from mlarch.errors import MlarchError, UsageError
-from mlarch.ingest import pipeline
-from mlarch.ingest.context import prepare
+from mlarch.ingest import commit, manifests, units
+from mlarch.ingest.config import ROLES
+from mlarch.ingest.context import ModelInfo, prepare
+from mlarch.store import array_store, layout
 
 # a worker that dies is restarted (reloading the model) and its units retried this often
 MAX_RESTARTS = 3
 MAX_TASK_RETRIES = 3
 PROBE_TIMEOUT_S = 5.0
+# MLARCH_RAY_PRESTART=0 starts the workers after planning, as before `prestart` (bench/ray_executor.py compares)
+PRESTART = os.environ.get("MLARCH_RAY_PRESTART", "1") != "0"
 QUEUED_PER_WORKER = 2  # the next unit is waiting on a worker while the driver commits the last one
 _FIX = ("start a cluster with `ray start --head`, pass its address (--ray-address HOST:PORT or RAY_ADDRESS), "
         "or leave both out for a local Ray instance")
@@ -71,6 +81,7 @@ class RayExecutor:
             check_reachable(self.address)
         self.started = False  # whether this executor called ray.init (and so shuts it down)
         self.workers: list = []
+        self.remote_arrays = False  # whether the workers were given the AWS settings
 
     # -- the cluster ---------------------------------------------------------------------
     def connect(self) -> None:
@@ -86,28 +97,72 @@ class RayExecutor:
             else:  # on 127.0.0.1: pipeline.ingest set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 before ray was imported
                 ray.init(address="local", **quiet)
         except (ConnectionError, TimeoutError, RuntimeError, ValueError) as exc:
+            if ray.is_initialized():  # half started (a local instance's processes): stop what it left
+                ray.shutdown()
             where = self.address or "a local instance"
             raise UsageError(f"cannot start or join Ray ({where}): {_first_line(exc)}: {_FIX}") from None
         self.started = True
 
-    def start(self, work) -> None:
-        """Join or start Ray and start a worker per GPU (or share of the CPUs), at most one
-        per unit to do; each imports torch and transformers, then waits for the work order."""
+    def prestart(self, root, cfg) -> None:
+        """On a running cluster (an address, or a session the caller opened), start the workers
+        before planning: their processes import torch and transformers while this one imports
+        them too and reads the sources (the model loads once the plan is made). As many as the
+        ingest can have units; `start` stops those the plan does not need. A local instance is
+        started only after planning, so bad input is refused before that costly start."""
+        if not PRESTART or not (self.address or ray.is_initialized()):
+            return
         self.connect()
-        cfg, most = work.cfg, len(work.todo)
+        from mlarch.ingest import devices
+
+        device_type = "cpu" if devices.check(cfg.device) == "cpu" else self._device_type(cfg)
+        catalog_path = Path(root) / layout.CATALOG
+        try:  # planning checks the location properly; here only: do the workers need the AWS settings
+            remote = bool(cfg.arrays) or (catalog_path.is_file() and array_store.recorded(catalog_path) is not None)
+        except MlarchError:
+            return  # planning reports it
+        self._spawn(device_type, cfg, len(cfg.langs) * len(ROLES) * len(cfg.seeds), remote)
+
+    def start(self, work) -> None:
+        """Join or start Ray and start a worker per GPU (or per node, without GPUs), at most one
+        per unit to do; each imports torch and transformers, then waits for the work order.
+        Workers `prestart` started are kept (as many as there are units), the others stopped."""
+        if self.workers and self.remote_arrays != work.array_store.remote:
+            self.close(keep_ray=True)  # prestarted for the other kind of store
+        if self.workers:
+            keep = max(1, min(len(self.workers), len(work.todo)))
+            for worker in self.workers[keep:]:
+                ray.kill(worker, no_restart=True)
+            self.workers = self.workers[:keep]
+            return
+        self.connect()
+        self._spawn(work.device.type, work.cfg, len(work.todo), work.array_store.remote)
+
+    def _spawn(self, device_type: str, cfg, most: int, remote_arrays: bool) -> None:
+        """Start min(`most`, slots) ScoringWorker actors on `device_type` (slots: GPUs by --gpus-per-unit, else
+        CPUs); with `remote_arrays` they get the driver's AWS settings."""
+        self.remote_arrays = remote_arrays
         resources = ray.cluster_resources()
-        if work.device.type == "cuda":
+        if device_type == "cuda":
             per = cfg.gpus_per_unit
             count = max(1, min(most, int(float(resources.get("GPU", 0)) // per)))
             options, self.described = {"num_gpus": per, "num_cpus": 1}, f"{per:g} GPU each"
         else:
-            cpus = max(1, int(float(resources.get("CPU", 1))))
-            count = max(1, min(most, cpus))
-            per = max(1, cpus // count)  # torch in each worker uses its share (Ray sets OMP_NUM_THREADS)
-            options, self.described = {"num_cpus": per}, f"{per} CPU{'s' if per > 1 else ''} each"
+            # one worker per node, using its CPUs (torch's threads): one copy of the model per
+            # machine, one start (process, torch import, load) per machine. A worker per CPU
+            # would hold a model per core and, on 2 cores, made a 6-unit ingest ~2x slower to start.
+            nodes = [int(float(n["Resources"].get("CPU", 0))) for n in ray.nodes() if n.get("Alive")]
+            nodes = [cpus for cpus in nodes if cpus >= 1] or [max(1, int(float(resources.get("CPU", 1))))]
+            count = max(1, min(most, len(nodes)))
+            per = min(nodes)  # fits on every node (Ray sets OMP_NUM_THREADS to it)
+            options = {"num_cpus": per, "scheduling_strategy": "SPREAD"}
+            self.described = f"{per} CPU{'s' if per > 1 else ''} each"
+        settings = aws_settings() if remote_arrays else {}
+        if settings:  # the workers write where the driver checks and commits (a cluster may run elsewhere)
+            options["runtime_env"] = {"env_vars": settings}
         actor = ray.remote(max_restarts=MAX_RESTARTS, max_task_retries=MAX_TASK_RETRIES,
                            concurrency_groups={"io": 1})(ScoringWorker)
-        self.workers = [actor.options(**options).remote() for _ in range(count)]
+        for _ in range(count):  # one at a time: close() kills those started if a later start fails
+            self.workers.append(actor.options(**options).remote())
 
     def _device_type(self, cfg) -> str:
         """cuda where the cluster has GPUs for --gpus-per-unit (with --device auto or cuda),
@@ -139,19 +194,21 @@ class RayExecutor:
         device = torch.device(self._device_type(cfg))
         if device.type == "cpu" or cfg.dtype != "auto":
             return device, loading.resolve_dtype(cfg.dtype, device)
-        # 'auto' on CUDA is bf16 where the workers' GPU supports it: ask one
+        # 'auto' on CUDA is bf16 where the workers' GPU supports it: ask one (a prestarted worker holds a GPU)
+        if self.workers:
+            return device, "bfloat16" if _get(self.workers[0].bf16_supported.remote()) else "float16"
         probe = ray.remote(num_gpus=cfg.gpus_per_unit, num_cpus=0)(_bf16_supported)
         return device, "bfloat16" if _get(probe.remote()) else "float16"
 
-    def close(self) -> None:
-        """Stop the workers (freeing their GPU memory) and the Ray instance this executor started."""
+    def close(self, keep_ray: bool = False) -> None:
+        """Stop the workers (freeing their GPU memory) and the Ray instance this executor started (unless `keep_ray`)."""
         for worker in self.workers:
             try:
                 ray.kill(worker, no_restart=True)  # frees its GPU memory now
             except Exception:  # noqa: BLE001 - gone already
                 pass
         self.workers = []
-        if self.started:
+        if self.started and not keep_ray:
             ray.shutdown()
             self.started = False
 
@@ -160,44 +217,50 @@ class RayExecutor:
         """Score every unit of `work` on the workers and commit each language's runs as they arrive; the runs not
         committed are marked FAILED if anything fails."""
         self.start(work)
-        order = ray.put(pipeline.work_order(work))
+        local_order = units.work_order(work)
+        order = ray.put(local_order)
         reporter.message(f"ray: {len(self.workers)} worker(s) ({self.described}) loading {work.cfg.model} "
                          f"({work.kind}, {work.dtype}, {work.device.type})")
         infos = _get([worker.info.remote(order) for worker in self.workers])  # the loads, in parallel
         info = infos[0]["model"]
-        if any(i["model"].weights_sha256 != info.weights_sha256 for i in infos):
+        if not all(isinstance(i.get("model"), ModelInfo) and i["model"].dtype == work.dtype for i in infos):
+            raise MlarchError(f"a Ray worker did not describe {work.cfg.model} as loaded in {work.dtype}: check that "
+                              "every worker runs this mlarch version")
+        if any(i["model"] != info for i in infos):
             raise MlarchError(f"the Ray workers loaded different weights for {work.cfg.model} (their nodes hold "
                               "different files): give every node the same model files")
-        pipeline.open_catalog(work)
-        pipeline.check_model_row(work, info)
-        _Driver(work, order, info, self.workers, reporter).run()
+        commit.open_catalog(work)
+        commit.check_model_row(work, info)
+        _Driver(work, local_order, order, info, self.workers, reporter).run()
 
 
 class _Driver:
     """The driver's loop: units queued to workers, manifests committed as groups complete."""
 
-    def __init__(self, work, order, info, workers, reporter):
+    def __init__(self, work, local_order, order, info, workers, reporter):
         self.work, self.order, self.info, self.workers, self.reporter = work, order, info, workers, reporter
+        self.local_order, self.spans = local_order, info.spans()  # what a worker's manifest is checked against
         self.last = workers[0]  # a live worker, to write |W| from
 
     def write_magnitudes(self, path: str):
-        return _get(self.last.write_magnitudes.remote(self.order, path))
+        record = _get(self.last.write_magnitudes.remote(self.order, path))
+        return manifests.check_magnitudes(self.local_order, self.spans, path, record)
 
     def run(self) -> None:
         work, reporter = self.work, self.reporter
-        run_ids = pipeline._begin_runs(work, work.todo)
+        run_ids = commit.begin_runs(work, work.todo)
         queue = deque(zip(work.todo, run_ids))
         expected = {key: len(units) for key, units in work.commit_groups()}
         arrived: dict[tuple, list] = {}
         committed: set[str] = set()
-        in_flight: dict = {}  # object ref -> (worker, unit)
+        in_flight: dict = {}  # object ref -> (worker, unit, run id)
         clock = time.perf_counter()
 
         def submit(worker) -> None:
             unit, run_id = queue.popleft()
-            in_flight[worker.score.remote(self.order, unit, run_id)] = (worker, unit)
+            in_flight[worker.score.remote(self.order, unit, run_id)] = (worker, unit, run_id)
 
-        reporter.start_pass(f"{len(work.todo)} units, {len(self.workers)} Ray worker(s)", len(work.todo))
+        start_units(reporter, f"{len(work.todo)} units, {len(self.workers)} Ray worker(s)", len(work.todo))
         try:
             for _ in range(QUEUED_PER_WORKER):
                 for worker in self.workers:
@@ -205,8 +268,9 @@ class _Driver:
                         submit(worker)
             while in_flight:
                 ready, _ = ray.wait(list(in_flight), num_returns=1)
-                worker, unit = in_flight.pop(ready[0])
-                pending = _get(ready[0], unit)
+                worker, unit, run_id = in_flight.pop(ready[0])
+                # untrusted until it is exactly the run sent, as stored (a duplicate is another run's)
+                pending = manifests.check_manifest(self.local_order, self.spans, unit, run_id, _get(ready[0], unit))
                 self.last = worker
                 if queue:
                     submit(worker)
@@ -217,13 +281,13 @@ class _Driver:
                 key = (unit.seed, unit.lang)
                 arrived.setdefault(key, []).append(pending)
                 if len(arrived[key]) == expected[key]:
-                    group = sorted(arrived.pop(key), key=lambda p: pipeline.ROLES.index(p.role))
-                    pipeline._commit(work, self.info, unit.seed, group, self.write_magnitudes)
+                    group = sorted(arrived.pop(key), key=lambda p: ROLES.index(p.role))
+                    commit.commit(work, self.info, unit.seed, group, self.write_magnitudes)
                     committed.update(p.run_id for p in group)
                     reporter.message(f"archived {unit.lang} seed {unit.seed}: "
                                      + ", ".join(f"{p.role} {p.run_id}" for p in group))
         except BaseException:
-            pipeline._mark_failed(work.catalog_path, [r for r in run_ids if r not in committed])
+            commit.mark_failed(work.catalog_path, [r for r in run_ids if r not in committed])
             raise
         finally:
             reporter.end_pass()
@@ -249,7 +313,7 @@ class ScoringWorker:
         with self.lock:
             if self.ctx is None and self.error is None:
                 try:
-                    ctx = prepare(order, pipeline.Reporter())
+                    ctx = prepare(order, units.Reporter())
                     ctx.extract_magnitudes()  # inline: every unit's selection needs |W|
                     self.ctx = ctx
                 except MlarchError as exc:  # handed to the driver as it is
@@ -265,16 +329,49 @@ class ScoringWorker:
 
     def score(self, order, unit, run_id: str):
         """Score one unit, write its arrays; the manifest, without the level codes."""
-        pending = pipeline._score_run(self._ready(order), unit, run_id).result()
+        pending = units.score_run(self._ready(order), unit, run_id).result()
         pending.levels = None  # the driver's derive reads them from the store
         return pending
+
+    def bf16_supported(self) -> bool:
+        """Whether this worker's GPU computes in bfloat16 (what --dtype auto picks on CUDA)."""
+        return _bf16_supported()
 
     @ray.method(concurrency_group="io")
     def write_magnitudes(self, order, path: str):
         """|W| at `path` of the array store (once per model, under the driver's commit lock:
         beside any unit this worker is scoring)."""
         ctx = self._ready(order)
-        return pipeline.write_array(ctx.order.store, path, ctx.magnitudes)
+        return units.write_array(ctx.order.store, path, ctx.magnitudes)
+
+# Never sent to workers: a runtime_env is stored in the cluster's job metadata, which anyone
+# with access to the cluster (its dashboard, its GCS) can read. Nodes use their own credentials.
+AWS_SECRETS = frozenset({"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+                         "AWS_SECURITY_TOKEN", "AWS_WEB_IDENTITY_TOKEN"})
+
+
+def aws_settings() -> dict[str, str]:
+    """The driver's AWS_* settings (endpoint, region, profile, config and credentials file
+    paths), for workers writing to arrays on S3: a Ray instance started earlier, or a cluster
+    node, has another environment. Keys and tokens stay on the driver (AWS_SECRETS)."""
+    return {name: value for name, value in os.environ.items()
+            if name.startswith("AWS_") and name not in AWS_SECRETS}
+
+
+def start_units(reporter, label: str, total: int) -> None:
+    """The overall bar counts units, not samples: say so where the reporter takes a unit name
+    (a caller's own reporter with the older start_pass(label, total) still works)."""
+    import inspect
+
+    try:
+        takes_unit = "unit" in inspect.signature(reporter.start_pass).parameters
+    except (TypeError, ValueError):
+        takes_unit = False
+    if takes_unit:
+        reporter.start_pass(label, total, unit="units")
+    else:
+        reporter.start_pass(label, total)
+
 
 def _bf16_supported() -> bool:
     import torch

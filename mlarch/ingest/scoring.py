@@ -54,12 +54,16 @@ class ScoredModule:
 
         return resident_weight(self.module)
 
+    def scored_weight(self) -> torch.Tensor:
+        """The weight as scored, out x in, where it lives (Conv1D stores in x out: a
+        transposed view of it, no copy)."""
+        weight = self.weight().detach()
+        return weight.t() if self.kind == "conv1d" else weight
+
     def magnitudes(self, out: np.ndarray | None = None) -> np.ndarray:
         """|W| as float32, out x in (Conv1D stores in x out, so it is transposed); written
         into `out` (n_params float32, e.g. a slice of the model's array) when given."""
-        weight = self.weight().detach()
-        if self.kind == "conv1d":
-            weight = weight.t()
+        weight = self.scored_weight()
         if out is None:
             return weight.abs().to(device="cpu", dtype=torch.float32).contiguous().numpy()
         target = torch.from_numpy(out).view(self.n_rows, self.n_cols)

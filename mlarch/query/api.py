@@ -1,7 +1,10 @@
-"""The Python API: `mlarch.open(path)` returns an Archive. The CLI is a thin shell over it.
+"""Reading an archive: the Archive class whose methods query the catalog and the arrays.
 
-Importing this module stays light (DuckDB, polars): numpy loads with the array methods,
-torch and transformers only when `ingest` runs.
+`mlarch.open(path)` returns mlarch.archive.Archive, a subclass that adds what makes and
+draws results (ingest, evaluate, demo, recompute, charts, reports); this module imports
+none of that, so query only reads (tests/test_import_graph.py keeps it so).
+
+Importing this module stays light (DuckDB, polars): numpy loads with the array methods.
 """
 
 from __future__ import annotations
@@ -28,9 +31,6 @@ READ_STATEMENTS = {"SELECT", "EXPLAIN", "PRAGMA"}
 READ_PRAGMAS = {"table_info", "show", "show_tables", "show_tables_expanded", "database_list", "database_size",
                 "storage_info", "version", "platform", "functions", "collations"}
 _WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-# `verify --recompute` passes when every recomputed top-k set has at least this Jaccard with the
-# archived one (1.0 on the same machine and device; float32 rounding elsewhere swaps a few ties)
-RECOMPUTE_MIN_JACCARD = 0.99
 SHOW_LIST_LIMIT = 20  # `show` prints longer lists (the drawn indices) as a count and their first values
 
 
@@ -173,13 +173,18 @@ def _flatten(rows: list, prefix: str, value) -> None:
 
 
 class Archive:
-    """An archive folder: catalog.duckdb (summary rows, provenance, views) + arrays.zarr/."""
+    """An archive folder, read: catalog.duckdb (summary rows, provenance, views) + arrays.zarr/.
+
+    `mlarch.open` returns the subclass mlarch.archive.Archive, which also scores and draws."""
 
     def __init__(self, path=None):
         # Creates nothing: reads of a path without a catalog fail (a typo must not leave an
         # empty archive behind); ingest and import-bundle create the folder and catalog.
-        # A catalog's schema version is checked by its first read.
-        self.root = layout.resolve(path)
+        # A catalog's schema version is checked by its first read. s3://BUCKET/PREFIX: a
+        # published archive, its catalog fetched into the cache (read-only).
+        from mlarch.store.remote_catalog import resolve
+
+        self.root = resolve(path)
         # A finished run's arrays and a model's modules never change: cache their lookups
         # (every read attaches the catalog, and array access loops over modules).
         self._module_cache: dict[str, dict] = {}
@@ -520,27 +525,6 @@ class Archive:
         """Per-item results of one evaluation (NLL per item, or completion and correctness)."""
         return self._read("SELECT * FROM evaluation_items WHERE eval_id = ? ORDER BY position", [eval_id])
 
-    def evaluate(self, model: str, langs, task: str, data: str, *, interventions=(), reporter=None,
-                 progress: bool | None = None, **options):
-        """Evaluate `model` per language (task 'nll' or 'accuracy') on `data`, with each of
-        `interventions` (specs such as 'prune:en@0.01') and a baseline, and archive the
-        results. Options mirror `mlarch eval`: name, analysis, role, seed, limit, all_items, shots,
-        chat, batch_size, max_length, max_new_tokens, device, device_map ('auto'), dtype, revision, gguf_file,
-        trust_remote_code, force, data_dir.
-        Returns an EvalResult (written and reused eval_ids). progress: show a progress bar
-        (default: when interactive, a terminal or a notebook); reporter: your own instead."""
-        from mlarch.evaluation.pipeline import EvalConfig, evaluate
-
-        if isinstance(langs, str):
-            langs = [x.strip() for x in langs.split(",") if x.strip()]
-        if isinstance(interventions, str):
-            interventions = [interventions]
-        cfg = EvalConfig(model=model, langs=list(langs), task=task, data=data, interventions=list(interventions),
-                         **options)
-        from mlarch.progress import reporter_for
-
-        return evaluate(self.root, cfg, reporter_for(progress, reporter))
-
     # --- maintenance -------------------------------------------------------------------
     def rm(self, run_ids=None, model: str | None = None, *, dry_run: bool = False) -> list[str]:
         """Remove runs (a list of ids) or a whole model (exact name) and everything derived
@@ -575,29 +559,6 @@ class Archive:
         return pl.DataFrame([{"check": c.check, "object": c.object, "status": "ok" if c.ok else "FAIL",
                               "detail": c.detail} for c in checks],
                             schema={"check": pl.Utf8, "object": pl.Utf8, "status": pl.Utf8, "detail": pl.Utf8})
-
-    def recompute(self, run_id: str, device: str = "auto", *, min_jaccard: float | None = None) -> pl.DataFrame:
-        """Score a run again from its provenance (same weights digest, texts, drawn indices and
-        settings; needs the model and data files) and compare, as `mlarch verify --recompute`.
-        Returns rows (metric, value, status): the device, the largest relative norm difference,
-        and per archived k the Jaccard of the recomputed and archived top-k sets, whose status is
-        'FAIL' below `min_jaccard` (default RECOMPUTE_MIN_JACCARD, 0.99; the CLI then exits 1),
-        else 'ok'."""
-        from mlarch.ingest.devices import check as check_device
-        from mlarch.ingest.recompute import recompute
-
-        self._require()
-        run = self.run(run_id)
-        if (run.get("provenance") or {}).get("anonymized"):
-            raise MlarchError(f"run {run_id} came from an anonymized bundle (export-bundle --anonymize): its model "
-                              "and data paths were dropped, so it cannot be scored again here; recompute it in the "
-                              "archive it was exported from")
-        bar = RECOMPUTE_MIN_JACCARD if min_jaccard is None else float(min_jaccard)
-        rows = recompute(self, run_id, check_device(device))
-        for row in rows:
-            row["status"] = (("ok" if float(row["value"]) >= bar else "FAIL")
-                             if row["metric"].startswith("Jaccard") else "")
-        return pl.DataFrame(rows, schema={"metric": pl.Utf8, "value": pl.Utf8, "status": pl.Utf8})
 
     def gc(self) -> list[str]:
         """Remove leftovers of interrupted ingests and imports (FAILED runs, RUNNING runs whose
@@ -645,6 +606,16 @@ class Archive:
         self._require()
         return export_bundle(self.root, Path(path), list(run_ids) if run_ids else None, model, anonymize=anonymize)
 
+    def publish(self, url: str) -> dict:
+        """Upload a consistent snapshot of the catalog, and a manifest of its sha256, size and
+        schema version, to `url` (s3://BUCKET/PREFIX, where this archive's arrays already are),
+        as `mlarch publish`: `mlarch.open(url)` then reads it anywhere. Returns {"url",
+        "sha256", "size", "schema_version", "runs"}."""
+        from mlarch.store.remote_catalog import publish
+
+        self._require()
+        return publish(self.root, url)
+
     def import_bundle(self, path) -> dict:
         """Merge a bundle into this archive (created if missing), verifying every digest first,
         as `mlarch import-bundle`; runs already present are skipped. Returns {"imported": [run
@@ -653,17 +624,7 @@ class Archive:
 
         return import_bundle(self.root, Path(path))
 
-    def report(self, folder, model: str, *, langs=None, k: float | None = None, seed: int | None = None,
-               analysis: str | None = None) -> Path:
-        """Write every chart (SVG and PNG) and a self-contained index.html with the key tables
-        and provenance into `folder`, as `mlarch report`. Returns the path of index.html."""
-        from mlarch.charts.report import write_report
-
-        if isinstance(langs, str):
-            langs = [x.strip() for x in langs.split(",") if x.strip()]
-        self._require()
-        return write_report(self, folder, model=model, langs=langs, k=k, seed=seed, analysis=analysis)
-
+    # --- summaries ---------------------------------------------------------------------
     def sizes(self, model: str, k: float | None = None, seed: int | None = None,
               analysis: str | None = None) -> pl.DataFrame:
         """Math-only set size per language, all modules pooled (lang, n_selected, n_params,
@@ -684,79 +645,3 @@ class Archive:
         used = self._read("SELECT DISTINCT analysis FROM runs WHERE list_contains($ids, run_id)",
                           {"ids": list(run_ids)})["analysis"].to_list()
         return used[0] if len(used) == 1 else None
-
-    def demo(self, langs=None, samples: int = 24, data_dir=None, *, reporter=None,
-             progress: bool | None = None) -> dict:
-        """Run `mlarch demo`'s analysis into this archive: Gemma-3-270M (the `demo` extra)
-        scored on the starter set (or the corpora in data_dir); runs already archived are reused.
-        Returns {"model", "analysis", "written", "skipped" (run ids), "overlap" (Archive.compare
-        globally at k = 0.01, seed 1), "sizes" (Archive.sizes at k = 0.01, seed 1)}."""
-        from mlarch.ingest import demo as demo_lib
-        from mlarch.ingest.pipeline import IngestConfig
-        from mlarch.progress import reporter_for
-
-        langs = _langs(langs) or list(demo_lib.DEMO_LANGS)
-        IngestConfig(model="-", langs=langs, math="-", control="-", samples=samples).validate()
-        result = demo_lib.run(self.root, langs=langs, samples=samples, data_dir=data_dir,
-                              reporter=reporter_for(progress, reporter))
-        # the analysis of the runs just scored or reused (an archive may hold others of the model)
-        analysis = self.analysis_of_runs(result["written"] + result["skipped"])
-        return {"model": result["model"], "analysis": self.resolve_analysis(result["model"], analysis),
-                "written": result["written"], "skipped": result["skipped"],
-                "overlap": self.compare(result["model"], langs, k=demo_lib.DEMO_K, seed=1, by="global",
-                                        analysis=analysis),
-                "sizes": self.sizes(result["model"], k=demo_lib.DEMO_K, seed=1, analysis=analysis)}
-
-    def demo_interventions(self, langs=None, data_dir=None, *, reporter=None, progress: bool | None = None) -> dict:
-        """`mlarch demo --interventions` after Archive.demo: each language's math-only set at
-        k = 0.01 pruned in turn (and as many random parameters per matrix), held-out NLL of every
-        language. Returns {"model", "written", "reused" (eval ids), "effects" (their
-        intervention_effects rows: role, intervention, target_lang, lang, baseline, relative_change)}."""
-        from mlarch.ingest import demo as demo_lib
-        from mlarch.progress import reporter_for
-
-        langs = _langs(langs) or list(demo_lib.DEMO_LANGS)
-        done = demo_lib.interventions(self.root, langs=langs, data_dir=data_dir,
-                                      reporter=reporter_for(progress, reporter))
-        effects = self._read(
-            "SELECT role, intervention, target_lang, lang, baseline, relative_change FROM intervention_effects "
-            "WHERE model = $m AND task = 'nll' AND k = $k AND seed = 1 AND list_contains($ids, eval_id)",
-            {"m": done["model"], "k": demo_lib.DEMO_K, "ids": done["written"] + done["reused"]})
-        return {**done, "effects": effects}
-
-    # --- charts ------------------------------------------------------------------------
-    def chart(self, kind: str, **options):
-        """An altair.Chart of `kind` (sizes, overlap, heatmap, layers, upset, interventions)
-        built from SQL aggregates; options are those of the kind's function in mlarch.charts
-        (mlarch.charts.overlap(archive, model, langs=None, k=None, seed=None), ...; listed by
-        mlarch.charts.options_of(kind)): a misspelt one is an error naming the accepted ones."""
-        from mlarch.charts import chart
-
-        return chart(self, kind, **options)
-
-    # --- ingest ------------------------------------------------------------------------
-    def ingest(self, model: str, langs, math: str, control: str, *, reporter=None, progress: bool | None = None,
-               **options):
-        """Score `model` on each language's math and control texts and archive the runs.
-
-        Options mirror `mlarch ingest`: name, analysis, samples, seeds, top_k, batch_size, max_length
-        (None: no truncation), device, device_map ('auto': over several GPUs), dtype, revision, gguf_file,
-        trust_remote_code, force, data_dir,
-        only_correct, and the paper-compat settings method ('mathneuro' or 'mathneuro-bf16'),
-        sampling ('numpy' or 'pandas'), shuffle_seed, template ('default' or 'paper') and
-        paper_compat=True (all of them as the authors' code does: mlarch.methods.PAPER_COMPAT) (`model`: a folder,
-        a .gguf file, a hub id or a named model such as 'qwen2.5-coder-0.5b'). arrays='s3://BUCKET/PREFIX'
-        on an archive's first ingest keeps its arrays there (the catalog records it). executor='ray'
-        scores the units on a Ray cluster (ray_address='HOST:PORT', else RAY_ADDRESS, else a local
-        instance; a ray session already open in this process is used as is; gpus_per_unit=1).
-        progress: show a progress bar (default: when interactive, a terminal or a notebook); reporter:
-        your own instead.
-        """
-        from mlarch.ingest.pipeline import IngestConfig, ingest
-
-        if isinstance(langs, str):
-            langs = [x.strip() for x in langs.split(",") if x.strip()]
-        cfg = IngestConfig(model=model, langs=list(langs), math=math, control=control, **options)
-        from mlarch.progress import reporter_for
-
-        return ingest(self.root, cfg, reporter_for(progress, reporter))

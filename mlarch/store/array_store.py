@@ -31,6 +31,23 @@ _URL = re.compile(r"s3://(?P<bucket>[a-z0-9][a-z0-9.-]{1,61}[a-z0-9])(?:/(?P<pre
 _SEGMENT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
 _GROUP_SEGMENT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,254}")
 _S3_FIX = "pip install 'mlarch[s3]' (s3fs)"
+# what may carry a secret in a message: user:password@ in a URL, and the query parameters of a
+# presigned URL (its signature, credential and session token)
+_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]*@")
+_SIGNED = re.compile(r"(?P<name>X-Amz-(?:Signature|Credential|Security-Token)=)[^&\s\"']*", re.IGNORECASE)
+_SECRETS = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+
+
+def redact(text: str) -> str:
+    """`text` without secrets (a URL's user:password, a presigned URL's signature, credential and
+    token, the values of AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN): mlarch prints no secret."""
+    text = _USERINFO.sub(lambda m: f"{m.group('scheme')}***@", str(text))
+    text = _SIGNED.sub(lambda m: f"{m.group('name')}***", text)
+    for name in _SECRETS:
+        value = os.environ.get(name)
+        if value and len(value) >= 4:
+            text = text.replace(value, "***")
+    return text
 
 
 class StoreError(UsageError):
@@ -43,13 +60,13 @@ def parse(url: str) -> S3Arrays:
     text = str(url).strip()
     match = _URL.fullmatch(text)
     if match is None:
-        raise UsageError(f"--arrays {text[:120]!r} is not s3://BUCKET/PREFIX: pass e.g. s3://my-bucket/mlarch "
-                         "(a bucket name of 3-63 lowercase letters, digits, dots and hyphens)")
+        raise UsageError(f"--arrays {redact(text)[:120]!r} is not s3://BUCKET/PREFIX: pass e.g. "
+                         "s3://my-bucket/mlarch (a bucket name of 3-63 lowercase letters, digits, dots and hyphens)")
     prefix = (match.group("prefix") or "").strip("/")
     segments = prefix.split("/") if prefix else []
     bad = [s for s in segments if not _SEGMENT.fullmatch(s)]
     if bad or len(prefix) > 512:
-        raise UsageError(f"--arrays {text[:120]!r}: prefix segment {(bad or [prefix[:40]])[0][:40]!r} is not "
+        raise UsageError(f"--arrays {redact(text)[:120]!r}: prefix segment {(bad or [prefix[:40]])[0][:40]!r} is not "
                          "letters, digits, '.', '_' and '-' (and not '.' or '..'): choose a plain prefix such as "
                          "s3://bucket/team/mlarch")
     return S3Arrays(match.group("bucket"), prefix)
@@ -160,7 +177,7 @@ class S3Arrays(ArrayStore):
 
     def endpoint(self) -> str:
         """The S3 endpoint in use (AWS_ENDPOINT_URL, else AWS S3), for messages."""
-        return _endpoint() or "AWS S3"
+        return redact(_endpoint() or "AWS S3")
 
     # --- zarr ---------------------------------------------------------------------------
     def zarr_store(self, read_only: bool):
@@ -171,6 +188,11 @@ class S3Arrays(ArrayStore):
 
     # --- groups, as mlarch lays them out ------------------------------------------------
     def _key(self, path: str) -> str:
+        """The s3fs path of `path` inside the prefix, once it is made of plain names: a key
+        from a catalog row can address nothing outside the prefix ('..', '.', '', '/x' refused;
+        zarr refuses them too, but listings, removals and exports come through here)."""
+        if not isinstance(path, str) or not all(_GROUP_SEGMENT.fullmatch(s) for s in path.split("/")):
+            raise layout.UnsafePath(f"arrays path {redact(str(path))[:120]!r} is not made of plain names")
         return f"{self.base}/{path}"
 
     def groups(self, kind: str) -> set[str]:
@@ -260,7 +282,7 @@ class S3Arrays(ArrayStore):
         bucket, wrong credentials or an unreachable endpoint is one clear error up front."""
         fs = _filesystem()
         if write:
-            key = self._key(f".write-probe-{uuid.uuid4().hex}")
+            key = f"{self.base}/.write-probe-{uuid.uuid4().hex}"  # a name of ours: no catalog row's
             self._call(fs.pipe_file, key, b"")
             self._call(fs.rm_file, key)
         else:
@@ -285,7 +307,7 @@ class S3Arrays(ArrayStore):
         """The one-line error for an S3 failure (exc itself where it is not one)."""
         if isinstance(exc, StoreError):
             return exc
-        text = " ".join(str(exc).split())[:160] or type(exc).__name__
+        text = redact(" ".join(str(exc).split()))[:160] or type(exc).__name__
         names = {cls.__name__ for cls in type(exc).__mro__}
         if (isinstance(exc, FileNotFoundError) and _bucket_missing(exc)) or "NoSuchBucket" in text:
             return StoreError(f"bucket {self.bucket!r} does not exist at {self.endpoint()} (arrays at {self.url}): "
@@ -303,8 +325,8 @@ class S3Arrays(ArrayStore):
             return StoreError(f"cannot reach the S3 endpoint {self.endpoint()} for {self.url} ({text[:100]}): "
                               "check AWS_ENDPOINT_URL and the network")
         if "InvalidEndpoint" in names or "ValueError" in names and "endpoint" in text.lower():
-            return StoreError(f"S3 endpoint {_endpoint()!r} is not a valid URL: set AWS_ENDPOINT_URL to e.g. "
-                              "http://127.0.0.1:9000")
+            return StoreError(f"S3 endpoint {redact(_endpoint() or '')!r} is not a valid URL: set AWS_ENDPOINT_URL "
+                              "to e.g. http://127.0.0.1:9000")
         return StoreError(f"S3 request for {self.url} at {self.endpoint()} failed ({type(exc).__name__}: {text}): "
                           "check the bucket, credentials and AWS_ENDPOINT_URL")
 
@@ -469,4 +491,4 @@ def record(root: Path, store: ArrayStore) -> None:
 
 
 __all__ = ["ArrayStore", "LocalArrays", "S3Arrays", "StoreError", "coerce", "for_ingest", "of", "parse",
-           "record", "recorded"]
+           "record", "recorded", "redact"]

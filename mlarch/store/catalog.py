@@ -490,6 +490,9 @@ def sandboxed(path: Path):
 def writing(path: Path):
     """A read-write connection inside one transaction: all of it commits, or none."""
     path = _existing(path)  # never creates a catalog: ensure_schema() does
+    from mlarch.store.layout import refuse_snapshot
+
+    refuse_snapshot(path.parent)  # a fetched copy of a published archive is read-only
     if str(path.resolve()) not in _CHECKED:  # never writes to a foreign or newer catalog
         with reading(path):
             pass

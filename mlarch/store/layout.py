@@ -23,24 +23,48 @@ _URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 
 
 def resolve(path: str | os.PathLike | None) -> Path:
-    """--archive DIR, else $MLARCH_ARCHIVE, else ./mlarch-archive. A URL is refused: the
-    catalog is a local file (only the arrays may live on S3), and Path('s3://b/p') would be
-    a folder named 's3:' here."""
+    """--archive DIR, else $MLARCH_ARCHIVE, else ./mlarch-archive. A URL is refused here:
+    Path('s3://b/p') would be a folder named 's3:' (a published s3:// archive is fetched by
+    mlarch.store.remote_catalog.resolve, which mlarch.open uses)."""
     chosen = path or os.environ.get("MLARCH_ARCHIVE") or DEFAULT_ARCHIVE
     if _URL.match(os.fspath(chosen)):
-        raise UsageError(f"archive {str(os.fspath(chosen))[:120]!r} is a URL: an archive's catalog is a local folder "
-                         "(a remote catalog is not supported yet); pass --archive DIR, and keep the arrays on S3 "
-                         "with `mlarch ingest --arrays s3://BUCKET/PREFIX`")
+        raise UsageError(f"archive {str(os.fspath(chosen))[:120]!r} is a URL: an archive is a local folder, or a "
+                         "published one at s3://BUCKET/PREFIX (opened by mlarch.open / --archive); pass --archive "
+                         "DIR or --archive s3://BUCKET/PREFIX")
     return Path(chosen).expanduser()
 
 
 def ensure_folder(root: Path) -> None:
     """Create the archive folder (first use) and make sure it is writable."""
+    refuse_snapshot(root)
     try:
         (root / ARRAYS).mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         _unwritable(root, exc)
     probe_writable(root, root)
+
+
+SNAPSHOT = "published-snapshot.json"  # marks a fetched copy of a published archive (store.remote_catalog)
+_SNAPSHOT_URL = re.compile(r"s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[A-Za-z0-9._/-]{1,512})?")
+
+
+def refuse_snapshot(root: Path) -> None:
+    """A UsageError if `root` is a fetched copy of a published archive: every writer (ingest,
+    eval, rm, gc, import-bundle, sql --write) stops here first; what it would change is the
+    publisher's archive."""
+    marker = Path(root) / SNAPSHOT
+    if not os.path.lexists(marker):
+        return
+    try:  # our own record, but shown only if it still looks like one
+        import json
+
+        url = json.loads(marker.read_text())["url"]
+        url = url if _SNAPSHOT_URL.fullmatch(url) else "s3://..."
+    except Exception:
+        url = "s3://..."
+    raise UsageError(f"archive {url} is a published read-only snapshot (fetched into {root}): run commands that "
+                     f"change an archive on the archive it was published from, then `mlarch --archive DIR publish "
+                     f"{url}` again")
 
 
 def probe_writable(folder: Path, root: Path) -> None:
@@ -145,6 +169,7 @@ def commit_lock(root: Path):
     is missing it falls back to a marker file that a crashed committer leaves behind for ever."""
     from filelock import lock_descriptor, unlock_descriptor  # ~70 ms to import: committers only
 
+    refuse_snapshot(root)
     path = root / LOCK
     try:  # a planted link would make every commit create a file elsewhere; O_NOFOLLOW refuses it,
         if os.path.islink(path):  # and this check does where there is no O_NOFOLLOW (Windows)
