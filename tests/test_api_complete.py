@@ -18,7 +18,7 @@ from click.testing import CliRunner
 
 import mlarch
 from mlarch.cli import cli
-from mlarch.cli.output import render
+from mlarch.formats import render
 from mlarch.errors import MlarchError, UsageError
 
 

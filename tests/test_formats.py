@@ -14,7 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 from mlarch.cli import cli
-from mlarch.cli.output import FORMATS, latex_escape, render
+from mlarch.formats import FORMATS, latex_escape, render
 
 # cells that break naive writers: separators, line breaks, quotes, LaTeX's and markdown's
 # specials, a backslash before a letter (\t read back as a tab), unicode line separators
@@ -207,3 +207,15 @@ def test_bad_parameters_are_one_line_usage_errors(llama_archive, args, stdin, me
     assert result.exit_code == 2, result.output
     assert result.stderr.startswith("Error: ") and message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.output
+
+
+def test_render_is_library_code_a_notebook_imports_without_the_cli():
+    """`mlarch.formats.render(frame, "latex")` is the API of --format: it needs no click."""
+    import subprocess
+    import sys
+
+    code = ("import sys, polars, mlarch.formats as f; print(f.render(polars.DataFrame({'a': [1]}), 'latex')); "
+            "assert 'click' not in sys.modules and 'mlarch.cli' not in sys.modules, sorted(sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert r"\begin{tabular}{r}" in done.stdout

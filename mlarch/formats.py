@@ -1,0 +1,163 @@
+"""Rows as text, in the formats the CLI's --format offers and a notebook may want
+(a booktabs LaTeX table for a paper): `render(frame, "latex")`.
+
+Machine formats keep every row on one line whatever the values hold: csv quotes, tsv
+escapes (backslash, tab, newline, carriage return as \\\\ \\t \\n \\r, as PostgreSQL's COPY
+text format and linear TSV do), json and jsonl escape inside JSON strings. latex is a
+booktabs tabular with LaTeX's special characters escaped in every cell and header.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from datetime import date, datetime, time, timedelta
+from decimal import Decimal
+
+FORMATS = ("table", "csv", "tsv", "json", "jsonl", "markdown", "latex")
+
+
+def _cell(value) -> str:
+    """Human-readable cell: thousands separators, 4 decimals, empty for NULL."""
+    if value is None:
+        return ""
+    if isinstance(value, Decimal):  # DuckDB sums of BIGINT are HUGEINT
+        value = _plain(value)
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return ""
+        return f"{value:.4g}" if 0 < abs(value) < 0.01 else f"{value:.4f}"
+    if isinstance(value, datetime):
+        return value.isoformat(sep=" ", timespec="seconds")
+    if isinstance(value, (list, tuple)):
+        return ",".join(_cell(v) for v in value)
+    return str(value)
+
+
+def _plain(value):
+    """A JSON-ready value: Decimal -> int/float, dates -> ISO text, NaN and ±inf -> null
+    (JSON has no such numbers), nested lists and structs converted throughout."""
+    if isinstance(value, Decimal):
+        if not value.is_finite():
+            return None
+        return int(value) if value == value.to_integral_value() else float(value)
+    if isinstance(value, (datetime, date, time)):
+        return value.isoformat()
+    if isinstance(value, timedelta):
+        return value.total_seconds()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    return value
+
+
+def _text(value) -> str:
+    """A cell for machine formats (tsv): full precision, empty for NULL, NaN and inf as csv
+    writes them, nested values as JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else "inf" if value > 0 else "-inf"
+    value = _plain(value)
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, dict)):
+        return json.dumps(value, default=str, ensure_ascii=False)
+    return str(value)
+
+
+_TSV_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+
+
+def _tsv(value) -> str:
+    return value.translate(_TSV_ESCAPES)
+
+
+# LaTeX's specials in text mode; < > | print as other glyphs in the default OT1 encoding.
+_LATEX_ESCAPES = str.maketrans({
+    "\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
+    "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "<": r"\textless{}",
+    ">": r"\textgreater{}", "|": r"\textbar{}",
+    "\n": " ", "\r": " ", "\t": " ",  # a blank line inside a cell would end the paragraph: an error
+})
+
+
+def latex_escape(text: str) -> str:
+    """`text` with LaTeX's special characters escaped, safe inside a tabular cell."""
+    return text.translate(_LATEX_ESCAPES)
+
+
+def _latex_number(cell: str) -> str:
+    # a minus sign, not a hyphen, in a numeric column
+    if cell in ("inf", "-inf"):
+        return cell.replace("inf", r"$\infty$").replace("-$", "$-")
+    return "$-$" + cell[1:] if cell.startswith("-") else cell
+
+
+def _json_rows(columns, rows):
+    return ({c: _plain(v) for c, v in zip(columns, row)} for row in rows)
+
+
+def _csv(frame) -> str:
+    import polars as pl
+
+    nested = [name for name, dtype in frame.schema.items() if dtype.is_nested()]
+    if nested:  # CSV has no nested values: write them as JSON text (polars refuses them)
+        frame = frame.with_columns(
+            pl.Series(name, [None if v is None else _text(v) for v in frame[name].to_list()], dtype=pl.Utf8)
+            for name in nested)
+    return frame.write_csv().rstrip("\n") if frame.height else ",".join(frame.columns)
+
+
+def render(frame, fmt: str) -> str:
+    """Text for a polars DataFrame in the chosen format (no trailing newline; jsonl of no
+    rows is empty)."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    columns = frame.columns
+    if fmt == "csv":
+        return _csv(frame)
+    rows = frame.rows()
+    if fmt == "json":
+        return json.dumps(list(_json_rows(columns, rows)), indent=2, default=str)
+    if fmt == "jsonl":  # json.dumps escapes newlines (and U+2028/9, ensure_ascii): one line per row
+        return "\n".join(json.dumps(row, default=str) for row in _json_rows(columns, rows))
+    if fmt == "tsv":
+        return "\n".join("\t".join(_tsv(v) for v in line)
+                         for line in [columns, *([_text(v) for v in row] for row in rows)])
+    cells = [[_cell(v) for v in row] for row in rows]
+    numeric = [all(isinstance(r[i], (int, float, Decimal)) and not isinstance(r[i], bool) or r[i] is None for r in rows)
+               for i in range(len(columns))]
+    if fmt == "latex":
+        def line(values):
+            return " & ".join(values) + r" \\"
+
+        body = [line([_latex_number(latex_escape(c)) if n else latex_escape(c) for c, n in zip(row, numeric)])
+                for row in cells]
+        spec = "".join("r" if n else "l" for n in numeric)
+        return "\n".join([r"% \usepackage{booktabs}", rf"\begin{{tabular}}{{{spec}}}", r"\toprule",
+                          line([latex_escape(c) for c in columns]), r"\midrule", *body, r"\bottomrule",
+                          r"\end{tabular}"])
+    if fmt == "markdown":
+        def md(text):  # a newline would end the table row
+            return text.replace("|", "\\|").replace("\r\n", "<br>").replace("\n", "<br>").replace("\r", "<br>")
+
+        header = "| " + " | ".join(md(c) for c in columns) + " |"
+        rule = "|" + "|".join("---:" if n else "---" for n in numeric) + "|"
+        body = ["| " + " | ".join(md(c) for c in row) + " |" for row in cells]
+        return "\n".join([header, rule, *body])
+    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
+
+    def line(values):
+        return "  ".join(v.rjust(w) if n else v.ljust(w) for v, w, n in zip(values, widths, numeric)).rstrip()
+
+    out = [line(columns), "  ".join("-" * w for w in widths)]
+    out.extend(line(r) for r in cells)
+    return "\n".join(out)
