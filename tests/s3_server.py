@@ -111,3 +111,22 @@ def restore(saved: dict[str, str | None]) -> None:
             os.environ.pop(name, None)
         else:
             os.environ[name] = value
+
+
+@contextmanager
+def bucket_session(folder: Path, bucket: str):
+    """A threaded server with `bucket`, its AWS_* settings applied to os.environ (restored
+    afterwards): yields {"endpoint", "env", "fs"}, fs an s3fs client of its own."""
+    import s3fs
+
+    with threaded() as endpoint:
+        env = environment(endpoint, folder)
+        saved = apply(env)
+        try:
+            make_bucket(endpoint, bucket, env)
+            fs = s3fs.S3FileSystem(key=env["AWS_ACCESS_KEY_ID"], secret=env["AWS_SECRET_ACCESS_KEY"],
+                                   client_kwargs={"endpoint_url": endpoint, "region_name": "us-east-1"},
+                                   skip_instance_cache=True, use_listings_cache=False)
+            yield {"endpoint": endpoint, "env": env, "fs": fs}
+        finally:
+            restore(saved)

@@ -19,7 +19,6 @@ pytest.importorskip("moto.server", reason="the S3 test server is moto's: pip ins
 
 import duckdb  # noqa: E402
 import numpy as np  # noqa: E402
-import s3fs  # noqa: E402
 from click.testing import CliRunner  # noqa: E402
 
 import mlarch  # noqa: E402
@@ -36,18 +35,9 @@ MODEL = "tiny-llama"
 
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("aws")
-    with s3_server.threaded() as endpoint:
-        env = s3_server.environment(endpoint, folder)
-        saved = s3_server.apply(env)
-        try:
-            s3_server.make_bucket(endpoint, BUCKET, env)
-            fs = s3fs.S3FileSystem(key=env["AWS_ACCESS_KEY_ID"], secret=env["AWS_SECRET_ACCESS_KEY"],
-                                   client_kwargs={"endpoint_url": endpoint, "region_name": "us-east-1"},
-                                   skip_instance_cache=True, use_listings_cache=False)
-            yield {"endpoint": endpoint, "env": env, "fs": fs}
-        finally:
-            s3_server.restore(saved)
+    """The server, its bucket, and the AWS_* settings pointing at it for this module's tests."""
+    with s3_server.bucket_session(tmp_path_factory.mktemp("aws"), BUCKET) as session:
+        yield session
 
 
 def _ingest(root, model_dir, data, langs, **options):
