@@ -24,6 +24,10 @@ command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,dri
 $PY -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 $PY -m pytest -q -s -p no:cacheprovider tests/test_cuda_scoring.py tests/test_selection_device.py \
     tests/test_selection_device_modules.py tests/test_selection_ingest.py -rs || status=1
+# issue 13's CUDA cases (a cuda:0 ingest, a GPU + CPU-offload split with accelerate): they need
+# duckdb/zarr and accelerate, so they run (or skip with their reason) in a pytest of their own
+$PY -m pytest -q -p no:cacheprovider tests/test_device_map.py tests/test_hf_conventions.py \
+    -k "cuda_split or cuda_index" -rs || status=1
 $PY bench/scoring_overhead.py --device "$DEVICE" --model smollm-random --texts 256 --tag "$DEVICE" $QUICK || status=1
 $PY bench/vs_full_matrix.py --device "$DEVICE" --model smollm-random --tag "$DEVICE" $QUICK || status=1
 $PY bench/selection_device.py --device "$DEVICE" $QUICK --out "bench/results/selection-device-$DEVICE${QUICK:+-quick}.json" || status=1

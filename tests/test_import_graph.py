@@ -28,7 +28,15 @@ ROOT = Path(mlarch.__file__).resolve().parent
 
 LAYERS = {  # importer package -> packages it must never import
     "mlarch.store": ("mlarch.ingest", "mlarch.evaluation", "mlarch.query", "mlarch.charts", "mlarch.cli"),
-    "mlarch.query": ("mlarch.ingest", "mlarch.cli"),
+    # query only reads: scoring, evaluating and charts live above it (mlarch.archive)
+    "mlarch.query": ("mlarch.ingest", "mlarch.evaluation", "mlarch.charts", "mlarch.archive", "mlarch.cli"),
+    # the core math and the output formats serve every layer: they import none of them
+    "mlarch.selection": ("mlarch.store", "mlarch.query", "mlarch.ingest", "mlarch.evaluation", "mlarch.charts",
+                         "mlarch.cli"),
+    "mlarch.pattern_counts": ("mlarch.store", "mlarch.query", "mlarch.ingest", "mlarch.evaluation",
+                              "mlarch.charts", "mlarch.cli"),
+    "mlarch.formats": ("mlarch.store", "mlarch.query", "mlarch.ingest", "mlarch.evaluation", "mlarch.charts",
+                       "mlarch.cli"),
 }
 
 # (importer, imported): known breaks awaiting a move (see the module docstring)
@@ -224,6 +232,8 @@ def test_planted_layering_breaks(tmp_path):
 @pytest.mark.parametrize("planted, expected", [
     ("cycle", r"import cycles .*mlarch\.cache -> mlarch\.ingest\.named_models"),
     ("layer", r"layering broken: mlarch\.store\.spans imports mlarch\.ingest\.scoring"),
+    ("query-charts", r"layering broken: mlarch\.query\.patterns imports mlarch\.charts"),
+    ("core", r"layering broken: mlarch\.selection imports mlarch\.store\.spans"),
 ])
 def test_the_checks_fail_on_a_planted_import(tmp_path, planted, expected):
     """The checks the two tests above run, on a copy of mlarch with one import planted: they
@@ -237,8 +247,11 @@ def test_the_checks_fail_on_a_planted_import(tmp_path, planted, expected):
         path.write_text(path.read_text() + "\n\ndef _planted():\n    from mlarch.ingest import named_models\n")
         check = check_no_cycles
     else:
-        path = copy / "store" / "spans.py"
-        path.write_text(path.read_text() + "\nfrom mlarch.ingest import scoring\n")
+        path, line = {"layer": ("store/spans.py", "from mlarch.ingest import scoring"),
+                      "query-charts": ("query/patterns.py", "def _planted():\n    from mlarch import charts"),
+                      "core": ("selection.py", "from mlarch.store import spans")}[planted]
+        path = copy / path
+        path.write_text(path.read_text() + "\n" + line + "\n")
         check = check_layers
     with pytest.raises(AssertionError, match=expected):
         check(without_pending(import_graph(copy)))
