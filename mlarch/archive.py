@@ -17,6 +17,7 @@ import polars as pl
 
 from mlarch.errors import MlarchError, UsageError
 from mlarch.query import api as _query
+from mlarch.wording import Phrase, error
 
 # `verify --recompute` passes when every recomputed top-k set has at least this Jaccard with the
 # archived one (1.0 on the same machine and device; float32 rounding elsewhere swaps a few ties)
@@ -134,9 +135,10 @@ class Archive(_query.Archive):
         self._require()
         run = self.run(run_id)
         if (run.get("provenance") or {}).get("anonymized"):
-            raise MlarchError(f"run {run_id} came from an anonymized bundle (export-bundle --anonymize): its model "
-                              "and data paths were dropped, so it cannot be scored again here; recompute it in the "
-                              "archive it was exported from")
+            raise error(MlarchError, f"run {run_id} came from an anonymized bundle (",
+                        Phrase("Archive.export_bundle(anonymize=True)", "export-bundle --anonymize"),
+                        "): its model and data paths were dropped, so it cannot be scored again here; recompute it "
+                        "in the archive it was exported from")
         bar = RECOMPUTE_MIN_JACCARD if min_jaccard is None else float(min_jaccard)
         rows = recompute(self, run_id, check_device(device))
         for row in rows:

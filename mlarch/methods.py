@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from mlarch.errors import UsageError
+from mlarch.wording import Arg, error
 
 EXACT = "mathneuro"
 BF16 = "mathneuro-bf16"
@@ -33,7 +34,7 @@ PAPER_COMPAT = {
 def check_method(method: str) -> None:
     """Refuse a scoring method that is not one of METHODS (a UsageError)."""
     if method not in METHODS:
-        raise UsageError(f"--method {method!r} is not known: use one of {', '.join(METHODS)}")
+        raise error(UsageError, Arg("method", shown=repr(method)), f" is not known: use one of {', '.join(METHODS)}")
 
 
 def rethresholdable(method: str) -> bool:
@@ -52,8 +53,8 @@ def check_rethreshold(run_id: str, method: str, k: float, archived_ks: Sequence[
     if rethresholdable(method) or any(float(k) == float(a) for a in archived_ks):
         return
     have = ", ".join(f"{float(a):g}" for a in archived_ks) or "none"
-    raise UsageError(
-        f"run {run_id} used --method {BF16}, whose bf16 scores are not |W| x norms and are not archived, "
-        f"so it has sets only at the k it archived ({have}), not at {float(k):g}: pick one of those, "
-        f"or ingest again with --top-k including {float(k):g}"
+    raise error(
+        UsageError, f"run {run_id} used ", Arg("method", BF16), ", whose bf16 scores are not |W| x norms and are not "
+        f"archived, so it has sets only at the k it archived ({have}), not at {float(k):g}: pick one of those, "
+        "or ingest again with ", Arg("top_k"), f" including {float(k):g}"
     )

@@ -199,10 +199,11 @@ def test_sizes_agree_with_compare(llama_archive):
     assert set(sizes["n_params"]) == {n_params}
     assert sizes["percent"][0] == pytest.approx(100 * sizes["n_selected"][0] / n_params, abs=1e-3)
     assert archive.sizes("tiny-llama")["n_selected"].sum() < sizes["n_selected"].sum()  # default k = 0.01 < 0.05
-    with pytest.raises(MlarchError, match="k = 0.5 is not archived"):
-        archive.sizes("tiny-llama", k=0.5)
-    with pytest.raises(MlarchError, match="no model 'tiny'"):
-        archive.sizes("tiny")  # an exact name, as selection() takes
+    with pytest.raises(MlarchError, match=r"k must be a fraction in \(0, 1\), got 1.5"):  # any k in (0, 1) works
+        archive.sizes("tiny-llama", k=1.5)
+    assert archive.sizes("tiny", k=0.05).equals(sizes)  # the one model whose name contains it, as selection()
+    with pytest.raises(MlarchError, match="no archived model matches 'gpt'; archived models: tiny-llama"):
+        archive.sizes("gpt")
     assert archive.analysis_of_runs(archive.runs()["run_id"]) == "math-vs-control"
 
 

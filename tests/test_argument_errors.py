@@ -74,3 +74,35 @@ def test_charts_name_arguments_in_python_and_flags_in_the_cli(llama_archive, tmp
         line = one_line(run(llama_archive, *args, "-o", str(tmp_path / "c.svg")), 2)
         assert flags in line and python not in line, line
     assert not (tmp_path / "c.svg").exists()
+
+
+def test_archive_methods_name_arguments_in_python_and_flags_in_the_cli(archive_copy):
+    archive = mlarch.open(archive_copy)
+    module = "model.layers.0.mlp.up_proj"
+    cases = [  # (python call, python wording, CLI args or None, CLI wording)
+        (lambda: archive.sql("DROP TABLE runs"),
+         "DROP statements change the archive or reach beyond it: refused without write=True (pass write=True if "
+         "you mean it)", ["sql", "DROP TABLE runs"], "refused without --write (pass --write if you mean it)"),
+        (lambda: archive.sql("SELECT * FROM read_csv('/etc/hostname')"),
+         "without write=True sql() reads the catalog and nothing else; pass write=True",
+         ["sql", "SELECT * FROM read_csv('/etc/hostname')"],
+         "without --write `mlarch sql` reads the catalog and nothing else; pass --write"),
+    ]
+    # the derived rows of en gone (runs of both roles still there): selection names top_k=
+    en_math, = archive.sql("SELECT run_id FROM runs WHERE lang = 'en' AND role = 'math'")["run_id"]
+    archive.sql("DELETE FROM selections WHERE lang = 'en'", write=True)
+    cases.append((lambda: archive.selection("tiny-llama", "en", 0.05, module),
+                  "share no k value, so no math-only set was derived from them: ingest both roles with the same "
+                  "top_k=", None, None))
+    # a run recorded as mathneuro-bf16 has no |W| x norms scores: scores() names method=
+    archive.sql("UPDATE runs SET provenance = json_merge_patch(provenance, '{\"method\": {\"name\": "
+                "\"mathneuro-bf16\"}}') WHERE run_id = $r", {"r": en_math}, write=True)
+    cases.append((lambda: archive.scores(en_math, module),
+                  f"run {en_math} used method='mathneuro-bf16', whose bf16 scores are not |W| x norms", None, None))
+    for call, python, args, flags in cases:
+        with pytest.raises(MlarchError) as caught:
+            call()
+        assert python in str(caught.value) and "--" not in str(caught.value), str(caught.value)
+        if args:
+            line = one_line(run(archive_copy, *args), caught.value.exit_code)
+            assert flags in line and "write=" not in line, line

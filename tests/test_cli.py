@@ -162,8 +162,8 @@ BAD_INPUTS = [
     ("unknown language", lambda m, d, t: ["compare", "--model", "llama", "--langs", "en,sw"], 1,
      "language sw is not archived for model 'tiny-llama' at k = 0.01, seed 1; archived: bn, de, en"),
     ("one language", lambda m, d, t: ["compare", "--model", "llama", "--langs", "en"], 2, "at least two languages"),
-    ("k not archived", lambda m, d, t: ["compare", "--model", "llama", "--langs", "en,de", "--k", "0.3"], 1,
-     "k = 0.3 is not archived"),
+    ("k outside (0, 1)", lambda m, d, t: ["compare", "--model", "llama", "--langs", "en,de", "--k", "1.5"], 2,
+     "k must be a fraction in (0, 1), got 1.5: e.g. --k 0.01"),  # a k in (0, 1) not archived is re-thresholded
     ("sql write", lambda m, d, t: ["sql", "DROP TABLE runs"], 2, "DROP statements change the archive"),
     ("sql syntax", lambda m, d, t: ["sql", "SELEC 1"], 1, "SQL error: Parser Error"),
     ("sql unknown table", lambda m, d, t: ["sql", "SELECT * FROM nowhere"], 1, "SQL error: Catalog Error"),

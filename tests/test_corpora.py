@@ -63,7 +63,7 @@ def test_missing_language_lists_the_source_languages():
 
 
 def test_missing_file_in_data_dir(tmp_path):
-    with pytest.raises(MlarchError, match=r"mgsm/mgsm_en.tsv.* is missing from --data-dir"):
+    with pytest.raises(MlarchError, match=r"mgsm/mgsm_en.tsv.* is missing from data_dir="):
         resolve("mgsm", tmp_path).load("en", "math")
 
 

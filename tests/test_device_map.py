@@ -148,7 +148,7 @@ def test_cli_device_map_with_a_device_is_one_line(model_dir, data, tmp_path, com
 def test_missing_accelerate_is_one_line_with_the_pip_fix(model_dir, data, tmp_path, monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "accelerate" else real(name, *a))
-    with pytest.raises(UsageError, match=r"^--device-map auto needs accelerate, which is not installed: "
+    with pytest.raises(UsageError, match=r"^device_map='auto' needs accelerate, which is not installed: "
                                          r"pip install 'mlarch\[device-map\]'"):
         devices.check_device_map("auto")
     archive = tmp_path / "arch"

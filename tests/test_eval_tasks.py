@@ -292,7 +292,7 @@ def test_generate_checks_lengths_before_generating(loaded):
     longest = lengths.index(max(lengths))
     message = str(caught.value)
     assert f"prompt {longest} " in message and str(max(lengths)) in message and "\n" not in message
-    assert message.endswith(": pass a larger --max-length or fewer --shots")
+    assert message.endswith(": pass a larger max_length= or fewer shots=")
     assert not seen
 
 
@@ -303,7 +303,7 @@ def test_build_prompt(model_dir):
     assert tasks.build_prompt([("1+1?", "2"), ("2+2?", "4")], "3+3?", chat=False) == \
         "Q: 1+1?\nA: 2\n\nQ: 2+2?\nA: 4\n\nQ: 3+3?\nA:"
     tokenizer = AutoTokenizer.from_pretrained(model_dir["gpt2"])
-    with pytest.raises(MlarchError, match="no chat template: drop --chat"):
+    with pytest.raises(MlarchError, match="no chat template: drop chat="):
         tasks.build_prompt([("1+1?", "2")], "3+3?", chat=True, tokenizer=tokenizer)
     tokenizer.chat_template = ("{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}"
                                "{% if add_generation_prompt %}<assistant>{% endif %}")

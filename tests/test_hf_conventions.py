@@ -87,7 +87,7 @@ def test_cuda_index_ingests_and_out_of_range_refused(model_dir, data, tmp_path):
     run = mlarch.open(archive).runs().row(0, named=True)
     assert mlarch.open(archive).run(run["run_id"])["provenance"]["device"] == "cuda:0"
     count = torch.cuda.device_count()
-    with pytest.raises(MlarchError, match=f"--device cuda:{count} does not exist: this machine has {count}"):
+    with pytest.raises(MlarchError, match=f"device='cuda:{count}' does not exist: this machine has {count}"):
         devices.resolve(f"cuda:{count}")
 
 

@@ -237,7 +237,7 @@ def test_refusals():
     methods.check_rethreshold("r1", mathneuro.METHOD, 0.01, [0.01, 0.05])
     with pytest.raises(UsageError) as err:
         methods.check_rethreshold("r1", mathneuro.METHOD, 0.07, [0.01, 0.05])
-    assert "r1" in str(err.value) and "0.01, 0.05" in str(err.value) and "--top-k" in str(err.value)
+    assert "r1" in str(err.value) and "0.01, 0.05" in str(err.value) and "top_k=" in str(err.value)
     assert not methods.rethresholdable(mathneuro.METHOD) and methods.rethresholdable("mathneuro")
     with pytest.raises(UsageError, match="mathneuro, mathneuro-bf16"):
         methods.check_method("wanda")
@@ -250,7 +250,7 @@ def test_refusals():
 def test_refuses_a_float32_model(model_dir, texts):
     model = AutoModelForCausalLM.from_pretrained(model_dir["gpt2"], dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(model_dir["gpt2"])
-    with pytest.raises(UsageError, match="--dtype bfloat16"):
+    with pytest.raises(UsageError, match="dtype='bfloat16'"):
         mathneuro.run_pass_bf16(model, tokenizer, scoring.scored_modules(model), texts, batch_size=1,
                                 max_length=None, device=CPU)
 

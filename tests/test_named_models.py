@@ -185,9 +185,9 @@ def test_named_reference_resolution(tmp_path, monkeypatch):
     (tmp_path / "gemma-3-270m").mkdir()  # a bare name stays the named model; ./NAME is the folder
     assert loading.classify("gemma-3-270m") == ("named", None)
     assert loading.classify("./gemma-3-270m")[0] == "folder"
-    with pytest.raises(UsageError, match="drop --gguf-file"):
+    with pytest.raises(UsageError, match="drop gguf_file="):
         loading.classify("qwen2.5-coder-0.5b", "x.gguf")
-    with pytest.raises(UsageError, match="drop --revision"):
+    with pytest.raises(UsageError, match="drop revision="):
         loading.weights_of("qwen2.5-coder-0.5b", "main")
 
 

@@ -157,7 +157,7 @@ def test_bf16_analysis_cannot_be_rethresholded(both):
     message = str(caught.value)
     assert "\n" not in message and "0.05, 0.25" in message and "not at 0.1" in message
     pair = {r["role"]: r["run_id"] for r in _runs(archive, "gsm-vs-control-paper") if r["lang"] == "en"}
-    assert message.startswith(f"run {pair['math']} used --method mathneuro-bf16")  # the math run is read first
+    assert message.startswith(f"run {pair['math']} used method='mathneuro-bf16'")  # the math run is read first
     run_id = pair["control"]
     with pytest.raises(UsageError):
         archive.top_k(run_id, module, 0.1)

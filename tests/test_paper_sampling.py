@@ -64,9 +64,9 @@ def test_no_pandas_at_run_time():
 def test_sampling_refusals():
     with pytest.raises(UsageError, match="0 to 4294967295"):
         paper_sampling.check_sampling("pandas", [1, 2**32], 1)
-    with pytest.raises(UsageError, match="--shuffle-seed"):
+    with pytest.raises(UsageError, match="shuffle_seed="):
         paper_sampling.check_sampling("pandas", [1], -1)
-    with pytest.raises(UsageError, match="--shuffle-seed"):
+    with pytest.raises(UsageError, match="shuffle_seed="):
         paper_sampling.check_sampling("pandas", [1], None)
     with pytest.raises(UsageError, match="numpy, pandas"):
         paper_sampling.check_sampling("torch", [1], None)

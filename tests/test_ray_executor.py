@@ -3,8 +3,10 @@
 The same tiny model and texts ingested here and on Ray give the same archive, row by row:
 run digests, array digests, set sizes and patterns. An unreachable --ray-address is one
 line before any model loads. A worker killed with SIGKILL while it scores is restarted by
-Ray, its unit retried, and the archive verifies after gc. A driver killed mid-ingest leaves
-runs that gc removes; a rerun completes the rest."""
+Ray, its unit retried, and the archive verifies after gc. A driver killed after its first
+commit and before its last keeps what it committed (readers see whole units only, before gc
+too), leaves RUNNING runs that gc removes, and a rerun skips the committed units and completes
+the rest."""
 
 import os
 import signal
@@ -213,43 +215,115 @@ def test_a_worker_killed_while_scoring_is_retried(ray_session, model_dir, data, 
 
 DRIVER = """
 import sys, mlarch
-root, model, math, control, address = sys.argv[1:6]
-mlarch.open(root).ingest(model, ["en", "de", "bn"], math, control, samples=40, top_k=[0.01, 0.05, 0.25],
-                         device="cpu", executor="ray", ray_address=address, progress=False)
+root, model, math, control, address, samples = sys.argv[1:7]
+mlarch.open(root).ingest(model, ["en", "de", "bn"], math, control, samples=int(samples),
+                         top_k=[0.01, 0.05, 0.25], device="cpu", executor="ray", ray_address=address,
+                         progress=False)
 """
+KILLED_SAMPLES = 40  # the killed driver's and the rerun's (the same config digests)
 
 
-@pytest.mark.slow
-def test_a_killed_driver_leaves_what_gc_removes_and_a_rerun_completes(ray_session, model_dir, data, tmp_path):
-    root = tmp_path / "arch"
+def _finished(catalog) -> int | None:
+    """FINISHED runs in the catalog, read-only for one query (None while the driver holds it)."""
+    import duckdb
+
+    try:
+        con = duckdb.connect(str(catalog), read_only=True)
+    except duckdb.Error:
+        return None
+    try:
+        return con.execute("SELECT count(*) FROM runs WHERE status = 'FINISHED'").fetchone()[0]
+    except duckdb.Error:  # not migrated yet
+        return None
+    finally:
+        con.close()
+
+
+def _kill_driver_after_a_commit(root, model_dir, data, ray_address) -> None:
+    """Start the driver in a process of its own and SIGKILL it once at least one unit group is
+    committed (a FINISHED run in the catalog) while units are still scoring."""
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(Path(__file__).parent.parent)}
     args = [sys.executable, "-c", DRIVER, str(root), str(model_dir["llama"]), data["math"], data["control"],
-            ray_session]
+            ray_address, str(KILLED_SAMPLES)]
     driver = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     catalog = root / "catalog.duckdb"
     deadline, under_way = time.monotonic() + 600, False  # generous: see the worker test
-    while time.monotonic() < deadline and driver.poll() is None:  # kill once units are under way
-        if _scoring_workers() and catalog.exists():
+    while time.monotonic() < deadline and driver.poll() is None:
+        if catalog.exists() and (_finished(catalog) or 0) > 0:
             under_way = True
             break
-        time.sleep(0.01)
+        time.sleep(0.02)
     driver.send_signal(signal.SIGKILL)
-    assert under_way, "the driver was not caught with units under way" + (
+    assert under_way, "the driver was not caught after a commit" + (
         f" (it exited {driver.returncode}: {driver.stderr.read()[-300:]})" if driver.poll() is not None else "")
     assert driver.wait(timeout=30) == -signal.SIGKILL, driver.stderr.read()
     deadline = time.monotonic() + 60  # Ray ends the dead driver's workers: none may write after gc
     while _scoring_workers("ray::ScoringWorker") and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not _scoring_workers("ray::ScoringWorker"), "the dead driver's workers still run"
+
+
+def _readers_see_complete_units(root) -> dict[str, list]:
+    """What a reader sees between the crash and gc: only committed (lang, seed) groups. Every
+    run a derived row names is FINISHED, every language in set_sizes has its full set of rows
+    (modules x k) and both roles FINISHED, and `compare` or `selection` of an uncommitted
+    language fails loudly (never half a set). Returns the set_sizes rows per language."""
+    archive = mlarch.open(root)
+    not_finished = archive.sql(
+        "SELECT DISTINCT r.run_id, r.status FROM selections s JOIN runs r "
+        "ON r.run_id IN (s.math_run_id, s.control_run_id) WHERE r.status <> 'FINISHED' OR NOT r.in_use").rows()
+    assert not not_finished, f"derived rows name runs that are not finished: {not_finished}"
+    both_roles = set(archive.sql(
+        "SELECT lang FROM runs WHERE status = 'FINISHED' AND in_use GROUP BY lang "
+        "HAVING count(DISTINCT role) = 2")["lang"].to_list())
+    n_modules = archive.sql("SELECT n_modules FROM models").item()
+    counts = dict(archive.sql("SELECT lang, count(*) FROM set_sizes GROUP BY lang").rows())
+    assert set(counts) == both_roles, (counts, both_roles)
+    assert all(n == n_modules * len(OPTIONS["top_k"]) for n in counts.values()), (counts, n_modules)
+    model = archive.sql("SELECT model FROM models").item()
+    committed = sorted(both_roles)
+    missing = [lang for lang in LANGS if lang not in both_roles]
+    with pytest.raises(MlarchError, match=f"language {', '.join(missing)} is not archived"):
+        archive.compare(model, LANGS)  # an uncommitted language is missing, not half there
+    if len(committed) >= 2:
+        assert archive.compare(model, committed).height > 0
+    module = archive.sql("SELECT module FROM modules ORDER BY position LIMIT 1").item()
+    for lang in LANGS:
+        if lang in both_roles:
+            assert archive.selection(model, lang, 0.05, module).any()
+        else:
+            with pytest.raises(MlarchError, match="has no math and control runs"):
+                archive.selection(model, lang, 0.05, module)
+    return {lang: archive.sql("SELECT k, seed, module, n_math_top, n_control_top, n_selected, math_run_id, "
+                              "control_run_id FROM set_sizes WHERE lang = ? ORDER BY ALL", [lang]).rows()
+            for lang in committed}
+
+
+@pytest.mark.slow
+def test_a_killed_driver_leaves_what_gc_removes_and_a_rerun_completes(ray_session, model_dir, data, tmp_path):
+    root = tmp_path / "arch"
+    _kill_driver_after_a_commit(root, model_dir, data, ray_session)
+    archive = mlarch.open(root)
+    survivors = set(archive.sql("SELECT run_id FROM runs WHERE status = 'FINISHED' AND in_use")["run_id"]
+                    .to_list())
+    unfinished = archive.sql("SELECT count(*) FROM runs WHERE status = 'RUNNING'").item()
+    # the kill came after at least one commit and before the last
+    assert 0 < len(survivors) < 6 and unfinished == 6 - len(survivors), (survivors, unfinished)
+    sizes_before = _readers_see_complete_units(root)  # before gc: readers see whole units only
     removed = gc(root)  # the runs the driver had begun and not committed: their process is gone
     assert any(line.startswith("run ") and line.endswith("RUNNING)") for line in removed), removed
+    assert not [line for line in removed if any(run_id in line for run_id in survivors)], removed
     assert not [c for c in verify(root) if not c.ok]
     result = mlarch.open(root).ingest(str(model_dir["llama"]), LANGS, data["math"], data["control"],
                                       executor="ray", ray_address=None,
-                                      **{**OPTIONS, "samples": 40})
+                                      **{**OPTIONS, "samples": KILLED_SAMPLES})
+    # what the dead driver committed is kept and skipped, the rest written
+    assert set(result.skipped) == survivors and len(result.written) == 6 - len(survivors)
     archive = mlarch.open(root)
     assert archive.sql("SELECT count(*) FROM runs WHERE status = 'FINISHED' AND in_use").item() == 6
-    assert len(result.written) + len(result.skipped) == 6
+    for lang, rows in sizes_before.items():  # the surviving sets are unchanged by the rerun
+        assert archive.sql("SELECT k, seed, module, n_math_top, n_control_top, n_selected, math_run_id, "
+                           "control_run_id FROM set_sizes WHERE lang = ? ORDER BY ALL", [lang]).rows() == rows
     gc(root)
     assert not [c for c in verify(root) if not c.ok]
 

@@ -302,6 +302,7 @@ def show(ctx, run_id, fmt):
 Examples:
   mlarch compare --model llama --langs en,bn
   mlarch compare --model llama --langs en,de,fr,hi --k 0.05 --by global
+  mlarch compare --model llama --langs en,bn --k 0.02   (not archived: re-thresholded)
   mlarch compare --model gemma,qwen --langs en,bn --by global
   mlarch compare --model gemma --langs en,zh --by module --format csv
   mlarch compare --model llama --langs en,bn --analysis gsm8k-vs-mmlu
@@ -323,12 +324,13 @@ scope, and --by layer/module add depth = layer / (blocks - 1), so models of diff
 and depth compare. Each model uses its only analysis, or --analysis NAME (every model must
 have it).""")
 @click.option("--model", "model_pattern", required=True,
-              help="Substring of archived model names (case-insensitive), or a comma list: gemma,qwen.")
+              help="An archived name (that model only), else a substring of names (case-insensitive; every "
+                   "model containing it), or a comma list: gemma,qwen.")
 @click.option("--langs", required=True, callback=_csv(str),
               help="Two or more languages; all pairs are compared (with --analyses: one or more, or all).")
 @click.option("--k", "k_text", default=None, metavar="K",
-              help="Top-k fraction [default: 0.01 when archived, else the smallest]; with --analyses a list "
-                   "K1,K2 or all [default: all].")
+              help="Top-k fraction in (0, 1) [default: 0.01 when archived, else the smallest]; a k not archived "
+                   "is re-thresholded from the stored |W| x norms; with --analyses a list K1,K2 or all [default: all].")
 @click.option("--seed", type=int, default=None, help="Sampling seed [default: the smallest archived].")
 @click.option("--by", type=click.Choice(["layer", "module", "global"]), default="layer", show_default=True)
 @click.option("--analysis", default=None,

@@ -28,7 +28,8 @@ from mlarch.ingest import provenance, sources
 from mlarch.selection import top_count
 from mlarch.ingest.pipeline import (MAX_BATCH_SIZE, MAX_LENGTH, MAX_SEED, ROLES, Reporter, _bounded_int,
                                     _check_writable, check_langs, check_name)
-from mlarch.store import catalog, layout, records
+from mlarch.store import analyses, catalog, layout, records
+from mlarch.wording import Arg, Phrase, error
 
 TASKS = ("nll", "accuracy")
 MAX_SHOTS = 64
@@ -83,9 +84,11 @@ class EvalConfig:
         import numbers
 
         if self.task not in TASKS:
-            raise UsageError(f"unknown task {self.task!r}: choose --task nll or --task accuracy")
+            raise error(UsageError, f"unknown task {self.task!r}: choose ", Arg("task", "nll"), " or ",
+                        Arg("task", "accuracy"))
         if self.role not in ROLES:
-            raise UsageError(f"unknown role {self.role!r}: choose --role math or --role control")
+            raise error(UsageError, f"unknown role {self.role!r}: choose ", Arg("role", "math"), " or ",
+                        Arg("role", "control"))
         check_langs(self.langs)
         parsed = [iv.parse(spec) for spec in self.interventions]
         labels = [p.label for p in parsed]
@@ -93,32 +96,34 @@ class EvalConfig:
             raise UsageError(f"interventions repeat ({', '.join(sorted({x for x in labels if labels.count(x) > 1}))}): "
                              "list each once")
         if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral) or not 0 <= self.seed <= MAX_SEED:
-            raise UsageError(f"seed {self.seed!r} is not valid: --seed takes an integer from 0 to 2**63-1, e.g. 1")
+            raise error(UsageError, f"seed {self.seed!r} is not valid: ", Arg("seed"),
+                        " takes an integer from 0 to 2**63-1, e.g. 1")
         self.seed = int(self.seed)
         if self.limit is not None:
             if self.all_items:
-                raise UsageError("--limit and --all-items exclude each other: pass one")
-            self.limit = _bounded_int("--limit", self.limit, MAX_ITEMS, "evaluate from 1 to 1,000,000 items, e.g. --limit 64")
+                raise error(UsageError, Arg("limit"), " and ", Arg("all_items"), " exclude each other: pass one")
+            self.limit = _bounded_int(Arg("limit"), self.limit, MAX_ITEMS,
+                                      ("evaluate from 1 to 1,000,000 items, e.g. ", Arg("limit", 64)))
         if isinstance(self.shots, bool) or not isinstance(self.shots, numbers.Integral) or not 0 <= self.shots <= MAX_SHOTS:
-            raise UsageError(f"--shots must be an integer from 0 to {MAX_SHOTS}, got {self.shots!r}: e.g. --shots 8")
+            raise error(UsageError, Arg("shots"), f" must be an integer from 0 to {MAX_SHOTS}, got {self.shots!r}: "
+                        "e.g. ", Arg("shots", 8))
         self.shots = int(self.shots)
         if self.batch_size is not None:
-            self.batch_size = _bounded_int("--batch-size", self.batch_size, MAX_BATCH_SIZE,
-                                           "use from 1 to 65,536 items per pass, e.g. --batch-size 8")
-        self.max_length = _bounded_int("--max-length", self.max_length, MAX_LENGTH,
-                                       "use from 1 to 1,048,576 tokens, e.g. --max-length 512")
-        self.max_new_tokens = _bounded_int("--max-new-tokens", self.max_new_tokens, MAX_NEW_TOKENS,
-                                           "generate from 1 to 8,192 tokens, e.g. --max-new-tokens 256")
+            self.batch_size = _bounded_int(Arg("batch_size"), self.batch_size, MAX_BATCH_SIZE,
+                                           ("use from 1 to 65,536 items per pass, e.g. ", Arg("batch_size", 8)))
+        self.max_length = _bounded_int(Arg("max_length"), self.max_length, MAX_LENGTH,
+                                       ("use from 1 to 1,048,576 tokens, e.g. ", Arg("max_length", 512)))
+        self.max_new_tokens = _bounded_int(Arg("max_new_tokens"), self.max_new_tokens, MAX_NEW_TOKENS,
+                                           ("generate from 1 to 8,192 tokens, e.g. ", Arg("max_new_tokens", 256)))
         from mlarch.ingest.devices import check_device_map
 
         self.device_map = check_device_map(self.device_map, self.device)
         if self.chat and self.task != "accuracy":
-            raise UsageError("--chat applies to --task accuracy (NLL scores the texts as ingest builds them): drop --chat")
+            raise error(UsageError, Arg("chat"), " applies to ", Arg("task", "accuracy"),
+                        " (NLL scores the texts as ingest builds them): drop ", Arg("chat"))
         if self.name is not None:
-            check_name(self.name, "--name")
+            check_name(self.name, Arg("name"))
         if self.analysis is not None:
-            from mlarch.store import analyses
-
             analyses.check_name(self.analysis)
         return parsed
 
@@ -177,13 +182,14 @@ def evaluate(root: Path, cfg: EvalConfig, reporter: Reporter | None = None) -> E
     if cfg.task == "accuracy":
         for lang, items in loaded_items.items():
             if items.pairs is None:
-                raise UsageError(f"data {source.name!r} ({lang}, {cfg.role}) has no question and answer per item: "
-                                 "--task accuracy needs them (use --task nll, or data with question/answer fields)")
+                raise error(UsageError, f"data {source.name!r} ({lang}, {cfg.role}) has no question and answer per "
+                            "item: ", Arg("task", "accuracy"), " needs them (use ", Arg("task", "nll"),
+                            ", or data with question/answer fields)")
     device = loading.resolve_device(cfg.device)
     dtype = loading.resolve_dtype(cfg.dtype, device)
     kind, local = loading.classify(cfg.model, cfg.gguf_file)
     name = cfg.name if cfg.name is not None else loading.default_name(cfg.model, cfg.gguf_file)
-    check_name(name, "--name" if cfg.name is not None else "derived from --model")
+    check_name(name, Arg("name") if cfg.name is not None else ("derived from ", Arg("model")))
     if local is not None:
         cfg.model = str(local.resolve())
     catalog_path = root / layout.CATALOG
@@ -195,23 +201,28 @@ def evaluate(root: Path, cfg: EvalConfig, reporter: Reporter | None = None) -> E
     archive = _archive(root) if has_catalog else None
     model_row = _model_row(archive, name) if archive else None
     if planned and model_row is None:
-        raise UsageError(f"no model {name!r} in the archive at {root}: interventions change its archived math-only "
-                          "sets, so ingest it first (mlarch ingest) or pass --name with an archived model")
+        raise error(UsageError, f"no model {name!r} in the archive at {root}: interventions change its archived "
+                    "math-only sets, so ingest it first (", Phrase("Archive.ingest", "mlarch ingest"), ") or pass ",
+                    Arg("name"), " with an archived model")
     # the weights decide what can be reused and which sets apply: hashed before anything
     # loads (digests are cached per file, so this costs seconds only for new files)
     weights = loading.weights_of(cfg.model, cfg.revision, cfg.gguf_file, reporter.message)
     if model_row is not None and model_row["weights_sha256"] != weights:
-        raise UsageError(
-            f"the archive's model {name!r} has other weights ({model_row['weights_sha256'][:12]}) than {cfg.model} "
+        raise error(
+            UsageError, f"the archive's model {name!r} has other weights ({model_row['weights_sha256'][:12]}) than "
+            f"{cfg.model} "
             f"({weights[:12]}): its math-only sets and evaluations belong to those weights; load the model that "
-            "was ingested, or pass --name to evaluate this one separately")
+            "was ingested, or pass ", Arg("name"), " to evaluate this one separately")
     # every set's runs before the model loads: a language without runs fails in seconds; the
     # plans (masks read from the archive) are made one at a time, before each is applied,
     # so a grid never holds more than one (plus _PLANS) in memory
     pair_runs: dict[str, dict] = {}
     module_list = _modules(archive, name) if planned else []
     # the analysis whose sets the interventions change: given, else the model's only one
-    analysis = archive.resolve_analysis(name, cfg.analysis) if planned or (archive and cfg.analysis) else None
+    analysis = None
+    if planned or (archive and cfg.analysis):  # `name` is exact here: the model it loads, never a pattern
+        with catalog.reading(archive.catalog_path) as con:
+            analysis = analyses.resolve(con, name, cfg.analysis)
     for intervention in planned:
         if not any(top_count(rows * cols, intervention.k) for _, rows, cols in module_list):
             raise UsageError(f"k = {intervention.k} selects no parameter in any matrix of {name!r} (floor(numel * k) "
@@ -262,9 +273,9 @@ def evaluate(root: Path, cfg: EvalConfig, reporter: Reporter | None = None) -> E
             lengths = [len(ids) for ids in loaded.tokenizer(lang_items.texts, add_special_tokens=not cfg.chat)["input_ids"]]
             longest = max(range(len(lengths)), key=lengths.__getitem__)
             if lengths[longest] > cfg.max_length:
-                raise UsageError(f"the {lang_items.lang} prompt of item {lang_items.indices[longest]} has "
-                                 f"{lengths[longest]} tokens, over --max-length {cfg.max_length}: pass a larger "
-                                 "--max-length or fewer --shots")
+                raise error(UsageError, f"the {lang_items.lang} prompt of item {lang_items.indices[longest]} has "
+                            f"{lengths[longest]} tokens, over ", Arg("max_length", cfg.max_length), ": pass a larger ",
+                            Arg("max_length"), " or fewer ", Arg("shots"))
     layout.ensure_folder(root)
     if not has_catalog:
         catalog.ensure_schema(catalog_path)
@@ -360,9 +371,9 @@ def _set_runs(archive, name: str, analysis: str, lang: str, seed: int) -> dict:
         "JOIN runs c ON c.run_id = s.control_run_id WHERE s.model = ? AND s.analysis = ? AND s.lang = ? "
         "AND s.seed = ?", [name, analysis, lang, seed])
     if rows.height == 0:
-        raise UsageError(f"model {name!r} has no archived math and control runs for {lang!r} at seed {seed} in "
-                         f"analysis {analysis!r}, so no math-only set to intervene on: ingest {lang} with --seeds "
-                         f"{seed} first (see `mlarch runs`)")
+        raise error(UsageError, f"model {name!r} has no archived math and control runs for {lang!r} at seed {seed} "
+                    f"in analysis {analysis!r}, so no math-only set to intervene on: ingest {lang} with ",
+                    Arg("seeds", [seed]), " first (see ", Phrase("Archive.runs()", "`mlarch runs`"), ")")
     if rows.height != 1:
         raise MlarchError(f"the derived tables of {name!r}, {lang!r} name more than one pair of runs at seed {seed}: "
                           "run `mlarch verify`")
@@ -376,8 +387,8 @@ def _select_items(archive, name: str, cfg: EvalConfig, source, lang: str, loaded
         start = loaded.train_from if loaded.train_from is not None else 0
         exemplars = list(range(start, min(start + cfg.shots, n)))
         if len(exemplars) < cfg.shots:
-            raise UsageError(f"data {source.name!r} ({lang}) has {len(exemplars)} items for {cfg.shots} exemplars: "
-                             "pass a smaller --shots")
+            raise error(UsageError, f"data {source.name!r} ({lang}) has {len(exemplars)} items for {cfg.shots} "
+                        "exemplars: pass a smaller ", Arg("shots"))
     excluded = set(exemplars)
     held_out: list[str] = []
     if not cfg.all_items and archive is not None:
@@ -394,9 +405,10 @@ def _select_items(archive, name: str, cfg: EvalConfig, source, lang: str, loaded
             if files != loaded.files:
                 # (a named source serves both roles from other files: the same name alone is not the same data)
                 if (run["dataset"], run["role"]) == (source.name, cfg.role) or (files and set(files) == set(loaded.files)):
-                    raise MlarchError(
-                        f"the data files of {source.name!r} ({lang}) differ from those run {run['run_id']} drew its "
-                        "items from, so its drawn items cannot be held out: restore those files, or pass --all-items")
+                    raise error(
+                        MlarchError, f"the data files of {source.name!r} ({lang}) differ from those run "
+                        f"{run['run_id']} drew its items from, so its drawn items cannot be held out: restore those "
+                        "files, or pass ", Arg("all_items", True))
                 continue
             drawn = [int(i) for i in archive._read(
                 "SELECT item_index FROM run_samples WHERE run_id = ? ORDER BY position", [run["run_id"]])["item_index"]]
@@ -427,8 +439,8 @@ def _select_items(archive, name: str, cfg: EvalConfig, source, lang: str, loaded
         indices, references = indices[: cfg.limit], references[: cfg.limit]
     if not indices:
         why = f" (runs {', '.join(held_out)} drew every item)" if held_out else ""
-        raise UsageError(f"no item of {source.name!r} ({lang}, {cfg.role}) is left to evaluate{why}: "
-                         "pass --all-items, or data with more items")
+        raise error(UsageError, f"no item of {source.name!r} ({lang}, {cfg.role}) is left to evaluate{why}: "
+                    "pass ", Arg("all_items", True), ", or data with more items")
     texts = [loaded.texts[i] for i in indices] if cfg.task == "nll" else []
     return _Items(lang, indices, texts, references, exemplars, held_out, loaded, references_from, skipped)
 
@@ -500,9 +512,9 @@ def _finished(archive, digests: list[str]) -> dict[str, str]:
     with catalog.reading(archive.catalog_path) as con:
         for _, eval_id, stored in rows.iter_rows():
             if records.evaluation_digest_in(con, eval_id) != stored:
-                raise MlarchError(f"evaluation {eval_id}'s record changed since it was archived, so it cannot be "
-                                  "reused: run `mlarch verify`, then restore the catalog, or pass --force to "
-                                  "evaluate again")
+                raise error(MlarchError, f"evaluation {eval_id}'s record changed since it was archived, so it "
+                            "cannot be reused: run ", Phrase("Archive.verify()", "`mlarch verify`"),
+                            ", then restore the catalog, or pass ", Arg("force", True), " to evaluate again")
     return {digest: eval_id for digest, eval_id, _ in rows.iter_rows()}
 
 
@@ -575,8 +587,8 @@ def _run_task(cfg: EvalConfig, loaded, items: _Items, batch_size: int, reporter,
         reporter.end_pass()
     if not math.isfinite(value):
         what = unit.intervention.label if unit.intervention else "the unchanged model"
-        raise MlarchError(f"the {cfg.task} of {unit.lang} under {what} is {value}: the model's outputs overflowed "
-                          f"(in {loaded.dtype}); use a smaller scale factor, or --dtype float32")
+        raise error(MlarchError, f"the {cfg.task} of {unit.lang} under {what} is {value}: the model's outputs "
+                    f"overflowed (in {loaded.dtype}); use a smaller scale factor, or ", Arg("dtype", "float32"))
     prov.update({"duration_s": round(time.perf_counter() - started, 3), "item_indices": items.indices,
                  "held_out_runs": items.held_out_runs,
                  "skipped_items": items.skipped, "references_from": items.references_from})

@@ -9,6 +9,7 @@ from typing import Callable
 import torch
 
 from mlarch.errors import MlarchError
+from mlarch.wording import Arg, error
 from mlarch.evaluation import answers
 from mlarch.ingest import scoring
 
@@ -196,9 +197,9 @@ def generate(
         if not seq:
             raise MlarchError(f"prompt {i} tokenizes to nothing; remove empty items from the data")
         if len(seq) > max_length:
-            raise MlarchError(
-                f"prompt {i} has {len(seq)} tokens, more than the maximum of {max_length}: "
-                "pass a larger --max-length or fewer --shots"
+            raise error(
+                MlarchError, f"prompt {i} has {len(seq)} tokens, more than the maximum of {max_length}: "
+                "pass a larger ", Arg("max_length"), " or fewer ", Arg("shots")
             )
         if max(seq) >= vocab:
             raise MlarchError(
@@ -252,7 +253,7 @@ def build_prompt(exemplars: list[tuple[str, str]], question: str, *, chat: bool,
         shots = "\n\n".join(f"Q: {q}\nA: {a}" for q, a in exemplars)
         return (shots + "\n\n" if exemplars else "") + f"Q: {question}\nA:"
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-        raise MlarchError("the tokenizer of this model has no chat template: drop --chat")
+        raise error(MlarchError, "the tokenizer of this model has no chat template: drop ", Arg("chat"))
     messages = []
     for q, a in exemplars:
         messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]

@@ -22,6 +22,7 @@ import polars as pl
 
 from mlarch import methods
 from mlarch.errors import MlarchError
+from mlarch.wording import Arg, error
 from mlarch.ingest.context import ModelInfo
 from mlarch.ingest.planning import Plan, Unit
 from mlarch.ingest.units import Pending, _now
@@ -44,10 +45,10 @@ def check_model_row(work: Plan, info: ModelInfo) -> dict | None:
     model_row = _model_row(work.catalog_path, work.name)
     if model_row is not None:
         if model_row["weights_sha256"] != info.weights_sha256 or model_row["dtype"] != work.dtype:
-            raise MlarchError(
-                f"the archive's model {work.name!r} has other weights or dtype "
+            raise error(
+                MlarchError, f"the archive's model {work.name!r} has other weights or dtype "
                 f"({model_row['weights_sha256'][:12]}, {model_row['dtype']}) than {work.cfg.model} "
-                f"({info.weights_sha256[:12]}, {work.dtype}): pass --name to archive it separately"
+                f"({info.weights_sha256[:12]}, {work.dtype}): pass ", Arg("name"), " to archive it separately"
             )
     return model_row
 
@@ -89,10 +90,10 @@ def commit(work: Plan, info: ModelInfo, seed: int, pending: list[Pending],
                 group = _free_model_group(catalog_path, name)
                 new_model = (group, write_magnitudes(magnitudes_path(group)))
         elif model_row["weights_sha256"] != loaded.weights_sha256 or model_row["dtype"] != loaded.dtype:
-            raise MlarchError(
-                f"another ingest archived model {name!r} with other weights or dtype "
+            raise error(
+                MlarchError, f"another ingest archived model {name!r} with other weights or dtype "
                 f"({model_row['weights_sha256'][:12]}, {model_row['dtype']}) while this one ran: "
-                "pass --name to archive this model separately")
+                "pass ", Arg("name"), " to archive this model separately")
         with catalog.reading(catalog_path) as con:
             analyses.check_config(con, name, analysis, analysis_config)  # another ingest may have named it
             current = current_runs(con, name, analysis, seed)
@@ -186,8 +187,8 @@ def _free_model_group(catalog_path: Path, name: str) -> str:
         users = [r[0] for r in con.execute("SELECT model FROM models WHERE magnitudes_group = ?", [group]).fetchall()]
         owned = con.execute("SELECT count(*) FROM arrays WHERE path = ?", [magnitudes_path(group)]).fetchone()[0]
     if users or owned:
-        raise MlarchError(f"model name {name!r} was used for other weights whose |W| array models "
-                          f"{', '.join(users) or '(none)'} still share: pass another --name")
+        raise error(MlarchError, f"model name {name!r} was used for other weights whose |W| array models "
+                    f"{', '.join(users) or '(none)'} still share: pass another ", Arg("name"))
     return group
 
 

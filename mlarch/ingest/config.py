@@ -10,6 +10,7 @@ from mlarch import methods
 from mlarch.errors import UsageError
 from mlarch.ingest import paper_sampling, sources
 from mlarch.store import analyses
+from mlarch.wording import Arg, Phrase, cli, error, python
 
 
 PAPER_KS = (0.0001, 0.001, 0.01, 0.025, 0.05, 0.1, 0.15)
@@ -102,7 +103,7 @@ class IngestConfig:
 
         self.device_map = check_device_map(self.device_map, self.device)
         if not self.top_k:
-            raise UsageError("no top-k values given: pass --top-k, e.g. --top-k 0.01")
+            raise error(UsageError, "no top-k values given: pass ", Arg("top_k"), ", e.g. ", Arg("top_k", [0.01]))
         for k in self.top_k:
             if isinstance(k, bool) or not isinstance(k, numbers.Real):
                 raise UsageError(f"top-k value {k!r} is not a number: use fractions such as 0.01 for 1%")
@@ -113,46 +114,51 @@ class IngestConfig:
         self.top_k = [float(k) for k in self.top_k]
         if len(set(self.top_k)) != len(self.top_k):
             raise UsageError("top-k values repeat: list each once")
-        self.samples = _bounded_int("--samples", self.samples, MAX_SAMPLES,
-                                    "draw from 1 to 1,000,000 items per language and role, e.g. --samples 500")
-        seeds_fix = "--seeds must be distinct integers from 0 to 2**63-1 (stored as BIGINT), e.g. --seeds 1,101,201"
+        self.samples = _bounded_int(Arg("samples"), self.samples, MAX_SAMPLES,
+                                    ("draw from 1 to 1,000,000 items per language and role, e.g. ",
+                                     Arg("samples", 500)))
+        seeds_fix = (Arg("seeds"), " must be distinct integers from 0 to 2**63-1 (stored as BIGINT), e.g. ",
+                     Arg("seeds", [1, 101, 201]))
         if not self.seeds:
-            raise UsageError(f"no seeds given: {seeds_fix}")
+            raise error(UsageError, "no seeds given: ", *seeds_fix)
         for seed in self.seeds:
             if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed <= MAX_SEED:
-                raise UsageError(f"seed {seed!r} is not valid: {seeds_fix}")
+                raise error(UsageError, f"seed {seed!r} is not valid: ", *seeds_fix)
         self.seeds = [int(seed) for seed in self.seeds]
         if len(set(self.seeds)) != len(self.seeds):
-            raise UsageError(f"seeds repeat in {','.join(map(str, self.seeds))}: {seeds_fix}")
+            raise error(UsageError, f"seeds repeat in {','.join(map(str, self.seeds))}: ", *seeds_fix)
         if self.batch_size is not None:
-            self.batch_size = _bounded_int("--batch-size", self.batch_size, MAX_BATCH_SIZE,
-                                           "use from 1 to 65,536 samples per pass, e.g. --batch-size 16")
+            self.batch_size = _bounded_int(Arg("batch_size"), self.batch_size, MAX_BATCH_SIZE,
+                                           ("use from 1 to 65,536 samples per pass, e.g. ", Arg("batch_size", 16)))
         if self.max_length is not None:
-            self.max_length = _bounded_int("--max-length", self.max_length, MAX_LENGTH,
-                                           "truncate texts to 1 to 1,048,576 tokens, e.g. --max-length 512, "
-                                           "or --max-length none for no truncation")
+            self.max_length = _bounded_int(Arg("max_length"), self.max_length, MAX_LENGTH,
+                                           ("truncate texts to 1 to 1,048,576 tokens, e.g. ", Arg("max_length", 512),
+                                            ", or ", Phrase("max_length=None", "--max-length none"),
+                                            " for no truncation"))
         methods.check_method(self.method)
         if self.method == methods.BF16 and self.dtype not in ("auto", "bfloat16"):
-            raise UsageError(f"--method {methods.BF16} runs the model in bfloat16 as the authors did, not "
-                             f"{self.dtype}: pass --dtype bfloat16 (or leave --dtype out)")
+            raise error(UsageError, Arg("method", methods.BF16), " runs the model in bfloat16 as the authors did, not "
+                        f"{self.dtype}: pass ", Arg("dtype", "bfloat16"), " (or leave ", Arg("dtype"), " out)")
         if self.method == methods.BF16 and self.dtype == "auto":
             self.dtype = "bfloat16"  # the method's arithmetic is bf16 whatever the device
         if self.shuffle_seed is not None and self.sampling != "pandas":
-            raise UsageError("--shuffle-seed applies to --sampling pandas only: drop it, or add --sampling pandas")
+            raise error(UsageError, Arg("shuffle_seed"), " applies to ", Arg("sampling", "pandas"),
+                        " only: drop it, or add ", Arg("sampling", "pandas"))
         paper_sampling.check_sampling(self.sampling, self.seeds, self.shuffle_seed)
         if self.template not in sources.TEXT_TEMPLATES:
-            raise UsageError(f"--template {self.template!r} is not known: use one of "
-                             f"{', '.join(sources.TEXT_TEMPLATES)}")
+            raise error(UsageError, Arg("template", shown=repr(self.template)), " is not known: use one of "
+                        f"{', '.join(sources.TEXT_TEMPLATES)}")
         if self.name is not None:
-            check_name(self.name, "--name")
+            check_name(self.name, Arg("name"))
         if self.analysis is not None:
             analyses.check_name(self.analysis)
         check_executor(self)
         if self.only_correct is not None:
             if not self.only_correct or any(not isinstance(e, str) or not e for e in self.only_correct):
-                raise UsageError("--only-correct takes eval ids, one per language: see `mlarch evals`")
+                raise error(UsageError, Arg("only_correct"), " takes eval ids, one per language: see ",
+                            Phrase("Archive.evaluations()", "`mlarch evals`"))
             if len(set(self.only_correct)) != len(self.only_correct):
-                raise UsageError("eval ids repeat in --only-correct: list each once")
+                raise error(UsageError, "eval ids repeat in ", Arg("only_correct"), ": list each once")
 
 
 
@@ -166,24 +172,25 @@ MAX_BATCH_SIZE = 65_536
 MAX_NAME = 128
 
 
-def _bounded_int(flag: str, value, high: int, fix: str) -> int:
-    """`value` as an int from 1 to `high`, else a UsageError ending in `fix`."""
+def _bounded_int(arg: Arg, value, high: int, fix: tuple) -> int:
+    """`value` as an int from 1 to `high`, else a UsageError naming `arg` and ending in `fix`
+    (message parts, see mlarch.wording)."""
     import numbers
 
     # bool is an int to Python, and numpy integers are not ints: accept exactly the integers
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise UsageError(f"{flag} takes integers, got {value!r}: {fix}")
+        raise error(UsageError, arg, f" takes integers, got {value!r}: ", *fix)
     if value < 1:
-        raise UsageError(f"{flag} must be positive, got {value}: {fix}")
+        raise error(UsageError, arg, f" must be positive, got {value}: ", *fix)
     if value > high:
-        raise UsageError(f"{flag} must be at most {high:,}, got {value:,}: {fix}")
+        raise error(UsageError, arg, f" must be at most {high:,}, got {value:,}: ", *fix)
     return int(value)
 
 
 def check_langs(langs) -> None:
     """--langs: at least one valid language code, each once."""
     if not langs:
-        raise UsageError("no languages given: pass --langs, e.g. --langs en,de")
+        raise error(UsageError, "no languages given: pass ", Arg("langs"), ", e.g. ", Arg("langs", ["en", "de"]))
     for lang in langs:
         if not isinstance(lang, str) or not _LANG.match(lang):
             raise UsageError(f"language code {lang!r} is not valid: use codes such as en, de, zh")
@@ -191,21 +198,28 @@ def check_langs(langs) -> None:
         raise UsageError(f"languages repeat in {','.join(langs)}: list each once")
 
 
-def check_name(name, source: str) -> None:
+def _parts(parts) -> tuple:
+    return parts if isinstance(parts, tuple) else (parts,)
+
+
+def check_name(name, source) -> None:
     """A model name is a short, printable label: it is shown in tables, stored in the catalog
-    and part of folder names. `source` says where it came from, for the message."""
-    fix = "pass --name with a short name such as llama-3-8b"
+    and part of folder names. `source` (message parts: text, an Arg, or a tuple of them) says
+    where it came from, for the message."""
+    fix = ("pass ", Arg("name"), " with a short name such as ", Phrase("'llama-3-8b'", "llama-3-8b"))
+    source = Phrase(python(*_parts(source)), cli(*_parts(source)))
     if not isinstance(name, str):
-        raise UsageError(f"model name {name!r} ({source}) is not text: {fix}")
+        raise error(UsageError, f"model name {name!r} (", source, ") is not text: ", *fix)
     shown = repr(name if len(name) <= 40 else name[:40] + "...")
     if not name:
-        raise UsageError(f"the model name ({source}) is empty: {fix}")
+        raise error(UsageError, "the model name (", source, ") is empty: ", *fix)
     if len(name) > MAX_NAME:
-        raise UsageError(f"model name {shown} ({source}) has {len(name):,} characters, over {MAX_NAME}: {fix}")
+        raise error(UsageError, f"model name {shown} (", source, f") has {len(name):,} characters, over {MAX_NAME}: ",
+                    *fix)
     if not name.isprintable():  # newlines, tabs, escapes, zero-width and direction marks
-        raise UsageError(f"model name {shown} ({source}) contains control or invisible characters: {fix}")
+        raise error(UsageError, f"model name {shown} (", source, ") contains control or invisible characters: ", *fix)
     if name != name.strip():
-        raise UsageError(f"model name {shown} ({source}) starts or ends with whitespace: {fix}")
+        raise error(UsageError, f"model name {shown} (", source, ") starts or ends with whitespace: ", *fix)
 
 
 
@@ -247,29 +261,32 @@ def check_executor(cfg: IngestConfig) -> None:
     import numbers
 
     if cfg.executor not in EXECUTORS:
-        raise UsageError(f"--executor {cfg.executor!r} is not known: use local (this process) or ray (a Ray cluster)")
+        raise error(UsageError, Arg("executor", shown=repr(cfg.executor)),
+                    " is not known: use local (this process) or ray (a Ray cluster)")
     if cfg.executor != "ray" and cfg.ray_address is not None:
-        raise UsageError("--ray-address applies to --executor ray only: add --executor ray, or drop --ray-address")
+        raise error(UsageError, Arg("ray_address"), " applies to ", Arg("executor", "ray"), " only: add ",
+                    Arg("executor", "ray"), ", or drop ", Arg("ray_address"))
     if cfg.ray_address is not None and (not isinstance(cfg.ray_address, str) or not cfg.ray_address.strip()
                                         or not cfg.ray_address.isprintable()):
-        raise UsageError(f"--ray-address {cfg.ray_address!r} is not an address: pass host:port of the cluster's head "
-                         "(e.g. 127.0.0.1:6379), ray://host:10001 or auto")
-    fix = "pass the GPUs each worker holds, e.g. --gpus-per-unit 1 (0.5: two workers share a GPU)"
+        raise error(UsageError, Arg("ray_address", shown=repr(cfg.ray_address)), " is not an address: pass "
+                    "host:port of the cluster's head (e.g. 127.0.0.1:6379), ray://host:10001 or auto")
+    fix = ("pass the GPUs each worker holds, e.g. ", Arg("gpus_per_unit", 1), " (0.5: two workers share a GPU)")
     gpus = cfg.gpus_per_unit
     if isinstance(gpus, bool) or not isinstance(gpus, numbers.Real) or math.isnan(gpus):
-        raise UsageError(f"--gpus-per-unit {gpus!r} is not a number: {fix}")
+        raise error(UsageError, Arg("gpus_per_unit", shown=repr(gpus)), " is not a number: ", *fix)
     if not 0 < gpus <= MAX_GPUS_PER_UNIT:
-        raise UsageError(f"--gpus-per-unit {gpus} is outside (0, {MAX_GPUS_PER_UNIT}]: {fix}")
+        raise error(UsageError, Arg("gpus_per_unit", gpus), f" is outside (0, {MAX_GPUS_PER_UNIT}]: ", *fix)
     cfg.gpus_per_unit = float(gpus) if gpus != int(gpus) else int(gpus)
     if cfg.executor == "ray" and cfg.device_map is not None:
-        raise UsageError("--device-map auto spreads one model over this machine's GPUs, while with --executor ray "
-                         "each worker holds a whole model on --gpus-per-unit GPUs: drop one of them")
+        raise error(UsageError, Arg("device_map", "auto"), " spreads one model over this machine's GPUs, while with ",
+                    Arg("executor", "ray"), " each worker holds a whole model on ", Arg("gpus_per_unit"),
+                    " GPUs: drop one of them")
     if cfg.executor == "ray":
         import importlib.util
 
         if importlib.util.find_spec("ray") is None:
-            raise UsageError("--executor ray needs Ray, which is not installed: pip install 'mlarch[ray]' "
-                             "(or use --executor local)")
+            raise error(UsageError, Arg("executor", "ray"), " needs Ray, which is not installed: pip install "
+                        "'mlarch[ray]' (or use ", Arg("executor", "local"), ")")
 
 
 def recorded_config(cfg: IngestConfig, **resolved) -> dict:

@@ -17,6 +17,7 @@ from importlib import resources
 from pathlib import Path
 
 from mlarch.errors import MlarchError
+from mlarch.wording import Arg, error
 from mlarch.ingest.datafiles import QA_TEMPLATE, TEXT_TEMPLATE, LoadedItems, parse_records, sha256_file
 
 _RAW = "https://raw.githubusercontent.com/{repo}/{commit}/{path}"
@@ -47,9 +48,9 @@ class RemoteFile:
 def _verify(path: Path, expected: str, label: str) -> None:
     actual = sha256_file(path)
     if actual != expected:
-        raise MlarchError(
-            f"{label} ({path}) has sha256 {actual}, expected {expected}: the file is damaged or a "
-            "different version; delete it (or fix --data-dir) and try again"
+        raise error(
+            MlarchError, f"{label} ({path}) has sha256 {actual}, expected {expected}: the file is damaged or a "
+            "different version; delete it (or fix ", Arg("data_dir"), ") and try again"
         )
 
 
@@ -58,8 +59,8 @@ def fetch(file: RemoteFile, data_dir: Path | None) -> Path:
     if data_dir is not None:
         path = Path(data_dir).expanduser() / file.local
         if not path.is_file():
-            raise MlarchError(
-                f"{path} is missing from --data-dir {data_dir}: lay the folder out like "
+            raise error(
+                MlarchError, f"{path} is missing from ", Arg("data_dir", str(data_dir)), ": lay the folder out like "
                 f"../shared/data (it needs {file.local})"
             )
         _verify(path, file.sha256, file.local)
@@ -77,9 +78,10 @@ def fetch(file: RemoteFile, data_dir: Path | None) -> Path:
         raise MlarchError(f"{file.local}: {' '.join(str(exc).split())}") from None
     except Exception as exc:
         reason = " ".join(str(exc).split())[:200] or type(exc).__name__
-        raise MlarchError(
-            f"could not download {file.local} from {file.upstream.url(file.name)} ({reason}): "
-            "check the network, or pass --data-dir DIR with a local copy laid out like ../shared/data"
+        raise error(
+            MlarchError, f"could not download {file.local} from {file.upstream.url(file.name)} ({reason}): "
+            "check the network, or pass ", Arg("data_dir", shown="DIR"),
+            " with a local copy laid out like ../shared/data"
         ) from None
 
 

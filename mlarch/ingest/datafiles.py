@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Protocol
 
 from mlarch.errors import MlarchError, UsageError
+from mlarch.wording import Arg, error
 
 QA_TEMPLATE = "Q: {question}\nA: {answer}"
 TEXT_TEMPLATE = "{text}"
@@ -30,6 +31,13 @@ TEXT_TEMPLATE = "{text}"
 INSTRUCT_TEMPLATE = "Instruct: {question} Let's write a Python program.\nOutput:\n{solution}"
 QA_COLUMN_TEMPLATE = "{qa}"
 TEXT_TEMPLATES = ("default", "paper")
+PAPER_TEMPLATE = Arg("template", "paper")  # `--template paper` / `template='paper'` in messages
+
+
+def unknown_template(template) -> UsageError:
+    """The error for a template not in TEXT_TEMPLATES."""
+    return error(UsageError, Arg("template", shown=repr(template)),
+                 f" is not known: use one of {', '.join(TEXT_TEMPLATES)}")
 
 
 @dataclass
@@ -96,8 +104,8 @@ def _paper_text(record: dict, has_qa: bool, where: str) -> tuple[str, str]:
     question, solution = record.get("question"), record.get("solution")
     if isinstance(question, str) and question != "" and isinstance(solution, str) and solution != "":
         return instruct_text(question, solution), INSTRUCT_TEMPLATE
-    raise MlarchError(
-        f"{where}: --template paper needs a 'qa' field, or 'question' and 'solution' fields "
+    raise error(
+        MlarchError, f"{where}: ", PAPER_TEMPLATE, " needs a 'qa' field, or 'question' and 'solution' fields "
         "(the authors' columns); fix the record or use the default template"
     )
 
@@ -136,7 +144,7 @@ def parse_records(path: Path, template: str = "default") -> tuple[list[str], lis
     """Texts, templates and, where every record has them, (question, answer) pairs.
     `template` 'paper': records become the authors' texts (see _paper_text)."""
     if template not in TEXT_TEMPLATES:
-        raise UsageError(f"--template {template!r} is not known: use one of {', '.join(TEXT_TEMPLATES)}")
+        raise unknown_template(template)
     paper = template == "paper"
     try:
         content = path.read_bytes().decode("utf-8")
@@ -161,8 +169,9 @@ def parse_records(path: Path, template: str = "default") -> tuple[list[str], lis
         reader = csv.DictReader(io.StringIO(content))
         fields = set(reader.fieldnames or [])
         if paper and "qa" not in fields and not {"question", "solution"} <= fields:
-            raise MlarchError(
-                f"{path}, line 1: --template paper needs a 'qa' column or 'question' and 'solution' columns"
+            raise error(
+                MlarchError, f"{path}, line 1: ", PAPER_TEMPLATE,
+                " needs a 'qa' column or 'question' and 'solution' columns"
             )
         if not paper and "text" not in fields and not {"question", "answer"} <= fields:
             raise MlarchError(
@@ -195,7 +204,7 @@ class TemplateFileSource:
         if "{lang}" not in spec:
             raise UsageError(f"data template {spec!r} must contain {{lang}}, e.g. data/{{lang}}.jsonl")
         if template not in TEXT_TEMPLATES:
-            raise UsageError(f"--template {template!r} is not known: use one of {', '.join(TEXT_TEMPLATES)}")
+            raise unknown_template(template)
         self.spec = spec
         self.name = spec
         self.template = template
@@ -209,9 +218,9 @@ class TemplateFileSource:
         sha256."""
         path = self.path(lang)
         if not path.is_file():
-            raise MlarchError(
-                f"data file {path} for language {lang!r} does not exist "
-                f"(from template {self.spec!r}); create it or drop {lang!r} from --langs"
+            raise error(
+                MlarchError, f"data file {path} for language {lang!r} does not exist "
+                f"(from template {self.spec!r}); create it or drop {lang!r} from ", Arg("langs")
             )
         texts, templates, pairs = parse_records(path, self.template)
         return LoadedItems(texts, templates, {str(path.resolve()): sha256_file(path)}, pairs)
@@ -236,12 +245,12 @@ def parse_rows(rows: list[dict], columns: list[str], label: str, template: str =
     (a hub data set's split), by a CSV file's rules; columns that hold no text are refused up
     front, naming the columns found."""
     if template not in TEXT_TEMPLATES:
-        raise UsageError(f"--template {template!r} is not known: use one of {', '.join(TEXT_TEMPLATES)}")
+        raise unknown_template(template)
     fields = set(columns)
     paper = template == "paper"
     if paper and "qa" not in fields and not {"question", "solution"} <= fields:
-        raise UsageError(f"{label} has the columns {shown_columns(columns)}: --template paper needs a 'qa' "
-                          "column or 'question' and 'solution' columns; pick another split or config")
+        raise error(UsageError, f"{label} has the columns {shown_columns(columns)}: ", PAPER_TEMPLATE,
+                    " needs a 'qa' column or 'question' and 'solution' columns; pick another split or config")
     if not paper and "text" not in fields and not {"question", "answer"} <= fields:
         raise UsageError(f"{label} has the columns {shown_columns(columns)}: mlarch reads a 'text' column, or "
                           "'question' and 'answer' columns (as GSM8K's); pick another split or config")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 
 from mlarch.errors import MlarchError, UsageError
+from mlarch.wording import Arg, Phrase, error
 
 HELP = "auto (CUDA if available, else CPU), cpu, cuda, cuda:N or mps."
 _SPEC = re.compile(r"^(auto|cpu|mps|cuda(:\d{1,4})?)$")
@@ -32,18 +33,21 @@ def resolve(spec: str):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if value.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise MlarchError(f"--device {value} was asked for but no CUDA device is available: "
-                              "use --device cpu or auto")
+            raise error(MlarchError, Arg("device", value), " was asked for but no CUDA device is available: use ",
+                        *_CPU_OR_AUTO)
         count = torch.cuda.device_count()
         if ":" in value and int(value.split(":")[1]) >= count:
-            raise MlarchError(f"--device {value} does not exist: this machine has {count} CUDA device(s), "
-                              f"cuda:0 to cuda:{count - 1}")
+            raise error(MlarchError, Arg("device", value), f" does not exist: this machine has {count} CUDA "
+                        f"device(s), cuda:0 to cuda:{count - 1}")
     if value == "mps":
         backend = getattr(torch.backends, "mps", None)
         if backend is None or not backend.is_available():
-            raise MlarchError("--device mps was asked for but Apple's MPS backend is not available here: "
-                              "use --device cpu or auto")
+            raise error(MlarchError, Arg("device", "mps"), " was asked for but Apple's MPS backend is not available "
+                        "here: use ", *_CPU_OR_AUTO)
     return torch.device(value)
+
+
+_CPU_OR_AUTO = (Arg("device", "cpu"), Phrase(" or 'auto'", " or auto"))
 
 
 def option_callback(ctx, param, value):
@@ -65,16 +69,16 @@ def check_device_map(device_map, device: str = "auto"):
     value = device_map.strip().lower() if isinstance(device_map, str) else device_map
     if value != "auto":
         shown = device_map if isinstance(device_map, str) and device_map.isprintable() else ascii(device_map)
-        raise UsageError(f"unknown device map {str(shown)[:40]!r}: use --device-map auto (device_map='auto'), "
-                         "or leave it out for one device")
+        raise error(UsageError, f"unknown device map {str(shown)[:40]!r}: use ", Arg("device_map", "auto"),
+                    Phrase("", " (device_map='auto')"), ", or leave it out for one device")
     if check(device) != "auto":
-        raise UsageError(f"--device-map auto places every module itself: drop --device {device} "
-                         "(or drop --device-map to use that one device)")
+        raise error(UsageError, Arg("device_map", "auto"), " places every module itself: drop ",
+                    Arg("device", device), " (or drop ", Arg("device_map"), " to use that one device)")
     import importlib.util
 
     if importlib.util.find_spec("accelerate") is None:
-        raise UsageError("--device-map auto needs accelerate, which is not installed: "
-                         "pip install 'mlarch[device-map]' (or pip install 'accelerate>=1.1')")
+        raise error(UsageError, Arg("device_map", "auto"), " needs accelerate, which is not installed: "
+                    "pip install 'mlarch[device-map]' (or pip install 'accelerate>=1.1')")
     return value
 
 

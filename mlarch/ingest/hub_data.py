@@ -31,7 +31,7 @@ from pathlib import Path
 
 from mlarch.errors import MlarchError, UsageError
 from mlarch.ingest.datafiles import (TEXT_TEMPLATES, LoadedItems, jsonl_records, parse_rows, sha256_file,
-                                     shown_columns)
+                                     shown_columns, unknown_template)
 
 PREFIX = "hf:"
 SYNTAX = "hf:OWNER/NAME[@REVISION]:SPLIT[:CONFIG], e.g. hf:openai/gsm8k:test:main"
@@ -134,7 +134,7 @@ class HubDataSource:
 
     def __init__(self, spec: str, template: str = "default"):
         if template not in TEXT_TEMPLATES:
-            raise UsageError(f"--template {template!r} is not known: use one of {', '.join(TEXT_TEMPLATES)}")
+            raise unknown_template(template)
         self.parts = parse(spec)
         self.name = spec  # recorded as the runs' dataset
         self.template = template

@@ -21,6 +21,7 @@ os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 import torch  # noqa: E402 - after MKL_CBWR
 
 from mlarch.errors import MlarchError, UsageError
+from mlarch.wording import Arg, Phrase, error
 from mlarch.ingest.datafiles import sha256_file
 from mlarch.ingest.completeness import check_complete  # noqa: F401 - also mlarch.ingest.loading's API
 
@@ -118,20 +119,20 @@ def classify(ref: str, gguf_file: str | None = None) -> tuple[str, Path | None]:
         _check_gguf_name(gguf_file)
     if named_models.referenced(ref) is not None:
         if gguf_file is not None:
-            raise UsageError(f"{ref} is a named model (its GGUF file is pinned): drop --gguf-file")
+            raise error(UsageError, f"{ref} is a named model (its GGUF file is pinned): drop ", Arg("gguf_file"))
         return "named", None
     path = Path(ref).expanduser()
     if path.is_dir():
         if gguf_file is not None:  # as transformers reads from_pretrained(folder, gguf_file=...)
             if not (path / gguf_file).is_file():
-                raise MlarchError(f"--gguf-file {gguf_file} is not in the model folder {ref}: "
-                                  "pass a .gguf file that the folder holds, or the .gguf file itself as --model")
+                raise error(MlarchError, Arg("gguf_file", gguf_file), f" is not in the model folder {ref}: "
+                            "pass a .gguf file that the folder holds, or the .gguf file itself as ", Arg("model"))
             return "gguf", path
         return "folder", path
     if path.is_file():
         if path.suffix.lower() == ".gguf":
             if gguf_file is not None:
-                raise UsageError(f"--model {ref} already is a .gguf file: drop --gguf-file")
+                raise error(UsageError, Arg("model", ref), " already is a .gguf file: drop ", Arg("gguf_file"))
             return "gguf", path
         raise UsageError(f"model path {ref} is a file but not a .gguf: pass a model folder, a .gguf file or a hub id")
     looks_local = ref.startswith((".", "/", "~")) or ref.lower().endswith(".gguf") or not _HUB_ID.match(ref)
@@ -148,8 +149,8 @@ def _check_gguf_name(name: str) -> None:
     if (not name.lower().endswith(".gguf") or not name.isprintable()
             or "\\" in name or any(p in ("", ".", "..") for p in parts)):
         shown = repr(name[:120]) if name.isprintable() else ascii(name[:120])  # untrusted: one printable line
-        raise UsageError(f"--gguf-file {shown} is not a .gguf file inside the repository: pass its "
-                         "path there, e.g. --gguf-file qwen2.5-0.5b-instruct-q4_k_m.gguf")
+        raise error(UsageError, Arg("gguf_file", shown=shown), " is not a .gguf file inside the repository: pass "
+                    "its path there, e.g. ", Arg("gguf_file", "qwen2.5-0.5b-instruct-q4_k_m.gguf"))
 
 
 def _fetch_gguf_from_hub(ref: str, gguf_file: str, revision: str | None) -> Path:
@@ -226,7 +227,7 @@ def _locate(ref: str, revision: str | None, gguf_file: str | None = None, messag
         from mlarch.ingest import named_models
 
         if revision is not None:
-            raise UsageError(f"{ref} is a named model (its files are pinned): drop --revision")
+            raise error(UsageError, f"{ref} is a named model (its files are pinned): drop ", Arg("revision"))
         path = named_models.prepare(ref, message or (lambda text: None))  # converts on first use
         kind, folder, extra = "named", path, {}
     elif kind == "hub" and gguf_file is not None:
@@ -311,12 +312,14 @@ def load(ref: str, *, revision: str | None, device: torch.device, dtype: str, gg
                 f"the weight files of {ref} cannot be read ({reason}): restore them from the original "
                 "checkpoint or download the model again") from None
         if device_map is not None and "offload" in str(exc) and "disk" in str(exc):  # no offload_folder given
-            raise MlarchError(f"--device-map auto would offload part of {ref} to disk, which mlarch does not use: "
-                              "use a machine with more GPU or CPU memory, or --dtype bfloat16") from None
+            raise error(MlarchError, Arg("device_map", "auto"), f" would offload part of {ref} to disk, which "
+                        "mlarch does not use: use a machine with more GPU or CPU memory, or ",
+                        Arg("dtype", "bfloat16")) from None
         if "trust_remote_code" in str(exc) and not trust_remote_code:
-            raise MlarchError(
-                f"model {ref} ships its own Python code (auto_map in its config), which mlarch does not run "
-                "unless asked: read that code, then pass --trust-remote-code (trust_remote_code=True)") from None
+            raise error(
+                MlarchError, f"model {ref} ships its own Python code (auto_map in its config), which mlarch does not "
+                "run unless asked: read that code, then pass ",
+                Phrase("trust_remote_code=True", "--trust-remote-code (trust_remote_code=True)")) from None
         raise MlarchError(f"cannot load model {ref}: {reason}") from None
     check_complete(ref, kind, report)
     placed = None

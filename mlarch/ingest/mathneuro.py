@@ -50,6 +50,7 @@ from torch import nn
 
 from mlarch import methods, selection
 from mlarch.errors import MlarchError, UsageError
+from mlarch.wording import Arg, error
 from mlarch.ingest.scoring import Batch, NormCollector, ScoredModule, _StopForward, batches
 from mlarch.methods import authors_count
 
@@ -77,9 +78,9 @@ def check_bf16(model: nn.Module, modules: list[ScoredModule]) -> None:
     """The authors' arithmetic needs the model in bfloat16 (their forward and their |W|)."""
     other = sorted({str(m.module.weight.dtype).replace("torch.", "") for m in modules} - {"bfloat16"})
     if other:
-        raise UsageError(
-            f"--method {METHOD} runs the model in bfloat16 as the authors did, but its scored weights are "
-            f"{', '.join(other)}: load it with --dtype bfloat16"
+        raise error(
+            UsageError, Arg("method", METHOD), " runs the model in bfloat16 as the authors did, but its scored weights "
+            f"are {', '.join(other)}: load it with ", Arg("dtype", "bfloat16")
         )
 
 

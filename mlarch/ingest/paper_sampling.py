@@ -19,6 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from mlarch.errors import UsageError
+from mlarch.wording import Arg, error
 
 SAMPLINGS = ("numpy", "pandas")
 _RANDOM_STATE_MAX = 2**32 - 1  # numpy.random.RandomState's seed range
@@ -33,17 +34,22 @@ DESCRIPTIONS = {
 def check_sampling(sampling: str, seeds, shuffle_seed: int | None) -> None:
     """Bad options, before any work: an unknown sampling, or seeds RandomState cannot take."""
     if sampling not in SAMPLINGS:
-        raise UsageError(f"--sampling {sampling!r} is not known: use one of {', '.join(SAMPLINGS)}")
+        raise _unknown(sampling)
     if sampling != "pandas":
         return
     if shuffle_seed is None:
-        raise UsageError("--sampling pandas needs --shuffle-seed N (the authors': 1)")
-    for label, value in [("--shuffle-seed", shuffle_seed)] + [("--seeds", s) for s in seeds]:
+        raise error(UsageError, Arg("sampling", "pandas"), " needs ", Arg("shuffle_seed", shown="N"),
+                    " (the authors': 1)")
+    for name, value in [("shuffle_seed", shuffle_seed)] + [("seeds", s) for s in seeds]:
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 <= value <= _RANDOM_STATE_MAX:
-            raise UsageError(
-                f"{label} {value!r} is out of range for --sampling pandas: pandas seeds numpy's RandomState, "
-                f"which takes integers 0 to {_RANDOM_STATE_MAX}"
+            raise error(
+                UsageError, Arg(name, shown=repr(value)), " is out of range for ", Arg("sampling", "pandas"),
+                f": pandas seeds numpy's RandomState, which takes integers 0 to {_RANDOM_STATE_MAX}"
             )
+
+
+def _unknown(sampling) -> UsageError:
+    return error(UsageError, Arg("sampling", shown=repr(sampling)), f" is not known: use one of {', '.join(SAMPLINGS)}")
 
 
 def pandas_shuffle(n_items: int, shuffle_seed: int) -> np.ndarray:
@@ -73,7 +79,7 @@ def draw(sampling: str, n_items: int, n_samples: int, seed: int, shuffle_seed: i
     if sampling == "pandas":
         check_sampling(sampling, [seed], shuffle_seed)
         return pandas_draw(n_items, n_samples, seed, shuffle_seed)
-    raise UsageError(f"--sampling {sampling!r} is not known: use one of {', '.join(SAMPLINGS)}")
+    raise _unknown(sampling)
 
 
 def describe(sampling: str, shuffle_seed: int | None = None) -> dict:

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from mlarch.errors import MlarchError
+from mlarch.wording import Arg, error
 
 
 def _hooks(module: nn.Module) -> list:
@@ -38,8 +39,8 @@ def resident_weight(module: nn.Module) -> torch.Tensor:
             held = weights["weight"]
             if held.device.type != "meta":
                 return held
-    raise MlarchError("a scored module's weight is on the meta device and no offloading hook holds its values: "
-                      "load the model without --device-map, or with more memory for the devices")
+    raise error(MlarchError, "a scored module's weight is on the meta device and no offloading hook holds its "
+                "values: load the model without ", Arg("device_map"), ", or with more memory for the devices")
 
 
 def input_device(model: nn.Module) -> torch.device:
@@ -72,9 +73,9 @@ def check_placement(ref: str, placed: dict[str, str] | None) -> None:
     """Refuse disk offload (see the module docstring), naming the modules."""
     on_disk = sorted(name for name, device in (placed or {}).items() if device == "disk")
     if on_disk:
-        raise MlarchError(f"--device-map auto offloaded {len(on_disk)} module(s) of {ref} to disk ({', '.join(on_disk[:3])}"
-                          f"{', ...' if len(on_disk) > 3 else ''}): mlarch needs every weight in GPU or CPU memory; "
-                          "use a machine with more memory, or --dtype bfloat16")
+        raise error(MlarchError, Arg("device_map", "auto"), f" offloaded {len(on_disk)} module(s) of {ref} to disk "
+                    f"({', '.join(on_disk[:3])}{', ...' if len(on_disk) > 3 else ''}): mlarch needs every weight in "
+                    "GPU or CPU memory; use a machine with more memory, or ", Arg("dtype", "bfloat16"))
 
 
 def describe(placed: dict[str, str] | None) -> dict | None:

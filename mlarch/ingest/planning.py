@@ -17,6 +17,9 @@ from mlarch.errors import MlarchError, UsageError
 from mlarch.ingest import provenance, sources
 from mlarch.ingest.config import METHOD, ROLES, IngestConfig, check_name, run_compat_identity
 from mlarch.store import analyses, array_store, catalog, layout, records
+from mlarch.wording import Arg, Phrase, error
+
+VERIFY = Phrase("Archive.verify()", "`mlarch verify`")  # the integrity check, in the caller's words
 
 
 @dataclass
@@ -99,7 +102,7 @@ def plan(root: Path, cfg: IngestConfig, reporter, resolve=None) -> Plan:
         device, dtype = resolve(cfg)
     kind, local = loading.classify(cfg.model, cfg.gguf_file)
     name = cfg.name if cfg.name is not None else loading.default_name(cfg.model, cfg.gguf_file)
-    check_name(name, "--name" if cfg.name is not None else "derived from --model")
+    check_name(name, Arg("name") if cfg.name is not None else ("derived from ", Arg("model")))
     if local is not None:  # recorded absolute, so provenance and rerun detection do not depend on the cwd
         cfg.model = str(local.resolve())
     check_writable(root)
@@ -158,10 +161,9 @@ def check_writable(root: Path) -> None:
     while not ancestor.exists():
         ancestor = ancestor.parent
     if not ancestor.is_dir():
-        raise MlarchError(
-            f"archive folder {root} cannot be created: {ancestor} is a file; "
-            "pass --archive DIR (or set MLARCH_ARCHIVE) to a writable folder"
-        )
+        raise error(MlarchError, f"archive folder {root} cannot be created: {ancestor} is a file; ",
+                    Phrase("open a writable folder instead (mlarch.open(DIR))",
+                           "pass --archive DIR (or set MLARCH_ARCHIVE) to a writable folder"))
     layout.probe_writable(ancestor, root)
 
 
@@ -190,7 +192,8 @@ def _correct_pools(catalog_path: Path, cfg: IngestConfig, name: str, dataset: st
         found = {r["eval_id"]: r for r in rows}
         missing = [e for e in cfg.only_correct if e not in found]
         if missing:
-            raise UsageError(f"no evaluation {', '.join(missing)} in the archive: pass eval ids from `mlarch evals`")
+            raise error(UsageError, f"no evaluation {', '.join(missing)} in the archive: pass eval ids from ",
+                        Phrase("Archive.evaluations()", "`mlarch evals`"))
         pools, by_lang = {}, {}
         for eval_id in cfg.only_correct:
             r = found[eval_id]
@@ -201,15 +204,17 @@ def _correct_pools(catalog_path: Path, cfg: IngestConfig, name: str, dataset: st
                        f"evaluated model {r['model']!r}, not {name!r}" if r["model"] != name else
                        f"evaluated {r['dataset']!r} ({r['role']}), not the math data {dataset!r}"
                        if (r["dataset"], r["role"]) != (dataset, "math") else
-                       f"evaluated {r['lang']!r}, which is not in --langs" if r["lang"] not in cfg.langs else
+                       (f"evaluated {r['lang']!r}, which is not in ", Arg("langs")) if r["lang"] not in cfg.langs else
                        f"repeats language {r['lang']!r}" if r["lang"] in by_lang else None)
             if problem:
-                raise UsageError(f"evaluation {eval_id} {problem}: --only-correct takes one finished accuracy "
-                                 "evaluation of this model on the --math data per language")
+                problem = problem if isinstance(problem, tuple) else (problem,)  # text, or text and an Arg
+                raise error(UsageError, f"evaluation {eval_id} ", *problem,
+                            ": ", Arg("only_correct"), " takes one finished accuracy evaluation of this model on the ",
+                            Arg("math"), " data per language")
             # its correct flags decide what ingest draws: the record must be as archived
             if records.evaluation_digest_in(con, eval_id) != r["record_sha256"]:
-                raise MlarchError(f"evaluation {eval_id}'s record changed since it was archived: run `mlarch verify`, "
-                                  "then restore the catalog or evaluate again")
+                raise error(MlarchError, f"evaluation {eval_id}'s record changed since it was archived: run ",
+                            VERIFY, ", then restore the catalog or evaluate again")
             try:
                 files = (json.loads(r["provenance"] or "{}").get("data") or {}).get("files")
             except (ValueError, AttributeError):
@@ -222,16 +227,16 @@ def _correct_pools(catalog_path: Path, cfg: IngestConfig, name: str, dataset: st
                                                  "ORDER BY item_index", [eval_id]).fetchall()]
             n_items = len(items[(r["lang"], "math")].texts)
             if any(not 0 <= i < n_items for i in correct):
-                raise MlarchError(f"evaluation {eval_id} names items outside the {n_items} of {dataset!r} "
-                                  f"({r['lang']}): run `mlarch verify`")
+                raise error(MlarchError, f"evaluation {eval_id} names items outside the {n_items} of {dataset!r} "
+                            f"({r['lang']}): run ", VERIFY)
             if not correct:
-                raise UsageError(f"evaluation {eval_id} ({r['lang']}) scored no item correct: nothing to draw from; "
-                                 "drop --only-correct for that language or evaluate more items")
+                raise error(UsageError, f"evaluation {eval_id} ({r['lang']}) scored no item correct: nothing to draw "
+                            "from; drop ", Arg("only_correct"), " for that language or evaluate more items")
             pools[(r["lang"], "math")] = {"items": correct,
                                           "record": {"eval_id": eval_id, "record_sha256": r["record_sha256"]}}
     uncovered = [lang for lang in cfg.langs if lang not in by_lang]
     if uncovered:
-        raise UsageError(f"--only-correct names no evaluation for {', '.join(uncovered)}: pass one accuracy "
-                         "evaluation per language in --langs")
+        raise error(UsageError, Arg("only_correct"), f" names no evaluation for {', '.join(uncovered)}: pass one "
+                    "accuracy evaluation per language in ", Arg("langs"))
     return pools
 

@@ -37,6 +37,7 @@ from urllib.parse import urlsplit
 import ray
 
 from mlarch.errors import MlarchError, UsageError
+from mlarch.wording import Arg, Phrase, error
 from mlarch.ingest import commit, manifests, units
 from mlarch.ingest.config import ROLES
 from mlarch.ingest.context import ModelInfo, prepare
@@ -49,8 +50,8 @@ PROBE_TIMEOUT_S = 5.0
 # MLARCH_RAY_PRESTART=0 starts the workers after planning, as before `prestart` (bench/ray_executor.py compares)
 PRESTART = os.environ.get("MLARCH_RAY_PRESTART", "1") != "0"
 QUEUED_PER_WORKER = 2  # the next unit is waiting on a worker while the driver commits the last one
-_FIX = ("start a cluster with `ray start --head`, pass its address (--ray-address HOST:PORT or RAY_ADDRESS), "
-        "or leave both out for a local Ray instance")
+_FIX = ("start a cluster with `ray start --head`, pass its address (", Arg("ray_address", shown="HOST:PORT"),
+        " or RAY_ADDRESS), or leave both out for a local Ray instance")
 
 
 def check_reachable(address: str) -> None:
@@ -63,12 +64,13 @@ def check_reachable(address: str) -> None:
     except ValueError:
         host, port = None, None
     if not host or port is None:
-        raise UsageError(f"Ray address {address!r} is not HOST:PORT: {_FIX}")
+        raise error(UsageError, f"Ray address {address!r} is not HOST:PORT: ", *_FIX)
     try:
         with socket.create_connection((host, port), timeout=PROBE_TIMEOUT_S):
             pass
     except OSError as exc:
-        raise UsageError(f"no Ray cluster answers at {address} ({exc.strerror or type(exc).__name__}): {_FIX}") from None
+        raise error(UsageError, f"no Ray cluster answers at {address} ({exc.strerror or type(exc).__name__}): ",
+                    *_FIX) from None
 
 
 class RayExecutor:
@@ -100,7 +102,7 @@ class RayExecutor:
             if ray.is_initialized():  # half started (a local instance's processes): stop what it left
                 ray.shutdown()
             where = self.address or "a local instance"
-            raise UsageError(f"cannot start or join Ray ({where}): {_first_line(exc)}: {_FIX}") from None
+            raise error(UsageError, f"cannot start or join Ray ({where}): {_first_line(exc)}: ", *_FIX) from None
         self.started = True
 
     def prestart(self, root, cfg) -> None:
@@ -171,14 +173,16 @@ class RayExecutor:
 
         spec = devices.check(cfg.device)
         if spec == "mps" or spec.startswith("cuda:"):
-            raise UsageError(f"--device {spec} names a device of this machine; with --executor ray each worker uses "
-                             "the GPU Ray gives it: pass --device cuda, cpu or auto")
+            raise error(UsageError, Arg("device", spec), " names a device of this machine; with ",
+                        Arg("executor", "ray"), " each worker uses the GPU Ray gives it: pass ", Arg("device", "cuda"),
+                        Phrase(", 'cpu' or 'auto'", ", cpu or auto"))
         if spec == "cpu":
             return "cpu"
         gpus = float(ray.cluster_resources().get("GPU", 0))
         if spec == "cuda" and gpus < cfg.gpus_per_unit:
-            raise MlarchError(f"--device cuda: the Ray cluster has {gpus:g} GPU(s), fewer than --gpus-per-unit "
-                              f"{cfg.gpus_per_unit}: add GPU nodes, lower --gpus-per-unit or pass --device cpu")
+            raise error(MlarchError, Arg("device", "cuda"), f": the Ray cluster has {gpus:g} GPU(s), fewer than ",
+                        Arg("gpus_per_unit", cfg.gpus_per_unit), ": add GPU nodes, lower ", Arg("gpus_per_unit"),
+                        " or pass ", Arg("device", "cpu"))
         return "cuda" if gpus >= cfg.gpus_per_unit else "cpu"
 
     def resolve(self, cfg):

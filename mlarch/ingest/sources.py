@@ -18,6 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from mlarch.errors import UsageError
+from mlarch.wording import Arg, error
 from mlarch.ingest import corpora, hub_data
 from mlarch.ingest.datafiles import (INSTRUCT_TEMPLATE, QA_COLUMN_TEMPLATE, QA_TEMPLATE, TEXT_TEMPLATE,  # noqa: F401
                                      TEXT_TEMPLATES, DataSource, LoadedItems, TemplateFileSource, instruct_text,
@@ -33,9 +34,9 @@ def resolve(spec: str, data_dir: Path | None = None, template: str = "default") 
     source has its own template."""
     if spec in NAMED_SOURCES:
         if template != "default":
-            raise UsageError(
-                f"--template {template} applies to data files; the named source {spec!r} has its own template: "
-                "pass the authors' files as a path template such as data/{lang}.csv"
+            raise error(
+                UsageError, Arg("template", template), f" applies to data files; the named source {spec!r} has its "
+                "own template: pass the authors' files as a path template such as data/{lang}.csv"
             )
         return NAMED_SOURCES[spec](data_dir)
     if spec.startswith(hub_data.PREFIX):

@@ -17,6 +17,7 @@ import numpy as np
 
 from mlarch import methods
 from mlarch.errors import MlarchError
+from mlarch.wording import Arg, error
 from mlarch.ingest import paper_sampling, provenance
 from mlarch.ingest.config import method_record
 from mlarch.ingest.context import ScoringContext, WorkOrder
@@ -114,8 +115,9 @@ def score_run(ctx: ScoringContext, unit: Unit, run_id: str) -> Future:
             norms[span.norms] = result.norms[span.module]
         if not np.isfinite(norms).all():  # no top-k of inf or NaN scores means anything
             bad = next(s.module for s in spans if not np.isfinite(norms[s.norms]).all())
-            raise MlarchError(f"the activations entering {bad} overflowed to inf or NaN on {lang} {role} texts "
-                              f"(dtype {loaded.dtype}): ingest in --dtype float32, or with a smaller --max-length")
+            raise error(MlarchError, f"the activations entering {bad} overflowed to inf or NaN on {lang} {role} "
+                        f"texts (dtype {loaded.dtype}): ingest in ", Arg("dtype", "float32"), ", or with a smaller ",
+                        Arg("max_length"))
         if cfg.method == methods.BF16:  # the authors' bf16 scores and set sizes, not |W| x norms
             from mlarch.ingest import mathneuro
 

@@ -19,7 +19,8 @@ import polars as pl
 
 from mlarch import methods
 from mlarch.errors import MlarchError, UsageError
-from mlarch.query.compare import BY, derived_sets, match_models
+from mlarch.query.compare import BY, derived_sets
+from mlarch.query.model_names import resolve_model
 from mlarch.store import analyses as analyses_store
 from mlarch.store import catalog
 from mlarch.store.spans import groups as span_groups
@@ -140,11 +141,7 @@ def plan(archive, model: str, langs=None, analyses=None, k=None, seed: int | Non
     that holds the two analyses, for messages."""
     langs, ks, names = parse_langs(langs), parse_ks(k), _pair_of_names(analyses, arg)
     with catalog.reading(archive.catalog_path) as con:
-        matched = match_models(con, model)
-        if len(matched) != 1 and model not in matched:
-            raise UsageError(f"{model!r} matches {len(matched)} models ({', '.join(matched)}): comparing analyses "
-                             "needs one model; pass its full name")
-        model = model if model in matched else matched[0]
+        model = resolve_model(con, model)  # one model: exact name, else a unique part of one
         if names is None:
             names = list(default_pair(con, model, arg=arg))
     names = [archive.resolve_analysis(model, name) for name in names]  # each exists (else: the list)

@@ -20,6 +20,7 @@ import polars as pl
 from mlarch.errors import MlarchError, UsageError
 from mlarch.query import compare as _compare
 from mlarch.store import catalog, layout
+from mlarch.wording import Arg, Phrase, error
 
 if TYPE_CHECKING:  # annotations only: numpy costs ~50 ms of every query command's start-up
     import numpy as np
@@ -31,6 +32,7 @@ READ_STATEMENTS = {"SELECT", "EXPLAIN", "PRAGMA"}
 READ_PRAGMAS = {"table_info", "show", "show_tables", "show_tables_expanded", "database_list", "database_size",
                 "storage_info", "version", "platform", "functions", "collations"}
 _WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_WRITE = Phrase("write=True", "--write")  # what lets `sql` change the archive
 SHOW_LIST_LIMIT = 20  # `show` prints longer lists (the drawn indices) as a count and their first values
 
 
@@ -237,14 +239,14 @@ class Archive:
             for statement in statements:
                 why = _refusal(statement, con.extract_statements)
                 if why:
-                    raise UsageError(f"{why}: refused without --write (pass --write, or sql(..., write=True), "
-                                     "if you mean it)")
+                    raise error(UsageError, f"{why}: refused without ", _WRITE, " (pass ", _WRITE,
+                                " if you mean it)")
             try:
                 return _run(con, statements, params)
             except duckdb.PermissionException as exc:
-                raise MlarchError(
-                    f"SQL error: {_one_line(exc)}: without --write `mlarch sql` reads the catalog and nothing "
-                    "else; pass --write, or use DuckDB directly, to read other files") from None
+                raise error(MlarchError, f"SQL error: {_one_line(exc)}: without ", _WRITE, " ",
+                            Phrase("sql()", "`mlarch sql`"), " reads the catalog and nothing else; pass ", _WRITE,
+                            ", or use DuckDB directly, to read other files") from None
             except duckdb.Error as exc:
                 raise MlarchError(f"SQL error: {_one_line(exc)}") from None
 
@@ -255,17 +257,26 @@ class Archive:
     # --- questions ---------------------------------------------------------------------
     def compare(self, model: str, langs, k: float | None = None, seed: int | None = None,
                 by: str = "layer", analysis: str | None = None) -> pl.DataFrame:
-        """Overlap of the languages' math-only sets for every model matching `model`, in one
+        """Overlap of the languages' math-only sets for every model `model` names, in one
         analysis of each (`analysis`; default: each model's only one, else an error listing them).
 
-        model: a substring, or a comma list ("gemma,qwen", rows in that order; each part must
-        match). Across models: n_params and the *_share columns (counts over the scored
-        parameters of the row's layer, module or model); by='layer'/'module' add depth =
-        layer / (blocks - 1)."""
+        model: a pattern, or a comma list of them ("gemma,qwen", rows in that order; each part
+        must match): a part that is an archived name means that model only, else every model
+        whose name contains it (case-insensitive), so "tiny" compares tiny-llama with tiny-qwen.
+        k: any fraction in (0, 1) (default 0.01 when archived, else the smallest archived): a k
+        not archived is re-thresholded from the stored |W| x norms, as selection() does, which
+        reads every module's arrays (a mathneuro-bf16 analysis allows only its archived k).
+        Across models: n_params and the *_share columns (counts over the scored parameters of
+        the row's layer, module or model); by='layer'/'module' add depth = layer / (blocks - 1)."""
+        from mlarch.query.compare_rethreshold import patterns
+
         if isinstance(langs, str):
             langs = [x.strip() for x in langs.split(",") if x.strip()]
         with catalog.reading(self.catalog_path) as con:
-            return _compare.compare(con, model, list(langs), k=k, seed=seed, by=by, analysis=analysis)
+            plan = _compare.plan(con, model, list(langs), k=k, seed=seed, by=by, analysis=analysis)
+        rows = patterns(self, plan) if plan.rethreshold else None
+        with catalog.reading(self.catalog_path) as con:
+            return _compare.overlap_rows(con, plan, by, rows)
 
     def analyses(self, model: str | None = None) -> pl.DataFrame:
         """The analyses (named configurations) of each model: their sources (one per role, or
@@ -363,13 +374,19 @@ class Archive:
             from mlarch.store.spans import read_spans
 
             with catalog.reading(self.catalog_path) as con:
-                self._module_cache[model] = {s.module: s for s in read_spans(con, model)}
+                spans = {s.module: s for s in read_spans(con, model)}
+            if not spans:  # not an archived name (yet): nothing cached
+                return spans
+            self._module_cache[model] = spans
         return self._module_cache[model]
 
+    def _model_name(self, model: str) -> str:
+        """`model` resolved as resolve_model does, without a catalog read for an archived name."""
+        return model if self._spans(model) else self.resolve_model(model)
+
     def _span(self, model: str, module: str):
+        model = self._model_name(model)
         spans = self._spans(model)
-        if not spans:
-            raise MlarchError(f"no model {model!r} in the archive (see `mlarch models`)")
         if module not in spans:
             raise MlarchError(f"model {model!r} has no scored module {module!r} (see the modules view)")
         return spans[module]
@@ -410,7 +427,8 @@ class Archive:
         return {m: everything[span.norms] for m, span in self._spans(run["model"]).items()}
 
     def magnitudes(self, model: str, module: str) -> np.ndarray:
-        """|W| of one module as scored (float32, out x in)."""
+        """|W| of one module as scored (float32, out x in); `model` as resolve_model takes it."""
+        model = self._model_name(model)
         span = self._span(model, module)
         flat = self._arrays().read(self._array_store(), self._record(model, "magnitudes"),
                                    span.param_offset, span.param_offset + span.n_params)
@@ -432,8 +450,9 @@ class Archive:
 
         run = self._run_arrays(run_id)
         if not methods.rethresholdable(run["method"] or methods.EXACT):
-            raise UsageError(f"run {run_id} used --method {run['method']}, whose bf16 scores are not |W| x norms "
-                             "and are not archived: read its sets with levels() or selection() at an archived k")
+            raise error(UsageError, f"run {run_id} used ", Arg("method", run["method"]), ", whose bf16 scores are "
+                        "not |W| x norms and are not archived: read its sets with levels() or selection() at an "
+                        "archived k")
         span = self._span(run["model"], module)
         norms = self._arrays().read(self._array_store(), self._record(run_id, "norms"),
                                     span.norm_offset, span.norm_offset + span.n_cols)
@@ -454,15 +473,23 @@ class Archive:
             return in_top(self.levels(run_id, module), k_values.index(float(k)))
         return level_codes(self.scores(run_id, module), [k]) == 1
 
+    def resolve_model(self, model: str) -> str:
+        """The archived model `model` names, by the rule every method taking one model uses:
+        the exact name wins, else the only model whose name contains it (case-insensitive);
+        several are a UsageError listing them, none an MlarchError listing the archive's models."""
+        from mlarch.query.model_names import resolve_model
+
+        with catalog.reading(self.catalog_path) as con:
+            return resolve_model(con, model)
+
     def resolve_analysis(self, model: str, analysis: str | None = None) -> str:
-        """The analysis of `model` to use: `analysis` (checked), else the only one; a UsageError
-        listing them when there are several."""
+        """The analysis of `model` (resolved as resolve_model does) to use: `analysis`
+        (checked), else the only one; a UsageError listing them when there are several."""
+        from mlarch.query.model_names import resolve_model
         from mlarch.store import analyses
 
         with catalog.reading(self.catalog_path) as con:
-            if not con.execute("SELECT count(*) FROM models WHERE model = ?", [model]).fetchone()[0]:
-                raise MlarchError(f"no model {model!r} in the archive (see `mlarch models`)")
-            return analyses.resolve(con, model, analysis)
+            return analyses.resolve(con, resolve_model(con, model), analysis)
 
     def selection(self, model: str, lang: str, k: float, module: str, seed: int | None = None,
                   analysis: str | None = None) -> np.ndarray:
@@ -474,6 +501,7 @@ class Archive:
         analysis, whose runs hold sets only at the k they archived: another k is an error)."""
         from mlarch.selection import in_top
 
+        model = self.resolve_model(model)
         analysis = self.resolve_analysis(model, analysis)
         # the pair of runs the derived tables used: one seed, both roles (never a math run of
         # one seed against a control run of another)
@@ -488,8 +516,9 @@ class Archive:
                                "AND status = 'FINISHED'" + (" AND seed = ?" if seed is not None else ""),
                                [model, analysis, lang] + ([seed] if seed is not None else []))
             if roles.height == 2:  # both archived, but derive found no k in common
-                raise MlarchError(f"the math and control runs of {model!r}, {lang!r}{where} share no k value, so no "
-                                  "math-only set was derived from them: ingest both roles with the same --top-k")
+                raise error(MlarchError, f"the math and control runs of {model!r}, {lang!r}{where} share no k value, "
+                            "so no math-only set was derived from them: ingest both roles with the same ",
+                            Arg("top_k"))
             raise MlarchError(f"model {model!r} has no math and control runs for {lang!r}{where} (see `mlarch runs`)")
         first = pairs.filter(pairs["seed"] == pairs["seed"][0])
         if first.height != 1:
@@ -628,17 +657,36 @@ class Archive:
     def sizes(self, model: str, k: float | None = None, seed: int | None = None,
               analysis: str | None = None) -> pl.DataFrame:
         """Math-only set size per language, all modules pooled (lang, n_selected, n_params,
-        percent), largest first, for one model (exact name) in one analysis (default: its only
-        one) at an archived k and seed (defaults as in compare: k = 0.01 when archived, else the
-        smallest; the smallest seed), as the demo prints it."""
-        analysis = self.resolve_analysis(model, analysis)  # names the archive's models for a typo
+        percent), largest first, for one model (as resolve_model takes it) in one analysis
+        (default: its only one) at k and seed (defaults as in compare: k = 0.01 when archived,
+        else the smallest; the smallest seed), as the demo prints it. A k not archived is
+        re-thresholded from the stored |W| x norms, as compare() and selection() do."""
+        model = self.resolve_model(model)  # names the archive's models for a typo
+        analysis = self.resolve_analysis(model, analysis)
         with catalog.reading(self.catalog_path) as con:
-            k, seed = _compare.resolve_k_seed(_compare.derived_sets(con, [model], [analysis]), k, seed)
-            return catalog.frame(con, (
-                "SELECT lang, sum(n_selected)::BIGINT AS n_selected, sum(n_params)::BIGINT AS n_params, "
-                "round(100 * sum(n_selected) / sum(n_params), 3) AS percent FROM set_sizes "
-                "WHERE model = $m AND analysis = $a AND k = $k AND seed = $s GROUP BY lang "
-                "ORDER BY n_selected DESC, lang"), {"m": model, "a": analysis, "k": k, "s": seed})
+            sets = _compare.derived_sets(con, [model], [analysis])
+            k, seed = _compare.resolve_k_seed(sets, k, seed, any_k=True)
+            langs = sorted(lang for (seed_, lang) in sets[model] if seed_ == seed)
+            if all(k in sets[model][(seed, lang)] for lang in langs):
+                return catalog.frame(con, (
+                    "SELECT lang, sum(n_selected)::BIGINT AS n_selected, sum(n_params)::BIGINT AS n_params, "
+                    "round(100 * sum(n_selected) / sum(n_params), 3) AS percent FROM set_sizes "
+                    "WHERE model = $m AND analysis = $a AND k = $k AND seed = $s GROUP BY lang "
+                    "ORDER BY n_selected DESC, lang"), {"m": model, "a": analysis, "k": k, "s": seed})
+            plan = _compare.ComparePlan([model], [analysis], langs, float(k), int(seed), True)
+            _compare.check_rethresholdable(con, plan)
+            total = con.execute("SELECT sum(n_params)::BIGINT FROM modules WHERE model = ?", [model]).fetchone()[0]
+        from mlarch.query.compare_rethreshold import patterns
+
+        rows = patterns(self, plan)
+        counts = {lang: 0 for lang in langs}
+        for members, n in zip(rows["langs"], rows["n"]):
+            for lang in members:
+                counts[lang] += n
+        frame = pl.DataFrame({"lang": langs, "n_selected": [counts[x] for x in langs], "n_params": [total] * len(langs)},
+                             schema={"lang": pl.Utf8, "n_selected": pl.Int64, "n_params": pl.Int64})
+        frame = frame.with_columns(percent=(100 * pl.col("n_selected") / pl.col("n_params")).round(3))
+        return frame.sort(["n_selected", "lang"], descending=[True, False])
 
     def analysis_of_runs(self, run_ids) -> str | None:
         """The analysis the given runs belong to, or None when they span several (or none)."""

@@ -7,11 +7,13 @@ compared languages (the `language_unique` view uses every archived language inst
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from itertools import combinations
 
 import polars as pl
 
 from mlarch.errors import MlarchError, UsageError
+from mlarch.query.model_names import match_models  # noqa: F401 - compare's, charts' and overlap's model rule
 from mlarch.wording import Arg, error
 
 DEFAULT_K = 0.01  # the paper's headline k
@@ -79,23 +81,6 @@ FROM ({scope.format(counts=_COUNTS)})
 ORDER BY {order}"""
 
 
-def match_models(con, pattern: str) -> list[str]:
-    """Archived model names containing `pattern` (case-insensitive); a comma list such as
-    "gemma,qwen" matches each part (in the order given, each model once). Every part must
-    match a model: a misspelt part never silently drops a model from a comparison."""
-    names = [r[0] for r in con.execute("SELECT model FROM models ORDER BY model").fetchall()]
-    parts = [part.strip() for part in str(pattern).split(",") if part.strip()] or [str(pattern)]
-    matched: list[str] = []
-    for part in parts:
-        found = [n for n in names if part.lower() in n.lower()]
-        if not found:
-            if not names:
-                raise MlarchError("the archive holds no models yet: run `mlarch ingest` first")
-            raise MlarchError(f"no archived model matches {part!r}; archived models: {', '.join(names)}")
-        matched += [n for n in found if n not in matched]
-    return matched
-
-
 def chosen_analyses(con, models: list[str], analysis: str | None) -> list[str]:
     """The analysis shown for each model (aligned with `models`): the one given, else each
     model's only one; a UsageError listing them where a model has several."""
@@ -125,9 +110,10 @@ def derived_sets(con, models: list[str], analyses: list[str]) -> dict[str, dict[
 
 
 def resolve_k_seed(sets: dict[str, dict[tuple[int, str], set[float]]], k: float | None,
-                   seed: int | None) -> tuple[float, int]:
+                   seed: int | None, *, any_k: bool = False) -> tuple[float, int]:
     """The k and seed to show (the given ones, checked, or the defaults), for the models
-    and sets that `derived_sets` read."""
+    and sets that `derived_sets` read. any_k: a given k need not be archived (the caller
+    re-thresholds the stored scores); it must still be in (0, 1)."""
     models = list(sets)
     for model in models:
         if not sets[model]:
@@ -138,11 +124,15 @@ def resolve_k_seed(sets: dict[str, dict[tuple[int, str], set[float]]], k: float 
     common_seed = sorted(set.intersection(*({seed_ for seed_, _ in s} for s in sets.values())))
     if k is None:
         if not common_k:
-            raise error(MlarchError, f"models {', '.join(models)} share no k value: pass a narrower ", Arg("model"))
+            raise error(MlarchError, f"models {', '.join(models)} share no k value: pass a narrower ", Arg("model"),
+                        *([" or a ", Arg("k"), " to re-threshold"] if any_k else []))
         k = DEFAULT_K if DEFAULT_K in common_k else common_k[0]
+    elif any_k:
+        k = check_k(k)
     elif k not in common_k:
         raise MlarchError(
             f"k = {k} is not archived for {', '.join(models)}; archived k: {', '.join(map(str, common_k)) or 'none'}"
+            " (compare and selection re-threshold any k from the stored scores)"
         )
     if seed is None:
         if not common_seed:
@@ -157,10 +147,35 @@ def resolve_k_seed(sets: dict[str, dict[tuple[int, str], set[float]]], k: float 
     return k, seed
 
 
-def compare(con, model: str, langs: list[str], k: float | None = None, seed: int | None = None,
-            by: str = "layer", analysis: str | None = None) -> pl.DataFrame:
-    """The overlap rows of Archive.compare / `mlarch compare`, read over `con` (an open
-    catalog connection): one row per model, language pair and layer, module or the model."""
+def check_k(k) -> float:
+    """`k` as a float in (0, 1), else a UsageError naming the argument."""
+    try:
+        value = float(k)
+    except (TypeError, ValueError):
+        value = None
+    if value is None or isinstance(k, bool) or not 0 < value < 1:
+        raise error(UsageError, f"k must be a fraction in (0, 1), got {k!r}: e.g. ", Arg("k", 0.01))
+    return value
+
+
+@dataclass(frozen=True)
+class ComparePlan:
+    """What one comparison shows, checked before anything is counted."""
+
+    models: list[str]
+    analyses: list[str]  # aligned with models
+    langs: list[str]
+    k: float
+    seed: int
+    rethreshold: bool  # some compared (model, language) did not archive k: counts come from the scores
+
+
+def plan(con, model: str, langs: list[str], k: float | None = None, seed: int | None = None,
+         by: str = "layer", analysis: str | None = None, *, any_k: bool = True) -> ComparePlan:
+    """Resolve and check a comparison: models (match_models: exact names first), each one's
+    analysis, k and seed (defaults: k = 0.01 when archived, else the smallest shared; the
+    smallest seed), and the languages. A k some (model, language) did not archive is
+    re-thresholded (rethreshold=True) unless any_k=False."""
     if by not in BY:
         raise error(UsageError, Arg("by"), f" must be one of {', '.join(BY)}, got {by!r}")
     if len(langs) < 2:
@@ -170,20 +185,77 @@ def compare(con, model: str, langs: list[str], k: float | None = None, seed: int
     models = match_models(con, model)
     chosen = chosen_analyses(con, models, analysis)
     sets = derived_sets(con, models, chosen)
-    k, seed = resolve_k_seed(sets, k, seed)
+    k, seed = resolve_k_seed(sets, k, seed, any_k=any_k)
+    rethreshold = False
     for name in models:
         have = sorted(lang for (seed_, lang), ks in sets[name].items() if seed_ == seed and k in ks)
-        missing = [lang for lang in langs if lang not in have]
+        anyk = sorted(lang for (seed_, lang) in sets[name] if seed_ == seed)
+        missing = [lang for lang in langs if lang not in (anyk if any_k else have)]
         if missing:
             raise MlarchError(
                 f"language {', '.join(missing)} is not archived for model {name!r} at k = {k}, seed {seed}; "
-                f"archived: {', '.join(have)}"
+                f"archived: {', '.join(anyk if any_k else have)}"
             )
-    pairs = list(combinations(langs, 2))
+        rethreshold = rethreshold or any(lang not in have for lang in langs)
+    made = ComparePlan(models, chosen, list(langs), float(k), int(seed), rethreshold)
+    if rethreshold:
+        check_rethresholdable(con, made)
+    return made
+
+
+def pair_runs(con, model: str, analysis: str, lang: str, seed: int) -> tuple[str, str]:
+    """(math_run_id, control_run_id) whose sets the derived tables hold for one language (the
+    pair Archive.selection uses)."""
+    rows = con.execute("SELECT DISTINCT math_run_id, control_run_id FROM selections WHERE model = ? AND analysis = ? "
+                       "AND lang = ? AND seed = ?", [model, analysis, lang, seed]).fetchall()
+    if len(rows) != 1:
+        raise MlarchError(f"the derived tables of {model!r}, {lang!r} in analysis {analysis!r} name {len(rows)} "
+                          f"pairs of runs at seed {seed}: run `mlarch verify`")
+    return rows[0]
+
+
+def check_rethresholdable(con, plan: ComparePlan) -> None:
+    """Refuse, before any array is read, a k that a mathneuro-bf16 run of `plan` did not archive."""
+    from mlarch import methods
+
+    k = plan.k
+    for model, analysis in zip(plan.models, plan.analyses):
+        for lang in plan.langs:
+            for run_id in pair_runs(con, model, analysis, lang, plan.seed):
+                method, k_values = con.execute(
+                    "SELECT json_extract_string(provenance, '$.method.name'), k_values FROM runs WHERE run_id = ?",
+                    [run_id]).fetchone()
+                methods.check_rethreshold(run_id, method or methods.EXACT, k, [float(v) for v in k_values])
+
+
+# the patterns table's rows at a re-thresholded k, bound as lists (one per column)
+_RETHRESHOLDED = """patterns AS (
+    SELECT unnest($r_model::VARCHAR[]) AS model, unnest($r_analysis::VARCHAR[]) AS analysis, $k::DOUBLE AS k,
+           $seed::BIGINT AS seed, unnest($r_module::VARCHAR[]) AS module, unnest($r_langs::VARCHAR[][]) AS langs,
+           unnest($r_n::BIGINT[]) AS n_params
+), """
+
+
+def overlap_rows(con, plan: ComparePlan, by: str = "layer", patterns: dict | None = None) -> pl.DataFrame:
+    """The rows of a planned comparison: from the archived patterns table, or from `patterns`
+    (compare_rethreshold.patterns: the same rows at a k not archived) when given."""
+    pairs = list(combinations(plan.langs, 2))
     params = {
-        "models": models, "analyses": chosen, "langs": langs, "k": k, "seed": seed,
+        "models": plan.models, "analyses": plan.analyses, "langs": plan.langs, "k": plan.k, "seed": plan.seed,
         "pair_a": [a for a, _ in pairs], "pair_b": [b for _, b in pairs],
     }
+    query = _query(by)
+    if patterns is not None:
+        query = query.replace("WITH q AS (", "WITH " + _RETHRESHOLDED + "q AS (", 1)
+        params.update({f"r_{name}": values for name, values in patterns.items()})
     from mlarch.store.catalog import frame
 
-    return frame(con, _query(by), params)
+    return frame(con, query, params)
+
+
+def compare(con, model: str, langs: list[str], k: float | None = None, seed: int | None = None,
+            by: str = "layer", analysis: str | None = None) -> pl.DataFrame:
+    """The overlap rows of a comparison at an archived k, read over `con` (an open catalog
+    connection): one row per model, language pair and layer, module or the model.
+    Archive.compare also re-thresholds a k that was not archived."""
+    return overlap_rows(con, plan(con, model, langs, k, seed, by, analysis, any_k=False), by)
