@@ -88,7 +88,7 @@ def test_unreadable_or_missing_catalog(tmp_path):
     with pytest.raises(MlarchError, match="cannot open catalog .*not a valid DuckDB"):
         count_runs(bad)
     assert bad.read_bytes() == b"not duckdb" * 1000
-    with pytest.raises(MlarchError, match="no mlarch archive at .*missing: check --archive"):
+    with pytest.raises(MlarchError, match="no mlarch archive at .*missing: check the folder given to mlarch.open"):
         count_runs(tmp_path / "missing" / "catalog.duckdb")
     with pytest.raises(MlarchError, match="no mlarch archive at .*missing"):  # nor does a writer create it
         with catalog.writing(tmp_path / "missing" / "catalog.duckdb"):
@@ -146,7 +146,7 @@ def test_a_foreign_duckdb_file_is_refused_untouched(tmp_path, name, setup, why):
         with pytest.raises(MlarchError) as refused:
             attempt()
         assert str(refused.value) == (f"{path} is not an mlarch catalog ({why}): "
-                                      "point --archive at an mlarch archive folder")
+                                      "point mlarch.open(DIR) at an mlarch archive folder")
         assert path.read_bytes() == before
     assert catalog._READERS.attached == {}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["catalog.duckdb"]  # no WAL, no arrays.zarr

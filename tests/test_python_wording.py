@@ -1,8 +1,10 @@
 """Issue 13: ingest and evaluate errors speak the caller's language. Through Archive.ingest /
 Archive.evaluate a bad argument is named as Python names it (samples=, device='cuda:0'), never
 as a flag; through `mlarch ingest` / `mlarch eval` the same check names the flag (--samples,
---device cuda:0), with the CLI's text unchanged. Plus a source check: no `raise` in the layers
-under the API spells a flag outside mlarch.wording."""
+--device cuda:0), with the CLI's text unchanged. The store's errors too: a bad archive path or URL
+names mlarch.open (--archive), arrays= (--arrays), analysis= (--analysis), anonymize=True
+(--anonymize), Archive.sql(..., write=True) (`mlarch sql --write`). Plus a source check: no
+`raise` in the layers under the API (store included) spells a flag outside mlarch.wording."""
 
 import ast
 import re
@@ -62,6 +64,12 @@ INGEST_CASES = [
     ({"gpus_per_unit": 0}, ["--gpus-per-unit", "0"],
      "gpus_per_unit=0 is outside (0, 64]: pass the GPUs each worker holds, e.g. gpus_per_unit=1",
      "--gpus-per-unit 0.0 is outside (0, 64]: pass the GPUs each worker holds, e.g. --gpus-per-unit 1"),
+    ({"arrays": "s3://Not_A_Bucket/p"}, ["--arrays", "s3://Not_A_Bucket/p"],
+     "arrays='s3://Not_A_Bucket/p' is not s3://BUCKET/PREFIX: pass e.g. s3://my-bucket/mlarch",
+     "--arrays 's3://Not_A_Bucket/p' is not s3://BUCKET/PREFIX: pass e.g. s3://my-bucket/mlarch"),
+    ({"analysis": "a,b"}, ["--analysis", "a,b"],
+     "analysis name 'a,b' contains control characters, commas or surrounding spaces: pass analysis= with a short name",
+     "analysis name 'a,b' contains control characters, commas or surrounding spaces: pass --analysis with a short name"),
     ({"template": "x"}, None, "template='x' is not known: use one of default, paper", None),  # a click.Choice
     ({"top_k": []}, None, "no top-k values given: pass top_k=, e.g. top_k=[0.01]", None),
     ({"executor": "dask"}, None, "executor='dask' is not known", None),
@@ -175,11 +183,114 @@ def test_rethreshold_and_method_errors_name_arguments():
         methods.check_method("x")
 
 
+# --- the store: archive paths, published URLs, analyses -------------------------------------
+
+OPEN_CASES = [  # (what mlarch.open gets, a fragment of the Python message, of the CLI message, exit code)
+    ("s3://Not_A_Bucket/p", "path='s3://Not_A_Bucket/p' is not s3://BUCKET/PREFIX",
+     "--archive 's3://Not_A_Bucket/p' is not s3://BUCKET/PREFIX", 2),
+    ("gs://bucket/archive", "(opened by mlarch.open); pass mlarch.open(DIR) or mlarch.open('s3://BUCKET/PREFIX')",
+     "(opened by mlarch.open / --archive); pass --archive DIR or --archive s3://BUCKET/PREFIX", 2),
+    ("missing", "no mlarch archive at missing: check the folder given to mlarch.open (or MLARCH_ARCHIVE); "
+     "Archive.ingest or Archive.import_bundle creates one",
+     "no mlarch archive at missing: check --archive (or MLARCH_ARCHIVE); `mlarch ingest` or `mlarch import-bundle` "
+     "creates one", 1),
+]
+
+
+@pytest.mark.parametrize("path,python,cli_text,code", OPEN_CASES, ids=[c[0] for c in OPEN_CASES])
+def test_a_bad_archive_names_mlarch_open_in_python_and_the_flag_in_the_cli(tmp_path, monkeypatch, path, python,
+                                                                           cli_text, code):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLARCH_CACHE", str(tmp_path / "cache"))
+    check(lambda: mlarch.open(path).runs(), ["--archive", path, "runs"], python, cli_text, code)
+    assert list(tmp_path.iterdir()) == []  # nothing created, not even the cache
+
+
+def test_a_foreign_catalog_names_mlarch_open(tmp_path):
+    import duckdb
+
+    con = duckdb.connect(str(tmp_path / "catalog.duckdb"))
+    con.execute("CREATE TABLE invoices (id INTEGER)")
+    con.close()
+    check(lambda: mlarch.open(tmp_path).runs(), ["--archive", str(tmp_path), "runs"],
+          "): point mlarch.open(DIR) at an mlarch archive folder", "): point --archive at an mlarch archive folder", 1)
+
+
+@pytest.fixture(scope="module")
+def two_analyses(tmp_path_factory, model_dir, data):
+    """tiny-llama (en, de) in two analyses: data's control, then its math texts as a second control."""
+    root = tmp_path_factory.mktemp("two") / "arch"
+    archive = mlarch.open(root)
+    for control in (data["control"], data["math"]):
+        archive.ingest(str(model_dir["llama"]), ["en", "de"], data["math"], control, samples=3, top_k=[0.25],
+                       device="cpu", progress=False)
+    return root
+
+
+def test_an_ambiguous_analysis_names_analysis_in_python_and_the_flag_in_the_cli(two_analyses):
+    archive = mlarch.open(two_analyses)
+    module = "model.layers.0.mlp.up_proj"
+    python = "has 2 analyses (math-vs-control, math-vs-math): pass analysis=NAME to choose one"
+    cli_text = "pass --analysis NAME (analysis= in the Python API) to choose one"
+    base = ["--archive", str(two_analyses)]
+    check(lambda: archive.compare("tiny-llama", ["en", "de"]),
+          base + ["compare", "--model", "tiny-llama", "--langs", "en,de"], python, cli_text)
+    check(lambda: archive.selection("tiny-llama", "en", 0.25, module), None, python, None)
+
+
+def test_another_configuration_under_a_taken_name_names_analysis(two_analyses, model_dir, data):
+    archive = mlarch.open(two_analyses)
+    model = str(model_dir["llama"])
+    # the taken name with the other analysis's control: refused before anything is scored
+    check(lambda: archive.ingest(model, ["en", "de"], data["math"], data["math"], samples=3, top_k=[0.25],
+                                 device="cpu", analysis="math-vs-control", progress=False),
+          ["--archive", str(two_analyses), "ingest", "--model", model, "--langs", "en,de", "--math",
+           data["math"], "--control", data["control"], "--samples", "3", "--top-k", "0.25", "--device", "cpu",
+           "--analysis", "math-vs-math", "-q"],
+          "pass analysis=NAME to archive this one as a separate analysis (see Archive.analyses())",
+          "pass --analysis NAME to archive this one as a separate analysis (see `mlarch analyses`)")
+
+
+def _edited_copy(source, target, statement: str) -> str:
+    """A copy of the archive at `source` with one catalog row edited by hand; the edited run's id."""
+    import shutil
+
+    import duckdb
+
+    shutil.copytree(source, target)
+    con = duckdb.connect(str(target / "catalog.duckdb"))
+    run_id = con.execute("SELECT run_id FROM runs ORDER BY run_id LIMIT 1").fetchone()[0]
+    con.execute(statement, [run_id])
+    con.close()
+    return run_id
+
+
+def test_an_edited_row_names_anonymize_and_sql_write(two_analyses, tmp_path):
+    """Export refuses rows edited by hand; the fix names anonymize=True / Archive.sql(..., write=True)
+    in Python, --anonymize / `mlarch sql --write` in the CLI (also through the wrapping export error)."""
+    sealed = tmp_path / "sealed"
+    run_id = _edited_copy(two_analyses, sealed, "UPDATE runs SET provenance = json_merge_patch(provenance, "
+                          "'{\"seed\": 7}') WHERE run_id = ?")
+    out = tmp_path / "b.tar"
+    check(lambda: mlarch.open(sealed).export_bundle(out, model="tiny-llama", anonymize=True),
+          ["--archive", str(sealed), "export-bundle", "--model", "tiny-llama", "--anonymize", "-o", str(out)],
+          f"run {run_id}'s rows differ from its record digest, and anonymize=True seals them again",
+          f"run {run_id}'s rows differ from its record digest, and --anonymize seals them again", code=1)
+    moved = tmp_path / "moved"
+    _edited_copy(two_analyses, moved, "UPDATE arrays SET path = '/elsewhere' WHERE path = (SELECT min(path) FROM "
+                 "arrays WHERE kind = 'levels') AND ? IS NOT NULL")
+    check(lambda: mlarch.open(moved).export_bundle(out, model="tiny-llama"),
+          ["--archive", str(moved), "export-bundle", "--model", "tiny-llama", "-o", str(out)],
+          "set the row back (Archive.sql(..., write=True)) or restore the catalog from a copy; nothing was exported",
+          "set the row back (`mlarch sql --write`) or restore the catalog from a copy; nothing was exported", code=1)
+    assert not list(tmp_path.glob("b.tar*"))
+
+
 # --- no flag spelt in a raise under the API ---------------------------------------------------
 
 LIBRARY = Path(mlarch.__file__).parent
 CHECKED = [LIBRARY / "methods.py", LIBRARY / "archive.py", *sorted((LIBRARY / "ingest").glob("*.py")),
-           *sorted((LIBRARY / "evaluation").glob("*.py"))]
+           *sorted((LIBRARY / "evaluation").glob("*.py")), *sorted((LIBRARY / "store").glob("*.py"))]
 FLAG = re.compile(r"(^|[\s(`'\"])--[a-z]")
 SHELL_COMMANDS = ("pip install", "ray start")  # other programs' flags, the same from Python
 

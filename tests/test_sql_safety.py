@@ -196,7 +196,7 @@ def test_a_typo_in_the_api_creates_nothing(tmp_path, monkeypatch):
         for call in (archive.runs, archive.models, lambda: archive.sql("SELECT 1"),
                      lambda: archive.sql("CREATE TABLE t (x INTEGER)", write=True),
                      lambda: archive.compare("x", ["en", "de"]), lambda: archive.run("feedbeef")):
-            with pytest.raises(MlarchError, match=f"^no mlarch archive at {path}: check --archive"):
+            with pytest.raises(MlarchError, match=f"^no mlarch archive at {path}: check the folder given to mlarch.open"):
                 call()
     assert [p.name for p in tmp_path.iterdir()] == ["stray"] and list((tmp_path / "stray").iterdir()) == []
 

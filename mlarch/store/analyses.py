@@ -18,6 +18,7 @@ import re
 from pathlib import PurePosixPath
 
 from mlarch.errors import MlarchError, UsageError
+from mlarch.wording import Arg, Phrase, error
 from mlarch.store import records
 
 MAX_NAME = 128
@@ -100,14 +101,15 @@ def default_name(math: str, control: str, only_correct: bool = False, paper: boo
 def check_name(name) -> None:
     """Refuse an analysis name that is empty, not text, over MAX_NAME characters, or holds control characters, commas
     or surrounding spaces (a UsageError)."""
-    fix = "pass --analysis with a short name such as gsm8k-vs-flores"
+    fix = ("pass ", Arg("analysis"), " with a short name such as gsm8k-vs-flores")
     if not isinstance(name, str) or not name:
-        raise UsageError(f"the analysis name {name!r} is empty or not text: {fix}")
+        raise error(UsageError, f"the analysis name {name!r} is empty or not text: ", *fix)
     shown = repr(name if len(name) <= 40 else name[:40] + "...")
     if len(name) > MAX_NAME:
-        raise UsageError(f"analysis name {shown} has {len(name):,} characters, over {MAX_NAME}: {fix}")
+        raise error(UsageError, f"analysis name {shown} has {len(name):,} characters, over {MAX_NAME}: ", *fix)
     if not name.isprintable() or name != name.strip() or "," in name:
-        raise UsageError(f"analysis name {shown} contains control characters, commas or surrounding spaces: {fix}")
+        raise error(UsageError, f"analysis name {shown} contains control characters, commas or surrounding spaces: ",
+                    *fix)
 
 
 def _differences(old: dict, new: dict) -> str:
@@ -175,9 +177,10 @@ def check_config(con, model: str, analysis: str, config: dict) -> dict | None:
         return None
     both = merged(found["config"], config)
     if both is None:
-        raise UsageError(f"analysis {analysis!r} of model {model!r} was ingested with another configuration "
-                         f"({_differences(found['config'], config)}): pass --analysis NAME to archive this one as "
-                         "a separate analysis (see `mlarch analyses`)")
+        raise error(UsageError, f"analysis {analysis!r} of model {model!r} was ingested with another configuration "
+                    f"({_differences(found['config'], config)}): pass ", Arg("analysis", shown="NAME"),
+                    " to archive this one as a separate analysis (see ",
+                    Phrase("Archive.analyses()", "`mlarch analyses`"), ")")
     return both
 
 
@@ -212,8 +215,8 @@ def resolve(con, model: str, analysis: str | None) -> str:
         return known[0]
     if not known:
         raise MlarchError(f"model {model!r} has no analysis yet: ingest math and control runs for it")
-    raise UsageError(f"model {model!r} has {len(known)} analyses ({', '.join(known)}): pass --analysis NAME "
-                     "(analysis= in the Python API) to choose one")
+    raise error(UsageError, f"model {model!r} has {len(known)} analyses ({', '.join(known)}): pass ",
+                Phrase("analysis=NAME", "--analysis NAME (analysis= in the Python API)"), " to choose one")
 
 
 # --- placing runs archived before analyses existed -----------------------------------------

@@ -36,6 +36,7 @@ import re
 import socket
 
 from mlarch.errors import MlarchError
+from mlarch.wording import Arg, error
 from mlarch.store import analyses, layout, records
 
 PLACEHOLDER = "<anonymized>"
@@ -128,16 +129,18 @@ def check_seals(tables: dict[str, list[dict]]) -> None:
         samples = sorted((s for s in tables["run_samples"] if s["run_id"] == run["run_id"]), key=lambda s: s["position"])
         actual = records.run_digest(run, [s["item_index"] for s in samples], by_owner.get(run["run_id"], []))
         if actual != run.get("record_sha256"):
-            raise MlarchError(f"run {run['run_id']}'s rows differ from its record digest, and --anonymize seals "
-                              "them again: run `mlarch verify`, restore the run (or remove it), then export")
+            raise error(MlarchError, f"run {run['run_id']}'s rows differ from its record digest, and ",
+                        Arg("anonymize", True),
+                        " seals them again: run `mlarch verify`, restore the run (or remove it), then export")
     by_path = {record["path"]: record for record in tables["arrays"]}
     for model in tables["models"]:
         magnitudes = by_path.get(layout.array_path(model["magnitudes_group"], "magnitudes"))
         actual = records.model_digest(model, [m for m in tables["modules"] if m["model"] == model["model"]],
                                       [magnitudes] if magnitudes else [])
         if actual != model.get("record_sha256"):
-            raise MlarchError(f"model {model['model']!r}'s rows differ from its record digest, and --anonymize seals "
-                              "them again: run `mlarch verify`, restore the model, then export")
+            raise error(MlarchError, f"model {model['model']!r}'s rows differ from its record digest, and ",
+                        Arg("anonymize", True),
+                        " seals them again: run `mlarch verify`, restore the model, then export")
 
 
 # what the manifest and each run's provenance say was done (kinds of values, never the values)

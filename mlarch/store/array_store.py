@@ -23,6 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from mlarch.errors import MlarchError, UsageError
+from mlarch.wording import Arg, Phrase, error, for_cli
 from mlarch.store import layout
 
 LOCAL = "local"  # what a catalog without a recorded location means: <archive>/arrays.zarr
@@ -55,19 +56,22 @@ class StoreError(UsageError):
     one line, exit status 2."""
 
 
-def parse(url: str) -> S3Arrays:
-    """The S3 location of `s3://BUCKET/PREFIX` (prefix optional), or a UsageError."""
+def parse(url: str, arg: Arg | None = None) -> S3Arrays:
+    """The S3 location of `s3://BUCKET/PREFIX` (prefix optional), or a UsageError naming
+    `arg` (the argument the URL came in: arrays= / --arrays unless told)."""
     text = str(url).strip()
     match = _URL.fullmatch(text)
+    name, flag = (arg.name, arg.flag) if arg is not None else ("arrays", None)
+    given = Arg(name, flag=flag, shown=repr(redact(text)[:120]))
     if match is None:
-        raise UsageError(f"--arrays {redact(text)[:120]!r} is not s3://BUCKET/PREFIX: pass e.g. "
-                         "s3://my-bucket/mlarch (a bucket name of 3-63 lowercase letters, digits, dots and hyphens)")
+        raise error(UsageError, given, " is not s3://BUCKET/PREFIX: pass e.g. "
+                    "s3://my-bucket/mlarch (a bucket name of 3-63 lowercase letters, digits, dots and hyphens)")
     prefix = (match.group("prefix") or "").strip("/")
     segments = prefix.split("/") if prefix else []
     bad = [s for s in segments if not _SEGMENT.fullmatch(s)]
     if bad or len(prefix) > 512:
-        raise UsageError(f"--arrays {redact(text)[:120]!r}: prefix segment {(bad or [prefix[:40]])[0][:40]!r} is not "
-                         "letters, digits, '.', '_' and '-' (and not '.' or '..'): choose a plain prefix such as "
+        raise error(UsageError, given, f": prefix segment {(bad or [prefix[:40]])[0][:40]!r} is not "
+                    "letters, digits, '.', '_' and '-' (and not '.' or '..'): choose a plain prefix such as "
                          "s3://bucket/team/mlarch")
     return S3Arrays(match.group("bucket"), prefix)
 
@@ -310,8 +314,8 @@ class S3Arrays(ArrayStore):
         text = redact(" ".join(str(exc).split()))[:160] or type(exc).__name__
         names = {cls.__name__ for cls in type(exc).__mro__}
         if (isinstance(exc, FileNotFoundError) and _bucket_missing(exc)) or "NoSuchBucket" in text:
-            return StoreError(f"bucket {self.bucket!r} does not exist at {self.endpoint()} (arrays at {self.url}): "
-                              "create it, or check the archive's --arrays URL and AWS_ENDPOINT_URL")
+            return error(StoreError, f"bucket {self.bucket!r} does not exist at {self.endpoint()} (arrays at "
+                         f"{self.url}): create it, or check the archive's ", Arg("arrays"), " URL and AWS_ENDPOINT_URL")
         if "NoCredentialsError" in names or "Unable to locate credentials" in text:
             return StoreError(f"no AWS credentials for {self.url}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
                               "or AWS_PROFILE")
@@ -423,8 +427,8 @@ def of(root: Path) -> ArrayStore:
     try:
         store = parse(url)
     except UsageError as exc:
-        raise StoreError(f"the catalog of {root} records arrays at {str(url)[:120]!r}, which is not an s3:// URL "
-                         f"mlarch makes ({exc}): restore the catalog from a copy") from None
+        raise error(StoreError, f"the catalog of {root} records arrays at {str(url)[:120]!r}, which is not an s3:// "
+                    "URL mlarch makes (", Phrase(str(exc), for_cli(exc)), "): restore the catalog from a copy") from None
     key = (store.url, tuple(os.environ.get(name) for name in _SETTINGS))
     with _OPENED_LOCK:
         known = _OPENED.get(key)
@@ -457,11 +461,12 @@ def for_ingest(root: Path, url: str | None) -> ArrayStore:
     if catalog_path.exists():
         current = recorded(catalog_path)
         if current is None and requested is not None and _has_arrays(catalog_path):
-            raise UsageError(f"archive {root} keeps its arrays in its folder ({layout.ARRAYS}); --arrays "
-                             f"{requested.url} differs: drop --arrays, or start a new archive for arrays on S3")
+            raise error(UsageError, f"archive {root} keeps its arrays in its folder ({layout.ARRAYS}); ",
+                        Arg("arrays", shown=requested.url), " differs: drop ", Arg("arrays"),
+                        ", or start a new archive for arrays on S3")
         if current is not None and requested is not None and requested.url != current:
-            raise UsageError(f"archive {root} keeps its arrays at {current} (recorded by its first ingest); --arrays "
-                             f"{requested.url} differs: drop --arrays or pass {current}")
+            raise error(UsageError, f"archive {root} keeps its arrays at {current} (recorded by its first ingest); ",
+                        Arg("arrays", shown=requested.url), " differs: drop ", Arg("arrays"), f" or pass {current}")
         if current is not None:
             requested = of(root)
     if requested is None:
@@ -481,12 +486,12 @@ def record(root: Path, store: ArrayStore) -> None:
         row = con.execute("SELECT url FROM array_location").fetchone()
         if row is not None:
             if row[0] != store.url:  # another ingest recorded another one meanwhile
-                raise UsageError(f"archive {root} keeps its arrays at {row[0]}; --arrays {store.url} differs: "
-                                 f"drop --arrays or pass {row[0]}")
+                raise error(UsageError, f"archive {root} keeps its arrays at {row[0]}; ",
+                            Arg("arrays", shown=store.url), " differs: drop ", Arg("arrays"), f" or pass {row[0]}")
             return
         if con.execute("SELECT count(*) FROM arrays").fetchone()[0] > 0:
-            raise UsageError(f"archive {root} keeps its arrays in its folder ({layout.ARRAYS}); --arrays "
-                             f"{store.url} differs: drop --arrays")
+            raise error(UsageError, f"archive {root} keeps its arrays in its folder ({layout.ARRAYS}); ",
+                        Arg("arrays", shown=store.url), " differs: drop ", Arg("arrays"))
         con.execute("INSERT INTO array_location VALUES (1, ?, now()::TIMESTAMP)", [store.url])
 
 

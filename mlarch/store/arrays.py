@@ -24,6 +24,7 @@ from zarr.codecs import BloscCodec, Crc32cCodec
 from zarr.storage import WrapperStore
 
 from mlarch.errors import MlarchError
+from mlarch.wording import Phrase, error
 from mlarch.store.array_store import ArrayStore, StoreError, coerce
 from mlarch.store.chunk_writes import ChunkEncoder, write_chunks
 
@@ -259,8 +260,8 @@ def write(root: ArrayStore | Path, path: str, data: np.ndarray, compress: bool =
             raise location.trouble(exc) from None
         if not isinstance(exc, OSError):
             raise
-        raise MlarchError(f"cannot write array {path} under {location.where()}: {exc.strerror or exc}: "
-                          "free disk space or choose a writable --archive") from None
+        raise error(MlarchError, f"cannot write array {path} under {location.where()}: {exc.strerror or exc}: "
+                    "free disk space or choose a writable ", Phrase("archive folder", "--archive")) from None
     if chunk_sha is None:
         try:
             chunk_sha = tuple(store.seen[f"c/{i}"] for i in range(count))

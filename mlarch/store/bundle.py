@@ -24,6 +24,7 @@ from pathlib import Path
 
 import mlarch
 from mlarch.errors import MlarchError
+from mlarch.wording import Phrase, error, for_cli
 from mlarch.store import analyses, array_store, arrays, catalog, layout, records
 from mlarch.store import bundle_checks as checks
 from mlarch.store.derive import current_runs, derive, replace_derived
@@ -87,7 +88,8 @@ def export_bundle(root: Path, out: Path, run_ids: list[str] | None = None, model
         try:
             anonymized = scrub(rows)
         except MlarchError as exc:
-            raise MlarchError(f"catalog of {root}: {exc}; nothing was exported") from None
+            raise error(MlarchError, f"catalog of {root}: ", Phrase(str(exc), for_cli(exc)),  # keeps --anonymize
+                        "; nothing was exported") from None
         tables = {name: {"columns": t["columns"], "rows": [[checks.plain(row[c]) for c in t["columns"]]
                                                            for row in rows[name]]} for name, t in tables.items()}
     store = array_store.of(root)  # arrays on S3: (array path, object name) instead of a file
@@ -98,8 +100,9 @@ def export_bundle(root: Path, out: Path, run_ids: list[str] | None = None, model
                   (store.owned(record["path"], record["path"]), name[len(f"arrays/{record['path']}/"):]))
                  for record in records_by_path.values() for name in checks.member_names(record)]
     except MlarchError as exc:
-        raise MlarchError(f"catalog of {root}: {exc}: set the row back (`mlarch sql --write`) or restore the "
-                          "catalog from a copy; nothing was exported") from None
+        raise error(MlarchError, f"catalog of {root}: ", Phrase(str(exc), for_cli(exc)), ": set the row back (",
+                    Phrase("Archive.sql(..., write=True)", "`mlarch sql --write`"), ") or restore the "
+                    "catalog from a copy; nothing was exported") from None
     manifest = {"format": checks.FORMAT, "version": checks.VERSION, "mlarch": mlarch.__version__,
                 "exported_at": datetime.now().isoformat(), "run_ids": ids, "models": models, "tables": tables}
     if anonymized is not None:  # informational: import trusts the digests, never this

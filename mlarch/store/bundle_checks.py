@@ -146,7 +146,7 @@ def check_rows(tables: dict[str, list[dict]]) -> dict[str, dict]:
         try:
             analyses.check_name(row["analysis"])
         except MlarchError as exc:
-            raise Bad(str(exc).split(": pass --analysis")[0]) from None
+            raise Bad(str(exc).rsplit(": pass ", 1)[0]) from None  # the reason, without the fix
         try:
             config = json.loads(row["config"])
         except (TypeError, ValueError, RecursionError):

@@ -22,6 +22,7 @@ from pathlib import Path
 import duckdb
 
 from mlarch.errors import MlarchError
+from mlarch.wording import Phrase, error
 from mlarch.store.rows import dicts  # noqa: F401 - catalog.dicts, as before (records.py shares it)
 
 _MIGRATION_NAME = re.compile(r"^(\d{4})_(\w+)\.sql$")
@@ -103,9 +104,8 @@ def _opening(path: Path, open_it):
             busy = exc, "another thread of this process is using it"  # e.g. a reader while we write
         except duckdb.IOException as exc:
             if "lock" not in str(exc).lower():  # not a valid file, permissions, ...
-                raise MlarchError(
-                    f"cannot open catalog {path}: {_first_line(exc)}: check the file, or point --archive elsewhere"
-                ) from None
+                raise error(MlarchError, f"cannot open catalog {path}: {_first_line(exc)}: check the file, or point ",
+                            Phrase("mlarch.open(DIR)", "--archive"), " elsewhere") from None
             busy = exc, "another process may hold it for writing"
         except duckdb.Error as exc:
             raise _unreadable(path, exc) from None
@@ -117,10 +117,8 @@ def _opening(path: Path, open_it):
 
 
 def _unreadable(path: Path, exc: BaseException) -> MlarchError:
-    return MlarchError(
-        f"catalog {path} is not a readable DuckDB file ({_first_line(exc)}): "
-        "restore it from a copy or point --archive elsewhere"
-    )
+    return error(MlarchError, f"catalog {path} is not a readable DuckDB file ({_first_line(exc)}): "
+                 "restore it from a copy or point ", Phrase("mlarch.open(DIR)", "--archive"), " elsewhere")
 
 
 def _first_line(exc: BaseException) -> str:
@@ -178,7 +176,8 @@ def checked_version(con: duckdb.DuckDBPyConnection, path: Path) -> int:
 
 
 def _foreign(path: Path, why: str) -> MlarchError:
-    return MlarchError(f"{path} is not an mlarch catalog ({why}): point --archive at an mlarch archive folder")
+    return error(MlarchError, f"{path} is not an mlarch catalog ({why}): point ",
+                 Phrase("mlarch.open(DIR)", "--archive"), " at an mlarch archive folder")
 
 
 def _few(names: list[str]) -> str:
@@ -190,10 +189,10 @@ def _few(names: list[str]) -> str:
 def missing_archive(root: Path) -> MlarchError:
     """The error for a path that holds no archive (reading one never creates it)."""
     hint = " (that is a file: pass the folder that holds catalog.duckdb)" if root.is_file() else ""
-    return MlarchError(
-        f"no mlarch archive at {root}{hint}: check --archive (or MLARCH_ARCHIVE); "
-        "`mlarch ingest` or `mlarch import-bundle` creates one"
-    )
+    return error(MlarchError, f"no mlarch archive at {root}{hint}: check ",
+                 Phrase("the folder given to mlarch.open", "--archive"), " (or MLARCH_ARCHIVE); ",
+                 Phrase("Archive.ingest or Archive.import_bundle", "`mlarch ingest` or `mlarch import-bundle`"),
+                 " creates one")
 
 
 def _seal_records(con) -> None:

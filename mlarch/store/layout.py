@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from mlarch.errors import MlarchError, UsageError
+from mlarch.wording import Phrase, error
 
 DEFAULT_ARCHIVE = "mlarch-archive"
 CATALOG = "catalog.duckdb"
@@ -28,9 +29,10 @@ def resolve(path: str | os.PathLike | None) -> Path:
     mlarch.store.remote_catalog.resolve, which mlarch.open uses)."""
     chosen = path or os.environ.get("MLARCH_ARCHIVE") or DEFAULT_ARCHIVE
     if _URL.match(os.fspath(chosen)):
-        raise UsageError(f"archive {str(os.fspath(chosen))[:120]!r} is a URL: an archive is a local folder, or a "
-                         "published one at s3://BUCKET/PREFIX (opened by mlarch.open / --archive); pass --archive "
-                         "DIR or --archive s3://BUCKET/PREFIX")
+        raise error(UsageError, f"archive {str(os.fspath(chosen))[:120]!r} is a URL: an archive is a local folder, or "
+                    "a published one at s3://BUCKET/PREFIX (opened by ",
+                    Phrase("mlarch.open); pass mlarch.open(DIR) or mlarch.open('s3://BUCKET/PREFIX')",
+                           "mlarch.open / --archive); pass --archive DIR or --archive s3://BUCKET/PREFIX"))
     return Path(chosen).expanduser()
 
 
@@ -62,9 +64,9 @@ def refuse_snapshot(root: Path) -> None:
         url = url if _SNAPSHOT_URL.fullmatch(url) else "s3://..."
     except Exception:
         url = "s3://..."
-    raise UsageError(f"archive {url} is a published read-only snapshot (fetched into {root}): run commands that "
-                     f"change an archive on the archive it was published from, then `mlarch --archive DIR publish "
-                     f"{url}` again")
+    raise error(UsageError, f"archive {url} is a published read-only snapshot (fetched into {root}): run commands "
+                "that change an archive on the archive it was published from, then ",
+                Phrase(f"mlarch.open(DIR).publish({url!r})", f"`mlarch --archive DIR publish {url}`"), " again")
 
 
 def probe_writable(folder: Path, root: Path) -> None:
@@ -78,10 +80,9 @@ def probe_writable(folder: Path, root: Path) -> None:
 
 
 def _unwritable(root: Path, exc: OSError):
-    raise MlarchError(
-        f"archive folder {root} is not writable ({exc.strerror or exc}): "
-        "pass --archive DIR (or set MLARCH_ARCHIVE) to a writable folder"
-    ) from None
+    raise error(MlarchError, f"archive folder {root} is not writable ({exc.strerror or exc}): ",
+                Phrase("pass mlarch.open(DIR) a writable folder (or set MLARCH_ARCHIVE to one)",
+                       "pass --archive DIR (or set MLARCH_ARCHIVE) to a writable folder")) from None
 
 
 def model_group(model: str) -> str:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from mlarch import methods
 from mlarch.errors import MlarchError
+from mlarch.wording import Phrase, error
 from mlarch.store import analyses, array_store, arrays, catalog, layout, records as run_records
 from mlarch.store.derive import current_runs, derive, replace_derived, run_ref, top_count
 from mlarch.store.spans import read_spans
@@ -376,8 +377,9 @@ def _owned_folder(store, kind: str, name: str, group, magnitudes_owners: dict | 
         if group != expected:
             store.owned(group, expected)  # raises, naming both
     except layout.UnsafePath as exc:
-        raise MlarchError(f"{kind} {name}: {exc}: the catalog row was edited; set it back (`mlarch sql --write`) "
-                          "or restore the catalog from a copy; nothing was removed") from None
+        raise error(MlarchError, f"{kind} {name}: {exc}: the catalog row was edited; set it back (",
+                    Phrase("Archive.sql(..., write=True)", "`mlarch sql --write`"),
+                    ") or restore the catalog from a copy; nothing was removed") from None
     return _listed_folder(store, expected)
 
 

@@ -32,6 +32,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from mlarch.errors import MlarchError, UsageError
+from mlarch.wording import Arg, Phrase, error
 from mlarch.store import array_store, layout
 
 FORMAT = "mlarch-published-archive"
@@ -82,7 +83,7 @@ def publish(root, url: str) -> dict:
     manifest naming it, to `url`, which must be where the archive's arrays already are.
     Returns what was published (url, sha256, size, schema_version, runs)."""
     root = Path(root)
-    target = _parse(url, "publish")
+    target = array_store.parse(url, Arg("url", flag="publish"))  # Archive.publish(url) / `mlarch publish URL`
     catalog_path = root / layout.CATALOG
     if not catalog_path.exists():
         from mlarch.store import catalog
@@ -93,12 +94,13 @@ def publish(root, url: str) -> dict:
                          "from the archive it was published from")
     recorded = array_store.recorded(catalog_path)  # also checks (and migrates) the schema
     if recorded is None:
-        raise UsageError(f"archive {root} keeps its arrays in its folder ({layout.ARRAYS}), where readers of "
-                         f"{target.url} cannot reach them: publish an archive whose first ingest had --arrays "
-                         f"{target.url} (or move the runs there: export-bundle, then import-bundle into one)")
+        raise error(UsageError, f"archive {root} keeps its arrays in its folder ({layout.ARRAYS}), where readers of "
+                    f"{target.url} cannot reach them: publish an archive whose first ingest had ",
+                    Arg("arrays", shown=target.url),
+                    " (or move the runs there: export-bundle, then import-bundle into one)")
     if recorded != target.url:
-        raise UsageError(f"archive {root} keeps its arrays at {recorded}, not {target.url}: publish it where its "
-                         f"arrays are (mlarch --archive {root} publish {recorded})")
+        raise error(UsageError, f"archive {root} keeps its arrays at {recorded}, not {target.url}: publish it where "
+                    "its arrays are (", Phrase(f"url={recorded!r}", f"mlarch --archive {root} publish {recorded}"), ")")
     store = array_store.of(root)  # probed: a missing bucket or refused credentials is one line
     store.probe(write=True)
     with tempfile.TemporaryDirectory(prefix="mlarch-publish-") as tmp:
@@ -198,7 +200,7 @@ def fetch(url: str) -> Path:
     (again only if the manifest names another snapshot, or the cached copy changed), checked
     by size and sha256 against the manifest, read-only (layout.refuse_snapshot). Arrays stay on S3: the
     catalog records their location."""
-    store = _parse(url, "--archive")
+    store = array_store.parse(url, Arg("path", flag="--archive"))  # mlarch.open(path) / --archive
     manifest = _manifest(store)
     folder = cache_folder(store.url)
     try:
@@ -212,13 +214,6 @@ def fetch(url: str) -> Path:
     return folder
 
 
-def _parse(url, where: str):
-    try:
-        return array_store.parse(url)
-    except UsageError as exc:
-        raise UsageError(str(exc).replace("--arrays", where, 1)) from None
-
-
 def _manifest(store, missing_ok: bool = False) -> dict | None:
     """The published manifest at `store`, checked field by field (None if absent and missing_ok)."""
     fs = array_store._filesystem()
@@ -229,8 +224,9 @@ def _manifest(store, missing_ok: bool = False) -> dict | None:
     except FileNotFoundError:
         if missing_ok:
             return None
-        raise UsageError(f"nothing is published at {store.url} (no {MANIFEST}): publish an archive there with "
-                         f"`mlarch --archive DIR publish {store.url}`") from None
+        raise error(UsageError, f"nothing is published at {store.url} (no {MANIFEST}): publish an archive there with ",
+                    Phrase(f"mlarch.open(DIR).publish({store.url!r})", f"`mlarch --archive DIR publish {store.url}`")
+                    ) from None
     if len(raw) > MAX_MANIFEST:
         raise _bad_manifest(where, f"it is over {MAX_MANIFEST:,} bytes")
     try:
@@ -262,8 +258,8 @@ def _manifest(store, missing_ok: bool = False) -> dict | None:
 
 
 def _bad_manifest(where: str, why: str) -> MlarchError:
-    return MlarchError(f"the published manifest {where} is damaged ({why}): publish the archive again "
-                       "(`mlarch --archive DIR publish URL`)")
+    return error(MlarchError, f"the published manifest {where} is damaged ({why}): publish the archive again (",
+                 Phrase("mlarch.open(DIR).publish(URL)", "`mlarch --archive DIR publish URL`"), ")")
 
 
 def _cached(folder: Path, url: str, manifest: dict) -> bool:
