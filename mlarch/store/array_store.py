@@ -319,15 +319,16 @@ class S3Arrays(ArrayStore):
         if "NoCredentialsError" in names or "Unable to locate credentials" in text:
             return StoreError(f"no AWS credentials for {self.url}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
                               "or AWS_PROFILE")
-        if isinstance(exc, PermissionError) or any(code in text for code in (
-                "InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "Forbidden", "403")):
-            return StoreError(f"access to {self.url} at {self.endpoint()} was refused ({text[:100]}): check "
-                              "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) and the bucket's policy")
+        # before "refused": an older s3fs (2024.6.1, the floor) reports a failed connection as a PermissionError
         if names & {"EndpointConnectionError", "ConnectTimeoutError", "ConnectionClosedError", "ClientConnectorError",
                     "ServerDisconnectedError", "ReadTimeoutError", "FSTimeoutError", "TimeoutError"} \
                 or isinstance(exc, (ConnectionError, TimeoutError)) or "Could not connect" in text:
             return StoreError(f"cannot reach the S3 endpoint {self.endpoint()} for {self.url} ({text[:100]}): "
                               "check AWS_ENDPOINT_URL and the network")
+        if isinstance(exc, PermissionError) or any(code in text for code in (
+                "InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "Forbidden", "403")):
+            return StoreError(f"access to {self.url} at {self.endpoint()} was refused ({text[:100]}): check "
+                              "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) and the bucket's policy")
         if "InvalidEndpoint" in names or "ValueError" in names and "endpoint" in text.lower():
             return StoreError(f"S3 endpoint {redact(_endpoint() or '')!r} is not a valid URL: set AWS_ENDPOINT_URL "
                               "to e.g. http://127.0.0.1:9000")
