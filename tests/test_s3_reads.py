@@ -158,6 +158,15 @@ def _iam_user_key(endpoint: str, env: dict[str, str], name: str) -> tuple[str, s
     return key["AccessKeyId"], key["SecretAccessKey"]
 
 
+def _moto_version() -> tuple[int, ...]:
+    from importlib.metadata import version
+
+    return tuple(int(part) for part in version("moto").split(".")[:3] if part.isdigit())
+
+
+# seen in .ci/lowest: with key checking on, moto 5.1.0 answers SignatureDoesNotMatch to the
+# requests this test makes with a profile's key; moto 5.2.5 accepts them (the server, not mlarch)
+@pytest.mark.skipif(_moto_version() < (5, 2, 5), reason="moto < 5.2.5 refuses these signatures with key checking on")
 def test_a_named_profile_from_config_files_is_honoured(pair, s3, tmp_path, monkeypatch):
     """AWS_PROFILE names a profile in AWS_CONFIG_FILE / AWS_SHARED_CREDENTIALS_FILE; no key or
     region variables. With moto checking keys, the profile's key reads the arrays; a profile
