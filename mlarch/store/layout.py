@@ -163,28 +163,35 @@ def slug(text: str) -> str:
 
 @contextmanager
 def commit_lock(root: Path):
-    """One committer at a time per archive (across processes and threads); others wait their turn.
+    """One committer at a time per archive (across processes and threads); others wait their turn."""
+    refuse_snapshot(root)
+    with file_lock(root / LOCK, "the commit lock", "mlarch commits only where files can be locked (flock or "
+                   "Windows); commit from such a system"):
+        yield
+
+
+@contextmanager
+def file_lock(path: Path, what: str, unsupported: str):
+    """Hold an exclusive lock on the plain file `path` (created if missing), waiting for it.
 
     The file is opened here, never through a link; filelock's lock_descriptor locks it (flock on
     POSIX, LockFileEx on Windows), so nothing here needs fcntl. Not filelock.FileLock: where flock
-    is missing it falls back to a marker file that a crashed committer leaves behind for ever."""
-    from filelock import lock_descriptor, unlock_descriptor  # ~70 ms to import: committers only
+    is missing it falls back to a marker file that a crashed holder leaves behind for ever.
+    `what` names the lock in errors; `unsupported` is the fix where files cannot be locked."""
+    from filelock import lock_descriptor, unlock_descriptor  # ~70 ms to import: lock holders only
 
-    refuse_snapshot(root)
-    path = root / LOCK
-    try:  # a planted link would make every commit create a file elsewhere; O_NOFOLLOW refuses it,
+    try:  # a planted link would make every lock create a file elsewhere; O_NOFOLLOW refuses it,
         if os.path.islink(path):  # and this check does where there is no O_NOFOLLOW (Windows)
             raise OSError(errno.ELOOP, "a symbolic link")
         fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
     except OSError as exc:
-        raise MlarchError(f"cannot open the commit lock {path} ({exc.strerror or exc}): mlarch makes it a "
+        raise MlarchError(f"cannot open {what} {path} ({exc.strerror or exc}): mlarch makes it a "
                           "plain file; remove whatever is there") from None
     try:
         try:
             lock_descriptor(fd)  # waits its turn (polls every 50 ms)
         except OSError as exc:  # ENOSYS: this Python has neither flock nor LockFileEx
-            raise MlarchError(f"cannot lock the commit lock {path} ({exc.strerror or exc}): mlarch commits only "
-                              "where files can be locked (flock or Windows); commit from such a system") from None
+            raise MlarchError(f"cannot lock {what} {path} ({exc.strerror or exc}): {unsupported}") from None
         try:
             yield
         finally:

@@ -27,7 +27,6 @@ import re
 import shutil
 import tempfile
 import uuid
-from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -355,20 +354,10 @@ def _check_snapshot(path: Path, source: str, url: str, version: int) -> None:
         catalog.ensure_schema(path)
 
 
-@contextmanager
 def _fetch_lock(folder: Path):
     """One fetch at a time per cached URL (processes sharing a cache)."""
-    from filelock import lock_descriptor, unlock_descriptor
-
-    fd = os.open(folder / ".fetch.lock", os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
-    try:
-        lock_descriptor(fd)
-        try:
-            yield
-        finally:
-            unlock_descriptor(fd)
-    finally:
-        os.close(fd)
+    return layout.file_lock(folder / ".fetch.lock", "the fetch lock", "fetch published archives where files "
+                            "can be locked (flock or Windows)")
 
 
 __all__ = ["MANIFEST", "MARKER", "cache_folder", "catalog_key", "fetch", "is_snapshot", "publish", "resolve"]
