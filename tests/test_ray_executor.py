@@ -328,6 +328,18 @@ def test_a_killed_driver_leaves_what_gc_removes_and_a_rerun_completes(ray_sessio
     assert not [c for c in verify(root) if not c.ok]
 
 
+def test_a_worker_error_names_its_own_cause(ray_session):
+    """A worker's error that is not mlarch's is shown as the worker raised it (type and message),
+    not as the first line of Ray's wrapper, which names only the actor and its process."""
+    @ray.remote
+    def fails():
+        raise ValueError("the cause, in the worker")
+
+    with pytest.raises(MlarchError) as caught:
+        ray_executor._get(fails.remote())
+    assert str(caught.value) == "a Ray worker failed: ValueError: the cause, in the worker"
+
+
 def test_the_overall_bar_says_units(capsys):
     """The Ray driver's bar counts units: its summary line (a notebook without widgets) says so,
     and a scoring pass still counts samples."""

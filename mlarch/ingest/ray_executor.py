@@ -280,8 +280,9 @@ class _Driver:
                     submit(worker)
                 reporter.advance(1, pending.n_tokens)
                 prov = pending.provenance
+                node = prov.get("ray_node")
                 reporter.message(f"scored {unit.label}: {pending.n_tokens:,} tokens in {prov['duration_s']:.2f} s "
-                                 f"on {prov['host']}")
+                                 f"on {prov['host']}" + (f" (node {node[:8]})" if _is_node_id(node) else ""))
                 key = (unit.seed, unit.lang)
                 arrived.setdefault(key, []).append(pending)
                 if len(arrived[key]) == expected[key]:
@@ -332,9 +333,12 @@ class ScoringWorker:
         return {"model": ctx.info, "host": socket.gethostname(), "pid": os.getpid()}
 
     def score(self, order, unit, run_id: str):
-        """Score one unit, write its arrays; the manifest, without the level codes."""
+        """Score one unit, write its arrays; the manifest, without the level codes. Its provenance
+        names the Ray node that scored it ("ray_node"), beside the host."""
         pending = units.score_run(self._ready(order), unit, run_id).result()
         pending.levels = None  # the driver's derive reads them from the store
+        # the host alone does not tell apart two nodes of one machine (or a worker Ray moved after a restart)
+        pending.provenance["ray_node"] = ray.get_runtime_context().get_node_id()
         return pending
 
     def bf16_supported(self) -> bool:
@@ -391,12 +395,19 @@ def _get(refs, unit=None):
         cause = getattr(exc, "cause", None)
         if isinstance(cause, MlarchError):
             raise cause from None
-        raise MlarchError(f"a Ray worker failed{' on ' + unit.label if unit else ''}: {_first_line(exc)}") from None
+        # the worker's own error, not the first line of Ray's wrapper (which names only the actor and its pid)
+        what = f"{type(cause).__name__}: {_first_line(cause)}" if isinstance(cause, BaseException) else _first_line(exc)
+        raise MlarchError(f"a Ray worker failed{' on ' + unit.label if unit else ''}: {what}") from None
     except ray.exceptions.RayActorError as exc:
         raise MlarchError(
             f"a Ray worker died{' scoring ' + unit.label if unit else ''} and was not restarted "
             f"({MAX_RESTARTS} restarts, {MAX_TASK_RETRIES} retries): {_first_line(exc)}: rerun the same command "
             "(archived units are skipped); `mlarch gc` removes the failed runs and their arrays") from None
+
+
+def _is_node_id(value) -> bool:
+    """Whether a manifest's "ray_node" is a Ray node id (hex) that a progress line may print."""
+    return isinstance(value, str) and 16 <= len(value) <= 128 and all(c in "0123456789abcdef" for c in value)
 
 
 def _first_line(exc: BaseException) -> str:
