@@ -11,6 +11,7 @@ last one."""
 import errno
 import hashlib
 import inspect
+import threading
 import tracemalloc
 from pathlib import Path
 
@@ -96,6 +97,48 @@ def test_verify_and_reads_accept_a_parallel_write(tmp_path):
     assert np.array_equal(arrays.read(tmp_path, record), data)
     start, stop = 2 * CHUNK - 3, 5 * CHUNK + 9
     assert np.array_equal(arrays.read(tmp_path, record, start, stop), data[start:stop])
+
+
+@pytest.mark.parametrize("threads", [None, 1, 2, 5])
+@pytest.mark.parametrize("dtype, compress, n", [c for c in CASES if c[2] > CHUNK])
+def test_check_reads_ahead_and_hashes_in_order(tmp_path, monkeypatch, dtype, compress, n, threads):
+    """arrays.check (verify's recount) reads chunks ahead in a pool while one thread hashes them in
+    order: the digest is the whole array's by its definition, and the reads really ran in the pool."""
+    data = _data(dtype, n)
+    record = arrays.write(tmp_path, "runs/r/levels", data, compress=compress)
+    whole = hashlib.sha256(f"{data.dtype.str}{data.shape}".encode())
+    whole.update(data.tobytes())
+    readers = []
+    getitem = zarr.Array.__getitem__
+
+    def noted(self, selection):
+        readers.append(threading.current_thread().name)
+        return getitem(self, selection)
+
+    monkeypatch.setattr(zarr.Array, "__getitem__", noted)
+    assert arrays.check(tmp_path, record, threads=threads) == whole.hexdigest() == record.sha256
+    assert len(readers) == -(-n // CHUNK)  # one read per chunk
+    assert threading.main_thread().name not in readers  # every read in the pool, none by the hashing thread
+    if threads != 1:
+        assert len(set(readers)) > 1, readers
+
+
+@pytest.mark.parametrize("where", ["first", "middle", "last"])
+@pytest.mark.parametrize("damage", ["edited", "missing"])
+def test_check_refuses_damage_in_any_chunk(tmp_path, where, damage):
+    """A chunk edited or removed anywhere (beyond the read-ahead window too) is ArrayDamaged, not a digest."""
+    data = _levels(11 * CHUNK + 5, seed=4)
+    record = arrays.write(tmp_path, "runs/a/levels", data)
+    index = {"first": 0, "middle": 6, "last": 11}[where]
+    chunk = tmp_path / "runs/a/levels" / "c" / str(index)
+    if damage == "missing":
+        chunk.unlink()
+    else:
+        stored = bytearray(chunk.read_bytes())
+        stored[len(stored) // 2] ^= 0x01
+        chunk.write_bytes(bytes(stored))
+    with pytest.raises(arrays.ArrayDamaged):
+        arrays.check(tmp_path, record, threads=2)
 
 
 def test_a_rewrite_replaces_every_chunk_of_the_old_array(tmp_path):
