@@ -30,7 +30,9 @@ ray = pytest.importorskip("ray", reason="Ray is not installed: pip install 'mlar
 from ray.cluster_utils import Cluster  # noqa: E402 - after the settings above
 from mlarch.ingest import ray_executor  # noqa: E402
 # the one-node module's ingest options, reporter and row-by-row comparison (no test of its is imported)
-from test_ray_executor import LANGS, OPTIONS, Recording, _arrays, _assert_same_archive, _runs  # noqa: E402
+# and its module-scoped local_archive fixture (the same ingest scored in this process), built again for this module
+from test_ray_executor import (LANGS, OPTIONS, Recording, _arrays, _assert_same_archive, _runs,  # noqa: E402
+                               local_archive)  # noqa: F401 - a fixture
 
 OBJECT_STORE = 100 * 1024 * 1024  # per node; the workers return small manifests, never arrays
 NODE_START_S = 180  # generous: on a loaded machine a node's processes take a while to register
@@ -55,14 +57,6 @@ def two_nodes():
     finally:
         ray.shutdown()
         cluster.shutdown()
-
-
-@pytest.fixture(scope="module")
-def local_archive(tmp_path_factory, model_dir, data):
-    """The same ingest, scored in this process."""
-    root = tmp_path_factory.mktemp("local") / "arch"
-    mlarch.open(root).ingest(str(model_dir["llama"]), LANGS, data["math"], data["control"], **OPTIONS)
-    return root
 
 
 def _scored_on(root, run_ids) -> Counter:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 import threading
 import time
@@ -407,7 +408,7 @@ def _get(refs, unit=None):
 
 def _is_node_id(value) -> bool:
     """Whether a manifest's "ray_node" is a Ray node id (hex) that a progress line may print."""
-    return isinstance(value, str) and 16 <= len(value) <= 128 and all(c in "0123456789abcdef" for c in value)
+    return isinstance(value, str) and re.fullmatch(r"[0-9a-f]{16,128}", value) is not None  # the schema's pattern
 
 
 def _first_line(exc: BaseException) -> str:
