@@ -1,8 +1,9 @@
 """Archives as earlier mlarch releases wrote them, made from a current one (upgrade tests)."""
 
 import duckdb
+import zarr
 
-from mlarch.store import catalog, records
+from mlarch.store import arrays, catalog, records
 
 
 def view_sql(version: int) -> list[str]:
@@ -14,8 +15,26 @@ SCHEMA_5_VIEWS = ("language_unique_share", "set_totals", "language_unique", "ove
                   "overlap_by_module", "set_sizes", "layer_depth")  # created or re-created by 0005
 
 
+def downgrade_to_schema_6(root):
+    """The archive as the release before chunked content digests wrote it: every array's sha256
+    over its whole bytes (recounted here from the stored arrays), no sha256_scheme column, and
+    record digests sealed over those rows."""
+    con = duckdb.connect(str(root / "catalog.duckdb"))
+    for (path,) in con.execute("SELECT path FROM arrays").fetchall():
+        data = zarr.open_array(store=str(root / "arrays.zarr"), path=path, mode="r")[...]
+        con.execute("UPDATE arrays SET sha256 = ? WHERE path = ?", [arrays.whole(data), path])
+    con.execute("ALTER TABLE arrays DROP COLUMN sha256_scheme")
+    for (run_id,) in con.execute("SELECT run_id FROM runs WHERE status = 'FINISHED'").fetchall():
+        con.execute("UPDATE runs SET record_sha256 = ? WHERE run_id = ?", [records.run_digest_in(con, run_id), run_id])
+    for (model,) in con.execute("SELECT model FROM models").fetchall():
+        con.execute("UPDATE models SET record_sha256 = ? WHERE model = ?", [records.model_digest_in(con, model), model])
+    con.execute("DELETE FROM schema_migrations WHERE version > 6")
+    con.close()
+
+
 def downgrade_to_schema_5(root):
     """The archive as the release before arrays on S3 wrote it: no array_location table."""
+    downgrade_to_schema_6(root)
     con = duckdb.connect(str(root / "catalog.duckdb"))
     con.execute("DROP TABLE array_location")
     con.execute("DELETE FROM schema_migrations WHERE version > 5")

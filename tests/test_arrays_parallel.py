@@ -4,10 +4,13 @@ them hold and `verify` checks.
 
 The reference here is spelled independently of mlarch's write: zarr.create_array(data=...)
 into a plain LocalStore (zarr encodes and stores every chunk itself), its files read back from
-disk and hashed, and the whole-array digest built from its definition (sha256 of the dtype and
-shape, then the C-order bytes). Chunks are made small so every array has many, with a partial
-last one."""
+disk and hashed, and the content digests built from their definitions: since schema 7 a
+sha256 over "chunks", the dtype and shape, then the sha256 of each chunk's C-order bytes;
+before it (records without sha256_scheme, still verified) the sha256 of the dtype and shape,
+then the whole array's C-order bytes. Chunks are made small so every array has many, with a
+partial last one."""
 
+import dataclasses
 import errno
 import hashlib
 import inspect
@@ -51,11 +54,24 @@ def _reference(folder: Path, path: str, data: np.ndarray, compress: bool) -> dic
                       config={"write_empty_chunks": True})
     base = folder / path
     files = {p.relative_to(base).as_posix(): p.read_bytes() for p in base.rglob("*") if p.is_file()}
-    whole = hashlib.sha256(f"{data.dtype.str}{data.shape}".encode())
-    whole.update(data.tobytes())
     count = -(-data.size // CHUNK)
-    return {"files": files, "sha256": whole.hexdigest(), "meta": hashlib.sha256(files["zarr.json"]).hexdigest(),
+    return {"files": files, "sha256": _content(data), "meta": hashlib.sha256(files["zarr.json"]).hexdigest(),
             "chunks": tuple(hashlib.sha256(files[f"c/{i}"]).hexdigest() for i in range(count))}
+
+
+def _content(data: np.ndarray) -> str:
+    """The schema-7 content digest by its definition (chunks of CHUNK elements, the last one short)."""
+    h = hashlib.sha256(f"chunks{data.dtype.str}{data.shape}".encode())
+    for first in range(0, data.size, CHUNK):
+        h.update(hashlib.sha256(data[first:first + CHUNK].tobytes()).digest())
+    return h.hexdigest()
+
+
+def _whole(data: np.ndarray) -> str:
+    """The content digest of arrays written before schema 7, by its definition."""
+    h = hashlib.sha256(f"{data.dtype.str}{data.shape}".encode())
+    h.update(data.tobytes())
+    return h.hexdigest()
 
 
 def _stored(folder: Path, path: str) -> dict[str, bytes]:
@@ -84,7 +100,7 @@ def test_parallel_write_stores_zarrs_bytes_and_digests(tmp_path, dtype, compress
     ref = _reference(tmp_path / "ref", "runs/r/levels", data, compress)
     record = arrays.write(tmp_path / "ours", "runs/r/levels", data, compress=compress, threads=threads)
     assert _stored(tmp_path / "ours", "runs/r/levels") == ref["files"]
-    assert record.sha256 == ref["sha256"]
+    assert record.sha256 == ref["sha256"] and record.sha256_scheme == "chunks"
     assert record.meta_sha256 == ref["meta"]
     assert record.chunk_sha256 == ref["chunks"]
     assert (record.shape, record.dtype, record.nbytes) == ((n,), data.dtype.str, data.nbytes)
@@ -99,15 +115,20 @@ def test_verify_and_reads_accept_a_parallel_write(tmp_path):
     assert np.array_equal(arrays.read(tmp_path, record, start, stop), data[start:stop])
 
 
+@pytest.mark.parametrize("scheme", ["chunks", None])
 @pytest.mark.parametrize("threads", [None, 1, 2, 5])
 @pytest.mark.parametrize("dtype, compress, n", [c for c in CASES if c[2] > CHUNK])
-def test_check_reads_ahead_and_hashes_in_order(tmp_path, monkeypatch, dtype, compress, n, threads):
-    """arrays.check (verify's recount) reads chunks ahead in a pool while one thread hashes them in
-    order: the digest is the whole array's by its definition, and the reads really ran in the pool."""
+def test_check_reads_ahead_and_hashes_in_order(tmp_path, monkeypatch, dtype, compress, n, threads, scheme):
+    """arrays.check (verify's recount) reads chunks ahead in a pool while one thread combines them
+    in order: the digest is the record's scheme's by its definition (an array from before schema
+    7 recorded its whole sha256), and the reads really ran in the pool."""
     data = _data(dtype, n)
     record = arrays.write(tmp_path, "runs/r/levels", data, compress=compress)
-    whole = hashlib.sha256(f"{data.dtype.str}{data.shape}".encode())
-    whole.update(data.tobytes())
+    expected = _content(data)
+    if scheme is None:  # the record as an archive made before schema 7 holds it
+        expected = _whole(data)
+        record = dataclasses.replace(record, sha256=expected, sha256_scheme=None)
+    assert expected != (_whole(data) if scheme else _content(data))
     readers = []
     getitem = zarr.Array.__getitem__
 
@@ -115,12 +136,31 @@ def test_check_reads_ahead_and_hashes_in_order(tmp_path, monkeypatch, dtype, com
         readers.append(threading.current_thread().name)
         return getitem(self, selection)
 
+    hashers = []
+    content = arrays.chunk_content
+
+    def hashed(raw):
+        hashers.append(threading.current_thread().name)
+        return content(raw)
+
     monkeypatch.setattr(zarr.Array, "__getitem__", noted)
-    assert arrays.check(tmp_path, record, threads=threads) == whole.hexdigest() == record.sha256
+    monkeypatch.setattr(arrays, "chunk_content", hashed)
+    assert arrays.check(tmp_path, record, threads=threads) == expected == record.sha256
     assert len(readers) == -(-n // CHUNK)  # one read per chunk
     assert threading.main_thread().name not in readers  # every read in the pool, none by the hashing thread
     if threads != 1:
         assert len(set(readers)) > 1, readers
+    # schema 7: each chunk hashed by the thread that read it; before: one stream in this thread
+    assert sorted(hashers) == (sorted(readers) if scheme else [])
+
+
+def test_check_refuses_a_scheme_it_does_not_know_or_a_crossed_one(tmp_path):
+    data = _levels(3 * CHUNK + 1, seed=5)
+    record = arrays.write(tmp_path, "runs/a/levels", data)
+    with pytest.raises(arrays.ArrayDamaged, match="digest scheme 'blake3'"):
+        arrays.check(tmp_path, dataclasses.replace(record, sha256_scheme="blake3"))
+    # an older record's scheme on a new digest (or the reverse) recounts to another value: verify's mismatch
+    assert arrays.check(tmp_path, dataclasses.replace(record, sha256_scheme=None)) == _whole(data) != record.sha256
 
 
 @pytest.mark.parametrize("where", ["first", "middle", "last"])

@@ -436,3 +436,46 @@ def test_format_1_bundle_without_digests_is_refused(bundles, target):
     bad = rewrite(bundles.all, target.tmp / "v1.tar", edit=edit, reseal=False)
     refused(run(target.root, "import-bundle", str(bad)), "format version 1", "export the bundle again")
     target.unchanged()
+
+
+@pytest.mark.parametrize("case", ["unknown", "claims_whole"])
+def test_an_edited_digest_scheme_is_refused(bundles, target, case):
+    """A bundle row whose sha256_scheme (schema 7) names a scheme mlarch never wrote, or claims
+    the older whole-array digest for a chunked one: refused, resealed like a forger would."""
+    new_levels = lambda r: r["owner"] == bundles.new[0] and r["kind"] == "levels"  # noqa: E731
+
+    def edit(manifest):
+        assert _set(manifest, "arrays", "sha256_scheme", new_levels,
+                    lambda r: "blake3" if case == "unknown" else None) == 1
+    bad = rewrite(bundles.all, target.tmp / "scheme.tar", edit=edit)
+    phrase = "digest scheme 'blake3'" if case == "unknown" else "the bundle was altered"
+    refused(run(target.root, "import-bundle", str(bad)), phrase, "refusing all of it")
+    target.unchanged()
+
+
+def test_a_bundle_from_before_chunked_digests_imports_and_verifies(llama_archive, target, tmp_path):
+    """What a schema-6 mlarch exported: no sha256_scheme column, every array's sha256 over its
+    whole bytes. It imports beside chunked rows, keeps its digests, and verifies."""
+    from old_archives import downgrade_to_schema_6
+
+    old = tmp_path / "old"
+    shutil.copytree(llama_archive, old)
+    downgrade_to_schema_6(old)
+    source = mlarch.open(old)
+    bn = source.sql("SELECT run_id FROM runs WHERE lang = 'bn' ORDER BY run_id")["run_id"].to_list()
+    assert run(old, "export-bundle", *bn, "-o", str(tmp_path / "upgraded.tar")).exit_code == 0
+
+    def drop_column(manifest):  # as the older exporter wrote it
+        t = table(manifest, "arrays")
+        at = t["columns"].index("sha256_scheme")
+        assert {row[at] for row in t["rows"]} == {None}
+        t["columns"].pop(at)
+        for row in t["rows"]:
+            row.pop(at)
+    older = rewrite(tmp_path / "upgraded.tar", tmp_path / "older.tar", edit=drop_column, reseal=False)
+    assert run(target.root, "import-bundle", str(older)).exit_code == 0
+    archive = mlarch.open(target.root)
+    schemes = archive.sql("SELECT owner, sha256_scheme FROM arrays WHERE kind <> 'magnitudes'").rows()
+    assert {owner for owner, scheme in schemes if scheme is None} == set(bn)
+    assert {scheme for owner, scheme in schemes if owner not in bn} == {"chunks"}
+    assert run(target.root, "verify").exit_code == 0

@@ -331,7 +331,7 @@ def test_schema_4_archive_upgrades_and_keeps_its_columns_and_values(copy):
     assert con.execute("SELECT max(version) FROM schema_migrations").fetchone()[0] == 4
     con.close()
     archive = mlarch.open(copy)
-    assert archive.sql("SELECT max(version) AS v FROM schema_migrations")["v"][0] == catalog.latest_version() == 6
+    assert archive.sql("SELECT max(version) AS v FROM schema_migrations")["v"][0] == catalog.latest_version() == 7
     for view, columns in OLD_COLUMNS.items():
         frame = archive.sql(f"SELECT * FROM {view} ORDER BY ALL")
         assert ", ".join(frame.columns[:len(columns.split(", "))]) == columns, view  # old columns first

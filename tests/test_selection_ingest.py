@@ -117,7 +117,7 @@ def test_provenance_records_the_path_in_the_shipped_schema(archives):
 
 def stored(root) -> tuple[list, np.ndarray, dict]:
     """(spans, |W|, {run_id: (norms, levels)}) as archived, each array's bytes checked
-    against the sha256 the catalog recorded."""
+    against the content digest the catalog recorded."""
     with catalog.reading(root / "catalog.duckdb") as con:
         model = con.execute("SELECT model FROM models").fetchone()[0]
         spans = read_spans(con, model)
@@ -125,7 +125,7 @@ def stored(root) -> tuple[list, np.ndarray, dict]:
     read = {}
     for row in rows:
         data = arrays.read(root / "arrays.zarr", arrays.ArrayRecord.from_row(row))
-        assert arrays.digest(data) == row["sha256"]  # what the catalog vouches for is what was read
+        assert arrays.content_digest(data) == row["sha256"]  # what the catalog vouches for is what was read
         read[(row["owner"], row["kind"])] = data
     magnitudes = read.pop((model, "magnitudes"))
     runs = {owner: (read[(owner, "norms")], read[(owner, "levels")]) for owner, kind in read if kind == "levels"}

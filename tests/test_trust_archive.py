@@ -254,6 +254,36 @@ def test_schema_1_archive_is_sealed_on_upgrade_and_still_checked(archive_copy):
         mlarch.open(archive_copy).levels(run_["run_id"], module)
 
 
+def test_schema_6_archive_keeps_its_whole_array_digests_beside_new_chunked_ones(archive_copy, model_dir, data):
+    """Arrays written before schema 7 keep their sha256 of the whole array (sha256_scheme NULL):
+    verify recounts those as such, new arrays get chunked digests, and both verify side by side."""
+    from old_archives import downgrade_to_schema_6
+
+    downgrade_to_schema_6(archive_copy)
+    catalog._CHECKED.clear()
+    archive = mlarch.open(archive_copy)
+    before = archive.sql("SELECT * FROM overlap_global ORDER BY ALL")  # first read migrates
+    assert archive.sql("SELECT max(version) FROM schema_migrations").item() == catalog.latest_version() == 7
+    old = archive.sql("SELECT count(*) FROM arrays").item()
+    assert archive.sql("SELECT count(*) FROM arrays WHERE sha256_scheme IS NULL").item() == old > 0
+    assert run(archive_copy, "verify").exit_code == 0
+    archive.ingest(str(model_dir["llama"]), ["en"], data["math"], data["control"], samples=6, seeds=[2],
+                   top_k=[0.01, 0.05, 0.25], device="cpu")
+    schemes = archive.sql("SELECT sha256_scheme AS s, count(*) AS n FROM arrays GROUP BY ALL ORDER BY ALL")
+    assert schemes.rows() == [("chunks", 4), (None, old)]  # the new math and control runs' levels and norms
+    assert run(archive_copy, "verify").exit_code == 0
+    assert archive.sql("SELECT * FROM overlap_global WHERE seed = 1 ORDER BY ALL").equals(before)
+    # an old array's recorded digest edited (its run's record digest resealed to match): verify's whole recount says so
+    en = _en_math(archive)["run_id"]
+    _edit(archive_copy, "UPDATE arrays SET sha256 = ? WHERE owner = ? AND kind = 'levels'", ["0" * 64, en])
+    from mlarch.store import records
+
+    con = duckdb.connect(str(archive_copy / "catalog.duckdb"))
+    con.execute("UPDATE runs SET record_sha256 = ? WHERE run_id = ?", [records.run_digest_in(con, en), en])
+    con.close()
+    _assert_loud(run(archive_copy, "verify"), "levels")
+
+
 def test_rm_of_a_rerun_promotes_the_earlier_run_through_checked_reads(model_dir, data, tmp_path):
     root = tmp_path / "arch"
     archive = mlarch.open(root)

@@ -194,10 +194,10 @@ def _free_model_group(catalog_path: Path, name: str) -> str:
 
 def _insert_arrays(con, rows) -> None:
     con.executemany(
-        "INSERT INTO arrays (path, owner, kind, dtype, shape, sha256, nbytes, meta_sha256, chunk_sha256) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        "INSERT INTO arrays (path, owner, kind, dtype, shape, sha256, nbytes, meta_sha256, chunk_sha256, "
+        "sha256_scheme) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         [[r.path, owner, kind, r.dtype, list(r.shape), r.sha256, r.nbytes, r.meta_sha256,
-          list(r.chunk_sha256) if r.chunk_sha256 is not None else None] for owner, kind, r in rows],
+          list(r.chunk_sha256) if r.chunk_sha256 is not None else None, r.sha256_scheme] for owner, kind, r in rows],
     )
 
 

@@ -128,6 +128,8 @@ def check_rows(tables: dict[str, list[dict]]) -> dict[str, dict]:
         if not all(isinstance(d, str) and _SHA256.fullmatch(d)
                    for d in (record["sha256"], *([] if meta is None else [meta]), *(chunks or []))):
             raise Bad(f"array {path}: a digest of it is not a sha256 hex digest")
+        if record.get("sha256_scheme") not in (None, arrays.CHUNKED):  # absent before schema 7
+            raise Bad(f"array {path}: digest scheme {str(record['sha256_scheme'])[:20]!r} is not one mlarch writes")
         by_path[path] = record
         kinds.setdefault(owner if owner in runs else layout.model_group(owner), set()).add(kind)
     for run_id, run in runs.items():

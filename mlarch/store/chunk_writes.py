@@ -1,10 +1,11 @@
-"""Chunk-parallel writes of a 1-D array's chunks, each encoded, digested and stored in a pool thread.
+"""Chunk-parallel writes of a 1-D array's chunks, each hashed, encoded, digested and stored in a pool thread.
 
 zarr's own write encodes every chunk (blosc runs in its worker threads) but then appends the
 crc32c (a copy) and takes mlarch's chunk sha256 in its one event-loop thread, with up to its
 concurrency limit of chunks in flight (~60 MB more peak memory at 1 B parameters of level
 codes, measured by bench/scaling.py), so part of each chunk waits on one thread. Here every
-chunk's whole path (blosc, crc32c, sha256, store) runs in one of the pool's threads; blosc,
+chunk's whole path (the sha256 of its raw bytes for the content digest, blosc, crc32c, the
+sha256 of its stored bytes, store) runs in one of the pool's threads; blosc,
 google_crc32c, hashlib and the file write release the GIL, so the chunks use every core and
 only the chunks in flight are held (one raw and one encoded chunk per thread), never a second
 copy of the array.
@@ -28,6 +29,12 @@ from zarr.core.sync import sync
 from mlarch import parallel
 
 _SHUFFLES = {"noshuffle": NOSHUFFLE, "shuffle": SHUFFLE, "bitshuffle": BITSHUFFLE}
+
+
+def chunk_content(raw: np.ndarray) -> bytes:
+    """sha256 (raw digest) of one chunk's elements in C order, the last chunk unpadded: what
+    mlarch.store.arrays.combine makes an array's content digest of."""
+    return hashlib.sha256(np.ascontiguousarray(raw).reshape(-1).view(np.uint8)).digest()  # read in place
 
 
 class ChunkEncoder:
@@ -86,22 +93,25 @@ class ChunkEncoder:
 
 
 def write_chunks(store, path: str, data: np.ndarray, encoder: ChunkEncoder, count: int,
-                 threads: int | None = None) -> tuple[str, ...]:
+                 threads: int | None = None) -> tuple[tuple[str, ...], list[bytes]]:
     """Encode, digest and store chunks 0..count-1 of `data` under `path` in `store` (a zarr store,
-    set from the pool threads through zarr's event loop) and return their sha256 in chunk order."""
+    set from the pool threads through zarr's event loop). Returns the sha256 (hex) of each stored
+    chunk and chunk_content of each raw chunk, in chunk order."""
 
-    def one(index: int) -> str:
+    def one(index: int) -> tuple[str, bytes]:
+        content = chunk_content(data[index * encoder.step:(index + 1) * encoder.step])
         stored = encoder.encode(data, index)
         sha = hashlib.sha256(stored).hexdigest()
         sync(store.set(f"{path}/{encoder.keys((index,))}", cpu.Buffer.from_bytes(stored)))
-        return sha
+        return sha, content
 
     if count == 0:
-        return ()
+        return (), []
     # a thread per core: each holds one raw and one encoded chunk (a few MB), not a module
     pool = ThreadPoolExecutor(max(1, min(threads or parallel.cores(), count)))
     try:
         futures = [pool.submit(one, index) for index in range(count)]
-        return tuple(future.result() for future in futures)
+        done = [future.result() for future in futures]
+        return tuple(sha for sha, _ in done), [content for _, content in done]
     finally:  # after a failure the chunks not yet started are not written
         pool.shutdown(wait=True, cancel_futures=True)

@@ -50,8 +50,15 @@ def _pick(row: dict, fields) -> dict:
     return {f: row.get(f) for f in fields}
 
 
+def _array(row: dict) -> dict:
+    body = _pick(row, ARRAY_FIELDS)
+    if row.get("sha256_scheme") is not None:  # schema 7; absent, a digest sealed earlier still verifies
+        body["sha256_scheme"] = row["sha256_scheme"]
+    return body
+
+
 def _arrays(rows) -> list[dict]:
-    return sorted((_pick(r, ARRAY_FIELDS) for r in rows), key=lambda r: r["path"])
+    return sorted((_array(r) for r in rows), key=lambda r: r["path"])
 
 
 def run_digest(run: dict, item_indices: list[int], array_rows) -> str:
