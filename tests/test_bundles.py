@@ -88,3 +88,30 @@ def test_parquet_export(llama_archive, tmp_path):
     assert overlap.equals(expected)
     assert {p.stem for p in (tmp_path / "pq").iterdir()} >= {"runs", "run_samples", "modules", "set_sizes",
                                                              "overlap_by_layer", "language_unique", "patterns"}
+
+
+def test_a_bundles_magnitudes_are_shared_with_an_archive_of_the_other_digest_scheme(model_dir, data, tmp_path):
+    """|W| is stored once per weights whatever digest scheme each side recorded it with: a
+    bundle written since schema 7 (chunked digests) into an archive from before (whole-array
+    digests), whether the bundle's model reuses the archive's |W| group or names its own."""
+    from old_archives import downgrade_to_schema_6
+    from mlarch.store import catalog
+
+    model, options = str(model_dir["llama"]), dict(samples=3, top_k=[0.05], device="cpu")
+    source = mlarch.open(tmp_path / "source")
+    source.ingest(model, ["en"], data["math"], data["control"], **options)
+    source.ingest(model, ["de"], data["math"], data["control"], name="llama-two", **options)  # shares tiny-llama's |W|
+    for name in ("llama-two", "tiny-llama"):
+        assert run(source.root, "export-bundle", "--model", name, "-o", str(tmp_path / f"{name}.tar")).exit_code == 0
+    for target, name, bundle in (("same-group", "tiny-llama", "llama-two"), ("other-name", "llama-here", "tiny-llama")):
+        root = tmp_path / target
+        mlarch.open(root).ingest(model, ["en"], data["math"], data["control"], name=name, **options)
+        downgrade_to_schema_6(root)
+        catalog._CHECKED.clear()
+        result = run(root, "import-bundle", str(tmp_path / f"{bundle}.tar"))
+        assert result.exit_code == 0, (target, result.output)
+        archive = mlarch.open(root)
+        assert archive.sql("SELECT sha256_scheme FROM arrays WHERE kind = 'magnitudes'").rows() == [(None,)], target
+        assert archive.sql("SELECT count(DISTINCT magnitudes_group) FROM models").item() == 1, target
+        assert archive.sql("SELECT count(*) FROM arrays WHERE kind = 'levels' AND sha256_scheme = 'chunks'").item() == 2
+        assert run(root, "verify").exit_code == 0, target

@@ -13,6 +13,7 @@ bundle says can make mlarch write, remove or run anything outside the archive fo
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -244,16 +245,18 @@ def _merge(root: Path, staging: Path, tables: dict, schema: dict[str, list[str]]
         with catalog.reading(path) as con:
             have_runs = {r[0] for r in con.execute("SELECT run_id FROM runs").fetchall()}
             have_models = dict(con.execute("SELECT model, weights_sha256 FROM models").fetchall())
-            have_paths = dict(con.execute("SELECT path, sha256 FROM arrays").fetchall())
+            have_paths = {p: (scheme, sha) for p, sha, scheme in con.execute(
+                "SELECT path, sha256, sha256_scheme FROM arrays").fetchall()}
             have_analyses = {(r[0], r[1]): r[2] for r in con.execute(
                 "SELECT model, analysis, config FROM analyses").fetchall()}
-            # |W| arrays by (weights, dtype, array digest): a new model of the same weights shares one
+            # |W| arrays by (weights, dtype, digest scheme, array digest): a new model of the same weights shares one
             have_weights = {}
-            for name, group, weights, dtype, sha in con.execute(
-                    "SELECT m.model, m.magnitudes_group, m.weights_sha256, m.dtype, a.sha256 FROM models m JOIN arrays a "
-                    "ON a.path = m.magnitudes_group || '/magnitudes' AND a.kind = 'magnitudes' ORDER BY m.created_at, "
-                    "m.model").fetchall():
-                have_weights.setdefault((weights, dtype, sha), (group, read_spans(con, name)))
+            for name, group, weights, dtype, scheme, sha in con.execute(
+                    "SELECT m.model, m.magnitudes_group, m.weights_sha256, m.dtype, a.sha256_scheme, a.sha256 FROM models m "
+                    "JOIN arrays a ON a.path = m.magnitudes_group || '/magnitudes' AND a.kind = 'magnitudes' "
+                    "ORDER BY m.created_at, m.model").fetchall():
+                have_weights.setdefault((weights, dtype, scheme, sha), (group, read_spans(con, name)))
+        digest_as = _digests_of(staging)
         for model in tables["models"]:
             known = have_models.get(model["model"])
             if known is not None and known != model["weights_sha256"]:
@@ -263,11 +266,11 @@ def _merge(root: Path, staging: Path, tables: dict, schema: dict[str, list[str]]
         new_runs = [r for r in tables["runs"] if r["run_id"] not in have_runs]
         new_models = [m for m in tables["models"] if m["model"] not in have_models]
         checks.check_record_digests(tables, schema, new_runs, new_models, bundle)  # before any row changes
-        new_models, regrouped = _share_magnitudes(tables, new_models, have_weights)
+        new_models, regrouped = _share_magnitudes(tables, new_models, have_weights, digest_as)
         new_groups = {f"{m['magnitudes_group']}/magnitudes" for m in new_models}
-        # a shared |W| the archive holds already (same digest) is not placed again
-        present = {a["path"] for a in tables["arrays"] if a["path"] in new_groups
-                   and have_paths.get(a["path"]) == a["sha256"]}
+        # a shared |W| the archive holds already (same content) is not placed again
+        present = {a["path"] for a in tables["arrays"] if a["path"] in new_groups and a["path"] in have_paths
+                   and digest_as(a, have_paths[a["path"]][0]) == have_paths[a["path"]][1]}
         placing = [a["path"] for a in tables["arrays"]
                    if (a["owner"] in {r["run_id"] for r in new_runs} or a["path"] in new_groups)
                    and a["path"] not in present]
@@ -359,16 +362,41 @@ def _merge(root: Path, staging: Path, tables: dict, schema: dict[str, list[str]]
             "models": [m["model"] for m in new_models]}
 
 
-def _share_magnitudes(tables: dict, new_models: list[dict], have_weights: dict) -> tuple[list[dict], list[str]]:
-    """New models whose |W| the archive holds already (same weights, dtype, array digest and
+def _digests_of(staging: Path):
+    """digest_as(row, scheme): the content digest of a checked bundle array (an `arrays` row) in
+    `scheme`, the archive's for an array it holds: its own row's when the schemes agree, else
+    recounted from the staged copy (arrays written before and after schema 7 differ only there)."""
+    known: dict[tuple, str] = {}
+
+    def digest_as(row: dict, scheme) -> str:
+        if row.get("sha256_scheme") == scheme:
+            return row["sha256"]
+        key = (row["path"], scheme)
+        if key not in known:
+            record = dataclasses.replace(arrays.ArrayRecord.from_row(row), sha256_scheme=scheme)
+            known[key] = arrays.check(staging / "arrays", record)
+        return known[key]
+    return digest_as
+
+
+def _share_magnitudes(tables: dict, new_models: list[dict], have_weights: dict,
+                      digest_as) -> tuple[list[dict], list[str]]:
+    """New models whose |W| the archive holds already (same weights, dtype, array content and
     module layout) point at the archive's array instead of placing a second copy. Returns the
-    models (changed ones copied) and the names of those changed."""
+    models (changed ones copied) and the names of those whose |W| record is now the archive's
+    (another group, or the same array recorded with the other digest scheme): their record
+    digests are sealed again once the bundle's own were verified."""
     by_path = {a["path"]: a for a in tables["arrays"]}
     changed, names = [], []
     for model in new_models:
         record = by_path.get(f"{model['magnitudes_group']}/magnitudes")
-        found = have_weights.get((model["weights_sha256"], model.get("dtype"), record and record["sha256"]))
-        if found is not None and found[0] != model["magnitudes_group"]:
+        key, found = next(((key, group) for key, group in have_weights.items()
+                           if record is not None and key[:2] == (model["weights_sha256"], model.get("dtype"))
+                           and digest_as(record, key[2]) == key[3]), (None, None))
+        if found is not None and found[0] == model["magnitudes_group"]:
+            if key[2:] != (record.get("sha256_scheme"), record["sha256"]):
+                names.append(model["model"])
+        elif found is not None:
             modules = sorted((m for m in tables["modules"] if m["model"] == model["model"]), key=lambda m: m["position"])
             layout_ = [(m["module"], m["layer"], m["n_rows"], m["n_cols"], m["param_offset"], m["norm_offset"])
                        for m in modules]
