@@ -32,7 +32,7 @@ from mlarch import parallel
 from mlarch.errors import MlarchError
 from mlarch.wording import Phrase, error
 from mlarch.store.array_store import ArrayStore, StoreError, coerce
-from mlarch.store.chunk_writes import ChunkEncoder, chunk_content, write_chunks
+from mlarch.store.chunk_writes import ChunkEncoder, c_bytes, chunk_content, write_chunks
 
 _CHUNK_ELEMENTS = 1 << 22  # ~4 M elements: >= 1 MB chunks, whole rows per chunk
 _CHUNK_KEY = re.compile(r"^c/(\d+)$")
@@ -76,12 +76,8 @@ def whole(data: np.ndarray) -> str:
     digest of arrays written before schema 7."""
     data = np.ascontiguousarray(data)
     h = hashlib.sha256(f"{data.dtype.str}{data.shape}".encode())
-    h.update(_bytes(data))
+    h.update(c_bytes(data))
     return h.hexdigest()
-
-
-def _bytes(data: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(data).reshape(-1).view(np.uint8)  # hashlib reads it in place
 
 
 def combine(dtype: str, shape: tuple[int, ...], parts: Iterable[bytes]) -> str:
@@ -398,7 +394,7 @@ def check(root: ArrayStore | Path, record: ArrayRecord, threads: int | None = No
             if chunked:
                 parts.append(chunk)
             else:
-                h.update(_bytes(chunk))
+                h.update(c_bytes(chunk))
     except (ArrayDamaged, StoreError):
         raise
     except Exception as exc:

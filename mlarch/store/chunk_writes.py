@@ -31,10 +31,15 @@ from mlarch import parallel
 _SHUFFLES = {"noshuffle": NOSHUFFLE, "shuffle": SHUFFLE, "bitshuffle": BITSHUFFLE}
 
 
+def c_bytes(data: np.ndarray) -> np.ndarray:
+    """The C-order bytes of `data` as a uint8 view (no copy when contiguous), for hashlib to read in place."""
+    return np.ascontiguousarray(data).reshape(-1).view(np.uint8)
+
+
 def chunk_content(raw: np.ndarray) -> bytes:
     """sha256 (raw digest) of one chunk's elements in C order, the last chunk unpadded: what
     mlarch.store.arrays.combine makes an array's content digest of."""
-    return hashlib.sha256(np.ascontiguousarray(raw).reshape(-1).view(np.uint8)).digest()  # read in place
+    return hashlib.sha256(c_bytes(raw)).digest()
 
 
 class ChunkEncoder:
