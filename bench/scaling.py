@@ -8,8 +8,9 @@ one fresh child process per size (so each size's peak memory is its own):
   once per model   |W| extraction (`ScoredModule.magnitudes` from bf16 tensors into the
                    model's float32 array, as ingest does) and its write (`arrays.write`)
   per run          scores (`selection.scores` per module), selection
-                   (`selection.model_levels`: scores + `level_codes` at the paper's 7 k
-                   values, in mlarch's thread pool, as ingest runs it; also `level_codes`
+                   (`selection.model_levels`: `module_levels` at the paper's 7 k values,
+                   the scores formed a block of rows at a time since 2026-12-01, in
+                   mlarch's thread pool, as ingest runs it; also `level_codes`
                    alone, one thread), the level-code and norm writes (`arrays.write` into
                    a real zarr store, content and chunk digests included: chunks hashed,
                    encoded, digested and stored chunk-parallel, mlarch.store.chunk_writes), the

@@ -11,8 +11,9 @@ them:
     (arrays.content_digest, one per pool thread); before it the whole array's sha256, one
     sequential stream: the same CPU-seconds, but only the chunked one spreads over cores;
   * the codec mlarch writes level codes with (blosc zstd level 1, bitshuffle, 512 KiB blosc
-    blocks since issue 16) next to blosc's own block size (what earlier versions wrote),
-    and the sha256 + crc32c of the encoded chunks;
+    blocks since issue 16) next to blosc's own block size (what earlier versions wrote)
+    and other block sizes (the best one depends on the host's caches), and the sha256 +
+    crc32c of the encoded chunks;
   * for comparison, formats mlarch does NOT write (each would need a format change and a
     catalog migration): blosc lz4 (bitshuffle) and other whole-array hashes (blake2b, sha1),
     with the compression ratio each codec gives. Chunk decode time is reported too, since
@@ -86,6 +87,9 @@ def main() -> None:
                           Blosc("zstd", 1, BITSHUFFLE, blocksize=block, typesize=1)),
                          ("blosc zstd-1 bitshuffle, blosc's blocks (written before issue 16)",
                           Blosc("zstd", 1, BITSHUFFLE, typesize=1)),
+                         *((f"blosc zstd-1 bitshuffle, {size >> 10} KiB blocks (not written)",
+                            Blosc("zstd", 1, BITSHUFFLE, blocksize=size, typesize=1))
+                           for size in (1 << 18, 1 << 19, 1 << 20, 1 << 21, 1 << 22) if size != block),
                          ("blosc lz4-5 bitshuffle (not written)", Blosc("lz4", 5, BITSHUFFLE, typesize=1))):
         encoded = [codec.encode(c) for c in chunks]
         ratio = n / sum(len(e) for e in encoded)

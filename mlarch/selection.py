@@ -36,21 +36,77 @@ def level_codes(scores: np.ndarray, ks: Sequence[float], counts: Sequence[int] |
     every threshold exactly; one compare per k counts the thresholds an entry clears.
     Entries equal to a threshold are ranked by index (the tie rule) only when there are
     more of them than the set has room for."""
+    flat = scores.reshape(-1)
+    counts = _set_sizes(flat.size, ks, counts)
+    largest = max(counts, default=0)
+    if largest == 0:
+        return np.zeros(scores.shape, dtype=np.uint8)
+    cols = scores.shape[-1] if scores.ndim > 1 else 1
+    candidates = _candidates(flat, largest, cols)  # ascending flat indices of a superset of the largest set
+    return _place(flat.size, candidates, np.take(flat, candidates), counts).reshape(scores.shape)
+
+
+def module_levels(magnitudes: np.ndarray, norms: np.ndarray, ks: Sequence[float]) -> np.ndarray:
+    """level_codes(scores(magnitudes, norms), ks), the same bytes, without the module's
+    float32 score matrix: the candidates' scores are made a block of rows at a time, in
+    cache. Peak memory per module about halves (a 32000 x 2048 head: 243 MiB above its |W|
+    instead of 490, by tracemalloc) and large modules select ~10% faster (paired runs on
+    Llama-3.2-1B shapes); modules under _BLOCKED_FROM parameters take the whole scores."""
+    rows, cols = magnitudes.shape
+    n = magnitudes.size
+    counts = _set_sizes(n, ks, None)
+    largest = max(counts, default=0)
+    if largest == 0:
+        return np.zeros((rows, cols), dtype=np.uint8)
+    norms = norms.astype(np.float32, copy=False)
+    bound = None
+    if n >= max(4 * _SAMPLE, _BLOCKED_FROM) and largest < n and magnitudes.dtype == np.float32:
+        flat = magnitudes.reshape(-1)
+        at = np.arange(0, n, sample_step(n, cols))[:_SAMPLE]
+        bound = _sampled_bound(flat[at] * norms[at % cols], largest, n)  # the same sample level_codes takes
+    if bound is None:
+        return level_codes(scores(magnitudes, norms), ks)
+    step = max(1, _BLOCK_BYTES // (4 * cols))
+    block = np.empty((min(step, rows), cols), np.float32)
+    above = np.empty(block.shape, bool)
+    found, values = [], []
+    for start in range(0, rows, step):
+        part = magnitudes[start:start + step]
+        s, a = block[:part.shape[0]], above[:part.shape[0]]
+        np.multiply(part, norms[None, :], out=s)  # the same float32 products as scores()
+        np.greater_equal(s, bound, out=a)
+        at = np.flatnonzero(a)
+        values.append(np.take(s.reshape(-1), at))
+        at += start * cols
+        found.append(at)
+    candidates = np.concatenate(found)
+    del found  # the pieces go before the values are joined: one copy of each at a time
+    if candidates.size < largest:  # the sample's bound missed: the exact path
+        return level_codes(scores(magnitudes, norms), ks)
+    values = np.concatenate(values)
+    return _place(n, candidates, values, counts).reshape(rows, cols)
+
+
+_BLOCK_BYTES = 1 << 21  # a block of rows' scores fits a core's L2 (2 MiB on the bench host)
+_BLOCKED_FROM = 1 << 23  # smaller modules' scores (< 32 MiB) are formed whole: they stay in cache,
+# where the blocked loop is slower (~13% on Gemma-3-270M's shapes; ~5% faster on Llama-3.2-1B's)
+
+
+def _set_sizes(n: int, ks: Sequence[float], counts: Sequence[int] | None) -> list[int]:
     ks = list(ks)
     if ks != sorted(ks) or len(ks) > 254:
         raise ValueError("ks must be ascending and at most 254 values")
-    flat = scores.reshape(-1)
-    n = flat.size
     counts = [top_count(n, k) for k in ks] if counts is None else [int(c) for c in counts]
     if len(counts) != len(ks) or counts != sorted(counts):
         raise ValueError("counts must give one non-decreasing set size per k")
+    return counts
+
+
+def _place(n: int, candidates: np.ndarray, values: np.ndarray, counts: list[int]) -> np.ndarray:
+    """Flat level codes from the candidates (ascending flat indices of a superset of the
+    largest set, all its ties included) and their scores."""
     levels = np.zeros(n, dtype=np.uint8)
-    largest = max(counts, default=0)
-    if largest == 0:
-        return levels.reshape(scores.shape)
-    cols = scores.shape[-1] if scores.ndim > 1 else 1
-    candidates = _candidates(flat, largest, cols)  # ascending flat indices of a superset of the largest set
-    values = np.take(flat, candidates)
+    largest = max(counts)
     thresholds = _thresholds(values.copy(), counts)  # lowest threshold (largest k) first
     # an entry is in top-ks[j] iff it is >= t_j, unless more entries equal t_j than the set
     # has room for (then the tie rule decides, below); thresholds fall as k grows, so an
@@ -64,7 +120,7 @@ def level_codes(scores: np.ndarray, ks: Sequence[float], counts: Sequence[int] |
         inside = at_least if inside is None else inside
         if np.count_nonzero(at_least) > counts[j]:
             crowded.append(t)
-    sub = np.subtract(np.uint8(len(ks) + 1), cleared, dtype=np.uint8)
+    sub = np.subtract(np.uint8(len(counts) + 1), cleared, dtype=np.uint8)
     np.multiply(sub, inside, out=sub)  # b = 0 -> level 0
     ranked = np.array(counts)
     for t in sorted(set(crowded)):  # rank the entries equal to t by index, then place them
@@ -72,7 +128,7 @@ def level_codes(scores: np.ndarray, ks: Sequence[float], counts: Sequence[int] |
         ranks = np.count_nonzero(values > t) + np.arange(tied.size)
         sub[tied] = np.where(ranks < largest, np.searchsorted(ranked, ranks, side="right") + 1, 0)
     levels[candidates] = sub
-    return levels.reshape(scores.shape)
+    return levels
 
 
 _SAMPLE = 1 << 14
@@ -88,19 +144,24 @@ def sample_step(n: int, cols: int) -> int:
     return step
 
 
+def _sampled_bound(sample: np.ndarray, count: int, n: int):
+    """A value just below the count-th largest of n entries, by a sample of them, with a
+    margin of about four standard deviations; None where the sample cannot tell."""
+    m = sample.size
+    expected = count * m / n
+    above = int(expected + 4 * np.sqrt(expected) + 16)
+    return np.partition(sample, m - 1 - above)[m - 1 - above] if above < m else None
+
+
 def _candidates(flat: np.ndarray, count: int, cols: int) -> np.ndarray:
     """Ascending indices of at least the `count` largest entries (all ties included), and
-    few others: the bound comes from a fixed, strided sample, with a margin of about
-    four standard deviations; if it misses, one exact partition finds the bound."""
+    few others: the bound comes from a fixed, strided sample (_sampled_bound); if it
+    misses, one exact partition finds the bound."""
     n = flat.size
     bound = None
     if n >= 4 * _SAMPLE and count < n:
-        sample = flat[:: sample_step(n, cols)][:_SAMPLE]  # strided: cache-friendly, unlike random picks
-        m = sample.size
-        expected = count * m / n
-        above = int(expected + 4 * np.sqrt(expected) + 16)
-        if above < m:
-            bound = np.partition(sample, m - 1 - above)[m - 1 - above]
+        # strided: cache-friendly, unlike random picks
+        bound = _sampled_bound(flat[:: sample_step(n, cols)][:_SAMPLE], count, n)
     if bound is not None:
         candidates = np.flatnonzero(flat >= bound)
         if candidates.size >= count:
@@ -142,8 +203,8 @@ def model_levels(spans, magnitudes: np.ndarray, norms: np.ndarray, ks: Sequence[
     levels = np.empty(magnitudes.size, dtype=np.uint8)
 
     def one(span) -> None:
-        module_scores = scores(magnitudes[span.params].reshape(span.n_rows, span.n_cols), norms[span.norms])
-        levels[span.params] = level_codes(module_scores, ks).reshape(-1)
+        module = magnitudes[span.params].reshape(span.n_rows, span.n_cols)
+        levels[span.params] = module_levels(module, norms[span.norms], ks).reshape(-1)
 
     with parallel.pool() as pool:
         list(pool.map(one, sorted(spans, key=lambda span: -span.n_params)))  # re-raises a worker's error

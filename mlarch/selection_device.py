@@ -169,9 +169,8 @@ def weights_levels(weights: Iterable[torch.Tensor], spans, norms: np.ndarray, ks
             raise ValueError(f"weight of {span.module} is {tuple(weight.shape)}, its span says "
                              f"{(span.n_rows, span.n_cols)}")
         if host_magnitudes is not None and weight.device.type != "cuda":
-            module_scores = selection.scores(host_magnitudes[span.params].reshape(span.n_rows, span.n_cols),
-                                             norms[span.norms])
-            levels[span.params] = selection.level_codes(module_scores, ks).reshape(-1)
+            module = host_magnitudes[span.params].reshape(span.n_rows, span.n_cols)
+            levels[span.params] = selection.module_levels(module, norms[span.norms], ks).reshape(-1)
             continue
         with _stream_for(weight.device, streams):
             counts = _counts(span.n_params, ks, None)

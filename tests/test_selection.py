@@ -164,3 +164,73 @@ def test_selection_at_any_k_equals_a_brute_force_from_the_stored_factors(tied_ar
                                           err_msg=f"{module} k={k}")
     # the tie rule was needed: equal scores on both sides of a re-thresholded cut
     assert len(straddled) >= 10, straddled
+
+
+def _spy_fallbacks(monkeypatch):
+    """Counts module_levels' falls back to the whole score matrix (level_codes)."""
+    from mlarch import selection
+
+    calls = []
+    real = selection.level_codes
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(selection, "level_codes", spy)
+    return calls
+
+
+@pytest.mark.parametrize("case", ["lognormal", "ties", "zeros", "many-blocks", "default-blocks"])
+def test_module_levels_equal_level_codes_of_the_scores(case, monkeypatch):
+    # the blocked path (no score matrix) gives the bytes level_codes gives on scores(), and
+    # really runs: it must not fall back to the whole matrix
+    from mlarch import selection
+
+    rng = np.random.default_rng(11)
+    shape = (2000, 300) if case == "default-blocks" else (401, 333)
+    magnitudes = rng.lognormal(size=shape).astype(np.float32)
+    norms = rng.lognormal(size=shape[1]).astype(np.float32)
+    if case == "ties":  # bf16 |W| and repeated norms: equal scores across the thresholds
+        magnitudes = torch.from_numpy(magnitudes).to(torch.bfloat16).float().numpy()
+        magnitudes = np.round(magnitudes * 4) / 4
+        norms = np.repeat(norms[:3], -(-shape[1] // 3))[: shape[1]]
+    if case == "zeros":  # dead columns and pruned weights
+        norms[::7] = 0
+        magnitudes[rng.random(shape) < 0.5] = 0
+    if case == "many-blocks":  # 7 rows per block, the last one short
+        monkeypatch.setattr(selection, "_BLOCK_BYTES", 4 * shape[1] * 7)
+    monkeypatch.setattr(selection, "_BLOCKED_FROM", 0)  # the blocked path on small matrices too
+    fallbacks = _spy_fallbacks(monkeypatch)
+    expected = _argsort_levels(magnitudes * norms[None, :], PAPER_KS)
+    np.testing.assert_array_equal(selection.module_levels(magnitudes, norms, PAPER_KS), expected)
+    assert fallbacks == []
+    assert selection.sample_step(magnitudes.size, shape[1]) > 1  # the sampled path, not a full partition
+
+
+def test_module_levels_fall_back_when_the_sample_misses(monkeypatch):
+    from mlarch import selection
+
+    n, cols = 300 * 300, 300
+    magnitudes = np.zeros(n, np.float32)
+    magnitudes[np.arange(0, n, selection.sample_step(n, cols))[: selection._SAMPLE]] = 10.0
+    magnitudes += np.linspace(0, 1, n, dtype=np.float32)
+    magnitudes = magnitudes.reshape(300, cols)
+    norms = np.ones(cols, np.float32)
+    monkeypatch.setattr(selection, "_BLOCKED_FROM", 0)
+    fallbacks = _spy_fallbacks(monkeypatch)
+    got = selection.module_levels(magnitudes, norms, PAPER_KS)
+    assert fallbacks == [1]
+    np.testing.assert_array_equal(got, _argsort_levels(magnitudes * norms[None, :], PAPER_KS))
+
+
+def test_small_modules_take_the_whole_scores(monkeypatch):
+    from mlarch import selection
+
+    rng = np.random.default_rng(3)
+    magnitudes = rng.lognormal(size=(300, 300)).astype(np.float32)
+    norms = rng.lognormal(size=300).astype(np.float32)
+    fallbacks = _spy_fallbacks(monkeypatch)
+    got = selection.module_levels(magnitudes, norms, PAPER_KS)
+    assert magnitudes.size < selection._BLOCKED_FROM and fallbacks == [1]
+    np.testing.assert_array_equal(got, _argsort_levels(magnitudes * norms[None, :], PAPER_KS))
