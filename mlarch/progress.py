@@ -35,9 +35,10 @@ def interactive() -> bool:
 class RichReporter:
     """A Reporter (mlarch.ingest.pipeline.Reporter) that draws a rich progress bar."""
 
-    def __init__(self, quiet: bool = False):
+    def __init__(self, quiet: bool = False, cli: bool = False):
         self.console = _console()
         self.quiet = quiet
+        self.cli = cli  # its messages name CLI flags (--force), else Python arguments (force=True)
         self.progress = None
         self.task = None
         self.tokens = 0

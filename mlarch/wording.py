@@ -73,6 +73,12 @@ def cli(*parts) -> str:
     return "".join(p.cli() if isinstance(p, Phrase) else str(p) for p in parts)
 
 
+def for_reporter(reporter, *parts) -> str:
+    """`parts` joined in the wording of whoever reads `reporter`: the CLI's where the reporter
+    says `cli = True` (the CLI's progress bar), else the Python caller's."""
+    return cli(*parts) if getattr(reporter, "cli", False) else python(*parts)
+
+
 def for_cli(exc: BaseException) -> str:
     """The message of `exc` as the CLI prints it (its CLI wording where it has one)."""
     return getattr(exc, "cli_message", None) or str(exc)

@@ -108,6 +108,31 @@ def test_rerun_is_skipped_force_reruns_and_languages_extend(model_dir, data, tmp
     again = run(root, *ingest_args(model_dir, data, "en,de"))
     assert again.exit_code == 0 and "Nothing to do" in again.stdout
     assert len(mlarch.open(root).runs()) == 4
+    # the reuse message names the way to rerun in the reader's words: the CLI's flag, the API's argument
+    shown = run(root, *[a for a in ingest_args(model_dir, data, "en,de") if a != "--quiet"])
+    assert shown.exit_code == 0 and "reusing them (--force reruns)" in shown.stderr, shown.output
+
+    class Recorder:
+        def __init__(self):
+            self.lines = []
+
+        def message(self, text):
+            self.lines.append(text)
+
+        def start_pass(self, *args, **kwargs):
+            pass
+
+        def advance(self, *args):
+            pass
+
+        def end_pass(self):
+            pass
+
+    heard = Recorder()
+    result = mlarch.open(root).ingest(str(model_dir["llama"]), ["en", "de"], data["math"], data["control"], samples=6,
+                                      top_k=[0.01, 0.05, 0.25], reporter=heard)
+    assert len(result.skipped) == 4 and not result.written
+    assert any("reusing them (force=True reruns)" in line for line in heard.lines), heard.lines
     before = mlarch.open(root).sql("SELECT * FROM overlap_global ORDER BY ALL")
     forced = run(root, *ingest_args(model_dir, data, "de", "--force"))
     assert forced.exit_code == 0 and "Archived 2 run(s)" in forced.stdout

@@ -243,7 +243,7 @@ def ingest(ctx, model_ref, langs, math_spec, control_spec, data_dir, name, analy
     from mlarch.cli.progress import RichReporter
 
     result = _archive_to_fill(ctx).ingest(
-        model_ref, langs, math_spec, control_spec, reporter=RichReporter(quiet=quiet), name=name, analysis=analysis,
+        model_ref, langs, math_spec, control_spec, reporter=RichReporter(quiet=quiet, cli=True), name=name, analysis=analysis,
         samples=samples, seeds=seeds, top_k=top_k, batch_size=batch_size, max_length=max_length, device=device,
         dtype=dtype, revision=revision, gguf_file=gguf_file, trust_remote_code=trust_remote_code, force=force,
         data_dir=data_dir, only_correct=only_correct, method=method, sampling=sampling, shuffle_seed=shuffle_seed,
@@ -446,7 +446,7 @@ def demo(ctx, langs, samples, data_dir, with_interventions, quiet):
     started = time.perf_counter()
     archive = _archive_to_fill(ctx)
     root = archive.root
-    result = archive.demo(langs, samples, data_dir, reporter=RichReporter(quiet=quiet))
+    result = archive.demo(langs, samples, data_dir, reporter=RichReporter(quiet=quiet, cli=True))
     click.echo(f"\nArchive: {root.resolve()}  (model {result['model']}, {len(result['written'])} run(s) scored, "
                f"{len(result['skipped'])} reused, {time.perf_counter() - started:.0f} s)")
     click.echo("\nOverlap of the math-specific parameter sets, all layers pooled (k = 0.01, seed 1):")
@@ -477,7 +477,7 @@ def _demo_interventions(root, archive, langs, data_dir, quiet, archive_flag) -> 
     from mlarch.ingest import demo as demo_lib
 
     started = time.perf_counter()
-    result = archive.demo_interventions(langs, data_dir, reporter=RichReporter(quiet=quiet))
+    result = archive.demo_interventions(langs, data_dir, reporter=RichReporter(quiet=quiet, cli=True))
     click.echo(f"\nInterventions: {len(result['written'])} evaluation(s) run, {len(result['reused'])} reused "
                f"({time.perf_counter() - started:.0f} s)")
     for role, matrix in result["matrices"].items():  # Archive's effects_matrix: NLL, then relative changes

@@ -87,7 +87,7 @@ def evaluate(ctx, model_ref, name, analysis, langs, task, data_spec, role, inter
 
     archive = _archive_to_fill(ctx)
     result = archive.evaluate(model_ref, langs, task, data_spec, interventions=list(interventions),
-                              reporter=RichReporter(quiet=quiet), name=name, analysis=analysis, role=role, seed=seed,
+                              reporter=RichReporter(quiet=quiet, cli=True), name=name, analysis=analysis, role=role, seed=seed,
                               limit=limit, all_items=all_items, shots=shots, chat=chat, data_dir=data_dir,
                               device=device, dtype=dtype, batch_size=batch_size, max_length=max_length,
                               max_new_tokens=max_new_tokens, revision=revision, gguf_file=gguf_file,

@@ -29,6 +29,7 @@ from mlarch.selection import top_count
 from mlarch.ingest.pipeline import (MAX_BATCH_SIZE, MAX_LENGTH, MAX_SEED, ROLES, Reporter, _bounded_int,
                                     _check_writable, check_langs, check_name)
 from mlarch.store import analyses, catalog, layout, records
+from mlarch import wording
 from mlarch.wording import Arg, Phrase, error
 
 TASKS = ("nll", "accuracy")
@@ -246,8 +247,9 @@ def evaluate(root: Path, cfg: EvalConfig, reporter: Reporter | None = None) -> E
         else:
             todo.append(unit)
     if result.reused:
-        reporter.message(f"{len(result.reused)} of {len(units)} evaluation(s) are archived with identical settings; "
-                         "reusing them (--force reruns)")
+        reporter.message(wording.for_reporter(
+            reporter, f"{len(result.reused)} of {len(units)} evaluation(s) are archived with identical settings; "
+            "reusing them (", Arg("force", True), " reruns)"))
     if not todo:
         return result
 

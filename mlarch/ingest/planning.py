@@ -17,6 +17,7 @@ from mlarch.errors import MlarchError, UsageError
 from mlarch.ingest import provenance, sources
 from mlarch.ingest.config import METHOD, ROLES, IngestConfig, check_name, run_compat_identity
 from mlarch.store import analyses, array_store, catalog, layout, records
+from mlarch import wording
 from mlarch.wording import Arg, Phrase, error
 
 VERIFY = Phrase("Archive.verify()", "`mlarch verify`")  # the integrity check, in the caller's words
@@ -144,10 +145,9 @@ def plan(root: Path, cfg: IngestConfig, reporter, resolve=None) -> Plan:
         else:
             todo.append(unit)
     if result.skipped:
-        reporter.message(
-            f"{len(result.skipped)} of {len(units)} run(s) of {name} are already archived with identical "
-            "settings; reusing them (--force reruns)"
-        )
+        reporter.message(wording.for_reporter(
+            reporter, f"{len(result.skipped)} of {len(units)} run(s) of {name} are already archived with identical "
+            "settings; reusing them (", Arg("force", True), " reruns)"))
     return Plan(root, cfg, name, analysis, analysis_config, kind, device, dtype, srcs, items, pools, units, todo,
                 result, store)
 
