@@ -131,3 +131,22 @@ def one_error(result, code: int) -> str:
     assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
     assert not lines[0].startswith("Error: unexpected "), lines[0]
     return lines[0]
+
+
+class RecordingReporter:
+    """An ingest/eval reporter (mlarch.ingest.units.Reporter's methods) that keeps the status lines it is given."""
+
+    def __init__(self):
+        self.lines: list[str] = []
+
+    def message(self, text: str) -> None:
+        self.lines.append(text)
+
+    def start_pass(self, label: str, total: int, unit: str = "samples") -> None:
+        pass
+
+    def advance(self, samples: int, tokens: int) -> None:
+        pass
+
+    def end_pass(self) -> None:
+        pass

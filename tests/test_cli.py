@@ -15,6 +15,8 @@ from click.testing import CliRunner
 import mlarch
 from mlarch.cli import cli
 
+from fixtures import RecordingReporter
+
 
 def run(archive, *args):
     return CliRunner().invoke(cli, ["--archive", str(archive), *args])
@@ -112,23 +114,7 @@ def test_rerun_is_skipped_force_reruns_and_languages_extend(model_dir, data, tmp
     shown = run(root, *[a for a in ingest_args(model_dir, data, "en,de") if a != "--quiet"])
     assert shown.exit_code == 0 and "reusing them (--force reruns)" in shown.stderr, shown.output
 
-    class Recorder:
-        def __init__(self):
-            self.lines = []
-
-        def message(self, text):
-            self.lines.append(text)
-
-        def start_pass(self, *args, **kwargs):
-            pass
-
-        def advance(self, *args):
-            pass
-
-        def end_pass(self):
-            pass
-
-    heard = Recorder()
+    heard = RecordingReporter()
     result = mlarch.open(root).ingest(str(model_dir["llama"]), ["en", "de"], data["math"], data["control"], samples=6,
                                       top_k=[0.01, 0.05, 0.25], reporter=heard)
     assert len(result.skipped) == 4 and not result.written

@@ -15,6 +15,8 @@ from click.testing import CliRunner
 import mlarch
 from mlarch.cli import cli
 
+from fixtures import RecordingReporter
+
 NAME = "tiny-llama"
 K = 0.05
 
@@ -111,8 +113,10 @@ def test_effects_view_reuse_and_weights_restored(archive_copy, model_dir, data):
     args = (str(model_dir["llama"]), ["en", "de", "bn"], "nll", data["math"])
     grid = [f"prune:{lang}@{K}" for lang in ("en", "de", "bn")] + [f"random:en@{K}", f"fraction:en@{K}:0.5"]
     first = archive.evaluate(*args, interventions=grid, device="cpu")
-    again = archive.evaluate(*args, interventions=grid, device="cpu")
+    heard = RecordingReporter()
+    again = archive.evaluate(*args, interventions=grid, device="cpu", reporter=heard)
     assert not again.written and sorted(again.reused) == sorted(first.written)
+    assert any("reusing them (force=True reruns)" in line for line in heard.lines), heard.lines
     matrix = archive.sql("SELECT target_lang, lang, baseline, value, delta, relative_change, n_params_changed "
                          "FROM intervention_effects WHERE intervention = 'prune' AND k = ?", [K])
     assert matrix.height == 9 and matrix["relative_change"].null_count() == 0
