@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from mlarch import selection
-from mlarch.selection import _SAMPLE, sample_step, top_count
+from mlarch.selection import _SAMPLE, _set_sizes, sample_step
 
 
 def scores_torch(magnitudes: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
@@ -48,19 +48,8 @@ def scores_torch(magnitudes: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
 
 def level_codes_torch(scores: torch.Tensor, ks: Sequence[float], counts: Sequence[int] | None = None) -> torch.Tensor:
     """uint8 tensor shaped like `scores`, on its device: selection.level_codes's output."""
-    counts = _counts(scores.numel(), ks, counts)
+    counts = _set_sizes(scores.numel(), ks, counts)  # as selection.level_codes sizes them
     return _levels(scores.numel(), list(_candidate_values(scores, counts)), counts).reshape(scores.shape)
-
-
-def _counts(n: int, ks: Sequence[float], counts: Sequence[int] | None) -> list[int]:
-    """The set size of each k (checked), as selection.level_codes sizes them."""
-    ks = list(ks)
-    if ks != sorted(ks) or len(ks) > 254:
-        raise ValueError("ks must be ascending and at most 254 values")
-    counts = [top_count(n, k) for k in ks] if counts is None else [int(c) for c in counts]
-    if len(counts) != len(ks) or counts != sorted(counts):
-        raise ValueError("counts must give one non-decreasing set size per k")
-    return counts
 
 
 def _candidate_values(scores: torch.Tensor, counts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -173,7 +162,7 @@ def weights_levels(weights: Iterable[torch.Tensor], spans, norms: np.ndarray, ks
             levels[span.params] = selection.module_levels(module, norms[span.norms], ks).reshape(-1)
             continue
         with _stream_for(weight.device, streams):
-            counts = _counts(span.n_params, ks, None)
+            counts = _set_sizes(span.n_params, ks, None)
             scores = module_scores_torch(weight, torch.from_numpy(norms[span.norms]))
             found = list(_candidate_values(scores, counts))
             del scores  # the sort's memory comes from the scores', not on top of them

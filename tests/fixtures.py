@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from mlarch.ingest.units import Reporter
+
 LANGS = ("en", "de", "bn")
 VOCAB = 384  # room above the trained vocabulary for tokens a tokenizer class may add
 
@@ -133,20 +135,11 @@ def one_error(result, code: int) -> str:
     return lines[0]
 
 
-class RecordingReporter:
-    """An ingest/eval reporter (mlarch.ingest.units.Reporter's methods) that keeps the status lines it is given."""
+class RecordingReporter(Reporter):
+    """An ingest/eval reporter that keeps the status lines it is given."""
 
     def __init__(self):
         self.lines: list[str] = []
 
     def message(self, text: str) -> None:
         self.lines.append(text)
-
-    def start_pass(self, label: str, total: int, unit: str = "samples") -> None:
-        pass
-
-    def advance(self, samples: int, tokens: int) -> None:
-        pass
-
-    def end_pass(self) -> None:
-        pass
