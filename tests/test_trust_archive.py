@@ -20,6 +20,8 @@ from mlarch.cli import cli
 from mlarch.errors import MlarchError
 from mlarch.store.arrays import ArrayDamaged
 
+from fixtures import one_error
+
 HERE = Path(__file__).parent
 
 
@@ -394,3 +396,58 @@ def test_a_run_overtaken_by_a_newer_one_is_archived_but_not_used(model_dir, data
     assert archive.sql("SELECT count(*) FROM runs WHERE in_use AND finished_at > TIMESTAMP '2002-01-01'").item() == 2
     assert archive.sql("SELECT * FROM set_sizes ORDER BY ALL").equals(before)
     assert run(root, "verify").exit_code == 0
+
+
+def _edit_catalog(archive_root, *statements):
+    con = duckdb.connect(str(archive_root / "catalog.duckdb"))
+    for statement in statements:
+        con.execute(statement)
+    con.close()
+
+
+def test_a_catalog_view_cannot_read_another_file_or_load_an_extension(archive_copy, tmp_path, monkeypatch):
+    """A catalog nobody vetted (copied from elsewhere, or a published snapshot) may hold views
+    that read local files or URLs: readers run in a DuckDB that can open only the catalog."""
+    secret = tmp_path / "secret.txt"
+    secret.write_text("TOP-SECRET-LOCAL-FILE")
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))  # where DuckDB would install an extension it fetched
+
+    def runs_reading(source):  # bound against a stand-in macro, so the stored view calls DuckDB's read_text
+        _edit_catalog(archive_copy, "CREATE MACRO read_text(u) AS TABLE SELECT 'x' AS content", "DROP VIEW IF EXISTS runs",
+              f"CREATE VIEW runs AS SELECT * REPLACE ((SELECT string_agg(content, '') FROM read_text('{source}')) "
+              "AS dataset) FROM runs_t", "DROP MACRO TABLE read_text")
+
+    _edit_catalog(archive_copy, "ALTER TABLE runs RENAME TO runs_t")
+    runs_reading("http://127.0.0.1:9/leak.txt")  # httpfs would be installed from the internet to read it
+    with pytest.raises(MlarchError, match="reaches outside the file"):
+        mlarch.open(archive_copy).runs()
+    assert list(home.iterdir()) == []  # nothing installed (nor tried: no ~/.duckdb)
+    runs_reading(secret)
+    with pytest.raises(MlarchError, match="reaches outside the file") as refused:
+        mlarch.open(archive_copy).runs()
+    assert "TOP-SECRET" not in str(refused.value)
+    line = one_error(run(archive_copy, "runs"), 1)
+    assert "reaches outside the file" in line and "TOP-SECRET" not in line and "verify" in line
+
+
+def test_an_array_row_naming_another_runs_path_is_never_read(archive_copy):
+    """A row of run A naming run B's levels (and their digests) would hand back B's sets as A's;
+    a path of the row's choosing would be a request for any key: both refused before any read."""
+    archive = mlarch.open(archive_copy)
+    en = _en_math(archive)
+    de = _first(archive, "SELECT run_id FROM runs WHERE lang = 'de' AND role = 'math'")["run_id"]
+    module = archive.sql("SELECT module FROM modules LIMIT 1").item()
+    _edit_catalog(archive_copy, f"CREATE TEMP TABLE b AS SELECT * FROM arrays WHERE owner = '{de}' AND kind = 'levels'",
+          f"DELETE FROM arrays WHERE owner IN ('{en['run_id']}', '{de}') AND kind = 'levels'",  # paths are unique
+          f"INSERT INTO arrays SELECT * REPLACE ('{en['run_id']}' AS owner) FROM b")
+    with pytest.raises(ArrayDamaged, match=f"names 'runs/{de}/levels', not 'runs/{en['run_id']}/levels'"):
+        mlarch.open(archive_copy).levels(en["run_id"], module)
+    failed = [r for r in mlarch.open(archive_copy).verify().rows(named=True)
+              if r["status"] != "ok" and r["object"] == f"runs/{de}/levels"]
+    assert any("not 'runs/" in r["detail"] for r in failed), failed
+    _edit_catalog(archive_copy, f"UPDATE arrays SET path = 'runs/544f502d5345435245/levels' WHERE owner = '{en['run_id']}' "
+          "AND kind = 'levels'")
+    with pytest.raises(ArrayDamaged, match="not 'runs/"):
+        mlarch.open(archive_copy).levels(en["run_id"], module)

@@ -407,17 +407,18 @@ class Archive:
         """The catalog's record of one array (cached): every read is checked against it."""
         key = (owner, kind)
         if key not in self._record_cache:
-            from mlarch.store.arrays import RECORD_COLUMNS, ArrayRecord
+            from mlarch.store.arrays import RECORD_COLUMNS, catalog_record
 
+            columns = f"owner, kind, {RECORD_COLUMNS}"
             if kind == "magnitudes":  # by the group the model's row names: |W| is shared per weights digest
-                rows = self._read(f"SELECT {RECORD_COLUMNS} FROM arrays WHERE kind = 'magnitudes' AND path = "
+                rows = self._read(f"SELECT {columns} FROM arrays WHERE kind = 'magnitudes' AND path = "
                                   "(SELECT magnitudes_group || '/magnitudes' FROM models WHERE model = ?)", [owner])
             else:
-                rows = self._read(f"SELECT {RECORD_COLUMNS} FROM arrays WHERE owner = ? AND kind = ?", [owner, kind])
+                rows = self._read(f"SELECT {columns} FROM arrays WHERE owner = ? AND kind = ?", [owner, kind])
             if rows.is_empty():
                 raise MlarchError(f"the catalog records no {kind} array for {owner!r}: run `mlarch verify`, then "
                                   "remove the damaged run or model with `mlarch rm` and re-ingest it")
-            self._record_cache[key] = ArrayRecord.from_row(rows.row(0, named=True))
+            self._record_cache[key] = catalog_record(rows.row(0, named=True))  # its path checked
         return self._record_cache[key]
 
     def norms(self, run_id: str) -> dict[str, np.ndarray]:

@@ -31,6 +31,7 @@ from zarr.storage import WrapperStore
 from mlarch import parallel
 from mlarch.errors import MlarchError
 from mlarch.wording import Phrase, error
+from mlarch.store import layout
 from mlarch.store.array_store import ArrayStore, StoreError, coerce
 from mlarch.store.chunk_writes import ChunkEncoder, c_bytes, chunk_content, write_chunks
 
@@ -64,6 +65,27 @@ class ArrayRecord:
 
 class ArrayDamaged(MlarchError):
     """An array's stored bytes are not what the catalog recorded."""
+
+
+def catalog_record(row: dict) -> ArrayRecord:
+    """The record of an `arrays` catalog row that has `owner` and `kind` too. A catalog is a file
+    nobody vetted, so the row's path must be the one mlarch makes for its owner and kind: no
+    row can point a read at another run's arrays, or at a key (an S3 request) of its choosing."""
+    owner, kind, path = row.get("owner"), row.get("kind"), row.get("path")
+    try:
+        expected = layout.owned_array_path(owner, kind)
+    except layout.UnsafePath as exc:
+        raise ArrayDamaged(f"the catalog's arrays row {str(path)[:120]!r}: {exc}: {_EDITED}") from None
+    if path != expected:
+        raise ArrayDamaged(f"the catalog's row of the {kind} array of {owner!r} names {str(path)[:120]!r}, not "
+                           f"{expected!r}: {_EDITED}")
+    try:
+        return ArrayRecord.from_row(row)
+    except (TypeError, ValueError, KeyError) as exc:  # a NULL or non-number shape, size, ...
+        raise ArrayDamaged(f"the catalog's row of array {path} is damaged ({type(exc).__name__}): {_EDITED}") from None
+
+
+_EDITED = "the catalog was edited; restore it from a copy (a published archive: publish it again)"
 
 
 # Columns of the catalog's `arrays` table that make an ArrayRecord (with `owner` and `kind`).

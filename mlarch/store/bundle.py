@@ -439,10 +439,10 @@ def export_parquet(root: Path, folder: Path) -> list[Path]:
     except (OSError, ValueError) as exc:  # ValueError: a NUL in the name
         raise MlarchError(f"cannot create {folder}: {getattr(exc, 'strerror', None) or exc}") from None
     written = []
-    with catalog.reading(root / layout.CATALOG) as con:
+    with catalog.exporting(root / layout.CATALOG, folder) as con:
         for name in (*checks.TABLES, "selections", "patterns", *EVALUATION_TABLES, *VIEWS):  # from these constants only
             target = folder / f"{name}.parquet"
             # the file name goes in as a parameter: no quoting of a path inside SQL text
-            con.execute(f"COPY (SELECT * FROM {_quoted(name)}) TO ? (FORMAT parquet)", [str(target)])
+            con.execute(f"COPY (SELECT * FROM {_quoted(name)}) TO ? (FORMAT parquet)", [str(target.absolute())])
             written.append(target)
     return written

@@ -3,14 +3,14 @@
 DuckDB lets one process write a file, and a read-write connection blocks every other
 process from opening it. So nothing here keeps a catalog open: readers attach it read-only
 for one query, writers open it read-write only for the final commit (MLflow-style
-lifecycle). Readers share one in-memory DuckDB per process and ATTACH the file to it:
-~2 ms a read instead of ~20 ms for a new DuckDB instance per connection.
+lifecycle). Readers share one in-memory DuckDB per catalog and process, sandboxed to that
+file, and ATTACH the file to it: ~2 ms a read instead of ~20 ms for a new DuckDB instance
+per connection.
 """
 
 from __future__ import annotations
 
 import functools
-import itertools
 import os
 import re
 import threading
@@ -211,19 +211,21 @@ def _place_analyses(con) -> None:
 _AFTER_SQL = {2: _seal_records, 4: _place_analyses}
 
 
-def ensure_schema(path: Path) -> int:
+def ensure_schema(path: Path, confine: bool = False) -> int:
     """Create the catalog or apply pending migrations; refuse a newer schema or a DuckDB file
-    that is not an mlarch catalog (left untouched). Returns the version."""
+    that is not an mlarch catalog (left untouched). Returns the version. `confine`: the file
+    came from elsewhere, so its connections reach no other file (see confined())."""
     known = latest_version()
+    connect = confined if confine else _connect
     if path.exists():
-        con = _connect(path, read_only=True)
+        con = connect(path, read_only=True)
         try:
             current = checked_version(con, path)
         finally:
             con.close()
         if current == known:
             return current
-    con = _connect(path, read_only=False)
+    con = connect(path, read_only=False)
     try:
         checked_version(con, path)  # again: the file may have changed since the read-only look
         con.execute(
@@ -269,24 +271,28 @@ _CHECKED: set[str] = set()  # catalogs whose schema this process has already che
 
 
 class _Readers:
-    """One in-memory DuckDB per process; a catalog is attached to it read-only while at
-    least one reader uses it, then detached, which releases the file lock so that writers
-    in other processes are never blocked for long. The lock guards only bookkeeping: an
-    ATTACH that waits for another process's writer blocks no other reader."""
+    """Per process, one in-memory DuckDB per catalog file, sandboxed to that file (SANDBOX_PATHS:
+    a view or macro in the file, which nobody vetted, can read no other file and load no
+    extension); the catalog is attached to it read-only while at least one reader uses it,
+    then detached, which releases the file lock so that writers in other processes are never
+    blocked for long. The lock guards only bookkeeping: an ATTACH that waits for another
+    process's writer blocks no other reader."""
 
     def __init__(self):
         self.lock = threading.Lock()
-        self.host: duckdb.DuckDBPyConnection | None = None
+        self.hosts: dict[str | None, duckdb.DuckDBPyConnection] = {}  # resolved path (None: no file) -> instance
         self.users = 0  # cursors handed out and not closed yet
         self.attached: dict[str, _Attachment] = {}  # resolved path -> attachment
 
-    def cursor(self) -> duckdb.DuckDBPyConnection:
-        """A connection of its own (thread-safe) to the shared instance; release() it."""
+    def cursor(self, key: str | None = None) -> duckdb.DuckDBPyConnection:
+        """A connection of its own (thread-safe) to the instance that may read the catalog at
+        `key` (None: one that reads no file); release() it."""
         with self.lock:
-            if self.host is None:
-                self.host = duckdb.connect()
+            host = self.hosts.get(key)
+            if host is None:
+                host = self.hosts[key] = _sandboxed_instance([] if key is None else [key, key + ".wal"])
             self.users += 1
-            return self.host.cursor()
+            return host.cursor()
 
     def release(self, cursor: duckdb.DuckDBPyConnection) -> None:
         cursor.close()
@@ -299,16 +305,14 @@ class _Readers:
             with self.lock:
                 entry = self.attached.get(key)
                 if entry is None:  # this thread attaches it; others wait for the outcome
-                    names = {e.alias for e in self.attached.values()}
-                    alias = next(a for a in itertools.chain([path.stem], (f"{path.stem}_{n}" for n in
-                                 itertools.count(2))) if a not in names and a not in _RESERVED)
+                    alias = path.stem if path.stem not in _RESERVED else f"{path.stem}_2"
                     entry = self.attached[key] = _Attachment(alias)
                     break
                 if entry.ready.is_set():
                     entry.readers += 1
                     return entry.alias
             entry.ready.wait()  # then look again: attached, or that attempt failed
-        cursor = self.cursor()
+        cursor = self.cursor(key)
         try:
             quoted = key.replace("'", "''")
             _opening(path, lambda: cursor.execute(f"ATTACH '{quoted}' AS {_name(entry.alias)} (READ_ONLY)"))
@@ -332,26 +336,28 @@ class _Readers:
             entry.readers -= 1
             if entry.readers == 0:
                 del self.attached[key]
-                self.host.execute(f"DETACH {_name(entry.alias)}")
+                self.hosts[key].execute(f"DETACH {_name(entry.alias)}")
 
     def before_fork(self) -> None:
         """Fork with no DuckDB instance where possible: a child cannot use or even close
         the parent's (its threads are gone), so only a new one serves the child."""
         self.lock.acquire()
-        if self.host is not None and self.users == 0 and not self.attached:
-            self.host.close()
-            self.host = None
+        if self.users == 0 and not self.attached:
+            for host in self.hosts.values():
+                host.close()
+            self.hosts.clear()
 
     def after_fork_in_parent(self) -> None:
         self.lock.release()
 
     def after_fork_in_child(self) -> None:
-        if self.host is not None:  # readers were busy in another thread: never touch it
+        if self.hosts:  # readers were busy in another thread: never touch them
             import ctypes  # here only: ~3 ms of every CLI call's start-up otherwise
 
-            ctypes.pythonapi.Py_IncRef(ctypes.py_object(self.host))  # never freed, not even at exit
+            for host in self.hosts.values():
+                ctypes.pythonapi.Py_IncRef(ctypes.py_object(host))  # never freed, not even at exit
         self.lock = threading.Lock()
-        self.host, self.users, self.attached = None, 0, {}
+        self.hosts, self.users, self.attached = {}, 0, {}
 
 
 class _Attachment:
@@ -426,10 +432,15 @@ def reading(path: Path):
 def _attached(key: str, path: Path):
     alias = _READERS.attach(key, path)
     try:
-        con = _READERS.cursor()
+        con = _READERS.cursor(key)
         try:
             con.execute(f"USE {_name(alias)}")
             yield con
+        except duckdb.PermissionException as exc:  # the sandbox held: say so, without DuckDB's SQL excerpt
+            raise error(MlarchError, f"catalog {path} holds a view or macro that reaches outside the file "
+                        f"({_first_line(exc)[:200]}): the catalog was altered; ",
+                        Phrase("Archive.verify()", "`mlarch verify`"), " lists what differs; restore the catalog "
+                        "from a copy (a published archive: publish it again)") from None
         finally:
             _READERS.release(con)
     finally:
@@ -449,6 +460,53 @@ def _existing(path) -> Path:
 # mlarch.query.api come first; this holds whatever they miss.
 SANDBOX = {"enable_external_access": False, "autoinstall_known_extensions": False,
            "autoload_known_extensions": False, "lock_configuration": True}
+
+
+# What every connection to a catalog mlarch did not just create gets: no extension installed
+# or loaded behind its back (a view reading an http:// URL would fetch httpfs), and no file but
+# the catalog's own (a view calling read_text('/home/...') reads nothing). Set in this order:
+# DuckDB takes allowed_paths only from a started database, and none once access is off.
+_NO_EXTENSIONS = {"autoinstall_known_extensions": False, "autoload_known_extensions": False}
+
+
+def _sandboxed_instance(allowed: list[str]) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB that can open only the files in `allowed` (exact paths)."""
+    con = duckdb.connect(config=dict(_NO_EXTENSIONS))
+    try:
+        if allowed:
+            con.execute("SET allowed_paths = [" + ", ".join("'" + p.replace("'", "''") + "'" for p in allowed) + "]")
+        con.execute("SET enable_external_access = false")
+        con.execute("SET lock_configuration = true")
+    except BaseException:
+        con.close()
+        raise
+    return con
+
+
+def confined(path: Path, read_only: bool = True) -> duckdb.DuckDBPyConnection:
+    """A connection of its own to the catalog file at `path` that reads no other file and
+    loads no extension: for files fetched from elsewhere (a published snapshot, which only its
+    fetcher opens: no waiting for a lock, and DuckDB's own errors for the caller to word)."""
+    return duckdb.connect(str(path), read_only=read_only, config={**_NO_EXTENSIONS, "enable_external_access": False})
+
+
+@contextmanager
+def exporting(path: Path, folder: Path):
+    """A read-only connection of its own to the catalog that may write files into `folder`
+    (COPY ... TO) and reach nothing else; checks (and migrates) the schema like reading()."""
+    path = _existing(path)
+    with reading(path):
+        pass
+    con = _opening(path, lambda: duckdb.connect(str(path), read_only=True, config=dict(_NO_EXTENSIONS)))
+    try:
+        # as given and resolved: DuckDB compares the path strings it is handed
+        allowed = {str(Path(folder).absolute()), str(Path(folder).resolve())}
+        con.execute("SET allowed_directories = [" + ", ".join("'" + d.replace("'", "''") + "/'" for d in allowed) + "]")
+        con.execute("SET enable_external_access = false")
+        con.execute("SET lock_configuration = true")
+        yield con
+    finally:
+        con.close()
 
 
 def _open_sandboxed(path: Path) -> duckdb.DuckDBPyConnection:

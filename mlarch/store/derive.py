@@ -355,8 +355,9 @@ def run_ref(con, run_id: str) -> RunRef:
     """A finished run with the record of its levels array (None if the catalog lacks it)."""
     r = con.execute("SELECT run_id, lang, role, arrays_group, k_values FROM runs WHERE run_id = ?",
                     [run_id]).fetchall()[0]
-    found = dicts(con, f"SELECT {arrays.RECORD_COLUMNS} FROM arrays WHERE owner = ? AND kind = 'levels'", [run_id])
-    levels = ArrayRecord.from_row(found[0]) if found else None
+    found = dicts(con, f"SELECT owner, kind, {arrays.RECORD_COLUMNS} FROM arrays WHERE owner = ? AND kind = 'levels'",
+                  [run_id])
+    levels = arrays.catalog_record(found[0]) if found else None  # its path checked
     return RunRef(r[0], r[1], r[2], r[3], tuple(r[4]), levels)
 
 

@@ -123,6 +123,16 @@ def array_path(group: str, name: str) -> str:
     return f"{group}/{name}"
 
 
+def owned_array_path(owner, kind) -> str:
+    """Where mlarch puts the array of `kind` owned by `owner` (a run id, or for |W| the model
+    that archived it): the only path a catalog row of that array may name."""
+    if kind in RUN_ARRAYS:
+        return array_path(run_arrays_group(owner), kind)
+    if kind in MODEL_ARRAYS and isinstance(owner, str):
+        return array_path(model_group(owner), kind)
+    raise UnsafePath(f"an array of kind {str(kind)[:40]!r} owned by {str(owner)[:80]!r} is not one mlarch writes")
+
+
 def checked_group(root: Path, group, expected: str) -> Path:
     """The folder of `group` (a group, or an array path inside one) in root/arrays.zarr,
     once it is exactly `expected` and no symbolic link below arrays.zarr leads elsewhere."""

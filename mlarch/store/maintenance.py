@@ -64,8 +64,12 @@ def verify(root: Path, run_ids: list[str] | None = None) -> list[Check]:
         chosen = [r for r in runs if run_ids is None or r[0] in run_ids]
         models = {r[1] for r in chosen}
         owners = {r[0] for r in chosen if r[3] == "FINISHED"} | models
-        records = [(row["owner"], arrays.ArrayRecord.from_row(row)) for row in catalog.dicts(
-            con, f"SELECT owner, {arrays.RECORD_COLUMNS} FROM arrays ORDER BY path")]
+        records, bad_rows = [], []
+        for row in catalog.dicts(con, f"SELECT owner, kind, {arrays.RECORD_COLUMNS} FROM arrays ORDER BY path"):
+            try:  # a row naming a path other than its owner's is never read (nor fetched from a bucket)
+                records.append((row["owner"], arrays.catalog_record(row)))
+            except arrays.ArrayDamaged as exc:
+                bad_rows.append((str(row["path"])[:120], str(exc)))
         model_groups = dict(con.execute("SELECT model, magnitudes_group FROM models").fetchall())
         # |W| is stored once per weights digest: each model's group holds one magnitudes array,
         # and the models sharing a group have the same weights and dtype
@@ -117,7 +121,10 @@ def verify(root: Path, run_ids: list[str] | None = None) -> list[Check]:
         pairs = sorted({(r[1], r[7], r[2]) for r in chosen if r[3] == "FINISHED" and r[7] is not None})
         derived = {}
         for model, analysis, seed in pairs:
-            current = current_runs(con, model, analysis, seed)
+            try:
+                current = current_runs(con, model, analysis, seed)
+            except arrays.ArrayDamaged as exc:  # a levels row naming another path: reported below, never read
+                current = exc
             spans = read_spans(con, model)
             stored_sel = con.execute(
                 "SELECT model, analysis, k, seed, lang, module, n_math_top, n_control_top, n_selected, math_run_id, "
@@ -175,6 +182,7 @@ def verify(root: Path, run_ids: list[str] | None = None) -> list[Check]:
             f"the catalog row, provenance, samples or array records changed since the {kind} was archived "
             f"(sha256 {actual[:16]}..., recorded {stored[:16]}...)")))
     chosen_paths = {f"{group}/magnitudes" for model, group in model_groups.items() if model in models}
+    checks += [Check("array digest", path, False, why) for path, why in bad_rows]
     for owner, record in records:
         if owner not in owners and record.path not in chosen_paths:  # a shared |W| keeps its first owner
             continue
@@ -189,6 +197,8 @@ def verify(root: Path, run_ids: list[str] | None = None) -> list[Check]:
     for (model, analysis, seed), (current, spans, stored_sel, stored_pat) in derived.items():
         where = f"{model} {analysis} seed {seed}"
         try:
+            if isinstance(current, Exception):
+                raise current
             selections, patterns = derive(store, model, analysis, seed, spans, current, count_tops=True)
         except Exception as exc:
             checks.append(Check("set_sizes recount", where, False,

@@ -149,11 +149,9 @@ def _file_digest(path: Path) -> tuple[str, int]:
 
 def _describe(path: Path) -> tuple[int, int]:
     """(schema version, finished runs) of a catalog file, opened on its own read-only."""
-    import duckdb
-
     from mlarch.store import catalog
 
-    con = duckdb.connect(str(path), read_only=True)
+    con = catalog.confined(path)
     try:
         version = catalog.checked_version(con, path)
         runs = con.execute("SELECT count(*) FROM runs WHERE status = 'FINISHED'").fetchone()[0] if version else 0
@@ -331,8 +329,8 @@ def _check_snapshot(path: Path, source: str, url: str, version: int) -> None:
 
     from mlarch.store import catalog
 
-    try:
-        con = duckdb.connect(str(path), read_only=True)
+    try:  # a file from elsewhere: its views and macros can reach no other file (catalog.confined)
+        con = catalog.confined(path)
     except duckdb.Error as exc:
         raise MlarchError(f"the published catalog {source} is not a DuckDB file ({catalog._first_line(exc)}): "
                           "publish the archive again") from None
@@ -351,7 +349,12 @@ def _check_snapshot(path: Path, source: str, url: str, version: int) -> None:
         raise MlarchError(f"the published catalog {source} does not record its arrays at {url}: publish the archive "
                           "again from the archive whose arrays are there")
     if actual < catalog.latest_version():
-        catalog.ensure_schema(path)
+        try:
+            catalog.ensure_schema(path, confine=True)
+        except (duckdb.Error, MlarchError) as exc:  # its own message names the temporary file and a local fix
+            raise MlarchError(f"the published catalog {source} (schema {actual}) cannot be upgraded to schema "
+                              f"{catalog.latest_version()} ({catalog._first_line(exc)[:200]}): publish the archive "
+                              "again") from None
 
 
 def _fetch_lock(folder: Path):
