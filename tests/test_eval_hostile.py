@@ -168,3 +168,16 @@ def test_a_named_source_serving_both_roles_holds_out_each_roles_items(tmp_path, 
                               interventions=["prune:en@0.05"], device="cpu")
     items = set(archive.evaluation_items(result.written[0])["item_index"])
     assert drawn and items and not items & drawn and len(items) == 24 - len(drawn)
+
+
+@pytest.mark.parametrize("task", ["accuracy", "nll"])
+def test_a_scale_that_overflows_the_weights_is_refused_for_every_task(archive_copy, model_dir, data, task):
+    """x 1e45 makes every scaled float32 weight inf: greedy decoding over NaN logits would
+    still give completions (accuracy 0.0), so the intervention itself refuses."""
+    archive = mlarch.open(archive_copy)
+    options = {"shots": 0, "max_new_tokens": 2} if task == "accuracy" else {}
+    with pytest.raises(mlarch.errors.MlarchError, match="overflow to inf or NaN in torch.float32"):
+        archive.evaluate(str(model_dir["llama"]), ["en"], task, data["math"], interventions=["scale:en@0.25:1e45"],
+                         device="cpu", **options)
+    statuses = archive.sql("SELECT intervention, status, value FROM evaluations ORDER BY created_at")
+    assert statuses.rows() == [("none", "FINISHED", statuses["value"][0])]  # refused before its row

@@ -247,7 +247,13 @@ def applied(modules: list, plan: Plan):
                 old = view[rows, cols]  # advanced indexing gathers into a new tensor: a copy already
                 saved.append((view, rows, cols, old))  # before the write: a failed write is still undone
                 if intervention.kind == "scale":
-                    view[rows, cols] = old * intervention.factor  # python float: stays in the weight's dtype
+                    new = old * intervention.factor  # python float: stays in the weight's dtype
+                    overflow = int((~torch.isfinite(new) & torch.isfinite(old)).sum())
+                    if overflow:  # every task would measure a broken model (accuracy read 0.0): never a row
+                        raise MlarchError(f"scaling by {intervention.factor:g} makes {overflow:,} weights of "
+                                          f"{module.name} overflow to inf or NaN in {weight.dtype}: choose a "
+                                          "smaller factor")
+                    view[rows, cols] = new
                 else:
                     view[rows, cols] = 0
         yield plan
