@@ -123,6 +123,37 @@ def parse_file(path: Path) -> tuple[list[str], list[str]]:
     return texts, templates
 
 
+def text_lines(content: str) -> list[str]:
+    """The lines of a text as JSON-lines readers and `wc -l` count them: split at '\n' only
+    (a trailing '\r' removed), never str.splitlines(), which also splits at U+2028, NEL,
+    form feed and other characters that may sit inside an item."""
+    return [line[:-1] if line.endswith("\r") else line for line in content.split("\n")]
+
+
+def decoded(data: bytes) -> str:
+    """UTF-8 bytes as text, without the byte-order mark some editors write first (Excel's
+    "CSV UTF-8"): it is not part of the first item or of a CSV header's first column.
+    UnicodeDecodeError's position is in `data`'s bytes."""
+    return data.decode("utf-8").removeprefix("\ufeff")
+
+
+class _NotJSON(ValueError):
+    """A value Python's json reads but JSON has not (NaN, Infinity)."""
+
+
+def _refuse_constant(name: str):
+    raise _NotJSON(f"{name} is not a JSON value")
+
+
+def _json_problem(exc: Exception) -> str:
+    """Why a line is not JSON, short and without Python's advice (sys.set_int_max_str_digits)."""
+    if isinstance(exc, RecursionError):
+        return "nested too deeply"
+    if isinstance(exc, (json.JSONDecodeError, _NotJSON)):
+        return exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc)
+    return "number too long"  # the only other ValueError json raises: int digits over Python's limit
+
+
 def jsonl_records(lines, label: str, fix: str = "") -> list[tuple[int, dict]]:
     """(line number, object) for each non-blank line of a JSON-lines text; one line per error,
     naming `label` and the line (`fix` is appended to the invalid-JSON message)."""
@@ -131,9 +162,9 @@ def jsonl_records(lines, label: str, fix: str = "") -> list[tuple[int, dict]]:
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise MlarchError(f"{label}, line {lineno}: invalid JSON ({exc.msg}){fix}") from None
+            record = json.loads(line, parse_constant=_refuse_constant)
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
+            raise MlarchError(f"{label}, line {lineno}: invalid JSON ({_json_problem(exc)}){fix}") from None
         if not isinstance(record, dict):
             raise MlarchError(f"{label}, line {lineno}: expected a JSON object per line")
         records.append((lineno, record))
@@ -147,7 +178,7 @@ def parse_records(path: Path, template: str = "default") -> tuple[list[str], lis
         raise unknown_template(template)
     paper = template == "paper"
     try:
-        content = path.read_bytes().decode("utf-8")
+        content = decoded(path.read_bytes())
     except UnicodeDecodeError as exc:
         raise MlarchError(f"{path}: not UTF-8 text (byte {exc.start}); re-encode it as UTF-8") from None
     except OSError as exc:
@@ -157,7 +188,7 @@ def parse_records(path: Path, template: str = "default") -> tuple[list[str], lis
     templates: set[str] = set()
     pairs: list[tuple[str, str] | None] = []
     if suffix in {".jsonl", ".ndjson"}:
-        records = jsonl_records(content.splitlines(), str(path), "; fix that line")
+        records = jsonl_records(text_lines(content), str(path), "; fix that line")
         has_qa = any("qa" in record for _, record in records)
         for lineno, record in records:
             where = f"{path}, line {lineno}"
@@ -187,7 +218,7 @@ def parse_records(path: Path, template: str = "default") -> tuple[list[str], lis
         except csv.Error as exc:
             raise MlarchError(f"{path}, line {reader.line_num}: malformed CSV ({exc})") from None
     else:
-        for line in content.splitlines():
+        for line in text_lines(content):
             if line.strip():
                 texts.append(line)
                 pairs.append(None)

@@ -30,8 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mlarch.errors import MlarchError, UsageError
-from mlarch.ingest.datafiles import (TEXT_TEMPLATES, LoadedItems, jsonl_records, parse_rows, sha256_file,
-                                     shown_columns, unknown_template)
+from mlarch.ingest.datafiles import (TEXT_TEMPLATES, LoadedItems, decoded, jsonl_records, parse_rows, sha256_file,
+                                     shown_columns, text_lines, unknown_template)
 
 PREFIX = "hf:"
 SYNTAX = "hf:OWNER/NAME[@REVISION]:SPLIT[:CONFIG], e.g. hf:openai/gsm8k:test:main"
@@ -120,7 +120,7 @@ def _read(path: Path, label: str) -> tuple[list[dict], list[str]]:
         return table.to_pylist(), list(table.column_names)
     rows, columns = [], {}
     try:
-        lines = path.read_bytes().decode("utf-8").splitlines()
+        lines = text_lines(decoded(path.read_bytes()))
     except UnicodeDecodeError as exc:
         raise MlarchError(f"{label}: not UTF-8 text (byte {exc.start}); delete it from the cache and fetch again") from None
     for _, record in jsonl_records(lines, label):

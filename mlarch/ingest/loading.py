@@ -9,6 +9,7 @@ import logging
 import os
 import pickle
 import re
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -186,12 +187,14 @@ def _fetch_from_hub(ref: str, revision: str | None) -> tuple[Path, str | None]:
 
 
 def _cached_sha256(path: Path) -> str:
-    """sha256 of a weight file, remembered by (path, size, mtime, inode) in the user cache:
-    hashing a 1 GB checkpoint costs seconds on every ingest otherwise."""
+    """sha256 of a weight file, remembered by (path, size, mtime, ctime, inode) in the user
+    cache: hashing a 1 GB checkpoint costs seconds on every ingest otherwise. The ctime is
+    there because an in-place rewrite can keep the mtime (rsync -a --inplace, utime), never
+    the ctime: every write and utime sets it."""
     from mlarch.cache import digests_file
 
     stat = path.stat()
-    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ino}"
+    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ctime_ns}|{stat.st_ino}"
     store = digests_file()
     try:
         known = json.loads(store.read_text())
@@ -213,7 +216,9 @@ def _cached_sha256(path: Path) -> str:
 
 def weights_digest(files: list[Path]) -> tuple[str, dict[str, str]]:
     """The weights digest of a model's files (sha256 over each file's name and sha256, sorted), and the per-file
-    digests by file name."""
+    digests by file name. Never of no files: that digest (sha256 of nothing) would be every such model's."""
+    if not files:
+        raise MlarchError("no weight files to digest: pass a model folder or .gguf file that holds its weights")
     per_file = {f.name: _cached_sha256(f) for f in sorted(files)}
     h = hashlib.sha256("".join(f"{name}:{sha}\n" for name, sha in per_file.items()).encode())
     return h.hexdigest(), per_file
@@ -246,17 +251,45 @@ def _locate(ref: str, revision: str | None, gguf_file: str | None = None, messag
         folder, extra = path.parent, {"gguf_file": path.name}
     else:
         folder, extra = path, {}
-    if "gguf_file" in extra:
-        weight_files = [path]
-    else:
-        weight_files = [f for f in folder.iterdir() if f.suffix in _WEIGHT_SUFFIXES and f.is_file()]
-        if not weight_files and not (folder / "config.json").exists():
-            raise MlarchError(
-                f"model folder {folder} has no config.json or weight files: pass a transformers model folder"
-            )
+    weight_files = [path] if "gguf_file" in extra else _folder_weights(folder)
     if kind == "named":  # the cached conversion, as converted (digests cached: cheap after the first load)
         named_models.check_weights(named_models.lookup(ref), folder, {f.name: _cached_sha256(f) for f in weight_files})
     return kind, folder, extra, commit, weight_files
+
+
+def _folder_weights(folder: Path) -> list[Path]:
+    """The weight files of a model folder: those at its top level, and every shard its index
+    files name, which must be plain file names there too. transformers reads an index's
+    shards wherever it points (a subfolder, `../`), and the weights digest must cover
+    exactly the files that are read."""
+    files = {f for f in folder.iterdir() if f.suffix in _WEIGHT_SUFFIXES and f.is_file()}
+    for index in sorted(folder.glob("*.index.json")):
+        files.update(shard for shard in map(folder.joinpath, _shard_names(index)) if shard.is_file())
+    if not files:
+        what = "weight files" if (folder / "config.json").exists() else "config.json or weight files"
+        raise MlarchError(f"model folder {folder} has no {what}: pass a transformers model folder "
+                          "that holds its config.json and weight files")
+    return sorted(files)
+
+
+def _shard_names(index: Path) -> list[str]:
+    """The shard file names a sharded checkpoint's index names, refused unless each is a
+    plain file name (no folder, no `..`, not absolute)."""
+    try:
+        weight_map = json.loads(index.read_bytes().decode("utf-8"))["weight_map"]
+        names = sorted(set(weight_map.values()))
+    except (OSError, ValueError, RecursionError, KeyError, TypeError, AttributeError) as exc:
+        bad_map = isinstance(exc, (KeyError, TypeError, AttributeError))
+        why = "no weight_map of file names" if bad_map else _first_line(exc)[:120]
+        raise MlarchError(f"index file {index} cannot be read ({why}): restore it from the original checkpoint "
+                          "or download the model again") from None
+    for name in names:
+        if (not isinstance(name, str) or not name.isprintable() or name in ("", ".", "..")
+                or "/" in name or "\\" in name or os.path.isabs(name)):
+            shown = repr(name)[:120] if isinstance(name, str) and name.isprintable() else ascii(name)[:120]
+            raise MlarchError(f"index file {index} names the weight file {shown}, which is not a file next to it: "
+                              "put every shard in the model folder itself and name it there by its file name")
+    return names
 
 
 def weights_of(ref: str, revision: str | None, gguf_file: str | None = None, message=None) -> str:
@@ -295,7 +328,9 @@ def load(ref: str, *, revision: str | None, device: torch.device, dtype: str, gg
     except ImportError as exc:
         hint = " (pip install 'mlarch[gguf]')" if "gguf_file" in extra else ""
         raise MlarchError(f"cannot load {ref}: a library is missing: {exc}{hint}") from None
-    except (SafetensorError, pickle.UnpicklingError, OSError, ValueError, KeyError, IndexError, RuntimeError) as exc:
+    # struct.error: the GGUF reader's, on a header cut short
+    except (SafetensorError, pickle.UnpicklingError, OSError, ValueError, KeyError, IndexError, RuntimeError,
+            struct.error) as exc:
         reason = _first_line(exc)
         damaged = _damaged_file(kind, weight_files)
         if damaged is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -107,6 +108,8 @@ def plan(root: Path, cfg: IngestConfig, reporter, resolve=None) -> Plan:
     if local is not None:  # recorded absolute, so provenance and rerun detection do not depend on the cwd
         cfg.model = str(local.resolve())
     check_writable(root)
+    if kind == "folder":
+        check_positions(cfg, local, items)
     catalog_path = root / layout.CATALOG
     # the catalog's location (a different --arrays is refused); a bucket is probed now, before any model loads
     store = array_store.for_ingest(root, cfg.arrays)
@@ -145,11 +148,66 @@ def plan(root: Path, cfg: IngestConfig, reporter, resolve=None) -> Plan:
         else:
             todo.append(unit)
     if result.skipped:
+        check_reused_weights(catalog_path, cfg, name, loading.weights_of(cfg.model, cfg.revision, cfg.gguf_file,
+                                                                          reporter.message))
         reporter.message(wording.for_reporter(
             reporter, f"{len(result.skipped)} of {len(units)} run(s) of {name} are already archived with identical "
             "settings; reusing them (", Arg("force", True), " reruns)"))
     return Plan(root, cfg, name, analysis, analysis_config, kind, device, dtype, srcs, items, pools, units, todo,
                 result, store)
+
+
+def check_reused_weights(catalog_path: Path, cfg: IngestConfig, name: str, weights: str) -> None:
+    """Refuse to reuse archived runs when the model's files now hold other weights: a run's
+    settings digest names the model folder, not its weights, so a folder whose checkpoint
+    changed would otherwise be reported done with the old weights' runs (the same test the
+    commit makes of a language added to the model, here made before any model loads)."""
+    with catalog.reading(catalog_path) as con:
+        row = con.execute("SELECT weights_sha256 FROM models WHERE model = ?", [name]).fetchone()
+    if row is not None and row[0] != weights:
+        raise error(MlarchError, f"the archive's model {name!r} has other weights ({row[0][:12]}) than {cfg.model} "
+                    f"has now ({weights[:12]}): its archived runs belong to those weights; pass a new ", Arg("name"),
+                    " to archive these weights separately, or remove the archived model (",
+                    Phrase(f"Archive.rm(model={name!r})", f"`mlarch rm --model {shlex.quote(name)}`"),
+                    ") and ingest again")
+
+
+def check_positions(cfg: IngestConfig, folder: Path, items: dict) -> None:
+    """Refuse a text longer than the model's table of learned positions (GPT-2's n_positions):
+    its forward pass fails with an IndexError after the run rows are written. Read from the
+    folder's config and tokenizer, before the model loads; a folder without them is left to
+    the load to refuse."""
+    from mlarch.ingest.scoring import may_exceed, over_positions
+
+    try:
+        positions = json.loads((folder / "config.json").read_bytes()).get("n_positions")
+    except (OSError, ValueError, RecursionError, AttributeError):
+        return
+    if not isinstance(positions, int) or positions < 1 or (cfg.max_length is not None and cfg.max_length <= positions):
+        return
+    tokenizer = None
+    for (lang, role), loaded in items.items():
+        if not any(may_exceed(text, positions) for text in loaded.texts):
+            continue  # no text long enough: no tokenizer needed
+        if tokenizer is None:
+            tokenizer = _tokenizer(cfg, folder)
+            if tokenizer is None:
+                return
+        found = over_positions(tokenizer, loaded.texts, cfg.max_length, positions)
+        if found is not None:
+            raise error(MlarchError, f"text {found[0]} of {lang} {role} has {found[1]:,} tokens, more than the "
+                        f"model's {positions:,} positions: pass ", Arg("max_length", positions),
+                        " or remove that text")
+
+
+def _tokenizer(cfg: IngestConfig, folder: Path):
+    """The folder's tokenizer, as the load will read it; None where it cannot be read (the load says why)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=bool(cfg.trust_remote_code))
+    except Exception:  # noqa: BLE001 - refused, with its reason, when the model loads
+        return None
 
 
 def check_writable(root: Path) -> None:

@@ -138,6 +138,26 @@ def tokenize(tokenizer, texts: list[str], max_length: int | None) -> tuple[list[
     return [list(seq) for seq in ids], len(long)
 
 
+# tokens a text of n UTF-8 bytes can have at most: one per byte (byte-level BPE, byte
+# fallback), plus the tokenizer's special and prefix tokens
+_SPECIAL_TOKENS = 16
+
+
+def may_exceed(text: str, positions: int) -> bool:
+    """Whether `text` is long enough in bytes to tokenize to more than `positions` tokens."""
+    return len(text.encode("utf-8")) + _SPECIAL_TOKENS > positions
+
+
+def over_positions(tokenizer, texts: list[str], max_length: int | None, positions: int) -> tuple[int, int] | None:
+    """(index, tokens) of the first text with more tokens than `positions` as scoring cuts it
+    (`tokenize`), else None. Only texts long enough in bytes to get there are tokenized."""
+    long = [i for i, text in enumerate(texts) if may_exceed(text, positions)]
+    if not long or (max_length is not None and max_length <= positions):
+        return None
+    ids, _ = tokenize(tokenizer, [texts[i] for i in long], max_length)
+    return next(((i, len(seq)) for i, seq in zip(long, ids) if len(seq) > positions), None)
+
+
 def length_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
     """Sample indices grouped by token length so that batches carry little padding."""
     order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))

@@ -1,0 +1,221 @@
+"""Trust at ingest, part two: model folders and data files whose contents try to make mlarch
+archive a wrong number (weights the digest does not cover, weights changed under archived
+runs, items split where the file has none) or fail with a traceback. Each is refused with
+one `<problem>: <fix>` line, or read as the file means it."""
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from safetensors.torch import load_file, save_file
+
+import mlarch
+from fixtures import build_model, one_error
+from mlarch.cli import cli
+from mlarch.errors import MlarchError
+from mlarch.ingest import datafiles, hub_data, loading
+
+
+@pytest.fixture(scope="module")
+def pristine_llama(tmp_path_factory):
+    return build_model("llama", tmp_path_factory.mktemp("pristine"))
+
+
+@pytest.fixture
+def llama_copy(pristine_llama, tmp_path):
+    return Path(shutil.copytree(pristine_llama, tmp_path / "tiny-llama"))
+
+
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path, monkeypatch):
+    """The weight-digest cache of this test alone."""
+    monkeypatch.setenv("MLARCH_CACHE", str(tmp_path / "cache"))
+
+
+def ingest_args(archive, data, model, *extra):
+    return ["--archive", str(archive), "ingest", "--model", str(model), "--langs", "en", "--math", data["math"],
+            "--control", data["control"], "--samples", "2", "--top-k", "0.05", "--device", "cpu", "--quiet", *extra]
+
+
+def other_weights(folder: Path) -> None:
+    """Overwrite the folder's checkpoint with other values of the same shapes."""
+    weights = load_file(folder / "model.safetensors")
+    save_file({k: v * 3 + 0.5 for k, v in weights.items()}, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+# --- F1: a sharded index must name files that the digest covers ---------------------------------
+
+def shard_into(folder: Path, shard: str) -> None:
+    """Move the folder's weights to `shard` (relative to the folder) and name it in an index."""
+    weights = load_file(folder / "model.safetensors")
+    target = Path(shard) if Path(shard).is_absolute() else folder / shard
+    target.parent.mkdir(parents=True, exist_ok=True)
+    save_file(weights, target, metadata={"format": "pt"})
+    (folder / "model.safetensors").unlink()
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": {k: shard for k in weights}}))
+
+
+@pytest.mark.parametrize("shard", ["shards/model-00001-of-00001.safetensors", "../elsewhere/secret.safetensors",
+                                   "ABSOLUTE", "sub\\model.safetensors"])
+def test_index_naming_shards_outside_the_folder_refused(llama_copy, data, tmp_path, shard):
+    if shard == "ABSOLUTE":
+        shard = str(tmp_path / "abs" / "model.safetensors")
+    shard_into(llama_copy, shard)
+    archive = tmp_path / "arch"
+    line = one_error(CliRunner().invoke(cli, ingest_args(archive, data, llama_copy)), 1)
+    assert line.startswith(f"Error: index file {llama_copy / 'model.safetensors.index.json'} names the weight file ")
+    assert line.endswith(": put every shard in the model folder itself and name it there by its file name")
+    assert not archive.exists()
+
+
+def test_index_shards_next_to_it_are_digested(llama_copy):
+    weights = load_file(llama_copy / "model.safetensors")
+    names = sorted(weights)
+    halves = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for shard, keys in halves.items():
+        save_file({k: weights[k] for k in keys}, llama_copy / shard, metadata={"format": "pt"})
+    (llama_copy / "model.safetensors").unlink()
+    (llama_copy / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": {k: s for s, keys in halves.items() for k in keys}}))
+    expected = loading.weights_digest([llama_copy / s for s in halves])[0]
+    assert loading.weights_of(str(llama_copy), None) == expected
+
+
+def test_weights_digest_of_no_files_refused(llama_copy):
+    with pytest.raises(MlarchError, match="no weight files to digest: "):
+        loading.weights_digest([])
+    (llama_copy / "model.safetensors").unlink()  # config.json, no weights
+    with pytest.raises(MlarchError, match=r"has no weight files: pass a transformers model folder that holds"):
+        loading.weights_of(str(llama_copy), None)
+
+
+# --- F2: a rerun over a folder whose weights changed ---------------------------------------------
+
+def test_rerun_with_changed_weights_refused_before_loading(llama_copy, data, tmp_path, monkeypatch):
+    archive = tmp_path / "arch"
+    assert CliRunner().invoke(cli, ingest_args(archive, data, llama_copy)).exit_code == 0
+    runs = mlarch.open(archive).runs().height
+    other_weights(llama_copy)
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(loading, "load", no_load)
+    line = one_error(CliRunner().invoke(cli, ingest_args(archive, data, llama_copy)), 1)
+    assert line.startswith("Error: the archive's model 'tiny-llama' has other weights (")
+    assert line.endswith(": its archived runs belong to those weights; pass a new --name to archive these weights "
+                         "separately, or remove the archived model (`mlarch rm --model tiny-llama`) and ingest again")
+    with pytest.raises(MlarchError, match=r"pass a new name= .*\(Archive\.rm\(model='tiny-llama'\)\)"):
+        mlarch.open(archive).ingest(str(llama_copy), ["en"], data["math"], data["control"], samples=2,
+                                    top_k=[0.05], device="cpu")
+    assert mlarch.open(archive).runs().height == runs
+
+
+# --- F3: the digest cache must notice a rewrite in place that keeps the mtime ----------------------
+
+def test_digest_cache_sees_in_place_rewrite_with_kept_mtime(tmp_path):
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(b"a" * 64)
+    before = os.stat(path)
+    assert loading._cached_sha256(path) == datafiles.sha256_file(path)
+    time.sleep(0.05)  # past the file system clock's tick: the rewrite gets another ctime
+    with open(path, "r+b") as handle:  # same inode, same size (rsync --inplace)
+        handle.write(b"b" * 64)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))  # mtime as before
+    after = os.stat(path)
+    assert (after.st_ino, after.st_size, after.st_mtime_ns) == (before.st_ino, before.st_size, before.st_mtime_ns)
+    assert after.st_ctime_ns != before.st_ctime_ns
+    assert loading._cached_sha256(path) == datafiles.sha256_file(path)
+
+
+# --- F9: a GGUF header cut short -------------------------------------------------------------------
+
+def test_truncated_gguf_header_named_as_damaged(data, tmp_path):
+    pytest.importorskip("gguf")
+    model = tmp_path / "huge.gguf"  # version 3, tensor and key counts far past the file's end
+    model.write_bytes(b"GGUF\x03\x00\x00\x00" + b"\xff" * 7 + b"\x7f" + b"\xff" * 7 + b"\x7f")
+    archive = tmp_path / "arch"
+    line = one_error(CliRunner().invoke(cli, ingest_args(archive, data, model)), 1)
+    assert line.startswith(f"Error: weight file {model} is damaged or truncated (")
+    assert line.endswith(": restore it from the original checkpoint or download the model again")
+    assert not archive.exists()
+
+
+# --- data files: JSON Python reads but rejects oddly, BOMs, line breaks ---------------------------
+
+@pytest.mark.parametrize("value,problem", [
+    ("9" * 5000, "number too long"),
+    ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+    ("NaN", "NaN is not a JSON value"),
+    ("Infinity", "Infinity is not a JSON value"),
+    ("-Infinity", "-Infinity is not a JSON value"),
+])
+def test_jsonl_values_python_rejects_oddly_are_invalid_json(tmp_path, value, problem):
+    path = tmp_path / "math.jsonl"
+    path.write_text('{"question": "q?", "answer": "1"}\n' f'{{"question": "q?", "answer": {value}}}\n')
+    with pytest.raises(MlarchError) as caught:
+        datafiles.parse_records(path)
+    assert str(caught.value) == f"{path}, line 2: invalid JSON ({problem}); fix that line"
+    hub = tmp_path / "train.jsonl"
+    shutil.copy(path, hub)
+    with pytest.raises(MlarchError, match=rf"^hub split, line 2: invalid JSON \({problem}\)$"):
+        hub_data._read(hub, "hub split")
+
+
+def test_jsonl_bigint_is_one_error_line_in_the_cli(data, model_dir, tmp_path):
+    (tmp_path / "en.jsonl").write_text('{"id": ' + "1" * 5000 + ', "question": "q?", "answer": "1"}\n')
+    args = ingest_args(tmp_path / "arch", {**data, "math": str(tmp_path / "{lang}.jsonl")}, model_dir["llama"])
+    line = one_error(CliRunner().invoke(cli, args), 1)
+    assert line == f"Error: {tmp_path / 'en.jsonl'}, line 1: invalid JSON (number too long); fix that line"
+
+
+def test_utf8_bom_removed_before_parsing(tmp_path):
+    csv_file = tmp_path / "math.csv"
+    csv_file.write_bytes("\ufeffquestion,answer\nq?,1\n".encode())
+    assert datafiles.parse_records(csv_file)[0] == ["Q: q?\nA: 1"]
+    text = tmp_path / "control.txt"
+    text.write_bytes("\ufeffFirst passage.\nSecond.\n".encode())
+    assert datafiles.parse_records(text)[0] == ["First passage.", "Second."]
+    jsonl = tmp_path / "math.jsonl"
+    jsonl.write_bytes('\ufeff{"text": "t"}\n'.encode())
+    assert datafiles.parse_records(jsonl)[0] == ["t"]
+    hub = tmp_path / "train.jsonl"
+    shutil.copy(jsonl, hub)
+    assert hub_data._read(hub, "hub split") == ([{"text": "t"}], ["text"])
+
+
+def test_items_split_at_newlines_only(tmp_path):
+    # U+2028, NEL, form feed, vertical tab, file separator: inside an item, as `wc -l` counts lines
+    lines = ["one\u2028half", "two\x85half", "three\x0chalf", "four\x0bhalf\x1chalf"]
+    text = tmp_path / "control.txt"
+    text.write_bytes(("\r\n".join(lines) + "\n").encode())
+    assert datafiles.parse_records(text)[0] == lines
+    jsonl = tmp_path / "math.jsonl"
+    jsonl.write_text("\n".join(json.dumps({"text": t}, ensure_ascii=False) for t in lines) + "\n",
+                     encoding="utf-8")
+    assert datafiles.parse_records(jsonl)[0] == lines
+    hub = tmp_path / "train.jsonl"
+    shutil.copy(jsonl, hub)
+    assert [row["text"] for row in hub_data._read(hub, "hub split")[0]] == lines
+
+
+# --- F7: texts longer than a table of learned positions (GPT-2) -----------------------------------
+
+def test_text_past_learned_positions_refused_before_any_run(model_dir, data, tmp_path):
+    control = tmp_path / "control"
+    control.mkdir()
+    words = " ".join(f"word{i} and more" for i in range(300))  # ~1,000+ tokens; the model has 256 positions
+    (control / "en.txt").write_text(f"A short line.\n{words}\n", encoding="utf-8")
+    archive = tmp_path / "arch"
+    args = ingest_args(archive, {**data, "control": str(control / "{lang}.txt")}, model_dir["gpt2"])
+    line = one_error(CliRunner().invoke(cli, args), 1)
+    assert line.startswith("Error: text 1 of en control has ")
+    assert line.endswith(" tokens, more than the model's 256 positions: pass --max-length 256 or remove that text")
+    assert not archive.exists()
+    result = CliRunner().invoke(cli, [*args, "--max-length", "256"])  # the fix it names
+    assert result.exit_code == 0, result.output
