@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -181,3 +182,21 @@ def test_a_scale_that_overflows_the_weights_is_refused_for_every_task(archive_co
                          device="cpu", **options)
     statuses = archive.sql("SELECT intervention, status, value FROM evaluations ORDER BY created_at")
     assert statuses.rows() == [("none", "FINISHED", statuses["value"][0])]  # refused before its row
+
+
+def test_the_same_data_at_another_path_is_still_held_out(archive_copy, model_dir, data, tmp_path):
+    """Byte-identical files elsewhere (the archive and its data moved to another machine) are
+    the same items: the runs' drawn items stay out of the evaluation."""
+    import shutil
+
+    archive = mlarch.open(archive_copy)
+    math = Path(data["math"])
+    moved = tmp_path / "moved"
+    shutil.copytree(math.parent, moved)
+    drawn = set(archive.sql("SELECT item_index FROM run_samples WHERE run_id = ?", [_math_run(archive)])["item_index"])
+    result = archive.evaluate(str(model_dir["llama"]), ["en"], "nll", str(moved / math.name), device="cpu")
+    items = set(archive.evaluation_items(result.written[0])["item_index"])
+    assert drawn and items and not items & drawn
+    provenance = json.loads(archive.sql("SELECT provenance FROM evaluations WHERE eval_id = ?",
+                                        [result.written[0]])["provenance"][0])
+    assert _math_run(archive) in provenance["held_out_runs"]

@@ -401,10 +401,10 @@ def _select_items(archive, name: str, cfg: EvalConfig, source, lang: str, loaded
             "AND status = 'FINISHED' AND in_use ORDER BY run_id", [name, lang, cfg.seed])
         for run in runs.iter_rows(named=True):
             files = _run_files(run)
-            # the same data is the same files (paths and digests), however the spec was written
-            # (a relative template, or from another folder); the same name or paths with other
-            # content means the items were renumbered: loud, never a silent overlap
-            if files != loaded.files:
+            # the same data is the same content (the files' digests, in order), wherever it lies
+            # now (another folder, another machine); the same name or paths with other content
+            # means the items were renumbered: loud, never a silent overlap
+            if files is None or list(files.values()) != list(loaded.files.values()):
                 # (a named source serves both roles from other files: the same name alone is not the same data)
                 if (run["dataset"], run["role"]) == (source.name, cfg.role) or (files and set(files) == set(loaded.files)):
                     raise error(
