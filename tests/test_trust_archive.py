@@ -451,3 +451,25 @@ def test_an_array_row_naming_another_runs_path_is_never_read(archive_copy):
           "AND kind = 'levels'")
     with pytest.raises(ArrayDamaged, match="not 'runs/"):
         mlarch.open(archive_copy).levels(en["run_id"], module)
+
+
+def test_an_oversized_chunk_is_refused_without_reading_it_whole(archive_copy):
+    """A chunk object far larger than any chunk of its array can be (planted in a bucket or a
+    folder) is refused after reading one byte past that bound, not after reading it all."""
+    import tracemalloc
+
+    archive = mlarch.open(archive_copy)
+    en = _en_math(archive)
+    module = archive.sql("SELECT module FROM modules LIMIT 1").item()
+    chunk = archive_copy / "arrays.zarr" / en["arrays_group"] / "levels" / "c" / "0"
+    assert chunk.is_file()
+    with open(chunk, "r+b") as f:
+        f.truncate(1 << 30)  # sparse: 1 GiB that takes no disk
+    tracemalloc.start()
+    try:
+        with pytest.raises(ArrayDamaged, match="c/0 is larger than any of its objects can be"):
+            mlarch.open(archive_copy).levels(en["run_id"], module)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 << 20, peak

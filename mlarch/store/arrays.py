@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
+from zarr.abc.store import RangeByteRequest
 from zarr.storage import WrapperStore
 
 from mlarch import parallel
@@ -37,6 +38,7 @@ from mlarch.store.chunk_writes import ChunkEncoder, c_bytes, chunk_content, writ
 
 _CHUNK_ELEMENTS = 1 << 22  # ~4 M elements: >= 1 MB chunks, whole rows per chunk
 _CHUNK_KEY = re.compile(r"^c/(\d+)$")
+_MAX_META = 1 << 20  # bytes of an array's zarr.json (ours are under 2 KB)
 _CODE_BLOCK = 1 << 19  # blosc block of level codes (bench/write_costs.py)
 
 
@@ -242,14 +244,30 @@ class _Checked(WrapperStore):
             raise ArrayDamaged(f"array {self.record.path}: chunk {name} differs from the one written at ingest "
                                f"(damaged, or copied from elsewhere): {_RESTORE}")
 
+    def _limit(self, key: str) -> int | None:
+        """The most bytes the stored object at `key` can hold (a chunk: its raw bytes plus blosc's
+        and crc32c's overhead), or None for keys that are not this array's."""
+        if key == self.record.path + "/zarr.json":
+            return _MAX_META
+        if key.startswith(self.record.path + "/") and _CHUNK_KEY.match(key[len(self.record.path) + 1:]):
+            raw = chunks_for(self.record.shape)[0] * np.dtype(self.record.dtype).itemsize
+            return raw + raw // 64 + 4096
+        return None
+
     async def get(self, key, prototype, byte_range=None):
         remembered = self._meta_key(key) if byte_range is None else None
         if remembered is not None and remembered in _CHECKED_META:
             return prototype.buffer.from_bytes(_CHECKED_META[remembered])
+        # a whole object is asked for one byte past the most it can hold: a planted 400 MB
+        # "chunk" costs a few MB and a loud error, never the memory to read it whole
+        limit = self._limit(key) if byte_range is None else None
         try:
-            value = await self._store.get(key, prototype, byte_range)
+            value = await self._store.get(key, prototype, RangeByteRequest(0, limit + 1) if limit else byte_range)
         except Exception as exc:
             raise self._failed(exc) from exc
+        if limit and value is not None and len(value) > limit:
+            raise ArrayDamaged(f"array {self.record.path}: {key[len(self.record.path) + 1:]} is larger than any "
+                               f"of its objects can be ({limit:,} bytes): {_RESTORE}")
         self._check(key, value, byte_range)
         if remembered is not None:  # it matched the recorded digest: these are the recorded bytes
             _CHECKED_META[remembered] = value.to_bytes()
