@@ -90,6 +90,13 @@ def schema_drift(con: duckdb.DuckDBPyConnection) -> list[str]:
              if item.split(":")[0] not in {a.split(":")[0] for a in actual}])
 
 
+def _drift_or_none(con) -> list[str] | None:
+    try:
+        return schema_drift(con)
+    except duckdb.Error:
+        return None
+
+
 def _connect(path: Path, read_only: bool) -> duckdb.DuckDBPyConnection:
     return _opening(path, lambda: duckdb.connect(str(path), read_only=read_only))
 
@@ -441,6 +448,13 @@ def _attached(key: str, path: Path):
                         f"({_first_line(exc)[:200]}): the catalog was altered; ",
                         Phrase("Archive.verify()", "`mlarch verify`"), " lists what differs; restore the catalog "
                         "from a copy (a published archive: publish it again)") from None
+        except (duckdb.CatalogException, duckdb.BinderException) as exc:
+            drift = _drift_or_none(con)  # a table or column of ours gone: the file was edited, not mlarch wrong
+            if not drift:
+                raise
+            raise error(MlarchError, f"catalog {path} differs from mlarch's schema ({'; '.join(drift[:2])}) and "
+                        f"a read failed ({_first_line(exc)[:120]}): the catalog was altered; restore it from a copy "
+                        "(a published archive: publish it again)") from None
         finally:
             _READERS.release(con)
     finally:
