@@ -116,6 +116,46 @@ def test_rerun_with_changed_weights_refused_before_loading(llama_copy, data, tmp
     assert mlarch.open(archive).runs().height == runs
 
 
+# --- a config or tokenizer edited in place: runs and evaluations made with the old files are not reused --
+
+def _edit_config(folder: Path) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    config["rms_norm_eps"] = config.get("rms_norm_eps", 1e-6) * 1000  # other activations, same weights
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def test_rerun_after_the_config_changed_is_refused_then_forced(llama_copy, data, tmp_path):
+    archive = tmp_path / "arch"
+    assert CliRunner().invoke(cli, ingest_args(archive, data, llama_copy)).exit_code == 0
+    before = set(mlarch.open(archive).runs()["run_id"])
+    recorded = json.loads(mlarch.open(archive).sql("SELECT provenance FROM runs LIMIT 1").item())["model"]
+    assert set(recorded["model_files"]) >= {"config.json", "tokenizer.json"}
+    _edit_config(llama_copy)
+    line = one_error(CliRunner().invoke(cli, ingest_args(archive, data, llama_copy)), 1)
+    assert line.startswith("Error: config.json of ") and "changed since run " in line and "--force" in line, line
+    with pytest.raises(MlarchError, match="config.json of .* pass force=True"):
+        mlarch.open(archive).ingest(str(llama_copy), ["en"], data["math"], data["control"], samples=2,
+                                    top_k=[0.05], device="cpu")
+    assert set(mlarch.open(archive).runs()["run_id"]) == before  # nothing written
+    assert CliRunner().invoke(cli, ingest_args(archive, data, llama_copy, "--force")).exit_code == 0
+    in_use = set(mlarch.open(archive).sql("SELECT run_id FROM runs WHERE in_use")["run_id"])
+    assert in_use and not in_use & before
+    assert CliRunner().invoke(cli, ingest_args(archive, data, llama_copy)).exit_code == 0  # now reused
+
+
+def test_an_evaluation_after_the_tokenizer_changed_is_refused(llama_copy, data, tmp_path):
+    archive = mlarch.open(tmp_path / "arch")
+    args = (str(llama_copy), ["en"], "nll", data["math"])
+    first = archive.evaluate(*args, limit=2, device="cpu")
+    assert archive.evaluate(*args, limit=2, device="cpu").reused == first.written
+    tokenizer = json.loads((llama_copy / "tokenizer_config.json").read_text())
+    tokenizer["model_max_length"] = 77
+    (llama_copy / "tokenizer_config.json").write_text(json.dumps(tokenizer))
+    with pytest.raises(MlarchError, match=f"tokenizer_config.json of .* since evaluation {first.written[0]}"):
+        archive.evaluate(*args, limit=2, device="cpu")
+    assert archive.evaluate(*args, limit=2, device="cpu", force=True).written
+
+
 # --- F3: the digest cache must notice a rewrite in place that keeps the mtime ----------------------
 
 def test_digest_cache_sees_in_place_rewrite_with_kept_mtime(tmp_path):

@@ -239,6 +239,8 @@ def evaluate(root: Path, cfg: EvalConfig, reporter: Reporter | None = None) -> E
     batch_size = cfg.batch_size or (16 if device.type == "cuda" else (8 if cfg.task == "accuracy" else 1))
     units = _units(cfg, name, weights, dtype, source, items, planned, pair_runs)
     done = _finished(archive, [u.config_digest for u in units]) if archive and not cfg.force else {}
+    if done:
+        _check_reused_files(archive, cfg, sorted(set(done.values())), reporter)
     result = EvalResult(model=name)
     todo = []
     for unit in units:
@@ -285,8 +287,8 @@ def evaluate(root: Path, cfg: EvalConfig, reporter: Reporter | None = None) -> E
     settings = {**asdict(cfg), "name": name, "analysis": analysis, "dtype": dtype, "device": str(device), "batch_size": batch_size}
     model_info = {"name": name, "source": loaded.source, "source_kind": loaded.source_kind,
                   "revision": loaded.revision, "commit_sha": loaded.commit_sha,
-                  "weights_sha256": loaded.weights_sha256, "architecture": loaded.architecture,
-                  "dtype": loaded.dtype}
+                  "weights_sha256": loaded.weights_sha256, "model_files": loaded.model_files,
+                  "architecture": loaded.architecture, "dtype": loaded.dtype}
     model_info.update(loaded.placement())  # with --device-map auto: where each module ran
     # intervention-major: apply once, evaluate every language, undo
     order = [None] + planned
@@ -504,6 +506,29 @@ def _units(cfg, name, weights, dtype, source, items, planned, pair_runs) -> list
             units.append(_Unit(lang, intervention, provenance.digest_json(identity), baseline_key,
                                {**base, **identity}))
     return units
+
+
+def _check_reused_files(archive, cfg: EvalConfig, eval_ids: list[str], reporter) -> None:
+    """Refuse to reuse an evaluation made when the model's config or tokenizer files held
+    something else (its identity has the weights only: an edited config.json scores differently)."""
+    from mlarch.ingest import loading
+    current = loading.model_files_of(cfg.model, cfg.revision, cfg.gguf_file, reporter.message)
+    rows = archive._read("SELECT eval_id, provenance FROM evaluations WHERE list_contains(?, eval_id) ORDER BY eval_id",
+                         [eval_ids])
+    for eval_id, text in rows.iter_rows():
+        changed = loading.changed_model_files(_model_record(text), current)
+        if changed:
+            raise error(MlarchError, f"{', '.join(changed[:3])} of {cfg.model} changed since evaluation {eval_id} "
+                        "was archived: its number belongs to the files as they were; pass ", Arg("force", True),
+                        " to evaluate again")
+
+
+def _model_record(provenance_text) -> dict | None:
+    try:
+        model = json.loads(provenance_text or "{}").get("model")
+    except (ValueError, AttributeError):
+        return None
+    return model.get("model_files") if isinstance(model, dict) else None
 
 
 def _finished(archive, digests: list[str]) -> dict[str, str]:

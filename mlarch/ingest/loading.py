@@ -42,6 +42,7 @@ class LoadedModel:
     commit_sha: str | None
     weights_sha256: str
     weight_files: dict[str, str] = field(default_factory=dict)
+    model_files: dict[str, str] = field(default_factory=dict)  # config, tokenizer, ...: see model_files_of
     architecture: str = ""
     dtype: str = "float32"
     device: torch.device = torch.device("cpu")
@@ -298,6 +299,35 @@ def weights_of(ref: str, revision: str | None, gguf_file: str | None = None, mes
     return weights_digest(_locate(ref, revision, gguf_file, message)[4])[0]
 
 
+# Files beside the weights that change what the model computes or how texts are tokenized
+# (config, generation config, tokenizer, chat template, shipped code). They are not in the
+# weights digest (an archived model's identity, which must not change); each run and
+# evaluation records their digests, and a reuse of it is refused when they changed since.
+_MODEL_FILE_SUFFIXES = (".json", ".txt", ".model", ".tiktoken", ".py", ".jinja")
+
+
+def _model_files(folder: Path, weight_files: list[Path], extra: dict) -> dict[str, str]:
+    if "gguf_file" in extra:  # a GGUF file carries its config and tokenizer: in the weights digest
+        return {}
+    skip = {f.name for f in weight_files}
+    return {f.name: _cached_sha256(f) for f in sorted(folder.iterdir())
+            if f.suffix in _MODEL_FILE_SUFFIXES and not f.name.startswith(".") and f.name not in skip and f.is_file()}
+
+
+def model_files_of(ref: str, revision: str | None, gguf_file: str | None = None, message=None) -> dict[str, str]:
+    """The model files' digests `load` will record (see _MODEL_FILE_SUFFIXES), without loading."""
+    _, folder, extra, _, weight_files = _locate(ref, revision, gguf_file, message)
+    return _model_files(folder, weight_files, extra)
+
+
+def changed_model_files(recorded, current: dict[str, str]) -> list[str]:
+    """Names of model files that differ between a record's and `current` (none for a record
+    made before they were recorded: it cannot tell)."""
+    if not isinstance(recorded, dict):
+        return []
+    return sorted(name for name in set(recorded) | set(current) if recorded.get(name) != current.get(name))
+
+
 def load(ref: str, *, revision: str | None, device: torch.device, dtype: str, gguf_file: str | None = None,
          trust_remote_code: bool = False, message=None, device_map: str | None = None,
          max_memory: dict | None = None) -> LoadedModel:
@@ -377,6 +407,7 @@ def load(ref: str, *, revision: str | None, device: torch.device, dtype: str, gg
         commit_sha=commit,
         weights_sha256=sha,
         weight_files=per_file,
+        model_files=_model_files(folder, weight_files, extra),
         architecture=type(model).__name__,
         dtype=dtype,
         device=device,

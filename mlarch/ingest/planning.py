@@ -150,6 +150,8 @@ def plan(root: Path, cfg: IngestConfig, reporter, resolve=None) -> Plan:
     if result.skipped:
         check_reused_weights(catalog_path, cfg, name, loading.weights_of(cfg.model, cfg.revision, cfg.gguf_file,
                                                                           reporter.message))
+        check_reused_files(catalog_path, cfg, result.skipped,
+                           loading.model_files_of(cfg.model, cfg.revision, cfg.gguf_file, reporter.message))
         reporter.message(wording.for_reporter(
             reporter, f"{len(result.skipped)} of {len(units)} run(s) of {name} are already archived with identical "
             "settings; reusing them (", Arg("force", True), " reruns)"))
@@ -170,6 +172,26 @@ def check_reused_weights(catalog_path: Path, cfg: IngestConfig, name: str, weigh
                     " to archive these weights separately, or remove the archived model (",
                     Phrase(f"Archive.rm(model={name!r})", f"`mlarch rm --model {shlex.quote(name)}`"),
                     ") and ingest again")
+
+
+def check_reused_files(catalog_path: Path, cfg: IngestConfig, run_ids: list[str], current: dict[str, str]) -> None:
+    """Refuse to reuse runs scored when the model's config or tokenizer files held something
+    else: a run's settings digest names the folder, not those files (loading.model_files_of)."""
+    from mlarch.ingest import loading
+    with catalog.reading(catalog_path) as con:
+        rows = con.execute("SELECT run_id, provenance FROM runs WHERE list_contains(?, run_id) ORDER BY run_id",
+                           [run_ids]).fetchall()
+    for run_id, text in rows:
+        try:
+            model = json.loads(text or "{}").get("model")
+        except (ValueError, AttributeError):
+            continue  # the record digest, checked on every reuse path, speaks for unreadable provenance
+        recorded = model.get("model_files") if isinstance(model, dict) else None
+        changed = loading.changed_model_files(recorded, current)
+        if changed:
+            raise error(MlarchError, f"{', '.join(changed[:3])} of {cfg.model} changed since run {run_id} was "
+                        "archived: its results belong to the files as they were; pass ", Arg("force", True),
+                        " to score again (the new runs replace it), or a new ", Arg("name"))
 
 
 def check_positions(cfg: IngestConfig, folder: Path, items: dict) -> None:

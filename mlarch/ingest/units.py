@@ -143,6 +143,7 @@ def score_run(ctx: ScoringContext, unit: Unit, run_id: str) -> Future:
                 "name": order.name, "source": loaded.source, "source_kind": loaded.source_kind,
                 "revision": loaded.revision, "commit_sha": loaded.commit_sha,
                 "weights_sha256": loaded.weights_sha256, "weight_files": loaded.weight_files,
+                "model_files": loaded.model_files,
                 "architecture": loaded.architecture, "dtype": loaded.dtype, **loaded.placement(),
             },
             "data": {
