@@ -310,8 +310,22 @@ def _model_files(folder: Path, weight_files: list[Path], extra: dict) -> dict[st
     if "gguf_file" in extra:  # a GGUF file carries its config and tokenizer: in the weights digest
         return {}
     skip = {f.name for f in weight_files}
-    return {f.name: _cached_sha256(f) for f in sorted(folder.iterdir())
+    return {f.name: _model_file_digest(f) for f in sorted(folder.iterdir())
             if f.suffix in _MODEL_FILE_SUFFIXES and not f.name.startswith(".") and f.name not in skip and f.is_file()}
+
+
+def _model_file_digest(path: Path) -> str:
+    """sha256 of the file; of a config's content without the transformers version that saved
+    it (a named model converted again under a newer transformers is the same model)."""
+    if path.name in ("config.json", "generation_config.json"):
+        try:
+            content = json.loads(path.read_bytes())
+        except (OSError, ValueError, RecursionError):
+            content = None
+        if isinstance(content, dict):
+            content.pop("transformers_version", None)
+            return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+    return _cached_sha256(path)
 
 
 def model_files_of(ref: str, revision: str | None, gguf_file: str | None = None, message=None) -> dict[str, str]:
