@@ -259,3 +259,22 @@ def test_text_past_learned_positions_refused_before_any_run(model_dir, data, tmp
     assert not archive.exists()
     result = CliRunner().invoke(cli, [*args, "--max-length", "256"])  # the fix it names
     assert result.exit_code == 0, result.output
+
+
+# --- files that are not one item per line, and items too long to tokenize -------------------------
+
+@pytest.mark.parametrize("suffix", [".json", ".tsv"])
+def test_files_that_are_not_lines_are_refused(tmp_path, suffix):
+    path = tmp_path / f"items{suffix}"
+    path.write_text('[\n  {"text": "a"},\n  {"text": "b"}\n]\n' if suffix == ".json" else "question\tanswer\n1+1\t2\n")
+    with pytest.raises(MlarchError, match=f"not {suffix}: convert it to JSON Lines"):
+        datafiles.parse_records(path)
+
+
+def test_an_item_too_long_to_tokenize_is_refused_before_tokenizing(tmp_path):
+    path = tmp_path / "items.txt"
+    path.write_text("short item\n" + "x" * (datafiles.MAX_ITEM_CHARS + 1) + "\n")
+    with pytest.raises(MlarchError, match=r"item 1 has 1,048,577 characters, more than the 1,048,576"):
+        datafiles.parse_records(path)
+    path.write_text("short item\n" + "x" * datafiles.MAX_ITEM_CHARS + "\n")
+    assert len(datafiles.parse_records(path)[0]) == 2

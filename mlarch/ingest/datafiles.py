@@ -184,6 +184,9 @@ def parse_records(path: Path, template: str = "default") -> tuple[list[str], lis
     except OSError as exc:
         raise MlarchError(f"cannot read data file {path}: {exc.strerror or exc}") from None
     suffix = path.suffix.lower()
+    if suffix in _NOT_LINES:  # "one item per line" would archive '[' and '  {' as items
+        raise MlarchError(f"{path}: mlarch reads .jsonl, .csv and plain-text files, not {suffix}: convert it to "
+                          "JSON Lines (one object per line) or CSV with a header")
     texts: list[str] = []
     templates: set[str] = set()
     pairs: list[tuple[str, str] | None] = []
@@ -225,7 +228,21 @@ def parse_records(path: Path, template: str = "default") -> tuple[list[str], lis
         templates.add(TEXT_TEMPLATE)
     if not texts:
         raise MlarchError(f"data file {path} has no items; add at least one")
+    check_item_sizes(texts, str(path))
     return texts, sorted(templates), (None if None in pairs else pairs)
+
+
+# Files whose items are not lines: refused rather than read one item per line.
+_NOT_LINES = {".json", ".tsv", ".parquet", ".arrow", ".feather", ".xlsx", ".xls", ".gz", ".zip", ".bz2", ".xz", ".zst"}
+MAX_ITEM_CHARS = 1 << 20  # a math problem or a paragraph is thousands; tokenizing 16 M took 84 s and 4 GB
+
+
+def check_item_sizes(texts: list[str], label: str) -> None:
+    """Refuse an item longer than MAX_ITEM_CHARS before anything tokenizes it."""
+    for i, text in enumerate(texts):
+        if len(text) > MAX_ITEM_CHARS:
+            raise MlarchError(f"{label}: item {i} has {len(text):,} characters, more than the {MAX_ITEM_CHARS:,} "
+                              "mlarch reads as one item: split it or remove it")
 
 
 class TemplateFileSource:
@@ -296,4 +313,5 @@ def parse_rows(rows: list[dict], columns: list[str], label: str, template: str =
         pairs.append(_pair(row))
     if not texts:
         raise UsageError(f"{label} has no rows; pick another split or config")
+    check_item_sizes(texts, label)
     return texts, sorted(templates), (None if None in pairs else pairs)
