@@ -109,3 +109,20 @@ def test_verify_recompute_refuses_changed_data(archive_copy, tmp_path):
         assert result.exit_code == 1 and "changed since the run" in result.stderr
     finally:
         open(path, "wb").write(original)
+
+
+def test_gc_leaves_a_planted_link_alone_and_still_removes_real_leftovers(archive_copy, tmp_path):
+    """A link (or, in a shared bucket, a key no mlarch makes) among the run groups must not stop
+    gc for good, nor be followed: gc removes the real leftovers, verify names the stranger."""
+    outside = tmp_path / "precious"
+    outside.mkdir()
+    (outside / "keep.txt").write_text("mine")
+    (archive_copy / "arrays.zarr" / "runs" / "planted").symlink_to(outside, target_is_directory=True)
+    (archive_copy / "arrays.zarr" / "runs" / "orphan000000").mkdir()
+    result = run(archive_copy, "gc")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines() == ["removed arrays runs/orphan000000", "1 leftover(s) removed."]
+    assert (outside / "keep.txt").read_text() == "mine" and (archive_copy / "arrays.zarr" / "runs" / "planted").is_symlink()
+    checks = mlarch.open(archive_copy).verify()
+    failed = checks.filter(checks["status"] != "ok").rows(named=True)
+    assert [(r["object"], "gc leaves alone" in r["detail"]) for r in failed] == [("runs/planted", True)], failed

@@ -227,11 +227,11 @@ def verify(root: Path, run_ids: list[str] | None = None) -> list[Check]:
     if run_ids is None:
         live = {r[4] for r in runs if r[3] == "FINISHED" or (r[3] == "RUNNING" and _alive(r[5], r[6]))}
         for group in sorted(store.groups("runs") - live):
-            checks.append(Check("no orphan arrays", group, False, "no finished run owns it: run `mlarch gc`"))
+            checks.append(Check("no orphan arrays", group, False, "no finished run owns it: " + _orphan_fix(store, group)))
         expected_models = set(model_groups.values()) | {layout.model_group(r[1]) for r in runs
                                                         if r[3] == "RUNNING" and _alive(r[5], r[6])}
         for group in sorted(store.groups("models") - expected_models):
-            checks.append(Check("no orphan arrays", group, False, "no archived model owns it: run `mlarch gc`"))
+            checks.append(Check("no orphan arrays", group, False, "no archived model owns it: " + _orphan_fix(store, group)))
         for folder in leftover_staging(root):
             checks.append(Check("no leftovers", folder, False,
                                 "staging folder of an interrupted import-bundle: run `mlarch gc`"))
@@ -263,8 +263,13 @@ def gc(root: Path) -> list[str]:
         live_runs = [r for r in runs if r[0] not in dead_ids]
         keep_runs = {r[3] for r in live_runs}
         keep_models = set(model_groups.values()) | {layout.model_group(r[1]) for r in live_runs if r[2] == "RUNNING"}
-        doomed = sorted((store.groups("runs") - keep_runs) | (store.groups("models") - keep_models))
-        folders = [_listed_folder(store, group) for group in doomed]
+        doomed, folders = [], []  # verify names the others (_orphan_fix)
+        for group in sorted((store.groups("runs") - keep_runs) | (store.groups("models") - keep_models)):
+            try:  # a link, or a name no mlarch makes (planted in a shared bucket): never removed through
+                folders.append(_listed_folder(store, group))
+                doomed.append(group)
+            except MlarchError:
+                pass
         staging = leftover_staging(root)
         if dead or dead_evals or orphan_items:
             with catalog.writing(path) as con:
@@ -391,6 +396,16 @@ def _owned_folder(store, kind: str, name: str, group, magnitudes_owners: dict | 
                     Phrase("Archive.sql(..., write=True)", "`mlarch sql --write`"),
                     ") or restore the catalog from a copy; nothing was removed") from None
     return _listed_folder(store, expected)
+
+
+def _orphan_fix(store, group: str) -> str:
+    """What to do about an array group no run or model owns: gc removes those mlarch could
+    have made; a link or a name mlarch never makes (planted in a shared bucket) it leaves alone."""
+    try:
+        _listed_folder(store, group)
+    except MlarchError:
+        return "a link or a name mlarch never makes, which gc leaves alone: remove it by hand if it is not yours"
+    return "run `mlarch gc`"
 
 
 def _listed_folder(store, group: str):
