@@ -278,3 +278,21 @@ def test_an_item_too_long_to_tokenize_is_refused_before_tokenizing(tmp_path):
         datafiles.parse_records(path)
     path.write_text("short item\n" + "x" * datafiles.MAX_ITEM_CHARS + "\n")
     assert len(datafiles.parse_records(path)[0]) == 2
+
+
+def test_json_numbers_are_written_out_and_other_types_refused(tmp_path):
+    """str(1e21) is '1e+21' and str(5e-07) '5e-07', whose last numbers (21, 7) an accuracy
+    reference would read: numbers are written out in full; lists, objects, booleans refused."""
+    from mlarch.evaluation import answers
+
+    path = tmp_path / "items.jsonl"
+    path.write_text('{"question": "How many atoms?", "answer": 1e21}\n{"question": "q", "answer": 5e-07}\n'
+                    '{"question": "q", "answer": 42}\n')
+    texts, _, pairs = datafiles.parse_records(path)
+    assert [a for _, a in pairs] == ["1000000000000000000000", "0.0000005", "42"]
+    assert texts[0] == "Q: How many atoms?\nA: 1000000000000000000000"
+    assert [answers.reference(a) for _, a in pairs] == ["1000000000000000000000", "0.0000005", "42"]
+    for bad, kind in (('["a", "b"]', "list"), ('{"x": 12}', "dict"), ("true", "bool")):
+        path.write_text(f'{{"question": "q", "answer": {bad}}}\n')
+        with pytest.raises(MlarchError, match=f"line 1: the 'answer' field is a {kind}, not text or a number"):
+            datafiles.parse_records(path)

@@ -15,9 +15,12 @@ resolver (sources.py) all build on it, and it imports none of them.
 from __future__ import annotations
 
 import csv
+import decimal
 import hashlib
 import io
 import json
+import math
+import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -75,13 +78,30 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def _field(record: dict, name: str, where: str) -> str | None:
+    """A question or answer field as text: a string as is, a JSON number written out in full
+    (str(1e21) is '1e+21', whose last number is 21), None when absent or null; a list, an
+    object, a boolean or a non-finite number is refused."""
+    value = record.get(name)
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        pass  # refused below: a JSON true is not the number 1
+    elif isinstance(value, numbers.Integral):
+        return str(int(value))
+    elif isinstance(value, numbers.Real) and math.isfinite(value):
+        return format(decimal.Decimal(repr(float(value))), "f")
+    raise MlarchError(f"{where}: the {name!r} field is a {type(value).__name__}, not text or a number; "
+                      "fix the record or remove it")
+
+
 def _record_text(record: dict, where: str) -> tuple[str, str]:
     text = record.get("text")
     if isinstance(text, str) and text.strip():
         return text, TEXT_TEMPLATE
-    question, answer = record.get("question"), record.get("answer")
+    question, answer = _field(record, "question", where), _field(record, "answer", where)
     if question not in (None, "") and answer not in (None, ""):
-        return QA_TEMPLATE.format(question=str(question).strip(), answer=str(answer).strip()), QA_TEMPLATE
+        return QA_TEMPLATE.format(question=question.strip(), answer=answer.strip()), QA_TEMPLATE
     raise MlarchError(
         f"{where}: expected a non-empty 'text' field or 'question' and 'answer' fields; "
         "fix the record or remove it"
@@ -110,11 +130,11 @@ def _paper_text(record: dict, has_qa: bool, where: str) -> tuple[str, str]:
     )
 
 
-def _pair(record: dict) -> tuple[str, str] | None:
-    question, answer = record.get("question"), record.get("answer")
+def _pair(record: dict, where: str) -> tuple[str, str] | None:
+    question, answer = _field(record, "question", where), _field(record, "answer", where)
     if question in (None, "") or answer in (None, ""):
         return None
-    return str(question).strip(), str(answer).strip()
+    return question.strip(), answer.strip()
 
 
 def parse_file(path: Path) -> tuple[list[str], list[str]]:
@@ -198,7 +218,7 @@ def parse_records(path: Path, template: str = "default") -> tuple[list[str], lis
             text, used = _paper_text(record, has_qa, where) if paper else _record_text(record, where)
             texts.append(text)
             templates.add(used)
-            pairs.append(_pair(record))
+            pairs.append(_pair(record, where))
     elif suffix == ".csv":
         reader = csv.DictReader(io.StringIO(content))
         fields = set(reader.fieldnames or [])
@@ -217,7 +237,7 @@ def parse_records(path: Path, template: str = "default") -> tuple[list[str], lis
                 text, used = _paper_text(record, "qa" in fields, where) if paper else _record_text(record, where)
                 texts.append(text)
                 templates.add(used)
-                pairs.append(_pair(record))
+                pairs.append(_pair(record, where))
         except csv.Error as exc:
             raise MlarchError(f"{path}, line {reader.line_num}: malformed CSV ({exc})") from None
     else:
@@ -310,7 +330,7 @@ def parse_rows(rows: list[dict], columns: list[str], label: str, template: str =
         text, used = _paper_text(row, "qa" in fields, where) if paper else _record_text(row, where)
         texts.append(text)
         templates.add(used)
-        pairs.append(_pair(row))
+        pairs.append(_pair(row, where))
     if not texts:
         raise UsageError(f"{label} has no rows; pick another split or config")
     check_item_sizes(texts, label)
