@@ -200,3 +200,16 @@ def test_the_same_data_at_another_path_is_still_held_out(archive_copy, model_dir
     provenance = json.loads(archive.sql("SELECT provenance FROM evaluations WHERE eval_id = ?",
                                         [result.written[0]])["provenance"][0])
     assert _math_run(archive) in provenance["held_out_runs"]
+
+
+def test_a_scale_that_rounds_away_in_bfloat16_is_refused(archive_copy, model_dir, data):
+    """x1.001 in bfloat16 rounds every weight back to itself: a row would record a change that
+    never happened (and a value equal to the baseline's)."""
+    archive = mlarch.open(archive_copy)
+    with pytest.raises(mlarch.errors.MlarchError, match="scaling by 1.001 changes no weight: in torch.bfloat16"):
+        archive.evaluate(str(model_dir["llama"]), ["en"], "nll", data["math"], interventions=["scale:en@0.25:1.001"],
+                         dtype="bfloat16", limit=2, device="cpu")
+    assert archive.sql("SELECT intervention FROM evaluations")["intervention"].to_list() == ["none"]
+    done = archive.evaluate(str(model_dir["llama"]), ["en"], "nll", data["math"], interventions=["scale:en@0.25:1.1"],
+                            dtype="bfloat16", limit=2, device="cpu")
+    assert len(done.written) == 1  # a factor bfloat16 can hold still runs

@@ -235,6 +235,7 @@ def applied(modules: list, plan: Plan):
     intervention = plan.intervention
     targets = _targets(modules, plan)
     saved = []  # (view, rows, cols, old), in the order applied
+    moved = 0  # scaled entries whose stored value changed (bfloat16 rounds x1.001 back to x)
     try:
         with torch.no_grad():
             for module, change in targets:
@@ -254,8 +255,13 @@ def applied(modules: list, plan: Plan):
                                           f"{module.name} overflow to inf or NaN in {weight.dtype}: choose a "
                                           "smaller factor")
                     view[rows, cols] = new
+                    moved += int((new != old).sum())
                 else:
                     view[rows, cols] = 0
+            if intervention.kind == "scale" and saved and not moved:
+                raise MlarchError(f"scaling by {intervention.factor:g} changes no weight: in "
+                                  f"{saved[0][0].dtype} every scaled value rounds back to itself; choose a factor "
+                                  "further from 1")
         yield plan
     finally:
         with torch.no_grad():
