@@ -280,6 +280,7 @@ def evaluate(root: Path, cfg: EvalConfig, reporter: Reporter | None = None) -> E
                 raise error(UsageError, f"the {lang_items.lang} prompt of item {lang_items.indices[longest]} has "
                             f"{lengths[longest]} tokens, over ", Arg("max_length", cfg.max_length), ": pass a larger ",
                             Arg("max_length"), " or fewer ", Arg("shots"))
+    _check_positions(cfg, loaded, items)
     layout.ensure_folder(root)
     if not has_catalog:
         catalog.ensure_schema(catalog_path)
@@ -506,6 +507,22 @@ def _units(cfg, name, weights, dtype, source, items, planned, pair_runs) -> list
             units.append(_Unit(lang, intervention, provenance.digest_json(identity), baseline_key,
                                {**base, **identity}))
     return units
+
+
+def _check_positions(cfg: EvalConfig, loaded, items: dict) -> None:
+    """Before any row: a text (an accuracy prompt) longer than a model's learned positions
+    (GPT-2's n_positions) would fail inside the forward pass."""
+    from mlarch.ingest.scoring import over_positions
+
+    positions = getattr(loaded.model.config, "n_positions", None)
+    if not isinstance(positions, int) or positions < 1:
+        return
+    for lang_items in items.values():
+        found = over_positions(loaded.tokenizer, lang_items.texts, cfg.max_length, positions)
+        if found is not None:
+            raise error(UsageError, f"the {lang_items.lang} text of item {lang_items.indices[found[0]]} has "
+                        f"{found[1]:,} tokens, more than the model's {positions:,} positions: pass ",
+                        Arg("max_length", positions), " or less")
 
 
 def _check_reused_files(archive, cfg: EvalConfig, eval_ids: list[str], reporter) -> None:
