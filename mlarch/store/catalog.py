@@ -297,7 +297,7 @@ class _Readers:
         with self.lock:
             host = self.hosts.get(key)
             if host is None:
-                host = self.hosts[key] = _sandboxed_instance([] if key is None else [key, key + ".wal"])
+                host = self.hosts[key] = _sandboxed_instance([] if key is None else [key + s for s in _OWN_FILES])
             self.users += 1
             return host.cursor()
 
@@ -475,6 +475,10 @@ def _existing(path) -> Path:
 SANDBOX = {"enable_external_access": False, "autoinstall_known_extensions": False,
            "autoload_known_extensions": False, "lock_configuration": True}
 
+
+# The files DuckDB keeps for a database: after a killed writer, a reader replays the WAL and
+# may find its checkpoint and recovery files.
+_OWN_FILES = ("", ".wal", ".wal.checkpoint", ".wal.recovery")
 
 # What every connection to a catalog mlarch did not just create gets: no extension installed
 # or loaded behind its back (a view reading an http:// URL would fetch httpfs), and no file but
