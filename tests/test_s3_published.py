@@ -332,3 +332,15 @@ def test_an_unreachable_endpoint_is_one_line(published, machine, monkeypatch):
     line = one_error(CliRunner().invoke(cli, ["--archive", published["url"], "runs"]), 2)
     assert "cannot reach the S3 endpoint" in line and "AWS_ENDPOINT_URL" in line
     assert not machine.exists() or not any(machine.rglob("catalog.duckdb"))
+
+
+def test_a_snapshot_larger_than_the_free_disk_is_not_fetched(damaged, s3, machine, monkeypatch):
+    """A manifest may announce up to 64 GiB: the fetch checks the cache's free space first
+    instead of filling the disk to find out (here the disk is made to look nearly full)."""
+    import collections
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(remote_catalog.shutil, "disk_usage", lambda path: usage(1 << 30, (1 << 30) - (8 << 20), 8 << 20))
+    line = one_error(CliRunner().invoke(cli, ["--archive", damaged["url"], "runs"]), 1)
+    assert "bytes free: free some space or set MLARCH_CACHE to another folder" in line, line
+    assert not (remote_catalog.cache_folder(damaged["url"]) / layout.CATALOG).exists()

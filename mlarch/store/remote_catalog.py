@@ -275,6 +275,11 @@ def _download(store, manifest: dict, folder: Path) -> None:
     array location, then put it in place (and the record after it)."""
     fs = array_store._filesystem()
     source = f"{store.url}/{manifest['catalog']}"
+    # the size is the manifest's word (up to MAX_CATALOG): never fill the disk to find out it lied
+    free = shutil.disk_usage(folder).free
+    if manifest["size"] * 2 + (64 << 20) > free:  # the download, then its migration's copy at worst
+        raise MlarchError(f"the published catalog {source} is {manifest['size']:,} bytes and {folder} has "
+                          f"{free:,} bytes free: free some space or set MLARCH_CACHE to another folder")
     partial = folder / f".fetch-{uuid.uuid4().hex[:8]}.duckdb"
     try:
         digest, size = hashlib.sha256(), 0
