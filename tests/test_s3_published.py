@@ -340,7 +340,8 @@ def test_a_snapshot_larger_than_the_free_disk_is_not_fetched(damaged, s3, machin
     import collections
 
     usage = collections.namedtuple("usage", "total used free")
-    monkeypatch.setattr(remote_catalog.shutil, "disk_usage", lambda path: usage(1 << 30, (1 << 30) - (8 << 20), 8 << 20))
+    nearly_full = usage(1 << 30, (1 << 30) - (8 << 20), 8 << 20)
+    monkeypatch.setattr(remote_catalog.shutil, "disk_usage", lambda path: nearly_full)
     line = one_error(CliRunner().invoke(cli, ["--archive", damaged["url"], "runs"]), 1)
     assert "bytes free: free some space or set MLARCH_CACHE to another folder" in line, line
     assert not (remote_catalog.cache_folder(damaged["url"]) / layout.CATALOG).exists()

@@ -415,7 +415,8 @@ def test_a_catalog_view_cannot_read_another_file_or_load_an_extension(archive_co
     monkeypatch.setenv("HOME", str(home))  # where DuckDB would install an extension it fetched
 
     def runs_reading(source):  # bound against a stand-in macro, so the stored view calls DuckDB's read_text
-        _edit_catalog(archive_copy, "CREATE MACRO read_text(u) AS TABLE SELECT 'x' AS content", "DROP VIEW IF EXISTS runs",
+        _edit_catalog(archive_copy, "CREATE MACRO read_text(u) AS TABLE SELECT 'x' AS content",
+                      "DROP VIEW IF EXISTS runs",
               f"CREATE VIEW runs AS SELECT * REPLACE ((SELECT string_agg(content, '') FROM read_text('{source}')) "
               "AS dataset) FROM runs_t", "DROP MACRO TABLE read_text")
 
@@ -447,8 +448,8 @@ def test_an_array_row_naming_another_runs_path_is_never_read(archive_copy):
     failed = [r for r in mlarch.open(archive_copy).verify().rows(named=True)
               if r["status"] != "ok" and r["object"] == f"runs/{de}/levels"]
     assert any("not 'runs/" in r["detail"] for r in failed), failed
-    _edit_catalog(archive_copy, f"UPDATE arrays SET path = 'runs/544f502d5345435245/levels' WHERE owner = '{en['run_id']}' "
-          "AND kind = 'levels'")
+    _edit_catalog(archive_copy, "UPDATE arrays SET path = 'runs/544f502d5345435245/levels' "
+                  f"WHERE owner = '{en['run_id']}' AND kind = 'levels'")
     with pytest.raises(ArrayDamaged, match="not 'runs/"):
         mlarch.open(archive_copy).levels(en["run_id"], module)
 

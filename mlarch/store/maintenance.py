@@ -227,11 +227,13 @@ def verify(root: Path, run_ids: list[str] | None = None) -> list[Check]:
     if run_ids is None:
         live = {r[4] for r in runs if r[3] == "FINISHED" or (r[3] == "RUNNING" and _alive(r[5], r[6]))}
         for group in sorted(store.groups("runs") - live):
-            checks.append(Check("no orphan arrays", group, False, "no finished run owns it: " + _orphan_fix(store, group)))
+            checks.append(Check("no orphan arrays", group, False,
+                                "no finished run owns it: " + _orphan_fix(store, group)))
         expected_models = set(model_groups.values()) | {layout.model_group(r[1]) for r in runs
                                                         if r[3] == "RUNNING" and _alive(r[5], r[6])}
         for group in sorted(store.groups("models") - expected_models):
-            checks.append(Check("no orphan arrays", group, False, "no archived model owns it: " + _orphan_fix(store, group)))
+            checks.append(Check("no orphan arrays", group, False,
+                                "no archived model owns it: " + _orphan_fix(store, group)))
         for folder in leftover_staging(root):
             checks.append(Check("no leftovers", folder, False,
                                 "staging folder of an interrupted import-bundle: run `mlarch gc`"))
