@@ -15,7 +15,7 @@ import torch
 from click.testing import CliRunner
 
 import mlarch
-from fixtures import build_tokenizer, one_error
+from fixtures import RecordingReporter, build_tokenizer, one_error
 from mlarch.cli import cli
 from mlarch.errors import MlarchError, UsageError
 from mlarch.ingest import devices, loading
@@ -155,6 +155,11 @@ def test_flag_changes_the_class_and_the_identity(model_dir, data, tmp_path, modu
     folder = shipped_code_model(model_dir["llama"], tmp_path / "both-llama", "llama")
     plain, archive = ingest(tmp_path, data, folder, "--device", "cpu")
     assert plain.exit_code == 0, plain.output
+    reporter = RecordingReporter()  # the swap is said, not silent
+    mlarch.open(tmp_path / "said").ingest(str(folder), ["en"], data["math"], data["control"], samples=2, top_k=[0.05],
+                                           device="cpu", reporter=reporter)
+    assert any("ships its own model code (modeling_shipped.ShippedLlamaForCausalLM)" in line
+               for line in reporter.lines), reporter.lines
     trusted, _ = ingest(tmp_path, data, folder, "--device", "cpu", "--trust-remote-code", "--name", "both-trusted",
                         archive=archive)
     assert trusted.exit_code == 0, trusted.output

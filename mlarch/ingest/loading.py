@@ -361,6 +361,11 @@ def load(ref: str, *, revision: str | None, device: torch.device, dtype: str, gg
     logging.getLogger("transformers").setLevel(logging.ERROR)
     from safetensors import SafetensorError
 
+    shipped = _shipped_model_code(folder) if not trust_remote_code and "gguf_file" not in extra else None
+    if shipped and message is not None:  # transformers silently takes its own class for a model_type it knows
+        message(f"{ref} ships its own model code ({shipped}); without trust_remote_code transformers' built-in "
+                "class for its model_type is loaded and scored instead, if it has one")
+
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(folder), **extra)
         # The loading report, not the (silenced) warning, says whether every weight came from the
@@ -429,6 +434,17 @@ def load(ref: str, *, revision: str | None, device: torch.device, dtype: str, gg
         trust_remote_code=bool(trust_remote_code),
         device_map=placed,
     )
+
+
+def _shipped_model_code(folder: Path) -> str | None:
+    """The config's auto_map entry for AutoModelForCausalLM (code shipped with the model), if any."""
+    try:
+        config = json.loads((folder / "config.json").read_bytes())
+        entry = config.get("auto_map", {}).get("AutoModelForCausalLM")
+    except (OSError, ValueError, RecursionError, AttributeError):
+        return None
+    shown = entry[0] if isinstance(entry, list) and entry else entry
+    return ascii(shown)[1:-1][:120] if isinstance(shown, str) else None
 
 
 def _first_line(exc: BaseException) -> str:
