@@ -479,3 +479,15 @@ def test_a_bundle_from_before_chunked_digests_imports_and_verifies(llama_archive
     assert {owner for owner, scheme in schemes if scheme is None} == set(bn)
     assert {scheme for owner, scheme in schemes if owner not in bn} == {"chunks"}
     assert run(target.root, "verify").exit_code == 0
+
+
+def test_export_refuses_an_object_larger_than_its_array_allows(archive_copy, tmp_path):
+    """A planted 1 GiB "chunk" (sparse here) is not copied into the bundle: the export stops
+    before filling the disk with what any import would refuse."""
+    path = mlarch.open(archive_copy).sql("SELECT path FROM arrays WHERE kind = 'levels' LIMIT 1").item()
+    chunk = archive_copy / "arrays.zarr" / path / "c" / "0"
+    with open(chunk, "r+b") as f:
+        f.truncate(1 << 30)
+    result = run(archive_copy, "export-bundle", "--model", "tiny-llama", "-o", str(tmp_path / "out.tar"))
+    refused(result, "nothing was exported", f"array object arrays/{path}/c/0 is 1,073,741,824 bytes, more than the")
+    assert not list(tmp_path.glob("out.tar*"))

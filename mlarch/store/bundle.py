@@ -98,8 +98,8 @@ def export_bundle(root: Path, out: Path, run_ids: list[str] | None = None, model
         records_by_path = checks.check_rows(rows)
         files = [(name, layout.checked_group(root, record["path"], record["path"]).joinpath(
                   *name[len(f"arrays/{record['path']}/"):].split("/")) if not store.remote else
-                  (store.owned(record["path"], record["path"]), name[len(f"arrays/{record['path']}/"):]))
-                 for record in records_by_path.values() for name in checks.member_names(record)]
+                  (store.owned(record["path"], record["path"]), name[len(f"arrays/{record['path']}/"):]), limit)
+                 for record in records_by_path.values() for name, limit in checks.member_names(record).items()]
     except MlarchError as exc:
         raise error(MlarchError, f"catalog of {root}: ", Phrase(str(exc), for_cli(exc)), ": set the row back (",
                     Phrase("Archive.sql(..., write=True)", "`mlarch sql --write`"), ") or restore the "
@@ -119,9 +119,10 @@ def export_bundle(root: Path, out: Path, run_ids: list[str] | None = None, model
     try:
         with tarfile.open(partial, "w") as tar:  # plain tar: chunks are compressed already
             _add(tar, checks.MANIFEST, io.BytesIO(data), len(data))
-            for name, source in files:  # regular files only, named exactly as import expects
+            for name, source, limit in files:  # regular files only, named exactly as import expects
                 if store.remote:  # streamed from the bucket, object by object
                     with store.member(*source) as (handle, size):
+                        _check_member_size(name, size, limit)
                         _add(tar, name, handle, size)
                     continue
                 try:
@@ -133,6 +134,7 @@ def export_bundle(root: Path, out: Path, run_ids: list[str] | None = None, model
                     info = os.fstat(handle.fileno())
                     if not stat.S_ISREG(info.st_mode):
                         raise MlarchError(f"array file {source} is not a regular file: run `mlarch verify`")
+                    _check_member_size(name, info.st_size, limit)
                     _add(tar, name, handle, info.st_size, info.st_mtime)
         partial.replace(out)
     except OSError as exc:
@@ -425,6 +427,14 @@ def _insert(con, tables: dict, schema: dict[str, list[str]], new_runs: list[dict
                    else row[c] for c in columns] for row in rows]
         con.executemany(f"INSERT INTO {name} ({', '.join(_quoted(c) for c in columns)}) "
                         f"VALUES ({', '.join('?' * len(columns))})", values)
+
+
+def _check_member_size(name: str, size: int, limit: int) -> None:
+    """An object larger than any of its array's could be (planted, or damaged) is never copied:
+    a bundle import would refuse it anyway, after the export had filled the disk."""
+    if size > limit:
+        raise MlarchError(f"array object {name} is {size:,} bytes, more than the {limit:,} any object of its array "
+                          "can be: run `mlarch verify` to list damage; nothing was exported")
 
 
 def _quoted(name: str) -> str:
