@@ -296,3 +296,18 @@ def test_json_numbers_are_written_out_and_other_types_refused(tmp_path):
         path.write_text(f'{{"question": "q", "answer": {bad}}}\n')
         with pytest.raises(MlarchError, match=f"line 1: the 'answer' field is a {kind}, not text or a number"):
             datafiles.parse_records(path)
+
+
+def test_a_parquet_file_is_refused_for_what_it_is(tmp_path):
+    path = tmp_path / "items.parquet"
+    path.write_bytes(b"PAR1\x15\x04\x15\x10\xff\xfe" * 10)  # not UTF-8: the suffix speaks first
+    with pytest.raises(MlarchError, match="not .parquet: convert it to JSON Lines"):
+        datafiles.parse_records(path)
+
+
+def test_a_data_file_over_a_gibibyte_is_refused_before_it_is_read(tmp_path):
+    path = tmp_path / "items.txt"
+    with open(path, "wb") as f:
+        f.truncate(datafiles.MAX_FILE_BYTES + 1)  # sparse
+    with pytest.raises(MlarchError, match=r"is 1,073,741,825 bytes, more than the 1,073,741,824 mlarch reads"):
+        datafiles.parse_records(path)

@@ -197,16 +197,19 @@ def parse_records(path: Path, template: str = "default") -> tuple[list[str], lis
     if template not in TEXT_TEMPLATES:
         raise unknown_template(template)
     paper = template == "paper"
+    suffix = path.suffix.lower()
+    if suffix in _NOT_LINES:  # "one item per line" would archive '[' and '  {' as items
+        raise MlarchError(f"{path}: mlarch reads .jsonl, .csv and plain-text files, not {suffix}: convert it to "
+                          "JSON Lines (one object per line) or CSV with a header")
     try:
+        if path.stat().st_size > MAX_FILE_BYTES:  # read whole below: never a disk image by mistake
+            raise MlarchError(f"data file {path} is {path.stat().st_size:,} bytes, more than the {MAX_FILE_BYTES:,} "
+                              "mlarch reads: split it, or sample the items you need into a smaller file")
         content = decoded(path.read_bytes())
     except UnicodeDecodeError as exc:
         raise MlarchError(f"{path}: not UTF-8 text (byte {exc.start}); re-encode it as UTF-8") from None
     except OSError as exc:
         raise MlarchError(f"cannot read data file {path}: {exc.strerror or exc}") from None
-    suffix = path.suffix.lower()
-    if suffix in _NOT_LINES:  # "one item per line" would archive '[' and '  {' as items
-        raise MlarchError(f"{path}: mlarch reads .jsonl, .csv and plain-text files, not {suffix}: convert it to "
-                          "JSON Lines (one object per line) or CSV with a header")
     texts: list[str] = []
     templates: set[str] = set()
     pairs: list[tuple[str, str] | None] = []
@@ -254,6 +257,7 @@ def parse_records(path: Path, template: str = "default") -> tuple[list[str], lis
 
 # Files whose items are not lines: refused rather than read one item per line.
 _NOT_LINES = {".json", ".tsv", ".parquet", ".arrow", ".feather", ".xlsx", ".xls", ".gz", ".zip", ".bz2", ".xz", ".zst"}
+MAX_FILE_BYTES = 1 << 30  # GSM8K's train split is 4 MB
 MAX_ITEM_CHARS = 1 << 20  # a math problem or a paragraph is thousands; tokenizing 16 M took 84 s and 4 GB
 
 
