@@ -478,9 +478,6 @@ def test_an_oversized_chunk_is_refused_without_reading_it_whole(archive_copy):
 
 @pytest.mark.parametrize("edit", ["DROP TABLE modules CASCADE", "ALTER TABLE modules DROP COLUMN n_rows"])
 def test_a_table_or_column_dropped_from_the_catalog_is_one_line(archive_copy, edit):
-    try:
-        _edit_catalog(archive_copy, edit)
-    except duckdb.Error as exc:  # a view depends on it
-        pytest.skip(f"DuckDB refuses the edit itself: {exc}")
+    _edit_catalog(archive_copy, edit)
     line = one_error(run(archive_copy, "compare", "--model", "tiny-llama", "--langs", "en,de", "--k", "0.02"), 1)
     assert "differs from mlarch's schema" in line and "altered" in line, line
