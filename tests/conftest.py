@@ -20,6 +20,20 @@ def data(tmp_path_factory):
     return {"math": math, "control": control}
 
 
+@pytest.fixture(scope="module")
+def pristine_llama(tmp_path_factory):
+    """A tiny llama of the module's own, never changed: tests change llama_copy."""
+    return build_model("llama", tmp_path_factory.mktemp("pristine"))
+
+
+@pytest.fixture
+def llama_copy(pristine_llama, tmp_path):
+    """A copy of pristine_llama that the test may edit (weights, config, index files)."""
+    import shutil
+
+    return Path(shutil.copytree(pristine_llama, tmp_path / "tiny-llama"))
+
+
 VIEW_KS = [0.01, 0.05, 0.25]
 
 

@@ -14,20 +14,10 @@ from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
 import mlarch
-from fixtures import build_model, one_error
+from fixtures import one_error
 from mlarch.cli import cli
 from mlarch.errors import MlarchError
 from mlarch.ingest import datafiles, hub_data, loading
-
-
-@pytest.fixture(scope="module")
-def pristine_llama(tmp_path_factory):
-    return build_model("llama", tmp_path_factory.mktemp("pristine"))
-
-
-@pytest.fixture
-def llama_copy(pristine_llama, tmp_path):
-    return Path(shutil.copytree(pristine_llama, tmp_path / "tiny-llama"))
 
 
 @pytest.fixture(autouse=True)

@@ -2,7 +2,6 @@
 bad values are refused with one `Error:` line before any scoring or archive write."""
 
 import re
-import shutil
 import zipfile
 from pathlib import Path
 
@@ -13,21 +12,11 @@ from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
 import mlarch
-from fixtures import build_model, one_error
+from fixtures import one_error
 from mlarch.cli import cli
 from mlarch.errors import MlarchError, UsageError
 from mlarch.ingest import loading
 from mlarch.ingest.pipeline import IngestConfig
-
-
-@pytest.fixture(scope="module")
-def pristine_llama(tmp_path_factory):
-    return build_model("llama", tmp_path_factory.mktemp("pristine"))
-
-
-@pytest.fixture
-def llama_copy(pristine_llama, tmp_path):
-    return Path(shutil.copytree(pristine_llama, tmp_path / "tiny-llama"))
 
 
 def rewrite(folder: Path, edit) -> dict:
