@@ -533,19 +533,11 @@ def _check_reused_files(archive, cfg: EvalConfig, eval_ids: list[str], reporter)
     rows = archive._read("SELECT eval_id, provenance FROM evaluations WHERE list_contains(?, eval_id) ORDER BY eval_id",
                          [eval_ids])
     for eval_id, text in rows.iter_rows():
-        changed = loading.changed_model_files(_model_record(text), current)
+        changed = loading.changed_model_files(text, current)
         if changed:
             raise error(MlarchError, f"{', '.join(changed[:3])} of {cfg.model} changed since evaluation {eval_id} "
                         "was archived: its number belongs to the files as they were; pass ", Arg("force", True),
                         " to evaluate again")
-
-
-def _model_record(provenance_text) -> dict | None:
-    try:
-        model = json.loads(provenance_text or "{}").get("model")
-    except (ValueError, AttributeError):
-        return None
-    return model.get("model_files") if isinstance(model, dict) else None
 
 
 def _finished(archive, digests: list[str]) -> dict[str, str]:

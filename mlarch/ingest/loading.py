@@ -334,9 +334,15 @@ def model_files_of(ref: str, revision: str | None, gguf_file: str | None = None,
     return _model_files(folder, weight_files, extra)
 
 
-def changed_model_files(recorded, current: dict[str, str]) -> list[str]:
-    """Names of model files that differ between a record's and `current` (none for a record
-    made before they were recorded: it cannot tell)."""
+def changed_model_files(provenance: str | None, current: dict[str, str]) -> list[str]:
+    """Names of model files that differ between those a run's or evaluation's provenance (JSON
+    text) recorded and `current`; none where it recorded none (made before they were recorded,
+    or unreadable: its record digest speaks for that on every reuse path)."""
+    try:
+        model = json.loads(provenance or "{}").get("model")
+    except (ValueError, RecursionError, AttributeError):
+        return []
+    recorded = model.get("model_files") if isinstance(model, dict) else None
     if not isinstance(recorded, dict):
         return []
     return sorted(name for name in set(recorded) | set(current) if recorded.get(name) != current.get(name))

@@ -182,12 +182,7 @@ def check_reused_files(catalog_path: Path, cfg: IngestConfig, run_ids: list[str]
         rows = con.execute("SELECT run_id, provenance FROM runs WHERE list_contains(?, run_id) ORDER BY run_id",
                            [run_ids]).fetchall()
     for run_id, text in rows:
-        try:
-            model = json.loads(text or "{}").get("model")
-        except (ValueError, AttributeError):
-            continue  # the record digest, checked on every reuse path, speaks for unreadable provenance
-        recorded = model.get("model_files") if isinstance(model, dict) else None
-        changed = loading.changed_model_files(recorded, current)
+        changed = loading.changed_model_files(text, current)
         if changed:
             raise error(MlarchError, f"{', '.join(changed[:3])} of {cfg.model} changed since run {run_id} was "
                         "archived: its results belong to the files as they were; pass ", Arg("force", True),
