@@ -38,7 +38,11 @@ from mlarch.store.chunk_writes import ChunkEncoder, c_bytes, chunk_content, writ
 
 _CHUNK_ELEMENTS = 1 << 22  # ~4 M elements: >= 1 MB chunks, whole rows per chunk
 _CHUNK_KEY = re.compile(r"^c/(\d+)$")
-_MAX_META = 1 << 20  # bytes of an array's zarr.json (ours are under 2 KB)
+META_LIMIT = 64 << 10  # an array's zarr.json: ~600 bytes as mlarch writes it
+# Largest stored chunk over its raw bytes (zarr stores the edge chunk padded to full size):
+# measured worst case 20 bytes (blosc header 16 + crc32c 4) for incompressible data of every
+# dtype and length tried; the rest is margin.
+CHUNK_OVERHEAD = 64
 _CODE_BLOCK = 1 << 19  # blosc block of level codes (bench/write_costs.py)
 
 
@@ -245,13 +249,12 @@ class _Checked(WrapperStore):
                                f"(damaged, or copied from elsewhere): {_RESTORE}")
 
     def _limit(self, key: str) -> int | None:
-        """The most bytes the stored object at `key` can hold (a chunk: its raw bytes plus blosc's
-        and crc32c's overhead), or None for keys that are not this array's."""
+        """The most bytes the stored object at `key` can hold (a chunk: its raw bytes plus
+        CHUNK_OVERHEAD), or None for keys that are not this array's."""
         if key == self.record.path + "/zarr.json":
-            return _MAX_META
+            return META_LIMIT
         if key.startswith(self.record.path + "/") and _CHUNK_KEY.match(key[len(self.record.path) + 1:]):
-            raw = chunks_for(self.record.shape)[0] * np.dtype(self.record.dtype).itemsize
-            return raw + raw // 64 + 4096
+            return chunks_for(self.record.shape)[0] * np.dtype(self.record.dtype).itemsize + CHUNK_OVERHEAD
         return None
 
     async def get(self, key, prototype, byte_range=None):

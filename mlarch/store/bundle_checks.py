@@ -22,14 +22,8 @@ TABLES = ("models", "modules", "runs", "run_samples", "arrays", "analyses")
 SINCE = {"analyses": 3}  # tables a bundle of an earlier format version lacks (its runs are placed on import)
 MANIFEST = "manifest.json"
 MANIFEST_LIMIT = 64 << 20  # ~2,000 runs of 1,000 samples; export refuses a larger one too
-META_LIMIT = 64 << 10  # an array's zarr.json: ~600 bytes as mlarch writes it
-# Largest stored chunk over its raw bytes (zarr stores the edge chunk padded to full size):
-# measured worst case 20 bytes (blosc header 16 + crc32c 4) for incompressible data of every
-# dtype and length tried; the rest is margin.
-# Largest stored chunk over its raw bytes (zarr stores the edge chunk padded to full size):
-# measured worst case 20 bytes (blosc header 16 + crc32c 4) for incompressible data of every
-# dtype and length tried; the rest is margin.
-CHUNK_OVERHEAD = 64
+META_LIMIT = arrays.META_LIMIT  # the bounds every read of a stored object keeps too
+CHUNK_OVERHEAD = arrays.CHUNK_OVERHEAD
 DTYPES = {"magnitudes": "<f4", "norms": "<f4", "levels": "|u1"}  # what ingest writes
 CODECS = ("bytes", "blosc", "crc32c")
 # the columns this module reads from a bundle's rows, by the type it needs (the other
