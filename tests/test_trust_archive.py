@@ -433,6 +433,48 @@ def test_a_catalog_view_cannot_read_another_file_or_load_an_extension(archive_co
     assert "reaches outside the file" in line and "TOP-SECRET" not in line and "verify" in line
 
 
+def test_a_catalog_macro_cannot_make_a_writer_read_another_file(archive_copy, model_dir, data, tmp_path):
+    """Writers open the file itself, where a macro named like a built-in they call takes its
+    place: now(), when an ingest records a new analysis, would read a local file into the
+    catalog. Writers reach no other file either; the ingest fails whole, with one line."""
+    secret = tmp_path / "secret.txt"
+    secret.write_text("TOP-SECRET-LOCAL-FILE")
+    _edit_catalog(archive_copy, "CREATE MACRO now() AS (TIMESTAMP '2001-01-01' + "
+                  f"length((SELECT string_agg(content, '') FROM read_text('{secret}'))) * INTERVAL 1 DAY)")
+    con = duckdb.connect(str(archive_copy / "catalog.duckdb"), read_only=True)
+    assert con.execute("SELECT now()").fetchone()[0].year == 2001  # the macro shadows the built-in
+    con.close()
+    archive = mlarch.open(archive_copy)
+    before = archive.sql("SELECT run_id, status FROM runs ORDER BY ALL")
+    with pytest.raises(MlarchError, match="reaches outside the file") as refused:
+        archive.ingest(str(model_dir["llama"]), ["en"], data["math"], data["control"], samples=4,
+                       top_k=[0.05, 0.25], device="cpu", analysis="other")
+    assert "TOP-SECRET" not in str(refused.value)
+    archive = mlarch.open(archive_copy)
+    assert archive.sql("SELECT count(*) FROM analyses WHERE analysis = 'other'").item() == 0
+    assert archive.sql("SELECT run_id, status FROM runs WHERE status = 'FINISHED' ORDER BY ALL").equals(
+        before.filter(before["status"] == "FINISHED"))
+    # sql --write is the user's own SQL and may read files; still no extension behind its back
+    assert archive.sql("SELECT count(*) FROM read_text(?)", [str(secret)], write=True).item() == 1
+
+
+def test_a_catalog_macro_cannot_make_a_migration_read_another_file(archive_copy, tmp_path):
+    """Migrating an older catalog records each step with now(): a macro in the file named so
+    reaches no other file, and the catalog stays at its old version."""
+    from old_archives import downgrade_to_schema_6
+
+    secret = tmp_path / "secret.txt"
+    secret.write_text("TOP-SECRET-LOCAL-FILE")
+    downgrade_to_schema_6(archive_copy)
+    _edit_catalog(archive_copy, f"CREATE MACRO now() AS (SELECT string_agg(content, '') FROM read_text('{secret}'))")
+    with pytest.raises(MlarchError, match="reaches outside the file") as refused:
+        mlarch.open(archive_copy).runs()
+    assert "TOP-SECRET" not in str(refused.value)
+    con = duckdb.connect(str(archive_copy / "catalog.duckdb"), read_only=True)
+    assert con.execute("SELECT max(version) FROM schema_migrations").fetchone()[0] == 6
+    con.close()
+
+
 def test_an_array_row_naming_another_runs_path_is_never_read(archive_copy):
     """A row of run A naming run B's levels (and their digests) would hand back B's sets as A's;
     a path of the row's choosing would be a request for any key: both refused before any read."""

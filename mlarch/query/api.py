@@ -215,8 +215,8 @@ class Archive:
         on a connection of their own that reaches no file but the catalog, loads no
         extension and cannot be reconfigured (catalog.SANDBOX). So without write=True,
         read_csv / read_parquet / glob of other files are refused too: use write=True
-        (`mlarch sql --write`), which runs anything in one read-write transaction, or DuckDB
-        directly. Both modes fail on a path that holds no archive, creating nothing.
+        (`mlarch sql --write`), which runs anything in one read-write transaction (loading
+        no extension unless it says LOAD), or DuckDB directly. Both modes fail on a path that holds no archive, creating nothing.
 
         params: a dict binds each $name (a list binds ? in order), never pasted into the
         text; a $name without a value, or a value no $name uses, is a UsageError before
@@ -227,7 +227,7 @@ class Archive:
             return self._sql_read(query, params)
         statements = _parsed(catalog.statements, query)
         try:
-            with catalog.writing(self.catalog_path) as con:
+            with catalog.writing(self.catalog_path, reach_files=True) as con:
                 return _run(con, statements, params)
         except duckdb.Error as exc:
             raise MlarchError(f"SQL error: {_one_line(exc)}") from None

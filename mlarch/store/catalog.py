@@ -97,8 +97,11 @@ def _drift_or_none(con) -> list[str] | None:
         return None
 
 
-def _connect(path: Path, read_only: bool) -> duckdb.DuckDBPyConnection:
-    return _opening(path, lambda: duckdb.connect(str(path), read_only=read_only))
+def _connect(path: Path, read_only: bool, reach_files: bool = False) -> duckdb.DuckDBPyConnection:
+    """A connection of its own to the catalog, waiting while another holds its lock: confined
+    to the file (see _CONFINED) unless `reach_files` (SQL a user wrote for `sql --write`)."""
+    config = _NO_EXTENSIONS if reach_files else _CONFINED
+    return _opening(path, lambda: duckdb.connect(str(path), read_only=read_only, config=dict(config)))
 
 
 def _opening(path: Path, open_it):
@@ -220,8 +223,9 @@ _AFTER_SQL = {2: _seal_records, 4: _place_analyses}
 
 def ensure_schema(path: Path, confine: bool = False) -> int:
     """Create the catalog or apply pending migrations; refuse a newer schema or a DuckDB file
-    that is not an mlarch catalog (left untouched). Returns the version. `confine`: the file
-    came from elsewhere, so its connections reach no other file (see confined())."""
+    that is not an mlarch catalog (left untouched). Returns the version. Its connections reach
+    no other file either way; `confine`: a file fetched from elsewhere, opened without waiting
+    for a lock (see confined())."""
     known = latest_version()
     connect = confined if confine else _connect
     if path.exists():
@@ -255,6 +259,8 @@ def ensure_schema(path: Path, confine: bool = False) -> int:
                 con.execute("COMMIT")
             except Exception as exc:
                 con.execute("ROLLBACK")
+                if isinstance(exc, duckdb.PermissionException):
+                    raise _reaches_outside(path, exc) from None
                 if isinstance(exc, duckdb.Error):  # e.g. schema_migrations edited to forget a migration
                     raise MlarchError(
                         f"cannot migrate catalog {path} to schema version {version} ({_first_line(exc)}): its "
@@ -443,11 +449,8 @@ def _attached(key: str, path: Path):
         try:
             con.execute(f"USE {_name(alias)}")
             yield con
-        except duckdb.PermissionException as exc:  # the sandbox held: say so, without DuckDB's SQL excerpt
-            raise error(MlarchError, f"catalog {path} holds a view or macro that reaches outside the file "
-                        f"({_first_line(exc)[:200]}): the catalog was altered; ",
-                        Phrase("Archive.verify()", "`mlarch verify`"), " lists what differs; restore the catalog "
-                        "from a copy (a published archive: publish it again)") from None
+        except duckdb.PermissionException as exc:
+            raise _reaches_outside(path, exc) from None
         except (duckdb.CatalogException, duckdb.BinderException) as exc:
             drift = _drift_or_none(con)  # a table or column of ours gone: the file was edited, not mlarch wrong
             if not drift:
@@ -459,6 +462,14 @@ def _attached(key: str, path: Path):
             _READERS.release(con)
     finally:
         _READERS.detach(key)
+
+
+def _reaches_outside(path: Path, exc: duckdb.PermissionException) -> MlarchError:
+    """The sandbox held: say so, without DuckDB's SQL excerpt."""
+    return error(MlarchError, f"catalog {path} holds a view or macro that reaches outside the file "
+                 f"({_first_line(exc)[:200]}): the catalog was altered; ",
+                 Phrase("Archive.verify()", "`mlarch verify`"), " lists what differs; restore the catalog "
+                 "from a copy (a published archive: publish it again)")
 
 
 def _existing(path) -> Path:
@@ -485,6 +496,10 @@ _OWN_FILES = ("", ".wal", ".wal.checkpoint", ".wal.recovery")
 # the catalog's own (a view calling read_text('/home/...') reads nothing). Set in this order:
 # DuckDB takes allowed_paths only from a started database, and none once access is off.
 _NO_EXTENSIONS = {"autoinstall_known_extensions": False, "autoload_known_extensions": False}
+# A connection to the file itself (writers, migrations, fetched snapshots): the same, with no
+# file but its own. Writers too: a macro in the file named like a built-in they call (now())
+# takes its place, and what it read would be written into the catalog.
+_CONFINED = {**_NO_EXTENSIONS, "enable_external_access": False}
 
 
 def _sandboxed_instance(allowed: list[str]) -> duckdb.DuckDBPyConnection:
@@ -505,7 +520,7 @@ def confined(path: Path, read_only: bool = True) -> duckdb.DuckDBPyConnection:
     """A connection of its own to the catalog file at `path` that reads no other file and
     loads no extension: for files fetched from elsewhere (a published snapshot, which only its
     fetcher opens: no waiting for a lock, and DuckDB's own errors for the caller to word)."""
-    return duckdb.connect(str(path), read_only=read_only, config={**_NO_EXTENSIONS, "enable_external_access": False})
+    return duckdb.connect(str(path), read_only=read_only, config=dict(_CONFINED))
 
 
 @contextmanager
@@ -562,8 +577,9 @@ def sandboxed(path: Path):
 
 
 @contextmanager
-def writing(path: Path):
-    """A read-write connection inside one transaction: all of it commits, or none."""
+def writing(path: Path, reach_files: bool = False):
+    """A read-write connection inside one transaction: all of it commits, or none. It reaches
+    no file but the catalog's own unless `reach_files` (SQL a user wrote for `sql --write`)."""
     path = _existing(path)  # never creates a catalog: ensure_schema() does
     from mlarch.store.layout import refuse_snapshot
 
@@ -571,13 +587,15 @@ def writing(path: Path):
     if str(path.resolve()) not in _CHECKED:  # never writes to a foreign or newer catalog
         with reading(path):
             pass
-    con = _connect(path, read_only=False)
+    con = _connect(path, read_only=False, reach_files=reach_files)
     try:
         con.execute("BEGIN TRANSACTION")
         try:
             yield con
-        except BaseException:
+        except BaseException as exc:
             con.execute("ROLLBACK")
+            if isinstance(exc, duckdb.PermissionException) and not reach_files:
+                raise _reaches_outside(path, exc) from None
             raise
         con.execute("COMMIT")
     finally:
