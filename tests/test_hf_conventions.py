@@ -329,7 +329,7 @@ def test_one_cache_variable_for_models_data_and_digests(tmp_path, monkeypatch, m
     monkeypatch.setenv("MLARCH_CACHE", str(tmp_path / "c"))
     assert cache.models_dir() == tmp_path / "c" / "models"
     assert cache.data_dir() == tmp_path / "c" / "data"
-    loading.weights_of(str(model_dir["llama"]), None)
+    loading.fingerprint(str(model_dir["llama"]), None).weights
     assert str(model_dir["llama"].resolve()) in (tmp_path / "c" / "weight-digests.json").read_text()
     seen = {}
 

@@ -101,13 +101,13 @@ def test_a_changed_conversion_is_refused(tmp_path, monkeypatch, model_dir):
     assert "model.safetensors was changed" in line and "delete that folder" in line
     assert not root.exists() or mlarch.open(root).sql("SELECT count(*) FROM runs").item() == 0
     with pytest.raises(MlarchError, match="is not what mlarch converted"):
-        loading.weights_of("qwen2.5-coder-0.5b", None)
+        loading.fingerprint("qwen2.5-coder-0.5b", None).weights
     (folder / "extra.bin").write_bytes(b"x")  # a weight file the conversion did not write
     weights.write_bytes(bytes(data[:-3]) + bytes([data[-3] ^ 0x40]) + bytes(data[-2:]))  # restored
     with pytest.raises(MlarchError, match="extra.bin was changed, added or removed"):
-        loading.weights_of("qwen2.5-coder-0.5b", None)
+        loading.fingerprint("qwen2.5-coder-0.5b", None).weights
     (folder / "extra.bin").unlink()
-    assert loading.weights_of("qwen2.5-coder-0.5b", None) == loading.weights_digest([weights])[0]
+    assert loading.fingerprint("qwen2.5-coder-0.5b", None).weights == loading.weights_digest([weights])[0]
 
 
 def test_a_conversion_without_weight_digests_is_converted_again(tmp_path, monkeypatch, model_dir):

@@ -188,7 +188,7 @@ def test_named_reference_resolution(tmp_path, monkeypatch):
     with pytest.raises(UsageError, match="drop gguf_file="):
         loading.classify("qwen2.5-coder-0.5b", "x.gguf")
     with pytest.raises(UsageError, match="drop revision="):
-        loading.weights_of("qwen2.5-coder-0.5b", "main")
+        loading.fingerprint("qwen2.5-coder-0.5b", "main").weights
 
 
 def _hide(prefix: str, monkeypatch):

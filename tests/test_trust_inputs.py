@@ -73,7 +73,7 @@ def test_index_shards_next_to_it_are_digested(llama_copy):
     (llama_copy / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {}, "weight_map": {k: s for s, keys in halves.items() for k in keys}}))
     expected = loading.weights_digest([llama_copy / s for s in halves])[0]
-    assert loading.weights_of(str(llama_copy), None) == expected
+    assert loading.fingerprint(str(llama_copy), None).weights == expected
 
 
 def test_weights_digest_of_no_files_refused(llama_copy):
@@ -81,7 +81,7 @@ def test_weights_digest_of_no_files_refused(llama_copy):
         loading.weights_digest([])
     (llama_copy / "model.safetensors").unlink()  # config.json, no weights
     with pytest.raises(MlarchError, match=r"has no weight files: pass a transformers model folder that holds"):
-        loading.weights_of(str(llama_copy), None)
+        loading.fingerprint(str(llama_copy), None).weights
 
 
 # --- F2: a rerun over a folder whose weights changed ---------------------------------------------

@@ -207,7 +207,7 @@ def evaluate(root: Path, cfg: EvalConfig, reporter: Reporter | None = None) -> E
                     Arg("name"), " with an archived model")
     # the weights decide what can be reused and which sets apply: hashed before anything
     # loads (digests are cached per file, so this costs seconds only for new files)
-    weights = loading.weights_of(cfg.model, cfg.revision, cfg.gguf_file, reporter.message)
+    weights, model_files = loading.fingerprint(cfg.model, cfg.revision, cfg.gguf_file, reporter.message)
     if model_row is not None and model_row["weights_sha256"] != weights:
         raise error(
             UsageError, f"the archive's model {name!r} has other weights ({model_row['weights_sha256'][:12]}) than "
@@ -240,7 +240,7 @@ def evaluate(root: Path, cfg: EvalConfig, reporter: Reporter | None = None) -> E
     units = _units(cfg, name, weights, dtype, source, items, planned, pair_runs)
     done = _finished(archive, [u.config_digest for u in units]) if archive and not cfg.force else {}
     if done:
-        _check_reused_files(archive, cfg, sorted(set(done.values())), reporter)
+        _check_reused_files(archive, cfg, sorted(set(done.values())), model_files)
     result = EvalResult(model=name)
     todo = []
     for unit in units:
@@ -525,11 +525,10 @@ def _check_positions(cfg: EvalConfig, loaded, items: dict) -> None:
                         Arg("max_length", positions), " or less")
 
 
-def _check_reused_files(archive, cfg: EvalConfig, eval_ids: list[str], reporter) -> None:
+def _check_reused_files(archive, cfg: EvalConfig, eval_ids: list[str], current: dict[str, str]) -> None:
     """Refuse to reuse an evaluation made when the model's config or tokenizer files held
     something else (its identity has the weights only: an edited config.json scores differently)."""
     from mlarch.ingest import loading
-    current = loading.model_files_of(cfg.model, cfg.revision, cfg.gguf_file, reporter.message)
     rows = archive._read("SELECT eval_id, provenance FROM evaluations WHERE list_contains(?, eval_id) ORDER BY eval_id",
                          [eval_ids])
     for eval_id, text in rows.iter_rows():

@@ -12,6 +12,7 @@ import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 # MKL's conditional numerical reproducibility: float32 sums in the same order whatever the
 # thread count (measured on Gemma-3-270M: 1 and 2 threads then give identical norms; without
@@ -42,7 +43,7 @@ class LoadedModel:
     commit_sha: str | None
     weights_sha256: str
     weight_files: dict[str, str] = field(default_factory=dict)
-    model_files: dict[str, str] = field(default_factory=dict)  # config, tokenizer, ...: see model_files_of
+    model_files: dict[str, str] = field(default_factory=dict)  # config, tokenizer, ...: see fingerprint
     architecture: str = ""
     dtype: str = "float32"
     device: torch.device = torch.device("cpu")
@@ -293,12 +294,6 @@ def _shard_names(index: Path) -> list[str]:
     return names
 
 
-def weights_of(ref: str, revision: str | None, gguf_file: str | None = None, message=None) -> str:
-    """The weight digest `load` will record, without loading (digests are cached per file):
-    what decides whether archived results of this model can be reused."""
-    return weights_digest(_locate(ref, revision, gguf_file, message)[4])[0]
-
-
 # Files beside the weights that change what the model computes or how texts are tokenized
 # (config, generation config, tokenizer, chat template, shipped code). They are not in the
 # weights digest (an archived model's identity, which must not change); each run and
@@ -328,10 +323,18 @@ def _model_file_digest(path: Path) -> str:
     return _cached_sha256(path)
 
 
-def model_files_of(ref: str, revision: str | None, gguf_file: str | None = None, message=None) -> dict[str, str]:
-    """The model files' digests `load` will record (see _MODEL_FILE_SUFFIXES), without loading."""
+class Fingerprint(NamedTuple):
+    """What a model's files hold, as digests; see fingerprint()."""
+
+    weights: str  # the weights digest: the archived model's identity
+    files: dict[str, str]  # the model files' digests (see _MODEL_FILE_SUFFIXES)
+
+
+def fingerprint(ref: str, revision: str | None, gguf_file: str | None = None, message=None) -> Fingerprint:
+    """The digests `load` will record, without loading (cached per file): what decides
+    whether archived results of this model can be reused."""
     _, folder, extra, _, weight_files = _locate(ref, revision, gguf_file, message)
-    return _model_files(folder, weight_files, extra)
+    return Fingerprint(weights_digest(weight_files)[0], _model_files(folder, weight_files, extra))
 
 
 def changed_model_files(provenance: str | None, current: dict[str, str]) -> list[str]:

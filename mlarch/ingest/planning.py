@@ -148,10 +148,9 @@ def plan(root: Path, cfg: IngestConfig, reporter, resolve=None) -> Plan:
         else:
             todo.append(unit)
     if result.skipped:
-        check_reused_weights(catalog_path, cfg, name, loading.weights_of(cfg.model, cfg.revision, cfg.gguf_file,
-                                                                          reporter.message))
-        check_reused_files(catalog_path, cfg, result.skipped,
-                           loading.model_files_of(cfg.model, cfg.revision, cfg.gguf_file, reporter.message))
+        found = loading.fingerprint(cfg.model, cfg.revision, cfg.gguf_file, reporter.message)
+        check_reused_weights(catalog_path, cfg, name, found.weights)
+        check_reused_files(catalog_path, cfg, result.skipped, found.files)
         reporter.message(wording.for_reporter(
             reporter, f"{len(result.skipped)} of {len(units)} run(s) of {name} are already archived with identical "
             "settings; reusing them (", Arg("force", True), " reruns)"))
@@ -176,7 +175,7 @@ def check_reused_weights(catalog_path: Path, cfg: IngestConfig, name: str, weigh
 
 def check_reused_files(catalog_path: Path, cfg: IngestConfig, run_ids: list[str], current: dict[str, str]) -> None:
     """Refuse to reuse runs scored when the model's config or tokenizer files held something
-    else: a run's settings digest names the folder, not those files (loading.model_files_of)."""
+    else: a run's settings digest names the folder, not those files (loading.fingerprint)."""
     from mlarch.ingest import loading
     with catalog.reading(catalog_path) as con:
         rows = con.execute("SELECT run_id, provenance FROM runs WHERE list_contains(?, run_id) ORDER BY run_id",
