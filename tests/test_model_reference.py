@@ -80,7 +80,7 @@ def test_demo_loads_its_pinned_model_whatever_folder_is_here(tmp_path, monkeypat
             "--control", "starter", "--samples", "2", "--top-k", "0.01", "--analysis", "k1", "--device", "cpu",
             "--quiet"]
     line = one_error(CliRunner().invoke(cli, args), 1)
-    assert "the archive's model 'gemma-3-270m' has other weights" in line and "pass --name" in line
+    assert "the archive's model 'gemma-3-270m' has other weights" in line and "pass a new --name" in line
     assert CliRunner().invoke(cli, [*args, "--name", "stray"]).exit_code == 0
     rows = mlarch.open(root).sql("SELECT model, source_kind, architecture FROM models ORDER BY model").rows()
     assert rows == [("gemma-3-270m", "named", "LlamaForCausalLM"), ("stray", "folder", "GPT2LMHeadModel")]

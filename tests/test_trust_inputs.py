@@ -106,6 +106,26 @@ def test_rerun_with_changed_weights_refused_before_loading(llama_copy, data, tmp
     assert mlarch.open(archive).runs().height == runs
 
 
+def test_a_name_archived_with_other_weights_during_the_passes_is_refused_at_the_commit(llama_copy, data, tmp_path,
+                                                                                       monkeypatch):
+    """Another ingest may archive the name with other weights between this one's load and its
+    commit: the commit checks again under the lock, and nothing of this ingest is archived."""
+    from mlarch.ingest import pipeline
+
+    archive = tmp_path / "arch"
+    assert CliRunner().invoke(cli, ingest_args(archive, data, llama_copy)).exit_code == 0
+    other_weights(llama_copy)
+    checked = []
+    monkeypatch.setattr(pipeline, "check_model_row", lambda work, info: checked.append(work.name))  # not there yet
+    line = one_error(CliRunner().invoke(cli, [*ingest_args(archive, data, llama_copy)[:6], "de",
+                                              *ingest_args(archive, data, llama_copy)[7:]]), 1)
+    assert checked == ["tiny-llama"]
+    assert line.startswith("Error: the archive's model 'tiny-llama' has other weights or dtype (")
+    assert "(another ingest archived it while this one ran): its archived runs belong to those weights" in line
+    runs = mlarch.open(archive).sql("SELECT lang, status FROM runs ORDER BY ALL").rows()
+    assert runs == [("de", "FAILED"), ("de", "FAILED"), ("en", "FINISHED"), ("en", "FINISHED")]
+
+
 # --- a config or tokenizer edited in place: runs and evaluations made with the old files are not reused --
 
 def _edit_config(folder: Path) -> None:

@@ -24,7 +24,7 @@ from mlarch import methods
 from mlarch.errors import MlarchError
 from mlarch.wording import Arg, error
 from mlarch.ingest.context import ModelInfo
-from mlarch.ingest.planning import Plan, Unit
+from mlarch.ingest.planning import Plan, Unit, check_archived_model
 from mlarch.ingest.units import Pending, _now
 from mlarch.store import analyses, array_store, arrays, catalog, layout, records
 from mlarch.store import spans as span_layout
@@ -40,17 +40,9 @@ def open_catalog(work: Plan) -> None:
 
 
 def check_model_row(work: Plan, info: ModelInfo) -> dict | None:
-    """The archive's row of the model (None: not archived yet); refused when the archive
-    gave its name to other weights (or another dtype)."""
-    model_row = _model_row(work.catalog_path, work.name)
-    if model_row is not None:
-        if model_row["weights_sha256"] != info.weights_sha256 or model_row["dtype"] != work.dtype:
-            raise error(
-                MlarchError, f"the archive's model {work.name!r} has other weights or dtype "
-                f"({model_row['weights_sha256'][:12]}, {model_row['dtype']}) than {work.cfg.model} "
-                f"({info.weights_sha256[:12]}, {work.dtype}): pass ", Arg("name"), " to archive it separately"
-            )
-    return model_row
+    """The archive's row of the loaded model (None: not archived yet); refused when the archive
+    gave its name to other weights or another dtype."""
+    return check_archived_model(work.catalog_path, work.cfg, work.name, info.weights_sha256, work.dtype)
 
 
 def mark_failed(catalog_path: Path, run_ids: list[str]) -> None:
@@ -80,7 +72,8 @@ def commit(work: Plan, info: ModelInfo, seed: int, pending: list[Pending],
     count_tops = work.cfg.method == methods.BF16
     catalog_path = work.catalog_path
     with layout.commit_lock(root):
-        model_row = _model_row(catalog_path, name)
+        model_row = check_archived_model(catalog_path, work.cfg, name, loaded.weights_sha256, loaded.dtype,
+                                         during=True)
         new_model = None
         if model_row is None:
             shared = _shared_magnitudes(catalog_path, loaded, spans)
@@ -89,11 +82,6 @@ def commit(work: Plan, info: ModelInfo, seed: int, pending: list[Pending],
             else:
                 group = _free_model_group(catalog_path, name)
                 new_model = (group, write_magnitudes(magnitudes_path(group)))
-        elif model_row["weights_sha256"] != loaded.weights_sha256 or model_row["dtype"] != loaded.dtype:
-            raise error(
-                MlarchError, f"another ingest archived model {name!r} with other weights or dtype "
-                f"({model_row['weights_sha256'][:12]}, {model_row['dtype']}) while this one ran: "
-                "pass ", Arg("name"), " to archive this model separately")
         with catalog.reading(catalog_path) as con:
             analyses.check_config(con, name, analysis, analysis_config)  # another ingest may have named it
             current = current_runs(con, name, analysis, seed)
@@ -199,13 +187,6 @@ def _insert_arrays(con, rows) -> None:
         [[r.path, owner, kind, r.dtype, list(r.shape), r.sha256, r.nbytes, r.meta_sha256,
           list(r.chunk_sha256) if r.chunk_sha256 is not None else None, r.sha256_scheme] for owner, kind, r in rows],
     )
-
-
-def _model_row(catalog_path: Path, model: str) -> dict | None:
-    with catalog.reading(catalog_path) as con:
-        rows = con.execute("SELECT weights_sha256, dtype FROM models WHERE model = ?", [model]).fetchall()
-        row = rows[0] if rows else None
-    return None if row is None else {"weights_sha256": row[0], "dtype": row[1]}
 
 
 def begin_runs(work: Plan, units: list[Unit]) -> list[str]:

@@ -149,7 +149,7 @@ def plan(root: Path, cfg: IngestConfig, reporter, resolve=None) -> Plan:
             todo.append(unit)
     if result.skipped:
         found = loading.fingerprint(cfg.model, cfg.revision, cfg.gguf_file, reporter.message)
-        check_reused_weights(catalog_path, cfg, name, found.weights)
+        check_archived_model(catalog_path, cfg, name, found.weights)
         check_reused_files(catalog_path, cfg, result.skipped, found.files)
         reporter.message(wording.for_reporter(
             reporter, f"{len(result.skipped)} of {len(units)} run(s) of {name} are already archived with identical "
@@ -158,19 +158,27 @@ def plan(root: Path, cfg: IngestConfig, reporter, resolve=None) -> Plan:
                 result, store)
 
 
-def check_reused_weights(catalog_path: Path, cfg: IngestConfig, name: str, weights: str) -> None:
-    """Refuse to reuse archived runs when the model's files now hold other weights: a run's
-    settings digest names the model folder, not its weights, so a folder whose checkpoint
-    changed would otherwise be reported done with the old weights' runs (the same test the
-    commit makes of a language added to the model, here made before any model loads)."""
+def check_archived_model(catalog_path: Path, cfg: IngestConfig, name: str, weights: str, dtype: str | None = None,
+                         during: bool = False) -> dict | None:
+    """The archive's row of model `name` (None: not archived yet), refused when the archive gave
+    that name to other weights (or, given `dtype`, another dtype): its runs belong to those.
+    Made before any model loads when runs would be reused (a run's settings digest names the
+    model folder, not its weights, so a changed checkpoint would be reported done with the old
+    weights' runs), after the load, and again at the commit (`during`: another ingest may have
+    archived the name meanwhile)."""
     with catalog.reading(catalog_path) as con:
-        row = con.execute("SELECT weights_sha256 FROM models WHERE model = ?", [name]).fetchone()
-    if row is not None and row[0] != weights:
-        raise error(MlarchError, f"the archive's model {name!r} has other weights ({row[0][:12]}) than {cfg.model} "
-                    f"has now ({weights[:12]}): its archived runs belong to those weights; pass a new ", Arg("name"),
-                    " to archive these weights separately, or remove the archived model (",
-                    Phrase(f"Archive.rm(model={name!r})", f"`mlarch rm --model {shlex.quote(name)}`"),
-                    ") and ingest again")
+        found = con.execute("SELECT weights_sha256, dtype FROM models WHERE model = ?", [name]).fetchone()
+    row = None if found is None else {"weights_sha256": found[0], "dtype": found[1]}
+    if row is None or (row["weights_sha256"] == weights and dtype in (None, row["dtype"])):
+        return row
+    archived, now = (row["weights_sha256"][:12], weights[:12]) if dtype is None else (
+        f"{row['weights_sha256'][:12]}, {row['dtype']}", f"{weights[:12]}, {dtype}")
+    meanwhile = " (another ingest archived it while this one ran)" if during else ""
+    raise error(MlarchError, f"the archive's model {name!r} has other weights{' or dtype' if dtype else ''} "
+                f"({archived}) than {cfg.model} has now ({now}){meanwhile}: its archived runs belong to those "
+                "weights; pass a new ", Arg("name"), " to archive these weights separately, or remove the archived "
+                "model (", Phrase(f"Archive.rm(model={name!r})", f"`mlarch rm --model {shlex.quote(name)}`"),
+                ") and ingest again")
 
 
 def check_reused_files(catalog_path: Path, cfg: IngestConfig, run_ids: list[str], current: dict[str, str]) -> None:
