@@ -229,3 +229,20 @@ def test_a_text_past_gpt2_positions_is_refused_before_any_row(tmp_path, model_di
     code, output = _run(tmp_path / "arch", "eval", "--model", str(model_dir["gpt2"]), "--langs", "en", "--task", "nll",
                         "--data", str(tmp_path / "{lang}.jsonl"), "--all-items", "--max-length", "256", "-q")
     assert code == 0, output
+
+
+def test_a_generation_past_gpt2_positions_is_refused_before_any_row(tmp_path, model_dir):
+    """A prompt that fits the 256 positions, plus --max-new-tokens, may not: generate() fails
+    with an IndexError part-way, after earlier batches ran. Refused up front with the room left."""
+    data = tmp_path / "en.jsonl"
+    data.write_text("\n".join(json.dumps({"question": " ".join(["apples"] * n), "answer": "#### 4"}) for n in (3, 200)))
+    args = ["eval", "--model", str(model_dir["gpt2"]), "--langs", "en", "--task", "accuracy", "--data",
+            str(tmp_path / "{lang}.jsonl"), "--all-items", "--shots", "0", "--batch-size", "1", "-q"]
+    code, output = _run(tmp_path / "arch", *args, "--max-new-tokens", "200")
+    assert code == 2 and output.startswith("Error: the en prompt of item 1 has 205 tokens; with --max-new-tokens 200 "
+                                           "its generation would pass the model's 256 positions: pass "
+                                           "--max-new-tokens 51 or less, or fewer --shots"), output
+    assert len(output.strip().splitlines()) == 1
+    assert not (tmp_path / "arch" / "catalog.duckdb").exists()
+    code, output = _run(tmp_path / "arch", *args, "--max-new-tokens", "51")
+    assert code == 0, output

@@ -280,6 +280,14 @@ def evaluate(root: Path, cfg: EvalConfig, reporter: Reporter | None = None) -> E
                 raise error(UsageError, f"the {lang_items.lang} prompt of item {lang_items.indices[longest]} has "
                             f"{lengths[longest]} tokens, over ", Arg("max_length", cfg.max_length), ": pass a larger ",
                             Arg("max_length"), " or fewer ", Arg("shots"))
+            positions = _positions(loaded)
+            if positions and lengths[longest] + cfg.max_new_tokens > positions:  # would fail mid-generation
+                room = positions - lengths[longest]
+                raise error(UsageError, f"the {lang_items.lang} prompt of item {lang_items.indices[longest]} has "
+                            f"{lengths[longest]} tokens; with ", Arg("max_new_tokens", cfg.max_new_tokens),
+                            f" its generation would pass the model's {positions:,} positions: ",
+                            *(("pass ", Arg("max_new_tokens", room), " or less, or fewer ") if room > 0 else
+                              ("pass fewer ",)), Arg("shots"))
     _check_positions(cfg, loaded, items)
     layout.ensure_folder(root)
     if not has_catalog:
@@ -509,13 +517,19 @@ def _units(cfg, name, weights, dtype, source, items, planned, pair_runs) -> list
     return units
 
 
+def _positions(loaded) -> int | None:
+    """The model's table of learned positions (GPT-2's n_positions); None where it has none."""
+    positions = getattr(loaded.model.config, "n_positions", None)
+    return positions if isinstance(positions, int) and positions > 0 else None
+
+
 def _check_positions(cfg: EvalConfig, loaded, items: dict) -> None:
     """Before any row: a text (an accuracy prompt) longer than a model's learned positions
     (GPT-2's n_positions) would fail inside the forward pass."""
     from mlarch.ingest.scoring import over_positions
 
-    positions = getattr(loaded.model.config, "n_positions", None)
-    if not isinstance(positions, int) or positions < 1:
+    positions = _positions(loaded)
+    if positions is None:
         return
     for lang_items in items.values():
         found = over_positions(loaded.tokenizer, lang_items.texts, cfg.max_length, positions)
