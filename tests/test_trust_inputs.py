@@ -254,6 +254,19 @@ def test_items_split_at_newlines_only(tmp_path):
     assert [row["text"] for row in hub_data._read(hub, "hub split")[0]] == lines
 
 
+def test_a_text_file_with_bare_carriage_returns_is_refused(data, model_dir, tmp_path):
+    """Old Mac line ends (\\r alone): split at \\n only, the whole file would be one item."""
+    control = tmp_path / "en.txt"
+    control.write_bytes(b"First passage.\rSecond passage.\rThird.\r")
+    args = ingest_args(tmp_path / "arch", {**data, "control": str(tmp_path / "{lang}.txt")}, model_dir["llama"])
+    line = one_error(CliRunner().invoke(cli, args), 1)
+    assert line == (f"Error: {control}, line 1: a carriage return that ends no line (\\r without \\n): give the "
+                    "file \\n line ends (e.g. tr '\\r' '\\n')")
+    assert not (tmp_path / "arch").exists()
+    control.write_bytes(b"First passage.\r\nSecond passage.\r\n")  # Windows line ends are lines
+    assert datafiles.parse_records(control)[0] == ["First passage.", "Second passage."]
+
+
 # --- F7: texts longer than a table of learned positions (GPT-2) -----------------------------------
 
 def test_text_past_learned_positions_refused_before_any_run(model_dir, data, tmp_path):

@@ -244,7 +244,10 @@ def parse_records(path: Path, template: str = "default") -> tuple[list[str], lis
         except csv.Error as exc:
             raise MlarchError(f"{path}, line {reader.line_num}: malformed CSV ({exc})") from None
     else:
-        for line in text_lines(content):
+        for lineno, line in enumerate(text_lines(content), start=1):
+            if "\r" in line:  # old Mac line ends: the whole file would read as one item
+                raise MlarchError(f"{path}, line {lineno}: a carriage return that ends no line (\\r without \\n): "
+                                  "give the file \\n line ends (e.g. tr '\\r' '\\n')")
             if line.strip():
                 texts.append(line)
                 pairs.append(None)
