@@ -60,6 +60,30 @@ def test_gc_removes_interrupted_ingest_leftovers(archive_copy):
     assert run(archive_copy, "gc").stdout.strip() == "Nothing to remove."
 
 
+def test_verify_and_gc_find_rows_of_no_run(archive_copy):
+    """`arrays` and `run_samples` rows whose run is gone (a removal racing a commit) point at
+    nothing: verify names them, gc removes them."""
+    con = duckdb.connect(str(archive_copy / "catalog.duckdb"))
+    run_id = con.execute("SELECT run_id FROM runs ORDER BY run_id LIMIT 1").fetchone()[0]
+    con.execute("CREATE TEMP TABLE a AS SELECT * FROM arrays WHERE owner = ?", [run_id])
+    con.execute("UPDATE a SET owner = 'deadbeef0000', path = replace(path, ?, 'deadbeef0000')", [run_id])
+    con.execute("INSERT INTO arrays SELECT * FROM a")
+    con.execute("INSERT INTO run_samples SELECT 'deadbeef0000', position, item_index FROM run_samples WHERE run_id = ?",
+                [run_id])
+    con.close()
+    result = run(archive_copy, "verify", "--format", "tsv")
+    assert result.exit_code == 1
+    failed = [line.split("\t")[:2] for line in result.stdout.splitlines() if "\tFAIL\t" in line or "FAIL" in line]
+    assert sorted(failed) == [["no leftovers", "arrays runs/deadbeef0000/levels"],
+                              ["no leftovers", "arrays runs/deadbeef0000/norms"],
+                              ["no leftovers", "run_samples deadbeef0000"]], result.stdout
+    removed = mlarch.open(archive_copy).gc()
+    assert removed == ["arrays rows of runs/deadbeef0000/levels (no run or model)",
+                       "arrays rows of runs/deadbeef0000/norms (no run or model)",
+                       "run_samples rows of deadbeef0000 (no run or model)"]
+    assert run(archive_copy, "verify").exit_code == 0
+
+
 def test_rm_language_keeps_overlaps_true(archive_copy):
     archive = mlarch.open(archive_copy)
     keep = "SELECT * FROM overlap_global WHERE lang_a <> 'bn' AND lang_b <> 'bn' ORDER BY ALL"

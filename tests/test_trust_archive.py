@@ -398,6 +398,66 @@ def test_a_run_overtaken_by_a_newer_one_is_archived_but_not_used(model_dir, data
     assert run(root, "verify").exit_code == 0
 
 
+def test_rm_refuses_the_runs_a_live_ingest_is_scoring_and_a_commit_refuses_removed_runs(archive_copy, model_dir,
+                                                                                        data, monkeypatch):
+    """`rm --model` while an ingest of the model scores: refused, as gc spares live runs (it
+    removed the RUNNING rows and arrays, and the commit then archived rows naming them). A run
+    row gone all the same (an edit, an older mlarch's rm) makes the commit archive nothing."""
+    from mlarch.ingest import pipeline
+
+    real, seen = pipeline._commit, []
+
+    def rm_first(work, *args, **kwargs):
+        archive = mlarch.open(archive_copy)
+        running = archive.sql("SELECT run_id FROM runs WHERE status = 'RUNNING' ORDER BY run_id")["run_id"].to_list()
+        seen.append(running)
+        with pytest.raises(MlarchError, match=r"^run \w+ is RUNNING \(process \d+ on this machine\) and 1 more: wait "
+                                              r"for it to finish, or stop it and run Archive.gc\(\); nothing was removed"):
+            archive.rm(model="tiny-llama")
+        with pytest.raises(MlarchError, match="is RUNNING"):
+            archive.rm(running[:1])
+        if len(seen) == 2:  # the second ingest: the rows go behind its back
+            archive.sql("DELETE FROM runs WHERE status = 'RUNNING'", write=True)
+        return real(work, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "_commit", rm_first)
+    archive = mlarch.open(archive_copy)
+    options = dict(samples=3, top_k=[0.01, 0.05, 0.25], device="cpu")
+    archive.ingest(str(model_dir["llama"]), ["en"], data["math"], data["control"], analysis="a2", **options)
+    assert len(seen[0]) == 2 and archive.sql("SELECT count(*) FROM runs WHERE analysis = 'a2' AND status = 'FINISHED'"
+                                             ).item() == 2
+    before = archive.sql("SELECT * FROM arrays ORDER BY ALL")
+    with pytest.raises(MlarchError, match=r"was removed or changed while it was scored .*: this commit archived "
+                                          "nothing; ingest again"):
+        archive.ingest(str(model_dir["llama"]), ["de"], data["math"], data["control"], analysis="a3", **options)
+    assert len(seen[1]) == 2 and archive.sql("SELECT count(*) FROM runs WHERE analysis = 'a3'").item() == 0
+    assert archive.sql("SELECT * FROM arrays ORDER BY ALL").equals(before)  # no row naming the removed runs
+    assert archive.sql("SELECT count(*) FROM run_samples WHERE run_id NOT IN (SELECT run_id FROM runs)").item() == 0
+    assert archive.gc() == [f"arrays runs/{run_id}" for run_id in seen[1]]  # their arrays: orphans gc removes
+    assert run(archive_copy, "verify").exit_code == 0
+
+
+def test_a_scoring_clock_running_fast_does_not_keep_its_runs_in_use(model_dir, data, tmp_path, monkeypatch):
+    """The run in use is the newest finished one, by times the scoring process reports (a Ray
+    node's clock): a node 6 h fast would keep its runs in use over every later --force rerun.
+    Those times are never later than the committing process's clock."""
+    from datetime import datetime, timedelta
+
+    from mlarch.ingest import units
+
+    root = tmp_path / "arch"
+    archive = mlarch.open(root)
+    options = dict(samples=3, top_k=[0.05, 0.25], device="cpu")
+    monkeypatch.setattr(units, "_now", lambda: datetime.now() + timedelta(hours=6))
+    fast = archive.ingest(str(model_dir["llama"]), ["en"], data["math"], data["control"], **options).written
+    monkeypatch.undo()
+    assert archive.sql("SELECT max(finished_at) FROM runs").item() < datetime.now()
+    rerun = archive.ingest(str(model_dir["llama"]), ["en"], data["math"], data["control"], force=True,
+                           **options).written
+    assert archive.sql("SELECT run_id FROM runs WHERE in_use ORDER BY run_id")["run_id"].to_list() == sorted(rerun)
+    assert set(fast).isdisjoint(rerun) and run(root, "verify").exit_code == 0
+
+
 def _edit_catalog(archive_root, *statements):
     con = duckdb.connect(str(archive_root / "catalog.duckdb"))
     for statement in statements:
@@ -516,6 +576,24 @@ def test_an_oversized_chunk_is_refused_without_reading_it_whole(archive_copy):
     finally:
         tracemalloc.stop()
     assert peak < 64 << 20, peak
+
+
+def test_a_chunk_that_is_a_named_pipe_is_refused_not_waited_on(archive_copy):
+    """A folder copied or untarred from elsewhere may hold a FIFO where a chunk belongs: opening
+    it would block verify and every read (rm's under the commit lock) for ever."""
+    archive = mlarch.open(archive_copy)
+    en = _en_math(archive)
+    module = archive.sql("SELECT module FROM modules LIMIT 1").item()
+    chunk = archive_copy / "arrays.zarr" / en["arrays_group"] / "levels" / "c" / "0"
+    chunk.unlink()
+    os.mkfifo(chunk)
+    # in processes of their own: a read that blocks is killed by the timeout, failing the test
+    read = f"import mlarch; mlarch.open({str(archive_copy)!r}).levels({en['run_id']!r}, {module!r})"
+    done = subprocess.run([sys.executable, "-c", read], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "ArrayDamaged" in done.stderr and "c/0 is not a plain file" in done.stderr
+    done = subprocess.run([sys.executable, "-m", "mlarch", "--archive", str(archive_copy), "verify", "--format", "tsv"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "c/0 is not a plain file" in done.stdout, done.stdout[-2000:]
 
 
 @pytest.mark.parametrize("edit", ["DROP TABLE modules CASCADE", "ALTER TABLE modules DROP COLUMN n_rows"])

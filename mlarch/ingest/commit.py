@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 import socket
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
@@ -25,7 +25,7 @@ from mlarch.errors import MlarchError
 from mlarch.wording import Arg, error
 from mlarch.ingest.context import ModelInfo
 from mlarch.ingest.planning import Plan, Unit, check_archived_model
-from mlarch.ingest.units import Pending, _now
+from mlarch.ingest.units import Pending
 from mlarch.store import analyses, array_store, arrays, catalog, layout, records
 from mlarch.store import spans as span_layout
 from mlarch.store.derive import RunRef, current_runs, derive, magnitudes_path, replace_derived
@@ -37,6 +37,12 @@ def open_catalog(work: Plan) -> None:
     if not work.catalog_path.exists():  # an existing catalog's schema is checked by its first reading
         catalog.ensure_schema(work.catalog_path)
     array_store.record(work.root, work.array_store)  # the first ingest's --arrays s3://...
+
+
+def _now() -> datetime:
+    """This process's clock, as the catalog stores times (UTC): the committing side's, never
+    that of the process that scored (units._now, a Ray node's clock)."""
+    return datetime.now(timezone.utc).replace(tzinfo=None)
 
 
 def check_model_row(work: Plan, info: ModelInfo) -> dict | None:
@@ -89,9 +95,14 @@ def commit(work: Plan, info: ModelInfo, seed: int, pending: list[Pending],
                 "SELECT lang, role, max(finished_at) FROM runs WHERE model = ? AND analysis = ? AND seed = ? "
                 "AND status = 'FINISHED' GROUP BY ALL", [name, analysis, seed]).fetchall()}
         # the run in use is the newest finished one (as import-bundle and verify have it): a run
-        # that another ingest overtook while this one ran is archived, but not used
-        in_use = {p.run_id: (p.lang, p.role) not in newest
-                  or datetime.fromisoformat(p.provenance["finished_at"]) >= newest[(p.lang, p.role)] for p in pending}
+        # that another ingest overtook while this one ran is archived, but not used. Times a
+        # scoring process (a Ray node) reports are never later than now here: a node whose
+        # clock runs fast must not outrank the runs committed after it
+        now = _now()
+        times = {p.run_id: tuple(min(datetime.fromisoformat(p.provenance[key]), now)
+                                 for key in ("started_at", "finished_at")) for p in pending}
+        in_use = {p.run_id: (p.lang, p.role) not in newest or times[p.run_id][1] >= newest[(p.lang, p.role)]
+                  for p in pending}
         for p in pending:
             if in_use[p.run_id]:
                 levels = dict(p.records)["levels"]
@@ -132,13 +143,15 @@ def commit(work: Plan, info: ModelInfo, seed: int, pending: list[Pending],
                         "UPDATE runs SET in_use = false WHERE model = ? AND analysis = ? AND lang = ? AND role = ? "
                         "AND seed = ? AND in_use", [name, analysis, p.lang, p.role, p.seed],
                     )
-                con.execute(
+                finished = con.execute(
                     "UPDATE runs SET status = 'FINISHED', started_at = ?, finished_at = ?, n_tokens = ?, "
-                    "n_truncated = ?, in_use = ?, provenance = ? WHERE run_id = ?",
-                    [datetime.fromisoformat(p.provenance["started_at"]),
-                     datetime.fromisoformat(p.provenance["finished_at"]), p.n_tokens, p.n_truncated,
-                     in_use[p.run_id], json.dumps(p.provenance), p.run_id],
-                )
+                    "n_truncated = ?, in_use = ?, provenance = ? WHERE run_id = ? AND status = 'RUNNING'",
+                    [*times[p.run_id], p.n_tokens, p.n_truncated, in_use[p.run_id], json.dumps(p.provenance),
+                     p.run_id],
+                ).fetchone()[0]
+                if finished != 1:  # the row must still be ours: else nothing of this commit is archived
+                    raise MlarchError(f"run {p.run_id} was removed or changed while it was scored (`mlarch rm`, "
+                                      "`gc` or an edit): this commit archived nothing; ingest again")
                 samples = pl.DataFrame({
                     "run_id": [p.run_id] * len(p.indices),
                     "position": np.arange(len(p.indices), dtype=np.int32),

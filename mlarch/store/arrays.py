@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import os
 import re
+import stat
 import threading
 from collections import deque
 from collections.abc import Iterable
@@ -257,7 +259,22 @@ class _Checked(WrapperStore):
             return chunks_for(self.record.shape)[0] * np.dtype(self.record.dtype).itemsize + CHUNK_OVERHEAD
         return None
 
+    def _refuse_special(self, key: str) -> None:
+        """On a local store, refuse an object that is not a plain file: a named pipe planted
+        as a chunk would block the read (and a commit lock held around it) for ever."""
+        root = getattr(self._store, "root", None)
+        if root is None or self.location is not None and self.location.remote:
+            return
+        try:
+            mode = os.lstat(os.path.join(root, key)).st_mode
+        except (FileNotFoundError, NotADirectoryError):
+            return  # missing: the store says so, and _check refuses it
+        if not stat.S_ISREG(mode):
+            raise ArrayDamaged(f"array {self.record.path}: {key[len(self.record.path) + 1:] or key} is not a plain file "
+                               f"(a link, pipe or device): {_RESTORE}")
+
     async def get(self, key, prototype, byte_range=None):
+        self._refuse_special(key)
         remembered = self._meta_key(key) if byte_range is None else None
         if remembered is not None and remembered in _CHECKED_META:
             return prototype.buffer.from_bytes(_CHECKED_META[remembered])
@@ -278,6 +295,8 @@ class _Checked(WrapperStore):
 
     async def get_partial_values(self, prototype, key_ranges):
         key_ranges = list(key_ranges)
+        for key, _ in key_ranges:
+            self._refuse_special(key)
         try:
             values = await self._store.get_partial_values(prototype, key_ranges)
         except Exception as exc:
@@ -287,6 +306,9 @@ class _Checked(WrapperStore):
         return values
 
     async def _get_many(self, requests):
+        requests = list(requests)
+        for key, *_ in requests:
+            self._refuse_special(key)
         async for key, value in self._store._get_many(requests):
             self._check(key, value, None)
             yield key, value

@@ -94,6 +94,7 @@ def verify(root: Path, run_ids: list[str] | None = None) -> list[Check]:
         item_counts = dict(con.execute("SELECT eval_id, count(*) FROM evaluation_items GROUP BY ALL").fetchall())
         known_evals = {e[0] for e in con.execute("SELECT eval_id FROM evaluations").fetchall()}
         orphan_evals = sorted(set(item_counts) - known_evals) if run_ids is None else []
+        dangling = _dangling_rows(con) if run_ids is None else []
         sealed += [("evaluation", e[0], e[5], run_records.evaluation_digest_in(con, e[0]))
                    for e in evals if e[2] == "FINISHED"]
         n_params = dict(((m, mod), n) for m, mod, n in con.execute(
@@ -147,6 +148,9 @@ def verify(root: Path, run_ids: list[str] | None = None) -> list[Check]:
     for eval_id in orphan_evals:
         checks.append(Check("no leftovers", f"evaluation items {eval_id}", False,
                             "item rows of no evaluation (removed while it ran): run `mlarch gc`"))
+    for table, name in dangling:
+        checks.append(Check("no leftovers", f"{table} {name}", False,
+                            "rows of no run or model (removed while an ingest ran): run `mlarch gc`"))
     for eval_id, model, status, host, pid, _, n_items in evals:
         if status == "FINISHED" and item_counts.get(eval_id, 0) != n_items:
             checks.append(Check("evaluation items", eval_id, False,
@@ -241,6 +245,23 @@ def verify(root: Path, run_ids: list[str] | None = None) -> list[Check]:
     return checks
 
 
+# Rows that name a run or model no longer there: an `arrays` row of a run (or a |W| row no
+# model's group names), `run_samples` rows of a run. A run's rows go with it (rm, gc), so
+# only a removal racing a commit or an edit leaves these; no check reads them otherwise.
+_DANGLING = """
+    SELECT 'arrays', path FROM arrays WHERE CASE WHEN kind = 'magnitudes'
+        THEN path NOT IN (SELECT magnitudes_group || '/magnitudes' FROM models)
+        ELSE owner NOT IN (SELECT run_id FROM runs) END
+    UNION ALL
+    SELECT DISTINCT 'run_samples', run_id FROM run_samples WHERE run_id NOT IN (SELECT run_id FROM runs)
+    ORDER BY ALL"""
+
+
+def _dangling_rows(con) -> list[tuple[str, str]]:
+    """(table, array path or run id) of the rows _DANGLING finds."""
+    return [(table, str(name)) for table, name in con.execute(_DANGLING).fetchall()]
+
+
 def gc(root: Path) -> list[str]:
     """Remove leftovers of interrupted ingests and imports; returns what was removed."""
     removed: list[str] = []
@@ -255,6 +276,7 @@ def gc(root: Path) -> list[str]:
                                 "WHERE status <> 'FINISHED'").fetchall()
             orphan_items = con.execute("SELECT count(*) FROM evaluation_items WHERE eval_id NOT IN "
                                        "(SELECT eval_id FROM evaluations)").fetchone()[0]
+            dangling = _dangling_rows(con)
         dead_evals = [e for e in evals if e[2] != "RUNNING" or not _alive(e[3], e[4])]
         for r in runs:  # an edited row stops gc before anything is removed
             _owned_folder(store, "run", r[0], r[3])
@@ -273,9 +295,12 @@ def gc(root: Path) -> list[str]:
             except MlarchError:
                 pass
         staging = leftover_staging(root)
-        if dead or dead_evals or orphan_items:
+        if dead or dead_evals or orphan_items or dangling:
             with catalog.writing(path) as con:
                 con.execute("DELETE FROM evaluation_items WHERE eval_id NOT IN (SELECT eval_id FROM evaluations)")
+                for table, name in dangling:  # those found above: a commit under the lock adds none
+                    con.execute("DELETE FROM arrays WHERE path = ?" if table == "arrays" else
+                                "DELETE FROM run_samples WHERE run_id = ?", [name])
                 for run_id, *_ in dead:
                     con.execute("DELETE FROM run_samples WHERE run_id = ?", [run_id])
                     con.execute("DELETE FROM arrays WHERE owner = ?", [run_id])
@@ -286,6 +311,7 @@ def gc(root: Path) -> list[str]:
             removed += [f"run {r[0]} ({r[1]}, {r[2]})" for r in dead]
             removed += [f"evaluation {e[0]} ({e[1]}, {e[2]})" for e in dead_evals]
             removed += [f"{orphan_items} evaluation item row(s) of no evaluation"] if orphan_items else []
+            removed += [f"{table} rows of {name} (no run or model)" for table, name in dangling]
         for group, folder in zip(doomed, folders):
             store.remove(folder)
             removed.append(f"arrays {group}")
@@ -304,8 +330,8 @@ def rm(root: Path, run_ids: list[str] | None = None, model: str | None = None, *
     with layout.commit_lock(root):
         with catalog.reading(path) as con:
             runs = con.execute(
-                "SELECT run_id, model, lang, role, seed, status, in_use, arrays_group, finished_at, analysis "
-                "FROM runs").fetchall()
+                "SELECT run_id, model, lang, role, seed, status, in_use, arrays_group, finished_at, analysis, host, "
+                "pid FROM runs").fetchall()
             models = dict(con.execute("SELECT model, magnitudes_group FROM models").fetchall())
             owners = _magnitudes_owners(con)
             if model is not None:
@@ -318,6 +344,10 @@ def rm(root: Path, run_ids: list[str] | None = None, model: str | None = None, *
                     raise MlarchError(f"no run {', '.join(unknown) or '(none given)'} in {root} (see `mlarch runs`)")
                 doomed = [r for r in runs if r[0] in run_ids]
             doomed_ids = {r[0] for r in doomed}
+            _refuse_live([("run", r[0], r[10], r[11]) for r in doomed if r[5] == "RUNNING"] + (
+                [("evaluation", *e) for e in con.execute(
+                    "SELECT eval_id, host, pid FROM evaluations WHERE model = ? AND status = 'RUNNING'", [model]
+                ).fetchall()] if model is not None else []))
             # every row's group is the one mlarch made before anything is removed (an edited
             # row must not point rm elsewhere); derive reads the others' arrays
             owned = {r[0]: _owned_folder(store, "run", r[0], r[7]) for r in runs}
@@ -374,6 +404,18 @@ def rm(root: Path, run_ids: list[str] | None = None, model: str | None = None, *
     if model is not None:
         removed.append(f"model {model}")
     return removed
+
+
+def _refuse_live(running: list[tuple]) -> None:
+    """Refuse to remove a run or evaluation whose process still works on it (as gc spares
+    them): its commit would otherwise archive rows for what rm removed."""
+    live = [(kind, ident, host, pid) for kind, ident, host, pid in running if _alive(host, pid)]
+    if live:
+        kind, ident, host, pid = live[0]
+        where = f"process {pid} on this machine" if host == socket.gethostname() else f"host {str(host)[:64]!r}"
+        more = f" and {len(live) - 1} more" if len(live) > 1 else ""
+        raise error(MlarchError, f"{kind} {ident} is RUNNING ({where}){more}: wait for it to finish, or stop it "
+                    "and run ", Phrase("Archive.gc()", "`mlarch gc`"), "; nothing was removed")
 
 
 def _magnitudes_owners(con) -> dict[str, str]:
