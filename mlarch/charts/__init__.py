@@ -10,6 +10,7 @@ Importing this module is light: altair and vl_convert load when a chart is built
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
 from pathlib import Path
@@ -290,7 +291,8 @@ def render(chart, fmt: str) -> bytes:
         return (chart.to_json(indent=2) + "\n").encode()
     vlc = require("vl_convert")
     if fmt == "html":
-        return chart.to_html(inline=True).encode()  # vega, vega-lite and vega-embed embedded
+        # vega, vega-lite and vega-embed embedded; the spec as script-safe JSON (names come from catalogs)
+        return chart.to_html(inline=True, json_kwds={"cls": _ScriptSafeJSON}).encode()
     from altair.utils._importers import vl_version_for_vl_convert
 
     spec, version = chart.to_dict(), vl_version_for_vl_convert()
@@ -301,6 +303,20 @@ def render(chart, fmt: str) -> bytes:
     if fmt == "pdf":
         return vlc.vegalite_to_pdf(spec, vl_version=version)
     raise UsageError(f"unknown chart format {fmt!r}: choose one of {', '.join(FORMATS)}")
+
+
+# JSON text holds these only inside strings, where a \u escape means the same character:
+# the spec parses as before, but no name can end the page's <script> ("</script>") or a line
+# of JavaScript (U+2028/9 in older engines)
+_SCRIPT_SAFE = str.maketrans({"<": "\\u003c", ">": "\\u003e", "&": "\\u0026",
+                              "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
+class _ScriptSafeJSON(json.JSONEncoder):
+    """json.dumps(..., cls=_ScriptSafeJSON): JSON safe to put inside an HTML <script> element."""
+
+    def encode(self, o) -> str:
+        return super().encode(o).translate(_SCRIPT_SAFE)
 
 
 def write_atomic(path, payload: bytes) -> Path:

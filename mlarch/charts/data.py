@@ -3,9 +3,11 @@ per-parameter data. Model matching and default k/seed follow `mlarch compare`.""
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from itertools import combinations
+from pathlib import Path
 
 import polars as pl
 
@@ -315,8 +317,31 @@ def _dataset(value) -> tuple[str | None, str | None]:
     return text, None
 
 
+def exact(value: float) -> str:
+    """A k or factor as printed anywhere it may be typed back or tell two apart (commands,
+    listed choices, column labels): short (0.01, 1e-05) when that is the value exactly, else
+    the shortest text that is (0.0123456789: 6 digits would name another k)."""
+    short = f"{value:g}"
+    return short if float(short) == value else repr(float(value))
+
+
+def shown_path(text: str) -> str:
+    """A path as reports and chart titles show it: under the user's home folder as ~/...
+    (/home/alice names the user), else as recorded (a relative one stays relative)."""
+    try:
+        home = Path.home()
+    except (RuntimeError, KeyError):  # no home folder known: nothing to hide
+        return text
+    if home == home.parent:  # HOME=/ would turn every absolute path into ~/...
+        return text
+    if text == str(home):
+        return "~"
+    prefix = str(home) + os.sep
+    return "~" + os.sep + text[len(prefix):] if text.startswith(prefix) else text
+
+
 def _fmt(values) -> str:
-    return ", ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values) or "none"
+    return ", ".join(exact(v) if isinstance(v, float) else str(v) for v in values) or "none"
 
 
 def _data_label(dataset: str, role: str) -> str:
@@ -389,10 +414,11 @@ def resolve_evaluations(archive, model: str, langs=None, k=None, seed: int | Non
         if factor is None:
             if len(factors) > 1:
                 raise error(UsageError, f"{chosen} evaluations of {who} ({task}) use several factors "
-                            f"({_fmt(factors)}): pick one, e.g. ", Arg("intervention", f"{chosen}={factors[0]:g}"))
+                            f"({_fmt(factors)}): pick one, e.g. ",
+                            Arg("intervention", f"{chosen}={exact(factors[0])}"))
             factor = factors[0] if factors else None
         elif factor not in factors:
-            raise MlarchError(f"no {chosen} evaluations with factor {factor:g} ({task}) for model {who}; "
+            raise MlarchError(f"no {chosen} evaluations with factor {exact(factor)} ({task}) for model {who}; "
                               f"factors: {_fmt(factors)}")
         rows = [r for r in rows if r["factor"] == factor]
     # data set and role
@@ -436,7 +462,7 @@ def resolve_evaluations(archive, model: str, langs=None, k=None, seed: int | Non
     else:
         k = ks[0]
         if k not in k_values:
-            raise MlarchError(f"no {chosen} evaluations at k = {k:g} ({where}) for model {who}; "
+            raise MlarchError(f"no {chosen} evaluations at k = {exact(k)} ({where}) for model {who}; "
                               f"evaluated k: {_fmt(k_values)}")
     at_k = [r for r in rows if r["k"] == k]
     # evaluated languages (columns and lines) and changed sets (rows)
@@ -444,13 +470,13 @@ def resolve_evaluations(archive, model: str, langs=None, k=None, seed: int | Non
     if langs is None:
         shared = set.intersection(*have.values())
         if not shared:
-            raise error(MlarchError, f"models {who} share no evaluated language at k = {k:g} ({where}): "
+            raise error(MlarchError, f"models {who} share no evaluated language at k = {exact(k)} ({where}): "
                         "pass a narrower ", Arg("model"))
         langs = _canonical(shared)
     for name in models:
         missing = [x for x in langs if x not in have[name]]
         if missing:
-            raise MlarchError(f"language {', '.join(missing)} was not evaluated with {chosen} at k = {k:g} "
+            raise MlarchError(f"language {', '.join(missing)} was not evaluated with {chosen} at k = {exact(k)} "
                               f"({where}) for model {name!r}; evaluated: {_fmt(_canonical(have[name]))}")
     targets = _canonical({r["target_lang"] for r in at_k if r["lang"] in langs and r["target_lang"] is not None})
     ks_shown = sorted({r["k"] for r in rows + null_rows if r["lang"] in langs and r["target_lang"] == r["lang"]

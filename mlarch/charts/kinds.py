@@ -25,8 +25,9 @@ def _alt():
 
 
 def fmt_k(k: float) -> str:
-    """A k value as charts and tables print it (general format: 0.01, 1e-04)."""
-    return f"{k:g}"
+    """A k value as charts and tables print it: 0.01, 1e-05, or every digit it needs
+    (data.exact), so two k never share a label and a printed k can be typed back."""
+    return data.exact(k)
 
 
 def _where(scope: data.Scope, *, k: bool = True) -> str:
@@ -403,21 +404,21 @@ def null_row(lang: str) -> str:
 def _what(scope: data.EvalScope) -> str:
     """The intervention in words, e.g. 'pruned' or 'scaled ×0.5'."""
     if scope.intervention == "scale":
-        return f"scaled ×{scope.factor:g}" if scope.factor is not None else "scaled"
+        return f"scaled ×{data.exact(scope.factor)}" if scope.factor is not None else "scaled"
     if scope.intervention == "fraction":
-        return f"{scope.factor:g} of it pruned" if scope.factor is not None else "partly pruned"
+        return f"{data.exact(scope.factor)} of it pruned" if scope.factor is not None else "partly pruned"
     if scope.intervention == data.NULL:
         return "a random set of its size pruned"
     return "pruned"
 
 
 def _intervention_label(scope: data.EvalScope) -> str:
-    return scope.intervention if scope.factor is None else f"{scope.intervention} {scope.factor:g}"
+    return scope.intervention if scope.factor is None else f"{scope.intervention} {data.exact(scope.factor)}"
 
 
 def _eval_where(scope: data.EvalScope, *, k: bool = True) -> str:
     parts = [scope.models[0] if len(scope.models) == 1 else f"{len(scope.models)} models",
-             f"{TASK_NAMES[scope.task]} on {scope.dataset} ({scope.role} texts)",
+             f"{TASK_NAMES[scope.task]} on {data.shown_path(scope.dataset)} ({scope.role} texts)",
              f"{_intervention_label(scope)}" + (f" at k = {fmt_k(scope.k)}" if k else ""),
              f"seed {scope.seed}"]
     return " · ".join(parts)

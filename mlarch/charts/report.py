@@ -4,9 +4,11 @@ key tables and the provenance of the runs used, for a paper's supplement."""
 from __future__ import annotations
 
 import base64
+import hashlib
 import html
 import json
 import re
+import shlex
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -40,12 +42,46 @@ def _figures(scope: data.Scope, model: str):
 
 
 def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower() or "data"
+    """`text` as part of a file name. Folding case and punctuation maps names to one slug
+    (Tiny.A, tiny-a): a slug that is not the text itself ends in a digest of the text."""
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower() or "data"
+    return slug if slug == text else f"{slug}-{hashlib.sha256(text.encode()).hexdigest()[:8]}"
 
 
-def _analysis_flag(scope: data.Scope) -> str:
-    name = _analysis(scope)
-    return f" --analysis {html.escape(name)}" if name else ""
+def _unique_stems(figures: list) -> list:
+    """`figures` with distinct file stems: a stem already taken (model 'x' by layer and
+    model 'layer-x' are both analyses-layer-x) gets -2, -3, ... in figure order, so no
+    chart's files replace another's. Compared case-folded, as on macOS and Windows disks."""
+    taken, out = set(), []
+    for stem, *rest in figures:
+        unique, n = stem, 1
+        while unique.casefold() in taken:
+            n += 1
+            unique = f"{stem}-{n}"
+        taken.add(unique.casefold())
+        out.append((unique, *rest))
+    return out
+
+
+def _archive_shown(archive) -> str:
+    """The archive as a supplement names it: the s3:// URL of a fetched published one, else
+    the path as given (never resolved: a relative path stays relative; home as ~)."""
+    from mlarch.store import remote_catalog
+
+    if remote_catalog.is_snapshot(archive.root):
+        return remote_catalog._snapshot_url(archive.root)
+    return data.shown_path(str(archive.root))
+
+
+def reproduce_command(archive, model: str, scope: data.Scope, scope_k: data.Scope) -> str:
+    """The `mlarch report` command that draws this report again, shell-quoted (names come
+    from catalogs), with every number exactly as archived (data.exact)."""
+    words = ["mlarch", "--archive", _archive_shown(archive), "report", "--model", model]
+    if _analysis(scope):
+        words += ["--analysis", _analysis(scope)]
+    words += ["--langs", ",".join(scope.langs), "--k", data.exact(scope_k.k), "--seed", str(scope.seed)]
+    # ~ is expanded by mlarch itself, so the quoted path still works
+    return " ".join(shlex.quote(w) for w in words) + " -o DIR"
 
 
 def _analysis(scope: data.Scope) -> str | None:
@@ -82,12 +118,13 @@ def intervention_figures(archive, models: list[str], model: str, scope: data.Sco
                         + ([_slug(f"{dataset}-{role}")] if len(datasets) > 1 else []))
         options = {"model": model, "analysis": _analysis(scope), "langs": langs, "task": task,
                    "dataset": f"{dataset}:{role}",
-                   "intervention": kind if row["factor"] is None else f"{kind}={row['factor']:g}",
+                   "intervention": kind if row["factor"] is None else f"{kind}={data.exact(row['factor'])}",
                    "k": scope.k if scope.k in row["ks"] else None,
                    "seed": scope.seed if scope.seed in row["seeds"] else None}
         name = "NLL" if task == "nll" else task
-        caption = (f"Relative change of {name} on {dataset} ({role}) vs the baseline, per changed math-only set "
-                   f"(rows) and evaluated language (columns){', with the random null' if kind == 'prune' else ''};"
+        null = ", with the random null" if kind == "prune" else ""
+        caption = (f"Relative change of {name} on {data.shown_path(dataset)} ({role}) vs the baseline, per changed "
+                   f"math-only set (rows) and evaluated language (columns){null};"
                    f" {name} vs k for each language's own set ({kind}; dashed: random null, dotted: baseline).")
         figures.append((stem, "interventions", options, caption))
     return figures
@@ -151,7 +188,8 @@ def effects_table(archive, models: list[str], analyses: list[str]) -> pl.DataFra
     frame = data.effects(archive, models, analyses)
     if frame.height == 0:
         return frame
-    frame = frame.with_columns(dataset=pl.col("dataset") + ":" + pl.col("role"),
+    frame = frame.with_columns(dataset=pl.col("dataset").map_elements(data.shown_path, return_dtype=pl.String)
+                               + ":" + pl.col("role"),
                                relative_change=pl.col("relative_change") * 100,
                                k=pl.col("k").map_elements(fmt_k, return_dtype=pl.String))
     varying = [c for c in ("model", "task", "dataset", "seed", "factor") if frame[c].n_unique() > 1]
@@ -169,9 +207,9 @@ def _effects_caption(archive, models: list[str], analyses: list[str], frame: pl.
         if column not in shown:
             value = full[column][0]
             if column == "dataset":
-                value = f"{value}:{full['role'][0]}"
+                value = f"{data.shown_path(value)}:{full['role'][0]}"
             if value is not None:
-                fixed.append(f"{label} {value:g}" if isinstance(value, float) else f"{label} {value}")
+                fixed.append(f"{label} {data.exact(value)}" if isinstance(value, float) else f"{label} {value}")
     return ("Effects of interventions on math-only parameters: each evaluation next to its baseline without "
             "intervention; relative change = (value − baseline) / |baseline|, in percent"
             + (f" ({', '.join(fixed)})" if fixed else "") + ".")
@@ -242,6 +280,7 @@ def provenance_table(archive, scope: data.Scope) -> pl.DataFrame:
         commit = (git.get("commit") or "")[:12] + (" (dirty)" if git.get("dirty") else "")
         rows.append({**{k: run[k] for k in ("run_id", "model", "lang", "role", "dataset", "seed", "n_samples",
                                             "n_tokens")},
+                     "dataset": data.shown_path(run["dataset"]),  # a template under /home/alice names her
                      "finished_at": run["finished_at"], "mlarch": prov.get("mlarch"), "git commit": commit or None,
                      "torch": prov.get("torch"), "transformers": prov.get("transformers"),
                      "device": prov.get("device"),
@@ -296,7 +335,8 @@ def write_report(archive, out_dir, model: str, langs=None, k: float | None = Non
     shown = []
     figures_eval = intervention_figures(archive, scope.models, model, scope_k)
     pairs = analysis_pairs(archive, scope_k)  # exact vs paper-compatible (issue 15), where the model has both
-    for stem, kind, options, caption in _figures(scope_k, model) + figures_eval + analysis_figures(pairs):
+    for stem, kind, options, caption in _unique_stems(_figures(scope_k, model) + figures_eval
+                                                      + analysis_figures(pairs)):
         chart = build(archive, kind, **options)
         files[f"{stem}.svg"] = render(chart, "svg")
         files[f"{stem}.png"] = render(chart, "png")
@@ -323,11 +363,9 @@ def write_report(archive, out_dir, model: str, langs=None, k: float | None = Non
             f"Languages {html.escape(', '.join(scope.langs))} · k = {fmt_k(scope_k.k)} for the per-layer charts, "
             f"every archived k ({html.escape(', '.join(fmt_k(x) for x in scope.ks))}) on k axes · "
             f"seed {scope.seed}.",
-            f"Archive <code>{html.escape(str(archive.root.resolve()))}</code> · mlarch {html.escape(__version__)} · "
-            f"generated {when}. Reproduce: <code>mlarch --archive {html.escape(str(archive.root))} report "
-            f"--model {html.escape(model)}{_analysis_flag(scope)} --langs {html.escape(','.join(scope.langs))} "
-            f"--k {fmt_k(scope_k.k)} "
-            f"--seed {scope.seed} -o DIR</code>"]
+            f"Archive <code>{html.escape(_archive_shown(archive))}</code> · mlarch {html.escape(__version__)} · "
+            f"generated {when}. "
+            f"Reproduce: <code>{html.escape(reproduce_command(archive, model, scope, scope_k))}</code>"]
     files["index.html"] = _page(title, meta, shown, tables).encode()
     for name, payload in files.items():
         write_atomic(out / name, payload)
