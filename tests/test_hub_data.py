@@ -242,3 +242,92 @@ def test_cli_refuses_bad_columns_before_loading_the_model(hub, model_dir, tmp_pa
     line = one_error(result, 2)
     assert "has the columns prompt, completion: mlarch reads a 'text' column" in line
     assert not archive.exists()
+
+
+# --- size bounds: a hub file is someone else's ----------------------------------------------------
+
+CAP = 1 << 20  # MAX_FILE_BYTES, lowered: the bombs below stay megabytes, not gigabytes
+
+
+@pytest.fixture
+def small_cap(monkeypatch):
+    monkeypatch.setattr(hub_data, "MAX_FILE_BYTES", CAP)
+
+
+def _snapshot(cache: Path, repo: str) -> Path:
+    """An empty snapshot folder of `repo` at COMMIT, for files a test writes itself."""
+    snapshot = _repo(cache, repo, COMMIT, {})
+    snapshot.mkdir(parents=True)
+    return snapshot
+
+
+def _load_one_line_error(spec: str) -> str:
+    with pytest.raises(MlarchError) as caught:
+        sources.resolve(spec).load("en", "math")
+    assert "\n" not in str(caught.value)
+    return str(caught.value)
+
+
+def test_a_parquet_bomb_is_refused_before_it_is_decoded(hub, small_cap):
+    """A few hundred bytes of dictionary-encoded parquet holding one 30,000-character item 1,000 times (30 MB,
+    30 times the cap): refused once its size spelled out is counted, before arrow or Python spells it out. The
+    file records a plain string column (no arrow schema): a reader not asking for dictionaries decodes it whole."""
+    import tracemalloc
+
+    item = "Q: 1+1? A: 2. " * (30_000 // 14)
+    text = pa.DictionaryArray.from_arrays(pa.array([0] * 1000, pa.int32()), pa.array([item]))
+    snapshot = _snapshot(hub["cache"], "acme/bomb")
+    pq.write_table(pa.table({"text": text}), snapshot / "test.parquet", compression="zstd", store_schema=False)
+    assert (snapshot / "test.parquet").stat().st_size < 2000
+    sources.resolve("hf:acme/tiny-prose:{lang}").load("en", "control")  # imports done: not in the peak below
+    pool = pa.default_memory_pool()
+    peak_before, held_before = pool.max_memory(), pool.bytes_allocated()
+    tracemalloc.start()
+    try:
+        message = _load_one_line_error("hf:acme/bomb:test")
+        python_peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    spelled = 1000 * (len(item) + 4 + hub_data.ROW_BYTES)  # each row: the item, its dictionary index, the row
+    assert message == (f"hub data set acme/bomb@{COMMIT[:12]} split 'test', file test.parquet holds at least "
+                       f"{spelled:,} bytes of data once decoded, more than the {CAP:,} bytes mlarch reads for one language (as "
+                       "from a local data file): pick a smaller split or config, or save the items you need to a "
+                       "local .jsonl file")
+    assert python_peak < 5_000_000  # 1,000 Python strings of the item would be 30 MB
+    # nor decoded by arrow: no new peak, or one that held little more (the pool keeps only the process's peak)
+    assert pool.max_memory() == peak_before or pool.max_memory() - held_before < 5_000_000
+
+
+@pytest.mark.parametrize("table", ["wide", "long"])
+def test_parquet_metadata_over_the_cap_is_refused_before_reading(hub, small_cap, monkeypatch, table):
+    """What the metadata declares is checked before a page is read: a 2 MB plain column, or 100,000 rows (each
+    costs ROW_BYTES, as its JSON line would: empty rows are not free)."""
+    texts = [f"item {i} " + "x" * 20 for i in range(80_000)] if table == "wide" else ["a"] * 100_000
+    snapshot = _snapshot(hub["cache"], "acme/wide")
+    pq.write_table(pa.table({"text": texts}), snapshot / "test.parquet", compression="zstd", use_dictionary=False)
+    assert (snapshot / "test.parquet").stat().st_size < CAP
+
+    def read(*args, **kwargs):
+        raise AssertionError("read before the metadata was checked")
+
+    monkeypatch.setattr(pq.ParquetFile, "read", read)
+    message = _load_one_line_error("hf:acme/wide:test")
+    assert message.startswith(f"hub data set acme/wide@{COMMIT[:12]} split 'test', file test.parquet declares ")
+    assert f"bytes of data in its parquet metadata, more than the {CAP:,} bytes mlarch reads" in message
+
+
+def test_hub_files_are_bounded_on_disk_and_over_the_split(hub, small_cap):
+    """A .jsonl file over the cap on disk is refused before it is read; shards each under the cap are refused
+    where, together, they pass it (a thousand shards of a megabyte hold a gigabyte)."""
+    big = [{"text": "y" * 1000 + str(i)} for i in range(1100)]  # ~1.1 MB
+    _repo(hub["cache"], "acme/big", COMMIT, {"test.jsonl": big})
+    message = _load_one_line_error("hf:acme/big:test")
+    assert message.startswith(f"hub data set acme/big@{COMMIT[:12]} split 'test', file test.jsonl is ")
+    assert f"bytes on disk, more than the {CAP:,} bytes mlarch reads for one language" in message
+    shards = {f"test-0000{i}-of-00003.jsonl": big[i * 400:(i + 1) * 400] for i in range(3)}  # ~400 KB each
+    snapshot = _repo(hub["cache"], "acme/sharded", COMMIT, shards)
+    first, second = ((snapshot / f"test-0000{i}-of-00003.jsonl").stat().st_size for i in (0, 1))
+    message = _load_one_line_error("hf:acme/sharded:test")
+    assert message.startswith(f"hub data set acme/sharded@{COMMIT[:12]} split 'test', file "
+                              f"test-00002-of-00003.jsonl is ")
+    assert f"bytes on disk (and the split's earlier files {first + second:,}), more than the {CAP:,}" in message

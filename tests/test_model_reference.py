@@ -32,7 +32,7 @@ def fake_conversion(cache: Path, model: named_models.NamedModel, source: Path) -
     weights = {f.name: sha256_file(f) for f in sorted(folder.glob("*.safetensors"))}
     (folder / named_models.MARKER).write_text(json.dumps({
         "name": model.name, "gguf": model.gguf, "gguf_sha256": model.sha256, "upstream": model.upstream,
-        "weight_files": weights}))
+        "weight_files": weights, "files": named_models.file_digests(folder)}))
     return folder
 
 

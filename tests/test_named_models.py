@@ -163,10 +163,92 @@ def test_converted_folder_needs_the_marker_of_the_pinned_file(tmp_path, monkeypa
     assert named_models.converted(model) is None  # a folder without the marker: an interrupted conversion
     (folder / named_models.MARKER).write_text(json.dumps({"gguf_sha256": "0" * 64}))
     assert named_models.converted(model) is None  # made from another file
-    (folder / named_models.MARKER).write_text(json.dumps({"gguf_sha256": model.sha256,
-                                                          "weight_files": {"model.safetensors": "0" * 64}}))
+    weights = {"model.safetensors": "0" * 64}
+    (folder / named_models.MARKER).write_text(json.dumps({"gguf_sha256": model.sha256, "weight_files": weights}))
+    assert named_models.converted(model) is None  # an earlier mlarch's marker: no digests of the other files
+    (folder / named_models.MARKER).write_text(json.dumps({"gguf_sha256": model.sha256, "weight_files": weights,
+                                                          "files": {**weights, "config.json": "0" * 64}}))
     assert named_models.converted(model) == folder
     assert named_models.prepare("QWEN2.5-Coder-0.5B") == folder  # no conversion when it is there
+
+
+def _fake_transformers(monkeypatch, source: Path) -> list[str]:
+    """transformers reading the tiny model folder `source` whatever .gguf it is given: _convert's own code runs
+    (assembly, save, marker, rename), only the minutes of dequantising are skipped. Returns the .gguf files read."""
+    import transformers
+
+    read = []
+    model_from, tokenizer_from = (transformers.AutoModelForCausalLM.from_pretrained,
+                                  transformers.AutoTokenizer.from_pretrained)
+
+    def tokenizer(folder, gguf_file, **kwargs):
+        read.append(gguf_file)
+        return tokenizer_from(str(source))
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", tokenizer)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
+                        lambda folder, gguf_file, **kwargs: model_from(str(source), **kwargs))
+    return read
+
+
+def _edits(folder: Path):
+    """(name, change) pairs: every kind of change to a converted folder besides its weights."""
+    config, tokenizer, added = folder / "config.json", folder / "tokenizer.json", folder / "sub" / "modeling.py"
+    yield "config.json", lambda: config.write_text(config.read_text().replace('"silu"', '"relu"'))  # another model
+    yield "tokenizer.json", lambda: tokenizer.write_text(tokenizer.read_text() + " ")  # any byte
+    yield "chat_template.jinja", lambda: (folder / "chat_template.jinja").write_text("{{ messages }}")
+    yield "generation_config.json", lambda: (folder / "generation_config.json").unlink()
+    yield "sub/modeling.py", lambda: (added.parent.mkdir(), added.write_text(""))
+
+
+def test_a_conversion_records_every_file_and_refuses_any_change(site, payloads, tmp_path, monkeypatch, model_dir):
+    """A converted folder whose config.json (hidden activation relu for silu), tokenizer or any other file changed,
+    or that gained or lost a file, is refused at load with the file and the fix, like changed weights."""
+    import shutil
+
+    monkeypatch.setenv("MLARCH_CACHE", str(tmp_path / "cache"))
+    model = fake_model(site, payloads)
+    monkeypatch.setitem(named_models.MODELS, model.name, model)  # `--model fake-model`
+    read = _fake_transformers(monkeypatch, model_dir["llama"])
+    folder = named_models.prepare(model)
+    assert read == [model.gguf]
+    recorded = json.loads((folder / named_models.MARKER).read_text())["files"]
+    assert set(recorded) == {p.name for p in folder.iterdir()} - {named_models.MARKER}
+    assert {"config.json", "generation_config.json", "tokenizer.json", "model.safetensors"} <= set(recorded)
+    weights = loading.fingerprint(model.name, None).weights  # as converted: accepted
+    pristine = tmp_path / "pristine"
+    shutil.copytree(folder, pristine)
+    for name, change in _edits(folder):
+        change()
+        with pytest.raises(MlarchError) as caught:
+            loading.fingerprint(model.name, None)
+        assert str(caught.value) == (f"the converted fake-model in {folder} is not what mlarch converted ({name} was "
+                                     "changed, added or removed since): delete that folder; the next use converts "
+                                     "fake.gguf again"), name
+        shutil.rmtree(folder)
+        shutil.copytree(pristine, folder)
+    assert loading.fingerprint(model.name, None).weights == weights and read == [model.gguf]  # never converted again
+
+
+def test_a_marker_without_file_digests_is_converted_again(site, payloads, tmp_path, monkeypatch, model_dir):
+    """A folder converted by an earlier mlarch (its marker has weight digests only) may already hold an edited
+    config: converted again, which restores it, rather than trusted for its weights alone."""
+    monkeypatch.setenv("MLARCH_CACHE", str(tmp_path / "cache"))
+    model = fake_model(site, payloads)
+    read = _fake_transformers(monkeypatch, model_dir["llama"])
+    folder = named_models.prepare(model)
+    marker_path = folder / named_models.MARKER
+    old = {k: v for k, v in json.loads(marker_path.read_text()).items() if k != "files"}
+    marker_path.write_text(json.dumps(old))
+    config = (folder / "config.json").read_text()
+    (folder / "config.json").write_text(config.replace('"silu"', '"relu"'))
+    weights = {"model.safetensors": old["weight_files"]["model.safetensors"]}
+    with pytest.raises(MlarchError, match=rf"\({named_models.MARKER} was changed, added or removed since\)"):
+        named_models.check_weights(model, folder, weights)  # never scored on its weights alone
+    assert named_models.converted(model) is None
+    assert named_models.prepare(model) == folder and read == [model.gguf] * 2  # converted again
+    assert (folder / "config.json").read_text() == config and "files" in json.loads(marker_path.read_text())
+    named_models.check_weights(model, folder, weights)
 
 
 def test_pins_are_consistent():

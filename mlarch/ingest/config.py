@@ -24,7 +24,7 @@ METHOD = {
     "sampling": "numpy.random.default_rng(seed).integers(0, n_items, n_samples) (with replacement)",
 }
 ROLES = ("math", "control")
-_LANG = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,31}$")
+_LANG = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,31}")  # used with fullmatch: '$' would pass "en\n"
 
 
 
@@ -192,7 +192,7 @@ def check_langs(langs) -> None:
     if not langs:
         raise error(UsageError, "no languages given: pass ", Arg("langs"), ", e.g. ", Arg("langs", ["en", "de"]))
     for lang in langs:
-        if not isinstance(lang, str) or not _LANG.match(lang):
+        if not isinstance(lang, str) or not _LANG.fullmatch(lang):
             raise UsageError(f"language code {lang!r} is not valid: use codes such as en, de, zh")
     if len(set(langs)) != len(langs):
         raise UsageError(f"languages repeat in {','.join(langs)}: list each once")

@@ -21,6 +21,10 @@ Columns: a ``text`` column verbatim, else ``question`` and ``answer`` (GSM8K's),
 files (mlarch.ingest.datafiles); any other table is refused, naming its columns. Each file's
 sha256 and the commit go into the run's provenance and identity (`files` keys are
 ``hf://datasets/OWNER/NAME@COMMIT/PATH``), so a rerun reads the very same bytes or is a new run.
+
+A split's files are bounded as a local data file is: at most datafiles.MAX_FILE_BYTES for one
+language, on disk and once decoded (parquet compresses and dictionary-encodes: a few hundred
+bytes can hold a gigabyte of text), refused before they are read into memory.
 """
 
 from __future__ import annotations
@@ -30,8 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mlarch.errors import MlarchError, UsageError
-from mlarch.ingest.datafiles import (TEXT_TEMPLATES, LoadedItems, decoded, jsonl_records, parse_rows, sha256_file,
-                                     shown_columns, text_lines, unknown_template)
+from mlarch.ingest.datafiles import (MAX_FILE_BYTES, TEXT_TEMPLATES, LoadedItems, decoded, jsonl_records, parse_rows,
+                                     sha256_file, shown_columns, text_lines, unknown_template)
 
 PREFIX = "hf:"
 SYNTAX = "hf:OWNER/NAME[@REVISION]:SPLIT[:CONFIG], e.g. hf:openai/gsm8k:test:main"
@@ -107,26 +111,123 @@ def split_files(folder: Path, split: str, config: str | None) -> list[str]:
     return [rel for _, rel in found]
 
 
-def _read(path: Path, label: str) -> tuple[list[dict], list[str]]:
-    """Rows and column names of one .parquet or .jsonl file."""
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
+# Every column parse_rows reads of a row: only these are decoded (a table's other columns can be anything).
+_TEXT_COLUMNS = ("text", "question", "answer", "qa", "solution")
+# A row costs at least what its JSON line would ('{"text":"a"}\n' is 13 bytes): a hundred million empty rows,
+# a few kilobytes as parquet, are bounded as they are in a local file.
+ROW_BYTES = 16
 
-        try:
-            table = pq.read_table(path)
-        except Exception as exc:  # a damaged or foreign file: any reader error
-            raise MlarchError(f"{label} is not a readable parquet file ({str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__}): "
-                              "delete it from the cache and fetch again") from None
-        return table.to_pylist(), list(table.column_names)
-    rows, columns = [], {}
+
+class _Room:
+    """The bytes a language's files have taken: MAX_FILE_BYTES, the bound of a local data file, bounds them all
+    (a thousand shards of a megabyte hold a gigabyte too)."""
+
+    def __init__(self):
+        self.used = 0
+
+    def check(self, label: str, size: int, amount: str) -> None:
+        """Refuse the file `label` unless `size` more bytes fit; `amount`: the size in words."""
+        if self.used + size <= MAX_FILE_BYTES:
+            return
+        earlier = f" (and the split's earlier files {self.used:,})" if self.used else ""
+        raise MlarchError(f"{label} {amount.format(size)}{earlier}, more than the {MAX_FILE_BYTES:,} bytes mlarch "
+                          "reads for one language (as from a local data file): pick a smaller split or config, or "
+                          "save the items you need to a local .jsonl file")
+
+
+def _declared(meta, leaves: list[int]) -> int:
+    """What the parquet metadata says the `leaves` (column indices) take decoded: each chunk's uncompressed pages
+    and at least 8 bytes a value (an offset, a number; more for fixed-length strings), and ROW_BYTES a row. A
+    dictionary-encoded chunk's values are counted once here, however many rows repeat them: see _decoded_bytes."""
+    size = meta.num_rows * ROW_BYTES
+    for leaf in leaves:
+        width = max(8, meta.schema.column(leaf).length or 0)
+        for group in range(meta.num_row_groups):
+            chunk = meta.row_group(group).column(leaf)
+            size += chunk.total_uncompressed_size + chunk.num_values * width
+    return size
+
+
+def _decoded_bytes(array) -> int:
+    """Bytes `array` takes once every value is spelled out, as to_pylist spells them: a dictionary's value counted
+    for every row that refers to it, nested values where they sit."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    kind, types = array.type, pa.types
+    if types.is_dictionary(kind):
+        values = array.dictionary
+        if any(test(values.type) for test in (types.is_string, types.is_binary, types.is_large_string,
+                                              types.is_large_binary)):
+            spelled = pc.sum(pc.take(pc.binary_length(values), array.indices)).as_py() or 0
+        else:  # a dictionary of numbers (a pandas category): each row spells out one value
+            spelled = len(array) * (values.nbytes // max(len(values), 1))
+        return spelled + array.indices.nbytes
+    if types.is_struct(kind):
+        return sum(_decoded_bytes(child) for child in array.flatten())
+    if any(test(kind) for test in (types.is_list, types.is_large_list, types.is_fixed_size_list, types.is_map)):
+        return len(array) * 8 + _decoded_bytes(array.flatten())
+    return array.nbytes
+
+
+def _unreadable(label: str, exc: Exception) -> MlarchError:
+    reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+    return MlarchError(f"{label} is not a readable parquet file ({reason}): delete it from the cache and fetch again")
+
+
+def _read_parquet(path: Path, label: str, room: _Room) -> tuple[list[dict], list[str], int]:
+    """Rows (the columns parse_rows reads), column names and decoded size of a parquet file. Parquet compresses
+    and dictionary-encodes: 571 bytes can hold a gigabyte of text. So the metadata is checked first; then the text
+    columns are read a batch at a time with their strings kept as dictionaries (a value repeated a million times
+    held once), and the size they take spelled out is counted as they come, before a single Python string is made.
+    (The metadata is the file's word: a batch whose pages say more than it declared is counted once it is read.)"""
+    import pyarrow.parquet as pq
+
+    batches, size = [], 0
     try:
-        lines = text_lines(decoded(path.read_bytes()))
+        handle = pq.ParquetFile(path)  # reads the footer only
+        meta, columns = handle.metadata, list(handle.schema_arrow.names)
+        wanted = [name for name in columns if name in _TEXT_COLUMNS]
+        leaves = [i for i in range(meta.num_columns) if meta.schema.column(i).path.split(".")[0] in wanted]
+        room.check(label, _declared(meta, leaves), "declares {:,} bytes of data in its parquet metadata")
+        strings = [meta.schema.column(i).path for i in leaves if meta.schema.column(i).physical_type == "BYTE_ARRAY"]
+        for batch in pq.ParquetFile(path, read_dictionary=strings).iter_batches(columns=wanted):
+            size += batch.num_rows * ROW_BYTES + sum(_decoded_bytes(column) for column in batch.columns)
+            room.check(label, size, "holds at least {:,} bytes of data once decoded")
+            batches.append(batch)
+    except MlarchError:
+        raise
+    except Exception as exc:  # a damaged or foreign file: any reader error
+        raise _unreadable(label, exc) from None
+    return [row for batch in batches for row in batch.to_pylist()], columns, size
+
+
+def _read(path: Path, label: str, room: _Room | None = None) -> tuple[list[dict], list[str]]:
+    """Rows and column names of one .parquet or .jsonl file, which takes its size from `room` (the split's: one
+    file's of its own by default). Hub files are someone else's: bounded as a local data file is, before they are
+    read into memory."""
+    room = room or _Room()
+    room.check(label, path.stat().st_size, "is {:,} bytes on disk")
+    if path.suffix == ".parquet":
+        rows, columns, size = _read_parquet(path, label, room)
+    else:
+        rows, columns, size = _read_jsonl(path, label)
+    room.used += size
+    return rows, columns
+
+
+def _read_jsonl(path: Path, label: str) -> tuple[list[dict], list[str], int]:
+    """Rows, column names and size of a .jsonl file."""
+    rows, columns = [], {}
+    data = path.read_bytes()
+    try:
+        lines = text_lines(decoded(data))
     except UnicodeDecodeError as exc:
         raise MlarchError(f"{label}: not UTF-8 text (byte {exc.start}); delete it from the cache and fetch again") from None
     for _, record in jsonl_records(lines, label):
         rows.append(record)
         columns.update(dict.fromkeys(record))
-    return rows, list(columns)
+    return rows, list(columns), len(data)
 
 
 class HubDataSource:
@@ -180,10 +281,10 @@ class HubDataSource:
                              if p.suffix in _SUFFIXES and p.is_file())
             raise UsageError(f"{where} has no .parquet or .jsonl files (it has {shown_columns(present, 6)}): "
                               "pass the SPLIT (and CONFIG, the folder) those files are under")
-        rows, columns, digests = [], {}, {}
+        rows, columns, digests, room = [], {}, {}, _Room()
         for rel in files:
             path = folder / rel
-            part, names = _read(path, f"{where}, file {rel}")
+            part, names = _read(path, f"{where}, file {rel}", room)
             rows += part
             columns.update(dict.fromkeys(names))
             digests[f"hf://datasets/{self.parts.repo}@{folder.name}/{rel}"] = sha256_file(path)

@@ -7,9 +7,10 @@ first use dequantises that file through transformers (`gguf_file=`) into a plain
 transformers folder, so later loads take seconds. The pins are checked here, not by the
 packages: a part that is not the pinned one stops everything before transformers sees it.
 
-The converted folder's marker records the sha256 of each weight file it was saved with, and
-every load checks them (`check_weights`, from mlarch.ingest.loading): a cached folder that
-was changed or damaged since is refused, never scored as the pinned model.
+The converted folder's marker records the sha256 of every file it was saved with (weights,
+config, generation config, tokenizer files), and every load checks them (`check_weights`, from
+mlarch.ingest.loading): a cached folder that was changed or damaged since is refused, never
+scored as the pinned model (a config.json edited to another activation computes other sets).
 
 A named model's bare name (`gemma-3-270m`) means the packaged model even where the current
 directory holds a folder of that name, which is `./gemma-3-270m` (`referenced`): a stray
@@ -188,26 +189,56 @@ def converted(model: NamedModel) -> Path | None:
         return None
     if marker.get("gguf_sha256") != model.sha256 or not any(folder.glob("*.safetensors")):
         return None
-    # weight digests recorded at conversion (an earlier mlarch's marker lacks them: converted again)
-    files = marker.get("weight_files")
-    if not isinstance(files, dict) or set(files) != {f.name for f in folder.glob("*.safetensors")}:
+    # digests recorded at conversion. An earlier mlarch's marker lacks them (weight_files; files, of every file):
+    # converted again, as nothing vouches for what that folder's config and tokenizer hold now
+    weights, files = marker.get("weight_files"), marker.get("files")
+    if not isinstance(weights, dict) or set(weights) != {f.name for f in folder.glob("*.safetensors")}:
+        return None
+    if not isinstance(files, dict):
         return None
     return folder
 
 
+def file_digests(folder: Path, known: dict[str, str] | None = None) -> dict[str, str]:
+    """sha256 of every file in a converted folder but its marker, by its path in the folder (POSIX): what the
+    marker records at conversion and check_weights compares at every load. `known`: digests already computed
+    (the weights, which the loader hashes with a cache), taken as they are."""
+    from mlarch.ingest.datafiles import sha256_file
+
+    known = known or {}
+    digests = {}
+    for path in sorted(folder.rglob("*")):
+        name = path.relative_to(folder).as_posix()
+        if name != MARKER and path.is_file():
+            digests[name] = known[name] if name in known else sha256_file(path)
+    return digests
+
+
 def check_weights(model: NamedModel, folder: Path, digests: dict[str, str]) -> None:
     """Refuse the converted `folder` unless its weight files (`digests`: name -> sha256, as
-    the loader computed them) are exactly those its marker recorded at conversion."""
+    the loader computed them) and every other file in it (config, tokenizer: hashed here) are
+    exactly those its marker recorded at conversion."""
     try:
-        recorded = json.loads((Path(folder) / MARKER).read_text()).get("weight_files")
+        marker = json.loads((Path(folder) / MARKER).read_text())
+        recorded, files = marker.get("weight_files"), marker.get("files")
     except (OSError, ValueError, AttributeError):
-        recorded = None
-    if recorded == digests:
-        return
-    changed = sorted(set(digests) ^ set(recorded or {})) or sorted(n for n in digests if digests[n] != recorded[n])
-    raise MlarchError(f"the converted {model.name} in {folder} is not what mlarch converted ({changed[0]} was "
-                      f"changed, added or removed since): delete that folder; the next use converts "
-                      f"{model.gguf} again")
+        recorded = files = None
+    if recorded != digests:
+        changed = sorted(set(digests) ^ set(recorded or {})) or sorted(n for n in digests if digests[n] != recorded[n])
+        raise _changed(model, folder, changed[0])
+    if not isinstance(files, dict):  # prepare() converts such a folder again first: only a marker edited since
+        raise _changed(model, folder, MARKER)
+    present = file_digests(Path(folder), digests)  # the weights as the loader hashed them; config, tokenizer here
+    if present != files:
+        changed = sorted(set(present) ^ set(files)) or sorted(n for n in present if present[n] != files[n])
+        raise _changed(model, folder, changed[0])
+
+
+def _changed(model: NamedModel, folder: Path, name: str) -> MlarchError:
+    shown = name if name.isprintable() else ascii(name)
+    return MlarchError(f"the converted {model.name} in {folder} is not what mlarch converted ({shown[:120]} was "
+                       f"changed, added or removed since): delete that folder; the next use converts "
+                       f"{model.gguf} again")
 
 
 def prepare(model: NamedModel | str, message=lambda text: None) -> Path:
@@ -269,11 +300,11 @@ def _convert(model: NamedModel, root: Path, message) -> Path:
         loaded.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         del loaded
-        from mlarch.ingest.datafiles import sha256_file
-
-        weights = {f.name: sha256_file(f) for f in sorted(staging.glob("*.safetensors"))}  # checked at every load
+        files = file_digests(staging)  # checked at every load: weights, config, tokenizer
+        weights = {name: sha for name, sha in files.items() if name.endswith(".safetensors") and "/" not in name}
         (staging / MARKER).write_text(json.dumps({"name": model.name, "gguf": model.gguf, "gguf_sha256": model.sha256,
-                                                  "upstream": model.upstream, "weight_files": weights}))
+                                                  "upstream": model.upstream, "weight_files": weights,
+                                                  "files": files}))
         folder = root / model.folder
         shutil.rmtree(folder, ignore_errors=True)  # an older or incomplete conversion
         staging.rename(folder)  # a crash mid-save never leaves a folder that looks complete
