@@ -458,6 +458,30 @@ def test_a_scoring_clock_running_fast_does_not_keep_its_runs_in_use(model_dir, d
     assert set(fast).isdisjoint(rerun) and run(root, "verify").exit_code == 0
 
 
+@pytest.mark.parametrize("same_object", [True, False])
+def test_an_open_archive_reads_a_model_removed_and_ingested_again_afresh(model_dir, data, tmp_path, same_object):
+    """An Archive caches a model's module offsets and |W| record. `rm --model` and an ingest of
+    other weights under the name (what mlarch's errors advise), by this object or another
+    process, must not leave it cutting the new runs at the old offsets."""
+    from fixtures import build_model
+
+    wider = build_model("llama", tmp_path / "wider", intermediate_size=64)  # later modules move
+    options = dict(samples=2, top_k=[0.01, 0.05], device="cpu", progress=False, name="tiny")
+    root = tmp_path / "arch"
+    archive = mlarch.open(root)
+    archive.ingest(str(model_dir["llama"]), ["en", "de"], data["math"], data["control"], **options)
+    module = "model.layers.1.self_attn.q_proj"  # same shape in both models, another offset
+    before = archive.selection("tiny", "en", 0.05, module), archive.magnitudes("tiny", module)
+    other = archive if same_object else mlarch.open(root)
+    other.rm(model="tiny")
+    other.ingest(str(wider), ["en", "de"], data["math"], data["control"], **options)
+    fresh = mlarch.open(root)
+    assert np.array_equal(archive.selection("tiny", "en", 0.05, module), fresh.selection("tiny", "en", 0.05, module))
+    magnitudes = archive.magnitudes("tiny", module)
+    assert np.array_equal(magnitudes, fresh.magnitudes("tiny", module))
+    assert not np.array_equal(magnitudes, before[1])  # the case happened: other weights at that module
+
+
 def _edit_catalog(archive_root, *statements):
     con = duckdb.connect(str(archive_root / "catalog.duckdb"))
     for statement in statements:
@@ -554,6 +578,25 @@ def test_an_array_row_naming_another_runs_path_is_never_read(archive_copy):
                   f"WHERE owner = '{en['run_id']}' AND kind = 'levels'")
     with pytest.raises(ArrayDamaged, match="not 'runs/"):
         mlarch.open(archive_copy).levels(en["run_id"], module)
+
+
+def test_derived_rows_naming_another_languages_runs_are_never_read(archive_copy):
+    """selection(), compare's re-threshold and analysis-overlap take a language's (math,
+    control) runs from its derived rows: rows edited to name bn's runs would hand back bn's set
+    as en's, every array digest intact. Refused unless they are en's runs in use."""
+    archive = mlarch.open(archive_copy)
+    module = archive.sql("SELECT module FROM modules LIMIT 1").item()
+    en, bn = (archive.selection("tiny-llama", lang, 0.05, module) for lang in ("en", "bn"))
+    assert not np.array_equal(en, bn)
+    _edit_catalog(archive_copy, "UPDATE selections SET math_run_id = b.math_run_id, control_run_id = b.control_run_id "
+                  "FROM (SELECT DISTINCT math_run_id, control_run_id FROM selections WHERE lang = 'bn') b "
+                  "WHERE selections.lang = 'en'")
+    archive = mlarch.open(archive_copy)
+    refused = r"the derived tables of 'tiny-llama', 'en' .* name runs .* which are not its math and control runs in use"
+    with pytest.raises(MlarchError, match=refused):
+        archive.selection("tiny-llama", "en", 0.05, module)
+    with pytest.raises(MlarchError, match=refused):
+        archive.compare("tiny-llama", "en,bn", k=0.03, by="global")  # a k not archived: re-thresholded
 
 
 def test_an_oversized_chunk_is_refused_without_reading_it_whole(archive_copy):

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import polars as pl
 
 from mlarch import methods
-from mlarch.errors import MlarchError, UsageError
-from mlarch.query.compare import BY, derived_sets
+from mlarch.errors import UsageError
+from mlarch.query.compare import BY, derived_sets, pair_runs
 from mlarch.query.model_names import resolve_model
 from mlarch.store import analyses as analyses_store
 from mlarch.store import catalog
@@ -148,16 +148,8 @@ def plan(archive, model: str, langs=None, analyses=None, k=None, seed: int | Non
     with catalog.reading(archive.catalog_path) as con:
         sets = [derived_sets(con, [model], [name])[model] for name in names]
     langs, seed = _langs_and_seed(model, names, sets, langs, seed)
-    runs = {}
-    for name in names:
-        for lang in langs:
-            pair = archive._read(
-                "SELECT DISTINCT math_run_id, control_run_id FROM selections WHERE model = ? AND analysis = ? "
-                "AND lang = ? AND seed = ?", [model, name, lang, seed])
-            if pair.height != 1:
-                raise MlarchError(f"the derived tables of {model!r}, {lang!r} in analysis {name!r} name "
-                                  f"{pair.height} pairs of runs at seed {seed}: run `mlarch verify`")
-            runs[(name, lang)] = pair.row(0)
+    with catalog.reading(archive.catalog_path) as con:
+        runs = {(name, lang): pair_runs(con, model, name, lang, seed) for name in names for lang in langs}
     ks, k_default = _ks_for(archive, model, names, sets, langs, seed, runs, ks)
     return Plan(model, (names[0], names[1]), langs, ks, seed, runs, k_default)
 

@@ -10,6 +10,7 @@ Importing this module stays light (DuckDB, polars): numpy loads with the array m
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -187,11 +188,13 @@ class Archive:
         from mlarch.store.remote_catalog import resolve
 
         self.root = resolve(path)
-        # A finished run's arrays and a model's modules never change: cache their lookups
-        # (every read attaches the catalog, and array access loops over modules).
+        # A finished run's arrays and a model's modules never change while the catalog does
+        # not: cache their lookups (every read attaches the catalog, and array access loops
+        # over modules), and drop them once the catalog file changed (_cached).
         self._module_cache: dict[str, dict] = {}
         self._run_cache: dict[str, dict] = {}
         self._record_cache: dict[tuple[str, str], object] = {}
+        self._cached_for: tuple | None = None
 
     def __repr__(self) -> str:
         return f"Archive({str(self.root)!r})"
@@ -368,8 +371,27 @@ class Archive:
                 self._store = store
         return store
 
+    def _cached(self) -> None:
+        """Drop the cached lookups if the catalog file (or its write-ahead log) changed since
+        they were made: a model removed and ingested again under its name (here or by another
+        process) has other modules and another |W|, and reading the new runs at the old
+        offsets would hand back another module's entries. Two stat calls, no catalog read."""
+        state = []
+        for suffix in ("", ".wal"):
+            try:
+                found = os.stat(f"{self.catalog_path}{suffix}")
+                state.append((found.st_ino, found.st_size, found.st_mtime_ns))
+            except OSError:
+                state.append(None)
+        if tuple(state) != self._cached_for:  # taken before the reads it guards: a later write clears them
+            self._module_cache.clear()
+            self._run_cache.clear()
+            self._record_cache.clear()
+            self._cached_for = tuple(state)
+
     def _spans(self, model: str) -> dict:
         """module -> Span (position in the concatenated arrays) for one model (cached)."""
+        self._cached()
         if model not in self._module_cache:
             from mlarch.store.spans import read_spans
 
@@ -393,6 +415,7 @@ class Archive:
 
     def _run_arrays(self, run_id: str) -> dict:
         """model, k_values and scoring method of a finished run of an archived model (cached)."""
+        self._cached()
         if run_id not in self._run_cache:
             rows = self._read(
                 "SELECT r.model, r.k_values, json_extract_string(r.provenance, '$.method.name') AS method FROM runs r "
@@ -406,6 +429,7 @@ class Archive:
     def _record(self, owner: str, kind: str):
         """The catalog's record of one array (cached): every read is checked against it."""
         key = (owner, kind)
+        self._cached()
         if key not in self._record_cache:
             from mlarch.store.arrays import RECORD_COLUMNS, catalog_record
 
@@ -507,7 +531,7 @@ class Archive:
         # the pair of runs the derived tables used: one seed, both roles (never a math run of
         # one seed against a control run of another)
         pairs = self._read(
-            "SELECT DISTINCT s.seed, s.math_run_id, s.control_run_id FROM selections s "
+            "SELECT DISTINCT s.seed FROM selections s "
             "WHERE s.model = ? AND s.analysis = ? AND s.lang = ?" + (" AND s.seed = ?" if seed is not None else "") +
             " ORDER BY s.seed", [model, analysis, lang] + ([seed] if seed is not None else []))
         if pairs.is_empty():
@@ -521,12 +545,10 @@ class Archive:
                             "so no math-only set was derived from them: ingest both roles with the same ",
                             Arg("top_k"))
             raise MlarchError(f"model {model!r} has no math and control runs for {lang!r}{where} (see `mlarch runs`)")
-        first = pairs.filter(pairs["seed"] == pairs["seed"][0])
-        if first.height != 1:
-            raise MlarchError(f"the derived tables of {model!r}, {lang!r} name more than one pair of runs at seed "
-                              f"{pairs['seed'][0]}: run `mlarch verify`")
+        with catalog.reading(self.catalog_path) as con:
+            pair = _compare.pair_runs(con, model, analysis, lang, pairs["seed"][0])
         masks = []
-        for run_id in (first["math_run_id"][0], first["control_run_id"][0]):
+        for run_id in pair:
             k_values = list(self._run_arrays(run_id)["k_values"])
             if k not in k_values:  # a bf16 run cannot re-threshold: refused, naming the run and its k values
                 from mlarch import methods

@@ -203,15 +203,33 @@ def plan(con, model: str, langs: list[str], k: float | None = None, seed: int | 
     return made
 
 
+# The pair of runs a language's derived rows name, and whether they are that language's math
+# and control runs in use: an edited row naming another language's runs would hand back
+# that language's set, every array digest intact.
+_PAIR = """
+    SELECT DISTINCT s.math_run_id, s.control_run_id,
+        coalesce(m.role = 'math' AND c.role = 'control' AND m.in_use AND c.in_use
+                 AND m.status = 'FINISHED' AND c.status = 'FINISHED'
+                 AND (m.model, m.analysis, m.lang, m.seed) = (s.model, s.analysis, s.lang, s.seed)
+                 AND (c.model, c.analysis, c.lang, c.seed) = (s.model, s.analysis, s.lang, s.seed), false)
+    FROM selections s LEFT JOIN runs m ON m.run_id = s.math_run_id LEFT JOIN runs c ON c.run_id = s.control_run_id
+    WHERE s.model = ? AND s.analysis = ? AND s.lang = ? AND s.seed = ?"""
+
+
 def pair_runs(con, model: str, analysis: str, lang: str, seed: int) -> tuple[str, str]:
     """(math_run_id, control_run_id) whose sets the derived tables hold for one language (the
-    pair Archive.selection uses)."""
-    rows = con.execute("SELECT DISTINCT math_run_id, control_run_id FROM selections WHERE model = ? AND analysis = ? "
-                       "AND lang = ? AND seed = ?", [model, analysis, lang, seed]).fetchall()
+    pair Archive.selection uses), once they are its math and control runs in use."""
+    rows = con.execute(_PAIR, [model, analysis, lang, seed]).fetchall()
     if len(rows) != 1:
         raise MlarchError(f"the derived tables of {model!r}, {lang!r} in analysis {analysis!r} name {len(rows)} "
                           f"pairs of runs at seed {seed}: run `mlarch verify`")
-    return rows[0]
+    math_run, control_run, theirs = rows[0]
+    if not theirs:
+        raise MlarchError(f"the derived tables of {model!r}, {lang!r} in analysis {analysis!r} at seed {seed} name "
+                          f"runs {str(math_run)[:40]!r} and {str(control_run)[:40]!r}, which are not its math and "
+                          "control runs in use: the catalog was edited; run `mlarch verify`, then restore it from a "
+                          "copy")
+    return math_run, control_run
 
 
 def check_rethresholdable(con, plan: ComparePlan) -> None:
