@@ -1,5 +1,6 @@
 """verify, gc and rm: integrity checks, leftovers of interrupted ingests, removal."""
 
+import shutil
 import socket
 
 import duckdb
@@ -82,6 +83,17 @@ def test_verify_and_gc_find_rows_of_no_run(archive_copy):
                        "arrays rows of runs/deadbeef0000/norms (no run or model)",
                        "run_samples rows of deadbeef0000 (no run or model)"]
     assert run(archive_copy, "verify").exit_code == 0
+
+
+def test_rm_dry_run_with_arrays_zarr_a_link(archive_copy, tmp_path):
+    """arrays.zarr may be a link to a folder elsewhere (mlarch advises it over links inside):
+    rm --dry-run lists arrays.zarr/runs/<id>, not an error about leaving the archive."""
+    shutil.move(archive_copy / "arrays.zarr", tmp_path / "elsewhere")
+    (archive_copy / "arrays.zarr").symlink_to(tmp_path / "elsewhere")
+    run_id = mlarch.open(archive_copy).sql("SELECT run_id FROM runs ORDER BY run_id LIMIT 1").item()
+    result = run(archive_copy, "rm", "--dry-run", run_id)
+    assert result.exit_code == 0, result.output
+    assert f"arrays.zarr/runs/{run_id} (" in result.output
 
 
 def test_rm_language_keeps_overlaps_true(archive_copy):

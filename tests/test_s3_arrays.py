@@ -7,6 +7,7 @@ read back must be identical row by row. Then the bucket is damaged on purpose (a
 deleted or replaced), and the store is misconfigured (missing bucket, wrong credentials,
 unreachable endpoint, another --arrays): each is a report or a one-line error."""
 
+import json
 import shutil
 import time
 import uuid
@@ -64,7 +65,8 @@ def _clone(pair, s3, tmp_path, name="clone"):
     shutil.copytree(pair["remote"], root)
     prefix = f"{BUCKET}/{name}-{uuid.uuid4().hex[:8]}"
     for key in fs.find(pair["prefix"] + "/"):
-        fs.copy(key, prefix + key[len(pair["prefix"]):])
+        if not key.endswith("/" + array_store.OWNER):  # the copy is another archive: it claims its prefix itself
+            fs.copy(key, prefix + key[len(pair["prefix"]):])
     con = duckdb.connect(str(root / "catalog.duckdb"))
     con.execute("UPDATE array_location SET url = ?", [f"s3://{prefix}"])
     con.close()
@@ -190,7 +192,7 @@ def test_gc_collects_orphans_in_the_bucket_and_rm_removes_only_its_groups(tmp_pa
     assert not _failed(maintenance.verify(root))
     maintenance.rm(root, model=MODEL)
     left = {key[len(prefix) + 1:] for key in fs.find(prefix + "/")}
-    assert left <= {"zarr.json", "runs/zarr.json", "models/zarr.json"}, left  # zarr's group metadata only
+    assert left <= {"zarr.json", "runs/zarr.json", "models/zarr.json", array_store.OWNER}, left  # and the claim
 
 
 def test_bundles_travel_between_remote_and_local_arrays(tmp_path, pair, s3):
@@ -239,6 +241,59 @@ def test_another_arrays_url_later_is_refused(pair, model_dir, data, no_model_loa
     # the recorded one again: nothing to do (the runs are archived), nothing loaded
     result = _cli_ingest(pair["remote"], model_dir, data, "--arrays", pair["url"])
     assert result.exit_code == 0 and "Nothing to do" in result.output, result.output
+
+
+def test_no_secret_of_the_environment_is_printed(monkeypatch):
+    for name in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN",
+                 "AWS_CONTAINER_AUTHORIZATION_TOKEN", "AWS_BEARER_TOKEN_BEDROCK"):
+        monkeypatch.setenv(name, f"value-of-{name.lower()}")
+    monkeypatch.setenv("AWS_REGION", "eu-west-1")
+    text = " ".join(f"value-of-{n.lower()}" for n in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+                    "AWS_SECURITY_TOKEN", "AWS_CONTAINER_AUTHORIZATION_TOKEN", "AWS_BEARER_TOKEN_BEDROCK"))
+    assert array_store.redact(f"{text} in eu-west-1 http://user:pw@host/x?X-Amz-Signature=abc") == \
+        "*** *** *** *** *** in eu-west-1 http://***@host/x?X-Amz-Signature=***"
+
+
+def test_a_prefix_is_one_archives(tmp_path, pair, s3, model_dir, data, no_model_load):
+    """Two archives given one prefix would each see the other's runs as orphans (gc deleting
+    them) and write |W| over the other's: the prefix's owner object names its archive, a
+    second archive is refused before any work, and a location row edited to point at another
+    archive's prefix (the catalog is hostile) stops rm and gc before anything is removed."""
+    fs = s3["fs"]
+    assert json.loads(fs.cat_file(f"{pair['prefix']}/{array_store.OWNER}"))["archive"] == \
+        array_store.identity(pair["remote"] / "catalog.duckdb")
+    before = set(fs.find(pair["prefix"] + "/"))
+    line = one_error(_cli_ingest(tmp_path / "second", model_dir, data, "--arrays", pair["url"]), 2)
+    assert line == (f"Error: --arrays {pair['url']} already holds another mlarch archive's arrays: give this "
+                    f"archive a prefix of its own (e.g. s3://{BUCKET}/second)"), line
+    root, prefix = _clone(pair, s3, tmp_path)  # another archive (a copy of a catalog is the same one: made later)
+    con = duckdb.connect(str(root / "catalog.duckdb"))
+    con.execute("UPDATE array_location SET recorded_at = recorded_at + INTERVAL 1 SECOND")
+    con.close()
+    assert maintenance.gc(root) == []  # claims its prefix
+    con = duckdb.connect(str(root / "catalog.duckdb"))
+    con.execute("UPDATE array_location SET url = ?", [pair["url"]])  # then its location row edited
+    con.close()
+    mine = array_store.identity(root / "catalog.duckdb")
+    for remove in (lambda: maintenance.gc(root), lambda: maintenance.rm(root, model=MODEL),
+                   lambda: mlarch.open(root).ingest(str(model_dir["llama"]), ["bn"], data["math"], data["control"],
+                                                    name=MODEL, samples=4, top_k=KS, device="cpu")):
+        with pytest.raises(array_store.StoreError, match=rf"^{pair['url']} holds the arrays of another mlarch archive "
+                                                          rf".*this archive is {mine[:12]}\): nothing was changed"):
+            remove()
+    assert set(fs.find(pair["prefix"] + "/")) == before  # nothing of the first archive's removed or written
+    owner = [c for c in maintenance.verify(root) if c.check == "array store owner"]
+    assert len(owner) == 1 and not owner[0].ok and "never run gc here" in owner[0].detail
+    assert not _failed(maintenance.verify(pair["remote"]))
+    # an archive's prefix without the object (made before it): claimed by its next change
+    fs.rm_file(f"{prefix}/{array_store.OWNER}")
+    con = duckdb.connect(str(root / "catalog.duckdb"))
+    con.execute("UPDATE array_location SET url = ?", [f"s3://{prefix}"])
+    con.close()
+    assert [c.detail for c in maintenance.verify(root) if c.check == "array store owner"][0].startswith("not claimed")
+    assert maintenance.gc(root) == []
+    assert json.loads(fs.cat_file(f"{prefix}/{array_store.OWNER}"))["archive"] == \
+        array_store.identity(root / "catalog.duckdb")
 
 
 @pytest.mark.parametrize("url, expected", [

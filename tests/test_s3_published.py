@@ -72,7 +72,7 @@ def _clone(published, s3, tmp_path, name="clone"):
     shutil.copytree(published["remote"], root)
     prefix = f"{BUCKET}/{name}-{uuid.uuid4().hex[:8]}"
     for key in fs.find(published["prefix"] + "/"):
-        if "/published/" not in key:
+        if "/published/" not in key and not key.endswith("/" + array_store.OWNER):  # the copy claims its own
             fs.copy(key, prefix + key[len(published["prefix"]):])
     con = duckdb.connect(str(root / "catalog.duckdb"))
     con.execute("UPDATE array_location SET url = ?", [f"s3://{prefix}"])

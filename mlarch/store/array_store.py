@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import atexit
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -36,17 +37,19 @@ _S3_FIX = "pip install 'mlarch[s3]' (s3fs)"
 # presigned URL (its signature, credential and session token)
 _USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]*@")
 _SIGNED = re.compile(r"(?P<name>X-Amz-(?:Signature|Credential|Security-Token)=)[^&\s\"']*", re.IGNORECASE)
-_SECRETS = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+# the values of these are never printed: every AWS_* variable that names a secret or token
+# (AWS_SESSION_TOKEN, AWS_SECURITY_TOKEN, AWS_CONTAINER_AUTHORIZATION_TOKEN, ...)
+_SECRET_NAME = re.compile(r"AWS_\w*(?:SECRET|TOKEN|PASSWORD)\w*")
 
 
 def redact(text: str) -> str:
     """`text` without secrets (a URL's user:password, a presigned URL's signature, credential and
-    token, the values of AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN): mlarch prints no secret."""
+    token, the values of AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN and every other AWS_*
+    variable named as a secret or token): mlarch prints no secret."""
     text = _USERINFO.sub(lambda m: f"{m.group('scheme')}***@", str(text))
     text = _SIGNED.sub(lambda m: f"{m.group('name')}***", text)
-    for name in _SECRETS:
-        value = os.environ.get(name)
-        if value and len(value) >= 4:
+    for name, value in os.environ.items():
+        if value and len(value) >= 4 and _SECRET_NAME.fullmatch(name):
             text = text.replace(value, "***")
     return text
 
@@ -128,8 +131,14 @@ class LocalArrays(ArrayStore):
             if handle.is_dir() else 0
 
     def shown(self, handle: Path, root: Path) -> str:
-        """A group's folder relative to the archive root, for listings."""
-        return handle.resolve().relative_to(Path(root).resolve()).as_posix()
+        """A group's folder as arrays.zarr/<group>, for listings (arrays.zarr may be a link to
+        a folder elsewhere, as mlarch advises: resolving it would leave the archive root)."""
+        for inside, base in ((Path(handle), self.folder), (Path(handle).resolve(), self.folder.resolve())):
+            try:
+                return (Path(self.folder.name) / inside.relative_to(base)).as_posix()
+            except ValueError:
+                continue
+        return str(handle)
 
     def signature(self, path: str) -> tuple:
         """Names, sizes and modification times of an array's files: an array vouched for once
@@ -280,6 +289,30 @@ class S3Arrays(ArrayStore):
             relative = file.relative_to(folder).as_posix()
             self._call(fs.put_file, str(file), self._key(f"{path}/{relative}"))
 
+    # --- which archive's arrays these are ------------------------------------------------
+    def claimant(self) -> str | None:
+        """The archive identity the prefix's OWNER object names (None: no such object)."""
+        fs = _filesystem()
+        try:
+            with self._call(fs.open, f"{self.base}/{OWNER}", "rb") as handle:
+                raw = handle.read(_OWNER_LIMIT + 1)
+        except FileNotFoundError:
+            return None
+        try:
+            found = json.loads(raw) if len(raw) <= _OWNER_LIMIT else None
+        except (ValueError, RecursionError):
+            found = None
+        archive = found.get("archive") if isinstance(found, dict) else None
+        if not isinstance(archive, str) or not re.fullmatch(r"[0-9a-f]{32}", archive):
+            raise StoreError(f"{self.url}/{OWNER} is not an owner record mlarch writes: the prefix holds something "
+                             "else; give this archive a prefix of its own")
+        return archive
+
+    def claim(self, archive: str) -> None:
+        """Write the OWNER object naming `archive`."""
+        self._call(_filesystem().pipe_file, f"{self.base}/{OWNER}",
+                   json.dumps({"archive": archive, "by": "mlarch"}).encode())
+
     # --- checks ---------------------------------------------------------------------------
     def probe(self, write: bool = False) -> None:
         """One request (list PREFIX/), or a write and delete of a probe object: a missing
@@ -412,6 +445,44 @@ def recorded(catalog_path: Path) -> str | None:
     return None if row is None else row[0]
 
 
+# At the top of an S3 prefix: which archive's arrays lie there. Two archives given one prefix
+# would each list the other's runs as orphans (gc deleting them) and write |W| over the
+# other's (model groups are named after the model): the second is refused, and rm, gc and
+# later ingests check the claim first. The identity is the catalog's location row's (URL and
+# the time its first ingest recorded it): no schema change, and unique per archive.
+OWNER = "mlarch-archive.json"
+_OWNER_LIMIT = 4096
+
+
+def identity(catalog_path: Path) -> str | None:
+    """The archive's identity for the OWNER object (None: its arrays are in its folder)."""
+    from mlarch.store import catalog
+
+    with catalog.reading(catalog_path) as con:
+        row = con.execute("SELECT url, recorded_at FROM array_location").fetchone()
+    return None if row is None else _identity(*row)
+
+
+def _identity(url: str, recorded_at) -> str:
+    return hashlib.sha256(f"{url}\n{recorded_at.isoformat()}".encode()).hexdigest()[:32]
+
+
+def for_changes(root: Path) -> ArrayStore:
+    """The archive's store for rm, gc and ingest, once an S3 prefix is this archive's: its OWNER
+    object names this archive (written now where an archive made before it has none)."""
+    store = of(root)
+    if store.remote:
+        mine, found = identity(Path(root) / layout.CATALOG), store.claimant()
+        if found is None:
+            store.claim(mine)
+        elif found != mine:
+            raise error(StoreError, f"{store.url} holds the arrays of another mlarch archive (its {OWNER} names "
+                        f"{found[:12]}, this archive is {mine[:12]}): nothing was changed; each archive needs a "
+                        "prefix of its own (the catalog's recorded location may have been edited: ",
+                        Phrase("Archive.verify()", "`mlarch verify`"), ")")
+    return store
+
+
 _OPENED: dict[tuple, ArrayStore] = {}
 _OPENED_LOCK = threading.Lock()
 
@@ -469,10 +540,17 @@ def for_ingest(root: Path, url: str | None) -> ArrayStore:
             raise error(UsageError, f"archive {root} keeps its arrays at {current} (recorded by its first ingest); ",
                         Arg("arrays", shown=requested.url), " differs: drop ", Arg("arrays"), f" or pass {current}")
         if current is not None:
-            requested = of(root)
+            requested = for_changes(root)
+            requested.probe(write=True)
+            return requested
     if requested is None:
         return LocalArrays(Path(root) / layout.ARRAYS)
     requested.probe(write=True)
+    if requested.claimant() is not None or requested.groups("runs") or requested.groups("models"):
+        name = Path(root).name if _SEGMENT.fullmatch(Path(root).name) else "archive2"
+        sibling = f"s3://{requested.bucket}/" + "/".join([*requested.prefix.split("/")[:-1], name]).strip("/")
+        raise error(UsageError, Arg("arrays", shown=requested.url), " already holds another mlarch archive's "
+                    f"arrays: give this archive a prefix of its own (e.g. {sibling})")
     return requested
 
 
@@ -494,7 +572,9 @@ def record(root: Path, store: ArrayStore) -> None:
             raise error(UsageError, f"archive {root} keeps its arrays in its folder ({layout.ARRAYS}); ",
                         Arg("arrays", shown=store.url), " differs: drop ", Arg("arrays"))
         con.execute("INSERT INTO array_location VALUES (1, ?, now()::TIMESTAMP)", [store.url])
+        # in the transaction: no location row without its claim
+        store.claim(_identity(*con.execute("SELECT url, recorded_at FROM array_location").fetchone()))
 
 
-__all__ = ["ArrayStore", "LocalArrays", "S3Arrays", "StoreError", "coerce", "for_ingest", "of", "parse",
-           "record", "recorded", "redact"]
+__all__ = ["ArrayStore", "LocalArrays", "S3Arrays", "StoreError", "coerce", "for_changes", "for_ingest", "identity",
+           "of", "parse", "record", "recorded", "redact"]

@@ -242,7 +242,7 @@ def _extract(tar: tarfile.TarFile, members: list[tarfile.TarInfo], staging: Path
 
 def _merge(root: Path, staging: Path, tables: dict, schema: dict[str, list[str]], bundle: Path) -> dict:
     path = root / layout.CATALOG
-    store = array_store.of(root)  # the archive's arrays.zarr, or its S3 prefix (probed)
+    store = array_store.for_changes(root)  # the archive's arrays.zarr, or its S3 prefix (probed, claimed)
     with layout.commit_lock(root):
         with catalog.reading(path) as con:
             have_runs = {r[0] for r in con.execute("SELECT run_id FROM runs").fetchall()}

@@ -53,6 +53,12 @@ def verify(root: Path, run_ids: list[str] | None = None) -> list[Check]:
     checks: list[Check] = []
     if store.remote:
         checks.append(Check("array store", store.url, True, "reachable (the catalog's recorded location)"))
+        mine, found = array_store.identity(root / layout.CATALOG), store.claimant()
+        checks.append(Check("array store owner", store.url, found in (None, mine),
+                            "this archive's" if found == mine else
+                            f"not claimed yet (the next ingest, rm or gc writes {array_store.OWNER})" if found is None
+                            else f"another archive's ({array_store.OWNER} names {found[:12]}, this archive is "
+                                 f"{mine[:12]}): its runs are not orphans of this one; never run gc here"))
     with catalog.reading(root / layout.CATALOG) as con:
         runs = con.execute(
             "SELECT run_id, model, seed, status, arrays_group, host, pid, analysis FROM runs ORDER BY started_at"
@@ -266,7 +272,7 @@ def gc(root: Path) -> list[str]:
     """Remove leftovers of interrupted ingests and imports; returns what was removed."""
     removed: list[str] = []
     path = root / layout.CATALOG
-    store = array_store.of(root) if path.exists() else array_store.LocalArrays(root / layout.ARRAYS)
+    store = array_store.for_changes(root) if path.exists() else array_store.LocalArrays(root / layout.ARRAYS)
     with layout.commit_lock(root):
         with catalog.reading(path) as con:
             runs = con.execute("SELECT run_id, model, status, arrays_group, host, pid FROM runs").fetchall()
@@ -326,7 +332,7 @@ def rm(root: Path, run_ids: list[str] | None = None, model: str | None = None, *
     recomputed for what remains, promoting the newest earlier run where one was replaced.
     dry_run: change nothing and return what would be removed (rm_plan)."""
     path = root / layout.CATALOG
-    store = array_store.of(root) if path.exists() else array_store.LocalArrays(root / layout.ARRAYS)
+    store = array_store.for_changes(root) if path.exists() else array_store.LocalArrays(root / layout.ARRAYS)
     with layout.commit_lock(root):
         with catalog.reading(path) as con:
             runs = con.execute(
