@@ -3,8 +3,14 @@
 
 Machine formats keep every row on one line whatever the values hold: csv quotes, tsv
 escapes (backslash, tab, newline, carriage return as \\\\ \\t \\n \\r, as PostgreSQL's COPY
-text format and linear TSV do), json and jsonl escape inside JSON strings. latex is a
-booktabs tabular with LaTeX's special characters escaped in every cell and header.
+text format and linear TSV do; other control characters as COPY's \\xNN), json and jsonl
+escape inside JSON strings. latex is a booktabs tabular with LaTeX's special characters
+escaped in every cell and header.
+
+Text reaches a terminal as it is only where it is printable: table, markdown and latex show
+a control or invisible character as its Python escape (\\x1b, \\n, \\u2028), so catalog text
+or a planted file name cannot forge a row or send a terminal escape sequence. csv alone has
+no escape to offer: it hands values over exactly, for programs.
 """
 
 from __future__ import annotations
@@ -36,6 +42,19 @@ def _cell(value) -> str:
     if isinstance(value, (list, tuple)):
         return ",".join(_cell(v) for v in value)
     return str(value)
+
+
+# Not printable by Python's rule but part of ordinary text: the joiners of Bengali, Devanagari
+# (and emoji) conjuncts.
+_JOINERS = "\u200c\u200d"
+
+
+def _visible(text: str, keep: str = "") -> str:
+    """`text` with every non-printable character (control, format, separator) but the
+    joiners and `keep` as its Python escape, so it prints as what it is."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() or c in _JOINERS or c in keep else repr(c)[1:-1] for c in text)
 
 
 def _plain(value):
@@ -73,7 +92,10 @@ def _text(value) -> str:
     return str(value)
 
 
-_TSV_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+_TSV_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r",
+                              # other C0 controls, DEL and C1 (ESC, CSI...): COPY's \xNN of their UTF-8 bytes
+                              **{c: "".join(f"\\x{b:02x}" for b in chr(c).encode())
+                                 for c in [*range(0x20), *range(0x7f, 0xa0)] if chr(c) not in "\t\n\r"}})
 
 
 def _tsv(value) -> str:
@@ -90,8 +112,9 @@ _LATEX_ESCAPES = str.maketrans({
 
 
 def latex_escape(text: str) -> str:
-    """`text` with LaTeX's special characters escaped, safe inside a tabular cell."""
-    return text.translate(_LATEX_ESCAPES)
+    """`text` with LaTeX's special characters escaped, safe inside a tabular cell (a control
+    character, which LaTeX refuses, as its visible escape)."""
+    return _visible(text, keep="\n\r\t").translate(_LATEX_ESCAPES)
 
 
 def _latex_number(cell: str) -> str:
@@ -147,12 +170,14 @@ def render(frame, fmt: str) -> str:
                           r"\end{tabular}"])
     if fmt == "markdown":
         def md(text):  # a newline would end the table row
-            return text.replace("|", "\\|").replace("\r\n", "<br>").replace("\n", "<br>").replace("\r", "<br>")
+            return _visible(text.replace("|", "\\|").replace("\r\n", "<br>").replace("\n", "<br>")
+                            .replace("\r", "<br>"))
 
         header = "| " + " | ".join(md(c) for c in columns) + " |"
         rule = "|" + "|".join("---:" if n else "---" for n in numeric) + "|"
         body = ["| " + " | ".join(md(c) for c in row) + " |" for row in cells]
         return "\n".join([header, rule, *body])
+    columns, cells = [_visible(c) for c in columns], [[_visible(c) for c in row] for row in cells]
     widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
 
     def line(values):

@@ -17,10 +17,12 @@ from mlarch.cli import cli
 from mlarch.formats import FORMATS, latex_escape, render
 
 # cells that break naive writers: separators, line breaks, quotes, LaTeX's and markdown's
-# specials, a backslash before a letter (\t read back as a tab), unicode line separators
+# specials, a backslash before a letter (\t read back as a tab), unicode line separators,
+# terminal escape sequences (ESC, a C1 CSI, BEL)
 HOSTILE = [
     "plain", "tab\there", "new\nline", "cr\rhere", "crlf\r\nhere", "back\\slash", "\\t literal", 'quo"te', "comma,sep",
     "pipe|cell", "& % $ # _ { } ~ ^ \\", "\\textbf{x}", "line\u2028sep", "日本語", "", "\n\n", "\t",
+    "esc\x1b]0;title\x07\x1b[2K", "csi\x9b2J del\x7f",
 ]
 
 
@@ -36,7 +38,13 @@ def hostile_frame() -> pl.DataFrame:
 
 
 def unescape_tsv(field: str) -> str:
-    return re.sub(r"\\(.)", lambda m: {"t": "\t", "n": "\n", "r": "\r", "\\": "\\"}[m.group(1)], field)
+    """As PostgreSQL's COPY reads it (a run of \\xNN is the UTF-8 bytes of one or more characters)."""
+    def one(m):
+        if m.group(1):
+            return bytes.fromhex(m.group(1).replace("\\x", "")).decode()
+        return {"t": "\t", "n": "\n", "r": "\r", "\\": "\\"}[m.group(2)]
+
+    return re.sub(r"((?:\\x[0-9a-f]{2})+)|\\(.)", one, field)
 
 
 def test_formats_listed():
@@ -138,6 +146,40 @@ def test_markdown_keeps_rows_on_one_line():
     frame = hostile_frame()
     lines = render(frame, "markdown").split("\n")
     assert len(lines) == frame.height + 2
+
+
+# what a terminal acts on: C0 controls but the separators \t and \n, DEL, C1 (0x9b is CSI)
+TERMINAL_CONTROLS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+@pytest.mark.parametrize("fmt", [f for f in FORMATS if f != "csv"])  # csv has no escape: its values are exact
+def test_no_format_sends_a_terminal_control_character(fmt):
+    frame = hostile_frame().rename({"text & $name_1": "name\x1b]0;title\x07"})  # a header too
+    text = render(frame, fmt)
+    assert not TERMINAL_CONTROLS.search(text), repr(TERMINAL_CONTROLS.search(text))
+    if fmt != "tsv":  # tsv's field separator; elsewhere a tab would shift the columns
+        assert "\t" not in text
+
+
+@pytest.mark.parametrize("fmt", ["table", "markdown", "latex"])
+def test_human_formats_show_invisible_characters_as_escapes_and_keep_text(fmt):
+    """Python's escapes for control, format and separator characters; accents, Bengali (its
+    joiners too) and CJK as they are."""
+    words = "café বাংলা র\u200d্যাব 日本語"
+    frame = pl.DataFrame({"name\x1b[2K": ["gsm8k\x1b]0;pwned\x07", "a\u2028b\x9bc\u202ed", words]})
+    text = render(frame, fmt)
+    assert words in text
+    for escape in [r"\x1b[2K", r"\x1b]0;pwned\x07", r"\u2028", r"\x9b", r"\u202e"]:
+        assert escape in text.replace(r"\textbackslash{}", "\\")
+    assert all(c.isprintable() or c in "\n\u200d" for c in text)
+
+
+def test_table_keeps_one_line_per_row_whatever_the_cells_hold():
+    frame = hostile_frame()
+    lines = render(frame, "table").split("\n")
+    assert len(lines) == frame.height + 2
+    assert lines[2 + HOSTILE.index("new\nline")].startswith(r"new\nline ")
+    assert lines[2 + HOSTILE.index("crlf\r\nhere")].startswith(r"crlf\r\nhere ")
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

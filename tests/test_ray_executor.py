@@ -381,6 +381,23 @@ def test_a_forged_manifest_from_a_worker_is_refused_and_nothing_committed(ray_se
     assert archive.sql("SELECT count(*) FROM arrays").item() == 0 and archive.sql("SELECT count(*) FROM models").item() == 0
 
 
+def test_workers_get_aws_settings_but_no_credential(monkeypatch):
+    """The runtime_env (readable by anyone with cluster access) carries settings by name only:
+    a bearer token or key botocore reads, or one an unknown AWS_* variable holds, stays here."""
+    settings = {"AWS_ENDPOINT_URL": "http://127.0.0.1:9000", "AWS_REGION": "eu-west-1", "AWS_PROFILE": "lab",
+                "AWS_SHARED_CREDENTIALS_FILE": "/etc/aws/credentials", "AWS_CA_BUNDLE": "/etc/ssl/lab.pem",
+                "AWS_MAX_ATTEMPTS": "3"}
+    secrets = {"AWS_CONTAINER_AUTHORIZATION_TOKEN": "bearer-secret", "AWS_BEARER_TOKEN_S3": "bearer-secret",
+               "AWS_CONTAINER_CREDENTIALS_FULL_URI": "http://127.0.0.1:1338/creds", "AWS_ACCESS_KEY_ID": "AKIA",
+               "AWS_SECRET_ACCESS_KEY": "key-secret", "AWS_SESSION_TOKEN": "session-secret",
+               "AWS_SOME_FUTURE_TOKEN": "future-secret"}
+    for name in [n for n in os.environ if n.startswith("AWS_")]:
+        monkeypatch.delenv(name)
+    for name, value in {**settings, **secrets}.items():
+        monkeypatch.setenv(name, value)
+    assert ray_executor.aws_settings() == settings
+
+
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
     """moto's S3 server on 127.0.0.1 (tests/s3_server.py) with a bucket, its AWS_* settings applied."""
@@ -390,7 +407,7 @@ def s3(tmp_path_factory):
 
     with s3_server.threaded() as endpoint:
         env = s3_server.environment(endpoint, tmp_path_factory.mktemp("aws"))
-        # the workers get no keys (ray_executor.AWS_SECRETS): as on a cluster node, they read
+        # the workers get no keys (only ray_executor.AWS_FORWARDED): as on a cluster node, they read
         # a credentials file, which the forwarded AWS_SHARED_CREDENTIALS_FILE names
         Path(env["AWS_SHARED_CREDENTIALS_FILE"]).write_text(
             f"[default]\naws_access_key_id = {env['AWS_ACCESS_KEY_ID']}\n"

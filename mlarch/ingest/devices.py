@@ -12,15 +12,16 @@ from mlarch.errors import MlarchError, UsageError
 from mlarch.wording import Arg, Phrase, error
 
 HELP = "auto (CUDA if available, else CPU), cpu, cuda, cuda:N or mps."
-_SPEC = re.compile(r"^(auto|cpu|mps|cuda(:\d{1,4})?)$")
+_SPEC = re.compile(r"(auto|cpu|mps|cuda(:\d{1,4})?)")  # fullmatch: `$` would also match before a final newline
 
 
 def check(spec: str) -> str:
-    """`spec`, stripped and lower-cased, if it names a device; else a usage error."""
-    value = spec.strip().lower() if isinstance(spec, str) else ""
-    if not _SPEC.match(value):
-        shown = spec if isinstance(spec, str) and spec.isprintable() else ascii(spec)
-        raise UsageError(f"unknown device {shown[:40]!r}: use auto, cpu, cuda, cuda:N (e.g. cuda:0) or mps")
+    """`spec`, stripped of spaces and lower-cased, if it names a device; else a usage error.
+    A control character (a newline, ESC) is refused, not stripped: no device name holds one."""
+    value = spec.strip().lower() if isinstance(spec, str) and spec.isprintable() else ""
+    if not _SPEC.fullmatch(value):
+        shown = spec[:40] if isinstance(spec, str) else ascii(spec)[:40]  # repr escapes \n, \x1b...
+        raise UsageError(f"unknown device {shown!r}: use auto, cpu, cuda, cuda:N (e.g. cuda:0) or mps")
     return value
 
 

@@ -28,7 +28,7 @@ from mlarch.ingest.datafiles import sha256_file
 from mlarch.ingest.completeness import check_complete  # noqa: F401 - also mlarch.ingest.loading's API
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")  # fullmatch: `$` would also match before a final newline
 
 
 @dataclass
@@ -138,7 +138,7 @@ def classify(ref: str, gguf_file: str | None = None) -> tuple[str, Path | None]:
                 raise error(UsageError, Arg("model", ref), " already is a .gguf file: drop ", Arg("gguf_file"))
             return "gguf", path
         raise UsageError(f"model path {ref} is a file but not a .gguf: pass a model folder, a .gguf file or a hub id")
-    looks_local = ref.startswith((".", "/", "~")) or ref.lower().endswith(".gguf") or not _HUB_ID.match(ref)
+    looks_local = ref.startswith((".", "/", "~")) or ref.lower().endswith(".gguf") or not _HUB_ID.fullmatch(ref)
     if looks_local:
         raise MlarchError(
             f"model path {ref} does not exist: pass an existing model folder, a .gguf file or a hub id"

@@ -353,18 +353,26 @@ class ScoringWorker:
         ctx = self._ready(order)
         return units.write_array(ctx.order.store, path, ctx.magnitudes)
 
-# Never sent to workers: a runtime_env is stored in the cluster's job metadata, which anyone
-# with access to the cluster (its dashboard, its GCS) can read. Nodes use their own credentials.
-AWS_SECRETS = frozenset({"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
-                         "AWS_SECURITY_TOKEN", "AWS_WEB_IDENTITY_TOKEN"})
+# Sent to workers: settings only, by name. A runtime_env is stored in the cluster's job
+# metadata, which anyone with access to the cluster (its dashboard, its GCS) can read, so no
+# credential goes (keys, session and bearer tokens, container-credential tokens, any variable
+# botocore adds later): nodes use their own credentials, from the files named here or their role.
+AWS_FORWARDED = frozenset({
+    "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL_STS", "AWS_IGNORE_CONFIGURED_ENDPOINT_URLS",
+    "AWS_USE_FIPS_ENDPOINT", "AWS_USE_DUALSTACK_ENDPOINT", "AWS_S3_US_EAST_1_REGIONAL_ENDPOINT",
+    "AWS_STS_REGIONAL_ENDPOINTS", "AWS_S3_USE_ARN_REGION", "AWS_S3_DISABLE_MULTIREGION_ACCESS_POINTS",
+    "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE", "AWS_DEFAULT_PROFILE",
+    "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE", "AWS_CA_BUNDLE",
+    "AWS_MAX_ATTEMPTS", "AWS_RETRY_MODE", "AWS_DEFAULTS_MODE",
+    "AWS_REQUEST_CHECKSUM_CALCULATION", "AWS_RESPONSE_CHECKSUM_VALIDATION",  # what an S3-compatible server takes
+})
 
 
 def aws_settings() -> dict[str, str]:
-    """The driver's AWS_* settings (endpoint, region, profile, config and credentials file
-    paths), for workers writing to arrays on S3: a Ray instance started earlier, or a cluster
-    node, has another environment. Keys and tokens stay on the driver (AWS_SECRETS)."""
-    return {name: value for name, value in os.environ.items()
-            if name.startswith("AWS_") and name not in AWS_SECRETS}
+    """The driver's AWS settings (endpoint, region, profile, config and credentials file
+    paths, CA bundle, retries), for workers writing to arrays on S3: a Ray instance started
+    earlier, or a cluster node, has another environment. Only AWS_FORWARDED's names go."""
+    return {name: value for name, value in os.environ.items() if name in AWS_FORWARDED}
 
 
 def start_units(reporter, label: str, total: int) -> None:
