@@ -8,6 +8,7 @@ and an update is published (fetched again; an unchanged one is not).
 Also the review fixes of mlarch.store.array_store: no secret in any message, and no key built
 from a catalog row outside the prefix."""
 
+import hashlib
 import json
 import shutil
 import uuid
@@ -220,6 +221,37 @@ def test_a_hostile_manifest_is_refused(damaged, s3, machine, change, expected, c
     line = one_error(CliRunner().invoke(cli, ["--archive", url, "runs"]), code)
     assert expected in line, line
     assert not (remote_catalog.cache_folder(url) / layout.CATALOG).exists()
+
+
+def test_a_published_catalogs_views_are_mlarchs_own(damaged, s3, machine, tmp_path):
+    """A publisher may rewrite a view (set_sizes doubled) or add a macro shadowing a function
+    the views call, with a manifest to match: every number read through them would lie. The
+    fetched copy reads through the migrations' views; tables not mlarch's are refused."""
+    def republish(*statements):
+        local = tmp_path / f"edited-{len(list(tmp_path.iterdir()))}.duckdb"
+        local.write_bytes(damaged["bodies"]["catalog"])
+        con = duckdb.connect(str(local))
+        for statement in statements:
+            con.execute(statement)
+        con.execute("CHECKPOINT")
+        con.close()
+        body = local.read_bytes()
+        sha = hashlib.sha256(body).hexdigest()
+        s3["fs"].pipe_file(f"{damaged['url'][5:]}/{remote_catalog.catalog_key(sha)}", body)
+        _edit_manifest(s3, damaged, lambda m: m.update(sha256=sha, size=len(body),
+                                                       catalog=remote_catalog.catalog_key(sha)))
+
+    honest = mlarch.open(damaged["root"])
+    expected = _sorted_rows(honest.sql("SELECT * FROM set_sizes"))
+    republish("CREATE OR REPLACE VIEW set_sizes AS SELECT * REPLACE (n_selected * 2 AS n_selected) FROM selections",
+              "CREATE MACRO list_contains(l, x) AS true")
+    shared = mlarch.open(damaged["url"])
+    assert _sorted_rows(shared.sql("SELECT * FROM set_sizes")) == expected
+    assert shared.compare(MODEL, "en,de").equals(honest.compare(MODEL, "en,de"))
+    assert not _failed(shared)  # the catalog schema row included
+    republish("ALTER TABLE selections RENAME TO selections_t", "CREATE VIEW selections AS SELECT * FROM selections_t")
+    line = one_error(CliRunner().invoke(cli, ["--archive", damaged["url"], "runs"]), 1)
+    assert "does not hold mlarch's tables" in line and "publish the archive again" in line, line
 
 
 def test_a_manifest_that_is_not_json_is_refused(damaged, s3, machine):

@@ -66,18 +66,75 @@ _SHAPE = """
 """
 
 
-@functools.lru_cache(maxsize=1)
-def _reference_shape() -> frozenset[str]:
-    """Tables (columns, types) and view definitions exactly as the migrations create them."""
+def _replayed(query: str | None = None, then=None):
+    """The rows of `query` (or what then(con) gives) in an in-memory catalog made by every migration."""
     con = duckdb.connect()
     try:
         con.execute("CREATE TABLE schema_migrations "
                     "(version INTEGER PRIMARY KEY, name VARCHAR NOT NULL, applied_at TIMESTAMP NOT NULL)")
         for _, _, sql in migrations():
             con.execute(sql)
-        return frozenset(r[0] for r in con.execute(_SHAPE).fetchall())
+        return then(con) if then is not None else con.execute(query).fetchall()
     finally:
         con.close()
+
+
+@functools.lru_cache(maxsize=1)
+def _reference_shape() -> frozenset[str]:
+    """Tables (columns, types) and view definitions exactly as the migrations create them."""
+    return frozenset(r[0] for r in _replayed(_SHAPE))
+
+
+def _creation_order(con) -> tuple[str, ...]:
+    """The CREATE VIEW statements of `con`'s views, in an order in which each binds (a view
+    that a later migration made again comes after those made earlier that read it)."""
+    pending = [r[0] for r in con.execute("SELECT sql FROM duckdb_views() WHERE NOT internal AND schema_name = 'main' "
+                                         "ORDER BY view_oid").fetchall()]
+    for (name,) in con.execute("SELECT view_name FROM duckdb_views() WHERE NOT internal AND schema_name = 'main'"
+                               ).fetchall():
+        con.execute(f"DROP VIEW {_name(name)}")
+    order = []
+    while pending:
+        failed = []
+        for sql in pending:
+            try:
+                con.execute(sql)
+                order.append(sql)
+            except duckdb.CatalogException:
+                failed.append(sql)
+        if len(failed) == len(pending):
+            con.execute(failed[0])  # raises why: a migration bug
+        pending = failed
+    return tuple(order)
+
+
+@functools.lru_cache(maxsize=1)
+def _reference_views() -> tuple[str, ...]:
+    """The CREATE VIEW statement of every view the migrations leave, in an order that binds
+    (the migrations make no macro)."""
+    return _replayed(then=_creation_order)
+
+
+def rebuild_views(con: duckdb.DuckDBPyConnection) -> None:
+    """Replace every view and macro of the catalog behind `con` (read-write, at the latest
+    schema) by the migrations' views, in one transaction: a published snapshot is someone
+    else's file, and a view rewritten there (or a macro shadowing a function the views call)
+    would change every number read through it. DuckDB errors pass (tables not mlarch's)."""
+    con.execute("BEGIN TRANSACTION")
+    try:
+        for schema, name in con.execute("SELECT schema_name, view_name FROM duckdb_views() "
+                                        "WHERE database_name = current_database() AND NOT internal").fetchall():
+            con.execute(f"DROP VIEW {_name(schema)}.{_name(name)}")
+        for schema, name, kind in con.execute(
+                "SELECT DISTINCT schema_name, function_name, function_type FROM duckdb_functions() "
+                "WHERE database_name = current_database() AND NOT internal").fetchall():
+            con.execute(f"DROP MACRO {'TABLE ' if kind == 'table_macro' else ''}{_name(schema)}.{_name(name)}")
+        for sql in _reference_views():
+            con.execute(sql)
+        con.execute("COMMIT")
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
 
 
 def schema_drift(con: duckdb.DuckDBPyConnection) -> list[str]:

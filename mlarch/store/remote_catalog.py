@@ -360,6 +360,15 @@ def _check_snapshot(path: Path, source: str, url: str, version: int) -> None:
             raise MlarchError(f"the published catalog {source} (schema {actual}) cannot be upgraded to schema "
                               f"{catalog.latest_version()} ({catalog._first_line(exc)[:200]}): publish the archive "
                               "again") from None
+    try:  # its views (and macros) are the publisher's: this copy reads through mlarch's own
+        con = catalog.confined(path, read_only=False)
+        try:
+            catalog.rebuild_views(con)
+        finally:
+            con.close()
+    except duckdb.Error as exc:
+        raise MlarchError(f"the published catalog {source} does not hold mlarch's tables (its views cannot be made "
+                          f"over them: {catalog._first_line(exc)[:160]}): publish the archive again") from None
 
 
 def _fetch_lock(folder: Path):
