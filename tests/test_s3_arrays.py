@@ -291,6 +291,8 @@ def test_a_prefix_is_one_archives(tmp_path, pair, s3, model_dir, data, no_model_
     con.execute("UPDATE array_location SET url = ?", [f"s3://{prefix}"])
     con.close()
     assert [c.detail for c in maintenance.verify(root) if c.check == "array store owner"][0].startswith("not claimed")
+    maintenance.rm(root, model=MODEL, dry_run=True)  # a dry run changes nothing, not even the claim
+    assert not fs.exists(f"{prefix}/{array_store.OWNER}")
     assert maintenance.gc(root) == []
     assert json.loads(fs.cat_file(f"{prefix}/{array_store.OWNER}"))["archive"] == \
         array_store.identity(root / "catalog.duckdb")

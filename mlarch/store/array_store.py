@@ -467,14 +467,16 @@ def _identity(url: str, recorded_at) -> str:
     return hashlib.sha256(f"{url}\n{recorded_at.isoformat()}".encode()).hexdigest()[:32]
 
 
-def for_changes(root: Path) -> ArrayStore:
+def for_changes(root: Path, claim: bool = True) -> ArrayStore:
     """The archive's store for rm, gc and ingest, once an S3 prefix is this archive's: its OWNER
-    object names this archive (written now where an archive made before it has none)."""
+    object names this archive (written now where an archive made before it has none, unless
+    not `claim`: a dry run changes nothing)."""
     store = of(root)
     if store.remote:
         mine, found = identity(Path(root) / layout.CATALOG), store.claimant()
         if found is None:
-            store.claim(mine)
+            if claim:
+                store.claim(mine)
         elif found != mine:
             raise error(StoreError, f"{store.url} holds the arrays of another mlarch archive (its {OWNER} names "
                         f"{found[:12]}, this archive is {mine[:12]}): nothing was changed; each archive needs a "

@@ -332,7 +332,8 @@ def rm(root: Path, run_ids: list[str] | None = None, model: str | None = None, *
     recomputed for what remains, promoting the newest earlier run where one was replaced.
     dry_run: change nothing and return what would be removed (rm_plan)."""
     path = root / layout.CATALOG
-    store = array_store.for_changes(root) if path.exists() else array_store.LocalArrays(root / layout.ARRAYS)
+    store = (array_store.for_changes(root, claim=not dry_run) if path.exists()
+             else array_store.LocalArrays(root / layout.ARRAYS))
     with layout.commit_lock(root):
         with catalog.reading(path) as con:
             runs = con.execute(
