@@ -219,7 +219,8 @@ class Archive:
         extension and cannot be reconfigured (catalog.SANDBOX). So without write=True,
         read_csv / read_parquet / glob of other files are refused too: use write=True
         (`mlarch sql --write`), which runs anything in one read-write transaction (loading
-        no extension unless it says LOAD), or DuckDB directly. Both modes fail on a path that holds no archive, creating nothing.
+        no extension unless it says LOAD), or DuckDB directly. Both modes fail on a path that
+        holds no archive, creating nothing.
 
         params: a dict binds each $name (a list binds ? in order), never pasted into the
         text; a $name without a value, or a value no $name uses, is a UsageError before
@@ -530,11 +531,13 @@ class Archive:
         analysis = self.resolve_analysis(model, analysis)
         # the pair of runs the derived tables used: one seed, both roles (never a math run of
         # one seed against a control run of another)
-        pairs = self._read(
-            "SELECT DISTINCT s.seed FROM selections s "
-            "WHERE s.model = ? AND s.analysis = ? AND s.lang = ?" + (" AND s.seed = ?" if seed is not None else "") +
-            " ORDER BY s.seed", [model, analysis, lang] + ([seed] if seed is not None else []))
-        if pairs.is_empty():
+        with catalog.reading(self.catalog_path) as con:
+            first = con.execute(
+                "SELECT min(s.seed) FROM selections s WHERE s.model = ? AND s.analysis = ? AND s.lang = ?"
+                + (" AND s.seed = ?" if seed is not None else ""),
+                [model, analysis, lang] + ([seed] if seed is not None else [])).fetchone()[0]
+            pair = _compare.pair_runs(con, model, analysis, lang, first) if first is not None else None
+        if pair is None:
             where = f" at seed {seed}" if seed is not None else ""
             where += f" in analysis {analysis!r}"
             roles = self._read("SELECT DISTINCT role FROM runs WHERE model = ? AND analysis = ? AND lang = ? AND in_use "
@@ -545,8 +548,6 @@ class Archive:
                             "so no math-only set was derived from them: ingest both roles with the same ",
                             Arg("top_k"))
             raise MlarchError(f"model {model!r} has no math and control runs for {lang!r}{where} (see `mlarch runs`)")
-        with catalog.reading(self.catalog_path) as con:
-            pair = _compare.pair_runs(con, model, analysis, lang, pairs["seed"][0])
         masks = []
         for run_id in pair:
             k_values = list(self._run_arrays(run_id)["k_values"])

@@ -66,15 +66,15 @@ _SHAPE = """
 """
 
 
-def _replayed(query: str | None = None, then=None):
-    """The rows of `query` (or what then(con) gives) in an in-memory catalog made by every migration."""
+def _replayed(then):
+    """then(con) for an in-memory catalog made by every migration."""
     con = duckdb.connect()
     try:
         con.execute("CREATE TABLE schema_migrations "
                     "(version INTEGER PRIMARY KEY, name VARCHAR NOT NULL, applied_at TIMESTAMP NOT NULL)")
         for _, _, sql in migrations():
             con.execute(sql)
-        return then(con) if then is not None else con.execute(query).fetchall()
+        return then(con)
     finally:
         con.close()
 
@@ -82,7 +82,7 @@ def _replayed(query: str | None = None, then=None):
 @functools.lru_cache(maxsize=1)
 def _reference_shape() -> frozenset[str]:
     """Tables (columns, types) and view definitions exactly as the migrations create them."""
-    return frozenset(r[0] for r in _replayed(_SHAPE))
+    return frozenset(r[0] for r in _replayed(lambda con: con.execute(_SHAPE).fetchall()))
 
 
 def _creation_order(con) -> tuple[str, ...]:
@@ -112,7 +112,7 @@ def _creation_order(con) -> tuple[str, ...]:
 def _reference_views() -> tuple[str, ...]:
     """The CREATE VIEW statement of every view the migrations leave, in an order that binds
     (the migrations make no macro)."""
-    return _replayed(then=_creation_order)
+    return _replayed(_creation_order)
 
 
 def rebuild_views(con: duckdb.DuckDBPyConnection) -> None:
