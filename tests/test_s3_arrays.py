@@ -298,6 +298,45 @@ def test_a_prefix_is_one_archives(tmp_path, pair, s3, model_dir, data, no_model_
         array_store.identity(root / "catalog.duckdb")
 
 
+def test_two_first_ingests_on_one_empty_prefix_race(tmp_path, s3, monkeypatch):
+    """Two new archives given one empty prefix at once both pass the first-ingest check (no
+    claim, no arrays yet); their claims are conditional writes, so the second is refused and
+    records no location, and the prefix names the first. Where the client cannot send the
+    condition (botocore before 1.35), the claim is a plain write read back."""
+    fs, url = s3["fs"], f"s3://{BUCKET}/race-{uuid.uuid4().hex[:8]}"
+    first, second = tmp_path / "first", tmp_path / "second"
+    stores = [array_store.for_ingest(root, url) for root in (first, second)]  # both checks pass: nothing there
+    for root in (first, second):  # as the ingests' planning does
+        root.mkdir()
+        catalog.ensure_schema(root / "catalog.duckdb")
+    array_store.record(first, stores[0])
+    with pytest.raises(array_store.StoreError, match=r"holds the arrays of another mlarch archive .*nothing was changed"):
+        array_store.record(second, stores[1])
+    assert json.loads(fs.cat_file(f"{url[5:]}/{array_store.OWNER}"))["archive"] == \
+        array_store.identity(first / "catalog.duckdb")
+    assert array_store.recorded(second / "catalog.duckdb") is None  # rolled back with the refused claim
+
+    sent, real = [], array_store._filesystem()
+
+    class OldClient:  # botocore < 1.35 rejects the parameter before sending
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def pipe_file(self, path, data, **kwargs):
+            sent.append(kwargs)
+            if "IfNoneMatch" in kwargs:
+                from botocore.exceptions import ParamValidationError
+
+                raise ParamValidationError(report='Unknown parameter in input: "IfNoneMatch"')
+            return real.pipe_file(path, data, **kwargs)
+
+    third = array_store.parse(f"s3://{BUCKET}/race-{uuid.uuid4().hex[:8]}")
+    monkeypatch.setattr(array_store, "_filesystem", OldClient)
+    third.claim("a" * 32)
+    assert [("IfNoneMatch" in kw) for kw in sent] == [True, False]  # tried, then written plainly
+    assert third.claimant() == "a" * 32
+
+
 @pytest.mark.parametrize("url, expected", [
     (f"s3://no-such-bucket-{uuid.uuid4().hex[:6]}/p", "does not exist"),
     ("s3://Not_A_Bucket/p", "is not s3://BUCKET/PREFIX"),

@@ -309,9 +309,24 @@ class S3Arrays(ArrayStore):
         return archive
 
     def claim(self, archive: str) -> None:
-        """Write the OWNER object naming `archive`."""
-        self._call(_filesystem().pipe_file, f"{self.base}/{OWNER}",
-                   json.dumps({"archive": archive, "by": "mlarch"}).encode())
+        """Write the OWNER object naming `archive` where the prefix has none. The write is
+        conditional (If-None-Match): of two archives claiming one empty prefix at once, one
+        wins and the other is refused here. A client or server without conditional writes
+        (botocore before 1.35, some S3-compatible servers) gets a plain write and a read-back."""
+        fs, key = _filesystem(), f"{self.base}/{OWNER}"
+        body = json.dumps({"archive": archive, "by": "mlarch"}).encode()
+        try:
+            fs.pipe_file(key, body, IfNoneMatch="*")
+        except Exception as exc:  # noqa: BLE001 - a lost race (412), an unsupported condition, or trouble
+            names, text = {cls.__name__ for cls in type(exc).__mro__}, str(exc)
+            if names & {"ParamValidationError", "NotImplementedError"} or "NotImplemented" in text \
+                    or "IfNoneMatch" in text:
+                self._call(fs.pipe_file, key, body)
+            elif self.claimant() is None:  # no claim there: not a lost race (s3fs < 2024.10 reports a 412 as OSError)
+                raise self.trouble(exc) from None
+        found = self.claimant()
+        if found != archive:
+            raise claimed_by_another(self, found, archive)
 
     # --- checks ---------------------------------------------------------------------------
     def probe(self, write: bool = False) -> None:
@@ -478,11 +493,16 @@ def for_changes(root: Path, claim: bool = True) -> ArrayStore:
             if claim:
                 store.claim(mine)
         elif found != mine:
-            raise error(StoreError, f"{store.url} holds the arrays of another mlarch archive (its {OWNER} names "
-                        f"{found[:12]}, this archive is {mine[:12]}): nothing was changed; each archive needs a "
-                        "prefix of its own (the catalog's recorded location may have been edited: ",
-                        Phrase("Archive.verify()", "`mlarch verify`"), ")")
+            raise claimed_by_another(store, found, mine)
     return store
+
+
+def claimed_by_another(store: "S3Arrays", found: str | None, mine: str) -> StoreError:
+    """The refusal when the prefix's OWNER object names another archive than `mine`."""
+    return error(StoreError, f"{store.url} holds the arrays of another mlarch archive (its {OWNER} names "
+                 f"{str(found)[:12]}, this archive is {mine[:12]}): nothing was changed; each archive needs a "
+                 "prefix of its own (the catalog's recorded location may have been edited: ",
+                 Phrase("Archive.verify()", "`mlarch verify`"), ")")
 
 
 _OPENED: dict[tuple, ArrayStore] = {}
