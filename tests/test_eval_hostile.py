@@ -215,18 +215,20 @@ def test_a_scale_that_rounds_away_in_bfloat16_is_refused(archive_copy, model_dir
     assert len(done.written) == 1  # a factor bfloat16 can hold still runs
 
 
-def test_a_text_past_gpt2_positions_is_refused_before_any_row(tmp_path, model_dir):
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_a_text_past_gpt2_positions_is_refused_before_any_row(tmp_path, model_dir, kind):
     """The tiny GPT-2 has 256 learned positions; --max-length 512 (the default) lets a long
-    text reach the forward pass, which fails with an IndexError: refused up front instead."""
+    text reach the forward pass, which fails with an IndexError: refused up front instead.
+    The tiny Llama's rotary positions past its 256 would be extrapolated: refused alike."""
     data = tmp_path / "en.jsonl"
     data.write_text(json.dumps({"question": " ".join(["apples"] * 400), "answer": "#### 4"}) + "\n"
                     + json.dumps({"question": "q2", "answer": "#### 5"}) + "\n")
-    code, output = _run(tmp_path / "arch", "eval", "--model", str(model_dir["gpt2"]), "--langs", "en", "--task", "nll",
+    code, output = _run(tmp_path / "arch", "eval", "--model", str(model_dir[kind]), "--langs", "en", "--task", "nll",
                         "--data", str(tmp_path / "{lang}.jsonl"), "--all-items", "-q")
     assert code == 2 and "more than the model's 256 positions: pass --max-length 256 or less" in output, output
     assert len(output.strip().splitlines()) == 1
     assert not (tmp_path / "arch" / "catalog.duckdb").exists()
-    code, output = _run(tmp_path / "arch", "eval", "--model", str(model_dir["gpt2"]), "--langs", "en", "--task", "nll",
+    code, output = _run(tmp_path / "arch", "eval", "--model", str(model_dir[kind]), "--langs", "en", "--task", "nll",
                         "--data", str(tmp_path / "{lang}.jsonl"), "--all-items", "--max-length", "256", "-q")
     assert code == 0, output
 

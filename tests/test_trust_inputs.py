@@ -267,15 +267,19 @@ def test_a_text_file_with_bare_carriage_returns_is_refused(data, model_dir, tmp_
     assert datafiles.parse_records(control)[0] == ["First passage.", "Second passage."]
 
 
-# --- F7: texts longer than a table of learned positions (GPT-2) -----------------------------------
+# --- F7: texts longer than the positions a model was made for -------------------------------------
 
-def test_text_past_learned_positions_refused_before_any_run(model_dir, data, tmp_path):
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_text_past_learned_positions_refused_before_any_run(model_dir, data, tmp_path, kind):
+    """GPT-2's table of 256 learned positions fails the forward pass; the tiny Llama's rotary
+    positions past its max_position_embeddings (256) would be extrapolated: plausible scores
+    from positions it was never made for."""
     control = tmp_path / "control"
     control.mkdir()
     words = " ".join(f"word{i} and more" for i in range(300))  # ~1,000+ tokens; the model has 256 positions
     (control / "en.txt").write_text(f"A short line.\n{words}\n", encoding="utf-8")
     archive = tmp_path / "arch"
-    args = ingest_args(archive, {**data, "control": str(control / "{lang}.txt")}, model_dir["gpt2"])
+    args = ingest_args(archive, {**data, "control": str(control / "{lang}.txt")}, model_dir[kind])
     line = one_error(CliRunner().invoke(cli, args), 1)
     assert line.startswith("Error: text 1 of en control has ")
     assert line.endswith(" tokens, more than the model's 256 positions: pass --max-length 256 or remove that text")

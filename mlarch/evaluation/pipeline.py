@@ -518,14 +518,16 @@ def _units(cfg, name, weights, dtype, source, items, planned, pair_runs) -> list
 
 
 def _positions(loaded) -> int | None:
-    """The model's table of learned positions (GPT-2's n_positions); None where it has none."""
-    positions = getattr(loaded.model.config, "n_positions", None)
-    return positions if isinstance(positions, int) and positions > 0 else None
+    """The positions the model was made for (scoring.trained_positions); None where its config names none."""
+    from mlarch.ingest.scoring import trained_positions
+
+    return trained_positions(loaded.model.config)
 
 
 def _check_positions(cfg: EvalConfig, loaded, items: dict) -> None:
-    """Before any row: a text (an accuracy prompt) longer than a model's learned positions
-    (GPT-2's n_positions) would fail inside the forward pass."""
+    """Before any row: a text (an accuracy prompt) longer than the positions a model was made
+    for would fail inside GPT-2's forward pass, or be scored at a rotary model's extrapolated
+    positions."""
     from mlarch.ingest.scoring import over_positions
 
     positions = _positions(loaded)

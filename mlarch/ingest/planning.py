@@ -197,17 +197,18 @@ def check_reused_files(catalog_path: Path, cfg: IngestConfig, run_ids: list[str]
 
 
 def check_positions(cfg: IngestConfig, folder: Path, items: dict) -> None:
-    """Refuse a text longer than the model's table of learned positions (GPT-2's n_positions):
-    its forward pass fails with an IndexError after the run rows are written. Read from the
-    folder's config and tokenizer, before the model loads; a folder without them is left to
-    the load to refuse."""
-    from mlarch.ingest.scoring import may_exceed, over_positions
+    """Refuse a text longer than the positions the model was made for (scoring.trained_positions):
+    GPT-2's forward pass fails with an IndexError after the run rows are written, and a rotary
+    model's scores would come from extrapolated positions. Read from the folder's config and
+    tokenizer, before the model loads; a folder without them is left to the load to refuse."""
+    from mlarch.ingest.scoring import may_exceed, over_positions, trained_positions
 
     try:
-        positions = json.loads((folder / "config.json").read_bytes()).get("n_positions")
-    except (OSError, ValueError, RecursionError, AttributeError):
+        config = json.loads((folder / "config.json").read_bytes())
+    except (OSError, ValueError, RecursionError):
         return
-    if not isinstance(positions, int) or positions < 1 or (cfg.max_length is not None and cfg.max_length <= positions):
+    positions = trained_positions(config) if isinstance(config, dict) else None
+    if positions is None or (cfg.max_length is not None and cfg.max_length <= positions):
         return
     tokenizer = None
     for (lang, role), loaded in items.items():

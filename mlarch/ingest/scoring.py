@@ -143,6 +143,18 @@ def tokenize(tokenizer, texts: list[str], max_length: int | None) -> tuple[list[
 _SPECIAL_TOKENS = 16
 
 
+def trained_positions(config) -> int | None:
+    """How many positions the model was made for (a config object or config.json's dict):
+    GPT-2's table of learned positions (n_positions; past it the forward pass fails), or a
+    rotary model's max_position_embeddings (past it positions are extrapolated: activations,
+    and so scores, from inputs the model never saw). None where the config names neither."""
+    for key in ("n_positions", "max_position_embeddings"):
+        value = config.get(key) if isinstance(config, dict) else getattr(config, key, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
 def may_exceed(text: str, positions: int) -> bool:
     """Whether `text` is long enough in bytes to tokenize to more than `positions` tokens."""
     return len(text.encode("utf-8")) + _SPECIAL_TOKENS > positions
