@@ -199,10 +199,12 @@ class Archive(_query.Archive):
         return chart(self, kind, **options)
 
     def report(self, folder, model: str, *, langs=None, k: float | None = None, seed: int | None = None,
-               analysis: str | None = None) -> Path:
+               analysis: str | None = None, anonymize: bool = False) -> Path:
         """Write every chart (SVG and PNG) and a self-contained index.html with the key tables
-        and provenance into `folder`, as `mlarch report`. Returns the path of index.html."""
+        and provenance into `folder`, as `mlarch report`; `anonymize` shows every absolute
+        path (data files, the archive) as <anonymized>/NAME. Returns the path of index.html."""
         from mlarch.charts.report import write_report
 
         self._require()
-        return write_report(self, folder, model=model, langs=_query._langs(langs), k=k, seed=seed, analysis=analysis)
+        return write_report(self, folder, model=model, langs=_query._langs(langs), k=k, seed=seed, analysis=analysis,
+                            anonymize=anonymize)

@@ -4,6 +4,7 @@
 import json
 import re
 import uuid
+from pathlib import Path
 from datetime import datetime, timedelta
 
 import pytest
@@ -401,6 +402,34 @@ def test_report_without_evaluations_is_unchanged(archive_copy, tmp_path):
     assert report_files(out) == sorted([f"{s}.{f}" for s in STEMS for f in ("svg", "png")] + ["index.html"])
     page = (out / "index.html").read_text()
     assert "intervention" not in page.lower() and page.count("data:image/svg+xml;base64,") == len(STEMS)
+
+
+def test_report_anonymize_hides_every_absolute_path(archive_copy, data, tmp_path):
+    """An archive imported from another machine records its paths (/home/bob/...), and ~
+    covers only this user's: --anonymize shows every absolute path as <anonymized>/NAME, in
+    the page, the reproduce command and the charts' files alike."""
+    archive = mlarch.open(archive_copy)
+    bob = "/home/bob/private-data/{lang}.jsonl"
+    insert(archive, [evaluation("nll", lang, "none", 2.0, dataset=bob) for lang in LANGS]
+           + [evaluation("nll", lang, "prune", 2.2, target="en", k=0.01, dataset=bob) for lang in LANGS])
+    ours = str(Path(data["math"]).parent)  # the runs' data files, absolute
+    plain, hidden = tmp_path / "plain", tmp_path / "hidden"
+    assert run(archive_copy, "report", "--model", "llama", "-o", str(plain)).exit_code == 0
+    result = run(archive_copy, "report", "--model", "llama", "--anonymize", "-o", str(hidden))
+    assert result.exit_code == 0, result.output
+    assert "interventions.svg" in report_files(hidden)
+
+    def text(folder):
+        return "\n".join(f.read_bytes().decode("utf-8", "replace") for f in sorted(folder.iterdir())
+                         if f.suffix in (".html", ".svg"))
+
+    shown = text(plain)
+    assert "/home/bob/private-data" in shown and ours in shown and str(archive_copy) in shown  # the case is real
+    anonymized = text(hidden)
+    for secret in ("/home/bob", "private-data", ours, str(archive_copy)):
+        assert secret not in anonymized, secret
+    assert "&lt;anonymized&gt;/{lang}.jsonl" in anonymized and "Absolute paths are anonymized." in anonymized
+    assert report_files(hidden) == report_files(plain)
 
 
 def test_report_with_evaluations_has_figure_and_table(evaluated, tmp_path):

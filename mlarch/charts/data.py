@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import re
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from itertools import combinations
 from pathlib import Path
@@ -325,9 +327,29 @@ def exact(value: float) -> str:
     return short if float(short) == value else repr(float(value))
 
 
+_ANONYMIZED = ContextVar("mlarch_anonymized_paths", default=False)
+
+
+@contextmanager
+def anonymized_paths():
+    """Within it, shown_path hides every absolute path and URL user name as
+    `export-bundle --anonymize` does (`report --anonymize`): an archive imported from
+    another machine records that machine's paths (/home/bob/...), which ~ does not cover."""
+    token = _ANONYMIZED.set(True)
+    try:
+        yield
+    finally:
+        _ANONYMIZED.reset(token)
+
+
 def shown_path(text: str) -> str:
     """A path as reports and chart titles show it: under the user's home folder as ~/...
-    (/home/alice names the user), else as recorded (a relative one stays relative)."""
+    (/home/alice names the user), else as recorded (a relative one stays relative); within
+    anonymized_paths(), <anonymized>/ and its file name for any absolute path."""
+    if _ANONYMIZED.get():
+        from mlarch.store.anonymize import Scrubber
+
+        return Scrubber(()).text(text)
     try:
         home = Path.home()
     except (RuntimeError, KeyError):  # no home folder known: nothing to hide

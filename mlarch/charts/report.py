@@ -9,6 +9,7 @@ import html
 import json
 import re
 import shlex
+from contextlib import nullcontext
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -319,8 +320,14 @@ def _page(title: str, meta: list[str], figures: list[tuple[str, str, bytes]], ta
 
 
 def write_report(archive, out_dir, model: str, langs=None, k: float | None = None, seed: int | None = None,
-                 analysis: str | None = None) -> Path:
-    """Render everything in memory, then write DIR/<chart>.svg|.png and DIR/index.html."""
+                 analysis: str | None = None, anonymize: bool = False) -> Path:
+    """Render everything in memory, then write DIR/<chart>.svg|.png and DIR/index.html;
+    with `anonymize`, every absolute path shown (data files, the archive) is <anonymized>/NAME."""
+    with data.anonymized_paths() if anonymize else nullcontext():
+        return _write_report(archive, out_dir, model, langs, k, seed, analysis, anonymize)
+
+
+def _write_report(archive, out_dir, model: str, langs, k, seed, analysis, anonymize: bool) -> Path:
     from mlarch import __version__
     from mlarch.charts import _open
 
@@ -364,7 +371,7 @@ def write_report(archive, out_dir, model: str, langs=None, k: float | None = Non
             f"every archived k ({html.escape(', '.join(fmt_k(x) for x in scope.ks))}) on k axes · "
             f"seed {scope.seed}.",
             f"Archive <code>{html.escape(_archive_shown(archive))}</code> · mlarch {html.escape(__version__)} · "
-            f"generated {when}. "
+            f"generated {when}. " + ("Absolute paths are anonymized. " if anonymize else "") +
             f"Reproduce: <code>{html.escape(reproduce_command(archive, model, scope, scope_k))}</code>"]
     files["index.html"] = _page(title, meta, shown, tables).encode()
     for name, payload in files.items():

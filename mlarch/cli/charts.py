@@ -96,6 +96,7 @@ Examples:
   mlarch report --model gemma -o supplement/
   mlarch report --model llama --langs en,de,bn --k 0.05 -o report-llama
   mlarch report --model llama --analysis gsm8k-vs-mmlu -o report-mmlu
+  mlarch report --model gemma --anonymize -o supplement/   # no /home/NAME/... in it
 
 \b
 DIR gets <kind>.svg and <kind>.png for every chart (upset needs 3+ languages) and
@@ -112,9 +113,13 @@ analyses charts (Jaccard of the two analyses' sets per layer and vs k) and their
 @click.option("--seed", type=int, default=None, help="Sampling seed [default: the smallest archived].")
 @click.option("--analysis", default=None,
               help="Analysis of the model to report [default: its only one]. See `mlarch analyses`.")
+@click.option("--anonymize", is_flag=True,
+              help="Show every absolute path (data files, the archive; also another machine's, from an imported "
+                   "bundle) as <anonymized>/NAME, as export-bundle --anonymize does.")
 @click.pass_context
-def report(ctx, model_pattern, out_dir, langs, k, seed, analysis):
+def report(ctx, model_pattern, out_dir, langs, k, seed, analysis, anonymize):
     """Write every chart (SVG and PNG) and an index.html with the key tables, for a
     paper's supplement."""
-    index = _archive(ctx).report(out_dir, model_pattern, langs=langs, k=k, seed=seed, analysis=analysis)
+    index = _archive(ctx).report(out_dir, model_pattern, langs=langs, k=k, seed=seed, analysis=analysis,
+                                 anonymize=anonymize)
     click.echo(f"Wrote {index}")
