@@ -131,12 +131,54 @@ def _json_rows(columns, rows):
 def _csv(frame) -> str:
     import polars as pl
 
-    nested = [name for name, dtype in frame.schema.items() if dtype.is_nested()]
-    if nested:  # CSV has no nested values: write them as JSON text (polars refuses them)
+    nested = [name for name, dtype in frame.schema.items() if dtype.is_nested() or dtype == pl.Binary]
+    if nested:  # CSV has no nested or binary values: write them as JSON text and b'...' (polars refuses them)
         frame = frame.with_columns(
             pl.Series(name, [None if v is None else _text(v) for v in frame[name].to_list()], dtype=pl.Utf8)
             for name in nested)
     return frame.write_csv().rstrip("\n") if frame.height else ",".join(frame.columns)
+
+
+# Python's datetime and date range (years 1 to 9999) in polars' physical units; DuckDB's
+# infinity and -infinity are the extreme integers of the type.
+_DATE_RANGE = (-719_162, 2_932_896)  # days since 1970-01-01
+_DATETIME_SECONDS = (-62_135_596_800, 253_402_300_800)  # [start of year 1, end of year 9999)
+_UNIT = {"ns": 10**9, "us": 10**6, "ms": 10**3}
+
+
+def _past_python_dates(frame):
+    """`frame` with each date or datetime column that holds a value Python cannot hold
+    (DuckDB's infinity and -infinity, a year past 9999) as text: polars panics converting
+    such a value to Python (`sql "SELECT 'infinity'::TIMESTAMP"`)."""
+    import polars as pl
+
+    fixed = []
+    for name, dtype in frame.schema.items():
+        if dtype == pl.Date:
+            low, high, unit = *_DATE_RANGE, None
+        elif isinstance(dtype, pl.Datetime) and dtype.time_unit in _UNIT:
+            unit = _UNIT[dtype.time_unit]
+            low, high = _DATETIME_SECONDS[0] * unit, _DATETIME_SECONDS[1] * unit - 1
+        else:
+            continue
+        physical = frame[name].to_physical()
+        if physical.null_count() == len(physical) or (physical.min() >= low and physical.max() <= high):
+            continue
+        limit = 2**31 - 1 if unit is None else 2**63 - 1
+        texts = []
+        for value in physical.to_list():
+            if value is None or not low <= value <= high:
+                texts.append(None if value is None else "infinity" if value == limit else "-infinity"
+                             if value == -limit else f"{value} {'days' if unit is None else dtype.time_unit} "
+                             "from 1970-01-01 (past year 9999)")
+            elif unit is None:
+                texts.append((date(1970, 1, 1) + timedelta(days=value)).isoformat())
+            else:
+                whole, rest = divmod(value, unit)
+                moment = datetime(1970, 1, 1) + timedelta(seconds=whole, microseconds=rest * 10**6 // unit)
+                texts.append(moment.isoformat(sep=" ") + (f" {dtype.time_zone}" if dtype.time_zone else ""))
+        fixed.append(pl.Series(name, texts, dtype=pl.Utf8))
+    return frame.with_columns(fixed) if fixed else frame
 
 
 def render(frame, fmt: str) -> str:
@@ -145,6 +187,7 @@ def render(frame, fmt: str) -> str:
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}: choose one of {', '.join(FORMATS)}")
     columns = frame.columns
+    frame = _past_python_dates(frame)
     if fmt == "csv":
         return _csv(frame)
     rows = frame.rows()

@@ -70,3 +70,84 @@ def test_hub_id_with_a_trailing_newline_is_no_hub_id(data, tmp_path, monkeypatch
                  "--math", data["math"], "--control", data["control"], "--device", "cpu")
     line = one_error(result, 1)
     assert line.startswith("Error: model path org/model") and "does not exist" in line
+
+
+# --- values Python cannot hold, types CSV cannot hold, bytes that are not UTF-8 ------------------
+
+QUERY = ("SELECT 'infinity'::TIMESTAMP AS t, '-infinity'::DATE AS d, TIMESTAMP '2020-01-02 03:04:05' AS ok, "
+         "'294247-01-01'::TIMESTAMP AS far, NULL::DATE AS none, '\\x00a'::BLOB AS b")
+
+
+@pytest.mark.parametrize("fmt", ["table", "csv", "tsv", "json", "jsonl", "markdown", "latex"])
+def test_sql_prints_infinite_dates_and_blobs_in_every_format(llama_archive, fmt):
+    """DuckDB's infinity timestamps (and years past 9999) made polars panic while converting
+    to Python (a Rust panic, not an Exception: ~190 lines of traceback); csv refused BLOBs."""
+    import polars as pl
+
+    frame = mlarch.open(llama_archive).sql(QUERY)
+    assert frame["t"].to_physical().item() == 2**63 - 1 and frame.schema["b"] == pl.Binary  # the case is real
+    result = run(llama_archive, "sql", QUERY, "--format", fmt)
+    assert result.exit_code == 0, result.output
+    assert "Traceback" not in result.output and "panicked" not in result.output
+    for shown in ("infinity", "-infinity", "2020-01-02", "9223371244800000000 us from 1970-01-01"):
+        assert shown in result.stdout, (shown, result.stdout)
+
+
+def test_sql_from_stdin_that_is_not_utf8_is_one_line(llama_archive):
+    result = CliRunner().invoke(cli, ["--archive", str(llama_archive), "sql", "-"], input=b"SELECT '\xff'")
+    assert one_error(result, 2) == "Error: the SQL on standard input is not UTF-8 (byte 8: b'\\xff'): give the query in UTF-8"
+    result = CliRunner().invoke(cli, ["--archive", str(llama_archive), "sql", "-"], input="SELECT 'é' AS x".encode())
+    assert result.exit_code == 0 and "é" in result.stdout, result.output
+
+
+def test_a_panic_inside_a_library_is_one_line(llama_archive, monkeypatch):
+    """pyo3's PanicException derives from BaseException: the catch-all of Exception missed it."""
+    from mlarch.cli import output
+
+    class PanicException(BaseException):
+        pass
+
+    def panic(frame, fmt):
+        raise PanicException("`NaiveDateTime + TimeDelta` overflowed")
+
+    monkeypatch.setattr(output, "render", panic)
+    result = run(llama_archive, "sql", "SELECT 1 AS x")
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.exception
+    assert result.stderr.splitlines() == ["Error: unexpected PanicException: `NaiveDateTime + TimeDelta` overflowed "
+                                          "(MLARCH_DEBUG=1 shows the traceback)"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--recompute", ""], "Error: --recompute is empty: pass the run id to score again (see `mlarch runs`)"),
+    (["--recompute", "aaa", "bbb"], "Error: --recompute checks one run and RUN_IDS name runs to verify ('bbb'): "
+                                    "pass one of them"),
+])
+def test_verify_recompute_refuses_an_empty_id_and_extra_ids(llama_archive, args, message):
+    """`--recompute ''` ran a plain verify and exited 0; ids given with --recompute were dropped."""
+    assert one_error(run(llama_archive, "verify", *args), 2) == message
+
+
+def test_a_download_prints_no_line_of_pooch(tmp_path, monkeypatch):
+    """pooch logs "Downloading data from ..." at INFO to stderr: under --quiet, and before a
+    failed download's Error line, that made two lines. fetch silences it."""
+    import logging
+
+    import pooch
+
+    from mlarch.errors import MlarchError
+    from mlarch.ingest import corpora
+
+    monkeypatch.setenv("MLARCH_CACHE", str(tmp_path / "cache"))
+    pooch.get_logger().setLevel(logging.INFO)  # pooch's own default
+    said = []
+
+    def retrieve(**kwargs):  # as pooch does, without a network
+        logger = pooch.get_logger()
+        if logger.isEnabledFor(logging.INFO):
+            said.append(f"Downloading data from '{kwargs['url']}'")
+        raise ConnectionError("offline")
+
+    monkeypatch.setattr(pooch, "retrieve", retrieve)
+    with pytest.raises(MlarchError, match="could not download"):
+        corpora.fetch(corpora.FLORES_METADATA, None)
+    assert said == []

@@ -338,3 +338,18 @@ def test_a_data_file_over_a_gibibyte_is_refused_before_it_is_read(tmp_path):
         f.truncate(datafiles.MAX_FILE_BYTES + 1)  # sparse
     with pytest.raises(MlarchError, match=r"is 1,073,741,825 bytes, more than the 1,073,741,824 mlarch reads"):
         datafiles.parse_records(path)
+
+
+def test_a_json_escape_of_half_a_surrogate_pair_is_refused(tmp_path, model_dir, data):
+    """`{"text": "\\ud800"}` is valid JSON that decodes to no character: it went through the
+    reader and failed later as an `unexpected UnicodeEncodeError`."""
+    math = tmp_path / "en.jsonl"
+    math.write_text('{"text": "fine"}\n{"text": "a \\ud800 b"}\n', encoding="utf-8")
+    assert "\ud800" in json.loads(math.read_text().splitlines()[1])["text"]  # the case is real
+    args = ingest_args(tmp_path / "arch", {**data, "math": str(tmp_path / "{lang}.jsonl")}, model_dir["llama"])
+    line = one_error(CliRunner().invoke(cli, args), 1)
+    assert line == (f"Error: {math}, line 2: a \\u escape (\\ud800) names half of a UTF-16 surrogate pair, which "
+                    "is no character; fix that line")
+    assert not (tmp_path / "arch").exists()
+    math.write_text('{"text": "a \\ud83d\\ude00 b"}\n', encoding="utf-8")  # a whole pair is a character: read
+    assert datafiles.parse_records(math)[0] == ["a \U0001F600 b"]

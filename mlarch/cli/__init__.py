@@ -15,7 +15,7 @@ from mlarch.cli.common import archive_of as _archive
 from mlarch.cli.common import archive_to_fill as _archive_to_fill
 from mlarch.cli.common import csv_list as _csv
 from mlarch.cli.output import emit, output_options
-from mlarch.errors import MlarchError
+from mlarch.errors import MlarchError, UsageError
 from mlarch.wording import for_cli
 from mlarch.ingest.devices import HELP as _DEVICE_HELP
 from mlarch.ingest.devices import option_callback as _device
@@ -48,7 +48,9 @@ class Shell(click.Group):
         except (click.exceptions.Abort, KeyboardInterrupt):
             click.echo("Aborted.", err=True)
             sys.exit(130)
-        except Exception as exc:
+        except (SystemExit, GeneratorExit):
+            raise
+        except BaseException as exc:  # also a Rust panic inside polars or DuckDB (pyo3's PanicException)
             if os.environ.get("MLARCH_DEBUG"):
                 raise
             message = _environment_error(exc)
@@ -403,7 +405,12 @@ def sql(ctx, query, write, param_specs, fmt):
 
     params = parse_params(param_specs)
     if query == "-":
-        query = sys.stdin.read()
+        raw = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode()
+        try:
+            query = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise UsageError(f"the SQL on standard input is not UTF-8 (byte {exc.start}: {raw[exc.start:exc.start + 1]!r}): "
+                             "give the query in UTF-8") from None
     emit(_archive(ctx).sql(query, params, write=write), fmt)
 
 
@@ -517,8 +524,13 @@ def verify(ctx, run_ids, recompute_id, device, fmt):
     Jaccard of the recomputed and archived sets (1.0 on the same machine and device)."""
     from mlarch.archive import RECOMPUTE_MIN_JACCARD
 
+    if recompute_id is not None and run_ids:
+        shown = ", ".join(map(repr, run_ids))[:60]
+        raise UsageError(f"--recompute checks one run and RUN_IDS name runs to verify ({shown}): pass one of them")
+    if recompute_id is not None and not recompute_id.strip():
+        raise UsageError("--recompute is empty: pass the run id to score again (see `mlarch runs`)")
     archive = _archive(ctx)
-    if recompute_id:
+    if recompute_id is not None:
         rows = archive.recompute(recompute_id, device)
         emit(rows, fmt)
         low = rows.filter(rows["status"] == "FAIL")["value"].to_list()

@@ -69,6 +69,9 @@ def fetch(file: RemoteFile, data_dir: Path | None) -> Path:
 
     from mlarch import cache
 
+    # its "Downloading data from ..." line is not ours to print: under --quiet, and before an
+    # error, it made two lines (the library prints nothing; transformers' logging is silenced alike)
+    pooch.get_logger().setLevel("WARNING")
     try:
         return Path(pooch.retrieve(
             url=file.upstream.url(file.name), known_hash=f"sha256:{file.sha256}",

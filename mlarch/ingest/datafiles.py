@@ -187,6 +187,12 @@ def jsonl_records(lines, label: str, fix: str = "") -> list[tuple[int, dict]]:
             raise MlarchError(f"{label}, line {lineno}: invalid JSON ({_json_problem(exc)}){fix}") from None
         if not isinstance(record, dict):
             raise MlarchError(f"{label}, line {lineno}: expected a JSON object per line")
+        try:  # a \ud800-style escape decodes to half a surrogate pair: no character, no UTF-8, no tokens
+            json.dumps(record, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as exc:
+            half = exc.object[exc.start:exc.end].encode("unicode_escape").decode()
+            raise MlarchError(f"{label}, line {lineno}: a \\u escape ({half}) names half of a UTF-16 surrogate "
+                              "pair, which is no character; fix that line") from None
         records.append((lineno, record))
     return records
 
