@@ -14,10 +14,12 @@ import pytest
 from click.testing import CliRunner
 
 import mlarch
+from fixtures import one_error
 from mlarch import charts
 from mlarch.charts import data, report
 from mlarch.charts.kinds import fmt_k
 from mlarch.cli import cli
+from mlarch.errors import UsageError
 
 HOSTILE = "</script><script>alert(1)</script>"
 CLOSE_KS = [0.0123456788, 0.0123456789]  # the same k to 6 significant digits (0.0123457)
@@ -206,3 +208,13 @@ def test_evaluated_factor_and_data_path_as_the_report_shows_them(monkeypatch, tm
     assert report.effects_table(None, ["m"], ["a"])["dataset"].to_list() == ["~/evals/{lang}.jsonl:math", "mgsm:math"]
     where = kinds._eval_where(eval_scope)
     assert "~/evals/{lang}.jsonl" in where and "scale 0.123456789" in where and str(tmp_path) not in where
+
+
+def test_an_empty_report_folder_is_refused(llama_archive, tmp_path, monkeypatch):
+    """-o '' was Path(''), the current folder: the report's 17 files landed among the caller's."""
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(cli, ["--archive", str(llama_archive), "report", "--model", "llama", "-o", ""])
+    assert one_error(result, 2) == "Error: the report folder is empty: pass one, e.g. -o supplement/"
+    with pytest.raises(UsageError, match=r"^the report folder is empty: pass one, e\.g\. folder='supplement/'$"):
+        mlarch.open(llama_archive).report(" ", "llama")
+    assert list(tmp_path.iterdir()) == []

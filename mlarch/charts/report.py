@@ -15,7 +15,8 @@ from pathlib import Path
 
 import polars as pl
 
-from mlarch.errors import MlarchError
+from mlarch.errors import MlarchError, UsageError
+from mlarch.wording import Arg, error
 
 from . import build, data, render, write_atomic
 from .kinds import fmt_k
@@ -332,6 +333,8 @@ def _write_report(archive, out_dir, model: str, langs, k, seed, analysis, anonym
     from mlarch.charts import _open
 
     archive = _open(archive)
+    if not str(out_dir).strip():  # Path("") is ".": the report would land among the caller's files
+        raise error(UsageError, "the report folder is empty: pass one, e.g. ", Arg("folder", "supplement/", flag="-o"))
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise MlarchError(f"cannot write the report into {out}: it is a file, not a folder; choose another -o")
