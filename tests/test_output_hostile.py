@@ -151,3 +151,13 @@ def test_a_download_prints_no_line_of_pooch(tmp_path, monkeypatch):
     with pytest.raises(MlarchError, match="could not download"):
         corpora.fetch(corpora.FLORES_METADATA, None)
     assert said == []
+
+
+@pytest.mark.parametrize("value", ["", " ", "\t"])
+def test_an_empty_archive_option_is_refused(tmp_path, monkeypatch, value):
+    """`--archive ''` silently meant ./mlarch-archive (an ingest would have filled it)."""
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(cli, ["--archive", value, "runs"])
+    assert one_error(result, 2) == (f"Error: --archive {value!r} names no folder: pass an archive folder, or leave "
+                                    "--archive out for $MLARCH_ARCHIVE (else ./mlarch-archive)")
+    assert list(tmp_path.iterdir()) == []

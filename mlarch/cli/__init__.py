@@ -118,6 +118,9 @@ def cli(ctx, archive):
     An archive is a folder holding catalog.duckdb (summary rows, provenance, SQL views)
     and arrays.zarr/ (activation norms, weight magnitudes, selection codes).
     """
+    if archive is not None and not archive.strip():  # '' would silently be ./mlarch-archive
+        raise UsageError(f"--archive {archive!r} names no folder: pass an archive folder, or leave --archive out "
+                         "for $MLARCH_ARCHIVE (else ./mlarch-archive)")
     ctx.obj = {"archive": archive}
 
 
