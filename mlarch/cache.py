@@ -12,12 +12,25 @@ from pathlib import Path
 
 
 def cache_dir() -> Path:
-    """$MLARCH_CACHE, else the platform's user cache folder for mlarch."""
-    if os.environ.get("MLARCH_CACHE"):
-        return Path(os.environ["MLARCH_CACHE"]).expanduser()
-    import pooch
+    """$MLARCH_CACHE, else the platform's user cache folder for mlarch. A path that is a
+    file, or lies under one, is an error naming the variable (a download or a model
+    conversion would blame the network or the archive)."""
+    chosen = os.environ.get("MLARCH_CACHE")
+    if chosen:
+        path = Path(chosen).expanduser()
+    else:
+        import pooch
 
-    return Path(pooch.os_cache("mlarch"))
+        path = Path(pooch.os_cache("mlarch"))
+    existing = next((p for p in (path, *path.parents) if os.path.lexists(p)), None)
+    if existing is not None and not existing.is_dir():
+        from mlarch.errors import MlarchError
+
+        where = f"$MLARCH_CACHE ({path})" if chosen else f"the cache folder {path}"
+        raise MlarchError(f"{where} cannot be a folder: {existing} is "
+                          f"{'a broken or looping link' if existing.is_symlink() else 'a file'}; set MLARCH_CACHE "
+                          "to a folder mlarch may write")
+    return path
 
 
 def models_dir() -> Path:

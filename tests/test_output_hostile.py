@@ -161,3 +161,20 @@ def test_an_empty_archive_option_is_refused(tmp_path, monkeypatch, value):
     assert one_error(result, 2) == (f"Error: --archive {value!r} names no folder: pass an archive folder, or leave "
                                     "--archive out for $MLARCH_ARCHIVE (else ./mlarch-archive)")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("kind", ["file", "under a file", "loop"])
+def test_an_unusable_cache_variable_is_named(tmp_path, monkeypatch, kind, model_dir):
+    """$MLARCH_CACHE pointing at a file was blamed on the network ("check the network") or on
+    --archive; the error names the variable, before any download or work."""
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    cache = {"file": tmp_path / "afile", "under a file": tmp_path / "afile" / "cache", "loop": tmp_path / "loop"}[kind]
+    monkeypatch.setenv("MLARCH_CACHE", str(cache))
+    result = CliRunner().invoke(cli, ["--archive", str(tmp_path / "arch"), "ingest", "--model", str(model_dir["llama"]),
+                                      "--langs", "en", "--math", "mgsm", "--control", "starter", "--samples", "2",
+                                      "-q", "--device", "cpu"])
+    line = one_error(result, 1)
+    assert line.startswith(f"Error: $MLARCH_CACHE ({cache}) cannot be a folder: ") and \
+        line.endswith("; set MLARCH_CACHE to a folder mlarch may write"), line
+    assert not (tmp_path / "arch").exists()

@@ -72,10 +72,11 @@ def fetch(file: RemoteFile, data_dir: Path | None) -> Path:
     # its "Downloading data from ..." line is not ours to print: under --quiet, and before an
     # error, it made two lines (the library prints nothing; transformers' logging is silenced alike)
     pooch.get_logger().setLevel("WARNING")
+    folder = cache.data_dir()  # an unusable $MLARCH_CACHE is its own error, not the network's
     try:
         return Path(pooch.retrieve(
             url=file.upstream.url(file.name), known_hash=f"sha256:{file.sha256}",
-            fname=file.local.replace("/", "__"), path=cache.data_dir(), progressbar=False,
+            fname=file.local.replace("/", "__"), path=folder, progressbar=False,
         ))
     except ValueError as exc:  # pooch's hash mismatch
         raise MlarchError(f"{file.local}: {' '.join(str(exc).split())}") from None
