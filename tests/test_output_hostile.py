@@ -178,3 +178,20 @@ def test_an_unusable_cache_variable_is_named(tmp_path, monkeypatch, kind, model_
     assert line.startswith(f"Error: $MLARCH_CACHE ({cache}) cannot be a folder: ") and \
         line.endswith("; set MLARCH_CACHE to a folder mlarch may write"), line
     assert not (tmp_path / "arch").exists()
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["nosuch"], "Error: No such command 'nosuch': see `mlarch --help`"),
+    (["show", "a", "b"], "Error: Got unexpected extra argument (b): see `mlarch show --help`"),
+])
+def test_clicks_own_errors_name_a_fix(args, expected):
+    """Click's messages ("No such command 'x'.") had no `: <fix>` part; bare `mlarch` printed
+    its whole help flattened into one `Error:` line."""
+    assert one_error(CliRunner().invoke(cli, args, prog_name="mlarch"), 2) == expected
+
+
+def test_bare_mlarch_prints_its_help():
+    result = CliRunner().invoke(cli, [])
+    assert result.exit_code == 2
+    assert result.stderr.startswith("Usage: ") and "Commands:" in result.stderr and "Error:" not in result.stderr
+    assert len(result.stderr.splitlines()) > 10  # the help as it is, not flattened

@@ -40,7 +40,14 @@ class Shell(click.Group):
         except click.exceptions.Exit as exc:
             sys.exit(exc.exit_code)
         except click.ClickException as exc:
-            click.echo(f"Error: {_one_line(exc.format_message())}", err=True)
+            ctx = getattr(exc, "ctx", None)
+            if type(exc).__name__ == "NoArgsIsHelpError":  # `mlarch` alone: the help, as it is
+                click.echo(ctx.get_help() if ctx else exc.format_message(), err=True)
+                sys.exit(exc.exit_code)
+            message = _one_line(exc.format_message())
+            if isinstance(exc, click.UsageError) and ": " not in message:  # click's own words name no fix
+                message = f"{message.rstrip('.')}: see `{ctx.command_path if ctx else 'mlarch'} --help`"
+            click.echo(f"Error: {message}", err=True)
             sys.exit(exc.exit_code)
         except MlarchError as exc:  # in the CLI's words: flags (--k), where the library names arguments (k=)
             click.echo(f"Error: {_one_line(for_cli(exc))}", err=True)
