@@ -353,3 +353,13 @@ def test_a_json_escape_of_half_a_surrogate_pair_is_refused(tmp_path, model_dir, 
     assert not (tmp_path / "arch").exists()
     math.write_text('{"text": "a \\ud83d\\ude00 b"}\n', encoding="utf-8")  # a whole pair is a character: read
     assert datafiles.parse_records(math)[0] == ["a \U0001F600 b"]
+
+
+def test_a_csv_quote_that_never_closes_is_refused(tmp_path):
+    """csv's lenient default read `"unterminated` and every later line as one item."""
+    path = tmp_path / "items.csv"
+    path.write_text('text\nfirst\n"unterminated\nsecond\nthird\n', encoding="utf-8")
+    with pytest.raises(MlarchError, match=r"items\.csv, line \d+: malformed CSV \(unexpected end of data\)"):
+        datafiles.parse_records(path)
+    path.write_text('text\n"a ""quoted"" word"\nplain\n', encoding="utf-8")  # CSV's own quoting still reads
+    assert datafiles.parse_records(path)[0] == ['a "quoted" word', "plain"]

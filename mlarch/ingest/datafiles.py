@@ -229,7 +229,7 @@ def parse_records(path: Path, template: str = "default") -> tuple[list[str], lis
             templates.add(used)
             pairs.append(_pair(record, where))
     elif suffix == ".csv":
-        reader = csv.DictReader(io.StringIO(content))
+        reader = csv.DictReader(io.StringIO(content), strict=True)  # an unclosed quote would swallow the rest
         fields = set(reader.fieldnames or [])
         if paper and "qa" not in fields and not {"question", "solution"} <= fields:
             raise error(
