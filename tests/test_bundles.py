@@ -115,3 +115,17 @@ def test_a_bundles_magnitudes_are_shared_with_an_archive_of_the_other_digest_sch
         assert archive.sql("SELECT count(DISTINCT magnitudes_group) FROM models").item() == 1, target
         assert archive.sql("SELECT count(*) FROM arrays WHERE kind = 'levels' AND sha256_scheme = 'chunks'").item() == 2
         assert run(root, "verify").exit_code == 0, target
+
+
+def test_a_run_named_twice_is_exported_once(llama_archive, tmp_path):
+    """export-bundle A B A: the manifest lists A, B once each, in the order given, and the
+    summary counts two runs."""
+    first, second = mlarch.open(llama_archive).sql("SELECT run_id FROM runs ORDER BY run_id DESC LIMIT 2")["run_id"]
+    bundle = tmp_path / "twice.tar"
+    result = run(llama_archive, "export-bundle", first, second, first, "-o", str(bundle))
+    assert result.exit_code == 0, result.output
+    assert "2 run(s)" in result.stdout, result.stdout
+    with tarfile.open(bundle) as tar:
+        manifest = json.loads(tar.extractfile("manifest.json").read())
+    assert manifest["run_ids"] == [first, second]
+    assert run(tmp_path / "copy", "import-bundle", str(bundle)).stdout.startswith("Imported 2 run(s)")

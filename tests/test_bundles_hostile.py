@@ -24,6 +24,7 @@ from mlarch.store import bundle as bundle_mod
 from mlarch.store import bundle_checks
 from mlarch.store import layout
 from mlarch.store.maintenance import leftover_staging
+from fixtures import one_error
 
 
 def run(archive, *args):
@@ -491,3 +492,101 @@ def test_export_refuses_an_object_larger_than_its_array_allows(archive_copy, tmp
     result = run(archive_copy, "export-bundle", "--model", "tiny-llama", "-o", str(tmp_path / "out.tar"))
     refused(result, "nothing was exported", f"array object arrays/{path}/c/0 is 1,073,741,824 bytes, more than the")
     assert not list(tmp_path.glob("out.tar*"))
+
+
+# --- export checks what it packs; import creates nothing for a bundle it refuses ----------------
+
+def test_export_refuses_a_link_loop_inside_arrays_zarr(archive_copy, tmp_path):
+    """arrays.zarr/runs/<id> made a link to itself: pathlib raises RuntimeError (not OSError)
+    for such a loop; the export names it in one line instead of the catch-all."""
+    run_id = mlarch.open(archive_copy).sql("SELECT run_id FROM runs ORDER BY run_id LIMIT 1").item()
+    group = archive_copy / "arrays.zarr" / "runs" / run_id
+    shutil.rmtree(group)
+    group.symlink_to(group)
+    with pytest.raises(OSError, match="symbolic links"):  # the loop is real
+        group.stat()
+    result = run(archive_copy, "export-bundle", "--model", "tiny-llama", "-o", str(tmp_path / "out.tar"))
+    line = one_error(result, 1)
+    assert f"runs/{run_id}" in line and "symbolic link loop" in line and "nothing was exported" in line, line
+    assert not list(tmp_path.glob("out.tar*"))
+
+
+@pytest.mark.parametrize("damage", ["chunk", "zarr.json"])
+def test_export_refuses_an_array_that_differs_from_its_catalog_digests(archive_copy, tmp_path, damage):
+    """A damaged chunk or an edited zarr.json is refused at export (pointing to verify), not
+    packed for an import elsewhere to refuse."""
+    path = mlarch.open(archive_copy).sql("SELECT path FROM arrays WHERE kind = 'levels' ORDER BY path LIMIT 1").item()
+    target = archive_copy / "arrays.zarr" / path / ("c/0" if damage == "chunk" else "zarr.json")
+    before = target.read_bytes()
+    if damage == "chunk":
+        target.write_bytes(b"garbage\n")
+    else:
+        meta = json.loads(before)
+        meta["attributes"] = {"edited": True}  # still a valid zarr.json of the same array
+        target.write_text(json.dumps(meta))
+    assert target.read_bytes() != before
+    result = run(archive_copy, "export-bundle", "--model", "tiny-llama", "-o", str(tmp_path / "out.tar"))
+    line = one_error(result, 1)
+    assert path in line and "run `mlarch verify`" in line and "nothing was exported" in line, line
+    assert not list(tmp_path.glob("out.tar*"))
+
+
+def _truncated(src: Path, dst: Path) -> Path:
+    data = src.read_bytes()
+    dst.write_bytes(data[:len(data) // 2])
+    return dst
+
+
+def _damaged_chunk(bundles, dst: Path) -> Path:
+    """The bundle with one chunk of a new run overwritten: it passes every check of the
+    manifest and headers, and fails only once extracted (after an archive was made)."""
+    with tarfile.open(bundles.all) as tar:
+        chunk = next(m.name for m in tar.getmembers()
+                     if m.name.startswith(f"arrays/runs/{bundles.new[0]}/levels/c/"))
+        size = tar.getmember(chunk).size
+    info = tarfile.TarInfo(chunk)
+    info.size = size
+    return rewrite(bundles.all, dst, drop={chunk}, extra=[(info, b"\x00" * size)], reseal=False)
+
+
+@pytest.mark.parametrize("case", ["garbage", "empty", "truncated", "no_manifest", "bad_version", "damaged_chunk"])
+def test_a_refused_import_into_a_new_path_leaves_nothing(bundles, tmp_path, case):
+    """A mistyped --archive and a bad bundle: the one-line refusal, and no empty archive
+    (nor the folders above it) left behind, also when the bundle fails after its scan."""
+    bad = tmp_path / f"{case}.tar"
+    if case == "garbage":
+        bad.write_bytes(b"garbage\n")
+    elif case == "empty":
+        bad.write_bytes(b"")
+    elif case == "truncated":
+        _truncated(bundles.all, bad)
+    elif case == "no_manifest":
+        with tarfile.open(bad, "w"):
+            pass
+    elif case == "bad_version":
+        rewrite(bundles.all, bad, edit=lambda manifest: manifest.update(version=float("nan")), reseal=False)
+    else:
+        _damaged_chunk(bundles, bad)
+    root = tmp_path / "typo" / "arch"
+    before = snapshot(tmp_path)
+    one_error(run(root, "import-bundle", str(bad)), 1)
+    assert not (tmp_path / "typo").exists()
+    assert snapshot(tmp_path) == before
+
+
+def test_a_refused_import_into_an_empty_folder_leaves_it_empty(bundles, tmp_path):
+    root = tmp_path / "arch"
+    root.mkdir()
+    one_error(run(root, "import-bundle", str(_damaged_chunk(bundles, tmp_path / "damaged.tar"))), 1)
+    assert root.is_dir() and list(root.iterdir()) == []
+    assert run(root, "import-bundle", str(bundles.all)).exit_code == 0  # the same folder takes a good one
+    assert run(root, "verify").exit_code == 0
+
+
+@pytest.mark.parametrize("version", [float("nan"), "3", 2.5, True, None])
+def test_a_manifest_version_that_is_no_integer_is_malformed_not_newer(bundles, target, version):
+    bad = rewrite(bundles.all, target.tmp / "version.tar", edit=lambda manifest: manifest.update(version=version),
+                  reseal=False)
+    line = one_error(run(target.root, "import-bundle", str(bad)), 1)
+    assert "is not an integer" in line and "refusing all of it" in line and "upgrade" not in line, line
+    target.unchanged()

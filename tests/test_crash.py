@@ -285,3 +285,73 @@ def test_full_disk_while_writing_arrays(base, model_dir, data, tmp_path, monkeyp
     mlarch.open(root).ingest(str(model_dir["llama"]), ["de"], data["math"], data["control"], samples=6,
                              top_k=[0.01, 0.05, 0.25], device="cpu")
     assert not [c for c in verify(root) if not c.ok]
+
+
+HOLD_THE_LOCK = """
+import fcntl, sys
+with open(sys.argv[1], "a+") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    print("held", flush=True)
+    sys.stdin.readline()  # until the test lets go
+"""
+
+
+def hold_commit_lock(root):
+    """Another process holding the archive's commit lock (a plain flock), until its stdin gets a line."""
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_THE_LOCK, str(root / ".commit.lock")],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+WAITING = "waiting for another mlarch process to finish writing"
+
+
+@pytest.mark.parametrize("command", ["gc", "rm", "ingest"])
+def test_a_commit_behind_another_process_says_it_waits(archive_copy, model_dir, data, command):
+    """rm, gc and ingest (at its commit) wait for a commit lock another process holds: they say
+    so once, on stderr, instead of looking hung, and finish once it is released."""
+    archive = mlarch.open(archive_copy)
+    run_id = archive.sql("SELECT run_id FROM runs ORDER BY run_id LIMIT 1").item()
+    args = {"gc": ["gc"], "rm": ["rm", run_id],
+            "ingest": ingest_command(archive_copy, model_dir, data, "en")[5:] + ["--seeds", "2"]}[command]
+    holder = hold_commit_lock(archive_copy)
+    proc = None
+    try:
+        proc = start([sys.executable, "-m", "mlarch", "--archive", str(archive_copy), *args])
+        watch = Watch(proc)
+        watch.wait_for(WAITING, timeout=120)
+        time.sleep(0.5)
+        assert proc.poll() is None, watch.text()  # the lock really is held: it waits
+        assert archive.sql("SELECT count(*) FROM runs WHERE run_id = ?", [run_id]).item() == 1
+        assert archive.sql("SELECT count(*) FROM runs WHERE seed = 2 AND status = 'FINISHED'").item() == 0
+        holder.stdin.write("go\n")
+        holder.stdin.flush()
+        assert proc.wait(timeout=300) == 0, watch.text()
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+        holder.wait(timeout=60)
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=60)
+    waits = [line for _, line in watch.lines if WAITING in line]
+    assert waits == [f"{WAITING} {archive_copy} (its commit lock is held) ...\n"], watch.text()
+    if command == "rm":
+        assert archive.sql("SELECT count(*) FROM runs WHERE run_id = ?", [run_id]).item() == 0
+    if command == "ingest":
+        assert archive.sql("SELECT count(*) FROM runs WHERE seed = 2 AND status = 'FINISHED'").item() == 2
+
+
+def test_rm_dry_run_does_not_wait_for_the_commit_lock(archive_copy):
+    run_id = mlarch.open(archive_copy).sql("SELECT run_id FROM runs ORDER BY run_id LIMIT 1").item()
+    holder = hold_commit_lock(archive_copy)
+    try:
+        done = subprocess.run([sys.executable, "-m", "mlarch", "--archive", str(archive_copy), "rm", "--dry-run",
+                               run_id], capture_output=True, text=True, timeout=60)
+        assert holder.poll() is None  # still held throughout
+    finally:
+        holder.kill()
+        holder.wait(timeout=60)
+    assert done.returncode == 0 and f"would remove run {run_id}" in done.stdout, done.stderr
+    assert done.stderr == ""

@@ -1,15 +1,19 @@
 """verify, gc and rm: integrity checks, leftovers of interrupted ingests, removal."""
 
+import errno
+import os
 import shutil
 import socket
 
 import duckdb
 import numpy as np
+import pytest
 import zarr
 from click.testing import CliRunner
 
 import mlarch
 from mlarch.cli import cli
+from fixtures import one_error
 
 
 def run(archive, *args):
@@ -163,3 +167,56 @@ def test_gc_leaves_a_planted_link_alone_and_still_removes_real_leftovers(archive
     checks = mlarch.open(archive_copy).verify()
     failed = checks.filter(checks["status"] != "ok").rows(named=True)
     assert [(r["object"], "gc leaves alone" in r["detail"]) for r in failed] == [("runs/planted", True)], failed
+
+
+def test_verify_lists_a_link_loop_in_arrays_zarr_and_goes_on(archive_copy, tmp_path):
+    """arrays.zarr/runs/<id> a link to itself (owned by a finished run), and a second loop no
+    run owns: verify names each array of the first as a FAIL row and the second as an orphan,
+    and checks everything else, instead of stopping at the first loop."""
+    run_id = mlarch.open(archive_copy).sql("SELECT run_id FROM runs ORDER BY run_id LIMIT 1").item()
+    runs = archive_copy / "arrays.zarr" / "runs"
+    shutil.rmtree(runs / run_id)
+    (runs / run_id).symlink_to(runs / run_id)
+    (runs / "loop00000000").symlink_to(runs / "loop00000000")
+    for link in (runs / run_id, runs / "loop00000000"):
+        try:
+            link.stat()
+            raise AssertionError(f"{link} is no link loop")
+        except OSError as exc:
+            assert exc.errno == errno.ELOOP
+    result = run(archive_copy, "verify", "--format", "tsv")
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert len(result.stderr.splitlines()) == 1 and "checks failed" in result.stderr, result.stderr
+    rows = [line.split("\t") for line in result.stdout.splitlines()[1:]]
+    failed = {(row[0], row[1]) for row in rows if row[2] == "FAIL"}
+    assert {("array digest", f"runs/{run_id}/norms"), ("array digest", f"runs/{run_id}/levels"),
+            ("no orphan arrays", "runs/loop00000000")} <= failed, result.stdout
+    assert ("runs checked", "6") in {(row[0], row[1]) for row in rows}  # it went on to the end
+    other = mlarch.open(archive_copy).sql("SELECT path FROM arrays WHERE owner <> ? ORDER BY path", [run_id])
+    assert {(row[0], row[1]) for row in rows if row[2] == "ok"} >= {("array digest", p) for p in other["path"]}
+
+
+@pytest.mark.parametrize("args", [["rm", "RUN"], ["gc"]], ids=["rm", "gc"])
+def test_a_read_only_archive_says_so_and_a_dry_run_needs_no_lock(archive_copy, monkeypatch, args):
+    """root ignores chmod: the read-only file system is simulated where the commit lock is
+    opened. rm and gc name the folder as not writable (as ingest does); rm --dry-run changes
+    nothing, so it opens no lock at all and lists what rm would remove."""
+    run_id = mlarch.open(archive_copy).sql("SELECT run_id FROM runs ORDER BY run_id LIMIT 1").item()
+    real_open, tried = os.open, []
+
+    def read_only(path, flags, *rest, **kwargs):
+        if os.fspath(path).endswith(".commit.lock"):
+            tried.append(path)
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), os.fspath(path))
+        return real_open(path, flags, *rest, **kwargs)
+    monkeypatch.setattr(os, "open", read_only)
+    before = sorted(str(p.relative_to(archive_copy)) for p in archive_copy.rglob("*"))
+    dry = run(archive_copy, "rm", "--dry-run", run_id)
+    assert dry.exit_code == 0 and f"would remove run {run_id}" in dry.stdout, dry.output
+    assert tried == []  # no lock for a dry run
+    line = one_error(run(archive_copy, *[run_id if a == "RUN" else a for a in args]), 1)
+    assert tried, "the commit lock was never opened"
+    assert line.startswith(f"Error: archive folder {archive_copy} is not writable (Read-only file system): "), line
+    assert "--archive DIR" in line and "remove whatever is there" not in line, line
+    assert sorted(str(p.relative_to(archive_copy)) for p in archive_copy.rglob("*")) == before
+    assert mlarch.open(archive_copy).sql("SELECT count(*) FROM runs").item() == 6

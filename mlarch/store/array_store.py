@@ -114,7 +114,7 @@ class LocalArrays(ArrayStore):
         folder = self.folder / kind
         if not folder.is_dir():
             return set()
-        return {f"{kind}/{entry.name}" for entry in os.scandir(folder) if entry.is_dir()}
+        return {f"{kind}/{entry.name}" for entry in os.scandir(folder) if _is_group(entry)}
 
     def owned(self, group, expected: str) -> Path:
         """The folder of `group` once it is exactly `expected` (layout.UnsafePath otherwise,
@@ -133,7 +133,12 @@ class LocalArrays(ArrayStore):
     def shown(self, handle: Path, root: Path) -> str:
         """A group's folder as arrays.zarr/<group>, for listings (arrays.zarr may be a link to
         a folder elsewhere, as mlarch advises: resolving it would leave the archive root)."""
-        for inside, base in ((Path(handle), self.folder), (Path(handle).resolve(), self.folder.resolve())):
+        pairs = [(Path(handle), self.folder)]
+        try:
+            pairs.append((Path(handle).resolve(), self.folder.resolve()))
+        except (OSError, RuntimeError):  # a link loop (pathlib raises RuntimeError in Python 3.11)
+            pass
+        for inside, base in pairs:
             try:
                 return (Path(self.folder.name) / inside.relative_to(base)).as_posix()
             except ValueError:
@@ -154,7 +159,11 @@ class LocalArrays(ArrayStore):
                             entries.append((sub.name, entry.name, st.st_size, st.st_mtime_ns, st.st_ino))
             except OSError:  # a missing folder: the read itself reports it
                 pass
-        return (str(self.folder.resolve()), tuple(sorted(entries)))
+        try:
+            where = str(self.folder.resolve())
+        except (OSError, RuntimeError):  # a link loop (pathlib raises RuntimeError): the read reports it
+            where = str(self.folder.absolute())
+        return (where, tuple(sorted(entries)))
 
     def probe(self, write: bool = False) -> None:
         """Nothing to check up front: the archive folder's checks cover arrays.zarr."""
@@ -162,6 +171,15 @@ class LocalArrays(ArrayStore):
     def trouble(self, exc: BaseException) -> BaseException:
         """The error to show for a failure (a local one as it is)."""
         return exc
+
+
+def _is_group(entry: os.DirEntry) -> bool:
+    """Whether a scanned entry of arrays.zarr/runs or /models is a group: a folder, or a link
+    that cannot be followed (a loop), which verify lists and gc leaves alone as links."""
+    try:
+        return entry.is_dir()
+    except OSError:  # ELOOP: a link to itself
+        return entry.is_symlink()
 
 
 class S3Arrays(ArrayStore):

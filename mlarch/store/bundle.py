@@ -14,6 +14,7 @@ bundle says can make mlarch write, remove or run anything outside the archive fo
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import json
 import os
@@ -60,7 +61,7 @@ def export_bundle(root: Path, out: Path, run_ids: list[str] | None = None, model
             if not ids:
                 raise MlarchError(f"model {model!r} has no finished runs to export (see `mlarch models`)")
         else:
-            ids = list(run_ids or [])
+            ids = list(dict.fromkeys(run_ids or []))  # a run named twice is packed (and counted) once
             found = {r[0] for r in con.execute(
                 "SELECT run_id FROM runs WHERE status = 'FINISHED' AND list_contains(?, run_id)", [ids]).fetchall()}
             missing = [rid for rid in ids if rid not in found]
@@ -96,14 +97,18 @@ def export_bundle(root: Path, out: Path, run_ids: list[str] | None = None, model
     store = array_store.of(root)  # arrays on S3: (array path, object name) instead of a file
     try:  # the catalog is read like a bundle: an edited row must not lead the export elsewhere
         records_by_path = checks.check_rows(rows)
-        files = [(name, layout.checked_group(root, record["path"], record["path"]).joinpath(
-                  *name[len(f"arrays/{record['path']}/"):].split("/")) if not store.remote else
-                  (store.owned(record["path"], record["path"]), name[len(f"arrays/{record['path']}/"):]), limit)
-                 for record in records_by_path.values() for name, limit in checks.member_names(record).items()]
     except MlarchError as exc:
         raise error(MlarchError, f"catalog of {root}: ", Phrase(str(exc), for_cli(exc)), ": set the row back (",
                     Phrase("Archive.sql(..., write=True)", "`mlarch sql --write`"), ") or restore the "
                     "catalog from a copy; nothing was exported") from None
+    try:  # the rows are mlarch's: a link (or a link loop) below arrays.zarr is the folder's doing
+        files = [(name, layout.checked_group(root, record["path"], record["path"]).joinpath(
+                  *name[len(f"arrays/{record['path']}/"):].split("/")) if not store.remote else
+                  (store.owned(record["path"], record["path"]), name[len(f"arrays/{record['path']}/"):]), limit)
+                 for record in records_by_path.values() for name, limit in checks.member_names(record).items()]
+    except layout.UnsafePath as exc:
+        raise MlarchError(f"archive {root}: {exc}: mlarch follows no link inside arrays.zarr; run `mlarch verify` "
+                          "to list damage; nothing was exported") from None
     manifest = {"format": checks.FORMAT, "version": checks.VERSION, "mlarch": mlarch.__version__,
                 "exported_at": datetime.now().isoformat(), "run_ids": ids, "models": models, "tables": tables}
     if anonymized is not None:  # informational: import trusts the digests, never this
@@ -115,6 +120,10 @@ def export_bundle(root: Path, out: Path, run_ids: list[str] | None = None, model
     out = Path(out)
     if out.suffix != ".tar":
         raise MlarchError(f"bundle file {out} must end in .tar")
+    if not store.remote:  # each file there, plain and within its size, before anything is read whole
+        for name, source, limit in files:
+            _open_member(source, name, limit)[0].close()
+    _check_arrays(store, records_by_path)  # a damaged array is refused here, not at the import elsewhere
     partial = out.with_name(out.name + ".partial")
     try:
         with tarfile.open(partial, "w") as tar:  # plain tar: chunks are compressed already
@@ -125,16 +134,8 @@ def export_bundle(root: Path, out: Path, run_ids: list[str] | None = None, model
                         _check_member_size(name, size, limit)
                         _add(tar, name, handle, size)
                     continue
-                try:
-                    handle = open(os.open(source, os.O_RDONLY | os.O_NOFOLLOW), "rb")
-                except OSError as exc:
-                    raise MlarchError(f"array file {source} cannot be read ({exc.strerror or exc}): run "
-                                      "`mlarch verify` to list damage") from None
+                handle, info = _open_member(source, name, limit)
                 with handle:
-                    info = os.fstat(handle.fileno())
-                    if not stat.S_ISREG(info.st_mode):
-                        raise MlarchError(f"array file {source} is not a regular file: run `mlarch verify`")
-                    _check_member_size(name, info.st_size, limit)
                     _add(tar, name, handle, info.st_size, info.st_mtime)
         partial.replace(out)
     except OSError as exc:
@@ -145,6 +146,39 @@ def export_bundle(root: Path, out: Path, run_ids: list[str] | None = None, model
         raise
     return {"runs": len(ids), "models": models, "arrays": len(records_by_path), "bytes": out.stat().st_size,
             "anonymized": anonymized is not None}
+
+
+def _open_member(source: Path, name: str, limit: int):
+    """(handle, stat) of a local array file to pack: opened without following a link (nor
+    waiting on a pipe), a regular file, no larger than any object of its array can be."""
+    try:
+        handle = open(os.open(source, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_NONBLOCK", 0)), "rb")
+    except OSError as exc:
+        raise MlarchError(f"array file {source} cannot be read ({exc.strerror or exc}): run "
+                          "`mlarch verify` to list damage") from None
+    try:
+        info = os.fstat(handle.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise MlarchError(f"array file {source} is not a regular file: run `mlarch verify`")
+        _check_member_size(name, info.st_size, limit)
+    except BaseException:
+        handle.close()
+        raise
+    return handle, info
+
+
+def _check_arrays(store, records_by_path: dict[str, dict]) -> None:
+    """Every array to export as the catalog records it (zarr.json and each chunk against their
+    recorded digests, the content against its sha256): arrays.check, as import and verify use it."""
+    for record in records_by_path.values():
+        try:
+            actual = arrays.check(store, arrays.ArrayRecord.from_row(record))
+        except arrays.ArrayDamaged as exc:
+            detail = str(exc).split(": run `mlarch verify`")[0]
+            raise MlarchError(f"{detail}: run `mlarch verify` to list damage; nothing was exported") from None
+        if actual != record["sha256"]:
+            raise MlarchError(f"array {record['path']} has sha256 {actual[:16]}..., the catalog records "
+                              f"{record['sha256'][:16]}...: run `mlarch verify` to list damage; nothing was exported")
 
 
 def _add(tar: tarfile.TarFile, name: str, handle, size: int, mtime: float | None = None) -> None:
@@ -169,9 +203,16 @@ def import_bundle(root: Path, bundle: Path) -> dict:
         # cannot be listed without decompressing all of it, so its sizes cannot be checked first.
         if magic.startswith(prefix):
             raise MlarchError(f"bundle {bundle} is {kind}-compressed: decompress it first (a bundle is a plain .tar)")
-    layout.ensure_folder(root)
-    catalog.ensure_schema(root / layout.CATALOG)
-    schema = _schema_columns(root)
+    # an archive is created only for a bundle that passed its checks: a malformed bundle (or a
+    # mistyped --archive) leaves no empty archive behind
+    new = not (root / layout.CATALOG).exists()
+    if new:
+        _check_creatable(root)
+        schema = _reference_columns()  # what ensure_schema will make
+    else:
+        layout.ensure_folder(root)
+        catalog.ensure_schema(root / layout.CATALOG)
+        schema = _schema_columns(root)
     try:
         tar = tarfile.open(bundle, "r:")
     except (tarfile.TarError, OSError) as exc:
@@ -183,39 +224,107 @@ def import_bundle(root: Path, bundle: Path) -> dict:
             raise MlarchError(f"bundle {bundle}: {exc}: refusing all of it (re-export it with mlarch)") from None
         except (tarfile.TarError, OSError, EOFError) as exc:
             raise MlarchError(f"{bundle} is not a readable mlarch bundle ({exc}): re-export it") from None
-        free = shutil.disk_usage(root).free
-        if size + DISK_MARGIN > free:
-            raise MlarchError(f"bundle {bundle} needs {size >> 20} MiB in {root} and {free >> 20} MiB are free: "
-                              "free disk space, or import into an archive on another disk")
-        staging = root / layout.staging_name()  # gc removes it if this process dies
-        staging.mkdir(mode=0o700)
+        if not new:
+            return _place(root, bundle, tar, tables, by_path, members, size, schema)
+        made = [p for p in (root / layout.LOCK, root / layout.ARRAYS, root, *root.parents) if not os.path.lexists(p)]
         try:
+            layout.ensure_folder(root)
+            catalog.ensure_schema(root / layout.CATALOG)
+            return _place(root, bundle, tar, tables, by_path, members, size, schema)
+        except BaseException:
+            _remove_new_archive(root, made)
+            raise
+
+
+def _place(root: Path, bundle: Path, tar: tarfile.TarFile, tables: dict, by_path: dict, members: list,
+           size: int, schema: dict[str, list[str]]) -> dict:
+    """Extract a scanned bundle into a staging folder in the archive, verify every digest, merge."""
+    free = shutil.disk_usage(root).free
+    if size + DISK_MARGIN > free:
+        raise MlarchError(f"bundle {bundle} needs {size >> 20} MiB in {root} and {free >> 20} MiB are free: "
+                          "free disk space, or import into an archive on another disk")
+    staging = root / layout.staging_name()  # gc removes it if this process dies
+    staging.mkdir(mode=0o700)
+    try:
+        try:
+            _extract(tar, members, staging)
+        except (tarfile.TarError, OSError, EOFError) as exc:
+            raise MlarchError(f"{bundle} is not a readable mlarch bundle ({exc}): re-export it") from None
+        for record in by_path.values():
             try:
-                _extract(tar, members, staging)
-            except (tarfile.TarError, OSError, EOFError) as exc:
-                raise MlarchError(f"{bundle} is not a readable mlarch bundle ({exc}): re-export it") from None
-            for record in by_path.values():
-                try:
-                    actual = arrays.check(staging / "arrays", arrays.ArrayRecord.from_row(record))
-                except MlarchError as exc:  # its advice (restore the archive) is not for a bundle
-                    detail = str(exc).split(": run `mlarch verify`")[0]
-                    raise MlarchError(f"bundle {bundle}: {detail}: the bundle is damaged; refusing all of it") from None
-                if actual != record["sha256"]:
-                    raise MlarchError(f"bundle {bundle}: array {record['path']} has sha256 {actual}, the manifest says "
-                                      f"{record['sha256']}: the bundle was altered; refusing all of it")
-            return _merge(root, staging, tables, schema, bundle)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+                actual = arrays.check(staging / "arrays", arrays.ArrayRecord.from_row(record))
+            except MlarchError as exc:  # its advice (restore the archive) is not for a bundle
+                detail = str(exc).split(": run `mlarch verify`")[0]
+                raise MlarchError(f"bundle {bundle}: {detail}: the bundle is damaged; refusing all of it") from None
+            if actual != record["sha256"]:
+                raise MlarchError(f"bundle {bundle}: array {record['path']} has sha256 {actual}, the manifest says "
+                                  f"{record['sha256']}: the bundle was altered; refusing all of it")
+        return _merge(root, staging, tables, schema, bundle)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _check_creatable(root: Path) -> None:
+    """Before a new archive is made at `root`: refuse a published snapshot, and a folder (or the
+    nearest existing folder above it) that cannot be written, writing nothing that stays."""
+    layout.refuse_snapshot(root)
+    ancestor = root
+    while not os.path.lexists(ancestor) and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if ancestor.is_dir():  # else (a file on the way) creating the folder says so
+        layout.probe_writable(ancestor, root)
+
+
+def _remove_new_archive(root: Path, made: list[Path]) -> None:
+    """After a failed import into a new archive: remove what the import created (the catalog,
+    and of `made`, the paths that were not there before: its lock, arrays.zarr if it holds no
+    file, the folders made for it), once the catalog holds nothing."""
+    path = root / layout.CATALOG
+    if path.exists():
+        try:
+            with catalog.reading(path) as con:
+                held = sum(con.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+                           for table in ("models", "runs", "evaluations"))
+        except Exception:  # unreadable now: leave it as it is
+            return
+        if held:  # another process archived something meanwhile
+            return
+    for file in (path, root / f"{layout.CATALOG}.wal", *[p for p in made if p.name == layout.LOCK]):
+        try:
+            file.unlink(missing_ok=True)
+        except OSError:
+            pass
+    if root / layout.ARRAYS in made:
+        for folder, _, _ in sorted(os.walk(root / layout.ARRAYS), key=lambda entry: -len(entry[0])):
+            try:
+                os.rmdir(folder)  # empty folders only: a file in arrays.zarr stays
+            except OSError:
+                pass
+    for folder in made:  # deepest first, each only if empty
+        try:
+            folder.rmdir()
+        except OSError:
+            pass
 
 
 def _schema_columns(root: Path) -> dict[str, list[str]]:
     """The columns of each bundled table, as this archive's catalog defines them: the only
     names that ever reach SQL text."""
     with catalog.reading(root / layout.CATALOG) as con:
-        rows = con.execute(
-            "SELECT table_name, column_name FROM duckdb_columns() WHERE database_name = current_database() "
-            "AND schema_name = 'main' AND list_contains(?, table_name) ORDER BY table_name, column_index",
-            [list(checks.TABLES)]).fetchall()
+        return _columns(con)
+
+
+@functools.lru_cache(maxsize=1)
+def _reference_columns() -> dict[str, list[str]]:
+    """_schema_columns of a catalog the migrations make now (that of a new archive)."""
+    return catalog._replayed(_columns)
+
+
+def _columns(con) -> dict[str, list[str]]:
+    rows = con.execute(
+        "SELECT table_name, column_name FROM duckdb_columns() WHERE database_name = current_database() "
+        "AND schema_name = 'main' AND list_contains(?, table_name) ORDER BY table_name, column_index",
+        [list(checks.TABLES)]).fetchall()
     columns: dict[str, list[str]] = {name: [] for name in checks.TABLES}
     for table, column in rows:
         columns[table].append(column)

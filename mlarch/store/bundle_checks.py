@@ -224,7 +224,9 @@ def tables_of(manifest, bundle: Path, schema: dict[str, list[str]]) -> dict[str,
     """The manifest's rows as dicts, once every column is one of this archive's schema."""
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise Bad("its manifest is not an mlarch bundle manifest")
-    if not isinstance(manifest.get("version"), int) or manifest["version"] > VERSION:
+    if type(manifest.get("version")) is not int:  # NaN, text, a fraction, true: not a version mlarch writes
+        raise Bad(f"its manifest's format version {str(manifest.get('version'))[:20]!r} is not an integer")
+    if manifest["version"] > VERSION:
         raise MlarchError(f"bundle {bundle} has format version {str(manifest.get('version'))[:20]}, newer than this "
                           f"mlarch reads ({VERSION}): upgrade mlarch (pip install -U mlarch)")
     if manifest["version"] < 2:  # sealing its rows here would vouch for whatever they now say

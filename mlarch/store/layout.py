@@ -7,6 +7,7 @@ import hashlib
 import os
 import re
 import socket
+import sys
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
@@ -138,10 +139,15 @@ def checked_group(root: Path, group, expected: str) -> Path:
     once it is exactly `expected` and no symbolic link below arrays.zarr leads elsewhere."""
     if group != expected:
         raise UnsafePath(f"arrays path {str(group)[:120]!r} is not the expected {expected!r}")
-    base = (root / ARRAYS).resolve()
-    target = base.joinpath(*expected.split("/"))
-    if target.resolve() != target:  # a link anywhere below arrays.zarr, even one pointing inside
-        raise UnsafePath(f"arrays path {expected!r} leads through a symbolic link (to {target.resolve()})")
+    try:  # pathlib (3.11) raises RuntimeError, not OSError, for a link loop
+        base = (root / ARRAYS).resolve()
+        target = base.joinpath(*expected.split("/"))
+        resolved = target.resolve()
+    except (RuntimeError, OSError) as exc:
+        raise UnsafePath(f"arrays path {expected!r} leads through a symbolic link loop "
+                         f"({getattr(exc, 'strerror', None) or exc})") from None
+    if resolved != target:  # a link anywhere below arrays.zarr, even one pointing inside
+        raise UnsafePath(f"arrays path {expected!r} leads through a symbolic link (to {resolved})")
     return target
 
 
@@ -172,22 +178,38 @@ def slug(text: str) -> str:
 
 
 @contextmanager
-def commit_lock(root: Path):
-    """One committer at a time per archive (across processes and threads); others wait their turn."""
+def commit_lock(root: Path, notify=None):
+    """One committer at a time per archive (across processes and threads); others wait their
+    turn. A wait is announced once (`notify(text)`, by default one line on stderr): a commit
+    waiting behind another process must not look like a hang."""
     refuse_snapshot(root)
     with file_lock(root / LOCK, "the commit lock", "mlarch commits only where files can be locked (flock or "
-                   "Windows); commit from such a system"):
+                   "Windows); commit from such a system",
+                   waiting=f"waiting for another mlarch process to finish writing {root} (its commit lock is held) ...",
+                   notify=notify, unwritable=lambda exc: _unwritable(root, exc)):
         yield
 
 
+_NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)  # a read-only folder or file system, or not ours
+
+
+def _to_stderr(text: str) -> None:
+    """The default notice of a lock wait: one line on stderr (the library has no other channel
+    for rm and gc; ingest's progress goes there too)."""
+    print(text, file=sys.stderr, flush=True)
+
+
 @contextmanager
-def file_lock(path: Path, what: str, unsupported: str):
+def file_lock(path: Path, what: str, unsupported: str, waiting: str | None = None, notify=None, unwritable=None):
     """Hold an exclusive lock on the plain file `path` (created if missing), waiting for it.
 
     The file is opened here, never through a link; filelock's lock_descriptor locks it (flock on
     POSIX, LockFileEx on Windows), so nothing here needs fcntl. Not filelock.FileLock: where flock
     is missing it falls back to a marker file that a crashed holder leaves behind for ever.
-    `what` names the lock in errors; `unsupported` is the fix where files cannot be locked."""
+    `what` names the lock in errors; `unsupported` is the fix where files cannot be locked.
+    The lock is tried first without waiting; held by another, `notify(waiting)` is called once
+    (default: the line on stderr) before the wait. `unwritable(exc)` raises the error for a lock
+    that cannot be created because its folder is read-only or not ours (default: a generic one)."""
     from filelock import lock_descriptor, unlock_descriptor  # ~70 ms to import: lock holders only
 
     try:  # a planted link would make every lock create a file elsewhere; O_NOFOLLOW refuses it,
@@ -195,11 +217,18 @@ def file_lock(path: Path, what: str, unsupported: str):
             raise OSError(errno.ELOOP, "a symbolic link")
         fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
     except OSError as exc:
+        if exc.errno in _NOT_WRITABLE and not os.path.isdir(path):  # nothing there to remove: the folder is the trouble
+            if unwritable is not None:
+                unwritable(exc)
+            raise MlarchError(f"cannot open {what} {path} ({exc.strerror or exc}): its folder {path.parent} is not "
+                              "writable; make it writable, or use another folder") from None
         raise MlarchError(f"cannot open {what} {path} ({exc.strerror or exc}): mlarch makes it a "
                           "plain file; remove whatever is there") from None
     try:
         try:
-            lock_descriptor(fd)  # waits its turn (polls every 50 ms)
+            if not lock_descriptor(fd, blocking=False):  # held by another process (or thread)
+                (notify or _to_stderr)(waiting or f"waiting for {what} {path}, held by another mlarch process ...")
+                lock_descriptor(fd)  # waits its turn (polls every 50 ms)
         except OSError as exc:  # ENOSYS: this Python has neither flock nor LockFileEx
             raise MlarchError(f"cannot lock {what} {path} ({exc.strerror or exc}): {unsupported}") from None
         try:

@@ -4,6 +4,7 @@ the archive's arrays.zarr or its S3 prefix (mlarch.store.array_store): the same 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -334,7 +335,9 @@ def rm(root: Path, run_ids: list[str] | None = None, model: str | None = None, *
     path = root / layout.CATALOG
     store = (array_store.for_changes(root, claim=not dry_run) if path.exists()
              else array_store.LocalArrays(root / layout.ARRAYS))
-    with layout.commit_lock(root):
+    if dry_run:  # changes nothing: no lock to take (nor to wait for), on a read-only archive too
+        layout.refuse_snapshot(root)
+    with contextlib.nullcontext() if dry_run else layout.commit_lock(root):
         with catalog.reading(path) as con:
             runs = con.execute(
                 "SELECT run_id, model, lang, role, seed, status, in_use, arrays_group, finished_at, analysis, host, "
