@@ -11,6 +11,7 @@ load only when a method that scores or evaluates runs.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import polars as pl
@@ -117,8 +118,10 @@ class Archive(_query.Archive):
         _check_options("evaluate", EvalConfig, options, ("model", "langs", "task", "data", "interventions"))
         if isinstance(interventions, str):
             interventions = [interventions]
+        elif isinstance(interventions, Iterable) and not isinstance(interventions, (bytes, bytearray, Mapping)):
+            interventions = list(interventions)  # anything else stays as given: EvalConfig.validate refuses it
         cfg = EvalConfig(model=model, langs=_query._langs(langs), task=task, data=data,
-                         interventions=list(interventions), **options)
+                         interventions=interventions, **options)
         return evaluate(self.root, cfg, reporter_for(progress, reporter))
 
     # --- recompute ---------------------------------------------------------------------
@@ -196,6 +199,9 @@ class Archive(_query.Archive):
         mlarch.charts.options_of(kind)): a misspelt one is an error naming the accepted ones."""
         from mlarch.charts import chart
 
+        if options.get("langs") is not None:  # a list of codes or a comma string, checked as every method does
+            options["langs"] = _query._langs(options["langs"])
+        _query.check_ks(options.get("k"))
         return chart(self, kind, **options)
 
     def report(self, folder, model: str, *, langs=None, k: float | None = None, seed: int | None = None,
@@ -205,6 +211,7 @@ class Archive(_query.Archive):
         path (data files, the archive) as <anonymized>/NAME. Returns the path of index.html."""
         from mlarch.charts.report import write_report
 
+        _query.check_path(folder, "folder", "a folder", "report")
         self._require()
         return write_report(self, folder, model=model, langs=_query._langs(langs), k=k, seed=seed, analysis=analysis,
                             anonymize=anonymize)

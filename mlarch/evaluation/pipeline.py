@@ -84,6 +84,21 @@ class EvalConfig:
         """Refuse bad values before any work; returns the parsed interventions."""
         import numbers
 
+        from mlarch.ingest.config import SOURCE_KINDS, check_data_dir, check_flag, check_source
+
+        # types first: a value of the wrong type fails here by name, not deep in the work
+        self.model = check_source(self.model, Arg("model"), "a model folder, .gguf file, hub id or named model",
+                                  Arg("model", "qwen2.5-coder-0.5b"))
+        self.data = check_source(self.data, Arg("data"), SOURCE_KINDS, Arg("data", "mgsm"))
+        self.data_dir = check_data_dir(self.data_dir)
+        for flag in ("all_items", "chat", "force", "trust_remote_code"):
+            check_flag(self, flag)
+        if isinstance(self.interventions, str):
+            self.interventions = [self.interventions]
+        if not isinstance(self.interventions, (list, tuple)):
+            raise error(UsageError, Arg("interventions"), " takes a list of specs such as 'prune:en@0.01' (or one "
+                        f"spec), got {self.interventions!r:.60}: e.g. ", Arg("interventions", ["prune:en@0.01"]))
+        self.interventions = list(self.interventions)
         if self.task not in TASKS:
             raise error(UsageError, f"unknown task {self.task!r}: choose ", Arg("task", "nll"), " or ",
                         Arg("task", "accuracy"))

@@ -3,7 +3,9 @@ records that make a run's identity (its config digest) and provenance."""
 
 from __future__ import annotations
 
+import os
 import re
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 
 from mlarch import methods
@@ -97,6 +99,17 @@ class IngestConfig:
         import math
         import numbers
 
+        # types first: a value of the wrong type fails here by name, not deep in the work
+        self.model = check_source(self.model, Arg("model"), "a model folder, .gguf file, hub id or named model",
+                                  Arg("model", "qwen2.5-coder-0.5b"))
+        self.math = check_source(self.math, Arg("math"), SOURCE_KINDS, Arg("math", "mgsm"))
+        self.control = check_source(self.control, Arg("control"), SOURCE_KINDS, Arg("control", "flores"))
+        self.data_dir = check_data_dir(self.data_dir)
+        for flag in ("force", "trust_remote_code", "paper_compat"):
+            check_flag(self, flag)
+        self.top_k = listed(self.top_k, float)
+        self.seeds = listed(self.seeds, int)
+        self.only_correct = listed(self.only_correct, str)
         self.apply_paper_compat()
         check_langs(self.langs)
         from mlarch.ingest.devices import check_device_map
@@ -185,6 +198,70 @@ def _bounded_int(arg: Arg, value, high: int, fix: tuple) -> int:
     if value > high:
         raise error(UsageError, arg, f" must be at most {high:,}, got {value:,}: ", *fix)
     return int(value)
+
+
+SOURCE_KINDS = "a named source such as mgsm, a path template with {lang} or a hub data set hf:..."
+
+
+def _shown(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def check_source(value, arg: Arg, what: str, example: Arg) -> str:
+    """A model or data reference (a str, or a path object, as a str), else a UsageError: the
+    reference is read before anything loads, and a None would fail far inside the work."""
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if not isinstance(value, str) or not value.strip():
+        raise error(UsageError, arg, f" takes a string ({what}), got {_shown(value)}: e.g. ", example)
+    if "\x00" in value:
+        raise error(UsageError, arg, f" holds a NUL character ({_shown(value)}): pass {what}")
+    return value
+
+
+def check_data_dir(value) -> str | None:
+    """data_dir: None, or a folder path (a str or path object, as a str)."""
+    if value is None:
+        return None
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if not isinstance(value, str) or "\x00" in value:
+        raise error(UsageError, Arg("data_dir"), f" takes a folder path (a str or pathlib.Path), got {_shown(value)}: "
+                    "e.g. ", Arg("data_dir", "shared/data"))
+    return value
+
+
+def check_flag(cfg, name: str) -> None:
+    """An on/off option of `cfg` holds True or False (1 and 0 too), not 'yes' or None."""
+    value = getattr(cfg, name)
+    try:
+        fine = isinstance(value, bool) or value in (0, 1)  # numpy's bools and 0/1 compare equal
+    except (TypeError, ValueError):  # an array: no truth value
+        fine = False
+    if not fine:
+        raise error(UsageError, Arg(name), f" takes True or False, got {_shown(value)}: e.g. ", Arg(name, True))
+    setattr(cfg, name, bool(value))
+
+
+def listed(value, parse) -> list | None:
+    """A list option (top_k, seeds, only_correct) as a list: one value as [value], a string as
+    the CLI reads it ('0.01,0.05': comma-separated, each part through `parse`; a part it
+    refuses stays text, for the item checks to name). None stays None: the checks say what is
+    missing."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        out = []
+        for part in (p.strip() for p in value.split(",")):
+            try:
+                out.append(parse(part))
+            except ValueError:
+                out.append(part)
+        return out
+    if isinstance(value, (bytes, bytearray, Mapping)) or not isinstance(value, Iterable):
+        return [value]
+    return list(value)
 
 
 def check_langs(langs) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,6 +21,8 @@ import polars as pl
 
 from mlarch.errors import MlarchError, UsageError
 from mlarch.query import compare as _compare
+from mlarch.query.params import (SEE_RUNS, check_ks, check_path, check_sql, check_sql_params, check_text, check_texts,
+                                 shown)
 from mlarch.store import catalog, layout
 from mlarch.wording import Arg, Phrase, error
 
@@ -155,11 +158,44 @@ def _run(con, statements, params) -> pl.DataFrame:
     return arrow_frame(con, statements[-1].query, params)  # Arrow, not Python rows: 1 M rows in < 1 s
 
 
-def _langs(langs) -> list[str] | None:
-    """A comma string or a list of language codes, as a list (None stays None)."""
+_LANGS_FIX = ("e.g. ", Phrase("langs=['en', 'de'] or langs='en,de'", "--langs en,de"))
+_SEE_EVALS = Phrase("see Archive.evaluations()", "see `mlarch evals`")
+_SEE_MODELS = Phrase("see Archive.models()", "see `mlarch models`")
+_SEE_MODULES = Phrase("see the modules view, Archive.sql('SELECT * FROM modules')", "see `mlarch sql 'SELECT * FROM "
+                      "modules'`")
+
+
+def _langs(langs, name: str = "langs") -> list[str] | None:
+    """A comma string or a list of language codes, as a list (None stays None); anything
+    else, or a list holding something other than a string, is a UsageError naming `name`."""
+    if langs is None:
+        return None
     if isinstance(langs, str):
         return [x.strip() for x in langs.split(",") if x.strip()]
-    return None if langs is None else list(langs)
+    if isinstance(langs, (bytes, bytearray, Mapping)) or not isinstance(langs, Iterable):
+        raise error(UsageError, Arg(name), f" takes language codes (a list, or a comma string), got {shown(langs)}: ",
+                    *_LANGS_FIX)
+    langs = list(langs)
+    for i, lang in enumerate(langs):
+        if not isinstance(lang, str):
+            raise error(UsageError, Arg(name), f" holds {shown(lang)} at index {i}, not a language code (a string): ",
+                        *_LANGS_FIX)
+    return langs
+
+
+def _model_text(model, name: str = "model") -> str:
+    """A model argument (an archived name, or a part of one) as a str, else a UsageError."""
+    return check_text(model, name, "a model name", _SEE_MODELS)
+
+
+def _name_filter(frame: pl.DataFrame, model) -> pl.DataFrame:
+    """`frame`'s rows whose model contains `model` (case-insensitive; None or '': all)."""
+    if model is None:
+        return frame
+    model = check_text(model, "model", "a model name (or a part of one)", _SEE_MODELS)
+    if not model:
+        return frame
+    return frame.filter(pl.col("model").str.to_lowercase().str.contains(model.lower(), literal=True))
 
 
 def _flatten(rows: list, prefix: str, value) -> None:
@@ -187,6 +223,8 @@ class Archive:
         # published archive, its catalog fetched into the cache (read-only).
         from mlarch.store.remote_catalog import resolve
 
+        if path is not None:
+            check_path(path, "path", "an archive folder or s3://BUCKET/PREFIX", "mlarch-archive")
         self.root = resolve(path)
         # A finished run's arrays and a model's modules never change while the catalog does
         # not: cache their lookups (every read attaches the catalog, and array access loops
@@ -227,6 +265,7 @@ class Archive:
         anything runs. The frame comes through DuckDB's Arrow stream (1 M rows in about a
         second; UUID, MAP, STRUCT, LIST as polars types; INTERVAL, UNION, BIT, UHUGEINT
         as DuckDB's text; DECIMAL as Float64, HUGEINT as Int64, or Int128 beyond it)."""
+        query, params = check_sql(query), check_sql_params(params)
         if not write:
             return self._sql_read(query, params)
         statements = _parsed(catalog.statements, query)
@@ -274,10 +313,11 @@ class Archive:
         the row's layer, module or model); by='layer'/'module' add depth = layer / (blocks - 1)."""
         from mlarch.query.compare_rethreshold import patterns
 
-        if isinstance(langs, str):
-            langs = [x.strip() for x in langs.split(",") if x.strip()]
+        model, langs = _model_text(model), _langs(langs)
+        if langs is None:
+            raise error(UsageError, "compare needs at least two languages, e.g. ", Arg("langs", ["en", "de"]))
         with catalog.reading(self.catalog_path) as con:
-            plan = _compare.plan(con, model, list(langs), k=k, seed=seed, by=by, analysis=analysis)
+            plan = _compare.plan(con, model, langs, k=k, seed=seed, by=by, analysis=analysis)
         rows = patterns(self, plan) if plan.rethreshold else None
         with catalog.reading(self.catalog_path) as con:
             return _compare.overlap_rows(con, plan, by, rows)
@@ -296,8 +336,7 @@ class Archive:
             FROM analyses a LEFT JOIN runs r ON r.model = a.model AND r.analysis = a.analysis
                  AND r.status = 'FINISHED' AND r.in_use
             GROUP BY ALL ORDER BY a.model, a.created_at, a.analysis""")
-        if model:
-            frame = frame.filter(pl.col("model").str.to_lowercase().str.contains(model.lower(), literal=True))
+        frame = _name_filter(frame, model)
         shown = [describe(config) for config in frame["config"].to_list()]
         columns = {"math": pl.Utf8, "control": pl.Utf8, "samples": pl.Int64, "max_length": pl.Int64,
                    "top_k": pl.Utf8, "only_correct": pl.Boolean, "method": pl.Utf8}
@@ -317,7 +356,13 @@ class Archive:
         analysis's archived k, which are the only ones it allows)."""
         from mlarch.query.analysis_overlap import analysis_overlap
 
-        return analysis_overlap(self, model, langs, analyses, k=k, seed=seed, by=by)
+        model, langs = _model_text(model), _langs(langs)
+        if isinstance(analyses, str):  # 'a,b' as the CLI's --analyses takes it
+            analyses = [a.strip() for a in analyses.split(",")]
+        analyses = check_texts(analyses, "analyses", "an analysis name",
+                               Phrase("see Archive.analyses()", "see `mlarch analyses`"))
+        check_ks(k)
+        return analysis_overlap(self, model, langs, analyses, k=k, seed=_compare.check_seed(seed), by=by)
 
     def runs(self, model: str | None = None) -> pl.DataFrame:
         """The runs, one row per scoring pass (run_id, model, analysis, lang, role, dataset, seed, sizes, status,
@@ -326,9 +371,7 @@ class Archive:
             "SELECT run_id, model, analysis, lang, role, dataset, seed, n_samples, n_tokens, status, "
             "started_at, finished_at FROM runs ORDER BY started_at, run_id"
         )
-        if model:
-            frame = frame.filter(pl.col("model").str.to_lowercase().str.contains(model.lower(), literal=True))
-        return frame
+        return _name_filter(frame, model)
 
     def models(self) -> pl.DataFrame:
         """The archived models with their architecture, dtype, scored modules and parameters, and the languages, seeds
@@ -343,6 +386,7 @@ class Archive:
 
     def run(self, run_id: str) -> dict:
         """The run's catalog row with its full provenance."""
+        check_text(run_id, "run_id", "a run id", SEE_RUNS)
         with catalog.reading(self.catalog_path) as con:
             rows = catalog.frame(con, "SELECT * FROM runs WHERE run_id = $id", {"id": run_id})
             if rows.is_empty():
@@ -405,9 +449,11 @@ class Archive:
 
     def _model_name(self, model: str) -> str:
         """`model` resolved as resolve_model does, without a catalog read for an archived name."""
+        _model_text(model)
         return model if self._spans(model) else self.resolve_model(model)
 
     def _span(self, model: str, module: str):
+        check_text(module, "module", "a module name", _SEE_MODULES)
         model = self._model_name(model)
         spans = self._spans(model)
         if module not in spans:
@@ -416,6 +462,7 @@ class Archive:
 
     def _run_arrays(self, run_id: str) -> dict:
         """model, k_values and scoring method of a finished run of an archived model (cached)."""
+        check_text(run_id, "run_id", "a run id", SEE_RUNS)
         self._cached()
         if run_id not in self._run_cache:
             rows = self._read(
@@ -490,8 +537,7 @@ class Archive:
         from mlarch import methods
         from mlarch.selection import in_top, level_codes
 
-        if not 0 < k < 1:
-            raise UsageError(f"k = {k} is outside (0, 1)")
+        k = _compare.check_k(k)  # "0.01" too, as compare and sizes take it
         run = self._run_arrays(run_id)
         if not methods.rethresholdable(run["method"] or methods.EXACT):
             k_values = [float(v) for v in run["k_values"]]
@@ -505,6 +551,7 @@ class Archive:
         several are a UsageError listing them, none an MlarchError listing the archive's models."""
         from mlarch.query.model_names import resolve_model
 
+        _model_text(model)
         with catalog.reading(self.catalog_path) as con:
             return resolve_model(con, model)
 
@@ -514,6 +561,7 @@ class Archive:
         from mlarch.query.model_names import resolve_model
         from mlarch.store import analyses
 
+        _model_text(model)
         with catalog.reading(self.catalog_path) as con:
             return analyses.resolve(con, resolve_model(con, model), analysis)
 
@@ -527,6 +575,9 @@ class Archive:
         analysis, whose runs hold sets only at the k they archived: another k is an error)."""
         from mlarch.selection import in_top
 
+        check_text(lang, "lang", "a language code", "e.g. ", Arg("lang", "en"))
+        k, seed = _compare.check_k(k), _compare.check_seed(seed)
+        check_text(module, "module", "a module name", _SEE_MODULES)
         model = self.resolve_model(model)
         analysis = self.resolve_analysis(model, analysis)
         # the pair of runs the derived tables used: one seed, both roles (never a math run of
@@ -568,14 +619,15 @@ class Archive:
             "n_params_changed, n_items, n_tokens, value, stderr, finished_at FROM evaluations_current "
             "ORDER BY model, task, dataset, role, lang, intervention <> 'none', target_lang, k, "
             "list_position(['prune', 'scale', 'random', 'fraction'], intervention), factor, eval_id")
-        if model:
-            frame = frame.filter(pl.col("model").str.to_lowercase().str.contains(model.lower(), literal=True))
+        frame = _name_filter(frame, model)
         if eval_ids is not None:
-            frame = frame.filter(pl.col("eval_id").is_in(list(eval_ids)))
+            eval_ids = check_texts(eval_ids, "eval_ids", "an eval id", _SEE_EVALS)
+            frame = frame.filter(pl.col("eval_id").is_in(eval_ids))
         return frame
 
     def evaluation_items(self, eval_id: str) -> pl.DataFrame:
         """Per-item results of one evaluation (NLL per item, or completion and correctness)."""
+        check_text(eval_id, "eval_id", "an eval id", _SEE_EVALS)
         return self._read("SELECT * FROM evaluation_items WHERE eval_id = ? ORDER BY position", [eval_id])
 
     # --- maintenance -------------------------------------------------------------------
@@ -585,12 +637,32 @@ class Archive:
         (runs, evaluations, analyses, array folders with sizes, then a total line)."""
         from mlarch.store.maintenance import rm
 
-        if isinstance(run_ids, str):
-            run_ids = [run_ids]
+        run_ids = self._run_ids(run_ids)
+        if model is not None:
+            check_text(model, "model", "a model name", _SEE_MODELS)
         if bool(run_ids) == bool(model):
             raise UsageError("give run_ids or model (one of them)")
         self._require()
-        return rm(self.root, list(run_ids) if run_ids else None, model, dry_run=dry_run)
+        self._check_odd_ids(run_ids)
+        return rm(self.root, run_ids or None, model, dry_run=dry_run)
+
+    @staticmethod
+    def _run_ids(run_ids) -> list[str] | None:
+        """run_ids of verify, rm and export_bundle (one id or a list; None stays None), checked:
+        each a non-empty string."""
+        return check_texts(run_ids, "run_ids", "a run id", SEE_RUNS)
+
+    def _check_odd_ids(self, run_ids: list[str] | None) -> None:
+        """An id with control characters or outer blanks that no run has: refused here, shown
+        as its repr (the store's message prints ids as they are: a newline would break it)."""
+        odd = [rid for rid in run_ids or [] if not rid.isprintable() or rid != rid.strip()]
+        if odd:
+            known = set(self._read("SELECT run_id FROM runs WHERE list_contains($ids, run_id)",
+                                   {"ids": odd})["run_id"].to_list())
+            missing = [rid for rid in odd if rid not in known]
+            if missing:
+                raise error(MlarchError, f"no run {', '.join(shown(rid) for rid in missing)} in {self.root}: ",
+                            SEE_RUNS)
 
     def _require(self) -> None:
         """Raise unless the folder holds a catalog: no lock file or folder left in a stray path."""
@@ -605,10 +677,13 @@ class Archive:
         `frame.filter(pl.col("status") == "FAIL")` lists them."""
         from mlarch.store.maintenance import verify
 
-        if isinstance(run_ids, str):
-            run_ids = [run_ids]
+        run_ids = self._run_ids(run_ids)
+        if run_ids == []:  # not "every run": a list that came out empty is more likely a mistake
+            raise error(UsageError, Arg("run_ids", []), " names no run: pass run ids, or leave ", Arg("run_ids"),
+                        " out (None) to verify the whole archive")
         self._require()
-        checks = verify(self.root, list(run_ids) if run_ids else None)
+        self._check_odd_ids(run_ids)
+        checks = verify(self.root, run_ids)
         return pl.DataFrame([{"check": c.check, "object": c.object, "status": "ok" if c.ok else "FAIL",
                               "detail": c.detail} for c in checks],
                             schema={"check": pl.Utf8, "object": pl.Utf8, "status": pl.Utf8, "detail": pl.Utf8})
@@ -639,6 +714,7 @@ class Archive:
         missing), as `mlarch export`, for DuckDB, polars or Spark. Returns the files written."""
         from mlarch.store.bundle import export_parquet
 
+        check_path(folder, "folder", "a folder", "export")
         if format != "parquet":
             raise UsageError(f"format={format!r} is not known: the only export format is 'parquet'")
         self._require()
@@ -652,12 +728,15 @@ class Archive:
         verifies. Returns {"runs": n, "models": [...], "arrays": n, "bytes": n, "anonymized": bool}."""
         from mlarch.store.bundle import export_bundle
 
-        if isinstance(run_ids, str):
-            run_ids = [run_ids]
+        check_path(path, "path", "a .tar file", "runs.tar")
+        run_ids = self._run_ids(run_ids)
+        if model is not None:
+            check_text(model, "model", "a model name", _SEE_MODELS)
         if bool(run_ids) == bool(model):
             raise UsageError("give run_ids or model (one of them)")
         self._require()
-        return export_bundle(self.root, Path(path), list(run_ids) if run_ids else None, model, anonymize=anonymize)
+        self._check_odd_ids(run_ids)
+        return export_bundle(self.root, Path(path), run_ids or None, model, anonymize=anonymize)
 
     def publish(self, url: str) -> dict:
         """Upload a consistent snapshot of the catalog, and a manifest of its sha256, size and
@@ -675,6 +754,7 @@ class Archive:
         ids], "skipped": [run ids], "models": [new model names]}."""
         from mlarch.store.bundle import import_bundle
 
+        check_path(path, "path", "a bundle (.tar file)", "runs.tar")
         return import_bundle(self.root, Path(path))
 
     # --- summaries ---------------------------------------------------------------------
@@ -714,6 +794,9 @@ class Archive:
 
     def analysis_of_runs(self, run_ids) -> str | None:
         """The analysis the given runs belong to, or None when they span several (or none)."""
+        run_ids = check_texts(run_ids, "run_ids", "a run id", SEE_RUNS)
+        if run_ids is None:
+            raise error(UsageError, Arg("run_ids"), " takes run ids, got None: ", SEE_RUNS)
         used = self._read("SELECT DISTINCT analysis FROM runs WHERE list_contains($ids, run_id)",
-                          {"ids": list(run_ids)})["analysis"].to_list()
+                          {"ids": run_ids})["analysis"].to_list()
         return used[0] if len(used) == 1 else None

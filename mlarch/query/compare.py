@@ -7,6 +7,7 @@ compared languages (the `language_unique` view uses every archived language inst
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from itertools import combinations
 
@@ -115,6 +116,8 @@ def resolve_k_seed(sets: dict[str, dict[tuple[int, str], set[float]]], k: float 
     and sets that `derived_sets` read. any_k: a given k need not be archived (the caller
     re-thresholds the stored scores); it must still be in (0, 1)."""
     models = list(sets)
+    k = None if k is None else check_k(k)  # "0.01" is 0.01 here too, not a k that no run archived
+    seed = check_seed(seed)
     for model in models:
         if not sets[model]:
             raise MlarchError(
@@ -127,9 +130,7 @@ def resolve_k_seed(sets: dict[str, dict[tuple[int, str], set[float]]], k: float 
             raise error(MlarchError, f"models {', '.join(models)} share no k value: pass a narrower ", Arg("model"),
                         *([" or a ", Arg("k"), " to re-threshold"] if any_k else []))
         k = DEFAULT_K if DEFAULT_K in common_k else common_k[0]
-    elif any_k:
-        k = check_k(k)
-    elif k not in common_k:
+    elif not any_k and k not in common_k:
         raise MlarchError(
             f"k = {k} is not archived for {', '.join(models)}; archived k: {', '.join(map(str, common_k)) or 'none'}"
             " (compare and selection re-threshold any k from the stored scores)"
@@ -156,6 +157,21 @@ def check_k(k) -> float:
     if value is None or isinstance(k, bool) or not 0 < value < 1:
         raise error(UsageError, f"k must be a fraction in (0, 1), got {k!r}: e.g. ", Arg("k", 0.01))
     return value
+
+
+MAX_SEED = 2**63 - 1  # seeds are stored as BIGINT
+
+
+def check_seed(seed) -> int | None:
+    """`seed` as an int from 0 to 2**63-1 (None stays None), else a UsageError naming the
+    argument: a bool, a string or a float is not a seed (numpy integers are)."""
+    if seed is None:
+        return None
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed <= MAX_SEED:
+        shown = repr(seed) if len(repr(seed)) <= 60 else repr(seed)[:57] + "..."
+        raise error(UsageError, f"seed {shown} is not valid: ", Arg("seed"), " takes an integer from 0 to 2**63-1, "
+                    "e.g. ", Arg("seed", 1))
+    return int(seed)
 
 
 @dataclass(frozen=True)

@@ -4,13 +4,22 @@ statement has a value before it runs (values are always bound, never put into th
 A value is text unless the name says otherwise: `-p k:float=0.01`, `-p n:int=3`,
 `-p name:str=...`. DuckDB converts text where the context fixes the type (`k = $k`,
 `LIMIT $n`); elsewhere cast in SQL (`$n::INTEGER + 1`) or give the type.
+
+Also the type checks the Python API applies to its arguments (the CLI's are typed by click):
+an id or a name that is not a string, a list of them holding something else, a path that is
+none, a seed that is not an integer is a UsageError naming the argument, never a TypeError or
+a DuckDB error from deep inside a query.
 """
 
 from __future__ import annotations
 
+import numbers
+import os
 import re
+from collections.abc import Iterable, Mapping
 
 from mlarch.errors import UsageError
+from mlarch.wording import Arg, Phrase, error
 
 _SPEC = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)(?::([A-Za-z]+))?=(.*)", re.DOTALL)
 TYPES = {"str": str, "int": int, "float": float}
@@ -59,3 +68,105 @@ def check_params(statement, params) -> None:
     if unused:
         raise UsageError(f"the statement does not use the parameter(s) {', '.join(map(repr, unused))}: "
                          "remove them, or refer to each as $name")
+
+
+# --- argument types of the Python API -------------------------------------------------------
+SEE_RUNS = Phrase("see Archive.runs()", "see `mlarch runs`")
+_SURROGATE = "a lone surrogate (what Python makes of bytes that are not UTF-8)"
+
+
+def shown(value, limit: int = 60) -> str:
+    """repr(value), cut to `limit` characters (a message shows what was passed, not all of it)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def has_surrogate(text: str) -> bool:
+    """Whether `text` holds a lone surrogate ('\\udcff' of os.fsdecode), which UTF-8 (DuckDB,
+    JSON, every catalog value) cannot hold."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def check_text(value, name: str, what: str, *fix, empty: bool = True) -> str:
+    """`value` (the argument `name`: `what`, e.g. 'a run id') as a str, else a UsageError ending
+    in `fix` (message parts). A lone surrogate is refused (no archived id or name holds one);
+    so is '' unless `empty`."""
+    if not isinstance(value, str):
+        raise error(UsageError, Arg(name), f" takes {what} as a string, got {shown(value)}: ", *fix)
+    if not value and not empty:
+        raise error(UsageError, f"an empty string is not {what}: ", *fix)
+    if has_surrogate(value):
+        raise error(UsageError, f"{shown(value)} holds {_SURROGATE}, so it is not {what}: ", *fix)
+    return value
+
+
+def check_texts(values, name: str, what: str, *fix) -> list[str] | None:
+    """`values` (one string or a list of them; None stays None) as a list of non-empty strings,
+    each checked as check_text does; the message names the position of a bad item."""
+    if values is None:
+        return None
+    if isinstance(values, str):
+        return [check_text(values, name, what, *fix, empty=False)]
+    if isinstance(values, (bytes, bytearray, Mapping)) or not isinstance(values, Iterable):
+        raise error(UsageError, Arg(name), f" takes {what} or a list of them, got {shown(values)}: ", *fix)
+    values = list(values)
+    for i, value in enumerate(values):
+        if not isinstance(value, str):
+            raise error(UsageError, Arg(name), f" holds {shown(value)} at index {i}, not {what} (a string): ", *fix)
+        check_text(value, name, what, *fix, empty=False)
+    return values
+
+
+def check_path(value, name: str, what: str, example: str) -> str | os.PathLike:
+    """`value` (the argument `name`: `what`, e.g. 'a folder') as a file system path: a str or
+    os.PathLike (not bytes) without a NUL character, else a UsageError (`example`: a value for
+    its fix)."""
+    text = os.fspath(value) if isinstance(value, os.PathLike) else value
+    if not isinstance(text, str):
+        raise error(UsageError, Arg(name), f" takes {what}, a str or pathlib.Path, got {shown(value)}: e.g. ",
+                    Arg(name, example))
+    if "\x00" in text:
+        raise error(UsageError, Arg(name, shown=shown(text)), " holds a NUL character, which no path can hold: "
+                    "remove it")
+    return value
+
+
+def check_ks(k) -> None:
+    """A k argument that takes one number or several (charts, analysis_overlap): None, a
+    number, a string ('0.01,0.05', 'all') or a list; anything else is a UsageError here (the
+    values themselves are checked where they are read)."""
+    if k is None or isinstance(k, (str, numbers.Real)):
+        return
+    if isinstance(k, (bytes, bytearray, Mapping)) or not isinstance(k, Iterable):
+        raise error(UsageError, Arg("k"), f" takes a number or a list of them, got {shown(k)}: e.g. ",
+                    Arg("k", [0.01, 0.05]))
+
+
+def check_sql(query) -> str:
+    """`query` as SQL text: a str without a lone surrogate, else a UsageError."""
+    if isinstance(query, (bytes, bytearray)):
+        raise error(UsageError, Arg("query"), f" takes SQL as a string, got bytes {shown(query)}: decode them "
+                    "first, e.g. query.decode()")
+    if not isinstance(query, str):
+        raise error(UsageError, Arg("query"), f" takes SQL as a string, got {shown(query)}: e.g. ",
+                    Arg("query", "SELECT * FROM runs"))
+    if has_surrogate(query):
+        raise UsageError(f"the SQL holds {_SURROGATE}: write the query as UTF-8 text")
+    return query
+
+
+def check_sql_params(params):
+    """`params` of Archive.sql: None, a mapping ({name: value} for each $name, as a dict) or a
+    sequence (values for ? in order, as a list), else a UsageError."""
+    if params is None:
+        return None
+    if isinstance(params, Mapping):
+        return dict(params)
+    if isinstance(params, (list, tuple)):
+        return list(params)
+    raise error(UsageError, Arg("params"), f" takes a dict (a value for each $name) or a list (for ? in order), "
+                f"got {shown(params)}: e.g. ", Arg("params", {"m": "tiny-llama"}))
