@@ -55,6 +55,12 @@ class Arg(Phrase):
         return f"{self.flag} {value}"
 
 
+def brief(value, limit: int = 60) -> str:
+    """repr(value), cut to `limit` characters: a message shows what was passed, not all of it."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def error(kind: type[Exception], *parts) -> Exception:
     """An instance of `kind` (an mlarch error class) whose message is `parts` joined, each Arg
     (or Phrase) in its Python wording; `cli_message` holds the same text with CLI flags."""

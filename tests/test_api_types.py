@@ -167,12 +167,18 @@ INGEST_CASES = [
 @pytest.mark.parametrize("options, fragment", [case[1:] for case in INGEST_CASES],
                          ids=[case[0] for case in INGEST_CASES])
 def test_ingest_checks_types_before_any_work(tmp_path, options, fragment):
-    args = {"model": NO_MODEL, "langs": ["en"], "math": "mgsm", "control": "flores", **options}
+    assert fragment in refused_before_work(tmp_path, "ingest", ("model", "langs", "math", "control"),
+                                           {"model": NO_MODEL, "langs": ["en"], "math": "mgsm", "control": "flores",
+                                            **options})
+
+
+def refused_before_work(tmp_path, method: str, positional: tuple, args: dict) -> str:
+    """The one-line UsageError of Archive.<method> on a new path, which it must not create."""
     root = tmp_path / "new"
     with pytest.raises(UsageError) as caught:
-        mlarch.open(root).ingest(args.pop("model"), args.pop("langs"), args.pop("math"), args.pop("control"), **args)
-    assert fragment in one_line(caught.value)
+        getattr(mlarch.open(root), method)(*[args.pop(name) for name in positional], **args)
     assert not root.exists()
+    return one_line(caught.value)
 
 
 def test_ingest_reads_one_value_or_a_comma_string_as_a_list():
@@ -203,12 +209,9 @@ EVAL_CASES = [
 
 @pytest.mark.parametrize("options, fragment", [case[1:] for case in EVAL_CASES], ids=[case[0] for case in EVAL_CASES])
 def test_evaluate_checks_types_before_any_work(tmp_path, options, fragment):
-    args = {"model": NO_MODEL, "langs": ["en"], "task": "nll", "data": "mgsm", **options}
-    root = tmp_path / "new"
-    with pytest.raises(UsageError) as caught:
-        mlarch.open(root).evaluate(args.pop("model"), args.pop("langs"), args.pop("task"), args.pop("data"), **args)
-    assert fragment in one_line(caught.value)
-    assert not root.exists()
+    assert fragment in refused_before_work(tmp_path, "evaluate", ("model", "langs", "task", "data"),
+                                           {"model": NO_MODEL, "langs": ["en"], "task": "nll", "data": "mgsm",
+                                            **options})
 
 
 def test_evaluate_config_takes_one_intervention_as_a_list():

@@ -12,7 +12,7 @@ from mlarch import methods
 from mlarch.errors import UsageError
 from mlarch.ingest import paper_sampling, sources
 from mlarch.store import analyses
-from mlarch.wording import Arg, Phrase, cli, error, python
+from mlarch.wording import Arg, Phrase, brief, cli, error, python
 
 
 PAPER_KS = (0.0001, 0.001, 0.01, 0.025, 0.05, 0.1, 0.15)
@@ -203,20 +203,15 @@ def _bounded_int(arg: Arg, value, high: int, fix: tuple) -> int:
 SOURCE_KINDS = "a named source such as mgsm, a path template with {lang} or a hub data set hf:..."
 
 
-def _shown(value) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
 def check_source(value, arg: Arg, what: str, example: Arg) -> str:
     """A model or data reference (a str, or a path object, as a str), else a UsageError: the
     reference is read before anything loads, and a None would fail far inside the work."""
     if isinstance(value, os.PathLike):
         value = os.fspath(value)
     if not isinstance(value, str) or not value.strip():
-        raise error(UsageError, arg, f" takes a string ({what}), got {_shown(value)}: e.g. ", example)
+        raise error(UsageError, arg, f" takes a string ({what}), got {brief(value)}: e.g. ", example)
     if "\x00" in value:
-        raise error(UsageError, arg, f" holds a NUL character ({_shown(value)}): pass {what}")
+        raise error(UsageError, arg, f" holds a NUL character ({brief(value)}): pass {what}")
     return value
 
 
@@ -227,7 +222,7 @@ def check_data_dir(value) -> str | None:
     if isinstance(value, os.PathLike):
         value = os.fspath(value)
     if not isinstance(value, str) or "\x00" in value:
-        raise error(UsageError, Arg("data_dir"), f" takes a folder path (a str or pathlib.Path), got {_shown(value)}: "
+        raise error(UsageError, Arg("data_dir"), f" takes a folder path (a str or pathlib.Path), got {brief(value)}: "
                     "e.g. ", Arg("data_dir", "shared/data"))
     return value
 
@@ -240,7 +235,7 @@ def check_flag(cfg, name: str) -> None:
     except (TypeError, ValueError):  # an array: no truth value
         fine = False
     if not fine:
-        raise error(UsageError, Arg(name), f" takes True or False, got {_shown(value)}: e.g. ", Arg(name, True))
+        raise error(UsageError, Arg(name), f" takes True or False, got {brief(value)}: e.g. ", Arg(name, True))
     setattr(cfg, name, bool(value))
 
 

@@ -21,10 +21,9 @@ import polars as pl
 
 from mlarch.errors import MlarchError, UsageError
 from mlarch.query import compare as _compare
-from mlarch.query.params import (SEE_RUNS, check_ks, check_path, check_sql, check_sql_params, check_text, check_texts,
-                                 shown)
+from mlarch.query.params import SEE_RUNS, check_ks, check_path, check_sql, check_sql_params, check_text, check_texts
 from mlarch.store import catalog, layout
-from mlarch.wording import Arg, Phrase, error
+from mlarch.wording import Arg, Phrase, brief, error
 
 if TYPE_CHECKING:  # annotations only: numpy costs ~50 ms of every query command's start-up
     import numpy as np
@@ -173,12 +172,12 @@ def _langs(langs, name: str = "langs") -> list[str] | None:
     if isinstance(langs, str):
         return [x.strip() for x in langs.split(",") if x.strip()]
     if isinstance(langs, (bytes, bytearray, Mapping)) or not isinstance(langs, Iterable):
-        raise error(UsageError, Arg(name), f" takes language codes (a list, or a comma string), got {shown(langs)}: ",
+        raise error(UsageError, Arg(name), f" takes language codes (a list, or a comma string), got {brief(langs)}: ",
                     *_LANGS_FIX)
     langs = list(langs)
     for i, lang in enumerate(langs):
         if not isinstance(lang, str):
-            raise error(UsageError, Arg(name), f" holds {shown(lang)} at index {i}, not a language code (a string): ",
+            raise error(UsageError, Arg(name), f" holds {brief(lang)} at index {i}, not a language code (a string): ",
                         *_LANGS_FIX)
     return langs
 
@@ -661,7 +660,7 @@ class Archive:
                                    {"ids": odd})["run_id"].to_list())
             missing = [rid for rid in odd if rid not in known]
             if missing:
-                raise error(MlarchError, f"no run {', '.join(shown(rid) for rid in missing)} in {self.root}: ",
+                raise error(MlarchError, f"no run {', '.join(brief(rid) for rid in missing)} in {self.root}: ",
                             SEE_RUNS)
 
     def _require(self) -> None:

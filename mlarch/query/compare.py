@@ -15,7 +15,7 @@ import polars as pl
 
 from mlarch.errors import MlarchError, UsageError
 from mlarch.query.model_names import match_models  # noqa: F401 - compare's, charts' and overlap's model rule
-from mlarch.wording import Arg, error
+from mlarch.wording import Arg, brief, error
 
 DEFAULT_K = 0.01  # the paper's headline k
 BY = ("layer", "module", "global")
@@ -168,8 +168,7 @@ def check_seed(seed) -> int | None:
     if seed is None:
         return None
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed <= MAX_SEED:
-        shown = repr(seed) if len(repr(seed)) <= 60 else repr(seed)[:57] + "..."
-        raise error(UsageError, f"seed {shown} is not valid: ", Arg("seed"), " takes an integer from 0 to 2**63-1, "
+        raise error(UsageError, f"seed {brief(seed)} is not valid: ", Arg("seed"), " takes an integer from 0 to 2**63-1, "
                     "e.g. ", Arg("seed", 1))
     return int(seed)
 

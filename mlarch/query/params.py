@@ -19,7 +19,7 @@ import re
 from collections.abc import Iterable, Mapping
 
 from mlarch.errors import UsageError
-from mlarch.wording import Arg, Phrase, error
+from mlarch.wording import Arg, Phrase, brief, error
 
 _SPEC = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)(?::([A-Za-z]+))?=(.*)", re.DOTALL)
 TYPES = {"str": str, "int": int, "float": float}
@@ -75,12 +75,6 @@ SEE_RUNS = Phrase("see Archive.runs()", "see `mlarch runs`")
 _SURROGATE = "a lone surrogate (what Python makes of bytes that are not UTF-8)"
 
 
-def shown(value, limit: int = 60) -> str:
-    """repr(value), cut to `limit` characters (a message shows what was passed, not all of it)."""
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit - 3] + "..."
-
-
 def has_surrogate(text: str) -> bool:
     """Whether `text` holds a lone surrogate ('\\udcff' of os.fsdecode), which UTF-8 (DuckDB,
     JSON, every catalog value) cannot hold."""
@@ -96,11 +90,11 @@ def check_text(value, name: str, what: str, *fix, empty: bool = True) -> str:
     in `fix` (message parts). A lone surrogate is refused (no archived id or name holds one);
     so is '' unless `empty`."""
     if not isinstance(value, str):
-        raise error(UsageError, Arg(name), f" takes {what} as a string, got {shown(value)}: ", *fix)
+        raise error(UsageError, Arg(name), f" takes {what} as a string, got {brief(value)}: ", *fix)
     if not value and not empty:
         raise error(UsageError, f"an empty string is not {what}: ", *fix)
     if has_surrogate(value):
-        raise error(UsageError, f"{shown(value)} holds {_SURROGATE}, so it is not {what}: ", *fix)
+        raise error(UsageError, f"{brief(value)} holds {_SURROGATE}, so it is not {what}: ", *fix)
     return value
 
 
@@ -112,11 +106,11 @@ def check_texts(values, name: str, what: str, *fix) -> list[str] | None:
     if isinstance(values, str):
         return [check_text(values, name, what, *fix, empty=False)]
     if isinstance(values, (bytes, bytearray, Mapping)) or not isinstance(values, Iterable):
-        raise error(UsageError, Arg(name), f" takes {what} or a list of them, got {shown(values)}: ", *fix)
+        raise error(UsageError, Arg(name), f" takes {what} or a list of them, got {brief(values)}: ", *fix)
     values = list(values)
     for i, value in enumerate(values):
         if not isinstance(value, str):
-            raise error(UsageError, Arg(name), f" holds {shown(value)} at index {i}, not {what} (a string): ", *fix)
+            raise error(UsageError, Arg(name), f" holds {brief(value)} at index {i}, not {what} (a string): ", *fix)
         check_text(value, name, what, *fix, empty=False)
     return values
 
@@ -127,10 +121,10 @@ def check_path(value, name: str, what: str, example: str) -> str | os.PathLike:
     its fix)."""
     text = os.fspath(value) if isinstance(value, os.PathLike) else value
     if not isinstance(text, str):
-        raise error(UsageError, Arg(name), f" takes {what}, a str or pathlib.Path, got {shown(value)}: e.g. ",
+        raise error(UsageError, Arg(name), f" takes {what}, a str or pathlib.Path, got {brief(value)}: e.g. ",
                     Arg(name, example))
     if "\x00" in text:
-        raise error(UsageError, Arg(name, shown=shown(text)), " holds a NUL character, which no path can hold: "
+        raise error(UsageError, Arg(name, shown=brief(text)), " holds a NUL character, which no path can hold: "
                     "remove it")
     return value
 
@@ -142,17 +136,17 @@ def check_ks(k) -> None:
     if k is None or isinstance(k, (str, numbers.Real)):
         return
     if isinstance(k, (bytes, bytearray, Mapping)) or not isinstance(k, Iterable):
-        raise error(UsageError, Arg("k"), f" takes a number or a list of them, got {shown(k)}: e.g. ",
+        raise error(UsageError, Arg("k"), f" takes a number or a list of them, got {brief(k)}: e.g. ",
                     Arg("k", [0.01, 0.05]))
 
 
 def check_sql(query) -> str:
     """`query` as SQL text: a str without a lone surrogate, else a UsageError."""
     if isinstance(query, (bytes, bytearray)):
-        raise error(UsageError, Arg("query"), f" takes SQL as a string, got bytes {shown(query)}: decode them "
+        raise error(UsageError, Arg("query"), f" takes SQL as a string, got bytes {brief(query)}: decode them "
                     "first, e.g. query.decode()")
     if not isinstance(query, str):
-        raise error(UsageError, Arg("query"), f" takes SQL as a string, got {shown(query)}: e.g. ",
+        raise error(UsageError, Arg("query"), f" takes SQL as a string, got {brief(query)}: e.g. ",
                     Arg("query", "SELECT * FROM runs"))
     if has_surrogate(query):
         raise UsageError(f"the SQL holds {_SURROGATE}: write the query as UTF-8 text")
@@ -169,4 +163,4 @@ def check_sql_params(params):
     if isinstance(params, (list, tuple)):
         return list(params)
     raise error(UsageError, Arg("params"), f" takes a dict (a value for each $name) or a list (for ? in order), "
-                f"got {shown(params)}: e.g. ", Arg("params", {"m": "tiny-llama"}))
+                f"got {brief(params)}: e.g. ", Arg("params", {"m": "tiny-llama"}))
