@@ -164,6 +164,8 @@ def test_reads_still_work(archive_copy):
     assert setting["value"].to_list() == ["false"]  # the sandbox really is in place
     rows = mlarch.open(archive_copy).sql("SELECT count(*) AS n FROM runs WHERE lang = $lang", {"lang": "en"})
     assert rows["n"].item() == 2
+    last = mlarch.open(archive_copy).sql("SELECT 1 AS one; SELECT $x AS two", {"x": 2})  # as documented: the last
+    assert last.columns == ["two"] and last["two"].to_list() == [2]
 
 
 # --- a path that holds no archive -----------------------------------------------------

@@ -410,7 +410,9 @@ def sql(ctx, query, write, param_specs, fmt):
     Without --write only SELECT, EXPLAIN of a SELECT and read-only PRAGMAs run, on a
     connection that reads the catalog and nothing else: no other files (read_csv,
     COPY, ATTACH), no extensions, no settings. To query other files, pass --write or
-    use DuckDB directly. QUERY - reads the SQL from standard input."""
+    use DuckDB directly. Statements separated by ; run in order and the last one's
+    rows are printed ($NAME binds in the last). QUERY - reads the SQL from standard
+    input."""
     from mlarch.query.params import parse_params
 
     params = parse_params(param_specs)

@@ -261,7 +261,8 @@ class Archive:
 
         params: a dict binds each $name (a list binds ? in order), never pasted into the
         text; a $name without a value, or a value no $name uses, is a UsageError before
-        anything runs. The frame comes through DuckDB's Arrow stream (1 M rows in about a
+        anything runs. Statements separated by ; run in order and the frame holds the
+        last one's rows (params bind in the last). The frame comes through DuckDB's Arrow stream (1 M rows in about a
         second; UUID, MAP, STRUCT, LIST as polars types; INTERVAL, UNION, BIT, UHUGEINT
         as DuckDB's text; DECIMAL as Float64, HUGEINT as Int64, or Int128 beyond it)."""
         query, params = check_sql(query), check_sql_params(params)
