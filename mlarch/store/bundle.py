@@ -317,7 +317,7 @@ def _schema_columns(root: Path) -> dict[str, list[str]]:
 @functools.lru_cache(maxsize=1)
 def _reference_columns() -> dict[str, list[str]]:
     """_schema_columns of a catalog the migrations make now (that of a new archive)."""
-    return catalog._replayed(_columns)
+    return catalog.replayed(_columns)
 
 
 def _columns(con) -> dict[str, list[str]]:

@@ -66,7 +66,7 @@ _SHAPE = """
 """
 
 
-def _replayed(then):
+def replayed(then):
     """then(con) for an in-memory catalog made by every migration."""
     con = duckdb.connect()
     try:
@@ -82,7 +82,7 @@ def _replayed(then):
 @functools.lru_cache(maxsize=1)
 def _reference_shape() -> frozenset[str]:
     """Tables (columns, types) and view definitions exactly as the migrations create them."""
-    return frozenset(r[0] for r in _replayed(lambda con: con.execute(_SHAPE).fetchall()))
+    return frozenset(r[0] for r in replayed(lambda con: con.execute(_SHAPE).fetchall()))
 
 
 def _creation_order(con) -> tuple[str, ...]:
@@ -112,7 +112,7 @@ def _creation_order(con) -> tuple[str, ...]:
 def _reference_views() -> tuple[str, ...]:
     """The CREATE VIEW statement of every view the migrations leave, in an order that binds
     (the migrations make no macro)."""
-    return _replayed(_creation_order)
+    return replayed(_creation_order)
 
 
 def rebuild_views(con: duckdb.DuckDBPyConnection) -> None:
