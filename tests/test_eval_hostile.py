@@ -248,3 +248,158 @@ def test_a_generation_past_gpt2_positions_is_refused_before_any_row(tmp_path, mo
     assert not (tmp_path / "arch" / "catalog.duckdb").exists()
     code, output = _run(tmp_path / "arch", *args, "--max-new-tokens", "51")
     assert code == 0, output
+
+
+# --- options that would be ignored, seeds without held-out items, a second label for prune ------
+
+def _no_load(monkeypatch):
+    """Any model load fails the test: the refusals below come before it."""
+    from mlarch.ingest import loading
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(loading, "load", no_load)
+
+
+def _one_error_line(code, output, expected_code=2) -> str:
+    lines = output.strip().splitlines()
+    assert code == expected_code and len(lines) == 1 and lines[0].startswith("Error: "), output
+    assert "Traceback" not in output
+    return lines[0]
+
+
+@pytest.mark.parametrize("flag, value, keyword", [("--shots", "8", "shots"), ("--shots", "0", "shots"),
+                                                  ("--max-new-tokens", "256", "max_new_tokens")])
+def test_accuracy_options_with_nll_are_refused_not_ignored(tmp_path, model_dir, data, monkeypatch, flag, value,
+                                                           keyword):
+    """nll never reads --shots or --max-new-tokens: a value given (even the default's) is refused,
+    before any work; the same keyword in Python alike."""
+    _no_load(monkeypatch)
+    root = tmp_path / "arch"
+    code, output = _run(root, "eval", "--model", str(model_dir["llama"]), "--langs", "en", "--task", "nll",
+                        "--data", data["math"], flag, value, "-q")
+    assert _one_error_line(code, output) == (f"Error: {flag} applies to --task accuracy only: drop it, or use "
+                                             "--task accuracy")
+    assert not root.exists()
+    with pytest.raises(mlarch.errors.UsageError) as caught:
+        mlarch.open(root).evaluate(str(model_dir["llama"]), ["en"], "nll", data["math"], device="cpu",
+                                   **{keyword: int(value)})
+    assert str(caught.value) == f"{keyword}= applies to task='accuracy' only: drop it, or use task='accuracy'"
+    assert not root.exists()
+
+
+def test_help_still_shows_the_accuracy_defaults():
+    result = CliRunner().invoke(cli, ["eval", "--help"], terminal_width=200)
+    assert result.exit_code == 0
+    assert "exemplars in each prompt [default: 8]" in result.output
+    assert "tokens generated at most [default: 256]" in result.output
+
+
+def test_the_defaults_left_unsaid_keep_the_recorded_numbers(archive_copy, model_dir, data, monkeypatch):
+    """shots/max_new_tokens are None until given: accuracy's identity (what finds an archived
+    evaluation again) holds 8 and 256 as before, the same digest as with them given; nll's
+    identity holds neither and its provenance the numbers it always recorded."""
+    from mlarch.evaluation import pipeline
+
+    archive = mlarch.open(archive_copy)
+    model = str(model_dir["llama"])
+    units, real = [], pipeline._units
+
+    class Stop(Exception):
+        pass
+
+    def spy(*args):
+        units.append(real(*args))
+        raise Stop  # before the model loads (8 shots and 256 tokens overflow the tiny model's positions)
+
+    monkeypatch.setattr(pipeline, "_units", spy)
+    for options in ({}, {"shots": 8, "max_new_tokens": 256}):
+        with pytest.raises(Stop):
+            archive.evaluate(model, ["en"], "accuracy", data["math"], limit=1, device="cpu", **options)
+    left, given = (u[0] for u in units)
+    assert left.config_digest == given.config_digest and left.baseline_key == given.baseline_key
+    assert (left.identity["shots"], left.identity["max_new_tokens"]) == (8, 256)
+    monkeypatch.setattr(pipeline, "_units", real)
+    nll = archive.evaluate(model, ["en"], "nll", data["math"], limit=2, device="cpu")
+    scored = json.loads(archive.sql("SELECT provenance FROM evaluations")["provenance"][0])
+    assert "shots" not in scored["identity"] and "max_new_tokens" not in scored["identity"]
+    assert (scored["config"]["shots"], scored["config"]["max_new_tokens"]) == (8, 256)
+    assert archive.evaluate(model, ["en"], "nll", data["math"], limit=2, device="cpu").reused == nll.written
+
+
+def _en_args(model_dir, data, *extra):
+    return ["eval", "--model", str(model_dir["llama"]), "--langs", "en", "--task", "nll", "--data", data["math"],
+            "-q", *extra]
+
+
+def test_a_seed_without_runs_is_refused_not_left_without_held_out_items(archive_copy, model_dir, data, monkeypatch):
+    """Runs of tiny-llama drew en items at seeds 1 and 2, none at 7: --seed 7 would hold out
+    nothing and score the items the sets were made from. Refused, naming the seeds, before
+    the model loads; with --intervene the sets at seed 7 are missing first, and the error
+    names the archived seeds too."""
+    archive = mlarch.open(archive_copy)
+    archive.ingest(str(model_dir["llama"]), ["en"], data["math"], data["control"], samples=6, seeds=[2],
+                   top_k=[0.01, 0.05, 0.25], device="cpu")
+    _no_load(monkeypatch)
+    code, output = _run(archive_copy, *_en_args(model_dir, data, "--seed", "7"))
+    assert _one_error_line(code, output) == (
+        f"Error: no run of 'tiny-llama' at seed 7 drew items of {data['math']!r} (en, math) to hold out; archived "
+        "seeds are 1, 2: pass --seed 1, or --all-items to evaluate every item")
+    code, output = _run(archive_copy, *_en_args(model_dir, data, "--seed", "7", "--intervene", "prune:en@0.05"))
+    assert _one_error_line(code, output) == (
+        "Error: model 'tiny-llama' has no archived math and control runs for 'en' at seed 7 in analysis "
+        "'math-vs-control', so no math-only set to intervene on: pass --seed 1 (archived seeds: 1, 2), or ingest "
+        "en with --seeds 7 first (see `mlarch runs`)")
+    # seed 2: en has its runs, de none (its items were drawn at seed 1 only)
+    code, output = _run(archive_copy, "eval", "--model", str(model_dir["llama"]), "--langs", "en,de", "--task", "nll",
+                        "--data", data["math"], "--seed", "2", "--intervene", "prune:en@0.05", "-q")
+    assert _one_error_line(code, output).startswith(
+        f"Error: no run of 'tiny-llama' at seed 2 drew items of {data['math']!r} (de, math) to hold out; archived "
+        "seeds are 1: pass --seed 1, or --all-items"), output
+    with pytest.raises(mlarch.errors.UsageError, match="archived seeds are 1, 2: pass seed=1, or all_items=True to "):
+        archive.evaluate(str(model_dir["llama"]), ["en"], "nll", data["math"], seed=7, device="cpu")
+    assert archive.sql("SELECT count(*) AS n FROM evaluations")["n"][0] == 0
+
+
+def test_a_seed_without_runs_still_evaluates_every_item_or_a_model_without_runs(archive_copy, model_dir, data,
+                                                                                  tmp_path):
+    """--all-items holds nothing out, so the seed names no items: evaluated. A model with no runs
+    at all (a baseline of any model) has nothing to hold out at any seed: evaluated as before."""
+    code, output = _run(archive_copy, *_en_args(model_dir, data, "--seed", "7", "--all-items"))
+    assert code == 0, output
+    archive = mlarch.open(archive_copy)
+    assert archive.sql("SELECT seed, n_items FROM evaluations").rows() == [(7, 10)]
+    fresh = mlarch.open(tmp_path / "fresh")
+    done = fresh.evaluate(str(model_dir["qwen2"]), ["en"], "nll", data["math"], seed=7, limit=2, device="cpu")
+    assert len(done.written) == 1
+    provenance = json.loads(fresh.sql("SELECT provenance FROM evaluations")["provenance"][0])
+    assert provenance["held_out_runs"] == []
+    # another model's runs are not this one's: the qwen2 evaluation in the llama archive runs too
+    assert archive.evaluate(str(model_dir["qwen2"]), ["en"], "nll", data["math"], seed=7, limit=2,
+                            device="cpu").written
+    # data no run drew from, at any seed, has nothing to hold out at seed 7 either
+    other = tmp_path / "other" / "en.jsonl"
+    other.parent.mkdir()
+    other.write_text("".join(json.dumps({"question": f"{n}+1?", "answer": f"#### {n + 1}"}) + "\n" for n in range(3)))
+    assert archive.evaluate(str(model_dir["llama"]), ["en"], "nll", str(other.parent / "{lang}.jsonl"), seed=7,
+                            device="cpu").written
+
+
+@pytest.mark.parametrize("spec, words", [
+    ("scale:en@0.01:0", "Error: the factor '0' in 'scale:en@0.01:0' scales by 0, which is pruning: use prune:en@0.01"),
+    ("scale:en@0.0500:-0.0", "Error: the factor '-0.0' in 'scale:en@0.0500:-0.0' scales by 0, which is pruning: use "
+                             "prune:en@0.05"),
+    ("scale:en@0.01:nan", "Error: the factor 'nan' in 'scale:en@0.01:nan' is not a finite number"),
+    ("scale:en@0.01:-inf", "Error: the factor '-inf' in 'scale:en@0.01:-inf' is not a finite number"),
+    ("fraction:en@0.01:inf", "Error: the factor 'inf' in 'fraction:en@0.01:inf' is not a finite number"),
+])
+def test_scale_by_zero_is_prune_under_one_label(archive_copy, model_dir, data, monkeypatch, spec, words):
+    """x0 is pruning: two labels for one intervention would archive it twice and split its
+    effects. Refused (and non-finite factors) before any work, pointing at prune."""
+    _no_load(monkeypatch)
+    code, output = _run(archive_copy, *_en_args(model_dir, data, "--intervene", spec))
+    assert _one_error_line(code, output).startswith(words), output
+    assert mlarch.open(archive_copy).sql("SELECT count(*) AS n FROM evaluations")["n"][0] == 0
+    with pytest.raises(mlarch.errors.UsageError, match="scales by 0, which is pruning: use prune:en@0.01"):
+        mlarch.evaluation.interventions.Intervention("scale", "en", 0.01, 0)

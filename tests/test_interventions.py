@@ -129,7 +129,6 @@ GOOD = {
     "fraction:hi@0.01:0.5": ("fraction", "hi", 0.01, 0.5),
     "fraction:hi@0.25:1.0": ("fraction", "hi", 0.25, 1.0),
     "scale:zh-Hant@0.5:-2.0": ("scale", "zh-Hant", 0.5, -2.0),
-    "scale:en@0.05:0.0": ("scale", "en", 0.05, 0.0),
     "prune:x_1@1e-05": ("prune", "x_1", 1e-05, None),
     "prune:" + "a" * 32 + "@0.99": ("prune", "a" * 32, 0.99, None),
 }

@@ -28,7 +28,7 @@ Examples:
 \b
 Interventions (repeatable; the baseline without one is always evaluated, or reused):
   prune:LANG@K        set LANG's math-only set at k to 0
-  scale:LANG@K:F      multiply it by F (the paper: 1.01)
+  scale:LANG@K:F      multiply it by F (the paper: 1.01; not 0, which is prune)
   random:LANG@K       prune as many uniformly random entries per matrix (the null)
   fraction:LANG@K:F   prune a random fraction F of the set
 The sets are read from the archive at --seed (any k: archived or re-thresholded); the
@@ -38,7 +38,8 @@ before the next, so a grid loads the model once.
 \b
 Items: the data's items in file order, minus those the archived run of the model drew
 for that language, role and seed (held out) and minus the n-shot exemplars, then the
-first --limit. --all-items evaluates every item, drawn or not.""")
+first --limit. --all-items evaluates every item, drawn or not. A --seed at which no run
+drew from the data while runs at other seeds did is refused (it would hold out nothing).""")
 @click.option("--model", "model_ref", required=True,
               help="Model folder, .gguf file, hub id, or named model (as for ingest).")
 @click.option("--name", default=None, help="Model name in the archive [default: from --model].")
@@ -57,7 +58,7 @@ first --limit. --all-items evaluates every item, drawn or not.""")
 @click.option("--seed", type=int, default=1, show_default=True, help="Seed of the archived sets and held-out items.")
 @click.option("--limit", type=int, default=None, help="Evaluate the first N held-out items [default: all].")
 @click.option("--all-items", is_flag=True, help="Evaluate every item of the data, drawn by ingest or not.")
-@click.option("--shots", type=int, default=8, show_default=True, help="accuracy: exemplars in each prompt.")
+@click.option("--shots", type=int, default=None, help="accuracy: exemplars in each prompt [default: 8].")
 @click.option("--chat", is_flag=True, help="accuracy: build prompts with the tokenizer's chat template.")
 @click.option("--data-dir", type=click.Path(file_okay=False), default=None,
               help="Read named sources' files from this folder (laid out like ../shared/data).")
@@ -70,7 +71,8 @@ first --limit. --all-items evaluates every item, drawn or not.""")
               help="Items per pass [default: 1 (nll) or 8 (accuracy) on CPU, 16 on CUDA].")
 @click.option("--max-length", type=int, default=512, show_default=True,
               help="nll: cut texts to this many tokens (as ingest); accuracy: longest prompt allowed.")
-@click.option("--max-new-tokens", type=int, default=256, show_default=True, help="accuracy: tokens generated at most.")
+@click.option("--max-new-tokens", type=int, default=None,
+              help="accuracy: tokens generated at most [default: 256].")
 @click.option("--revision", default=None, help="Hub revision (branch, tag or commit).")
 @click.option("--gguf-file", "gguf_file", default=None, metavar="FILE",
               help="With a hub id (or a model folder): load this .gguf file of it, e.g. qwen2.5-0.5b-instruct-q4_k_m.gguf.")

@@ -8,7 +8,7 @@ one loaded model serves many interventions.
 
 Kinds:
   prune:LANG@K       set the math-only set of LANG at K to 0
-  scale:LANG@K:F     multiply it by F (any finite float)
+  scale:LANG@K:F     multiply it by F (any finite float but 0: x0 is prune:LANG@K)
   random:LANG@K      the null: in each matrix, as many uniformly random entries of the
                      whole matrix as the set has there, set to 0
   fraction:LANG@K:F  set a random fraction F in (0, 1] of the set to 0 (per matrix,
@@ -48,6 +48,11 @@ def _fail(problem: str, hint: str = "") -> UsageError:
     return UsageError(f"{problem}: {_GRAMMAR}{hint}")
 
 
+def _scale_by_zero(what: str, lang: str, k: float) -> UsageError:
+    """x0 is pruning under a second label (two labels, two rows, for one intervention)."""
+    return UsageError(f"{what} scales by 0, which is pruning: use prune:{lang}@{float(k)!r}")
+
+
 def _number(text: str) -> float | None:
     """The finite float `text` spells as a plain decimal, else None."""
     if not _NUMBER.fullmatch(text):
@@ -85,6 +90,8 @@ class Intervention:
                 raise _fail(f"the factor {self.factor!r} of a {self.kind} intervention is not a finite number")
             if self.kind == "fraction" and not 0 < factor <= 1:
                 raise _fail(f"the fraction {self.factor!r} is outside (0, 1]")
+            if self.kind == "scale" and factor == 0:  # -0.0 too
+                raise _scale_by_zero(f"the factor {self.factor!r} of a scale intervention", self.lang, k)
             object.__setattr__(self, "factor", factor)
         elif self.factor is not None:
             raise _fail(f"a {self.kind} intervention takes no factor, but {self.factor!r} was given")
@@ -127,6 +134,8 @@ def parse(spec: str) -> Intervention:
             raise _fail(f"the factor {f_text!r} in {spec!r} is not a finite number")
         if kind == "fraction" and not 0 < factor <= 1:
             raise _fail(f"the fraction {f_text!r} in {spec!r} is outside (0, 1]")
+        if kind == "scale" and factor == 0:
+            raise _scale_by_zero(f"the factor {f_text!r} in {spec!r}", lang, k)
     elif colon:
         raise _fail(f"{kind} takes no factor, but {spec!r} gives {':' + f_text!r}")
     return Intervention(kind, lang, k, factor)

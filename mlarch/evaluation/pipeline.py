@@ -35,6 +35,8 @@ from mlarch.wording import Arg, Phrase, error
 TASKS = ("nll", "accuracy")
 MAX_SHOTS = 64
 MAX_NEW_TOKENS = 8192
+DEFAULT_SHOTS = 8  # accuracy's, where shots/max_new_tokens are None (not given)
+DEFAULT_MAX_NEW_TOKENS = 256
 MAX_ITEMS = 1_000_000
 METHOD = {
     "name": "mlarch-eval",
@@ -65,11 +67,11 @@ class EvalConfig:
     seed: int = 1
     limit: int | None = None
     all_items: bool = False
-    shots: int = 8
+    shots: int | None = None  # accuracy only; None: DEFAULT_SHOTS (8)
     chat: bool = False
     batch_size: int | None = None  # None: 1 on CPU (nll), 8 on CPU (accuracy), 16 on CUDA
     max_length: int = 512
-    max_new_tokens: int = 256
+    max_new_tokens: int | None = None  # accuracy only; None: DEFAULT_MAX_NEW_TOKENS (256)
     device: str = "auto"
     dtype: str = "auto"
     revision: str | None = None
@@ -120,17 +122,31 @@ class EvalConfig:
                 raise error(UsageError, Arg("limit"), " and ", Arg("all_items"), " exclude each other: pass one")
             self.limit = _bounded_int(Arg("limit"), self.limit, MAX_ITEMS,
                                       ("evaluate from 1 to 1,000,000 items, e.g. ", Arg("limit", 64)))
-        if isinstance(self.shots, bool) or not isinstance(self.shots, numbers.Integral) or not 0 <= self.shots <= MAX_SHOTS:
-            raise error(UsageError, Arg("shots"), f" must be an integer from 0 to {MAX_SHOTS}, got {self.shots!r}: "
-                        "e.g. ", Arg("shots", 8))
-        self.shots = int(self.shots)
+        # accuracy's options (None: not given): a value given is checked, then refused with nll,
+        # which would ignore it; with accuracy None becomes the default, so identities record the
+        # number as before
+        if self.task == "accuracy" and self.shots is None:
+            self.shots = DEFAULT_SHOTS
+        if self.shots is not None:
+            if (isinstance(self.shots, bool) or not isinstance(self.shots, numbers.Integral)
+                    or not 0 <= self.shots <= MAX_SHOTS):
+                raise error(UsageError, Arg("shots"), f" must be an integer from 0 to {MAX_SHOTS}, got "
+                            f"{self.shots!r}: e.g. ", Arg("shots", 8))
+            self.shots = int(self.shots)
+        if self.task == "accuracy" and self.max_new_tokens is None:
+            self.max_new_tokens = DEFAULT_MAX_NEW_TOKENS
+        if self.max_new_tokens is not None:
+            self.max_new_tokens = _bounded_int(Arg("max_new_tokens"), self.max_new_tokens, MAX_NEW_TOKENS,
+                                               ("generate from 1 to 8,192 tokens, e.g. ", Arg("max_new_tokens", 256)))
+        for option in ("shots", "max_new_tokens"):
+            if self.task != "accuracy" and getattr(self, option) is not None:
+                raise error(UsageError, Arg(option), " applies to ", Arg("task", "accuracy"), " only: drop it, or use ",
+                            Arg("task", "accuracy"))
         if self.batch_size is not None:
             self.batch_size = _bounded_int(Arg("batch_size"), self.batch_size, MAX_BATCH_SIZE,
                                            ("use from 1 to 65,536 items per pass, e.g. ", Arg("batch_size", 8)))
         self.max_length = _bounded_int(Arg("max_length"), self.max_length, MAX_LENGTH,
                                        ("use from 1 to 1,048,576 tokens, e.g. ", Arg("max_length", 512)))
-        self.max_new_tokens = _bounded_int(Arg("max_new_tokens"), self.max_new_tokens, MAX_NEW_TOKENS,
-                                           ("generate from 1 to 8,192 tokens, e.g. ", Arg("max_new_tokens", 256)))
         from mlarch.ingest.devices import check_device_map
 
         self.device_map = check_device_map(self.device_map, self.device)
@@ -308,7 +324,10 @@ def evaluate(root: Path, cfg: EvalConfig, reporter: Reporter | None = None) -> E
     if not has_catalog:
         catalog.ensure_schema(catalog_path)
     env = provenance.environment(device)
-    settings = {**asdict(cfg), "name": name, "analysis": analysis, "dtype": dtype, "device": str(device), "batch_size": batch_size}
+    settings = {**asdict(cfg), "name": name, "analysis": analysis, "dtype": dtype, "device": str(device),
+                "batch_size": batch_size,
+                # the numbers, as earlier archives record them (for nll too, which uses neither)
+                "shots": _or(cfg.shots, DEFAULT_SHOTS), "max_new_tokens": _or(cfg.max_new_tokens, DEFAULT_MAX_NEW_TOKENS)}
     model_info = {"name": name, "source": loaded.source, "source_kind": loaded.source_kind,
                   "revision": loaded.revision, "commit_sha": loaded.commit_sha,
                   "weights_sha256": loaded.weights_sha256, "model_files": loaded.model_files,
@@ -344,6 +363,10 @@ def evaluate(root: Path, cfg: EvalConfig, reporter: Reporter | None = None) -> E
                 reporter.message(f"archived {cfg.task} {unit.lang} "
                                  f"{'(' + label + ')' if label else '(no intervention)'}: {shown} [{eval_id}]")
     return result
+
+
+def _or(value, default):
+    return default if value is None else value
 
 
 class _nothing:
@@ -399,8 +422,13 @@ def _set_runs(archive, name: str, analysis: str, lang: str, seed: int) -> dict:
         "JOIN runs c ON c.run_id = s.control_run_id WHERE s.model = ? AND s.analysis = ? AND s.lang = ? "
         "AND s.seed = ?", [name, analysis, lang, seed])
     if rows.height == 0:
+        seeds = sorted(int(x) for x in archive._read(
+            "SELECT DISTINCT seed FROM selections WHERE model = ? AND analysis = ? AND lang = ?",
+            [name, analysis, lang])["seed"])
+        other = (("pass ", Arg("seed", seeds[0]), f" (archived seeds: {', '.join(map(str, seeds))}), or ")
+                 if seeds else ())
         raise error(UsageError, f"model {name!r} has no archived math and control runs for {lang!r} at seed {seed} "
-                    f"in analysis {analysis!r}, so no math-only set to intervene on: ingest {lang} with ",
+                    f"in analysis {analysis!r}, so no math-only set to intervene on: ", *other, f"ingest {lang} with ",
                     Arg("seeds", [seed]), " first (see ", Phrase("Archive.runs()", "`mlarch runs`"), ")")
     if rows.height != 1:
         raise MlarchError(f"the derived tables of {name!r}, {lang!r} name more than one pair of runs at seed {seed}: "
@@ -421,11 +449,17 @@ def _select_items(archive, name: str, cfg: EvalConfig, source, lang: str, loaded
     held_out: list[str] = []
     if not cfg.all_items and archive is not None:
         # every run in use of this model, language and seed that read these very files (either
-        # role: a source may serve both), checked against its record before its items count
+        # role: a source may serve both), checked against its record before its items count;
+        # runs at other seeds only tell which seeds drew from these files
         runs = archive._read(
-            "SELECT run_id, dataset, role, provenance, record_sha256 FROM runs WHERE model = ? AND lang = ? AND seed = ? "
-            "AND status = 'FINISHED' AND in_use ORDER BY run_id", [name, lang, cfg.seed])
+            "SELECT run_id, dataset, role, seed, provenance, record_sha256 FROM runs WHERE model = ? AND lang = ? "
+            "AND status = 'FINISHED' AND in_use ORDER BY run_id", [name, lang])
+        other_seeds = set()  # seeds whose runs drew from these files, where the one asked for has none
         for run in runs.iter_rows(named=True):
+            if run["seed"] != cfg.seed:
+                if list((_run_files(run) or {}).values()) == list(loaded.files.values()):
+                    other_seeds.add(int(run["seed"]))
+                continue
             files = _run_files(run)
             # the same data is the same content (the files' digests, in order), wherever it lies
             # now (another folder, another machine); the same name or paths with other content
@@ -446,6 +480,13 @@ def _select_items(archive, name: str, cfg: EvalConfig, source, lang: str, loaded
                                   "run `mlarch verify`")
             excluded.update(drawn)
             held_out.append(run["run_id"])
+        if not held_out and other_seeds:
+            # ingest drew from these items at other seeds only: evaluating at this seed would hold
+            # out nothing, silently scoring items the sets were made from
+            seeds = sorted(other_seeds)
+            raise error(UsageError, f"no run of {name!r} at seed {cfg.seed} drew items of {source.name!r} ({lang}, "
+                        f"{cfg.role}) to hold out; archived seeds are {', '.join(map(str, seeds))}: pass ",
+                        Arg("seed", seeds[0]), ", or ", Arg("all_items", True), " to evaluate every item")
     indices = [i for i in range(n) if i not in excluded]
     references: list[str | None] = []
     references_from = None
