@@ -22,6 +22,9 @@ def test_demo_first_and_second_run(tmp_path, monkeypatch):
     assert first.exit_code == 0, first.output
     assert "Overlap of the math-specific parameter sets" in first.stdout
     assert "6 run(s) scored, 0 reused" in first.stdout
+    header = next(line for line in first.stdout.splitlines() if line.startswith("lang_a"))
+    assert header.split() == ["lang_a", "lang_b", "n_a", "n_b", "n_intersection", "n_union", "jaccard",
+                              "chance_jaccard", "unique_a", "unique_b"]  # as README prints it, within a terminal
     archive = mlarch.open(root)
     model = archive.sql("SELECT * FROM models").row(0, named=True)
     assert (model["model"], model["architecture"], model["n_modules"]) == ("gemma-3-270m", "Gemma3ForCausalLM", 126)

@@ -461,6 +461,7 @@ def demo(ctx, langs, samples, data_dir, with_interventions, quiet):
     import time
 
     from mlarch.cli.progress import RichReporter
+    from mlarch.ingest.demo import DEMO_OVERLAP_COLUMNS
 
     started = time.perf_counter()
     archive = _archive_to_fill(ctx)
@@ -469,7 +470,7 @@ def demo(ctx, langs, samples, data_dir, with_interventions, quiet):
     click.echo(f"\nArchive: {root.resolve()}  (model {result['model']}, {len(result['written'])} run(s) scored, "
                f"{len(result['skipped'])} reused, {time.perf_counter() - started:.0f} s)")
     click.echo("\nOverlap of the math-specific parameter sets, all layers pooled (k = 0.01, seed 1):")
-    emit(result["overlap"].drop("model", "analysis", "k", "seed"), "table")
+    emit(result["overlap"].select(DEMO_OVERLAP_COLUMNS), "table")
     click.echo("\nMath-specific parameters per language (k = 0.01):")
     emit(result["sizes"], "table")
     click.echo("\nReproducible bit for bit with the same files, seed, batch size and machine; another batch size, "

@@ -62,6 +62,9 @@ def run(root: Path, *, langs: list[str] | None = None, samples: int = DEMO_SAMPL
 
 
 DEMO_K = 0.01
+# the overlap columns the demo prints (the counts, within a terminal); compare adds n_params and shares
+DEMO_OVERLAP_COLUMNS = ("lang_a", "lang_b", "n_a", "n_b", "n_intersection", "n_union", "jaccard", "chance_jaccard",
+                        "unique_a", "unique_b")
 
 
 def interventions(root: Path, *, langs: list[str], data_dir: str | None = None, seed: int = 1,

@@ -32,9 +32,6 @@ from mlarch.store import bundle_checks as checks
 from mlarch.store.derive import current_runs, derive, replace_derived
 from mlarch.store.spans import read_spans
 
-VIEWS = ("set_sizes", "overlap_by_module", "overlap_by_layer", "overlap_global", "language_unique",
-         "accuracy", "intervention_effects")
-EVALUATION_TABLES = ("evaluations", "evaluation_items")  # exported; bundles do not carry them yet
 
 DISK_MARGIN = 64 << 20  # free space left over after an import
 
@@ -551,7 +548,7 @@ def _quoted(name: str) -> str:
 
 
 def export_parquet(root: Path, folder: Path) -> list[Path]:
-    """Every table and view of the catalog as <name>.parquet in `folder`."""
+    """Every table and view of the catalog (as the migrations define them) as <name>.parquet in `folder`."""
     folder = Path(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -559,7 +556,7 @@ def export_parquet(root: Path, folder: Path) -> list[Path]:
         raise MlarchError(f"cannot create {folder}: {getattr(exc, 'strerror', None) or exc}") from None
     written = []
     with catalog.exporting(root / layout.CATALOG, folder) as con:
-        for name in (*checks.TABLES, "selections", "patterns", *EVALUATION_TABLES, *VIEWS):  # from these constants only
+        for name in catalog.reference_names():  # mlarch's names, not the file's (its schema was checked)
             target = folder / f"{name}.parquet"
             # the file name goes in as a parameter: no quoting of a path inside SQL text
             con.execute(f"COPY (SELECT * FROM {_quoted(name)}) TO ? (FORMAT parquet)", [str(target.absolute())])

@@ -115,6 +115,15 @@ def _reference_views() -> tuple[str, ...]:
     return replayed(_creation_order)
 
 
+@functools.lru_cache(maxsize=1)
+def reference_names() -> tuple[str, ...]:
+    """Every table, then every view, the migrations make (a new archive's), each sorted: names
+    from mlarch's schema, never from a catalog file."""
+    return tuple(r[0] for r in replayed(lambda con: con.execute(
+        "SELECT table_name FROM information_schema.tables WHERE table_catalog = current_database() "
+        "AND table_schema = 'main' ORDER BY table_type, table_name").fetchall()))
+
+
 def rebuild_views(con: duckdb.DuckDBPyConnection) -> None:
     """Replace every view and macro of the catalog behind `con` (read-write, at the latest
     schema) by the migrations' views, in one transaction: a published snapshot is someone
