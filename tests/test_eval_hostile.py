@@ -333,7 +333,8 @@ def _en_args(model_dir, data, *extra):
             "-q", *extra]
 
 
-def test_a_seed_without_runs_is_refused_not_left_without_held_out_items(archive_copy, model_dir, data, monkeypatch):
+def test_a_seed_without_runs_is_refused_not_left_without_held_out_items(archive_copy, model_dir, data, monkeypatch,
+                                                                        tmp_path):
     """Runs of tiny-llama drew en items at seeds 1 and 2, none at 7: --seed 7 would hold out
     nothing and score the items the sets were made from. Refused, naming the seeds, before
     the model loads; with --intervene the sets at seed 7 are missing first, and the error
@@ -344,8 +345,14 @@ def test_a_seed_without_runs_is_refused_not_left_without_held_out_items(archive_
     _no_load(monkeypatch)
     code, output = _run(archive_copy, *_en_args(model_dir, data, "--seed", "7"))
     assert _one_error_line(code, output) == (
-        f"Error: no run of 'tiny-llama' at seed 7 drew items of {data['math']!r} (en, math) to hold out; archived "
-        "seeds are 1, 2: pass --seed 1, or --all-items to evaluate every item")
+        f"Error: 'tiny-llama' has no run of en at seed 7, so none of the items of {data['math']!r} (math) would be "
+        "held out; seeds whose runs drew from them: 1, 2: pass --seed 1, or --all-items to evaluate every item")
+    # the same items under another path are the same data (by their digests)
+    copied = tmp_path / "copied"
+    shutil.copytree(Path(data["math"]).parent, copied)
+    code, output = _run(archive_copy, "eval", "--model", str(model_dir["llama"]), "--langs", "en", "--task", "nll",
+                        "--data", str(copied / Path(data["math"]).name), "--seed", "7", "-q")
+    assert "seeds whose runs drew from them: 1, 2" in _one_error_line(code, output), output
     code, output = _run(archive_copy, *_en_args(model_dir, data, "--seed", "7", "--intervene", "prune:en@0.05"))
     assert _one_error_line(code, output) == (
         "Error: model 'tiny-llama' has no archived math and control runs for 'en' at seed 7 in analysis "
@@ -355,9 +362,9 @@ def test_a_seed_without_runs_is_refused_not_left_without_held_out_items(archive_
     code, output = _run(archive_copy, "eval", "--model", str(model_dir["llama"]), "--langs", "en,de", "--task", "nll",
                         "--data", data["math"], "--seed", "2", "--intervene", "prune:en@0.05", "-q")
     assert _one_error_line(code, output).startswith(
-        f"Error: no run of 'tiny-llama' at seed 2 drew items of {data['math']!r} (de, math) to hold out; archived "
-        "seeds are 1: pass --seed 1, or --all-items"), output
-    with pytest.raises(mlarch.errors.UsageError, match="archived seeds are 1, 2: pass seed=1, or all_items=True to "):
+        f"Error: 'tiny-llama' has no run of de at seed 2, so none of the items of {data['math']!r} (math) would be "
+        "held out; seeds whose runs drew from them: 1: pass --seed 1, or --all-items"), output
+    with pytest.raises(mlarch.errors.UsageError, match="drew from them: 1, 2: pass seed=1, or all_items=True to "):
         archive.evaluate(str(model_dir["llama"]), ["en"], "nll", data["math"], seed=7, device="cpu")
     assert archive.sql("SELECT count(*) AS n FROM evaluations")["n"][0] == 0
 
@@ -384,6 +391,19 @@ def test_a_seed_without_runs_still_evaluates_every_item_or_a_model_without_runs(
     other.write_text("".join(json.dumps({"question": f"{n}+1?", "answer": f"#### {n + 1}"}) + "\n" for n in range(3)))
     assert archive.evaluate(str(model_dir["llama"]), ["en"], "nll", str(other.parent / "{lang}.jsonl"), seed=7,
                             device="cpu").written
+    # a seed whose runs (another analysis) drew other data: its sets never saw these items, so
+    # evaluating them there with its interventions is sound, not refused
+    archive.ingest(str(model_dir["llama"]), ["en"], str(other.parent / "{lang}.jsonl"), data["control"], samples=2,
+                   seeds=[3], top_k=[0.05], device="cpu", analysis="other-math")
+    done = archive.evaluate(str(model_dir["llama"]), ["en"], "nll", data["math"], seed=3, analysis="other-math",
+                            interventions=["prune:en@0.05"], limit=2, device="cpu")
+    assert len(done.written) == 2
+    # a damaged record at another seed is verify's to report: it does not block this seed
+    archive.sql("UPDATE runs SET provenance = '\"x\"' WHERE seed = 3 AND role = 'math'", write=True)
+    assert archive.evaluate(str(model_dir["llama"]), ["en"], "nll", data["math"], seed=1, limit=3,
+                            device="cpu").written
+    with pytest.raises(mlarch.errors.UsageError, match="drew from them: 1: pass seed=1"):  # the hint skips it
+        archive.evaluate(str(model_dir["llama"]), ["en"], "nll", data["math"], seed=9, device="cpu")
 
 
 @pytest.mark.parametrize("spec, words", [

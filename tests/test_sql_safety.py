@@ -168,6 +168,20 @@ def test_reads_still_work(archive_copy):
     assert last.columns == ["two"] and last["two"].to_list() == [2]
 
 
+@pytest.mark.parametrize("sql,params,write", [("SELECT $x AS a; SELECT 1 AS b", [], False),
+                                               ("SELECT $x AS a; SELECT 1 AS b", ["-p", "x=1"], False),
+                                               ("CREATE TABLE t AS SELECT ? AS a; SELECT 1 AS b", [], True)])
+def test_parameters_of_an_earlier_statement_are_a_usage_error(archive_copy, sql, params, write):
+    """Values bind in the last statement only: one in an earlier one is refused before anything
+    runs (it was DuckDB's 'Values were not provided', exit 1, or a misleading 'not used')."""
+    result = run(archive_copy, "sql", *(["--write"] if write else []), sql, *params)
+    assert result.exit_code == 2, result.output
+    assert "statement 1 of 2 uses parameters" in result.stderr and "bind in the last statement only" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    tables = mlarch.open(archive_copy).sql("SELECT table_name FROM information_schema.tables")["table_name"]
+    assert "t" not in tables.to_list()  # the CREATE never ran
+
+
 # --- a path that holds no archive -----------------------------------------------------
 
 NO_ARCHIVE = ("Error: no mlarch archive at typo: check --archive (or MLARCH_ARCHIVE); "

@@ -38,8 +38,9 @@ before the next, so a grid loads the model once.
 \b
 Items: the data's items in file order, minus those the archived run of the model drew
 for that language, role and seed (held out) and minus the n-shot exemplars, then the
-first --limit. --all-items evaluates every item, drawn or not. A --seed at which no run
-drew from the data while runs at other seeds did is refused (it would hold out nothing).""")
+first --limit. --all-items evaluates every item, drawn or not. A --seed at which the model
+has no run of a language, while runs at other seeds drew from the data, is refused (it
+would hold out nothing).""")
 @click.option("--model", "model_ref", required=True,
               help="Model folder, .gguf file, hub id, or named model (as for ingest).")
 @click.option("--name", default=None, help="Model name in the archive [default: from --model].")

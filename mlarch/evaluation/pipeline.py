@@ -450,15 +450,13 @@ def _select_items(archive, name: str, cfg: EvalConfig, source, lang: str, loaded
     if not cfg.all_items and archive is not None:
         # every run in use of this model, language and seed that read these very files (either
         # role: a source may serve both), checked against its record before its items count;
-        # runs at other seeds only tell which seeds drew from these files
+        # runs at other seeds only tell, when this seed has none, which seeds drew from these files
         runs = archive._read(
             "SELECT run_id, dataset, role, seed, provenance, record_sha256 FROM runs WHERE model = ? AND lang = ? "
             "AND status = 'FINISHED' AND in_use ORDER BY run_id", [name, lang])
-        other_seeds = set()  # seeds whose runs drew from these files, where the one asked for has none
+        others = [run for run in runs.iter_rows(named=True) if run["seed"] != cfg.seed]
         for run in runs.iter_rows(named=True):
             if run["seed"] != cfg.seed:
-                if list((_run_files(run) or {}).values()) == list(loaded.files.values()):
-                    other_seeds.add(int(run["seed"]))
                 continue
             files = _run_files(run)
             # the same data is the same content (the files' digests, in order), wherever it lies
@@ -480,13 +478,15 @@ def _select_items(archive, name: str, cfg: EvalConfig, source, lang: str, loaded
                                   "run `mlarch verify`")
             excluded.update(drawn)
             held_out.append(run["run_id"])
-        if not held_out and other_seeds:
-            # ingest drew from these items at other seeds only: evaluating at this seed would hold
-            # out nothing, silently scoring items the sets were made from
-            seeds = sorted(other_seeds)
-            raise error(UsageError, f"no run of {name!r} at seed {cfg.seed} drew items of {source.name!r} ({lang}, "
-                        f"{cfg.role}) to hold out; archived seeds are {', '.join(map(str, seeds))}: pass ",
-                        Arg("seed", seeds[0]), ", or ", Arg("all_items", True), " to evaluate every item")
+        seeds = sorted(_seeds_that_drew(others, loaded)) if len(others) == runs.height else []
+        if seeds:
+            # the model has no run at this seed, but ingest drew from these items at others: this
+            # seed (a typo?) would hold out nothing, silently scoring items the sets were made from.
+            # A seed with runs of other data (another analysis) holds out what it drew: nothing here
+            raise error(UsageError, f"{name!r} has no run of {lang} at seed {cfg.seed}, so none of the items of "
+                        f"{source.name!r} ({cfg.role}) would be held out; seeds whose runs drew from them: "
+                        f"{', '.join(map(str, seeds))}: pass ", Arg("seed", seeds[0]), ", or ", Arg("all_items", True),
+                        " to evaluate every item")
     indices = [i for i in range(n) if i not in excluded]
     references: list[str | None] = []
     references_from = None
@@ -536,6 +536,20 @@ def _check_run_record(archive, run: dict) -> None:
     if run["record_sha256"] != actual:
         raise MlarchError(f"run {run['run_id']}'s record changed since it was archived (its drawn items decide what "
                           "is held out): run `mlarch verify`, then restore the catalog or re-ingest that run")
+
+
+def _seeds_that_drew(runs, loaded: sources.LoadedItems) -> set[int]:
+    """The seeds of `runs` that drew from the files of `loaded` (by their digests). Only a hint
+    for a refusal: a run whose provenance cannot be read counts as not drawing."""
+    seeds = set()
+    for run in runs:
+        try:
+            files = _run_files(run)
+        except MlarchError:
+            continue
+        if files and list(files.values()) == list(loaded.files.values()):
+            seeds.add(int(run["seed"]))
+    return seeds
 
 
 def _run_files(run: dict) -> dict | None:

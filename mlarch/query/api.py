@@ -151,7 +151,13 @@ def _run(con, statements, params) -> pl.DataFrame:
     from mlarch.query.frames import arrow_frame
     from mlarch.query.params import check_params
 
-    check_params(statements[-1], params)  # before anything runs: a missing $name is a usage error
+    for number, statement in enumerate(statements[:-1], 1):  # before anything runs, as below
+        if statement.named_parameters:  # values bind in the last statement only
+            shown = sorted({"?" if n.isdigit() else "$" + n for n in statement.named_parameters})
+            raise UsageError(f"statement {number} of {len(statements)} uses parameters ({', '.join(shown)}), but "
+                             "values bind in the last statement only: move them there, or run the statements "
+                             "one at a time")
+    check_params(statements[-1], params)  # a missing $name is a usage error
     for statement in statements[:-1]:
         con.execute(statement.query).fetchall()
     return arrow_frame(con, statements[-1].query, params)  # Arrow, not Python rows: 1 M rows in < 1 s
@@ -262,7 +268,8 @@ class Archive:
         params: a dict binds each $name (a list binds ? in order), never pasted into the
         text; a $name without a value, or a value no $name uses, is a UsageError before
         anything runs. Statements separated by ; run in order and the frame holds the
-        last one's rows (params bind in the last). The frame comes through DuckDB's Arrow stream (1 M rows in about a
+        last one's rows (params bind in the last; a parameter in an earlier one is a
+        UsageError). The frame comes through DuckDB's Arrow stream (1 M rows in about a
         second; UUID, MAP, STRUCT, LIST as polars types; INTERVAL, UNION, BIT, UHUGEINT
         as DuckDB's text; DECIMAL as Float64, HUGEINT as Int64, or Int128 beyond it)."""
         query, params = check_sql(query), check_sql_params(params)
