@@ -10,7 +10,11 @@ weights_levels, what ingest runs on CUDA: from each module's bf16 weight, one mo
 time on a side stream, its codes copied to the host as it finishes (also its peak device
 memory beyond the weights, in units of the largest module's float32 scores). Baseline: the
 numpy path on the host CPU on the same |W| and norms. Needs only numpy and torch (no zarr,
-duckdb or polars), so it runs on a lent GPU machine.
+duckdb or polars), so it runs on a lent GPU machine. With --forward, also one run's scoring
+passes of a random Llama of each size (500 samples x 82 tokens, batch 16, bf16 on CUDA),
+so issue 16's GPU ratio (post-processing per run <= 0.25x the run's forward time) can be read
+off: selection_over_forward is the device selection + copy over those passes (the host's
+level-code writes come on top: bench/scaling.py measures them per core).
 
     python3 bench/selection_device.py --device cuda --out selection-device-cuda.json
     .venv/bin/python bench/selection_device.py --device cpu --quick      # smoke test here
@@ -39,6 +43,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="size 0.02 only, one repeat")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default=str(BENCH / "results" / "selection-device.json"))
+    parser.add_argument("--forward", action="store_true",
+                        help="also time one run's scoring forward passes (a random Llama of each size, bf16 on CUDA, "
+                             "500 samples x 82 tokens, batch 16; --quick: 16 samples) for issue 16's GPU ratio")
     args = parser.parse_args()
 
     import numpy as np
@@ -116,6 +123,10 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
         row["ingest_path_speedup"] = numpy_s / row["ingest_path_s"]
+        if args.forward:  # issue 16's GPU target: post-processing per run <= 0.25x its forward passes
+            row.update(scoring_passes(size, device, samples=16 if args.quick else 500))
+            row["selection_over_forward"] = row["ingest_path_s"] / row["forward_s"]
+            print(json.dumps({k: row[k] for k in ("size", "forward_s", "tokens", "selection_over_forward")}), flush=True)
         del magnitudes, weights, norms, magnitudes_host, norms_host, expected, codes, ingest_codes
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -127,6 +138,56 @@ def main() -> None:
     print(f"wrote {args.out}")
     if not all(r["identical_to_numpy"] for r in rows):
         sys.exit("level codes on the device differ from the numpy path's")
+
+
+def scoring_passes(size: str, device, *, samples: int, tokens: int = 82, batch: int = 16) -> dict:
+    """Seconds of one run's scoring passes: a random Llama of bench/scaling.py's shape `size`
+    (untied head; bf16 on CUDA as ingest loads it there, float32 on a CPU), `samples` texts of
+    `tokens` tokens (the starter texts' mean under the Gemma tokenizer) in batches of `batch`,
+    through ingest's NormCollector (hooks on every scored module, stopped at the head's input).
+    Random ids of one length: no padding, so no tokenizer is needed on the device machine."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from mlarch.ingest import scoring
+    from scaling import SHAPES
+
+    hidden, inter, kv, blocks, vocab = SHAPES[size]
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=blocks,
+                         num_attention_heads=hidden // 64, num_key_value_heads=kv // 64, vocab_size=vocab,
+                         max_position_embeddings=512, tie_word_embeddings=False)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(dtype).eval()
+    modules = scoring.scored_modules(model)
+    gen = torch.Generator(device=device).manual_seed(1)
+    ids = torch.randint(0, vocab, (samples, tokens), generator=gen, device=device)
+    collector = scoring.NormCollector(model, modules, device)
+
+    def passes(rows) -> None:
+        for start in range(0, len(rows), batch):
+            chunk = rows[start:start + batch]
+            mask = torch.ones_like(chunk)
+            collector.start_batch(mask.to(torch.float32))
+            try:
+                model(input_ids=chunk, attention_mask=mask, use_cache=False)
+            except scoring._StopForward:  # the head's input reached: what a scoring pass computes
+                pass
+
+    try:
+        with torch.inference_mode():
+            passes(ids[:batch])  # warm-up: kernels, allocator
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            clock = time.perf_counter()
+            passes(ids)
+            collector.result()  # the norms on the host, as a run ends
+            forward_s = time.perf_counter() - clock
+    finally:
+        collector.remove()
+    scored = sum(m.n_params for m in modules)
+    return {"forward_s": forward_s, "tokens": samples * tokens, "forward_batch": batch,
+            "forward_dtype": str(dtype).removeprefix("torch."), "forward_scored_params": scored}
 
 
 if __name__ == "__main__":
