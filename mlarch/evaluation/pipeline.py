@@ -454,10 +454,9 @@ def _select_items(archive, name: str, cfg: EvalConfig, source, lang: str, loaded
         runs = archive._read(
             "SELECT run_id, dataset, role, seed, provenance, record_sha256 FROM runs WHERE model = ? AND lang = ? "
             "AND status = 'FINISHED' AND in_use ORDER BY run_id", [name, lang])
-        others = [run for run in runs.iter_rows(named=True) if run["seed"] != cfg.seed]
-        for run in runs.iter_rows(named=True):
-            if run["seed"] != cfg.seed:
-                continue
+        rows = list(runs.iter_rows(named=True))
+        mine = [run for run in rows if run["seed"] == cfg.seed]
+        for run in mine:
             files = _run_files(run)
             # the same data is the same content (the files' digests, in order), wherever it lies
             # now (another folder, another machine); the same name or paths with other content
@@ -478,7 +477,7 @@ def _select_items(archive, name: str, cfg: EvalConfig, source, lang: str, loaded
                                   "run `mlarch verify`")
             excluded.update(drawn)
             held_out.append(run["run_id"])
-        seeds = sorted(_seeds_that_drew(others, loaded)) if len(others) == runs.height else []
+        seeds = [] if mine else sorted(_seeds_that_drew(rows, loaded))
         if seeds:
             # the model has no run at this seed, but ingest drew from these items at others: this
             # seed (a typo?) would hold out nothing, silently scoring items the sets were made from.

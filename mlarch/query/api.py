@@ -151,13 +151,7 @@ def _run(con, statements, params) -> pl.DataFrame:
     from mlarch.query.frames import arrow_frame
     from mlarch.query.params import check_params
 
-    for number, statement in enumerate(statements[:-1], 1):  # before anything runs, as below
-        if statement.named_parameters:  # values bind in the last statement only
-            shown = sorted({"?" if n.isdigit() else "$" + n for n in statement.named_parameters})
-            raise UsageError(f"statement {number} of {len(statements)} uses parameters ({', '.join(shown)}), but "
-                             "values bind in the last statement only: move them there, or run the statements "
-                             "one at a time")
-    check_params(statements[-1], params)  # a missing $name is a usage error
+    check_params(statements, params)  # before anything runs: a missing $name is a usage error
     for statement in statements[:-1]:
         con.execute(statement.query).fetchall()
     return arrow_frame(con, statements[-1].query, params)  # Arrow, not Python rows: 1 M rows in < 1 s

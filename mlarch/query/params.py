@@ -47,9 +47,17 @@ def parse_params(specs) -> dict:
     return params
 
 
-def check_params(statement, params) -> None:
-    """UsageError when a `$name` of `statement` (a DuckDB Statement) has no value or a
-    named value is not used; positional parameters (a list) are left to DuckDB."""
+def check_params(statements, params) -> None:
+    """UsageError when a statement but the last of `statements` (DuckDB Statements, run in
+    order) has parameters (values bind in the last only), or when a `$name` of the last has no
+    value or a named value is not used; positional parameters (a list) are left to DuckDB."""
+    for number, statement in enumerate(statements[:-1], 1):
+        if statement.named_parameters:
+            names = sorted({"?" if n.isdigit() else "$" + n for n in statement.named_parameters})
+            raise UsageError(f"statement {number} of {len(statements)} uses parameters ({', '.join(names)}), but "
+                             "values bind in the last statement only: move them there, or run the statements "
+                             "one at a time")
+    statement = statements[-1]
     if params is not None and not isinstance(params, dict):
         return
     wanted = set(statement.named_parameters)
