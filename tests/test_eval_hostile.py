@@ -423,3 +423,29 @@ def test_scale_by_zero_is_prune_under_one_label(archive_copy, model_dir, data, m
     assert mlarch.open(archive_copy).sql("SELECT count(*) AS n FROM evaluations")["n"][0] == 0
     with pytest.raises(mlarch.errors.UsageError, match="scales by 0, which is pruning: use prune:en@0.01"):
         mlarch.evaluation.interventions.Intervention("scale", "en", 0.01, 0)
+
+
+def test_only_the_runs_in_use_are_held_out(model_dir, data, tmp_path):
+    """Runs a --force re-ingest replaced stay FINISHED, not in use. After the data files changed
+    (an item edited), the runs in use drew from the new files: the eval holds out their items
+    and is not refused over the replaced runs' old files."""
+    folder = tmp_path / "data"
+    shutil.copytree(Path(data["math"]).parent, folder)
+    math = str(folder / Path(data["math"]).name)
+    archive = mlarch.open(tmp_path / "a")
+    args = (str(model_dir["llama"]), ["en"], math, data["control"])
+    archive.ingest(*args, samples=4, top_k=[0.05], device="cpu")
+    old = _math_run(archive)
+    lines = (folder / "en.jsonl").read_text().splitlines()
+    item = json.loads(lines[0])
+    lines[0] = json.dumps({**item, "question": item["question"] + " (edited)"})
+    (folder / "en.jsonl").write_text("\n".join(lines) + "\n")
+    archive.ingest(*args, samples=4, top_k=[0.05], device="cpu", force=True)
+    new = _math_run(archive)
+    runs = archive.sql("SELECT run_id, in_use, status FROM runs WHERE role = 'math'").rows()
+    assert sorted(runs) == sorted([(old, False, "FINISHED"), (new, True, "FINISHED")])
+    drawn = set(archive.sql("SELECT item_index FROM run_samples WHERE run_id = ?", [new])["item_index"])
+    result = archive.evaluate(str(model_dir["llama"]), ["en"], "nll", math, device="cpu")
+    assert set(archive.evaluation_items(result.written[0])["item_index"]) == set(range(len(lines))) - drawn
+    provenance = json.loads(archive.sql("SELECT provenance FROM evaluations")["provenance"][0])
+    assert provenance["held_out_runs"] == [new]
