@@ -79,12 +79,6 @@ def replayed(then):
         con.close()
 
 
-@functools.lru_cache(maxsize=1)
-def _reference_shape() -> frozenset[str]:
-    """Tables (columns, types) and view definitions exactly as the migrations create them."""
-    return frozenset(r[0] for r in replayed(lambda con: con.execute(_SHAPE).fetchall()))
-
-
 def _creation_order(con) -> tuple[str, ...]:
     """The CREATE VIEW statements of `con`'s views, in an order in which each binds (a view
     that a later migration made again comes after those made earlier that read it)."""
@@ -109,19 +103,34 @@ def _creation_order(con) -> tuple[str, ...]:
 
 
 @functools.lru_cache(maxsize=1)
+def _reference() -> tuple[frozenset[str], tuple[str, ...], tuple[str, ...]]:
+    """What the migrations make, from one replay: the shape (tables' columns and types, view
+    definitions) that checks compare with; the CREATE VIEW statements in an order that binds
+    (the migrations make no macro); every table, then every view, name, each sorted."""
+    def read(con):
+        shape = frozenset(r[0] for r in con.execute(_SHAPE).fetchall())
+        names = tuple(r[0] for r in con.execute(
+            "SELECT table_name FROM information_schema.tables WHERE table_catalog = current_database() "
+            "AND table_schema = 'main' ORDER BY table_type, table_name").fetchall())
+        return shape, _creation_order(con), names  # _creation_order last: it remakes the views
+
+    return replayed(read)
+
+
+def _reference_shape() -> frozenset[str]:
+    """Tables (columns, types) and view definitions exactly as the migrations create them."""
+    return _reference()[0]
+
+
 def _reference_views() -> tuple[str, ...]:
-    """The CREATE VIEW statement of every view the migrations leave, in an order that binds
-    (the migrations make no macro)."""
-    return replayed(_creation_order)
+    """The CREATE VIEW statement of every view the migrations leave, in an order that binds."""
+    return _reference()[1]
 
 
-@functools.lru_cache(maxsize=1)
 def reference_names() -> tuple[str, ...]:
     """Every table, then every view, the migrations make (a new archive's), each sorted: names
     from mlarch's schema, never from a catalog file."""
-    return tuple(r[0] for r in replayed(lambda con: con.execute(
-        "SELECT table_name FROM information_schema.tables WHERE table_catalog = current_database() "
-        "AND table_schema = 'main' ORDER BY table_type, table_name").fetchall()))
+    return _reference()[2]
 
 
 def rebuild_views(con: duckdb.DuckDBPyConnection) -> None:
