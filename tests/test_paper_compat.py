@@ -125,6 +125,20 @@ def test_verify_is_clean_with_the_authors_set_sizes(both):
     assert len(sizes) == 2  # one per analysis (seed SEED)
 
 
+def test_verify_recompute_rescores_each_run_by_its_own_method_and_texts(both):
+    """A --paper-compat run is recomputed with the authors' bf16 arithmetic and set sizes on the
+    authors' texts (template paper): the same codes, the same norms. Recomputed with the exact
+    method it read Jaccard ~0.985 (a false failure); with the default texts it failed to parse."""
+    archive = mlarch.open(both["root"])
+    for analysis in ("gsm-vs-control-paper", "gsm-vs-control"):
+        for r in _runs(archive, analysis)[:2]:  # en control, en math
+            result = run(both["root"], "verify", "--recompute", r["run_id"], "--format", "json")
+            assert result.exit_code == 0, (analysis, result.output)
+            rows = {row["metric"]: row["value"] for row in json.loads(result.stdout)}
+            assert rows["max relative norm difference"] == "0", (analysis, rows)
+            assert [v for m, v in rows.items() if m.startswith("Jaccard")] == ["1.000000"] * len(KS), (analysis, rows)
+
+
 def test_compare_analyses_reports_jaccard_per_layer_and_k(both):
     for k in KS:
         result = run(both["root"], "compare", "--model", "tiny-llama", "--langs", "en", "--analyses",

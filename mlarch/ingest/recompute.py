@@ -7,8 +7,9 @@ from pathlib import Path
 import numpy as np
 
 from mlarch.errors import MlarchError
-from mlarch import selection
+from mlarch import methods, selection
 from mlarch.ingest import loading, provenance, sources
+from mlarch.ingest.datafiles import parse_records
 from mlarch.ingest.scoring import run_pass, scored_modules
 
 
@@ -33,7 +34,7 @@ def _texts(prov: dict) -> list[str]:
             raise MlarchError(f"the run's data file {path} is gone: restore it to recompute")
         if sources.sha256_file(Path(path)) != digest:
             raise MlarchError(f"the run's data file {path} changed since the run (sha256 differs)")
-        texts, _ = sources.parse_file(Path(path))
+        texts, _, _ = parse_records(Path(path), data["source"].get("text_template", "default"))
     drawn = [texts[i] for i in prov["sample_indices"]]
     if provenance.texts_digest(drawn) != prov["texts_sha256"]:
         raise MlarchError("the texts rebuilt from the provenance differ from the run's (texts_sha256 mismatch)")
@@ -57,16 +58,33 @@ def recompute(archive, run_id: str, device: str = "auto") -> list[dict]:
     if loaded.weights_sha256 != model["weights_sha256"]:
         raise MlarchError(f"the weights at {model['source']} changed since the run (sha256 differs)")
     modules = scored_modules(loaded.model)
-    result = run_pass(loaded.model, loaded.tokenizer, modules, texts, batch_size=config["batch_size"],
-                      max_length=config["max_length"], device=target)
+    method = (prov.get("method") or {}).get("name", methods.EXACT)
+    ks = list(run["k_values"])
+    if method == methods.BF16:  # the authors' bf16 scores and set sizes, as the run was scored
+        from mlarch.ingest import mathneuro
+
+        result = mathneuro.run_pass_bf16(loaded.model, loaded.tokenizer, modules, texts,
+                                         batch_size=config["batch_size"], max_length=config["max_length"],
+                                         device=target)
+
+        def fresh_levels(m):
+            return mathneuro.levels_bf16(result.scores[m.name], ks)
+    elif method == methods.EXACT:
+        result = run_pass(loaded.model, loaded.tokenizer, modules, texts, batch_size=config["batch_size"],
+                          max_length=config["max_length"], device=target)
+
+        def fresh_levels(m):
+            return selection.level_codes(selection.scores(m.magnitudes(), result.norms[m.name]), ks)
+    else:
+        raise MlarchError(f"run {run_id} was scored with method {method!r}, which this mlarch cannot recompute: "
+                          "recompute it with the mlarch version that made it")
     stored = archive.norms(run_id)
     worst = 0.0
-    ks = list(run["k_values"])
     inter, union = np.zeros(len(ks)), np.zeros(len(ks))
     for m in modules:
         new, old = result.norms[m.name], stored[m.name]
         worst = max(worst, float(np.max(np.abs(new - old) / np.maximum(np.abs(old), 1e-12))))
-        fresh = selection.level_codes(selection.scores(m.magnitudes(), new), ks)
+        fresh = fresh_levels(m)
         kept = archive.levels(run_id, m.name)
         for j in range(len(ks)):
             a, b = selection.in_top(fresh, j), selection.in_top(kept, j)
