@@ -449,3 +449,29 @@ def test_only_the_runs_in_use_are_held_out(model_dir, data, tmp_path):
     assert set(archive.evaluation_items(result.written[0])["item_index"]) == set(range(len(lines))) - drawn
     provenance = json.loads(archive.sql("SELECT provenance FROM evaluations")["provenance"][0])
     assert provenance["held_out_runs"] == [new]
+
+
+def test_n_params_changed_counts_the_weights_that_changed(model_dir, data, tmp_path):
+    """In bfloat16, x1.003 rounds some scaled weights back to themselves: the row counts the
+    weights the evaluation really ran with changed (as its provenance), not every entry of the set."""
+    archive = mlarch.open(tmp_path / "a")
+    archive.ingest(str(model_dir["llama"]), ["en"], data["math"], data["control"], samples=4, top_k=[0.25],
+                   device="cpu", dtype="bfloat16")
+    archive.evaluate(str(model_dir["llama"]), ["en"], "nll", data["math"], interventions=["scale:en@0.25:1.003"],
+                     limit=2, device="cpu", dtype="bfloat16")
+    row = archive.sql("SELECT n_set, n_params_changed, provenance FROM evaluations WHERE intervention = 'scale'"
+                      ).to_dicts()[0]
+    from transformers import AutoModelForCausalLM
+
+    from mlarch.ingest.scoring import scored_modules
+
+    modules = scored_modules(AutoModelForCausalLM.from_pretrained(str(model_dir["llama"]), dtype=torch.bfloat16))
+    moved = 0
+    for m in modules:
+        weights = m.scored_weight().detach()
+        inside = torch.from_numpy(archive.selection("tiny-llama", "en", 0.25, m.name)).to(torch.bool)
+        moved += int(((weights * 1.003 != weights) & inside).sum())
+    assert 0 < moved < row["n_set"]  # the case happens
+    assert row["n_params_changed"] == moved
+    recorded = json.loads(row["provenance"])["intervention"]
+    assert (recorded["n_changed"], recorded["n_entries"], recorded["n_set"]) == (moved, row["n_set"], row["n_set"])

@@ -330,7 +330,7 @@ def test_applied_prune_changes_exactly_the_set_and_undoes(llama, llama_model):
     expected = _expected(before, modules, _mask_positions(llama, LLAMA, "en", 0.05, modules), np.zeros_like)
     assert sum(not torch.equal(expected[n], before[n]) for n in before) >= 3  # the test sees changes
     with applied(modules, the_plan) as inside:
-        assert inside is the_plan
+        assert inside.plan is the_plan and inside.n_changed == the_plan.n_changed  # float32: every entry moves
         _assert_state(model, expected)
     _assert_state(model, before)
 
@@ -405,6 +405,27 @@ def test_applied_conv1d_changes_the_transposed_entries(gpt2_archive, model_dir):
         with applied(modules, the_plan):
             _assert_state(model, expected)
         _assert_state(model, before)
+
+
+def test_applied_counts_the_entries_it_really_changed():
+    """n_params_changed is what changed: a bfloat16 value that x1.003 rounds back to itself,
+    or an entry that was 0 already, is set but not changed (the plan's n_changed counts both)."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(64, 32, bias=False).to(torch.bfloat16)
+    with torch.no_grad():
+        layer.weight[0, :16] = 0  # entries 0..15 are 0 already
+    modules = [ScoredModule("m", layer, "linear", 0, 32, 64)]
+    indices = np.arange(0, 2048, 3)
+    flat = layer.weight.detach().reshape(-1)[torch.from_numpy(indices)]
+    scaled = (flat * 1.003) != flat
+    assert 0 < int(scaled.sum()) < len(indices)  # the case happens: some values round back, some move
+    for spec, expected in (("scale:en@0.01:1.003", int(scaled.sum())), ("prune:en@0.01", int((flat != 0).sum()))):
+        the_plan = Plan(parse(spec), 1, [ModuleChange("m", 0, indices)], len(indices))
+        before = layer.weight.detach().clone()
+        with applied(modules, the_plan) as inside:
+            really = int((layer.weight.detach() != before).sum())
+            assert inside.n_changed == really == expected < the_plan.n_changed == len(indices), spec
+        assert torch.equal(layer.weight.detach(), before)
 
 
 def test_applied_is_fast_and_copies_no_weights():

@@ -160,7 +160,7 @@ class Plan:
 
     @property
     def n_changed(self) -> int:
-        """How many weight entries the plan changes, over all modules."""
+        """How many weight entries the plan sets (to 0, or scaled), over all modules."""
         return sum(len(change.indices) for change in self.changes)
 
 
@@ -234,17 +234,26 @@ def _targets(modules: list, plan: Plan) -> list:
     return targets
 
 
+@dataclass(frozen=True)
+class Applied:
+    """A plan in place on the weights, and how many entries it changed (Plan.n_changed sets them)."""
+    plan: Plan
+    n_changed: int
+
+
 @contextmanager
 def applied(modules: list, plan: Plan):
     """Apply `plan` to the weights of `modules` (ScoredModules of the loaded model) in
     place; restore every changed entry from its saved value on exit, exception or not.
+    Yields an Applied: how many stored values the plan really changed (an entry that was 0
+    already, or a bfloat16 value that x1.003 rounds back to itself, is not changed).
 
     Only the changed entries are copied (gathered before the change, scattered back after),
     so the cost is O(entries changed), not O(model)."""
     intervention = plan.intervention
     targets = _targets(modules, plan)
     saved = []  # (view, rows, cols, old), in the order applied
-    moved = 0  # scaled entries whose stored value changed (bfloat16 rounds x1.001 back to x)
+    moved = 0  # entries whose stored value changed (bfloat16 rounds x1.001 back to x; a 0 stays 0)
     try:
         with torch.no_grad():
             for module, change in targets:
@@ -267,11 +276,12 @@ def applied(modules: list, plan: Plan):
                     moved += int((new != old).sum())
                 else:
                     view[rows, cols] = 0
+                    moved += int(torch.count_nonzero(old))
             if intervention.kind == "scale" and saved and not moved:
                 raise MlarchError(f"scaling by {intervention.factor:g} changes no weight: in "
                                   f"{saved[0][0].dtype} every scaled value rounds back to itself; choose a factor "
                                   "further from 1")
-        yield plan
+        yield Applied(plan, moved)
     finally:
         with torch.no_grad():
             for view, rows, cols, old in reversed(saved):  # reversed: right even if two modules shared a weight

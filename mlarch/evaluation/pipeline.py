@@ -342,10 +342,10 @@ def evaluate(root: Path, cfg: EvalConfig, reporter: Reporter | None = None) -> E
             continue
         plan = None if intervention is None else _plan(archive, name, analysis, intervention, cfg.seed, module_list,
                                                        pair_runs[label], reporter)
-        with iv.applied(modules, plan) if plan is not None else _nothing():
+        with iv.applied(modules, plan) if plan is not None else _nothing() as done:
             for unit in group:
                 eval_id = _begin(catalog_path, name, analysis if plan is not None else None, cfg, unit, source, plan,
-                                 pair_runs.get(label, {}))
+                                 done.n_changed if done else 0, pair_runs.get(label, {}))
                 try:
                     outcome = _run_task(cfg, loaded, items[unit.lang], batch_size, reporter, unit)
                     prov = {**env, "eval_id": eval_id, "method": METHOD, "config": settings,
@@ -353,7 +353,8 @@ def evaluate(root: Path, cfg: EvalConfig, reporter: Reporter | None = None) -> E
                             "data": _data_record(source, items[unit.lang]), **outcome["provenance"]}
                     if plan is not None:
                         prov["intervention"] = {"spec": label, "rule": iv.RANDOM_RULE, "set_runs": pair_runs[label],
-                                                "n_set": plan.n_set, "n_changed": plan.n_changed}
+                                                "n_set": plan.n_set, "n_entries": plan.n_changed,
+                                                "n_changed": done.n_changed}
                     _commit(catalog_path, eval_id, outcome, prov)
                 except BaseException:
                     _mark_failed(catalog_path, eval_id)
@@ -639,7 +640,7 @@ def _finished(archive, digests: list[str]) -> dict[str, str]:
 
 
 def _begin(catalog_path: Path, name: str, analysis: str | None, cfg: EvalConfig, unit: _Unit, source, plan,
-           runs: dict) -> str:
+           n_changed: int, runs: dict) -> str:
     eval_id = layout.new_run_id()
     i = unit.intervention
     with catalog.writing(catalog_path) as con:
@@ -651,7 +652,7 @@ def _begin(catalog_path: Path, name: str, analysis: str | None, cfg: EvalConfig,
             [eval_id, name, analysis, unit.identity["weights_sha256"], runs.get("math_run_id"), runs.get("control_run_id"),
              cfg.task, source.name, cfg.role, unit.lang, i.kind if i else "none",
              i.lang if i else None, i.k if i else None, cfg.seed, i.factor if i else None,
-             plan.n_set if plan else None, plan.n_changed if plan else 0, _now(), unit.config_digest,
+             plan.n_set if plan else None, n_changed, _now(), unit.config_digest,
              unit.baseline_key, socket.gethostname(), os.getpid()])
     return eval_id
 
