@@ -428,8 +428,9 @@ def test_applied_counts_the_entries_it_really_changed():
         assert torch.equal(layer.weight.detach(), before)
 
 
-def test_applied_is_fast_and_copies_no_weights():
-    """~25M parameters, ~100k entries: apply and undo in well under a second."""
+def test_applied_copies_no_weights():
+    """~25M parameters, ~100k entries: changed in place and restored bit for bit (its speed is
+    bench/interventions.py's to measure: tests assert no wall-clock times)."""
     torch.manual_seed(0)
     modules = [ScoredModule(f"m{i}", torch.nn.Linear(2048, 1024, bias=False), "linear", i, 1024, 2048)
                for i in range(12)]
@@ -439,13 +440,10 @@ def test_applied_is_fast_and_copies_no_weights():
     the_plan = Plan(parse("scale:en@0.01:1.01"), 1, changes, 96000)
     pointers = [m.module.weight.data_ptr() for m in modules]
     probe = modules[3].module.weight.detach().clone()
-    start = time.perf_counter()
-    with applied(modules, the_plan):
-        middle = time.perf_counter()
-    seconds = time.perf_counter() - start
-    assert seconds < 0.5, seconds
-    assert middle - start < 0.3
-    assert [m.module.weight.data_ptr() for m in modules] == pointers  # changed in place
+    with applied(modules, the_plan) as inside:
+        assert [m.module.weight.data_ptr() for m in modules] == pointers  # changed in place
+        assert inside.n_changed > 90000 and not torch.equal(modules[3].module.weight.detach(), probe)
+    assert [m.module.weight.data_ptr() for m in modules] == pointers
     assert torch.equal(_bits(modules[3].module.weight.detach()), _bits(probe))
 
 
@@ -491,7 +489,7 @@ def test_check_modules_refuses_other_weights(llama, llama_model, model_dir):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_applied_on_cuda_is_exact_and_fast(dtype):
     """~100M parameters (Linear and Conv1D), ~400k entries, on the GPU: the entries change
-    as on the CPU, undo is bit-exact, and apply + undo take well under a second."""
+    as on the CPU and undo is bit-exact (apply and undo times are printed, not asserted)."""
     from transformers.pytorch_utils import Conv1D
 
     torch.manual_seed(0)
@@ -531,6 +529,5 @@ def test_applied_on_cuda_is_exact_and_fast(dtype):
             torch.cuda.synchronize()
             end = time.perf_counter()
             print(f"{spec} {dtype}: apply {middle - start:.4f} s, undo {end - middle:.4f} s")
-        assert end - start < 0.5, (spec, dtype, end - start)
         for module, old in zip(modules, before):
             assert torch.equal(module.module.weight.detach().view(bits), old.view(bits)), module.name
