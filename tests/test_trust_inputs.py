@@ -307,6 +307,24 @@ def test_an_item_too_long_to_tokenize_is_refused_before_tokenizing(tmp_path):
     assert len(datafiles.parse_records(path)[0]) == 2
 
 
+@pytest.mark.parametrize("length, refused", [(200_000, False), (datafiles.MAX_ITEM_CHARS, False),
+                                             (datafiles.MAX_ITEM_CHARS + 1, True)])
+def test_a_long_csv_item_has_the_item_limit_of_any_file(tmp_path, length, refused):
+    """csv's own field limit (131,072 characters) refused a 200,000-character item as 'malformed
+    CSV' that a .jsonl file takes; the limit is MAX_ITEM_CHARS, with its message, as for .jsonl."""
+    import csv
+
+    path = tmp_path / "items.csv"
+    path.write_text('text\n"' + "x" * length + '"\nshort item\n', encoding="utf-8")
+    before = csv.field_size_limit()
+    if refused:
+        with pytest.raises(MlarchError, match=f"item 0 has {length:,} characters, more than the 1,048,576"):
+            datafiles.parse_records(path)
+    else:
+        assert [len(t) for t in datafiles.parse_records(path)[0]] == [length, 10]
+    assert csv.field_size_limit() == before  # the process-wide limit is put back
+
+
 def test_json_numbers_are_written_out_and_other_types_refused(tmp_path):
     """str(1e21) is '1e+21' and str(5e-07) '5e-07', whose last numbers (21, 7) an accuracy
     reference would read: numbers are written out in full; lists, objects, booleans refused."""

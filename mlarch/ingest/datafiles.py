@@ -240,6 +240,9 @@ def parse_records(path: Path, template: str = "default") -> tuple[list[str], lis
             raise MlarchError(
                 f"{path}, line 1: the CSV header needs a 'text' column or 'question' and 'answer' columns"
             )
+        # csv refuses a field over 131,072 characters; the file's size bounds them here, and an item
+        # over MAX_ITEM_CHARS gets check_item_sizes' error, as in a .jsonl file
+        limit = csv.field_size_limit(max(csv.field_size_limit(), MAX_FILE_BYTES))
         try:
             for record in reader:
                 where = f"{path}, line {reader.line_num}"
@@ -249,6 +252,8 @@ def parse_records(path: Path, template: str = "default") -> tuple[list[str], lis
                 pairs.append(_pair(record, where))
         except csv.Error as exc:
             raise MlarchError(f"{path}, line {reader.line_num}: malformed CSV ({exc})") from None
+        finally:
+            csv.field_size_limit(limit)
     else:
         for lineno, line in enumerate(text_lines(content), start=1):
             if "\r" in line:  # old Mac line ends: the whole file would read as one item
