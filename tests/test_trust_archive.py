@@ -130,6 +130,9 @@ def test_chunk_copied_from_another_run_fails(archive_copy):
     ("UPDATE runs SET provenance = replace(provenance::VARCHAR, '\"seed\": 1', '\"seed\": 2')::JSON "
      "WHERE run_id = $id", "provenance"),
     ("UPDATE arrays SET sha256 = repeat('0', 64) WHERE owner = $id AND kind = 'norms'", "array digest"),
+    # valid JSON to DuckDB, past Python's recursion limit: verify reported nothing (a RecursionError)
+    ("UPDATE runs SET provenance = (repeat('[', 100000) || repeat(']', 100000))::JSON WHERE run_id = $id",
+     "deep provenance"),
 ])
 def test_edited_run_records_fail_verify(archive_copy, edit, detail):
     archive = mlarch.open(archive_copy)
@@ -140,6 +143,15 @@ def test_edited_run_records_fail_verify(archive_copy, edit, detail):
     _assert_loud(result, f"run {run_id}")
     rows = [r for r in json.loads(result.stdout) if r["check"] == "record digest" and r["status"] == "FAIL"]
     assert any(r["object"] == f"run {run_id}" for r in rows), rows
+
+
+def test_unreadable_provenance_is_one_line_from_show(archive_copy):
+    run_id = _en_math(mlarch.open(archive_copy))["run_id"]
+    _edit(archive_copy, "UPDATE runs SET provenance = (repeat('[', 100000) || repeat(']', 100000))::JSON "
+                        "WHERE run_id = ?", [run_id])
+    assert one_error(run(archive_copy, "show", run_id), 1) == (
+        f"Error: run {run_id}'s provenance is not JSON mlarch can read (an edited catalog?): run `mlarch verify` to "
+        "list damage")
 
 
 def test_edited_model_record_fails_verify(archive_copy):

@@ -396,7 +396,11 @@ class Archive:
                 hint = f"recent runs: {', '.join(known)}" if known else "the archive has no runs"
                 raise MlarchError(f"no run {run_id!r} in {self.root}; {hint} (see `mlarch runs`)")
         row = rows.row(0, named=True)
-        row["provenance"] = json.loads(row["provenance"]) if row["provenance"] else None
+        try:
+            row["provenance"] = json.loads(row["provenance"]) if row["provenance"] else None
+        except (ValueError, RecursionError):  # DuckDB's JSON type takes 100,000 levels; json does not
+            raise MlarchError(f"run {run_id}'s provenance is not JSON mlarch can read (an edited catalog?): "
+                              "run `mlarch verify` to list damage") from None
         return row
 
     # --- arrays ------------------------------------------------------------------------

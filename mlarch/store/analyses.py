@@ -320,7 +320,7 @@ def problems(con) -> list[tuple[str, str, str]]:
             "SELECT model, analysis, config, config_digest FROM analyses ORDER BY model, analysis").fetchall():
         try:
             config = json.loads(text)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, RecursionError):
             config = None
         if not isinstance(config, dict):
             found.append((model, analysis, "its configuration is not a JSON object"))
@@ -340,7 +340,7 @@ def problems(con) -> list[tuple[str, str, str]]:
             try:
                 run_config = (json.loads(prov) if isinstance(prov, str) else prov or {}).get("config") or {}
                 settings = _run_settings(run_config)
-            except (TypeError, ValueError, AttributeError):
+            except (TypeError, ValueError, AttributeError, RecursionError):
                 found.append((model, analysis, f"run {run_id}'s provenance has no readable ingest config"))
                 continue
             sources = config.get(role) if isinstance(config.get(role), dict) else {}

@@ -61,6 +61,16 @@ def _arrays(rows) -> list[dict]:
     return sorted((_array(r) for r in rows), key=lambda r: r["path"])
 
 
+def _parsed(text: str):
+    """Provenance JSON as the digest reads it. Text that does not parse (an edit: mlarch writes
+    JSON a few levels deep, never 100,000) is digested as it is, so its record fails to match
+    (verify reports it) instead of the check itself failing."""
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        return {"unparsed provenance": text}
+
+
 def run_digest(run: dict, item_indices: list[int], array_rows) -> str:
     """Digest of a run from its `runs` row (dict), its drawn item indices in drawn order and
     its `arrays` rows. The provenance may be JSON text (as DuckDB returns it) or a dict."""
@@ -68,7 +78,7 @@ def run_digest(run: dict, item_indices: list[int], array_rows) -> str:
     if run.get("analysis") is not None:  # schema 4; absent, a digest sealed earlier still verifies
         body["analysis"] = run["analysis"]
     if isinstance(body["provenance"], str):
-        body["provenance"] = json.loads(body["provenance"])
+        body["provenance"] = _parsed(body["provenance"])
     body["samples"] = [int(i) for i in item_indices]
     body["arrays"] = _arrays(array_rows)
     return _digest("mlarch-run-1", body)
@@ -88,7 +98,7 @@ def evaluation_digest(row: dict, items) -> str:
     if row.get("analysis") is not None:  # as for runs: only where set (interventions, schema 4)
         body["analysis"] = row["analysis"]
     if isinstance(body["provenance"], str):
-        body["provenance"] = json.loads(body["provenance"])
+        body["provenance"] = _parsed(body["provenance"])
     body["items"] = sorted((_pick(i, EVAL_ITEM_FIELDS) for i in items), key=lambda i: i["position"])
     return _digest("mlarch-evaluation-1", body)
 
