@@ -145,6 +145,33 @@ def test_edited_run_records_fail_verify(archive_copy, edit, detail):
     assert any(r["object"] == f"run {run_id}" for r in rows), rows
 
 
+@pytest.mark.parametrize("edit, owner", [
+    # which level code is which k: reordered, the 0.05 set reads the 0.01 one
+    ("UPDATE runs SET k_values = [0.05, 0.01, 0.25] WHERE lang = 'en' AND role = 'math'", "run"),
+    # where a matrix lies in the arrays: shifted, another matrix's codes read as this one's
+    ("UPDATE modules SET param_offset = param_offset + 7 WHERE position = 1", "model"),
+    ("UPDATE modules SET n_rows = 10000 WHERE position = (SELECT max(position) FROM modules)", "model"),
+])
+def test_array_reads_refuse_rows_edited_since_they_were_sealed(archive_copy, edit, owner):
+    """The paths that read arrays through catalog rows (selection, levels, compare at a k
+    not archived) check the run's and model's record digests first: an edit read another set
+    (Jaccard 0.2803 became 0.2893, exit 0) or failed with a bare ValueError."""
+    archive = mlarch.open(archive_copy)
+    run_id, module = _en_math(archive)["run_id"], _module(archive)
+    before = archive.selection("tiny-llama", "en", 0.05, module)
+    _edit(archive_copy, edit)
+    archive = mlarch.open(archive_copy)
+    name = f"run {run_id}" if owner == "run" else "model tiny-llama"
+    words = f"the catalog rows of {name} changed since it was archived"
+    with pytest.raises(MlarchError, match=words):
+        archive.selection("tiny-llama", "en", 0.05, module)
+    with pytest.raises(MlarchError, match=words):
+        archive.levels(run_id, module)
+    line = one_error(run(archive_copy, "compare", "--model", "tiny-llama", "--langs", "en,de", "--k", "0.1"), 1)
+    assert words in line, line
+    assert before.sum() > 0  # the set the edit would have changed was there to read
+
+
 def test_unreadable_provenance_is_one_line_from_show(archive_copy):
     run_id = _en_math(mlarch.open(archive_copy))["run_id"]
     _edit(archive_copy, "UPDATE runs SET provenance = (repeat('[', 100000) || repeat(']', 100000))::JSON "
@@ -571,6 +598,15 @@ def test_a_catalog_macro_cannot_make_a_migration_read_another_file(archive_copy,
     con.close()
 
 
+def _reseal(root, run_id):
+    """Give a run's edited rows a matching record digest, as anyone can (records.py says so)."""
+    from mlarch.store import records
+
+    con = duckdb.connect(str(root / "catalog.duckdb"))
+    con.execute("UPDATE runs SET record_sha256 = ? WHERE run_id = ?", [records.run_digest_in(con, run_id), run_id])
+    con.close()
+
+
 def test_an_array_row_naming_another_runs_path_is_never_read(archive_copy):
     """A row of run A naming run B's levels (and their digests) would hand back B's sets as A's;
     a path of the row's choosing would be a request for any key: both refused before any read."""
@@ -581,6 +617,9 @@ def test_an_array_row_naming_another_runs_path_is_never_read(archive_copy):
     _edit_catalog(archive_copy, f"CREATE TEMP TABLE b AS SELECT * FROM arrays WHERE owner = '{de}' AND kind = 'levels'",
           f"DELETE FROM arrays WHERE owner IN ('{en['run_id']}', '{de}') AND kind = 'levels'",  # paths are unique
           f"INSERT INTO arrays SELECT * REPLACE ('{en['run_id']}' AS owner) FROM b")
+    with pytest.raises(MlarchError, match=f"the catalog rows of run {en['run_id']} changed"):
+        mlarch.open(archive_copy).levels(en["run_id"], module)
+    _reseal(archive_copy, en["run_id"])  # as a forger can: the path check still refuses
     with pytest.raises(ArrayDamaged, match=f"names 'runs/{de}/levels', not 'runs/{en['run_id']}/levels'"):
         mlarch.open(archive_copy).levels(en["run_id"], module)
     failed = [r for r in mlarch.open(archive_copy).verify().rows(named=True)
@@ -588,6 +627,7 @@ def test_an_array_row_naming_another_runs_path_is_never_read(archive_copy):
     assert any("not 'runs/" in r["detail"] for r in failed), failed
     _edit_catalog(archive_copy, "UPDATE arrays SET path = 'runs/544f502d5345435245/levels' "
                   f"WHERE owner = '{en['run_id']}' AND kind = 'levels'")
+    _reseal(archive_copy, en["run_id"])
     with pytest.raises(ArrayDamaged, match="not 'runs/"):
         mlarch.open(archive_copy).levels(en["run_id"], module)
 

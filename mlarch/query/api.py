@@ -210,6 +210,21 @@ def _flatten(rows: list, prefix: str, value) -> None:
         rows.append((prefix, "" if value is None else str(value)))
 
 
+
+def _check_sealed(con, kind: str, name: str) -> None:
+    """Refuse a run or model whose rows no longer give their record digest, before its arrays
+    are read through them: k_values say which level is which k, and the modules rows where
+    each matrix lies in the arrays; an edit there would read another set, silently."""
+    from mlarch.store import records
+
+    table, key, digest = (("runs", "run_id", records.run_digest_in) if kind == "run" else
+                          ("models", "model", records.model_digest_in))
+    stored = con.execute(f"SELECT record_sha256 FROM {table} WHERE {key} = ?", [name]).fetchall()
+    if not stored or stored[0][0] is None or stored[0][0] != digest(con, name):
+        raise MlarchError(f"the catalog rows of {kind} {name} changed since it was archived (its record digest "
+                          "differs), so its arrays cannot be read through them: run `mlarch verify`, then restore "
+                          "the catalog from a copy")
+
 class Archive:
     """An archive folder, read: catalog.duckdb (summary rows, provenance, views) + arrays.zarr/.
 
@@ -447,6 +462,8 @@ class Archive:
 
             with catalog.reading(self.catalog_path) as con:
                 spans = {s.module: s for s in read_spans(con, model)}
+                if spans:
+                    _check_sealed(con, "model", model)
             if not spans:  # not an archived name (yet): nothing cached
                 return spans
             self._module_cache[model] = spans
@@ -476,6 +493,8 @@ class Archive:
             if rows.is_empty():
                 self.run(run_id)  # raises "no run ..." with hints for unknown ids
                 raise MlarchError(f"run {run_id} has not finished: it has no arrays to read")
+            with catalog.reading(self.catalog_path) as con:
+                _check_sealed(con, "run", run_id)
             self._run_cache[run_id] = rows.row(0, named=True)
         return self._run_cache[run_id]
 
