@@ -24,7 +24,7 @@ import mlarch
 from fixtures import math_items, one_error, prose_items
 from mlarch.cli import cli
 from mlarch.errors import MlarchError, UsageError
-from mlarch.ingest import hub_data, sources
+from mlarch.ingest import datafiles, hub_data, sources
 from mlarch.ingest.datafiles import QA_TEMPLATE
 
 COMMIT = "1" * 40
@@ -331,3 +331,27 @@ def test_hub_files_are_bounded_on_disk_and_over_the_split(hub, small_cap):
     assert message.startswith(f"hub data set acme/sharded@{COMMIT[:12]} split 'test', file "
                               f"test-00002-of-00003.jsonl is ")
     assert f"bytes on disk (and the split's earlier files {first + second:,}), more than the {CAP:,}" in message
+
+
+@pytest.mark.parametrize("kind", ["parquet", "jsonl"])
+def test_a_hub_file_of_more_lines_than_a_local_file_may_have_is_refused(hub, monkeypatch, kind):
+    """Tiny rows under the byte cap still become a dict each: the row (line) count is bounded
+    as for a local file, from the parquet metadata or the line count, before any row is made."""
+    monkeypatch.setattr(hub_data, "MAX_LINES", 1000)
+    monkeypatch.setattr(datafiles, "MAX_LINES", 1000)
+    rows = [{"text": "ab"} for _ in range(1001)]
+    snapshot = _snapshot(hub["cache"], "acme/many")
+    if kind == "parquet":
+        pq.write_table(pa.table({"text": [r["text"] for r in rows]}), snapshot / "test.parquet")
+    else:
+        (snapshot / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    message = _load_one_line_error("hf:acme/many:test")
+    assert message.startswith(f"hub data set acme/many@{COMMIT[:12]} split 'test', file test.{kind} ")
+    words = "declares 1,001 rows" if kind == "parquet" else "has 1,001 lines"
+    assert f"{words}, more than the 1,000 mlarch reads for one language" in message
+    (snapshot / f"test.{kind}").unlink()
+    if kind == "parquet":
+        pq.write_table(pa.table({"text": [r["text"] for r in rows[:1000]]}), snapshot / "test.parquet")
+    else:
+        (snapshot / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:1000]))
+    assert len(sources.resolve("hf:acme/many:test").load("en", "math").texts) == 1000

@@ -381,3 +381,22 @@ def test_a_csv_quote_that_never_closes_is_refused(tmp_path):
         datafiles.parse_records(path)
     path.write_text('text\n"a ""quoted"" word"\nplain\n', encoding="utf-8")  # CSV's own quoting still reads
     assert datafiles.parse_records(path)[0] == ['a "quoted" word', "plain"]
+
+
+@pytest.mark.parametrize("suffix, line", [(".txt", "ab"), (".jsonl", '{"text": "ab"}'), (".csv", "ab")])
+def test_a_file_of_more_lines_than_mlarch_reads_is_refused_before_items_are_made(tmp_path, monkeypatch, suffix,
+                                                                                  line):
+    """64 MiB of 'ab' lines became 2.3 GB of Python strings (a .jsonl of them 2.7 GB of dicts): under
+    the 1 GiB size bound, a file of tiny lines would take ~30 GB. Lines are counted first."""
+    monkeypatch.setattr(datafiles, "MAX_LINES", 100)
+    path = tmp_path / f"items{suffix}"
+    header = "text\n" if suffix == ".csv" else ""
+    path.write_text(header + (line + "\n") * (100 - len(header.splitlines())))
+    assert len(datafiles.parse_records(path)[0]) == 100 - len(header.splitlines())
+    path.write_text(header + (line + "\n") * (101 - len(header.splitlines())))
+    with pytest.raises(MlarchError, match=r"items\.\w+ has 101 lines, more than the 100 mlarch reads for one "
+                                          "language: sample the items you need into a smaller file"):
+        datafiles.parse_records(path)
+    path.write_text(header + (line + "\n") * (100 - len(header.splitlines())) + line)  # no final newline
+    with pytest.raises(MlarchError, match="has 101 lines"):
+        datafiles.parse_records(path)

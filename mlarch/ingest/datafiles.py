@@ -216,6 +216,7 @@ def parse_records(path: Path, template: str = "default") -> tuple[list[str], lis
         raise MlarchError(f"{path}: not UTF-8 text (byte {exc.start}); re-encode it as UTF-8") from None
     except OSError as exc:
         raise MlarchError(f"cannot read data file {path}: {exc.strerror or exc}") from None
+    check_line_count(content, str(path))
     texts: list[str] = []
     templates: set[str] = set()
     pairs: list[tuple[str, str] | None] = []
@@ -272,7 +273,17 @@ def parse_records(path: Path, template: str = "default") -> tuple[list[str], lis
 # Files whose items are not lines: refused rather than read one item per line.
 _NOT_LINES = {".json", ".tsv", ".parquet", ".arrow", ".feather", ".xlsx", ".xls", ".gz", ".zip", ".bz2", ".xz", ".zst"}
 MAX_FILE_BYTES = 1 << 30  # GSM8K's train split is 4 MB
+MAX_LINES = 2_000_000  # GSM8K's train split has 7,473 items; a line of 'ab' costs ~60 bytes as a str, ~250 as a dict
 MAX_ITEM_CHARS = 1 << 20  # a math problem or a paragraph is thousands; tokenizing 16 M took 84 s and 4 GB
+
+
+def check_line_count(content: str, label: str) -> None:
+    """Refuse a text of more than MAX_LINES lines before any item is made of it: under the size
+    bound, a gigabyte of tiny lines would still become ~30 GB of Python objects."""
+    lines = content.count("\n") + (not content.endswith("\n"))
+    if lines > MAX_LINES:
+        raise MlarchError(f"{label} has {lines:,} lines, more than the {MAX_LINES:,} mlarch reads for one language: "
+                          "sample the items you need into a smaller file")
 
 
 def check_item_sizes(texts: list[str], label: str) -> None:

@@ -34,8 +34,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mlarch.errors import MlarchError, UsageError
-from mlarch.ingest.datafiles import (MAX_FILE_BYTES, TEXT_TEMPLATES, LoadedItems, decoded, jsonl_records, parse_rows,
-                                     sha256_file, shown_columns, text_lines, unknown_template)
+from mlarch.ingest.datafiles import (MAX_FILE_BYTES, MAX_LINES, TEXT_TEMPLATES, LoadedItems, check_line_count, decoded,
+                                     jsonl_records, parse_rows, sha256_file, shown_columns, text_lines,
+                                     unknown_template)
 
 PREFIX = "hf:"
 SYNTAX = "hf:OWNER/NAME[@REVISION]:SPLIT[:CONFIG], e.g. hf:openai/gsm8k:test:main"
@@ -190,6 +191,10 @@ def _read_parquet(path: Path, label: str, room: _Room) -> tuple[list[dict], list
         wanted = [name for name in columns if name in _TEXT_COLUMNS]
         leaves = [i for i in range(meta.num_columns) if meta.schema.column(i).path.split(".")[0] in wanted]
         room.check(label, _declared(meta, leaves), "declares {:,} bytes of data in its parquet metadata")
+        if meta.num_rows > MAX_LINES:  # as a local file's lines: each row becomes a dict
+            raise MlarchError(f"{label} declares {meta.num_rows:,} rows, more than the {MAX_LINES:,} mlarch reads "
+                              "for one language: pick a smaller split or config, or save the items you need to a "
+                              "local .jsonl file")
         strings = [meta.schema.column(i).path for i in leaves if meta.schema.column(i).physical_type == "BYTE_ARRAY"]
         for batch in pq.ParquetFile(path, read_dictionary=strings).iter_batches(columns=wanted):
             size += batch.num_rows * ROW_BYTES + sum(_decoded_bytes(column) for column in batch.columns)
@@ -221,7 +226,9 @@ def _read_jsonl(path: Path, label: str) -> tuple[list[dict], list[str], int]:
     rows, columns = [], {}
     data = path.read_bytes()
     try:
-        lines = text_lines(decoded(data))
+        content = decoded(data)
+        check_line_count(content, label)
+        lines = text_lines(content)
     except UnicodeDecodeError as exc:
         raise MlarchError(f"{label}: not UTF-8 text (byte {exc.start}); delete it from the cache and fetch again") from None
     for _, record in jsonl_records(lines, label):
