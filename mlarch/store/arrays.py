@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec, Crc32cCodec
+from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec
 from zarr.abc.store import RangeByteRequest
 from zarr.storage import WrapperStore
 
@@ -208,9 +208,12 @@ class _Checked(WrapperStore):
     def __init__(self, store, record: ArrayRecord, location: ArrayStore | None = None, remember: bool = False):
         super().__init__(store)
         self.record, self.location, self.remember = record, location, remember
+        self.blosc = False  # set by _open once zarr.json says its chunks are blosc streams
 
     def _with_store(self, store):
-        return type(self)(store, self.record, self.location, self.remember)
+        copy = type(self)(store, self.record, self.location, self.remember)
+        copy.blosc = self.blosc
+        return copy
 
     def _meta_key(self, key: str):
         """Where a remote array's zarr.json, once checked against its recorded digest, is
@@ -243,12 +246,25 @@ class _Checked(WrapperStore):
         index = int(match.group(1))
         if value is None:
             raise ArrayDamaged(f"array {self.record.path}: chunk {name} is missing (it would read as zeros): {_RESTORE}")
+        if self.blosc and byte_range is None:
+            self._check_blosc(name, value)
         expected = self.record.chunk_sha256
         if expected is None:
             return
         if byte_range is not None or index >= len(expected) or _sha(value) != expected[index]:
             raise ArrayDamaged(f"array {self.record.path}: chunk {name} differs from the one written at ingest "
                                f"(damaged, or copied from elsewhere): {_RESTORE}")
+
+    def _check_blosc(self, name: str, value) -> None:
+        """blosc allocates what a chunk's header declares (bytes 4-8: decoded size, 8-12: block
+        size) before it decodes: a 108 KB stream of zeros can declare 2 GB. A chunk of this
+        array decodes to its raw bytes (the edge chunk padded to full size), never more."""
+        raw = chunks_for(self.record.shape)[0] * np.dtype(self.record.dtype).itemsize
+        header = value.as_numpy_array()[:16].tobytes()
+        if len(header) == 16 and (int.from_bytes(header[4:8], "little") > raw
+                                  or int.from_bytes(header[8:12], "little") > raw):
+            raise ArrayDamaged(f"array {self.record.path}: chunk {name} declares more bytes than a chunk of it holds "
+                               f"({raw:,}): {_RESTORE}")
 
     def _limit(self, key: str) -> int | None:
         """The most bytes the stored object at `key` can hold (a chunk: its raw bytes plus
@@ -376,10 +392,10 @@ def write(root: ArrayStore | Path, path: str, data: np.ndarray, compress: bool =
 
 
 def _open(location: ArrayStore, record: ArrayRecord, remember: bool = False):
+    checked = _Checked(location.zarr_store(read_only=True), record, location, remember)
     try:
         # zarr_format=3: only zarr.json is asked for (no probes for v2 files: requests, on S3)
-        array = zarr.open_array(store=_Checked(location.zarr_store(read_only=True), record, location, remember),
-                                path=record.path, mode="r", zarr_format=3)
+        array = zarr.open_array(store=checked, path=record.path, mode="r", zarr_format=3)
     except (ArrayDamaged, StoreError):
         raise
     except (FileNotFoundError, KeyError) as exc:
@@ -391,6 +407,16 @@ def _open(location: ArrayStore, record: ArrayRecord, remember: bool = False):
     if array.shape != record.shape or array.dtype.str != record.dtype or array.chunks != chunks_for(record.shape):
         raise ArrayDamaged(f"array {record.path}: stored shape/dtype/chunks {array.shape} {array.dtype.str} "
                            f"{array.chunks} differ from the catalog's {record.shape} {record.dtype}: {_RESTORE}")
+    # blosc only as _codecs writes it (one stream, under the crc32c), so its header can be
+    # checked before anything is decoded (a blosc inside another could declare any size)
+    codecs = [type(c) for c in array.metadata.codecs]
+    if BloscCodec in codecs:
+        if codecs != [BytesCodec, BloscCodec, Crc32cCodec]:
+            raise ArrayDamaged(f"array {record.path}: its zarr.json codecs are not the ones mlarch writes: {_RESTORE}")
+        if array.store_path.store is not checked:  # the chunks would be read without the header check
+            raise MlarchError(f"array {record.path}: zarr reads through another store: this zarr version is not "
+                              "supported")
+        checked.blosc = True
     return array
 
 

@@ -94,6 +94,12 @@ def export_bundle(root: Path, out: Path, run_ids: list[str] | None = None, model
     store = array_store.of(root)  # arrays on S3: (array path, object name) instead of a file
     try:  # the catalog is read like a bundle: an edited row must not lead the export elsewhere
         records_by_path = checks.check_rows(rows)
+        for record in records_by_path.values():  # rows with chunk digests list their chunks already
+            if record.get("chunk_sha256") is None:  # a shape (2**47) could name far more files than exist
+                held = len(store.signature(record["path"])[1])
+                if checks.declared_files([record]) > held:
+                    raise checks.Bad(f"array {record['path']} of shape {record['shape']} names "
+                                     f"{checks.declared_files([record]):,} files, and {held:,} are stored")
     except MlarchError as exc:
         raise error(MlarchError, f"catalog of {root}: ", Phrase(str(exc), for_cli(exc)), ": set the row back (",
                     Phrase("Archive.sql(..., write=True)", "`mlarch sql --write`"), ") or restore the "

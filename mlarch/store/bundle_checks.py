@@ -7,6 +7,7 @@ before a byte of the bundle is written anywhere."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import tarfile
 from datetime import date, datetime
@@ -25,16 +26,17 @@ MANIFEST_LIMIT = 64 << 20  # ~2,000 runs of 1,000 samples; export refuses a larg
 META_LIMIT = arrays.META_LIMIT  # the bounds every read of a stored object keeps too
 CHUNK_OVERHEAD = arrays.CHUNK_OVERHEAD
 DTYPES = {"magnitudes": "<f4", "norms": "<f4", "levels": "|u1"}  # what ingest writes
-CODECS = ("bytes", "blosc", "crc32c")
+CODECS = (["bytes", "blosc", "crc32c"], ["bytes", "crc32c"])  # arrays._codecs: compressed, or checksum only
 # the columns this module reads from a bundle's rows, by the type it needs (the other
 # columns only pass through, as parameters, to INSERT)
 # the columns this module reads from a bundle's rows, by the type it needs (the other
 # columns only pass through, as parameters, to INSERT)
-_TEXT = {"models": ("model", "weights_sha256", "magnitudes_group"), "modules": ("model",),
+_TEXT = {"models": ("model", "weights_sha256", "magnitudes_group"), "modules": ("model", "module"),
          "runs": ("run_id", "model", "lang", "role", "status", "arrays_group"), "run_samples": ("run_id",),
          "arrays": ("path", "owner", "kind", "dtype", "sha256"),
          "analyses": ("model", "analysis", "config", "config_digest")}
-_INT = {"runs": ("seed",), "run_samples": ("position", "item_index")}
+_INT = {"runs": ("seed",), "run_samples": ("position", "item_index"),
+        "modules": ("position", "n_rows", "n_cols", "n_params", "param_offset", "norm_offset")}
 REQUIRED = {t: {*_TEXT[t], *_INT.get(t, ()), *(("shape", "nbytes") if t == "arrays" else ())} for t in TABLES}
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 COMPRESSED = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz", b"\x28\xb5\x2f\xfd": "zstd"}
@@ -156,7 +158,45 @@ def check_rows(tables: dict[str, list[dict]]) -> dict[str, dict]:
     if any(m["model"] not in models for m in tables["modules"]) or any(
             s["run_id"] not in runs for s in tables["run_samples"]):
         raise Bad("modules or run_samples rows belong to no model or run of it")
+    check_spans(tables, models, runs, by_path)
     return by_path
+
+
+def check_spans(tables: dict, models: dict, runs: dict, by_path: dict) -> None:
+    """A model's modules rows must tile its arrays as spans.layout lays them out (in position
+    order, each at the end of the one before, n_rows x n_cols parameters and n_cols norms), and
+    their totals must be the lengths of its |W| and of each of its runs' levels and norms:
+    derive and every read trust the spans, so a forged row (2**40 rows, an offset of 2**50)
+    would have them read or allocate far past the arrays, under the commit lock."""
+    by_model: dict[str, list[dict]] = {}
+    for row in tables["modules"]:
+        by_model.setdefault(row["model"], []).append(row)
+    totals = {}
+    for name, model in models.items():
+        rows = sorted(by_model.get(name, []), key=lambda m: m["position"])
+        params = norms = 0
+        for at, row in enumerate(rows):
+            if (row["n_rows"] < 1 or row["n_cols"] < 1 or row["n_params"] != row["n_rows"] * row["n_cols"]
+                    or row["param_offset"] != params or row["norm_offset"] != norms
+                    or at and row["position"] == rows[at - 1]["position"]):
+                raise Bad(f"model {name[:80]!r}: module {row['module'][:80]!r} is not laid out as mlarch lays "
+                          "modules out (sizes of at least 1, each right after the one before)")
+            params, norms = params + row["n_params"], norms + row["n_cols"]
+        magnitudes = by_path[layout.array_path(model["magnitudes_group"], "magnitudes")]["shape"][0]
+        if magnitudes != params:
+            raise Bad(f"model {name[:80]!r}: its modules hold {params:,} parameters, its |W| array {magnitudes:,}")
+        totals[name] = {"levels": params, "norms": norms}
+    for run_id, run in runs.items():
+        for kind, expected in totals[run["model"]].items():
+            length = by_path[layout.array_path(layout.run_group(run_id), kind)]["shape"][0]
+            if length != expected:
+                raise Bad(f"run {run_id}: its {kind} array has {length:,} entries, its model's modules {expected:,}")
+
+
+def declared_files(records) -> int:
+    """How many files (zarr.json and chunks) the array rows `records` name: member_names would
+    build a table of that many, so callers bound it by what is actually there first."""
+    return sum(arrays.n_chunks((record["shape"][0],)) + 1 for record in records)
 
 
 def member_names(record: dict) -> dict[str, int]:
@@ -184,6 +224,12 @@ def scan(tar: tarfile.TarFile, bundle: Path, schema: dict[str, list[str]]):
         raise Bad(f"its manifest is not JSON ({' '.join(str(exc).split())[:80]})") from None
     tables = tables_of(manifest, bundle, schema)
     by_path = check_rows(tables)
+    # an array row without chunk digests may declare 2**26 chunks: every one is a tar member
+    # (a 512-byte header at least), so no more can be named than the file has room for
+    room = os.fstat(tar.fileobj.fileno()).st_size // tarfile.BLOCKSIZE
+    if declared_files(by_path.values()) > room:
+        raise Bad(f"its arrays name {declared_files(by_path.values()):,} files, more than its "
+                  f"{room * tarfile.BLOCKSIZE:,} bytes can hold")
     allowed, folders = {}, set()
     for record in by_path.values():
         allowed.update(member_names(record))
@@ -289,9 +335,8 @@ def check_meta(raw: bytes, record: dict) -> None:
                                          "configuration": {"chunk_shape": list(arrays.chunks_for((n,)))}}
           and meta.get("chunk_key_encoding") == {"name": "default", "configuration": {"separator": "/"}}
           and meta.get("storage_transformers", []) == []
-          and isinstance(codecs, list) and codecs and all(isinstance(c, dict) and c.get("name") in CODECS
-                                                          for c in codecs)
-          and codecs[0]["name"] == "bytes")
+          and isinstance(codecs, list) and all(isinstance(c, dict) for c in codecs)
+          and [c.get("name") for c in codecs] in CODECS)
     if not ok:
         raise Bad(f"array {record['path']} has a zarr.json unlike the ones mlarch writes")
 
@@ -305,26 +350,33 @@ def check_record_digests(tables: dict, schema: dict[str, list[str]], new_runs: l
                           new_models: list[dict], bundle: Path) -> None:
     """Every record digest in the bundle must match its rows (checked before any array is
     placed); tables_of has refused rows without one."""
+    # rows grouped once: a scan of every sample per run is quadratic (2,000 runs of 1,000
+    # samples: minutes, under the commit lock)
     by_owner: dict[str, list[dict]] = {}
     for record in tables["arrays"]:
         by_owner.setdefault(record["owner"], []).append(record)
+    samples_of: dict[str, list[dict]] = {}
+    for sample in tables["run_samples"]:
+        samples_of.setdefault(sample["run_id"], []).append(sample)
+    modules_of: dict[str, list[dict]] = {}
+    for module in tables["modules"]:
+        modules_of.setdefault(module["model"], []).append(module)
     for run in new_runs:
-        samples = sorted((s for s in tables["run_samples"] if s["run_id"] == run["run_id"]),
-                         key=lambda s: s["position"])  # integers (checked)
+        samples = sorted(samples_of.get(run["run_id"], []), key=lambda s: s["position"])  # integers (checked)
         try:
             actual = records.run_digest(run, [s["item_index"] for s in samples], by_owner.get(run["run_id"], []))
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, RecursionError):  # RecursionError: deeply nested provenance JSON
             actual = None
         if actual != run["record_sha256"]:
             raise MlarchError(f"bundle {bundle}: run {run['run_id']}'s rows differ from its record digest: the bundle "
                               "was altered; refusing all of it")
     by_path = {record["path"]: record for record in tables["arrays"]}
     for model in new_models:
-        modules = [m for m in tables["modules"] if m["model"] == model["model"]]
+        modules = modules_of.get(model["model"], [])
         magnitudes = by_path.get(layout.array_path(str(model["magnitudes_group"]), "magnitudes"))
         try:
             actual = records.model_digest(model, modules, [magnitudes] if magnitudes else [])
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, RecursionError):
             actual = None
         if actual != model["record_sha256"]:
             raise MlarchError(f"bundle {bundle}: model {model['model']!r}'s rows differ from its record digest: the "
