@@ -119,9 +119,38 @@ def test_the_honest_bundle_passes_the_modules_checks(bundles, target):
     assert run(target.root, "verify").exit_code == 0
 
 
+def reseal_catalog(root):
+    """Every run's and model's record digest recomputed from the catalog's rows, as anyone can."""
+    import duckdb
+
+    con = duckdb.connect(str(root / "catalog.duckdb"))
+    for (run_id,) in con.execute("SELECT run_id FROM runs WHERE status = 'FINISHED'").fetchall():
+        con.execute("UPDATE runs SET record_sha256 = ? WHERE run_id = ?", [records.run_digest_in(con, run_id), run_id])
+    for (model,) in con.execute("SELECT model FROM models").fetchall():
+        con.execute("UPDATE models SET record_sha256 = ? WHERE model = ?", [records.model_digest_in(con, model), model])
+    con.close()
+
+
+def test_export_refuses_rows_edited_since_they_were_sealed(archive_copy, tmp_path):
+    """An edited row would leave in a bundle that its import elsewhere refuses as altered, blaming
+    the bundle: export refuses it, naming the catalog."""
+    run_id = run(archive_copy, "sql", "SELECT run_id FROM runs ORDER BY run_id LIMIT 1", "--format", "csv"
+                 ).stdout.splitlines()[1]
+    _edit_catalog(archive_copy, "UPDATE runs SET n_samples = 9 WHERE run_id = ?", [run_id])
+    out = tmp_path / "b.tar"
+    line = one_error(run(archive_copy, "export-bundle", "--model", "tiny-llama", "-o", str(out)), 1)
+    assert line == (f"Error: catalog of {archive_copy}: the rows of run {run_id} changed since it was archived (its "
+                    "record digest differs): run `mlarch verify`, then restore the catalog from a copy; nothing was "
+                    "exported")
+    assert not out.exists()
+    reseal_catalog(archive_copy)  # sealed again (as anyone can), it exports: verify's business, not export's
+    assert run(archive_copy, "export-bundle", "--model", "tiny-llama", "-o", str(out)).exit_code == 0
+
+
 def test_export_refuses_catalog_modules_rows_that_do_not_tile_the_arrays(archive_copy, tmp_path):
     _edit_catalog(archive_copy, "UPDATE modules SET n_rows = 2 ** 40, n_params = 2 ** 40 * n_cols "
                   "WHERE module = ?", ["lm_head"])
+    reseal_catalog(archive_copy)  # past the record check: the layout check refuses it
     out = tmp_path / "b.tar"
     line = one_error(run(archive_copy, "export-bundle", "--model", "tiny-llama", "-o", str(out)), 1)
     assert line.startswith(f"Error: catalog of {archive_copy}: ") and "nothing was exported" in line, line
@@ -174,6 +203,7 @@ def test_export_refuses_array_rows_naming_more_files_than_are_stored(archive_cop
                   "ELSE 1 END), chunk_sha256 = NULL WHERE kind IN ('magnitudes', 'levels')", [HUGE, HUGE])
     _edit_catalog(archive_copy, "UPDATE modules SET n_rows = (? - param_offset) // n_cols, n_params = ? - param_offset "
                   "WHERE module = 'lm_head'", [HUGE, HUGE])
+    reseal_catalog(archive_copy)
     _no_huge_member_tables(monkeypatch)
     out = tmp_path / "b.tar"
     line = one_error(run(archive_copy, "export-bundle", "--model", "tiny-llama", "-o", str(out)), 1)

@@ -79,6 +79,16 @@ def export_bundle(root: Path, out: Path, run_ids: list[str] | None = None, model
                                    "a.model AND r.analysis = a.analysis AND list_contains(?, r.run_id)) "
                                    "ORDER BY model, analysis", [ids]),
         }
+        # a row edited since it was sealed would make a bundle whose import blames the bundle: refused here
+        seals = [("run", r, records.run_digest_in(con, r)) for r in ids]
+        seals += [("model", m, records.model_digest_in(con, m)) for m in models]
+        stored = {("run", r["run_id"]): r["record_sha256"] for r in _dicts(tables["runs"])}
+        stored.update({("model", m["model"]): m["record_sha256"] for m in _dicts(tables["models"])})
+        for kind, name, actual in seals:
+            if stored.get((kind, name)) != actual:
+                raise MlarchError(f"catalog of {root}: the rows of {kind} {name} changed since it was archived (its "
+                                  "record digest differs): run `mlarch verify`, then restore the catalog from a copy; "
+                                  "nothing was exported")
     rows = {name: [{c: checks.restore(v) for c, v in row.items()} for row in _dicts(t)] for name, t in tables.items()}
     anonymized = None
     if anonymize:
