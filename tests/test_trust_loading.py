@@ -68,6 +68,35 @@ def test_unexpected_and_reshaped_weights_refused(llama_copy, data, tmp_path):
     assert archived_runs(archive) == 0
 
 
+@pytest.mark.parametrize("edit, words", [
+    ({"vocab_size": 10_000_000}, "vocab_size 10,000,000 and hidden_size 32 (320,000,000 parameters at least)"),
+    ({"num_hidden_layers": 200_000}, "num_hidden_layers 200,000 and hidden_size 32 (6,400,000 parameters at least)"),
+    ({"intermediate_size": 100_000_000}, "intermediate_size 100,000,000 and hidden_size 32"),
+    ({"hidden_size": 1_000_000, "head_dim": 8}, "vocab_size 384 and hidden_size 1,000,000"),
+])
+def test_a_config_larger_than_its_checkpoint_is_refused_before_the_model_is_built(llama_copy, data, tmp_path,
+                                                                                 monkeypatch, edit, words):
+    """transformers builds and randomly fills the config's model before the completeness check
+    sees the mismatch: vocab_size 10 M took 2.9 GB, 200,000 layers three minutes. Refused first."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    config = json.loads((llama_copy / "config.json").read_text())
+    (llama_copy / "config.json").write_text(json.dumps({**config, **edit}))
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was built")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", never)
+    result, archive = ingest(tmp_path, data, llama_copy)
+    line = one_error(result, 1)
+    assert line.startswith(f"Error: model {llama_copy}'s config.json declares {words}"), line
+    assert line.endswith(", more than its weight files hold (40,096): the config does not match the checkpoint; "
+                         "restore config.json or the weights"), line
+    assert archived_runs(archive) == 0
+
+
 def test_tied_head_and_conv1d_fixtures_still_load(model_dir):
     qwen = loading.load(str(model_dir["qwen2"]), revision=None, device=torch.device("cpu"), dtype="float32")
     stored = load_file(model_dir["qwen2"] / "model.safetensors")

@@ -370,6 +370,8 @@ def load(ref: str, *, revision: str | None, device: torch.device, dtype: str, gg
     logging.getLogger("transformers").setLevel(logging.ERROR)
     from safetensors import SafetensorError
 
+    if "gguf_file" not in extra:
+        check_config_sizes(ref, folder, weight_files)
     shipped = _shipped_model_code(folder) if not trust_remote_code and "gguf_file" not in extra else None
     if shipped and message is not None:  # transformers silently takes its own class for a model_type it knows
         message(f"{ref} ships its own model code ({shipped}); without trust_remote_code transformers' built-in "
@@ -443,6 +445,57 @@ def load(ref: str, *, revision: str | None, device: torch.device, dtype: str, gg
         trust_remote_code=bool(trust_remote_code),
         device_map=placed,
     )
+
+
+def _stored_elements(weight_files: list[Path]) -> int | None:
+    """Elements of every tensor the checkpoint's safetensors headers declare (no data read), or
+    None where that cannot be told cheaply (pickled weights, a header that does not parse: the
+    load probes those)."""
+    files = [f for f in weight_files if f.suffix == ".safetensors" and f.name.startswith("model")]
+    if not files:
+        return None
+    from safetensors import safe_open
+
+    total = 0
+    try:
+        for path in files:
+            with safe_open(str(path), framework="pt") as handle:
+                for key in handle.keys():
+                    n = 1
+                    for size in handle.get_slice(key).get_shape():
+                        n *= int(size)
+                    total += n
+    except Exception:  # a damaged file: the load's probe names it
+        return None
+    return total
+
+
+# config sizes whose products a checkpoint of that config stores at least once: the embedding
+# (vocab x hidden), a norm per layer (layers x hidden), an MLP matrix (intermediate x hidden)
+_SIZE_BOUNDS = (("vocab_size", "hidden_size"), ("num_hidden_layers", "hidden_size"),
+                ("intermediate_size", "hidden_size"))
+
+
+def check_config_sizes(ref: str, folder: Path, weight_files: list[Path]) -> None:
+    """Refuse a config.json whose sizes need more parameters than the weight files hold, before
+    transformers builds (and randomly fills) a model of the config's size: vocab_size 10 M on a
+    tiny checkpoint took 2.9 GB before the completeness check refused it, 200,000 layers three
+    minutes. The bounds are loose (a product each checkpoint stores at least once); the exact
+    comparison is the completeness check after the load."""
+    stored = _stored_elements(weight_files)
+    try:
+        config = json.loads((folder / "config.json").read_bytes())
+    except (OSError, ValueError, RecursionError):
+        return  # transformers reports it
+    if stored is None or not isinstance(config, dict):
+        return
+    sizes = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    for a, b in _SIZE_BOUNDS:
+        x, y = sizes.get(a), sizes.get(b)
+        if type(x) is int and type(y) is int and x > 0 and y > 0 and x * y > stored:
+            raise MlarchError(f"model {ref}'s config.json declares {a} {x:,} and {b} {y:,} ({x * y:,} parameters "
+                              f"at least), more than its weight files hold ({stored:,}): the config does not match "
+                              "the checkpoint; restore config.json or the weights")
 
 
 def _shipped_model_code(folder: Path) -> str | None:
