@@ -97,6 +97,12 @@ def test_archive_methods_name_arguments_in_python_and_flags_in_the_cli(archive_c
     # a run recorded as mathneuro-bf16 has no |W| x norms scores: scores() names method=
     archive.sql("UPDATE runs SET provenance = json_merge_patch(provenance, '{\"method\": {\"name\": "
                 "\"mathneuro-bf16\"}}') WHERE run_id = $r", {"r": en_math}, write=True)
+    import duckdb
+
+    from mlarch.store import records
+
+    with duckdb.connect(str(archive_copy / "catalog.duckdb")) as con:  # sealed, as an ingested bf16 run is
+        con.execute("UPDATE runs SET record_sha256 = ? WHERE run_id = ?", [records.run_digest_in(con, en_math), en_math])
     cases.append((lambda: archive.scores(en_math, module),
                   f"run {en_math} used method='mathneuro-bf16', whose bf16 scores are not |W| x norms", None, None))
     for call, python, args, flags in cases:

@@ -140,8 +140,8 @@ def test_export_refuses_rows_edited_since_they_were_sealed(archive_copy, tmp_pat
     out = tmp_path / "b.tar"
     line = one_error(run(archive_copy, "export-bundle", "--model", "tiny-llama", "-o", str(out)), 1)
     assert line == (f"Error: catalog of {archive_copy}: the rows of run {run_id} changed since it was archived (its "
-                    "record digest differs): run `mlarch verify`, then restore the catalog from a copy; nothing was "
-                    "exported")
+                    "record digest differs): set the row back (`mlarch sql --write`) or restore the catalog from a "
+                    "copy; nothing was exported")
     assert not out.exists()
     reseal_catalog(archive_copy)  # sealed again (as anyone can), it exports: verify's business, not export's
     assert run(archive_copy, "export-bundle", "--model", "tiny-llama", "-o", str(out)).exit_code == 0

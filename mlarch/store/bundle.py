@@ -79,16 +79,13 @@ def export_bundle(root: Path, out: Path, run_ids: list[str] | None = None, model
                                    "a.model AND r.analysis = a.analysis AND list_contains(?, r.run_id)) "
                                    "ORDER BY model, analysis", [ids]),
         }
-        # a row edited since it was sealed would make a bundle whose import blames the bundle: refused here
-        seals = [("run", r, records.run_digest_in(con, r)) for r in ids]
-        seals += [("model", m, records.model_digest_in(con, m)) for m in models]
+        # a row edited since it was sealed would make a bundle whose import blames the bundle
+        # (anonymize checks them itself: it seals the rows again)
         stored = {("run", r["run_id"]): r["record_sha256"] for r in _dicts(tables["runs"])}
         stored.update({("model", m["model"]): m["record_sha256"] for m in _dicts(tables["models"])})
-        for kind, name, actual in seals:
-            if stored.get((kind, name)) != actual:
-                raise MlarchError(f"catalog of {root}: the rows of {kind} {name} changed since it was archived (its "
-                                  "record digest differs): run `mlarch verify`, then restore the catalog from a copy; "
-                                  "nothing was exported")
+        unsealed = [] if anonymize else (
+            [f"run {r}" for r in ids if stored.get(("run", r)) != records.run_digest_in(con, r)]
+            + [f"model {m}" for m in models if stored.get(("model", m)) != records.model_digest_in(con, m)])
     rows = {name: [{c: checks.restore(v) for c, v in row.items()} for row in _dicts(t)] for name, t in tables.items()}
     anonymized = None
     if anonymize:
@@ -103,6 +100,8 @@ def export_bundle(root: Path, out: Path, run_ids: list[str] | None = None, model
                                                            for row in rows[name]]} for name, t in tables.items()}
     store = array_store.of(root)  # arrays on S3: (array path, object name) instead of a file
     try:  # the catalog is read like a bundle: an edited row must not lead the export elsewhere
+        if unsealed:
+            raise MlarchError(f"the rows of {unsealed[0]} changed since it was archived (its record digest differs)")
         records_by_path = checks.check_rows(rows)
         for record in records_by_path.values():  # rows with chunk digests list their chunks already
             if record.get("chunk_sha256") is None:  # a shape (2**47) could name far more files than exist
