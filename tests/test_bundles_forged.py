@@ -27,37 +27,19 @@ bundles, target = hostile.bundles, hostile.target  # its fixtures: an en-only ar
 def forge(src, dst, edit=None, members=None):
     """A copy of bundle `src` with its manifest edited, member bytes replaced (name -> bytes), and
     every run's and model's record digest recomputed from the edited rows, as a forger would."""
-    with tarfile.open(src) as tar:
-        items = [(m, tar.extractfile(m).read() if m.isfile() else None) for m in tar.getmembers()]
-    manifest = json.loads(items[0][1])
-    if edit:
-        edit(manifest)
-    tables = {name: [dict(zip(t["columns"], map(bundle_checks.restore, row))) for row in t["rows"]]
-              for name, t in manifest["tables"].items()}
-    for name, key in (("runs", "run_id"), ("models", "model")):
-        t = manifest["tables"][name]
-        at = t["columns"].index("record_sha256")
-        for row, parsed in zip(t["rows"], tables[name]):
-            if name == "runs":
-                samples = sorted((s for s in tables["run_samples"] if s["run_id"] == parsed["run_id"]),
-                                 key=lambda s: s["position"])
-                row[at] = records.run_digest(parsed, [s["item_index"] for s in samples],
-                                             [a for a in tables["arrays"] if a["owner"] == parsed["run_id"]])
-            else:
-                row[at] = records.model_digest(
-                    parsed, [m for m in tables["modules"] if m["model"] == parsed["model"]],
-                    [a for a in tables["arrays"] if a["path"] == f"{parsed['magnitudes_group']}/magnitudes"])
-    with tarfile.open(dst, "w") as out:
-        data = json.dumps(manifest).encode()
-        info = tarfile.TarInfo("manifest.json")
-        info.size = len(data)
-        out.addfile(info, io.BytesIO(data))
-        for member, data in items[1:]:
-            if members and member.name in members:
-                data = members[member.name]
-                member.size = len(data)
-            out.addfile(member, io.BytesIO(data) if data is not None else None)
-    return dst
+    def edited(manifest):
+        if edit:
+            edit(manifest)
+        tables = {name: [dict(zip(t["columns"], map(bundle_checks.restore, row))) for row in t["rows"]]
+                  for name, t in manifest["tables"].items()}
+        models = manifest["tables"]["models"]
+        at = models["columns"].index("record_sha256")
+        for row, parsed in zip(models["rows"], tables["models"]):  # the runs: rewrite reseals them
+            row[at] = records.model_digest(
+                parsed, [m for m in tables["modules"] if m["model"] == parsed["model"]],
+                [a for a in tables["arrays"] if a["path"] == f"{parsed['magnitudes_group']}/magnitudes"])
+
+    return hostile.rewrite(src, dst, edited, replace=members)
 
 
 def _no_placing(monkeypatch):

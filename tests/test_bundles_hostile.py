@@ -84,9 +84,10 @@ def target(bundles, tmp_path):
     return state
 
 
-def rewrite(src: Path, dst: Path, edit=None, rename=None, extra=(), drop=(), reseal=True) -> Path:
-    """A copy of bundle `src` with its manifest edited, members renamed, added or dropped.
-    With `reseal`, record digests are recomputed the way a forger would."""
+def rewrite(src: Path, dst: Path, edit=None, rename=None, extra=(), drop=(), reseal=True, replace=None) -> Path:
+    """A copy of bundle `src` with its manifest edited, members renamed, added, dropped or their
+    bytes replaced (`replace`: name -> bytes). With `reseal`, run record digests are recomputed
+    the way a forger would."""
     with tarfile.open(src) as tar:
         items = [(m, tar.extractfile(m).read() if m.isfile() else None) for m in tar.getmembers()]
     assert items[0][0].name == "manifest.json"
@@ -103,6 +104,9 @@ def rewrite(src: Path, dst: Path, edit=None, rename=None, extra=(), drop=(), res
         for member, data in items[1:]:
             if member.name in drop:
                 continue
+            if replace and member.name in replace:
+                data = replace[member.name]
+                member.size = len(data)
             if rename:
                 member.name = rename(member.name)
             out.addfile(member, io.BytesIO(data) if data is not None else None)

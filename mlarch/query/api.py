@@ -210,20 +210,17 @@ def _flatten(rows: list, prefix: str, value) -> None:
         rows.append((prefix, "" if value is None else str(value)))
 
 
-
 def _check_sealed(con, kind: str, name: str) -> None:
     """Refuse a run or model whose rows no longer give their record digest, before its arrays
     are read through them: k_values say which level is which k, and the modules rows where
     each matrix lies in the arrays; an edit there would read another set, silently."""
     from mlarch.store import records
 
-    table, key, digest = (("runs", "run_id", records.run_digest_in) if kind == "run" else
-                          ("models", "model", records.model_digest_in))
-    stored = con.execute(f"SELECT record_sha256 FROM {table} WHERE {key} = ?", [name]).fetchall()
-    if not stored or stored[0][0] is None or stored[0][0] != digest(con, name):
+    if not records.sealed_in(con, kind, name):
         raise MlarchError(f"the catalog rows of {kind} {name} changed since it was archived (its record digest "
                           "differs), so its arrays cannot be read through them: run `mlarch verify`, then restore "
                           "the catalog from a copy")
+
 
 class Archive:
     """An archive folder, read: catalog.duckdb (summary rows, provenance, views) + arrays.zarr/.
@@ -487,14 +484,16 @@ class Archive:
         check_text(run_id, "run_id", "a run id", SEE_RUNS)
         self._cached()
         if run_id not in self._run_cache:
-            rows = self._read(
-                "SELECT r.model, r.k_values, json_extract_string(r.provenance, '$.method.name') AS method FROM runs r "
-                "JOIN models m USING (model) WHERE r.run_id = ? AND r.status = 'FINISHED'", [run_id])
+            with catalog.reading(self.catalog_path) as con:
+                rows = catalog.frame(
+                    con, "SELECT r.model, r.k_values, json_extract_string(r.provenance, '$.method.name') AS method "
+                    "FROM runs r JOIN models m USING (model) WHERE r.run_id = $id AND r.status = 'FINISHED'",
+                    {"id": run_id})
+                if not rows.is_empty():
+                    _check_sealed(con, "run", run_id)
             if rows.is_empty():
                 self.run(run_id)  # raises "no run ..." with hints for unknown ids
                 raise MlarchError(f"run {run_id} has not finished: it has no arrays to read")
-            with catalog.reading(self.catalog_path) as con:
-                _check_sealed(con, "run", run_id)
             self._run_cache[run_id] = rows.row(0, named=True)
         return self._run_cache[run_id]
 

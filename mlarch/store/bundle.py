@@ -81,11 +81,8 @@ def export_bundle(root: Path, out: Path, run_ids: list[str] | None = None, model
         }
         # a row edited since it was sealed would make a bundle whose import blames the bundle
         # (anonymize checks them itself: it seals the rows again)
-        stored = {("run", r["run_id"]): r["record_sha256"] for r in _dicts(tables["runs"])}
-        stored.update({("model", m["model"]): m["record_sha256"] for m in _dicts(tables["models"])})
-        unsealed = [] if anonymize else (
-            [f"run {r}" for r in ids if stored.get(("run", r)) != records.run_digest_in(con, r)]
-            + [f"model {m}" for m in models if stored.get(("model", m)) != records.model_digest_in(con, m)])
+        unsealed = [] if anonymize else [f"{kind} {name}" for kind, names in (("run", ids), ("model", models))
+                                         for name in names if not records.sealed_in(con, kind, name)]
     rows = {name: [{c: checks.restore(v) for c, v in row.items()} for row in _dicts(t)] for name, t in tables.items()}
     anonymized = None
     if anonymize:
@@ -105,10 +102,10 @@ def export_bundle(root: Path, out: Path, run_ids: list[str] | None = None, model
         records_by_path = checks.check_rows(rows)
         for record in records_by_path.values():  # rows with chunk digests list their chunks already
             if record.get("chunk_sha256") is None:  # a shape (2**47) could name far more files than exist
-                held = len(store.signature(record["path"])[1])
-                if checks.declared_files([record]) > held:
-                    raise checks.Bad(f"array {record['path']} of shape {record['shape']} names "
-                                     f"{checks.declared_files([record]):,} files, and {held:,} are stored")
+                named, held = checks.declared_files([record]), len(store.signature(record["path"])[1])
+                if named > held:
+                    raise checks.Bad(f"array {record['path']} of shape {record['shape']} names {named:,} files, "
+                                     f"and {held:,} are stored")
     except MlarchError as exc:
         raise error(MlarchError, f"catalog of {root}: ", Phrase(str(exc), for_cli(exc)), ": set the row back (",
                     Phrase("Archive.sql(..., write=True)", "`mlarch sql --write`"), ") or restore the "

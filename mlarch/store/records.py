@@ -141,3 +141,11 @@ def seal(con) -> None:
         con.execute("UPDATE runs SET record_sha256 = ? WHERE run_id = ?", [run_digest_in(con, run_id), run_id])
     for (model,) in con.execute("SELECT model FROM models WHERE record_sha256 IS NULL").fetchall():
         con.execute("UPDATE models SET record_sha256 = ? WHERE model = ?", [model_digest_in(con, model), model])
+
+
+def sealed_in(con, kind: str, name: str) -> bool:
+    """Whether run (`kind` "run") or model ("model") `name` of the catalog behind `con` has a
+    record digest that its rows, as they are now, still give."""
+    table, key, digest = ("runs", "run_id", run_digest_in) if kind == "run" else ("models", "model", model_digest_in)
+    stored = con.execute(f"SELECT record_sha256 FROM {table} WHERE {key} = ?", [name]).fetchall()
+    return bool(stored) and stored[0][0] is not None and stored[0][0] == digest(con, name)
