@@ -63,6 +63,37 @@ def test_index_naming_shards_outside_the_folder_refused(llama_copy, data, tmp_pa
     assert not archive.exists()
 
 
+@pytest.mark.parametrize("named", ["sub/other.safetensors", "../other.safetensors", "missing.safetensors",
+                                   "config.json", 7])
+def test_config_naming_other_weights_refused(llama_copy, data, tmp_path, named):
+    """config.json's transformers_weights makes transformers read that file instead of
+    model.safetensors, even in a subfolder, where the weights digest did not look."""
+    other = llama_copy / "sub" / "other.safetensors"
+    other.parent.mkdir()
+    shutil.copy(llama_copy / "model.safetensors", other)
+    shutil.copy(llama_copy / "model.safetensors", llama_copy.parent / "other.safetensors")
+    other_weights(llama_copy)  # the file the digest would cover holds other values than the one read
+    config = json.loads((llama_copy / "config.json").read_text())
+    (llama_copy / "config.json").write_text(json.dumps({**config, "transformers_weights": named}))
+    archive = tmp_path / "arch"
+    line = one_error(CliRunner().invoke(cli, ingest_args(archive, data, llama_copy)), 1)
+    assert line.startswith(f"Error: model folder {llama_copy}'s config.json names the weight file {named!r} "
+                           "(transformers_weights), which is not a weight file next to it: ")
+    assert not archive.exists()
+
+
+def test_config_naming_weights_next_to_it_digested(llama_copy, data, tmp_path):
+    """A transformers_weights file beside config.json is read and in the digest."""
+    (llama_copy / "model.safetensors").rename(llama_copy / "weights.safetensors")
+    config = json.loads((llama_copy / "config.json").read_text())
+    (llama_copy / "config.json").write_text(json.dumps({**config, "transformers_weights": "weights.safetensors"}))
+    assert loading._read_weights(llama_copy, loading._folder_weights(llama_copy)) == [llama_copy / "weights.safetensors"]
+    expected = loading.weights_digest([llama_copy / "weights.safetensors"])[0]
+    assert loading.fingerprint(str(llama_copy), None).weights == expected
+    result = CliRunner().invoke(cli, ingest_args(tmp_path / "arch", data, llama_copy))
+    assert result.exit_code == 0, result.output
+
+
 def test_index_shards_next_to_it_are_digested(llama_copy):
     weights = load_file(llama_copy / "model.safetensors")
     names = sorted(weights)

@@ -1,7 +1,9 @@
 """Trust at ingest: checkpoints that do not match their config, damaged weight files and
 bad values are refused with one `Error:` line before any scoring or archive write."""
 
+import json
 import re
+import shutil
 import zipfile
 from pathlib import Path
 
@@ -97,6 +99,152 @@ def test_a_config_larger_than_its_checkpoint_is_refused_before_the_model_is_buil
     assert archived_runs(archive) == 0
 
 
+@pytest.fixture
+def unbuilt(monkeypatch):
+    """from_pretrained fails the test: a refusal must come before the config's model is built."""
+    from transformers import AutoModelForCausalLM
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was built")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", never)
+
+
+def edit_config(folder: Path, edit: dict, drop=()) -> Path:
+    config = {**json.loads((folder / "config.json").read_text()), **edit}
+    (folder / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k not in drop}))
+    return folder
+
+
+def as_pickled(folder: Path) -> Path:
+    """The folder with its weights in a pickled checkpoint (pytorch_model.bin) instead."""
+    torch.save(load_file(folder / "model.safetensors"), folder / "pytorch_model.bin")
+    (folder / "model.safetensors").unlink()
+    return folder
+
+
+def refused_unbuilt(tmp_path, data, folder, held: str) -> str:
+    """The problem part of the one `Error:` line of a config larger than its checkpoint."""
+    result, archive = ingest(tmp_path, data, folder)
+    line = one_error(result, 1)
+    assert archived_runs(archive) == 0
+    prefix, suffix = f"Error: model {folder}'s config.json declares ", ": the config does not match the checkpoint; " \
+                                                                      "restore config.json or the weights"
+    assert line.startswith(prefix) and line.endswith(suffix), line
+    assert held in line, line
+    return line[len(prefix):-len(suffix)]
+
+
+@pytest.mark.parametrize("edit, words", [
+    ({"n_embd": 1_000_000}, "vocab_size 384 and n_embd 1,000,000 (384,000,000 parameters at least)"),
+    ({"n_layer": 200_000}, "n_layer 200,000 and n_embd 32 (6,400,000 parameters at least)"),
+    ({"vocab_size": 200_000_000}, "vocab_size 200,000,000 and n_embd 32 (6,400,000,000 parameters at least)"),
+    ({"n_inner": 100_000_000}, "n_inner 100,000,000 and n_embd 32 (3,200,000,000 parameters at least)"),
+])
+def test_gpt2_names_of_the_sizes_are_checked(model_dir, data, tmp_path, unbuilt, edit, words):
+    """GPT-2's config names the sizes n_embd, n_layer and n_inner (its class maps them): before
+    they were not checked, and n_layer 200,000 built for minutes, n_embd 1 M asked for 16 TB."""
+    folder = edit_config(Path(shutil.copytree(model_dir["gpt2"], tmp_path / "tiny-gpt2")), edit)
+    assert refused_unbuilt(tmp_path, data, folder, "(45,952)") == f"{words}, more than its weight files hold (45,952)"
+
+
+@pytest.mark.parametrize("edit, words", [
+    ({"vocab_size": 10_000_000}, "vocab_size 10,000,000 and hidden_size 32"),
+    ({"num_hidden_layers": 200_000}, "num_hidden_layers 200,000 and hidden_size 32"),
+])
+def test_a_pickled_checkpoint_is_counted_too(llama_copy, data, tmp_path, unbuilt, edit, words):
+    """pytorch_model.bin (read weights_only onto the meta device: its shapes, no data) bounds the
+    config as safetensors headers do."""
+    folder = edit_config(as_pickled(llama_copy), edit)
+    assert refused_unbuilt(tmp_path, data, folder, "(40,096)").startswith(words)
+
+
+@pytest.mark.parametrize("pickled", [False, True], ids=["safetensors", "bin"])
+def test_more_layers_than_tensors_refused(llama_copy, data, tmp_path, unbuilt, pickled):
+    """22 layers of 32 need fewer parameters than the checkpoint holds, but each layer stores a
+    tensor of its own: with a real hidden size, extra layers are what a config multiplies."""
+    folder = edit_config(as_pickled(llama_copy) if pickled else llama_copy, {"num_hidden_layers": 22})
+    assert refused_unbuilt(tmp_path, data, folder, "21 tensors") == (
+        "num_hidden_layers 22, more layers than the 21 tensors its weight files hold (a layer stores one at least)")
+
+
+def test_a_pickled_shape_adds_no_more_than_its_file_holds(llama_copy, data, tmp_path, unbuilt):
+    """A pickle may declare any shape over a one-element storage (an expanded view), and the
+    meta load does not check it: each file counts at most what its bytes could hold."""
+    weights = {**load_file(llama_copy / "model.safetensors"), "padding": torch.zeros(1).expand(10**12)}
+    torch.save(weights, llama_copy / "pytorch_model.bin")
+    (llama_copy / "model.safetensors").unlink()
+    folder = edit_config(llama_copy, {"vocab_size": 10_000_000})
+    most = 2 * (folder / "pytorch_model.bin").stat().st_size
+    assert refused_unbuilt(tmp_path, data, folder, f"({most:,})").startswith("vocab_size 10,000,000")
+
+
+def test_a_legacy_pickled_checkpoint_counts_its_size(llama_copy, data, tmp_path, unbuilt):
+    """torch's pre-zip format is not unpickled here (torch allocates what it declares, even for
+    meta): its size bounds it."""
+    torch.save(load_file(llama_copy / "model.safetensors"), llama_copy / "pytorch_model.bin",
+               _use_new_zipfile_serialization=False)
+    (llama_copy / "model.safetensors").unlink()
+    folder = edit_config(llama_copy, {"vocab_size": 10_000_000})
+    most = 2 * (folder / "pytorch_model.bin").stat().st_size
+    assert refused_unbuilt(tmp_path, data, folder, f"({most:,})").startswith("vocab_size 10,000,000")
+
+
+def test_sizes_missing_from_the_config_are_its_class_defaults(llama_copy, data, tmp_path, unbuilt):
+    """A config.json without hidden_size builds llama's default 4,096 (and 32 layers of 11,008)."""
+    folder = edit_config(llama_copy, {}, drop=("hidden_size", "intermediate_size", "num_hidden_layers", "head_dim"))
+    assert refused_unbuilt(tmp_path, data, folder, "(40,096)").startswith(
+        "vocab_size 384 and hidden_size 4,096 by default (1,572,864 parameters at least)")
+
+
+def test_an_unreadable_weight_file_does_not_lift_the_bound(llama_copy, data, tmp_path, unbuilt):
+    """A file that does not parse counts as the most its bytes could hold (2 elements a byte):
+    a planted one no longer switches the check off."""
+    (llama_copy / "model-extra.safetensors").write_bytes(b"x" * 64)
+    folder = edit_config(llama_copy, {"vocab_size": 10_000_000})
+    assert refused_unbuilt(tmp_path, data, folder, "(40,224)").startswith("vocab_size 10,000,000")
+
+
+def test_sub_configs_are_read_with_their_defaults(llama_copy):
+    """A multimodal config's text_config (and vision_config) as transformers' class reads it:
+    the vocab_size it leaves out is Gemma 3's 262,208."""
+    (llama_copy / "config.json").write_text(json.dumps({"model_type": "gemma3", "text_config": {
+        "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "head_dim": 8}}))
+    with pytest.raises(MlarchError, match=re.escape(
+            "declares text_config.vocab_size 262,208 by default and text_config.hidden_size 32 (8,390,656 ")):
+        loading.check_config_sizes("m", llama_copy, loading._folder_weights(llama_copy))
+
+
+# real models' config.json sizes and what their safetensors hold (elements, tensors): no refusal
+REAL = {
+    "gemma-3-270m": ({"model_type": "gemma3_text", "vocab_size": 262144, "hidden_size": 640, "intermediate_size": 2048,
+                      "num_hidden_layers": 18, "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 256,
+                      "tie_word_embeddings": True}, (268_098_176, 236)),
+    "gpt2": ({"model_type": "gpt2", "vocab_size": 50257, "n_embd": 768, "n_layer": 12, "n_head": 12, "n_inner": None,
+              "n_positions": 1024}, (124_439_808, 148)),
+    "qwen2.5-0.5b": ({"model_type": "qwen2", "vocab_size": 151936, "hidden_size": 896, "intermediate_size": 4864,
+                      "num_hidden_layers": 24, "num_attention_heads": 14, "num_key_value_heads": 2,
+                      "tie_word_embeddings": True}, (494_032_768, 290)),
+    "llama-3.2-1b": ({"model_type": "llama", "vocab_size": 128256, "hidden_size": 2048, "intermediate_size": 8192,
+                      "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 64,
+                      "tie_word_embeddings": True}, (1_235_814_400, 146)),
+}
+
+
+@pytest.mark.parametrize("name", REAL)
+def test_real_models_configs_pass(tmp_path, monkeypatch, name):
+    config, held = REAL[name]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    monkeypatch.setattr(loading, "_held", lambda folder, files: loading._Held(*held))
+    loading.check_config_sizes(name, tmp_path, [])
+
+
+def test_tiny_models_pass(model_dir, llama_copy):
+    for folder in (*model_dir.values(), as_pickled(llama_copy)):
+        loading.check_config_sizes(folder.name, folder, loading._folder_weights(folder))
+
+
 def test_tied_head_and_conv1d_fixtures_still_load(model_dir):
     qwen = loading.load(str(model_dir["qwen2"]), revision=None, device=torch.device("cpu"), dtype="float32")
     stored = load_file(model_dir["qwen2"] / "model.safetensors")
@@ -161,6 +309,18 @@ def test_damaged_weight_file_named(llama_copy, data, tmp_path, damage):
         assert line.startswith(f"Error: weight file {llama_copy / broken} is damaged or truncated (")
         assert line.endswith(": restore it from the original checkpoint or download the model again")
     assert "weights_only" not in line  # not torch's advice to unpickle it unsafely
+    assert "unpickled code ran" not in result.output
+    assert not archive.exists()
+
+
+@pytest.mark.parametrize("damage", [_truncate, _garble_header, _garbage_bin, _broken_zip_bin, _code_bin])
+def test_damaged_weight_file_named_before_the_model_is_built(llama_copy, data, tmp_path, unbuilt, damage):
+    """A weight file that transformers reads and that does not parse is named by the size check,
+    before a config larger than the checkpoint is built (it was no bound: the check was skipped)."""
+    broken = damage(llama_copy)
+    result, archive = ingest(tmp_path, data, edit_config(llama_copy, {"vocab_size": 10_000_000}))
+    line = one_error(result, 1)
+    assert line.startswith(f"Error: weight file {llama_copy / broken} is damaged or "), line
     assert "unpickled code ran" not in result.output
     assert not archive.exists()
 

@@ -6,10 +6,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import pickle
 import re
 import struct
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -265,6 +267,7 @@ def _folder_weights(folder: Path) -> list[Path]:
     shards wherever it points (a subfolder, `../`), and the weights digest must cover
     exactly the files that are read."""
     files = {f for f in folder.iterdir() if f.suffix in _WEIGHT_SUFFIXES and f.is_file()}
+    _explicit_weights(folder)  # a file it names is one of these (or refused)
     for index in sorted(folder.glob("*.index.json")):
         files.update(shard for shard in map(folder.joinpath, _shard_names(index)) if shard.is_file())
     if not files:
@@ -272,6 +275,33 @@ def _folder_weights(folder: Path) -> list[Path]:
         raise MlarchError(f"model folder {folder} has no {what}: pass a transformers model folder "
                           "that holds its config.json and weight files")
     return sorted(files)
+
+
+def _plain_name(name) -> bool:
+    """Whether `name` is a file name in a folder itself: no folder, no `..`, not absolute."""
+    return (isinstance(name, str) and name.isprintable() and name not in ("", ".", "..")
+            and "/" not in name and "\\" not in name and not os.path.isabs(name))
+
+
+def _explicit_weights(folder: Path) -> Path | None:
+    """The weight file config.json names in `transformers_weights` (transformers then reads that
+    file, or that index's shards, whatever the folder's usual names hold), or None. Refused unless
+    it is a weight or index file at the folder's top level, where the weights digest covers it:
+    transformers reads a file in a subfolder too."""
+    try:
+        config = json.loads((folder / "config.json").read_bytes())
+    except (OSError, ValueError, RecursionError):
+        return None  # transformers reports it
+    if not isinstance(config, dict) or "transformers_weights" not in config:
+        return None
+    name = config["transformers_weights"]
+    target = folder / name if _plain_name(name) else None
+    if target is None or not target.is_file() or not (target.suffix in _WEIGHT_SUFFIXES or name.endswith(".index.json")):
+        shown = repr(name)[:120] if isinstance(name, str) and name.isprintable() else ascii(name)[:120]
+        raise MlarchError(f"model folder {folder}'s config.json names the weight file {shown} (transformers_weights), "
+                          "which is not a weight file next to it: remove the key and keep the weights in the "
+                          "folder under their usual names")
+    return target
 
 
 def _shard_names(index: Path) -> list[str]:
@@ -286,8 +316,7 @@ def _shard_names(index: Path) -> list[str]:
         raise MlarchError(f"index file {index} cannot be read ({why}): restore it from the original checkpoint "
                           "or download the model again") from None
     for name in names:
-        if (not isinstance(name, str) or not name.isprintable() or name in ("", ".", "..")
-                or "/" in name or "\\" in name or os.path.isabs(name)):
+        if not _plain_name(name):
             shown = repr(name)[:120] if isinstance(name, str) and name.isprintable() else ascii(name)[:120]
             raise MlarchError(f"index file {index} names the weight file {shown}, which is not a file next to it: "
                               "put every shard in the model folder itself and name it there by its file name")
@@ -394,14 +423,7 @@ def load(ref: str, *, revision: str | None, device: torch.device, dtype: str, gg
         reason = _first_line(exc)
         damaged = _damaged_file(kind, weight_files)
         if damaged is not None:
-            path, why = damaged
-            if path.suffix == ".bin":  # a pickle: may also hold objects that are not tensors (code)
-                raise MlarchError(
-                    f"weight file {path} is damaged or holds more than tensors ({why}): restore it from the "
-                    "original checkpoint, download the model again or use its .safetensors weights") from None
-            raise MlarchError(
-                f"weight file {path} is damaged or truncated ({why}): restore it from the original "
-                "checkpoint or download the model again") from None
+            raise _damaged_error(*damaged) from None
         if isinstance(exc, (SafetensorError, pickle.UnpicklingError)):  # a weight file, though no probe caught it
             raise MlarchError(
                 f"the weight files of {ref} cannot be read ({reason}): restore them from the original "
@@ -447,55 +469,204 @@ def load(ref: str, *, revision: str | None, device: torch.device, dtype: str, gg
     )
 
 
-def _stored_elements(weight_files: list[Path]) -> int | None:
-    """Elements of every tensor the checkpoint's safetensors headers declare (no data read), or
-    None where that cannot be told cheaply (pickled weights, a header that does not parse: the
-    load probes those)."""
-    files = [f for f in weight_files if f.suffix == ".safetensors" and f.name.startswith("model")]
-    if not files:
+class _Held(NamedTuple):
+    """The most a checkpoint's weight files can hold, told from their headers (no tensor data read)."""
+
+    elements: int
+    tensors: int  # those with at least one element
+
+
+def _held(folder: Path, weight_files: list[Path]) -> _Held | None:
+    """What the weight files declare: those transformers reads, and every other .safetensors
+    file (header only; they loosen the bound, and cover a choice of files made otherwise, as
+    by the config's transformers_weights). None: no such file. A file that transformers reads
+    and that does not parse is refused now, as the load would refuse it after building the
+    config's model; another counts as the most its size allows."""
+    read = _read_weights(folder, weight_files)
+    counted = sorted(set(read) | {f for f in weight_files if f.suffix == ".safetensors"})
+    if not counted:
         return None
-    from safetensors import safe_open
-
-    total = 0
-    try:
-        for path in files:
-            with safe_open(str(path), framework="pt") as handle:
-                for key in handle.keys():
-                    n = 1
-                    for size in handle.get_slice(key).get_shape():
-                        n *= int(size)
-                    total += n
-    except Exception:  # a damaged file: the load's probe names it
-        return None
-    return total
+    elements = tensors = 0
+    for path in counted:
+        try:
+            n, t = _declared(path)
+        except Exception as exc:  # any failure to parse
+            if path in read:
+                raise _damaged_error(path, _probe_reason(exc)) from None
+            n, t = _most(path)
+        elements, tensors = elements + n, tensors + t
+    return _Held(elements, tensors)
 
 
+def _read_weights(folder: Path, weight_files: list[Path]) -> list[Path]:
+    """The weight files transformers reads of a folder, as it picks them."""
+    explicit = _explicit_weights(folder)
+    if explicit is not None:
+        files = [folder / n for n in _shard_names(explicit)] if explicit.name.endswith(".json") else [explicit]
+        return [f for f in files if f in weight_files]
+    for name in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                 "pytorch_model.bin.index.json"):
+        if (folder / name).is_file():
+            files = [folder / n for n in _shard_names(folder / name)] if name.endswith(".json") else [folder / name]
+            return [f for f in files if f in weight_files]
+    return []
+
+
+def _most(path: Path) -> tuple[int, int]:
+    """The most elements and tensors a weight file of its size can hold: two elements a byte
+    (4-bit types), a tensor per 16 bytes (its header entry)."""
+    size = path.stat().st_size
+    return 2 * size, size // 16
+
+
+def _declared(path: Path) -> tuple[int, int]:
+    """(elements, non-empty tensors) a weight file declares, read from its header (no tensor
+    data); raises where it does not parse."""
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:  # checks that the header covers the file
+            shapes = [handle.get_slice(key).get_shape() for key in handle.keys()]
+    elif zipfile.is_zipfile(path):
+        # as the probe and transformers load it (weights_only: untrusted); meta: the pickle's
+        # shapes, no storage read. Shapes are not checked against the storages there: capped below.
+        state = torch.load(path, map_location="meta", weights_only=True)
+        shapes = [tuple(v.shape) for v in state.values() if isinstance(v, torch.Tensor)]
+    else:
+        with open(path, "rb") as handle:
+            legacy = handle.read(1) == b"\x80"  # torch's legacy format: a pickle (its PROTO opcode)
+        if not legacy:  # not a checkpoint (or a .tar one): torch refuses it before any storage
+            _probe(path)
+        # legacy: left unread, as torch allocates the storages it declares there, even for meta
+        return _most(path)
+    counts = [math.prod(int(n) for n in shape) for shape in shapes]
+    return min(sum(counts), _most(path)[0]), sum(1 for n in counts if n)
+
+
+# Config names of the sizes bounded below, transformers' own first: GPT-2's n_embd, n_layer and
+# n_inner, T5's d_model, num_layers and d_ff, OPT's ffn_dim... A config class's attribute_map
+# (n_embd for GPT-2's hidden_size) comes before these.
+_SIZE_NAMES = {
+    "vocab_size": ("vocab_size", "n_vocab", "padded_vocab_size"),
+    "hidden_size": ("hidden_size", "n_embd", "d_model", "n_embed"),
+    "num_hidden_layers": ("num_hidden_layers", "n_layer", "num_layers", "n_layers"),
+    "intermediate_size": ("intermediate_size", "n_inner", "ffn_dim", "d_ff", "ffn_hidden_size"),
+}
 # config sizes whose products a checkpoint of that config stores at least once: the embedding
 # (vocab x hidden), a norm per layer (layers x hidden), an MLP matrix (intermediate x hidden)
 _SIZE_BOUNDS = (("vocab_size", "hidden_size"), ("num_hidden_layers", "hidden_size"),
                 ("intermediate_size", "hidden_size"))
 
 
+class _Size(NamedTuple):
+    name: str  # as the config names it, with the sub-config it is in (text_config.hidden_size)
+    value: int
+    default: bool = False  # not in config.json: the config class's default
+
+    def __str__(self) -> str:
+        return f"{self.name} {self.value:,}{' by default' if self.default else ''}"
+
+
 def check_config_sizes(ref: str, folder: Path, weight_files: list[Path]) -> None:
     """Refuse a config.json whose sizes need more parameters than the weight files hold, before
     transformers builds (and randomly fills) a model of the config's size: vocab_size 10 M on a
     tiny checkpoint took 2.9 GB before the completeness check refused it, 200,000 layers three
-    minutes. The bounds are loose (a product each checkpoint stores at least once); the exact
-    comparison is the completeness check after the load."""
-    stored = _stored_elements(weight_files)
+    minutes. The bounds are loose (a product each checkpoint stores at least once, a tensor per
+    layer); the exact comparison is the completeness check after the load. config.json is read
+    as written, then as transformers' class for its model_type reads it (its defaults for
+    missing sizes, its names), each sub-config too (text_config, vision_config...)."""
     try:
         config = json.loads((folder / "config.json").read_bytes())
     except (OSError, ValueError, RecursionError):
         return  # transformers reports it
-    if stored is None or not isinstance(config, dict):
+    held = _held(folder, weight_files) if isinstance(config, dict) else None
+    if held is None:
         return
-    sizes = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    # as written first: the class may build lists as long as the layers (layer_types)
+    for sizes in _written_sizes(config):
+        _check_sizes(ref, sizes, held)
+    built = _built_config(config)
+    if built is not None:
+        for sizes in _built_sizes(built, config):
+            _check_sizes(ref, sizes, held)
+
+
+def _check_sizes(ref: str, sizes: dict[str, _Size], held: _Held) -> None:
+    fix = "the config does not match the checkpoint; restore config.json or the weights"
     for a, b in _SIZE_BOUNDS:
-        x, y = sizes.get(a), sizes.get(b)
-        if type(x) is int and type(y) is int and x > 0 and y > 0 and x * y > stored:
-            raise MlarchError(f"model {ref}'s config.json declares {a} {x:,} and {b} {y:,} ({x * y:,} parameters "
-                              f"at least), more than its weight files hold ({stored:,}): the config does not match "
-                              "the checkpoint; restore config.json or the weights")
+        if a in sizes and b in sizes and sizes[a].value * sizes[b].value > held.elements:
+            raise MlarchError(f"model {ref}'s config.json declares {sizes[a]} and {sizes[b]} "
+                              f"({sizes[a].value * sizes[b].value:,} parameters at least), more than its weight files "
+                              f"hold ({held.elements:,}): {fix}")
+    layers = sizes.get("num_hidden_layers")
+    if layers is not None and layers.value > held.tensors:
+        raise MlarchError(f"model {ref}'s config.json declares {layers}, more layers than the {held.tensors:,} tensors "
+                          f"its weight files hold (a layer stores one at least): {fix}")
+
+
+def _config_class(model_type):
+    """transformers' own config class for a model_type (never code shipped with the model), or None."""
+    try:
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+        return CONFIG_MAPPING[model_type]
+    except Exception:  # an unknown or malformed model_type: the load reports it
+        return None
+
+
+def _written_sizes(config: dict, prefix: str = "", depth: int = 0):
+    """The sizes config.json writes, of it and of each sub-config in it (dicts, to depth 3)."""
+    mapped = getattr(_config_class(config.get("model_type")), "attribute_map", None)
+    mapped = mapped if isinstance(mapped, dict) else {}
+    sizes = {}
+    for name, names in _SIZE_NAMES.items():
+        for key in (mapped.get(name, name), *names):
+            value = config.get(key)
+            if type(value) is int and value > 0:
+                sizes[name] = _Size(prefix + key, value)
+                break
+    yield sizes
+    if depth < 3:
+        for key, value in config.items():
+            if isinstance(value, dict):
+                yield from _written_sizes(value, f"{prefix}{key}.", depth + 1)
+
+
+def _built_config(config: dict):
+    """config.json as transformers' class for its model_type reads it, or None: an unknown
+    model_type (shipped code is not run here) or values the class refuses (the load reports
+    them). Cheap: a config, no model."""
+    import copy
+
+    cls = _config_class(config.get("model_type"))
+    if cls is None:
+        return None
+    try:
+        return cls.from_dict(copy.deepcopy(config))
+    except Exception:
+        return None
+
+
+def _built_sizes(config, written, prefix: str = "", depth: int = 0):
+    """The sizes of a config object (attribute_map and defaults applied), and of its sub-configs."""
+    from transformers import PreTrainedConfig
+
+    mapped = getattr(config, "attribute_map", None)
+    mapped = mapped if isinstance(mapped, dict) else {}
+    written = written if isinstance(written, dict) else {}
+    sizes = {}
+    for name, names in _SIZE_NAMES.items():
+        for key in (mapped.get(name, name), *names):
+            value = getattr(config, key, None)
+            if type(value) is int and value > 0:
+                sizes[name] = _Size(prefix + key, value, default=key not in written and name not in written)
+                break
+    yield sizes
+    if depth < 3:
+        for key in getattr(config, "sub_configs", None) or {}:
+            sub = getattr(config, key, None)
+            if isinstance(sub, PreTrainedConfig):
+                yield from _built_sizes(sub, written.get(key), f"{prefix}{key}.", depth + 1)
 
 
 def _shipped_model_code(folder: Path) -> str | None:
@@ -507,6 +678,14 @@ def _shipped_model_code(folder: Path) -> str | None:
         return None
     shown = entry[0] if isinstance(entry, list) and entry else entry
     return ascii(shown)[1:-1][:120] if isinstance(shown, str) else None
+
+
+def _damaged_error(path: Path, why: str) -> MlarchError:
+    if path.suffix == ".bin":  # a pickle: may also hold objects that are not tensors (code)
+        return MlarchError(f"weight file {path} is damaged or holds more than tensors ({why}): restore it from the "
+                           "original checkpoint, download the model again or use its .safetensors weights")
+    return MlarchError(f"weight file {path} is damaged or truncated ({why}): restore it from the original "
+                       "checkpoint or download the model again")
 
 
 def _first_line(exc: BaseException) -> str:
