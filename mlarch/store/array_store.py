@@ -13,11 +13,13 @@ credentials files."""
 from __future__ import annotations
 
 import atexit
+import errno
 import hashlib
 import json
 import os
 import re
 import shutil
+import stat
 import threading
 import uuid
 from contextlib import contextmanager
@@ -121,6 +123,22 @@ class LocalArrays(ArrayStore):
         or where a symbolic link below arrays.zarr would lead elsewhere)."""
         return layout.checked_group(self.folder.parent, group, expected)
 
+    def refuse_links(self, path: str) -> None:
+        """layout.UnsafePath unless every folder of array `path` that exists below arrays.zarr
+        is a folder, not a link: a write through a link planted where a model's group (named
+        after the model) belongs would land, and clear a folder, wherever it points."""
+        step = self.folder
+        for depth, part in enumerate(path.split("/")):
+            step = step / part
+            try:
+                mode = os.lstat(step).st_mode
+            except FileNotFoundError:
+                return
+            if not stat.S_ISDIR(mode):
+                where = "/".join(path.split("/")[:depth + 1])
+                raise layout.UnsafePath(f"arrays path {path!r} leads through {layout.ARRAYS}/{where}, which is "
+                                        f"{_kind(mode)}, not a folder")
+
     def remove(self, handle: Path) -> None:
         """Remove a group's folder (errors ignored)."""
         shutil.rmtree(handle, ignore_errors=True)
@@ -145,6 +163,67 @@ class LocalArrays(ArrayStore):
                 continue
         return str(handle)
 
+    def open_file(self, path: str, name: str):
+        """(binary handle, os.fstat of it) of file `name` (zarr.json, c/0, ...) of array `path`
+        (runs/<id>/levels, ...), or None where nothing is there: the one way mlarch opens a
+        local array file (reads, verify, export). A folder from elsewhere may hold, where an
+        array file belongs, a link (to /dev/zero, to a copy outside the archive; a link to a
+        folder anywhere on the way), a named pipe (opening it would wait for ever) or a
+        device: each is UnsafeFile before a byte is read. The caller bounds the size."""
+        names = [*path.split("/"), *name.split("/")] if path else name.split("/")
+        if not all(part not in ("", ".", "..") for part in names):
+            raise UnsafeFile(f"{name} is not a name mlarch gives an array file")
+        if not _WALK:  # no dir_fd (Windows): lstat each step, then open
+            return self._open_checked(path, name, names)
+        try:  # arrays.zarr itself may be a link (mlarch advises it for a bigger disk)
+            folder = os.open(self.folder, os.O_RDONLY | os.O_DIRECTORY)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        try:
+            for depth, part in enumerate(names[:-1]):
+                try:  # O_NOFOLLOW: a link fails (ENOTDIR or ELOOP) instead of being followed
+                    inner = os.open(part, _DIR_FLAGS, dir_fd=folder)
+                except FileNotFoundError:
+                    return None
+                except OSError as exc:
+                    if exc.errno not in (errno.ENOTDIR, errno.ELOOP):
+                        raise
+                    mode = os.stat(part, dir_fd=folder, follow_symlinks=False).st_mode
+                    raise UnsafeFile(_behind(name, names[:depth + 1], mode)) from None
+                os.close(folder)
+                folder = inner
+            try:
+                fd = os.open(names[-1], _FILE_FLAGS, dir_fd=folder)
+            except FileNotFoundError:
+                return None
+            except OSError as exc:
+                if exc.errno not in (errno.ELOOP, errno.ENXIO, errno.EOPNOTSUPP, errno.EMLINK):
+                    raise  # ELOOP: a link; ENXIO/EOPNOTSUPP: a socket; EMLINK: a link on FreeBSD
+                mode = os.stat(names[-1], dir_fd=folder, follow_symlinks=False).st_mode
+                raise UnsafeFile(f"{name} is not a plain file ({_kind(mode)})") from None
+        finally:
+            os.close(folder)
+        return _plain(fd, name)
+
+    def _open_checked(self, path: str, name: str, names: list[str]):
+        """open_file where there is no dir_fd: every step lstat-ed first (no pipes here)."""
+        step = self.folder
+        for depth, part in enumerate(names):
+            step = step / part
+            try:
+                mode = os.lstat(step).st_mode
+            except (FileNotFoundError, NotADirectoryError):
+                return None
+            if depth < len(names) - 1 and not stat.S_ISDIR(mode):
+                raise UnsafeFile(_behind(name, names[:depth + 1], mode))
+            if depth == len(names) - 1 and not stat.S_ISREG(mode):
+                raise UnsafeFile(f"{name} is not a plain file ({_kind(mode)})")
+        try:
+            fd = os.open(step, _FILE_FLAGS)
+        except FileNotFoundError:
+            return None
+        return _plain(fd, name)
+
     def signature(self, path: str) -> tuple:
         """Names, sizes and modification times of an array's files: an array vouched for once
         that changed since is checked again."""
@@ -154,8 +233,8 @@ class LocalArrays(ArrayStore):
             try:
                 with os.scandir(sub) as found:
                     for entry in found:
-                        if entry.is_file():
-                            st = entry.stat()
+                        if entry.is_file(follow_symlinks=False):  # a link is never read (open_file)
+                            st = entry.stat(follow_symlinks=False)
                             entries.append((sub.name, entry.name, st.st_size, st.st_mtime_ns, st.st_ino))
             except OSError:  # a missing folder: the read itself reports it
                 pass
@@ -171,6 +250,48 @@ class LocalArrays(ArrayStore):
     def trouble(self, exc: BaseException) -> BaseException:
         """The error to show for a failure (a local one as it is)."""
         return exc
+
+
+class UnsafeFile(MlarchError):
+    """A local array file, or a folder on the way to it, that is not a plain one (a link, a
+    named pipe, a device); callers add the fix."""
+
+
+_NOFOLLOW, _NONBLOCK = getattr(os, "O_NOFOLLOW", 0), getattr(os, "O_NONBLOCK", 0)
+_WALK = os.open in os.supports_dir_fd and bool(_NOFOLLOW) and hasattr(os, "O_DIRECTORY")
+# O_NONBLOCK: a named pipe opens at once (and fstat refuses it) instead of waiting for a writer
+_DIR_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | _NOFOLLOW | _NONBLOCK
+_FILE_FLAGS = os.O_RDONLY | getattr(os, "O_BINARY", 0) | _NOFOLLOW | _NONBLOCK
+
+
+def _kind(mode: int) -> str:
+    """What a file of `mode` is, for messages."""
+    for test, what in ((stat.S_ISLNK, "a symbolic link"), (stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a named pipe"),
+                       (stat.S_ISCHR, "a device"), (stat.S_ISBLK, "a device"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISREG, "a file")):
+        if test(mode):
+            return what
+    return "not a plain file"
+
+
+def _behind(name: str, parts: list[str], mode: int) -> str:
+    """Why array file `name` is refused when parts[-1] of its path is no folder."""
+    where = f"{layout.ARRAYS}/{'/'.join(parts)}"
+    if stat.S_ISLNK(mode):
+        return f"{name} lies behind a symbolic link, {where} (mlarch follows no link inside {layout.ARRAYS})"
+    return f"{name} lies behind {where}, which is {_kind(mode)}, not a folder"
+
+
+def _plain(fd: int, name: str):
+    """(handle, fstat) of an opened array file once it is a regular file (fd closed otherwise)."""
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise UnsafeFile(f"{name} is not a plain file ({_kind(info.st_mode)})")
+        return open(fd, "rb", closefd=True), info
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def _is_group(entry: os.DirEntry) -> bool:
@@ -616,5 +737,5 @@ def record(root: Path, store: ArrayStore) -> None:
         store.claim(_identity(*con.execute("SELECT url, recorded_at FROM array_location").fetchone()))
 
 
-__all__ = ["ArrayStore", "LocalArrays", "S3Arrays", "StoreError", "coerce", "for_changes", "for_ingest", "identity",
-           "of", "parse", "record", "recorded", "redact"]
+__all__ = ["ArrayStore", "LocalArrays", "S3Arrays", "StoreError", "UnsafeFile", "coerce", "for_changes", "for_ingest",
+           "identity", "of", "parse", "record", "recorded", "redact"]

@@ -13,11 +13,10 @@ prefix (mlarch.store.array_store); the checks are the same for both."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import itertools
-import os
 import re
-import stat
 import threading
 from collections import deque
 from collections.abc import Iterable
@@ -28,14 +27,14 @@ from pathlib import Path
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec
-from zarr.abc.store import RangeByteRequest
+from zarr.abc.store import OffsetByteRequest, RangeByteRequest, SuffixByteRequest
 from zarr.storage import WrapperStore
 
 from mlarch import parallel
 from mlarch.errors import MlarchError
 from mlarch.wording import Phrase, error
 from mlarch.store import layout
-from mlarch.store.array_store import ArrayStore, StoreError, coerce
+from mlarch.store.array_store import ArrayStore, LocalArrays, StoreError, UnsafeFile, coerce
 from mlarch.store.chunk_writes import ChunkEncoder, c_bytes, chunk_content, write_chunks
 
 _CHUNK_ELEMENTS = 1 << 22  # ~4 M elements: >= 1 MB chunks, whole rows per chunk
@@ -275,32 +274,54 @@ class _Checked(WrapperStore):
             return chunks_for(self.record.shape)[0] * np.dtype(self.record.dtype).itemsize + CHUNK_OVERHEAD
         return None
 
-    def _refuse_special(self, key: str) -> None:
-        """On a local store, refuse an object that is not a plain file: a named pipe planted
-        as a chunk would block the read (and a commit lock held around it) for ever."""
-        root = getattr(self._store, "root", None)
-        if root is None or self.location is not None and self.location.remote:
-            return
+    def _local(self) -> bool:
+        """Whether the files are read here, from a local arrays.zarr (_read_local)."""
+        return isinstance(self.location, LocalArrays)
+
+    def _read_local(self, key: str, limit: int | None, byte_range) -> bytes | None:
+        """The bytes of local file `key` (None: missing), opened by LocalArrays.open_file (no
+        link, pipe or device, on the way or at the end) and refused by its size before reading."""
+        prefix = self.record.path + "/"
+        path, name = (self.record.path, key[len(prefix):]) if key.startswith(prefix) else ("", key)
         try:
-            mode = os.lstat(os.path.join(root, key)).st_mode
-        except (FileNotFoundError, NotADirectoryError):
-            return  # missing: the store says so, and _check refuses it
-        if not stat.S_ISREG(mode):
-            raise ArrayDamaged(f"array {self.record.path}: {key[len(self.record.path) + 1:] or key} is not a plain file "
-                               f"(a link, pipe or device): {_RESTORE}")
+            opened = self.location.open_file(path, name)
+        except UnsafeFile as exc:
+            raise ArrayDamaged(f"array {self.record.path}: {exc}: {_RESTORE}") from None
+        if opened is None:
+            return None
+        handle, info = opened
+        with handle:
+            if limit is not None and info.st_size > limit:
+                raise ArrayDamaged(f"array {self.record.path}: {name} is larger than any of its objects can be "
+                                   f"({limit:,} bytes): {_RESTORE}")
+            if byte_range is None:  # one byte past its size: a file grown since fstat fails its digest
+                return handle.read(info.st_size + 1)
+            if isinstance(byte_range, RangeByteRequest):
+                handle.seek(byte_range.start)
+                return handle.read(max(0, byte_range.end - byte_range.start))
+            if isinstance(byte_range, OffsetByteRequest):
+                handle.seek(byte_range.offset)
+            elif isinstance(byte_range, SuffixByteRequest):
+                handle.seek(max(0, info.st_size - byte_range.suffix))
+            else:
+                raise TypeError(f"unexpected byte range {byte_range!r}")
+            return handle.read()
 
     async def get(self, key, prototype, byte_range=None):
-        self._refuse_special(key)
         remembered = self._meta_key(key) if byte_range is None else None
         if remembered is not None and remembered in _CHECKED_META:
             return prototype.buffer.from_bytes(_CHECKED_META[remembered])
         # a whole object is asked for one byte past the most it can hold: a planted 400 MB
         # "chunk" costs a few MB and a loud error, never the memory to read it whole
         limit = self._limit(key) if byte_range is None else None
-        try:
-            value = await self._store.get(key, prototype, RangeByteRequest(0, limit + 1) if limit else byte_range)
-        except Exception as exc:
-            raise self._failed(exc) from exc
+        if self._local():  # in a thread, as zarr's LocalStore reads
+            data = await asyncio.to_thread(self._read_local, key, limit, byte_range)
+            value = None if data is None else prototype.buffer.from_bytes(data)
+        else:
+            try:
+                value = await self._store.get(key, prototype, RangeByteRequest(0, limit + 1) if limit else byte_range)
+            except Exception as exc:
+                raise self._failed(exc) from exc
         if limit and value is not None and len(value) > limit:
             raise ArrayDamaged(f"array {self.record.path}: {key[len(self.record.path) + 1:]} is larger than any "
                                f"of its objects can be ({limit:,} bytes): {_RESTORE}")
@@ -311,8 +332,8 @@ class _Checked(WrapperStore):
 
     async def get_partial_values(self, prototype, key_ranges):
         key_ranges = list(key_ranges)
-        for key, _ in key_ranges:
-            self._refuse_special(key)
+        if self._local():  # every file through get's checks, concurrently as zarr's LocalStore reads them
+            return list(await asyncio.gather(*(self.get(key, prototype, byte_range) for key, byte_range in key_ranges)))
         try:
             values = await self._store.get_partial_values(prototype, key_ranges)
         except Exception as exc:
@@ -323,8 +344,10 @@ class _Checked(WrapperStore):
 
     async def _get_many(self, requests):
         requests = list(requests)
-        for key, *_ in requests:
-            self._refuse_special(key)
+        if self._local():
+            for key, prototype, byte_range in requests:
+                yield key, await self.get(key, prototype, byte_range)
+            return
         async for key, value in self._store._get_many(requests):
             self._check(key, value, None)
             yield key, value
@@ -346,6 +369,12 @@ def write(root: ArrayStore | Path, path: str, data: np.ndarray, compress: bool =
     write, while content_digest runs beside it."""
     data = np.ascontiguousarray(data)
     location = coerce(root)
+    if isinstance(location, LocalArrays):  # a model's group is named after it: a planted link there
+        try:  # would have zarr write (and clear a `magnitudes` folder) wherever it points
+            location.refuse_links(path)
+        except layout.UnsafePath as exc:
+            raise MlarchError(f"cannot write array {path} under {location.where()}: {exc}: mlarch follows no link "
+                              f"inside {layout.ARRAYS}; remove the link (`mlarch verify` lists it)") from None
     target = location.zarr_store(read_only=False)
     store = _Recording(target, path)
     try:

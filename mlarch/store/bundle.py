@@ -19,7 +19,6 @@ import io
 import json
 import os
 import shutil
-import stat
 import tarfile
 from datetime import datetime
 from pathlib import Path
@@ -111,9 +110,9 @@ def export_bundle(root: Path, out: Path, run_ids: list[str] | None = None, model
                     Phrase("Archive.sql(..., write=True)", "`mlarch sql --write`"), ") or restore the "
                     "catalog from a copy; nothing was exported") from None
     try:  # the rows are mlarch's: a link (or a link loop) below arrays.zarr is the folder's doing
-        files = [(name, layout.checked_group(root, record["path"], record["path"]).joinpath(
-                  *name[len(f"arrays/{record['path']}/"):].split("/")) if not store.remote else
-                  (store.owned(record["path"], record["path"]), name[len(f"arrays/{record['path']}/"):]), limit)
+        for record in records_by_path.values():
+            store.owned(record["path"], record["path"])
+        files = [(name, (record["path"], name[len(f"arrays/{record['path']}/"):]), limit)
                  for record in records_by_path.values() for name, limit in checks.member_names(record).items()]
     except layout.UnsafePath as exc:
         raise MlarchError(f"archive {root}: {exc}: mlarch follows no link inside arrays.zarr; run `mlarch verify` "
@@ -131,7 +130,7 @@ def export_bundle(root: Path, out: Path, run_ids: list[str] | None = None, model
         raise MlarchError(f"bundle file {out} must end in .tar")
     if not store.remote:  # each file there, plain and within its size, before anything is read whole
         for name, source, limit in files:
-            _open_member(source, name, limit)[0].close()
+            _open_member(store, source, name, limit)[0].close()
     _check_arrays(store, records_by_path)  # a damaged array is refused here, not at the import elsewhere
     partial = out.with_name(out.name + ".partial")
     try:
@@ -143,7 +142,7 @@ def export_bundle(root: Path, out: Path, run_ids: list[str] | None = None, model
                         _check_member_size(name, size, limit)
                         _add(tar, name, handle, size)
                     continue
-                handle, info = _open_member(source, name, limit)
+                handle, info = _open_member(store, source, name, limit)
                 with handle:
                     _add(tar, name, handle, info.st_size, info.st_mtime)
         partial.replace(out)
@@ -157,18 +156,23 @@ def export_bundle(root: Path, out: Path, run_ids: list[str] | None = None, model
             "anonymized": anonymized is not None}
 
 
-def _open_member(source: Path, name: str, limit: int):
-    """(handle, stat) of a local array file to pack: opened without following a link (nor
-    waiting on a pipe), a regular file, no larger than any object of its array can be."""
+def _open_member(store: array_store.LocalArrays, source: tuple[str, str], name: str, limit: int):
+    """(handle, stat) of a local array file to pack, opened as every read opens it
+    (LocalArrays.open_file: no link, pipe or device) and no larger than any object of its
+    array can be."""
+    path, member = source
     try:
-        handle = open(os.open(source, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_NONBLOCK", 0)), "rb")
+        opened = store.open_file(path, member)
+    except array_store.UnsafeFile as exc:
+        raise MlarchError(f"array {path}: {exc}: run `mlarch verify` to list damage; nothing was exported") from None
     except OSError as exc:
-        raise MlarchError(f"array file {source} cannot be read ({exc.strerror or exc}): run "
-                          "`mlarch verify` to list damage") from None
+        raise MlarchError(f"array file {store.folder / path / member} cannot be read ({exc.strerror or exc}): run "
+                          "`mlarch verify` to list damage; nothing was exported") from None
+    if opened is None:
+        raise MlarchError(f"array {path}: {member} is missing: run `mlarch verify` to list damage; nothing was "
+                          "exported")
+    handle, info = opened
     try:
-        info = os.fstat(handle.fileno())
-        if not stat.S_ISREG(info.st_mode):
-            raise MlarchError(f"array file {source} is not a regular file: run `mlarch verify`")
         _check_member_size(name, info.st_size, limit)
     except BaseException:
         handle.close()
