@@ -197,6 +197,273 @@ def test_an_evaluation_after_the_tokenizer_changed_is_refused(llama_copy, data, 
     assert archive.evaluate(*args, limit=2, device="cpu", force=True).written
 
 
+# --- files transformers reads beyond the digested ones (mlarch.ingest.model_inputs) ---------------
+# Each case was measured under transformers 5.24 by running loading.load under strace and
+# listing the files opened: each test shows transformers really reading the file, then the
+# ingest refusing (or the file's digest in the record).
+
+def _update_json(path: Path, **entries) -> None:
+    path.write_text(json.dumps({**json.loads(path.read_text()), **entries}))
+
+
+def _tokenizer_json(folder: Path) -> dict:
+    return json.loads((folder / "tokenizer.json").read_text())
+
+
+def _ids(folder: Path, **kwargs) -> list[int]:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(folder), **kwargs)("hello world")["input_ids"]
+
+
+def _without_merges(source: Path, target: Path) -> None:
+    """A copy of source's tokenizer.json that tokenizes otherwise (no merges: a token per byte)."""
+    tokenizer = _tokenizer_json(source)
+    tokenizer["model"]["merges"] = []
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps(tokenizer))
+
+
+@pytest.mark.parametrize("named", ["sub/tokenizer.1.0.json", "../tokenizer.1.0.json", "ABSOLUTE",
+                                   "tokenizer.1.0.json.bak"])
+def test_fast_tokenizer_files_naming_other_files_refused(llama_copy, data, tmp_path, named):
+    """tokenizer_config.json's fast_tokenizer_files makes transformers load the entry for its
+    version instead of tokenizer.json: in a subfolder, up `..`, absolute, or a top-level name
+    of a suffix no digest covers (transformers searches `tokenizer\\.(.*)\\.json` in it)."""
+    if named == "ABSOLUTE":
+        named = str(tmp_path / "abs" / "tokenizer.1.0.json")
+    before = _ids(llama_copy)
+    _without_merges(llama_copy, llama_copy / named)
+    _update_json(llama_copy / "tokenizer_config.json", fast_tokenizer_files=[named])
+    assert _ids(llama_copy) != before  # transformers tokenizes with the named file
+    archive = tmp_path / "arch"
+    line = one_error(CliRunner().invoke(cli, ingest_args(archive, data, llama_copy)), 1)
+    assert line.startswith(f"Error: model folder {llama_copy}'s tokenizer_config.json names the tokenizer file "
+                           f"{named!r} (fast_tokenizer_files), which is not a file next to it that mlarch digests: ")
+    assert not archive.exists()
+
+
+def _planted_vocabulary(folder: Path, target: Path) -> tuple[Path, Path]:
+    """vocab.json and merges.txt in `target`: the folder's tokenizer, plus a token 'zzplanted'."""
+    model = _tokenizer_json(folder)["model"]
+    vocab = {**model["vocab"], "zzplanted": len(model["vocab"]), "<unk>": len(model["vocab"]) + 1}
+    target.mkdir(parents=True, exist_ok=True)
+    (target / "vocab.json").write_text(json.dumps(vocab))
+    lines = [" ".join(m) if isinstance(m, list) else m for m in model["merges"]]
+    (target / "merges.txt").write_text("".join(f"{line}\n" for line in lines))
+    return target / "vocab.json", target / "merges.txt"
+
+
+@pytest.mark.parametrize("tokenizer_class, keys, where", [
+    ("LlamaTokenizer", ("vocab", "merges"), "absolute"),
+    ("GemmaTokenizer", ("vocab_file", "merges_file"), "absolute"),  # not in GemmaTokenizer's own file names
+    ("GemmaTokenizer", ("vocab_file", "merges_file"), "working directory"),
+])
+def test_tokenizer_config_naming_files_elsewhere_refused(llama_copy, data, tmp_path, monkeypatch, tokenizer_class,
+                                                         keys, where):
+    """Without tokenizer.json, transformers opens a vocabulary that tokenizer_config.json names
+    by a key the class does not replace by the folder's own file (its `vocab` and `merges`,
+    Gemma's `vocab_file`, any class's `merges_file`) as written: absolute, or relative to the
+    working directory."""
+    from transformers import AutoTokenizer
+
+    vocab, merges = _planted_vocabulary(llama_copy, tmp_path / "elsewhere")
+    if where == "working directory":
+        monkeypatch.chdir(tmp_path)
+        vocab, merges = Path("elsewhere/vocab.json"), Path("elsewhere/merges.txt")
+    (llama_copy / "tokenizer.json").unlink()
+    _update_json(llama_copy / "tokenizer_config.json", tokenizer_class=tokenizer_class,
+                 **{keys[0]: str(vocab), keys[1]: str(merges)})
+    assert "zzplanted" in AutoTokenizer.from_pretrained(str(llama_copy)).get_vocab()  # read from there
+    archive = tmp_path / "arch"
+    line = one_error(CliRunner().invoke(cli, ingest_args(archive, data, llama_copy)), 1)
+    assert line.startswith(f"Error: model folder {llama_copy}'s tokenizer_config.json names the file {str(vocab)!r} "
+                           f"({keys[0]}), which transformers reads though it is not a file of the folder that mlarch "
+                           "digests: remove the key from tokenizer_config.json")
+    assert not archive.exists()
+
+
+def test_stale_tokenizer_file_keys_that_transformers_replaces_are_not_refused(llama_copy, tmp_path):
+    """Old tokenizer_config.json files name their files where they were saved; transformers
+    always replaces these keys by the folder's own files (or none), so they are read from
+    nowhere else. (Another key naming an existing file is refused even for a class that would
+    replace it: which class loads is not told cheaply.)"""
+    elsewhere = tmp_path / "elsewhere"
+    _without_merges(llama_copy, elsewhere / "tokenizer.json")
+    before = _ids(llama_copy)
+    _update_json(llama_copy / "tokenizer_config.json", tokenizer_file=str(elsewhere / "tokenizer.json"),
+                 special_tokens_map_file=str(elsewhere / "tokenizer.json"))
+    assert _ids(llama_copy) == before
+    assert set(loading.fingerprint(str(llama_copy), None).files) == {
+        "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"}
+
+
+def test_chat_templates_in_their_folder_are_digested(llama_copy, data, tmp_path):
+    """transformers reads every additional_chat_templates/*.jinja; one named default.jinja is
+    the template applied, over chat_template.jinja. Each is a model file, so a rerun after one
+    changed is refused; a folder without them keeps the model files it had."""
+    from transformers import AutoTokenizer
+
+    assert set(loading.fingerprint(str(llama_copy), None).files) == {
+        "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"}
+    (llama_copy / "chat_template.jinja").write_text("top {{ messages[0]['content'] }}")
+    (llama_copy / "additional_chat_templates").mkdir()
+    (llama_copy / "additional_chat_templates" / "default.jinja").write_text("sub {{ messages[0]['content'] }}")
+    tokenizer = AutoTokenizer.from_pretrained(str(llama_copy))
+    assert tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False) == "sub hi"
+    assert "additional_chat_templates/default.jinja" in loading.fingerprint(str(llama_copy), None).files
+    archive = tmp_path / "arch"
+    assert CliRunner().invoke(cli, ingest_args(archive, data, llama_copy)).exit_code == 0
+    (llama_copy / "additional_chat_templates" / "default.jinja").write_text("other {{ messages[0]['content'] }}")
+    line = one_error(CliRunner().invoke(cli, ingest_args(archive, data, llama_copy)), 1)
+    assert line.startswith(f"Error: additional_chat_templates/default.jinja of {llama_copy} changed since run ")
+
+
+def test_tokenizer_files_of_other_suffixes_are_digested(llama_copy, data, tmp_path):
+    """tokenizer_config.json picks the tokenizer class: PhoBERT's reads bpe.codes, a suffix
+    that only its name brings under the model files' digests."""
+    (llama_copy / "tokenizer.json").unlink()
+    words = ["hello", "wor@@", "ld", "h@@", "e@@", "l@@", "o", "w@@", "r@@", "d"]
+    (llama_copy / "vocab.txt").write_text("".join(f"{w} 1\n" for w in words))
+    (llama_copy / "bpe.codes").write_text("h e 1\nhe l 1\nhel l 1\nhell o</w> 1\n")  # merges to 'hello'
+    _update_json(llama_copy / "tokenizer_config.json", tokenizer_class="PhobertTokenizer")
+    before = _ids(llama_copy)
+    archive = tmp_path / "arch"
+    assert CliRunner().invoke(cli, ingest_args(archive, data, llama_copy)).exit_code == 0
+    (llama_copy / "bpe.codes").write_text("h e 1\n")
+    assert _ids(llama_copy) != before  # transformers reads bpe.codes
+    line = one_error(CliRunner().invoke(cli, ingest_args(archive, data, llama_copy)), 1)
+    assert line.startswith(f"Error: bpe.codes of {llama_copy} changed since run ")
+
+
+def test_every_tokenizer_file_name_of_transformers_is_digested():
+    """Every vocabulary file name a tokenizer class of transformers reads (its VOCAB_FILES_NAMES,
+    read from transformers' source) is a model file, by its suffix or by name."""
+    import ast
+
+    import transformers
+
+    from mlarch.ingest import model_inputs
+
+    root = Path(transformers.__file__).parent
+    names = set()
+    for path in [*root.glob("tokenization_*.py"), *root.glob("models/*/tokenization_*.py")]:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "VOCAB_FILES_NAMES" for t in node.targets):
+                try:
+                    names.update(ast.literal_eval(node.value).values())
+                except ValueError:  # TokenizersBackend's, of constants: tokenizer.json and tokenizer.model
+                    continue
+    assert len(names) > 20 and {"bpe.codes", "source.spm", "prophetnet.tokenizer"} <= names
+    assert names <= model_inputs.TOKENIZER_FILES
+    assert all(Path(n).suffix in loading._MODEL_FILE_SUFFIXES or n in model_inputs.TOKENIZER_FILES for n in names)
+
+
+@pytest.mark.parametrize("beside", ["tokenizer.json", "additional_chat_templates/default.jinja"])
+@pytest.mark.parametrize("passed", ["gguf_file", "file"])
+def test_gguf_beside_tokenizer_files_refused(data, tmp_path, beside, passed):
+    """With a .gguf file, transformers still reads the folder's tokenizer files (tokenizer.json,
+    tokenizer_config.json, the class's vocabulary, additional_chat_templates/) instead of the
+    GGUF's own tokenizer, and no digest covered them."""
+    pytest.importorskip("gguf")
+    from test_hf_conventions import write_tiny_gguf
+    from transformers import AutoTokenizer
+
+    alone, folder = tmp_path / "alone", tmp_path / "ggufs"
+    write_tiny_gguf(alone / "tiny.gguf")
+    shutil.copytree(alone, folder)
+    if beside == "tokenizer.json":
+        tokenizer = json.loads(AutoTokenizer.from_pretrained(str(alone), gguf_file="tiny.gguf")
+                               .backend_tokenizer.to_str())
+        tokenizer["model"]["merges"] = []
+        (folder / beside).write_text(json.dumps(tokenizer))
+        assert _ids(folder, gguf_file="tiny.gguf") != _ids(alone, gguf_file="tiny.gguf")
+    else:
+        (folder / beside).parent.mkdir()
+        (folder / beside).write_text("planted {{ messages[0]['content'] }}")
+        assert AutoTokenizer.from_pretrained(str(folder), gguf_file="tiny.gguf").chat_template.startswith("planted")
+    extra = ["--gguf-file", "tiny.gguf"] if passed == "gguf_file" else []
+    model = folder if passed == "gguf_file" else folder / "tiny.gguf"
+    archive = tmp_path / "arch"
+    line = one_error(CliRunner().invoke(cli, ingest_args(archive, data, model, *extra)), 1)
+    assert line == (f"Error: the folder {folder} of 'tiny.gguf' also holds tokenizer files ({beside!r}), which "
+                    "transformers reads instead of the GGUF file's own tokenizer: put the .gguf file in a folder of "
+                    "its own and pass it there")
+    assert not archive.exists()
+    assert CliRunner().invoke(cli, ingest_args(archive, data, alone / "tiny.gguf")).exit_code == 0
+
+
+def _lora_adapter(folder: Path, base: Path) -> None:
+    """A LoRA adapter on q_proj and v_proj as peft saves it (adapter_config.json, adapter_model.safetensors)."""
+    import torch
+
+    (folder / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(base), "r": 2,
+        "lora_alpha": 2, "lora_dropout": 0.0, "target_modules": ["q_proj", "v_proj"], "bias": "none",
+        "fan_in_fan_out": False, "inference_mode": True}))
+    generator = torch.Generator().manual_seed(0)
+    tensors = {}
+    for layer in range(2):
+        for module, out in (("q_proj", 32), ("v_proj", 16)):
+            prefix = f"base_model.model.model.layers.{layer}.self_attn.{module}"
+            tensors[f"{prefix}.lora_A.weight"] = torch.randn(2, 32, generator=generator)
+            tensors[f"{prefix}.lora_B.weight"] = torch.randn(out, 2, generator=generator)
+    save_file(tensors, folder / "adapter_model.safetensors", metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("with_config", [True, False], ids=["with-config", "adapter-only"])
+def test_peft_adapter_refused(llama_copy, pristine_llama, data, tmp_path, with_config):
+    """transformers looks for adapter_config.json in every folder it loads; where peft is
+    installed it applies the adapter (weights the digest covers, but which the same digest
+    leaves out where peft is not), and without config.json it loads the base model from
+    base_model_name_or_path, wherever that is. Measured with peft 0.21.2 (not a dependency of
+    mlarch): the sum of a 5-token forward's logits went from 9.584 to 2.481 with the adapter,
+    under the same weights digest as without peft; an adapter-only folder read config.json,
+    generation_config.json and model.safetensors of the base folder outside it."""
+    import importlib.util
+
+    from transformers.utils.peft_utils import find_adapter_config_file
+
+    _lora_adapter(llama_copy, pristine_llama)
+    if not with_config:
+        for name in ("config.json", "generation_config.json", "model.safetensors"):
+            (llama_copy / name).unlink()
+    assert find_adapter_config_file(str(llama_copy)) == str(llama_copy / "adapter_config.json")
+    if importlib.util.find_spec("peft") is not None:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        ids = torch.tensor([[0, 273, 78, 78, 81]])
+        logits = [AutoModelForCausalLM.from_pretrained(str(f))(ids).logits.sum().item()
+                  for f in (pristine_llama, llama_copy)]
+        assert logits[0] != logits[1]
+    archive = tmp_path / "arch"
+    line = one_error(CliRunner().invoke(cli, ingest_args(archive, data, llama_copy)), 1)
+    assert line.startswith(f"Error: model folder {llama_copy} holds a PEFT adapter (adapter_config.json), which "
+                           "transformers applies to the weights only where the peft library is installed")
+    assert line.endswith(": merge the adapter into the model (peft's merge_and_unload, then save_pretrained) and "
+                         "pass that folder")
+    assert not archive.exists()
+
+
+@pytest.mark.parametrize("key", ["attn_implementation", "_attn_implementation"])
+def test_attention_kernel_from_the_hub_refused(llama_copy, data, tmp_path, key):
+    """config.json may name a Hub repository as its attention: transformers then downloads that
+    kernel with the kernels library (without it, the load asked to install it)."""
+    from transformers import AutoConfig
+    from transformers.integrations.hub_kernels import is_kernel
+
+    _update_json(llama_copy / "config.json", **{key: "kernels-community/flash-attn2"})
+    implementation = AutoConfig.from_pretrained(str(llama_copy))._attn_implementation
+    assert implementation == "kernels-community/flash-attn2" and is_kernel(implementation)
+    archive = tmp_path / "arch"
+    line = one_error(CliRunner().invoke(cli, ingest_args(archive, data, llama_copy)), 1)
+    assert line == (f"Error: model folder {llama_copy}'s config.json asks for the attention kernel "
+                    "'kernels-community/flash-attn2' from the Hugging Face Hub (attn_implementation), code and files "
+                    "outside the folder that mlarch does not digest: remove the key from config.json")
+    assert not archive.exists()
+
+
 # --- F3: the digest cache must notice a rewrite in place that keeps the mtime ----------------------
 
 def test_digest_cache_sees_in_place_rewrite_with_kept_mtime(tmp_path):

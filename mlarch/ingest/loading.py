@@ -27,6 +27,7 @@ import torch  # noqa: E402 - after MKL_CBWR
 from mlarch.errors import MlarchError, UsageError
 from mlarch.wording import Arg, Phrase, error
 from mlarch.ingest.datafiles import sha256_file
+from mlarch.ingest import model_inputs
 from mlarch.ingest.completeness import check_complete  # noqa: F401 - also mlarch.ingest.loading's API
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
@@ -258,6 +259,11 @@ def _locate(ref: str, revision: str | None, gguf_file: str | None = None, messag
     weight_files = [path] if "gguf_file" in extra else _folder_weights(folder)
     if kind == "named":  # the cached conversion, as converted (digests cached: cheap after the first load)
         named_models.check_weights(named_models.lookup(ref), folder, {f.name: _cached_sha256(f) for f in weight_files})
+    # what transformers would read beyond the digested files (an adapter, files named elsewhere)
+    if "gguf_file" in extra:
+        model_inputs.check(folder, weight_files, gguf=extra["gguf_file"])
+    else:
+        model_inputs.check(folder, [*weight_files, *_model_file_paths(folder, weight_files).values()])
     return kind, folder, extra, commit, weight_files
 
 
@@ -327,15 +333,25 @@ def _shard_names(index: Path) -> list[str]:
 # (config, generation config, tokenizer, chat template, shipped code). They are not in the
 # weights digest (an archived model's identity, which must not change); each run and
 # evaluation records their digests, and a reuse of it is refused when they changed since.
+# Also by name: the tokenizer files of other suffixes (model_inputs.TOKENIZER_FILES: PhoBERT's
+# bpe.codes...), and the chat templates in additional_chat_templates/ (named with that folder).
 _MODEL_FILE_SUFFIXES = (".json", ".txt", ".model", ".tiktoken", ".py", ".jinja")
 
 
 def _model_files(folder: Path, weight_files: list[Path], extra: dict) -> dict[str, str]:
-    if "gguf_file" in extra:  # a GGUF file carries its config and tokenizer: in the weights digest
+    if "gguf_file" in extra:  # a GGUF file carries its config and tokenizer (none beside it: model_inputs)
         return {}
+    return {name: _model_file_digest(path) for name, path in _model_file_paths(folder, weight_files).items()}
+
+
+def _model_file_paths(folder: Path, weight_files: list[Path]) -> dict[str, Path]:
+    """The model files of a folder by their names in provenance (see _MODEL_FILE_SUFFIXES)."""
     skip = {f.name for f in weight_files}
-    return {f.name: _model_file_digest(f) for f in sorted(folder.iterdir())
-            if f.suffix in _MODEL_FILE_SUFFIXES and not f.name.startswith(".") and f.name not in skip and f.is_file()}
+    found = {f.name: f for f in sorted(folder.iterdir())
+             if (f.suffix in _MODEL_FILE_SUFFIXES or f.name in model_inputs.TOKENIZER_FILES)
+             and not f.name.startswith(".") and f.name not in skip and f.is_file()}
+    found.update((f"{model_inputs.CHAT_TEMPLATE_DIR}/{t.name}", t) for t in model_inputs.chat_templates(folder))
+    return found
 
 
 def _model_file_digest(path: Path) -> str:
