@@ -133,6 +133,26 @@ def test_a_chunk_folder_that_is_no_folder_is_named_not_read_as_missing(archive_c
     assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
 
 
+def test_a_named_pipe_in_place_of_a_chunk_is_never_opened(archive_copy):
+    """A pipe (or device) where a chunk belongs is refused by its lstat, before any open: opening
+    one has effects of its own (here, a writer waiting on the pipe would be let through)."""
+    folder, array = _folder(archive_copy, "levels/c")
+    chunk = folder / "0"
+    chunk.unlink()
+    os.mkfifo(chunk)
+    writer = subprocess.Popen([sys.executable, "-c", f"open({str(chunk)!r}, 'wb'); print('released')"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        with pytest.raises(ArrayDamaged, match="c/0 is not a plain file \\(a named pipe\\)"):
+            _read(archive_copy, array)
+        with pytest.raises(subprocess.TimeoutExpired):
+            writer.wait(timeout=2)  # still waiting: no reader opened the pipe
+    finally:
+        if writer.poll() is None:
+            os.close(os.open(chunk, os.O_RDONLY | os.O_NONBLOCK))  # let it go
+        writer.wait(timeout=30)
+
+
 def test_ingest_never_writes_through_a_link_planted_where_a_models_group_belongs(model_dir, data, tmp_path):
     """A model's |W| group is named after the model (models/<slug>-<hash>): a folder from
     elsewhere may hold a link there (to a project folder, say). Before, ingest wrote zarr.json

@@ -82,6 +82,35 @@ def test_config_naming_other_weights_refused(llama_copy, data, tmp_path, named):
     assert not archive.exists()
 
 
+def test_config_renaming_transformers_weights_refused(llama_copy, data, tmp_path):
+    """config.json's own attribute_map makes transformers look transformers_weights up under
+    another key (it read sub/other.safetensors so): read as transformers reads it."""
+    other = llama_copy / "sub" / "other.safetensors"
+    other.parent.mkdir()
+    shutil.copy(llama_copy / "model.safetensors", other)
+    other_weights(llama_copy)
+    config = json.loads((llama_copy / "config.json").read_text())
+    (llama_copy / "config.json").write_text(json.dumps(
+        {**config, "attribute_map": {"transformers_weights": "weights_at"}, "weights_at": "sub/other.safetensors"}))
+    from transformers import AutoConfig
+
+    assert AutoConfig.from_pretrained(llama_copy).transformers_weights == "sub/other.safetensors"  # what it reads
+    archive = tmp_path / "arch"
+    line = one_error(CliRunner().invoke(cli, ingest_args(archive, data, llama_copy)), 1)
+    assert line.startswith(f"Error: model folder {llama_copy}'s config.json names the weight file "
+                           "'sub/other.safetensors' (transformers_weights), which is not a weight file next to it: ")
+    assert not archive.exists()
+
+
+@pytest.mark.parametrize("named", [None, "./model.safetensors"])
+def test_config_naming_its_own_weights_loads(llama_copy, data, tmp_path, named):
+    """transformers_weights null (no setting) or ./model.safetensors (the file itself) are read as they are."""
+    config = json.loads((llama_copy / "config.json").read_text())
+    (llama_copy / "config.json").write_text(json.dumps({**config, "transformers_weights": named}))
+    result = CliRunner().invoke(cli, ingest_args(tmp_path / "arch", data, llama_copy))
+    assert result.exit_code == 0, result.output
+
+
 def test_config_naming_weights_next_to_it_digested(llama_copy, data, tmp_path):
     """A transformers_weights file beside config.json is read and in the digest."""
     (llama_copy / "model.safetensors").rename(llama_copy / "weights.safetensors")

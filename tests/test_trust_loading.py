@@ -385,3 +385,92 @@ def test_bounds_are_inclusive_and_numpy_integers_accepted():
                        samples=1_000_000, batch_size=65_536, max_length=1_048_576, name="n" * 128)
     cfg.validate()
     assert cfg.seeds == [0, 2**63 - 1, 7] and all(type(s) is int for s in cfg.seeds)
+
+
+def refused_built(tmp_path, data, folder) -> str:
+    """The one `Error:` line of a config whose model (built on the meta device) is larger than its checkpoint."""
+    result, archive = ingest(tmp_path, data, folder)
+    line = one_error(result, 1)
+    assert archived_runs(archive) == 0
+    assert line.startswith(f"Error: model {folder}'s config.json builds "), line
+    assert line.endswith(": the config does not match the checkpoint; restore config.json or the weights"), line
+    return line
+
+
+@pytest.mark.parametrize("kind, edit", [
+    ("gpt2", {"n_positions": 50_000_000}),  # a learned position table: 11.9 GiB built before
+    ("llama", {"head_dim": 1_000_000}),  # attention projections: 5.7 GiB
+])
+def test_sizes_no_product_bounds_are_bounded_by_the_model_built_on_meta(model_dir, data, tmp_path, unbuilt, kind, edit):
+    """Sizes outside the three products (positions, head_dim, heads, experts...) pass those
+    checks; the config's model, built on the meta device and counted, is refused."""
+    folder = edit_config(Path(shutil.copytree(model_dir[kind], tmp_path / f"tiny-{kind}")), edit)
+    assert "parameters, more than its weight files hold" in refused_built(tmp_path, data, folder)
+
+
+@pytest.mark.parametrize("edit", [{"n_inner": 100_000_000, "intermediate_size": 1},
+                                  {"intermediate_size": 1, "n_inner": 100_000_000}])
+def test_a_decoy_size_key_hides_no_other(model_dir, data, tmp_path, unbuilt, edit):
+    """GPT-2 builds its MLP from n_inner: an intermediate_size of 1 beside it hid it (first name
+    found); the largest size under any name is checked."""
+    folder = edit_config(Path(shutil.copytree(model_dir["gpt2"], tmp_path / "tiny-gpt2")), edit)
+    assert "n_inner 100,000,000 and n_embd 32" in refused_unbuilt(tmp_path, data, folder, "(45,952)")
+
+
+def test_a_config_file_for_this_transformers_version_is_read(llama_copy, data, tmp_path, unbuilt):
+    """configuration_files: transformers reads config.<version>.json instead of config.json (its
+    200,000 layers passed the check of config.json before)."""
+    config = json.loads((llama_copy / "config.json").read_text())
+    (llama_copy / "config.5.0.0.json").write_text(json.dumps({**config, "num_hidden_layers": 200_000}))
+    edit_config(llama_copy, {"configuration_files": ["config.5.0.0.json"]})
+    from transformers import PreTrainedConfig
+
+    assert PreTrainedConfig.get_config_dict(str(llama_copy))[0]["num_hidden_layers"] == 200_000  # what it reads
+    assert "num_hidden_layers 200,000" in refused_unbuilt(tmp_path, data, llama_copy, "")
+
+
+@pytest.mark.parametrize("entries", [["sub/config.5.0.0.json"], ["../config.5.0.0.json"], "config.5.0.0.json"])
+def test_config_files_elsewhere_refused(llama_copy, data, tmp_path, unbuilt, entries):
+    edit_config(llama_copy, {"configuration_files": entries})
+    result, archive = ingest(tmp_path, data, llama_copy)
+    line = one_error(result, 1)
+    assert line.startswith(f"Error: model folder {llama_copy}'s config.json names configuration files "), line
+    assert line.endswith("(configuration_files) that are not files next to it: remove the key and keep the config "
+                         "in config.json"), line
+    assert archived_runs(archive) == 0
+
+
+def test_the_built_model_check_takes_real_sizes(tmp_path):
+    """Gemma-3-style text + vision configs and a tied head pass the meta-device count when the
+    checkpoint holds what the model has (no false refusal)."""
+    from transformers import AutoModelForCausalLM, Gemma3TextConfig
+
+    config = Gemma3TextConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                              num_attention_heads=2, num_key_value_heads=1, head_dim=32)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    params = sum(p.numel() for p in model.parameters())
+    slack = loading._BUILD_SLACK
+    assert params < slack  # so the bounds below are the slack's
+    loading._check_built_model("m", config, loading._Held(0, 1000), quantized=False)
+    big = Gemma3TextConfig(vocab_size=262_144, hidden_size=640, intermediate_size=2048, num_hidden_layers=18,
+                           num_attention_heads=4, num_key_value_heads=1, head_dim=256)  # Gemma-3-270M's sizes
+    with torch.device("meta"):
+        params = sum(p.numel() for p in AutoModelForCausalLM.from_config(big).parameters())
+    assert params == 268_098_176  # its checkpoint's elements, measured
+    loading._check_built_model("m", big, loading._Held(params, 236), quantized=False)
+    loading._check_built_model("m", big, loading._Held((params - slack + 1) // 2, 236), quantized=False)
+    with pytest.raises(MlarchError, match="builds a model of 268,098,176 parameters, more than its weight files hold"):
+        loading._check_built_model("m", big, loading._Held((params - slack) // 2 - 1, 236), quantized=False)
+    loading._check_built_model("m", big, loading._Held((params - slack + 15) // 16, 236), quantized=True)
+
+
+def test_config_values_its_class_refuses_are_one_line(llama_copy, data, tmp_path):
+    """transformers' config validators raise huggingface_hub's StrictDataclassError (no
+    ValueError): it was 'unexpected StrictDataclassClassValidationError'."""
+    edit_config(llama_copy, {"num_attention_heads": 100_000, "num_key_value_heads": 100_000})
+    result, archive = ingest(tmp_path, data, llama_copy)
+    line = one_error(result, 1)
+    assert line == (f"Error: cannot load model {llama_copy}: The hidden size (32) is not a multiple of the number of "
+                    "attention heads (100000)."), line
+    assert archived_runs(archive) == 0

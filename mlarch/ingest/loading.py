@@ -289,22 +289,47 @@ def _plain_name(name) -> bool:
             and "/" not in name and "\\" not in name and not os.path.isabs(name))
 
 
+def _config_dict(folder: Path) -> dict | None:
+    """config.json as transformers resolves it (None: absent or unreadable, which the load
+    reports): where it lists `configuration_files`, transformers reads the one for its version
+    instead, so those must be files next to it (digested with the model files, as config.json)."""
+    try:
+        config = json.loads((folder / "config.json").read_bytes())
+    except (OSError, ValueError, RecursionError):
+        return None
+    if not isinstance(config, dict) or "configuration_files" not in config:
+        return config if isinstance(config, dict) else None
+    entries = config["configuration_files"]
+    if not isinstance(entries, list) or not all(_plain_name(e) for e in entries):
+        raise MlarchError(f"model folder {folder}'s config.json names configuration files {model_inputs.shown(entries)} "
+                          "(configuration_files) that are not files next to it: remove the key and keep the config "
+                          "in config.json")
+    from transformers import PreTrainedConfig
+
+    try:
+        resolved, _ = PreTrainedConfig.get_config_dict(str(folder), local_files_only=True)
+    except Exception:  # the load reports it
+        return None
+    return resolved if isinstance(resolved, dict) else None
+
+
 def _explicit_weights(folder: Path) -> Path | None:
     """The weight file config.json names in `transformers_weights` (transformers then reads that
     file, or that index's shards, whatever the folder's usual names hold), or None. Refused unless
     it is a weight or index file at the folder's top level, where the weights digest covers it:
-    transformers reads a file in a subfolder too."""
-    try:
-        config = json.loads((folder / "config.json").read_bytes())
-    except (OSError, ValueError, RecursionError):
-        return None  # transformers reports it
-    if not isinstance(config, dict) or "transformers_weights" not in config:
+    transformers reads a file in a subfolder too. Read as transformers reads it: from the
+    config object, where a config.json's own attribute_map may rename the key."""
+    config = _config_dict(folder)
+    if config is None:
         return None
-    name = config["transformers_weights"]
-    target = folder / name if _plain_name(name) else None
-    if target is None or not target.is_file() or not (target.suffix in _WEIGHT_SUFFIXES or name.endswith(".index.json")):
-        shown = repr(name)[:120] if isinstance(name, str) and name.isprintable() else ascii(name)[:120]
-        raise MlarchError(f"model folder {folder}'s config.json names the weight file {shown} (transformers_weights), "
+    built = _built_config(config)
+    name = getattr(built, "transformers_weights", None) if built is not None else config.get("transformers_weights")
+    if name is None:
+        return None
+    plain = os.path.normpath(name) if isinstance(name, str) and not os.path.isabs(name) else name  # ./model.safetensors
+    target = folder / plain if _plain_name(plain) else None
+    if target is None or not target.is_file() or not (target.suffix in _WEIGHT_SUFFIXES or plain.endswith(".index.json")):
+        raise MlarchError(f"model folder {folder}'s config.json names the weight file {model_inputs.shown(name)} (transformers_weights), "
                           "which is not a weight file next to it: remove the key and keep the weights in the "
                           "folder under their usual names")
     return target
@@ -413,10 +438,11 @@ def load(ref: str, *, revision: str | None, device: torch.device, dtype: str, gg
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     logging.getLogger("transformers").setLevel(logging.ERROR)
+    from huggingface_hub.errors import StrictDataclassError
     from safetensors import SafetensorError
 
     if "gguf_file" not in extra:
-        check_config_sizes(ref, folder, weight_files)
+        check_config_sizes(ref, folder, weight_files, built_model=not trust_remote_code)
     shipped = _shipped_model_code(folder) if not trust_remote_code and "gguf_file" not in extra else None
     if shipped and message is not None:  # transformers silently takes its own class for a model_type it knows
         message(f"{ref} ships its own model code ({shipped}); without trust_remote_code transformers' built-in "
@@ -433,10 +459,11 @@ def load(ref: str, *, revision: str | None, device: torch.device, dtype: str, gg
     except ImportError as exc:
         hint = " (pip install 'mlarch[gguf]')" if "gguf_file" in extra else ""
         raise MlarchError(f"cannot load {ref}: a library is missing: {exc}{hint}") from None
-    # struct.error: the GGUF reader's, on a header cut short
+    # struct.error: the GGUF reader's, on a header cut short; StrictDataclassError: a config's values
+    # its class refuses (hidden size not a multiple of the heads)
     except (SafetensorError, pickle.UnpicklingError, OSError, ValueError, KeyError, IndexError, RuntimeError,
-            struct.error) as exc:
-        reason = _first_line(exc)
+            struct.error, StrictDataclassError) as exc:
+        reason = _first_line(exc.__cause__ if isinstance(exc, StrictDataclassError) and exc.__cause__ else exc)
         damaged = _damaged_file(kind, weight_files)
         if damaged is not None:
             raise _damaged_error(*damaged) from None
@@ -583,28 +610,60 @@ class _Size(NamedTuple):
         return f"{self.name} {self.value:,}{' by default' if self.default else ''}"
 
 
-def check_config_sizes(ref: str, folder: Path, weight_files: list[Path]) -> None:
+def check_config_sizes(ref: str, folder: Path, weight_files: list[Path], built_model: bool = True) -> None:
     """Refuse a config.json whose sizes need more parameters than the weight files hold, before
     transformers builds (and randomly fills) a model of the config's size: vocab_size 10 M on a
     tiny checkpoint took 2.9 GB before the completeness check refused it, 200,000 layers three
     minutes. The bounds are loose (a product each checkpoint stores at least once, a tensor per
     layer); the exact comparison is the completeness check after the load. config.json is read
     as written, then as transformers' class for its model_type reads it (its defaults for
-    missing sizes, its names), each sub-config too (text_config, vision_config...)."""
-    try:
-        config = json.loads((folder / "config.json").read_bytes())
-    except (OSError, ValueError, RecursionError):
-        return  # transformers reports it
-    held = _held(folder, weight_files) if isinstance(config, dict) else None
+    missing sizes, its names), each sub-config too (text_config, vision_config...); then its
+    model is built on the meta device and counted (`built_model`; not with trust_remote_code,
+    where the model's own class, not transformers', is loaded)."""
+    config = _config_dict(folder)
+    held = _held(folder, weight_files) if config is not None else None
     if held is None:
         return
     # as written first: the class may build lists as long as the layers (layer_types)
     for sizes in _written_sizes(config):
         _check_sizes(ref, sizes, held)
     built = _built_config(config)
-    if built is not None:
-        for sizes in _built_sizes(built, config):
-            _check_sizes(ref, sizes, held)
+    if built is None:
+        return
+    for sizes in _built_sizes(built, config):
+        _check_sizes(ref, sizes, held)
+    if built_model:  # every size, under every name: the model itself, on the meta device (no memory)
+        _check_built_model(ref, built, held, quantized="quantization_config" in config)
+
+
+# Elements a config's model may have beyond twice what the checkpoint holds: a model missing a
+# few tensors is left to the loading report, which names them (64 MB of float32 at most)
+_BUILD_SLACK = 1 << 24
+
+
+def _check_built_model(ref: str, built, held: _Held, quantized: bool) -> None:
+    """Refuse a config whose model has more than twice the parameters the weight files hold
+    (16 times for a quantized checkpoint, which packs up to 16 values in one stored element),
+    or more buffer elements than parameters, each beyond _BUILD_SLACK: sizes no product above
+    bounds (GPT-2's n_positions, head_dim, experts, a vision tower's image size) built GBs
+    before. Built on the meta device, where nothing is allocated: ~0.8 s for Llama-3.1-8B's
+    config, under 0.1 s for small ones."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(built)
+    except Exception:  # a config transformers refuses: the load reports it
+        return
+    params = sum(p.numel() for p in model.parameters())  # a tied head once
+    buffers = sum(b.numel() for b in model.buffers())
+    fix = "the config does not match the checkpoint; restore config.json or the weights"
+    if params > held.elements * (16 if quantized else 2) + _BUILD_SLACK:
+        raise MlarchError(f"model {ref}'s config.json builds a model of {params:,} parameters, more than its weight "
+                          f"files hold ({held.elements:,}): {fix}")
+    if buffers > params + _BUILD_SLACK:
+        raise MlarchError(f"model {ref}'s config.json builds {buffers:,} buffer elements beside {params:,} "
+                          f"parameters: {fix}")
 
 
 def _check_sizes(ref: str, sizes: dict[str, _Size], held: _Held) -> None:
@@ -635,12 +694,11 @@ def _written_sizes(config: dict, prefix: str = "", depth: int = 0):
     mapped = getattr(_config_class(config.get("model_type")), "attribute_map", None)
     mapped = mapped if isinstance(mapped, dict) else {}
     sizes = {}
-    for name, names in _SIZE_NAMES.items():
-        for key in (mapped.get(name, name), *names):
-            value = config.get(key)
-            if type(value) is int and value > 0:
-                sizes[name] = _Size(prefix + key, value)
-                break
+    for name, names in _SIZE_NAMES.items():  # the largest under any name: a decoy key hides none
+        found = [_Size(prefix + key, config[key]) for key in dict.fromkeys((mapped.get(name, name), *names))
+                 if type(config.get(key)) is int and config[key] > 0]
+        if found:
+            sizes[name] = max(found, key=lambda size: size.value)
     yield sizes
     if depth < 3:
         for key, value in config.items():
@@ -671,12 +729,14 @@ def _built_sizes(config, written, prefix: str = "", depth: int = 0):
     mapped = mapped if isinstance(mapped, dict) else {}
     written = written if isinstance(written, dict) else {}
     sizes = {}
-    for name, names in _SIZE_NAMES.items():
-        for key in (mapped.get(name, name), *names):
+    for name, names in _SIZE_NAMES.items():  # the largest under any name
+        found = []
+        for key in dict.fromkeys((mapped.get(name, name), *names)):
             value = getattr(config, key, None)
             if type(value) is int and value > 0:
-                sizes[name] = _Size(prefix + key, value, default=key not in written and name not in written)
-                break
+                found.append(_Size(prefix + key, value, default=key not in written and name not in written))
+        if found:
+            sizes[name] = max(found, key=lambda size: size.value)
     yield sizes
     if depth < 3:
         for key in getattr(config, "sub_configs", None) or {}:

@@ -68,9 +68,9 @@ def _check_gguf_neighbours(folder: Path, gguf: str) -> None:
     found = sorted(n for n in TOKENIZER_FILES if (folder / n).is_file())
     found += [f"{CHAT_TEMPLATE_DIR}/{t.name}" for t in chat_templates(folder)]
     if found:
-        shown = ", ".join(_shown(n) for n in found[:3]) + (", ..." if len(found) > 3 else "")
+        listed = ", ".join(shown(n) for n in found[:3]) + (", ..." if len(found) > 3 else "")
         raise MlarchError(
-            f"the folder {folder} of {_shown(gguf)} also holds tokenizer files ({shown}), which transformers reads "
+            f"the folder {folder} of {shown(gguf)} also holds tokenizer files ({listed}), which transformers reads "
             "instead of the GGUF file's own tokenizer: put the .gguf file in a folder of its own and pass it there")
 
 
@@ -96,7 +96,7 @@ def _check_tokenizer_config(folder: Path, covered: set[str]) -> None:
             continue  # transformers skips it (or fails on it)
         plain = "/" not in name and "\\" not in name and name not in ("", ".", "..") and not os.path.isabs(name)
         if not plain or ((folder / name).exists() and os.path.realpath(folder / name) not in covered):
-            raise MlarchError(f"{where} names the tokenizer file {_shown(name)} (fast_tokenizer_files), which is "
+            raise MlarchError(f"{where} names the tokenizer file {shown(name)} (fast_tokenizer_files), which is "
                               f"not a file next to it that mlarch digests: {fix}")
     # a vocabulary file the tokenizer class does not list (Gemma's vocab_file, any class's
     # merges_file, a vocab or merges given as a path) is opened as written: relative to the
@@ -106,7 +106,7 @@ def _check_tokenizer_config(folder: Path, covered: set[str]) -> None:
             continue
         if (key in ("vocab", "merges") or key.endswith("_file")) and os.path.isfile(value) \
                 and os.path.realpath(value) not in covered:
-            raise MlarchError(f"{where} names the file {_shown(value)} ({key}), which transformers reads though "
+            raise MlarchError(f"{where} names the file {shown(value)} ({key}), which transformers reads though "
                               f"it is not a file of the folder that mlarch digests: {fix}")
 
 
@@ -117,7 +117,7 @@ def _check_attention(folder: Path) -> None:
     for value in _attention_values(config, 0):
         if "/" in value:
             raise MlarchError(
-                f"model folder {folder}'s config.json asks for the attention kernel {_shown(value)} from the Hugging "
+                f"model folder {folder}'s config.json asks for the attention kernel {shown(value)} from the Hugging "
                 "Face Hub (attn_implementation), code and files outside the folder that mlarch does not digest: "
                 "remove the key from config.json")
 
@@ -135,6 +135,6 @@ def _attention_values(config, depth: int):
             yield from _attention_values(value, depth + 1)
 
 
-def _shown(name: str) -> str:
-    """An untrusted name as one printable line, short."""
-    return repr(name)[:120] if name.isprintable() else ascii(name)[:120]
+def shown(value) -> str:
+    """An untrusted name (or other value) as one printable line, short."""
+    return repr(value)[:120] if isinstance(value, str) and value.isprintable() else ascii(value)[:120]

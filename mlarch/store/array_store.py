@@ -192,6 +192,12 @@ class LocalArrays(ArrayStore):
                     raise UnsafeFile(_behind(name, names[:depth + 1], mode)) from None
                 os.close(folder)
                 folder = inner
+            try:  # never opened unless a regular file: opening a device or pipe has effects of its own
+                mode = os.stat(names[-1], dir_fd=folder, follow_symlinks=False).st_mode
+            except (FileNotFoundError, NotADirectoryError):
+                return None
+            if not stat.S_ISREG(mode):
+                raise UnsafeFile(f"{name} is not a plain file ({_kind(mode)})")
             try:
                 fd = os.open(names[-1], _FILE_FLAGS, dir_fd=folder)
             except FileNotFoundError:
@@ -261,7 +267,7 @@ _NOFOLLOW, _NONBLOCK = getattr(os, "O_NOFOLLOW", 0), getattr(os, "O_NONBLOCK", 0
 _WALK = os.open in os.supports_dir_fd and bool(_NOFOLLOW) and hasattr(os, "O_DIRECTORY")
 # O_NONBLOCK: a named pipe opens at once (and fstat refuses it) instead of waiting for a writer
 _DIR_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | _NOFOLLOW | _NONBLOCK
-_FILE_FLAGS = os.O_RDONLY | getattr(os, "O_BINARY", 0) | _NOFOLLOW | _NONBLOCK
+_FILE_FLAGS = os.O_RDONLY | getattr(os, "O_BINARY", 0) | getattr(os, "O_NOCTTY", 0) | _NOFOLLOW | _NONBLOCK
 
 
 def _kind(mode: int) -> str:
