@@ -615,6 +615,22 @@ def test_text_past_learned_positions_refused_before_any_run(model_dir, data, tmp
     assert result.exit_code == 0, result.output
 
 
+def test_positions_read_from_the_config_file_transformers_reads(llama_copy, data, tmp_path):
+    """With configuration_files, transformers reads config.<version>.json: its 64 positions
+    count, not config.json's 4096 (the check read config.json and let 100-token texts through)."""
+    config = json.loads((llama_copy / "config.json").read_text())
+    (llama_copy / "config.5.0.0.json").write_text(json.dumps({**config, "max_position_embeddings": 64}))
+    (llama_copy / "config.json").write_text(json.dumps(
+        {**config, "max_position_embeddings": 4096, "configuration_files": ["config.5.0.0.json"]}))
+    control = tmp_path / "control"
+    control.mkdir()
+    (control / "en.txt").write_text("A short line.\n" + " ".join(f"word{i}" for i in range(60)) + "\n")
+    args = ingest_args(tmp_path / "arch", {**data, "control": str(control / "{lang}.txt")}, llama_copy)
+    line = one_error(CliRunner().invoke(cli, args), 1)
+    assert line.startswith("Error: text ") and " of en " in line, line
+    assert line.endswith(" tokens, more than the model's 64 positions: pass --max-length 64 or remove that text")
+
+
 # --- files that are not one item per line, and items too long to tokenize -------------------------
 
 @pytest.mark.parametrize("suffix", [".json", ".tsv"])

@@ -289,7 +289,7 @@ def _plain_name(name) -> bool:
             and "/" not in name and "\\" not in name and not os.path.isabs(name))
 
 
-def _config_dict(folder: Path) -> dict | None:
+def config_dict(folder: Path) -> dict | None:
     """config.json as transformers resolves it (None: absent or unreadable, which the load
     reports): where it lists `configuration_files`, transformers reads the one for its version
     instead, so those must be files next to it (digested with the model files, as config.json)."""
@@ -319,7 +319,7 @@ def _explicit_weights(folder: Path) -> Path | None:
     it is a weight or index file at the folder's top level, where the weights digest covers it:
     transformers reads a file in a subfolder too. Read as transformers reads it: from the
     config object, where a config.json's own attribute_map may rename the key."""
-    config = _config_dict(folder)
+    config = config_dict(folder)
     if config is None:
         return None
     built = _built_config(config)
@@ -620,7 +620,7 @@ def check_config_sizes(ref: str, folder: Path, weight_files: list[Path], built_m
     missing sizes, its names), each sub-config too (text_config, vision_config...); then its
     model is built on the meta device and counted (`built_model`; not with trust_remote_code,
     where the model's own class, not transformers', is loaded)."""
-    config = _config_dict(folder)
+    config = config_dict(folder)
     held = _held(folder, weight_files) if config is not None else None
     if held is None:
         return
