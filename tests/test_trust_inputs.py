@@ -17,7 +17,7 @@ import mlarch
 from fixtures import one_error
 from mlarch.cli import cli
 from mlarch.errors import MlarchError
-from mlarch.ingest import datafiles, hub_data, loading
+from mlarch.ingest import datafiles, hub_data, loading, model_inputs
 
 
 @pytest.fixture(autouse=True)
@@ -64,7 +64,7 @@ def test_index_naming_shards_outside_the_folder_refused(llama_copy, data, tmp_pa
 
 
 @pytest.mark.parametrize("named", ["sub/other.safetensors", "../other.safetensors", "missing.safetensors",
-                                   "config.json", 7])
+                                   "config.json", 7, "sub/../model.safetensors"])
 def test_config_naming_other_weights_refused(llama_copy, data, tmp_path, named):
     """config.json's transformers_weights makes transformers read that file instead of
     model.safetensors, even in a subfolder, where the weights digest did not look."""
@@ -312,6 +312,26 @@ def test_tokenizer_config_naming_files_elsewhere_refused(llama_copy, data, tmp_p
     assert not archive.exists()
 
 
+@pytest.mark.parametrize("tokenizer_class, refused", [("GPT2Tokenizer", False), ("GemmaTokenizer", True)])
+def test_a_file_key_is_checked_unless_its_class_replaces_it(llama_copy, tmp_path, monkeypatch, tokenizer_class,
+                                                            refused):
+    """vocab_file 'vocab.json' with a vocab.json in the working directory: GPT2Tokenizer replaces
+    its vocab_file with the folder's own (not refused, wherever mlarch runs); GemmaTokenizer does
+    not list vocab_file and would open the working directory's."""
+    from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
+
+    assert ("vocab_file" in tokenizer_class_from_name(tokenizer_class).vocab_files_names) is not refused
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "vocab.json").write_text("{}")
+    _update_json(llama_copy / "tokenizer_config.json", tokenizer_class=tokenizer_class, vocab_file="vocab.json")
+    covered = [*loading._folder_weights(llama_copy), *loading._model_file_paths(llama_copy, []).values()]
+    if refused:
+        with pytest.raises(MlarchError, match="names the file 'vocab.json' \\(vocab_file\\)"):
+            model_inputs.check(llama_copy, covered)
+    else:
+        model_inputs.check(llama_copy, covered)
+
+
 def test_stale_tokenizer_file_keys_that_transformers_replaces_are_not_refused(llama_copy, tmp_path):
     """Old tokenizer_config.json files name their files where they were saved; transformers
     always replaces these keys by the folder's own files (or none), so they are read from
@@ -491,6 +511,32 @@ def test_attention_kernel_from_the_hub_refused(llama_copy, data, tmp_path, key):
                     "'kernels-community/flash-attn2' from the Hugging Face Hub (attn_implementation), code and files "
                     "outside the folder that mlarch does not digest: remove the key from config.json")
     assert not archive.exists()
+
+
+def test_attention_kernel_in_the_config_file_transformers_reads_refused(llama_copy, data, tmp_path):
+    """With configuration_files, the kernel named in config.<version>.json is the one read."""
+    config = json.loads((llama_copy / "config.json").read_text())
+    (llama_copy / "config.5.0.0.json").write_text(json.dumps({**config, "attn_implementation": "kernels-community/x"}))
+    _update_json(llama_copy / "config.json", configuration_files=["config.5.0.0.json"])
+    from transformers import PreTrainedConfig
+
+    assert PreTrainedConfig.get_config_dict(str(llama_copy))[0]["attn_implementation"] == "kernels-community/x"
+    line = one_error(CliRunner().invoke(cli, ingest_args(tmp_path / "arch", data, llama_copy)), 1)
+    assert line.startswith(f"Error: model folder {llama_copy}'s config.json asks for the attention kernel "
+                           "'kernels-community/x' from the Hugging Face Hub"), line
+
+
+def test_stale_adapter_config_without_adapter_weights_loads_where_peft_is_absent(llama_copy, data, tmp_path):
+    """A merged fine-tune with a leftover adapter_config.json: without adapter weights and
+    without peft, transformers leaves it alone, and so does mlarch."""
+    import importlib.util
+
+    (llama_copy / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "base_model_name_or_path": "x"}))
+    result = CliRunner().invoke(cli, ingest_args(tmp_path / "arch", data, llama_copy))
+    if importlib.util.find_spec("peft") is None:
+        assert result.exit_code == 0, result.output
+    else:  # where peft is installed, transformers would look for the adapter: refused
+        assert "holds a PEFT adapter" in result.output
 
 
 # --- F3: the digest cache must notice a rewrite in place that keeps the mtime ----------------------

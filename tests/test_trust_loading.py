@@ -465,6 +465,26 @@ def test_the_built_model_check_takes_real_sizes(tmp_path):
     loading._check_built_model("m", big, loading._Held((params - slack + 15) // 16, 236), quantized=True)
 
 
+@pytest.mark.parametrize("hidden", [64, 128])  # TinyStories-1M and -3M
+def test_a_causal_mask_per_layer_is_no_oversized_buffer(hidden):
+    """GPT-Neo keeps a max_positions² causal mask per layer: TinyStories-1M (8 layers, 2048
+    positions) holds 33.5 M mask elements beside 3.7 M parameters and must pass; 65,536
+    positions would build 34 GB of masks."""
+    from transformers import AutoModelForCausalLM, GPTNeoConfig
+
+    def config(positions):
+        return GPTNeoConfig(vocab_size=50257, hidden_size=hidden, num_layers=8, num_heads=16, window_size=256,
+                            max_position_embeddings=positions, attention_types=[[["global", "local"], 4]])
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config(2048))
+    params = sum(p.numel() for p in model.parameters())
+    assert sum(b.numel() for b in model.buffers()) > params + loading._BUILD_SLACK  # the case that was refused
+    loading._check_built_model("m", config(2048), loading._Held(params, 100), quantized=False)
+    with pytest.raises(MlarchError, match="bytes of buffers beside"):
+        loading._check_built_model("m", config(65536), loading._Held(params, 100), quantized=False)
+
+
 def test_config_values_its_class_refuses_are_one_line(llama_copy, data, tmp_path):
     """transformers' config validators raise huggingface_hub's StrictDataclassError (no
     ValueError): it was 'unexpected StrictDataclassClassValidationError'."""

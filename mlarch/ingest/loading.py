@@ -283,51 +283,22 @@ def _folder_weights(folder: Path) -> list[Path]:
     return sorted(files)
 
 
-def _plain_name(name) -> bool:
-    """Whether `name` is a file name in a folder itself: no folder, no `..`, not absolute."""
-    return (isinstance(name, str) and name.isprintable() and name not in ("", ".", "..")
-            and "/" not in name and "\\" not in name and not os.path.isabs(name))
-
-
-def config_dict(folder: Path) -> dict | None:
-    """config.json as transformers resolves it (None: absent or unreadable, which the load
-    reports): where it lists `configuration_files`, transformers reads the one for its version
-    instead, so those must be files next to it (digested with the model files, as config.json)."""
-    try:
-        config = json.loads((folder / "config.json").read_bytes())
-    except (OSError, ValueError, RecursionError):
-        return None
-    if not isinstance(config, dict) or "configuration_files" not in config:
-        return config if isinstance(config, dict) else None
-    entries = config["configuration_files"]
-    if not isinstance(entries, list) or not all(_plain_name(e) for e in entries):
-        raise MlarchError(f"model folder {folder}'s config.json names configuration files {model_inputs.shown(entries)} "
-                          "(configuration_files) that are not files next to it: remove the key and keep the config "
-                          "in config.json")
-    from transformers import PreTrainedConfig
-
-    try:
-        resolved, _ = PreTrainedConfig.get_config_dict(str(folder), local_files_only=True)
-    except Exception:  # the load reports it
-        return None
-    return resolved if isinstance(resolved, dict) else None
-
-
 def _explicit_weights(folder: Path) -> Path | None:
     """The weight file config.json names in `transformers_weights` (transformers then reads that
     file, or that index's shards, whatever the folder's usual names hold), or None. Refused unless
     it is a weight or index file at the folder's top level, where the weights digest covers it:
     transformers reads a file in a subfolder too. Read as transformers reads it: from the
     config object, where a config.json's own attribute_map may rename the key."""
-    config = config_dict(folder)
+    config = model_inputs.config_dict(folder)
     if config is None:
         return None
     built = _built_config(config)
     name = getattr(built, "transformers_weights", None) if built is not None else config.get("transformers_weights")
     if name is None:
         return None
-    plain = os.path.normpath(name) if isinstance(name, str) and not os.path.isabs(name) else name  # ./model.safetensors
-    target = folder / plain if _plain_name(plain) else None
+    # ./model.safetensors is the file itself; no other normalising (sub/../x may leave through a link)
+    plain = name[2:] if isinstance(name, str) and name.startswith("./") else name
+    target = folder / plain if model_inputs.plain_name(plain) else None
     if target is None or not target.is_file() or not (target.suffix in _WEIGHT_SUFFIXES or plain.endswith(".index.json")):
         raise MlarchError(f"model folder {folder}'s config.json names the weight file {model_inputs.shown(name)} (transformers_weights), "
                           "which is not a weight file next to it: remove the key and keep the weights in the "
@@ -347,7 +318,7 @@ def _shard_names(index: Path) -> list[str]:
         raise MlarchError(f"index file {index} cannot be read ({why}): restore it from the original checkpoint "
                           "or download the model again") from None
     for name in names:
-        if not _plain_name(name):
+        if not model_inputs.plain_name(name):
             shown = repr(name)[:120] if isinstance(name, str) and name.isprintable() else ascii(name)[:120]
             raise MlarchError(f"index file {index} names the weight file {shown}, which is not a file next to it: "
                               "put every shard in the model folder itself and name it there by its file name")
@@ -620,7 +591,7 @@ def check_config_sizes(ref: str, folder: Path, weight_files: list[Path], built_m
     missing sizes, its names), each sub-config too (text_config, vision_config...); then its
     model is built on the meta device and counted (`built_model`; not with trust_remote_code,
     where the model's own class, not transformers', is loaded)."""
-    config = config_dict(folder)
+    config = model_inputs.config_dict(folder)
     held = _held(folder, weight_files) if config is not None else None
     if held is None:
         return
@@ -639,12 +610,15 @@ def check_config_sizes(ref: str, folder: Path, weight_files: list[Path], built_m
 # Elements a config's model may have beyond twice what the checkpoint holds: a model missing a
 # few tensors is left to the loading report, which names them (64 MB of float32 at most)
 _BUILD_SLACK = 1 << 24
+# Buffer bytes beyond the parameters' float32 bytes: GPT-Neo keeps a max_positions² causal mask
+# per layer (TinyStories-1M: 33.5 MB beside 3.7 M parameters), GPTBigCode one
+_BUFFER_SLACK = 1 << 30
 
 
 def _check_built_model(ref: str, built, held: _Held, quantized: bool) -> None:
     """Refuse a config whose model has more than twice the parameters the weight files hold
     (16 times for a quantized checkpoint, which packs up to 16 values in one stored element),
-    or more buffer elements than parameters, each beyond _BUILD_SLACK: sizes no product above
+    or buffers of more than 1 GiB beyond the parameters' float32 bytes: sizes no product above
     bounds (GPT-2's n_positions, head_dim, experts, a vision tower's image size) built GBs
     before. Built on the meta device, where nothing is allocated: ~0.8 s for Llama-3.1-8B's
     config, under 0.1 s for small ones."""
@@ -656,13 +630,13 @@ def _check_built_model(ref: str, built, held: _Held, quantized: bool) -> None:
     except Exception:  # a config transformers refuses: the load reports it
         return
     params = sum(p.numel() for p in model.parameters())  # a tied head once
-    buffers = sum(b.numel() for b in model.buffers())
+    buffer_bytes = sum(b.numel() * b.element_size() for b in model.buffers())
     fix = "the config does not match the checkpoint; restore config.json or the weights"
     if params > held.elements * (16 if quantized else 2) + _BUILD_SLACK:
         raise MlarchError(f"model {ref}'s config.json builds a model of {params:,} parameters, more than its weight "
                           f"files hold ({held.elements:,}): {fix}")
-    if buffers > params + _BUILD_SLACK:
-        raise MlarchError(f"model {ref}'s config.json builds {buffers:,} buffer elements beside {params:,} "
+    if buffer_bytes > 4 * params + _BUFFER_SLACK:
+        raise MlarchError(f"model {ref}'s config.json builds {buffer_bytes:,} bytes of buffers beside {params:,} "
                           f"parameters: {fix}")
 
 

@@ -8,6 +8,7 @@ AutoTokenizer and AutoModelForCausalLM on the folder without remote code."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -31,10 +32,42 @@ TOKENIZER_FILES = frozenset({
 # default.jinja replaces chat_template.jinja as the template that --chat applies
 CHAT_TEMPLATE_DIR = "additional_chat_templates"
 ADAPTER_CONFIG = "adapter_config.json"
+# without these (and without peft), transformers leaves a stale adapter_config.json alone
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 # tokenizer_config.json keys that transformers always replaces by the folder's own file (or None)
 _REPLACED_KEYS = frozenset({"tokenizer_file", "added_tokens_file", "special_tokens_map_file",
                             "tokenizer_config_file", "chat_template_file"})
 _FAST_TOKENIZER_FILE = re.compile(r"tokenizer\.(.*)\.json")  # transformers' own pattern, searched
+
+
+def plain_name(name) -> bool:
+    """Whether `name` is a file name in a folder itself: no folder, no `..`, not absolute."""
+    return (isinstance(name, str) and name.isprintable() and name not in ("", ".", "..")
+            and "/" not in name and "\\" not in name and not os.path.isabs(name))
+
+
+def config_dict(folder: Path) -> dict | None:
+    """config.json as transformers resolves it (None: absent or unreadable, which the load
+    reports): where it lists `configuration_files`, transformers reads the one for its version
+    instead, so those must be files next to it (digested with the model files, as config.json)."""
+    try:
+        config = json.loads((folder / "config.json").read_bytes())
+    except (OSError, ValueError, RecursionError):
+        return None
+    if not isinstance(config, dict) or "configuration_files" not in config:
+        return config if isinstance(config, dict) else None
+    entries = config["configuration_files"]
+    if not isinstance(entries, list) or not all(plain_name(e) for e in entries):
+        raise MlarchError(f"model folder {folder}'s config.json names configuration files {shown(entries)} "
+                          "(configuration_files) that are not files next to it: remove the key and keep the config "
+                          "in config.json")
+    from transformers import PreTrainedConfig
+
+    try:
+        resolved, _ = PreTrainedConfig.get_config_dict(str(folder), local_files_only=True)
+    except Exception:  # the load reports it
+        return None
+    return resolved if isinstance(resolved, dict) else None
 
 
 def chat_templates(folder: Path) -> list[Path]:
@@ -50,7 +83,8 @@ def check(folder: Path, covered: list[Path], gguf: str | None = None) -> None:
     files the weights digest and the model files' digests cover): a PEFT adapter, tokenizer
     files next to a GGUF file (`gguf`: its name), tokenizer_config.json naming files
     elsewhere, config.json asking for an attention kernel from the Hub."""
-    if (folder / ADAPTER_CONFIG).is_file():
+    if (folder / ADAPTER_CONFIG).is_file() and (any((folder / name).is_file() for name in ADAPTER_WEIGHTS)
+                                                 or importlib.util.find_spec("peft") is not None):
         raise MlarchError(
             f"model folder {folder} holds a PEFT adapter ({ADAPTER_CONFIG}), which transformers applies to the weights "
             "only where the peft library is installed, and then loads the base model its base_model_name_or_path "
@@ -101,8 +135,9 @@ def _check_tokenizer_config(folder: Path, covered: set[str]) -> None:
     # a vocabulary file the tokenizer class does not list (Gemma's vocab_file, any class's
     # merges_file, a vocab or merges given as a path) is opened as written: relative to the
     # working directory, or absolute
+    replaced = _REPLACED_KEYS | set(_vocab_files_names(config.get("tokenizer_class")))
     for key, value in config.items():
-        if not (isinstance(key, str) and isinstance(value, str)) or key in _REPLACED_KEYS:
+        if not (isinstance(key, str) and isinstance(value, str)) or key in replaced:
             continue
         if (key in ("vocab", "merges") or key.endswith("_file")) and os.path.isfile(value) \
                 and os.path.realpath(value) not in covered:
@@ -110,10 +145,22 @@ def _check_tokenizer_config(folder: Path, covered: set[str]) -> None:
                               f"it is not a file of the folder that mlarch digests: {fix}")
 
 
+def _vocab_files_names(name) -> dict:
+    """The file keys transformers' tokenizer class `name` replaces with the folder's own files
+    ({} for a class it does not know: every key is then checked)."""
+    try:
+        from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
+
+        names = getattr(tokenizer_class_from_name(name), "vocab_files_names", None) if isinstance(name, str) else None
+    except Exception:  # an unknown or malformed class name: the load reports it
+        return {}
+    return names if isinstance(names, dict) else {}
+
+
 def _check_attention(folder: Path) -> None:
     """An attention implementation named as a Hub repository (kernels-community/flash-attn2):
     transformers downloads and runs that kernel (with the kernels library installed)."""
-    config = _json(folder / "config.json")
+    config = config_dict(folder)  # the file transformers reads (configuration_files)
     for value in _attention_values(config, 0):
         if "/" in value:
             raise MlarchError(

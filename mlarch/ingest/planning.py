@@ -201,7 +201,7 @@ def check_positions(cfg: IngestConfig, folder: Path, items: dict) -> None:
     GPT-2's forward pass fails with an IndexError after the run rows are written, and a rotary
     model's scores would come from extrapolated positions. Read from the folder's config and
     tokenizer, before the model loads; a folder without them is left to the load to refuse."""
-    from mlarch.ingest.loading import config_dict
+    from mlarch.ingest.model_inputs import config_dict
     from mlarch.ingest.scoring import may_exceed, over_positions, trained_positions
 
     config = config_dict(folder)  # as transformers reads it (configuration_files)
