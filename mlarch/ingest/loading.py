@@ -607,6 +607,7 @@ def check_config_sizes(ref: str, folder: Path, weight_files: list[Path], built_m
         _check_built_model(ref, built, held, quantized="quantization_config" in config)
 
 
+_CONFIG_FIX = "the config does not match the checkpoint; restore config.json or the weights"
 # Elements a config's model may have beyond twice what the checkpoint holds: a model missing a
 # few tensors is left to the loading report, which names them (64 MB of float32 at most)
 _BUILD_SLACK = 1 << 24
@@ -631,7 +632,7 @@ def _check_built_model(ref: str, built, held: _Held, quantized: bool) -> None:
         return
     params = sum(p.numel() for p in model.parameters())  # a tied head once
     buffer_bytes = sum(b.numel() * b.element_size() for b in model.buffers())
-    fix = "the config does not match the checkpoint; restore config.json or the weights"
+    fix = _CONFIG_FIX
     if params > held.elements * (16 if quantized else 2) + _BUILD_SLACK:
         raise MlarchError(f"model {ref}'s config.json builds a model of {params:,} parameters, more than its weight "
                           f"files hold ({held.elements:,}): {fix}")
@@ -641,7 +642,7 @@ def _check_built_model(ref: str, built, held: _Held, quantized: bool) -> None:
 
 
 def _check_sizes(ref: str, sizes: dict[str, _Size], held: _Held) -> None:
-    fix = "the config does not match the checkpoint; restore config.json or the weights"
+    fix = _CONFIG_FIX
     for a, b in _SIZE_BOUNDS:
         if a in sizes and b in sizes and sizes[a].value * sizes[b].value > held.elements:
             raise MlarchError(f"model {ref}'s config.json declares {sizes[a]} and {sizes[b]} "
@@ -666,18 +667,25 @@ def _config_class(model_type):
 def _written_sizes(config: dict, prefix: str = "", depth: int = 0):
     """The sizes config.json writes, of it and of each sub-config in it (dicts, to depth 3)."""
     mapped = getattr(_config_class(config.get("model_type")), "attribute_map", None)
-    mapped = mapped if isinstance(mapped, dict) else {}
-    sizes = {}
-    for name, names in _SIZE_NAMES.items():  # the largest under any name: a decoy key hides none
-        found = [_Size(prefix + key, config[key]) for key in dict.fromkeys((mapped.get(name, name), *names))
-                 if type(config.get(key)) is int and config[key] > 0]
-        if found:
-            sizes[name] = max(found, key=lambda size: size.value)
-    yield sizes
+    yield _largest_sizes(mapped, config.get, lambda key, name: _Size(prefix + key, config[key]))
     if depth < 3:
         for key, value in config.items():
             if isinstance(value, dict):
                 yield from _written_sizes(value, f"{prefix}{key}.", depth + 1)
+
+
+def _largest_sizes(mapped, get, size) -> dict[str, _Size]:
+    """Each size of _SIZE_NAMES at its largest under any of its names (a decoy key hides none),
+    the `mapped` name (a config class's attribute_map) first; `get(key)` reads a value,
+    `size(key, name)` makes its _Size."""
+    mapped = mapped if isinstance(mapped, dict) else {}
+    sizes = {}
+    for name, names in _SIZE_NAMES.items():
+        found = [size(key, name) for key in dict.fromkeys((mapped.get(name, name), *names))
+                 if type(get(key)) is int and get(key) > 0]
+        if found:
+            sizes[name] = max(found, key=lambda found_size: found_size.value)
+    return sizes
 
 
 def _built_config(config: dict):
@@ -699,19 +707,10 @@ def _built_sizes(config, written, prefix: str = "", depth: int = 0):
     """The sizes of a config object (attribute_map and defaults applied), and of its sub-configs."""
     from transformers import PreTrainedConfig
 
-    mapped = getattr(config, "attribute_map", None)
-    mapped = mapped if isinstance(mapped, dict) else {}
     written = written if isinstance(written, dict) else {}
-    sizes = {}
-    for name, names in _SIZE_NAMES.items():  # the largest under any name
-        found = []
-        for key in dict.fromkeys((mapped.get(name, name), *names)):
-            value = getattr(config, key, None)
-            if type(value) is int and value > 0:
-                found.append(_Size(prefix + key, value, default=key not in written and name not in written))
-        if found:
-            sizes[name] = max(found, key=lambda size: size.value)
-    yield sizes
+    yield _largest_sizes(getattr(config, "attribute_map", None), lambda key: getattr(config, key, None),
+                         lambda key, name: _Size(prefix + key, getattr(config, key),
+                                                 default=key not in written and name not in written))
     if depth < 3:
         for key in getattr(config, "sub_configs", None) or {}:
             sub = getattr(config, key, None)
